@@ -1,0 +1,113 @@
+/**
+ * Builds the payloads and the single-file bundle.
+ *
+ * - core payload: `core.ts` (with errors/codec/runtime and the MessagePack
+ *   library) as one minified script, raw-deflated. The first stage runs it
+ *   as `new Function("B", src)(boot)`.
+ * - parent payload: `parent.ts` with its imports of the core mapped to the
+ *   running core (`new Function("core", src)(core)` returns its exports).
+ * - `dist/mitogen.mjs`: `cli.ts` (the library and the CLI) with both payloads
+ *   inlined as base64, ASCII only, `#!/usr/bin/env node`.
+ *
+ * `node --import tsx build.ts` (npm run build) writes dist and prints sizes.
+ *
+ * @module
+ */
+import * as esbuild from "esbuild";
+import { deflateRawSync } from "node:zlib";
+import { mkdirSync, statSync, writeFileSync } from "node:fs";
+import { dirname } from "node:path";
+import { fileURLToPath, pathToFileURL } from "node:url";
+import type { Payloads } from "./payload.ts";
+
+const root = dirname(fileURLToPath(import.meta.url));
+const CORE_MODULES = /(^|\/)(core|errors|codec|runtime)\.ts$/;
+
+const common: esbuild.BuildOptions = {
+  absWorkingDir: root,
+  bundle: true,
+  write: false,
+  platform: "neutral",
+  mainFields: ["module", "main"],
+  target: "es2022",
+  charset: "ascii",
+  minify: true,
+  keepNames: false,
+  legalComments: "none",
+  logLevel: "error",
+};
+
+async function script(options: esbuild.BuildOptions): Promise<string> {
+  const out = await esbuild.build({ ...common, ...options });
+  const file = out.outputFiles?.[0];
+  if (!file) throw new Error("esbuild produced no output");
+  return file.text;
+}
+
+/** Build both payloads (minified and compressed). */
+export async function buildPayloads(): Promise<Payloads> {
+  const core = `${await script({ entryPoints: ["core.ts"], format: "iife", globalName: "M" })}M.childMain(B,M);`;
+  const parent = `${await script({
+    entryPoints: ["parent.ts"],
+    format: "iife",
+    globalName: "P",
+    plugins: [
+      {
+        name: "core-is-running",
+        setup(build) {
+          build.onResolve({ filter: CORE_MODULES }, () => ({ path: "core", namespace: "running-core" }));
+          build.onLoad({ filter: /.*/, namespace: "running-core" }, () => ({ contents: "module.exports = core;", loader: "js" }));
+        },
+      },
+    ],
+  })}return P;`;
+  return {
+    core: deflateRawSync(core, { level: 9 }),
+    parent: deflateRawSync(parent, { level: 9 }),
+    coreRaw: core.length,
+    parentRaw: parent.length,
+  };
+}
+
+/** Write dist/mitogen.mjs; returns the sizes it printed. */
+export async function buildDist(): Promise<{ bundle: number; payloads: Payloads }> {
+  const p = await buildPayloads();
+  const define = {
+    MITOGEN_PAYLOADS: JSON.stringify({
+      core: Buffer.from(p.core).toString("base64"),
+      parent: Buffer.from(p.parent).toString("base64"),
+      coreRaw: p.coreRaw,
+      parentRaw: p.parentRaw,
+    }),
+  };
+  const outfile = `${root}/dist/mitogen.mjs`;
+  const text = await script({
+    entryPoints: ["cli.ts"],
+    format: "esm",
+    platform: "node",
+    target: "node20",
+    minify: false,
+    define,
+    external: ["esbuild"],
+    banner: { js: "#!/usr/bin/env node" },
+  });
+  mkdirSync(dirname(outfile), { recursive: true });
+  const nonAscii = text.search(/[\u0080-\uffff]/);
+  if (nonAscii >= 0) throw new Error(`dist/mitogen.mjs must be ASCII only; found ${JSON.stringify(text.slice(nonAscii - 40, nonAscii + 10))}`);
+  writeFileSync(outfile, text, { mode: 0o755 });
+  const bundle = statSync(outfile).size;
+  return { bundle, payloads: p };
+}
+
+const kib = (n: number) => `${(n / 1024).toFixed(1)} KiB`;
+
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
+  const { bundle, payloads } = await buildDist();
+  console.log(`dist/mitogen.mjs        ${kib(bundle)}`);
+  console.log(`child payload (core)    ${kib(payloads.coreRaw)} raw, ${kib(payloads.core.byteLength)} compressed (goal <= 24 KiB, ceiling 40)`);
+  console.log(`parent module           ${kib(payloads.parentRaw)} raw, ${kib(payloads.parent.byteLength)} compressed`);
+  if (payloads.core.byteLength > 40 * 1024) {
+    console.error("child payload is over its 40 KiB ceiling");
+    process.exit(1);
+  }
+}

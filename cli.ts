@@ -1,0 +1,113 @@
+/**
+ * The `mitogen` command, and the entry point of `dist/mitogen.mjs`: imported,
+ * it is the library (everything `mod.ts` exports); run, it is the CLI.
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { realpathSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { Receiver, Router } from "./mod.ts";
+
+export * from "./mod.ts";
+
+const HELP = `usage: mitogen <command>
+
+commands:
+  demo              start local Node and Deno contexts, a via chain, calls and a stream
+  eval <expr>       evaluate a JavaScript expression in a new local context, print the result
+                      --runtime node|deno|PATH   (default: the runtime running this)
+  help              this text
+`;
+
+/** The demo behind `npm run demo`: local contexts only, no ssh needed. */
+export async function demo(out: (line: string) => void = console.log): Promise<void> {
+  await using router = new Router();
+  const t0 = performance.now();
+  const a = await router.local({ runtime: "node", name: "a" });
+  out(`started ${a} (node) in ${(performance.now() - t0).toFixed(0)} ms`);
+  const b = await router.local({ runtime: "deno", name: "b", via: a });
+  out(`started ${b} (deno) via a`);
+  const c = await router.local({ runtime: "node", name: "c", via: b });
+  out(`started ${c} (node) via b`);
+  out(`b.call(x => x * 2, 21)            = ${await b.call((x: number) => x * 2, 21)}`);
+  out(`a runs on                          ${await a.call(() => `node ${process.version}, pid ${process.pid}`)}`);
+  out(
+    `b runs on                          ${await b.call(() => `deno ${(globalThis as unknown as { Deno: { version: { deno: string } } }).Deno.version.deno}, pid ${process.pid}`)}`,
+  );
+  out(`c's parents                        ${JSON.stringify(await c.call(() => process.title))}`);
+  const t1 = performance.now();
+  for (let i = 0; i < 100; i++) await c.call(() => 0);
+  out(`100 calls to c (2 hops)            ${(performance.now() - t1).toFixed(1)} ms`);
+  await using recv = new Receiver(router);
+  await c.call(
+    (sender: { send(v: unknown): void; close(): void }, n: number) => {
+      for (let i = 1; i <= n; i++) sender.send(i * i);
+      sender.close();
+    },
+    recv.toSender(),
+    5,
+  );
+  const squares: unknown[] = [];
+  for await (const msg of recv) squares.push(msg.unpickle());
+  out(`squares streamed back from c       ${squares.join(" ")}`);
+  try {
+    await a.call(() => {
+      throw new RangeError("demo failure");
+    });
+  } catch (err) {
+    out(`a remote throw arrives as          ${(err as Error).name}: ${(err as Error).message}`);
+  }
+  await b.shutdown({ wait: true });
+  out("b shut down (and c with it); done");
+}
+
+/** Run the CLI with `argv` (without the runtime and script). Returns the exit code. */
+export async function main(argv: string[]): Promise<number> {
+  const { positionals, values } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: { runtime: { type: "string" }, help: { type: "boolean", short: "h" } },
+  });
+  const [command, ...rest] = positionals;
+  if (values.help || !command || command === "help") {
+    process.stdout.write(HELP);
+    return command || values.help ? 0 : 2;
+  }
+  if (command === "demo") {
+    await demo();
+    return 0;
+  }
+  if (command === "eval") {
+    await using router = new Router();
+    const ctx = await router.local(values.runtime ? { runtime: values.runtime } : {});
+    const src = rest.join(" ");
+    const result = await ctx.call((code: string) => new Function(`return (${code}\n)`)(), src);
+    console.log(result);
+    return 0;
+  }
+  process.stderr.write(`mitogen: unknown command ${JSON.stringify(command)}\n${HELP}`);
+  return 2;
+}
+
+function invokedDirectly(): boolean {
+  const meta = import.meta as { main?: boolean };
+  if (typeof meta.main === "boolean") return meta.main;
+  const script = process.argv[1];
+  if (!script) return false;
+  try {
+    return realpathSync(script) === realpathSync(fileURLToPath(import.meta.url));
+  } catch {
+    return false;
+  }
+}
+
+if (invokedDirectly()) {
+  main(process.argv.slice(2)).then(
+    (code) => process.exit(code),
+    (err) => {
+      process.stderr.write(`mitogen: ${err instanceof Error ? err.message : String(err)}\n`);
+      process.exit(1);
+    },
+  );
+}

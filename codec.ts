@@ -1,0 +1,394 @@
+/**
+ * The value codec: MessagePack (`@msgpack/msgpack`) with extension types.
+ * This is the one module that decides what a value looks like on the wire.
+ *
+ * Extension types (msgpack ext, type byte -> payload):
+ *
+ * | type | value           | payload                                          |
+ * | ---- | --------------- | ------------------------------------------------ |
+ * |  -1  | Date            | msgpack timestamp (built in)                     |
+ * |   0  | undefined       | empty                                            |
+ * |   1  | bigint          | decimal text, ASCII                              |
+ * |   2  | Map             | msgpack array `[k0, v0, k1, v1, ...]`            |
+ * |   3  | Set             | msgpack array of members                         |
+ * |   4  | Error           | msgpack map `{name, message, stack, cause?, code?}` |
+ * |   5  | Context         | msgpack array `[contextId, name]`                |
+ * |   6  | Sender          | msgpack array `[contextId, handle]`              |
+ * |   7  | Secret          | the wrapped value                                |
+ * |   8  | CallError       | msgpack array `[remoteName, message, remoteStack]` |
+ * |   9  | out-of-band blob| u32 byte length (bytes follow the value, see below) |
+ *
+ * Large `Uint8Array`s (>= {@link BLOB_MIN} bytes) are not copied into the
+ * MessagePack body: the body becomes `u32 bodyLength, body, blob0, blob1, ...`
+ * and the frame header carries the BLOBS flag. Blobs decode as views of the
+ * received frame, without a copy.
+ *
+ * Anything else: functions, symbols, class instances, typed arrays other
+ * than Uint8Array: fails on the sending side with a {@link MitogenError}
+ * naming the path of the bad value (`args[1].opts.cb`). Decoding never sets a
+ * prototype from data: maps decode to plain objects (`__proto__` keys are
+ * refused by the library), and errors are rebuilt from a fixed list of
+ * constructors.
+ *
+ * @module
+ */
+import { Decoder, Encoder, ExtData, ExtensionCodec, encodeTimestampExtension } from "@msgpack/msgpack";
+import { CallError, ChannelError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
+
+/** Extension type numbers. */
+export const EXT = {
+  UNDEFINED: 0,
+  BIGINT: 1,
+  MAP: 2,
+  SET: 3,
+  ERROR: 4,
+  CONTEXT: 5,
+  SENDER: 6,
+  SECRET: 7,
+  CALL_ERROR: 8,
+  BLOB: 9,
+} as const;
+
+/** Uint8Arrays at least this large travel out of band, without a copy into the body. */
+export const BLOB_MIN = 64 * 1024;
+/** Deepest nesting accepted in either direction. */
+export const MAX_DEPTH = 512;
+
+/** Objects that travel as references (Context, Sender) implement this. */
+export const WIRE_REF: unique symbol = Symbol.for("mitogen.wireRef");
+/** What a reference-like object hands the encoder: its ext type and fields. */
+export interface WireRef {
+  [WIRE_REF](): readonly [type: number, fields: readonly unknown[]];
+}
+
+/** Turns decoded references into live objects bound to the receiving router. */
+export interface Binder {
+  contextRef(contextId: number, name: string | null): unknown;
+  senderRef(contextId: number, handle: number): unknown;
+}
+
+const INSPECT = Symbol.for("nodejs.util.inspect.custom");
+const DENO_INSPECT = Symbol.for("Deno.customInspect");
+
+/**
+ * A value that must not be printed: logs, `inspect`, `String()` and JSON all
+ * show `[secret]`. It crosses the wire intact; read it with {@link Secret.reveal}.
+ *
+ * @example
+ * ```ts
+ * import { Secret } from "./codec.ts";
+ * const pw = new Secret("hunter2");
+ * console.log(`${pw}`, pw.reveal()); // [secret] hunter2
+ * ```
+ */
+export class Secret<T = string> {
+  readonly #value: T;
+  constructor(value: T) {
+    this.#value = value;
+  }
+  /** The wrapped value. */
+  reveal(): T {
+    return this.#value;
+  }
+  toString(): string {
+    return "[secret]";
+  }
+  toJSON(): string {
+    return "[secret]";
+  }
+  [INSPECT](): string {
+    return "[secret]";
+  }
+  [DENO_INSPECT](): string {
+    return "[secret]";
+  }
+}
+
+/** An encoded value: `parts` are written back to back; `blobs` says whether the BLOBS flag is due. */
+export interface Encoded {
+  parts: Uint8Array[];
+  length: number;
+  blobs: boolean;
+}
+
+interface EncodeState {
+  blobs: Uint8Array[];
+  depth: number;
+}
+
+interface DecodeState {
+  binder: Binder | null;
+  data: Uint8Array;
+  blobOffset: number;
+  depth: number;
+}
+
+/** The parts of the library's Encoder that we extend; they are private in its typings. */
+interface EncoderInternals {
+  doEncode(value: unknown, depth: number): void;
+  encodeObject(value: unknown, depth: number): void;
+  encodeExtension(ext: ExtData): void;
+  encodeNumberAsFloat(value: number): void;
+  encodeBinary(value: Uint8Array): void;
+  encodeArray(value: unknown[], depth: number): void;
+  encodeMap(value: object, depth: number): void;
+  encode(value: unknown): Uint8Array;
+}
+
+/** Thrown inside the encoder at the first value that cannot travel; carries the value for the path search. */
+class BadValue extends Error {
+  readonly value: unknown;
+  readonly why: string;
+  constructor(value: unknown, why: string) {
+    super(why);
+    this.value = value;
+    this.why = why;
+  }
+}
+
+const EMPTY = new Uint8Array(0);
+const UNDEFINED_EXT = new ExtData(EXT.UNDEFINED, EMPTY);
+const utf8 = new TextEncoder();
+const fromUtf8 = new TextDecoder();
+
+function describe(value: unknown): string {
+  if (typeof value === "function") return `a function (${value.name || "anonymous"})`;
+  if (typeof value === "symbol") return `a symbol (${String(value.description)})`;
+  if (ArrayBuffer.isView(value)) return `a ${value.constructor.name} (only Uint8Array travels)`;
+  const ctor = (value as { constructor?: { name?: unknown } }).constructor;
+  const name = typeof ctor?.name === "string" && ctor.name ? ctor.name : "unknown class";
+  return `an instance of ${name} (only plain objects, arrays, Map, Set, Date, Error, Uint8Array travel)`;
+}
+
+function isPlainObject(value: object): boolean {
+  const proto = Object.getPrototypeOf(value);
+  return proto === Object.prototype || proto === null;
+}
+
+function newEncoder(state: EncodeState): EncoderInternals {
+  const enc = new Encoder<EncodeState>({
+    context: state,
+    maxDepth: MAX_DEPTH - state.depth,
+    initialBufferSize: 256,
+  }) as unknown as EncoderInternals;
+  const baseDoEncode = enc.doEncode.bind(enc);
+  enc.doEncode = (value, depth) => {
+    if (value === undefined) enc.encodeExtension(UNDEFINED_EXT);
+    else if (Object.is(value, -0)) enc.encodeNumberAsFloat(-0);
+    else if (typeof value === "function" || typeof value === "symbol") throw new BadValue(value, describe(value));
+    else baseDoEncode(value, depth);
+  };
+  enc.encodeObject = (value, depth) => {
+    if (typeof value === "bigint") return enc.encodeExtension(new ExtData(EXT.BIGINT, utf8.encode(value.toString())));
+    if (typeof value !== "object" || value === null) throw new BadValue(value, describe(value));
+    if (Array.isArray(value)) return enc.encodeArray(value, depth);
+    if (value instanceof Uint8Array) {
+      if (value.byteLength < BLOB_MIN) return enc.encodeBinary(value);
+      state.blobs.push(value);
+      const len = new Uint8Array(4);
+      new DataView(len.buffer).setUint32(0, value.byteLength);
+      return enc.encodeExtension(new ExtData(EXT.BLOB, len));
+    }
+    if (isPlainObject(value)) return enc.encodeMap(value, depth);
+    const nested = (type: number, inner: unknown) => {
+      const sub = newEncoder({ blobs: state.blobs, depth: state.depth + depth });
+      enc.encodeExtension(new ExtData(type, sub.encode(inner)));
+    };
+    if (value instanceof Date) {
+      if (Number.isNaN(value.getTime())) throw new BadValue(value, "an invalid Date");
+      return enc.encodeExtension(new ExtData(-1, encodeTimestampExtension(value) ?? EMPTY));
+    }
+    if (value instanceof Map) return nested(EXT.MAP, [...value].flat(1));
+    if (value instanceof Set) return nested(EXT.SET, [...value]);
+    if (value instanceof Secret) return nested(EXT.SECRET, value.reveal());
+    if (value instanceof CallError) return nested(EXT.CALL_ERROR, [value.remoteName, value.message.slice(value.remoteName.length + 2), value.remoteStack]);
+    if (value instanceof Error) return nested(EXT.ERROR, errorFields(value));
+    if (WIRE_REF in value) {
+      const [type, fields] = (value as WireRef)[WIRE_REF]();
+      return nested(type, fields);
+    }
+    throw new BadValue(value, describe(value));
+  };
+  return enc;
+}
+
+function errorFields(err: Error): Record<string, unknown> {
+  const out: Record<string, unknown> = { name: err.name, message: err.message, stack: err.stack ?? "" };
+  if ("cause" in err) out.cause = err.cause;
+  const code = (err as { code?: unknown }).code;
+  if (typeof code === "string" || typeof code === "number") out.code = code;
+  return out;
+}
+
+/**
+ * Encode `value`. On a value that cannot travel, throws a MitogenError naming
+ * its path below `root` (e.g. `args[1].opts.cb: a function (cb)`).
+ */
+export function encodeValue(value: unknown, root = "value"): Encoded {
+  const state: EncodeState = { blobs: [], depth: 0 };
+  let body: Uint8Array;
+  try {
+    body = newEncoder(state).encode(value);
+  } catch (err) {
+    if (err instanceof BadValue) {
+      throw new MitogenError(`cannot send ${findPath(value, err.value, root) ?? root}: ${err.why}`);
+    }
+    if (err instanceof RangeError || (err instanceof Error && err.message.startsWith("Too deep"))) {
+      throw new MitogenError(`cannot send ${root}: nested deeper than ${MAX_DEPTH} levels (or cyclic)`, { cause: err });
+    }
+    throw new MitogenError(`cannot send ${root}: ${(err as Error).message}`, { cause: err });
+  }
+  if (state.blobs.length === 0) return { parts: [body], length: body.byteLength, blobs: false };
+  const prefix = new Uint8Array(4);
+  new DataView(prefix.buffer).setUint32(0, body.byteLength);
+  let length = 4 + body.byteLength;
+  for (const b of state.blobs) length += b.byteLength;
+  return { parts: [prefix, body, ...state.blobs], length, blobs: true };
+}
+
+/** Where below `root` the value `bad` sits, as `args[1].opts.cb`; null if not found. */
+function findPath(root: unknown, bad: unknown, name: string): string | null {
+  const seen = new Set<unknown>();
+  const walk = (v: unknown, path: string, depth: number): string | null => {
+    if (v === bad) return path;
+    if (typeof v !== "object" || v === null || seen.has(v) || depth > MAX_DEPTH) return null;
+    seen.add(v);
+    const entries: [string, unknown][] = [];
+    if (Array.isArray(v)) {
+      for (let i = 0; i < v.length; i++) entries.push([`${path}[${i}]`, v[i]]);
+    } else if (v instanceof Map) {
+      for (const [k, item] of v) entries.push([`${path}.get(${JSON.stringify(k) ?? String(k)})`, item], [`${path}.keys()`, k]);
+    } else if (v instanceof Set) for (const item of v) entries.push([`${path}.values()`, item]);
+    else if (v instanceof Secret) entries.push([`${path}.reveal()`, v.reveal()]);
+    else if (v instanceof Error) entries.push([`${path}.cause`, v.cause]);
+    else if (isPlainObject(v)) {
+      for (const k of Object.keys(v)) {
+        entries.push([/^[A-Za-z_$][\w$]*$/.test(k) ? `${path}.${k}` : `${path}[${JSON.stringify(k)}]`, (v as Record<string, unknown>)[k]]);
+      }
+    }
+    for (const [p, item] of entries) {
+      const found = walk(item, p, depth + 1);
+      if (found) return found;
+    }
+    return null;
+  };
+  return walk(root, name, 0);
+}
+
+const ERROR_CLASSES: Record<string, new (message: string) => Error> = {
+  Error,
+  TypeError,
+  RangeError,
+  SyntaxError,
+  ReferenceError,
+  EvalError,
+  URIError,
+  MitogenError,
+  ChannelError,
+  StreamError,
+  TimeoutError,
+};
+
+function rebuildError(fields: unknown): Error {
+  const f = (typeof fields === "object" && fields !== null ? fields : {}) as Record<string, unknown>;
+  const name = typeof f.name === "string" ? f.name : "Error";
+  const message = typeof f.message === "string" ? f.message : "";
+  const Ctor = Object.hasOwn(ERROR_CLASSES, name) ? ERROR_CLASSES[name] : undefined;
+  const err = Ctor ? new Ctor(message) : new Error(message);
+  if (err.name !== name) Object.defineProperty(err, "name", { value: name, writable: true, configurable: true });
+  if (typeof f.stack === "string") Object.defineProperty(err, "stack", { value: f.stack, writable: true, configurable: true });
+  if (Object.hasOwn(f, "cause")) Object.defineProperty(err, "cause", { value: f.cause, writable: true, configurable: true });
+  if (Object.hasOwn(f, "code")) Object.defineProperty(err, "code", { value: f.code, writable: true, configurable: true, enumerable: true });
+  return err;
+}
+
+const codec = new ExtensionCodec<DecodeState>();
+
+function nestedDecode(data: Uint8Array, state: DecodeState): unknown {
+  if (state.depth >= MAX_DEPTH) throw new StreamError(`value nested deeper than ${MAX_DEPTH} levels`);
+  state.depth++;
+  try {
+    return new Decoder<DecodeState>({ extensionCodec: codec, context: state }).decode(data);
+  } finally {
+    state.depth--;
+  }
+}
+
+function asArray(v: unknown, what: string): unknown[] {
+  if (!Array.isArray(v)) throw new StreamError(`malformed ${what} on the wire`);
+  return v;
+}
+
+const decoders: [number, (data: Uint8Array, state: DecodeState) => unknown][] = [
+  [EXT.UNDEFINED, () => undefined],
+  [EXT.BIGINT, (d) => BigInt(fromUtf8.decode(d))],
+  [
+    EXT.MAP,
+    (d, s) => {
+      const flat = asArray(nestedDecode(d, s), "Map");
+      const map = new Map<unknown, unknown>();
+      for (let i = 0; i + 1 < flat.length; i += 2) map.set(flat[i], flat[i + 1]);
+      return map;
+    },
+  ],
+  [EXT.SET, (d, s) => new Set(asArray(nestedDecode(d, s), "Set"))],
+  [EXT.ERROR, (d, s) => rebuildError(nestedDecode(d, s))],
+  [EXT.SECRET, (d, s) => new Secret(nestedDecode(d, s))],
+  [
+    EXT.CALL_ERROR,
+    (d, s) => {
+      const [name, message, stack] = asArray(nestedDecode(d, s), "CallError").map(String);
+      return new CallError(name ?? "Error", message ?? "", stack ?? "");
+    },
+  ],
+  [
+    EXT.CONTEXT,
+    (d, s) => {
+      const [id, name] = asArray(nestedDecode(d, s), "Context");
+      if (typeof id !== "number" || !s.binder) throw new StreamError("malformed Context on the wire");
+      return s.binder.contextRef(id, typeof name === "string" ? name : null);
+    },
+  ],
+  [
+    EXT.SENDER,
+    (d, s) => {
+      const [id, handle] = asArray(nestedDecode(d, s), "Sender");
+      if (typeof id !== "number" || typeof handle !== "number" || !s.binder) throw new StreamError("malformed Sender on the wire");
+      return s.binder.senderRef(id, handle);
+    },
+  ],
+  [
+    EXT.BLOB,
+    (d, s) => {
+      if (d.byteLength !== 4) throw new StreamError("malformed blob reference on the wire");
+      const len = new DataView(d.buffer, d.byteOffset, 4).getUint32(0);
+      const start = s.blobOffset;
+      if (start + len > s.data.byteLength) throw new StreamError("blob reference past the end of the message");
+      s.blobOffset += len;
+      return s.data.subarray(start, start + len);
+    },
+  ],
+];
+for (const [type, decode] of decoders) codec.register({ type, encode: () => null, decode: (d, _t, s) => decode(d, s) });
+
+/**
+ * Decode a message body. `blobs` is the header's BLOBS flag. Throws
+ * StreamError on malformed input; never sets a prototype from data.
+ */
+export function decodeValue(data: Uint8Array, blobs: boolean, binder: Binder | null): unknown {
+  const state: DecodeState = { binder, data, blobOffset: 0, depth: 0 };
+  let body = data;
+  if (blobs) {
+    if (data.byteLength < 4) throw new StreamError("truncated message body");
+    const len = new DataView(data.buffer, data.byteOffset, 4).getUint32(0);
+    if (4 + len > data.byteLength) throw new StreamError("truncated message body");
+    body = data.subarray(4, 4 + len);
+    state.blobOffset = 4 + len;
+  }
+  try {
+    return new Decoder<DecodeState>({ extensionCodec: codec, context: state }).decode(body);
+  } catch (err) {
+    if (err instanceof StreamError) throw err;
+    throw new StreamError(`cannot decode message: ${(err as Error).message}`, { cause: err });
+  }
+}

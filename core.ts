@@ -1,0 +1,1435 @@
+/**
+ * Everything a child context needs, and nothing more: frames, streams, the
+ * Router, Context, Receiver, Sender, Channel, Select, Latch, the call
+ * dispatcher and the child's main loop. This file (with `errors.ts`,
+ * `codec.ts` and `runtime.ts`) is the bootstrap payload, so its size is a
+ * budget: `npm run build` prints it.
+ *
+ * @module
+ */
+import { CallError, ChannelError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
+import { type Binder, decodeValue, encodeValue, WIRE_REF, type WireRef } from "./codec.ts";
+import { type Boot, childTransport, type Transport } from "./runtime.ts";
+
+export * from "./errors.ts";
+export * from "./codec.ts";
+export * from "./runtime.ts";
+
+// ---------------------------------------------------------------------------
+// Constants
+
+/** Reserved handles, as in Mitogen; dynamic handles start at {@link FIRST_DYNAMIC_HANDLE}. */
+export const HANDLE = {
+  GET_MODULE: 100,
+  CALL_FUNCTION: 101,
+  FORWARD_LOG: 102,
+  ADD_ROUTE: 103,
+  DEL_ROUTE: 104,
+  ALLOCATE_ID: 105,
+  SHUTDOWN: 106,
+  LOAD_MODULE: 107,
+  FORWARD_MODULE: 108,
+  DETACHING: 109,
+  CALL_SERVICE: 110,
+  STUB_CALL_SERVICE: 111,
+  /** First frame from a parent to a new child: its configuration. */
+  CONFIGURE: 112,
+  /** `reply_to` of a dead message. */
+  IS_DEAD: 999,
+} as const;
+
+/** First handle handed out to receivers. */
+export const FIRST_DYNAMIC_HANDLE = 1000;
+
+/** Frame header constants; the layout is documented beside {@link readHeader}. */
+export const FRAME = {
+  MAGIC: 0x4d47,
+  VERSION: 1,
+  HEADER_SIZE: 28,
+  /** Data is raw bytes, not an encoded value. */
+  FLAG_RAW: 1,
+  /** Data is `u32 bodyLength, body, blobs...` (see codec.ts). */
+  FLAG_BLOBS: 2,
+} as const;
+
+/** Lines the bootstrap writes on the stream before any frame. */
+export const MARKER = {
+  /** First stage is up and waits for the payload. */
+  READY: "MITO000\n",
+  /** Core is running; frames follow. */
+  CONNECTED: "MITO001\n",
+} as const;
+
+/** Default cap on one message's data, checked from the frame header. */
+export const DEFAULT_MAX_MESSAGE_SIZE: number = 128 * 1024 * 1024;
+
+const EMPTY = new Uint8Array(0);
+const ascii = new TextEncoder();
+
+// ---------------------------------------------------------------------------
+// Roles (Mitogen: mitogen.is_master, context_id, parent_id, parent_ids)
+
+/** True in the master; false in every child. */
+export let isMaster = true;
+/** This context's id; the master is 0. */
+export let contextId = 0;
+/** Id of the immediate parent, or null in the master. */
+export let parentId: number | null = null;
+/** Ids of every parent, the master first. */
+export let parentIds: readonly number[] = [];
+
+// ---------------------------------------------------------------------------
+// Messages
+
+/** Header fields of a message. */
+export interface MessageFields {
+  dst?: number;
+  src?: number;
+  auth?: number;
+  handle?: number;
+  replyTo?: number;
+  flags?: number;
+}
+
+/**
+ * One frame: routing fields plus data. `unpickle()` decodes the data;
+ * a dead message (`replyTo === HANDLE.IS_DEAD`) carries a reason and
+ * unpickles to a thrown {@link ChannelError}.
+ */
+export class Message {
+  dst = 0;
+  src = 0;
+  auth = 0;
+  handle = 0;
+  replyTo = 0;
+  flags = 0;
+  /** Router that received the message, which binds Context/Sender references. */
+  router: Router | null = null;
+  /** Receiver that got it, when one did (Select uses this). */
+  receiver: Receiver | null = null;
+  #parts: readonly Uint8Array[];
+  #length: number;
+
+  constructor(fields: MessageFields = {}, parts: readonly Uint8Array[] = [], length = sumLength(parts)) {
+    Object.assign(this, fields);
+    this.#parts = parts;
+    this.#length = length;
+  }
+
+  /** A message whose data is `value`, encoded; `root` names the value in errors. */
+  static encoded(value: unknown, fields: MessageFields = {}, root = "value"): Message {
+    const enc = encodeValue(value, root);
+    return new Message({ ...fields, flags: (fields.flags ?? 0) | (enc.blobs ? FRAME.FLAG_BLOBS : 0) }, enc.parts, enc.length);
+  }
+
+  /** A message carrying raw bytes, skipping the value codec. */
+  static raw(bytes: Uint8Array, fields: MessageFields = {}): Message {
+    return new Message({ ...fields, flags: FRAME.FLAG_RAW }, [bytes], bytes.byteLength);
+  }
+
+  /** A dead message: the channel it answers is over, for `reason`. */
+  static dead(reason: string, fields: MessageFields = {}): Message {
+    return Message.encoded(reason, { ...fields, replyTo: HANDLE.IS_DEAD });
+  }
+
+  /** Byte length of the data. */
+  get length(): number {
+    return this.#length;
+  }
+  /** Data as written on the wire, in parts. */
+  get parts(): readonly Uint8Array[] {
+    return this.#parts;
+  }
+  /** Data as one array (joined on first use). */
+  get data(): Uint8Array {
+    if (this.#parts.length !== 1) this.#parts = [concat(this.#parts, this.#length)];
+    return this.#parts[0] ?? EMPTY;
+  }
+  /** True for a dead message. */
+  get isDead(): boolean {
+    return this.replyTo === HANDLE.IS_DEAD;
+  }
+
+  /**
+   * Decode the data. Throws ChannelError for a dead message, and throws the
+   * CallError when the data is one (a failed call's reply).
+   */
+  unpickle(options: { throwDead?: boolean } = {}): unknown {
+    if (this.flags & FRAME.FLAG_RAW) return this.data;
+    const value = decodeValue(this.data, (this.flags & FRAME.FLAG_BLOBS) !== 0, this.router);
+    if (this.isDead && options.throwDead !== false) throw new ChannelError(typeof value === "string" ? value : "channel closed");
+    if (value instanceof CallError) throw value;
+    return value;
+  }
+
+  /** Send `value` to this message's `replyTo` handle in its sender. */
+  reply(value: unknown, fields: MessageFields = {}): void {
+    if (!this.router) throw new MitogenError("cannot reply: message has no router");
+    this.router.route(Message.encoded(value, { dst: this.src, handle: this.replyTo, ...fields }, "reply"));
+  }
+
+  toString(): string {
+    return `Message(dst=${this.dst} src=${this.src} auth=${this.auth} handle=${this.handle} replyTo=${this.replyTo} ${this.#length} bytes)`;
+  }
+}
+
+function sumLength(parts: readonly Uint8Array[]): number {
+  let n = 0;
+  for (const p of parts) n += p.byteLength;
+  return n;
+}
+
+function concat(parts: readonly Uint8Array[], length: number): Uint8Array {
+  if (parts.length === 1 && parts[0]) return parts[0];
+  const out = new Uint8Array(length);
+  let off = 0;
+  for (const p of parts) {
+    out.set(p, off);
+    off += p.byteLength;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// Frames
+//
+// Every frame is a 28-byte header, big-endian, then `length` bytes of data:
+//
+//   offset size field
+//        0    2 magic     0x4d47 ("MG")
+//        2    1 version   1
+//        3    1 flags     bit 0 RAW (data is bytes), bit 1 BLOBS (see codec.ts)
+//        4    4 dst_id    context the message is for
+//        8    4 src_id    context that wrote it
+//       12    4 auth_id   context it is sent on behalf of (== src_id today)
+//       16    4 handle    handle at dst that receives it
+//       20    4 reply_to  handle at src for the answer; 999 = IS_DEAD
+//       24    4 length    data bytes that follow
+//
+// The reader checks magic, version and `length <= maxMessageSize` from the
+// header alone, before buffering any data.
+
+/** Write the header for `msg`. */
+export function writeHeader(msg: Message): Uint8Array {
+  const h = new Uint8Array(FRAME.HEADER_SIZE);
+  const v = new DataView(h.buffer);
+  v.setUint16(0, FRAME.MAGIC);
+  v.setUint8(2, FRAME.VERSION);
+  v.setUint8(3, msg.flags);
+  v.setUint32(4, msg.dst);
+  v.setUint32(8, msg.src);
+  v.setUint32(12, msg.auth);
+  v.setUint32(16, msg.handle);
+  v.setUint32(20, msg.replyTo);
+  v.setUint32(24, msg.length);
+  return h;
+}
+
+/** Parse a header (layout above). Throws StreamError on a bad one. */
+export function readHeader(h: Uint8Array, maxMessageSize: number): { fields: MessageFields; length: number } {
+  const v = new DataView(h.buffer, h.byteOffset, FRAME.HEADER_SIZE);
+  const magic = v.getUint16(0);
+  if (magic !== FRAME.MAGIC) throw new StreamError(`bad frame magic 0x${magic.toString(16)} (stream out of sync or not mitogen)`);
+  const version = v.getUint8(2);
+  if (version !== FRAME.VERSION) throw new StreamError(`unsupported frame version ${version}`);
+  const length = v.getUint32(24);
+  if (length > maxMessageSize) throw new StreamError(`frame of ${length} bytes exceeds maxMessageSize ${maxMessageSize}`);
+  return {
+    fields: {
+      flags: v.getUint8(3),
+      dst: v.getUint32(4),
+      src: v.getUint32(8),
+      auth: v.getUint32(12),
+      handle: v.getUint32(16),
+      replyTo: v.getUint32(20),
+    },
+    length,
+  };
+}
+
+// ---------------------------------------------------------------------------
+// Stream: frames over a Transport
+
+/** Frames over a byte Transport, with the bootstrap markers in front. */
+export class Stream {
+  /** Human name, for logs. */
+  readonly name: string;
+  /** Id of the context at the other end (null until known). */
+  remoteId: number | null = null;
+  maxMessageSize: number;
+  onMessage: (msg: Message) => void = () => {};
+  onClose: (error?: Error) => void = () => {};
+  readonly #transport: Transport;
+  #chunks: Uint8Array[] = [];
+  #buffered = 0;
+  #header: { fields: MessageFields; length: number } | null = null;
+  #markers: { marker: Uint8Array; resolve: () => void; reject: (e: Error) => void }[] = [];
+  #closed = false;
+  #closeReason: Error | undefined;
+
+  constructor(name: string, transport: Transport, maxMessageSize = DEFAULT_MAX_MESSAGE_SIZE) {
+    this.name = name;
+    this.#transport = transport;
+    this.maxMessageSize = maxMessageSize;
+  }
+
+  /** Start reading. */
+  start(): void {
+    this.#transport.start(
+      (chunk) => this.#receive(chunk),
+      (err) => this.#end(err),
+    );
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** Resolve once exactly `marker` arrives next on the stream. */
+  expectMarker(marker: string): Promise<void> {
+    return new Promise((resolve, reject) => {
+      if (this.#closed) return reject(this.#closeReason ?? new StreamError(`${this.name}: stream closed`));
+      this.#markers.push({ marker: ascii.encode(marker), resolve, reject });
+      this.#parse();
+    });
+  }
+
+  /** Write raw bytes (bootstrap only). */
+  writeRaw(bytes: Uint8Array): void {
+    this.#transport.write([bytes]);
+  }
+
+  /** Write one message. */
+  send(msg: Message): void {
+    if (this.#closed) return;
+    this.#transport.write([writeHeader(msg), ...msg.parts]);
+  }
+
+  /** Wait until queued writes reach the OS. */
+  flush(): Promise<void> {
+    return this.#transport.flush();
+  }
+
+  /** Close the stream; `onClose` fires once. */
+  close(error?: Error): void {
+    if (this.#closed) return;
+    this.#transport.close();
+    this.#end(error);
+  }
+
+  #end(error?: Error): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#closeReason = error;
+    this.#chunks = [];
+    const reason = error ?? new StreamError(`${this.name}: stream closed`);
+    for (const m of this.#markers.splice(0)) m.reject(reason);
+    this.onClose(error);
+  }
+
+  #receive(chunk: Uint8Array): void {
+    if (this.#closed || chunk.byteLength === 0) return;
+    this.#chunks.push(chunk);
+    this.#buffered += chunk.byteLength;
+    this.#parse();
+  }
+
+  /** Remove and return the first `n` buffered bytes (a view when they lie in one chunk). */
+  #take(n: number): Uint8Array {
+    const first = this.#chunks[0];
+    if (first && first.byteLength >= n) {
+      if (first.byteLength === n) this.#chunks.shift();
+      else this.#chunks[0] = first.subarray(n);
+      this.#buffered -= n;
+      return first.subarray(0, n);
+    }
+    const out = new Uint8Array(n);
+    let off = 0;
+    while (off < n) {
+      const c = this.#chunks[0] as Uint8Array;
+      const k = Math.min(c.byteLength, n - off);
+      out.set(c.subarray(0, k), off);
+      off += k;
+      if (k === c.byteLength) this.#chunks.shift();
+      else this.#chunks[0] = c.subarray(k);
+    }
+    this.#buffered -= n;
+    return out;
+  }
+
+  #parse(): void {
+    try {
+      while (!this.#closed) {
+        const m = this.#markers[0];
+        if (m) {
+          if (this.#buffered < m.marker.byteLength) return;
+          const got = this.#take(m.marker.byteLength);
+          if (!got.every((b, i) => b === m.marker[i])) {
+            const text = new TextDecoder().decode(got).replace(/[^\x20-\x7e]/g, "?");
+            throw new StreamError(`${this.name}: expected bootstrap marker, got ${JSON.stringify(text)}`);
+          }
+          this.#markers.shift();
+          m.resolve();
+          continue;
+        }
+        if (!this.#header) {
+          if (this.#buffered < FRAME.HEADER_SIZE) return;
+          this.#header = readHeader(this.#take(FRAME.HEADER_SIZE), this.maxMessageSize);
+        }
+        const { fields, length } = this.#header;
+        if (this.#buffered < length) return;
+        this.#header = null;
+        const data = length ? this.#take(length) : EMPTY;
+        this.onMessage(new Message(fields, [data], length));
+      }
+    } catch (err) {
+      const e = err instanceof StreamError ? err : new StreamError(`${this.name}: ${(err as Error).message}`, { cause: err });
+      this.close(e);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Router
+
+/** Where a log line came from. */
+export type LogSource = "log" | "stdout" | "stderr";
+/** Log severity. */
+export type LogLevel = "debug" | "info" | "warn" | "error";
+
+/** One log line from any context, as the master's logger sees it. */
+export interface LogRecord {
+  contextId: number;
+  name: string;
+  level: LogLevel;
+  source: LogSource;
+  message: string;
+}
+
+/** Options of {@link Router.addHandler}. */
+export interface HandlerOptions {
+  /** Explicit handle; otherwise a fresh one is allocated. */
+  handle?: number;
+  /** Keep the handler after its first message (default true). */
+  persist?: boolean;
+  /** Context whose disconnection delivers a dead message to this handler. */
+  respondent?: Context | null;
+  /** Called first; returning false drops the message (with a dead reply). */
+  policy?: (msg: Message, stream: Stream | null) => boolean;
+}
+
+type Handler = { fn: (msg: Message, stream: Stream | null) => void; persist: boolean; respondent: number | null; policy: HandlerOptions["policy"] };
+
+/** What a connection method reports about a live child. */
+export interface ChildLink {
+  stream: Stream;
+  /** Ask the child to stop; resolves when it has gone (killing it after a grace period). */
+  stop(): Promise<void>;
+}
+
+/** The event loop is the broker; this object owns the streams' lifetime for {@link Router}. */
+export class Broker {
+  readonly #router: Router;
+  constructor(router: Router) {
+    this.#router = router;
+  }
+  /** Stop every child and close every stream. */
+  shutdown(): Promise<void> {
+    return this.#router.shutdown();
+  }
+}
+
+/**
+ * Routes messages between this context, its parent and its children, and
+ * dispatches the ones addressed here to handlers.
+ */
+export class Router implements Binder, AsyncDisposable {
+  /** This context's id (0 in the master). */
+  myId = 0;
+  /** Ids of every parent, master first. */
+  parentIds: number[] = [];
+  /** This context's name. */
+  name = "master";
+  /** Cap on one message's data; propagated to every child. */
+  maxMessageSize: number = DEFAULT_MAX_MESSAGE_SIZE;
+  /** When true, children may not talk to each other, only to their parents. */
+  unidirectional = false;
+  /** The stream to the parent (null in the master). */
+  parent: Stream | null = null;
+  readonly broker: Broker;
+  /** The compressed core payload this context can start children with. */
+  payload: Uint8Array | null = null;
+  /** Loaded modules by name (e.g. "mitogen:parent"). */
+  readonly modules: Map<string, Record<string, unknown>> = new Map();
+
+  readonly #handlers = new Map<number, Handler>();
+  readonly #routes = new Map<number, Stream>();
+  readonly #links = new Map<Stream, ChildLink>();
+  readonly #contexts = new Map<number, Context>();
+  readonly #respondents = new Map<number, Set<number>>();
+  #nextHandle = FIRST_DYNAMIC_HANDLE;
+  #shuttingDown: Promise<void> | null = null;
+
+  constructor() {
+    this.broker = new Broker(this);
+    this.addHandler((msg, stream) => this.#onAddRoute(msg, stream), { handle: HANDLE.ADD_ROUTE, policy: (m, s) => this.#fromChild(m, s) });
+    this.addHandler((msg, stream) => this.#onDelRoute(msg, stream), { handle: HANDLE.DEL_ROUTE, policy: (m, s) => this.#fromChild(m, s) });
+  }
+
+  // -- handlers -------------------------------------------------------------
+
+  /** Register `fn` for messages to a handle; returns the handle. */
+  addHandler(fn: (msg: Message, stream: Stream | null) => void, options: HandlerOptions = {}): number {
+    const handle = options.handle ?? this.#nextHandle++;
+    const respondent = options.respondent?.contextId ?? null;
+    this.#handlers.set(handle, { fn, persist: options.persist ?? true, respondent, policy: options.policy });
+    if (respondent !== null) {
+      let set = this.#respondents.get(respondent);
+      if (!set) this.#respondents.set(respondent, (set = new Set()));
+      set.add(handle);
+      if (!this.#canReach(respondent)) queueMicrotask(() => this.#deliverDead(handle, `context ${respondent} is not connected`));
+    }
+    return handle;
+  }
+
+  /** Remove the handler of `handle`. */
+  delHandler(handle: number): void {
+    const h = this.#handlers.get(handle);
+    if (!h) return;
+    this.#handlers.delete(handle);
+    if (h.respondent !== null) this.#respondents.get(h.respondent)?.delete(handle);
+  }
+
+  #deliverDead(handle: number, reason: string): void {
+    const h = this.#handlers.get(handle);
+    if (!h) return;
+    const msg = Message.dead(reason, { dst: this.myId, src: this.myId, auth: this.myId, handle });
+    msg.router = this;
+    this.delHandler(handle);
+    h.fn(msg, null);
+  }
+
+  // -- contexts -------------------------------------------------------------
+
+  /** The Context for `id` (one object per id). */
+  contextById(id: number, name: string | null = null): Context {
+    let ctx = this.#contexts.get(id);
+    if (!ctx) {
+      ctx = new Context(this, id, name ?? `context${id}`);
+      this.#contexts.set(id, ctx);
+    } else if (name && ctx.name.startsWith("context")) ctx.name = name;
+    return ctx;
+  }
+
+  /** This context, as a Context. */
+  myself(): Context {
+    return this.contextById(this.myId, this.name);
+  }
+
+  /** Binder: decoded Context references. */
+  contextRef(id: number, name: string | null): Context {
+    return this.contextById(id, name);
+  }
+
+  /** Binder: decoded Sender references. */
+  senderRef(id: number, handle: number): Sender {
+    return new Sender(this.contextById(id), handle);
+  }
+
+  #canReach(id: number): boolean {
+    return id === this.myId || this.#routes.has(id) || (this.parent !== null && !this.parent.closed);
+  }
+
+  // -- streams and routes ---------------------------------------------------
+
+  /** Adopt a child's stream: route `remoteId` through it. */
+  addChild(link: ChildLink, remoteId: number, name: string): Context {
+    const stream = link.stream;
+    stream.remoteId = remoteId;
+    this.#links.set(stream, link);
+    this.#routes.set(remoteId, stream);
+    stream.onMessage = (msg) => this.#inbound(msg, stream);
+    stream.onClose = (err) => this.#onStreamClosed(stream, err);
+    const ctx = this.contextById(remoteId, name);
+    ctx.name = name;
+    this.#announce(HANDLE.ADD_ROUTE, [remoteId, name]);
+    return ctx;
+  }
+
+  /** Adopt the stream to the parent. */
+  setParent(stream: Stream): void {
+    this.parent = stream;
+    stream.onMessage = (msg) => this.#inbound(msg, stream);
+    stream.onClose = (err) => this.#onStreamClosed(stream, err);
+  }
+
+  #announce(handle: number, data: unknown[]): void {
+    const up = this.parentIds.at(-1);
+    if (this.parent && up !== undefined) this.route(Message.encoded(data, { dst: up, handle }));
+  }
+
+  /** Policy: route changes are accepted only from the immediate child owning the stream. */
+  #fromChild(msg: Message, stream: Stream | null): boolean {
+    return stream !== null && stream !== this.parent && stream.remoteId === msg.auth && msg.src === msg.auth;
+  }
+
+  #onAddRoute(msg: Message, stream: Stream | null): void {
+    const [id, name] = msg.unpickle() as [number, string];
+    if (!stream || typeof id !== "number" || id === this.myId || this.parentIds.includes(id)) return;
+    this.#routes.set(id, stream);
+    this.contextById(id, typeof name === "string" ? name : null);
+    this.#announce(HANDLE.ADD_ROUTE, [id, name]);
+  }
+
+  #onDelRoute(msg: Message, stream: Stream | null): void {
+    const [id, reason] = msg.unpickle() as [number, string];
+    if (typeof id === "number" && this.#routes.get(id) === stream) this.#lost(id, typeof reason === "string" ? reason : "route deleted");
+  }
+
+  /** `id` is gone: drop its route, fail whoever waits on it, tell the parent. */
+  #lost(id: number, reason: string): void {
+    this.#routes.delete(id);
+    this.#announce(HANDLE.DEL_ROUTE, [id, reason]);
+    const handles = this.#respondents.get(id);
+    this.#respondents.delete(id);
+    for (const h of handles ?? []) this.#deliverDead(h, reason);
+    this.#contexts.get(id)?._disconnected(reason);
+  }
+
+  #onStreamClosed(stream: Stream, err?: Error): void {
+    const link = this.#links.get(stream);
+    this.#links.delete(stream);
+    if (stream === this.parent) {
+      this.log("debug", `parent stream closed${err ? `: ${err.message}` : ""}`);
+      this.onParentLost(err);
+      return;
+    }
+    const who = this.#contexts.get(stream.remoteId ?? -1)?.name ?? stream.name;
+    if (err) this.log("warn", `stream to ${who} failed: ${err.message}`);
+    const reason = `context ${who} disconnected${err ? `: ${err.message}` : ""}`;
+    for (const [id, s] of [...this.#routes]) if (s === stream) this.#lost(id, reason);
+    void link?.stop();
+  }
+
+  /** Called when the parent stream is gone; a child exits. */
+  onParentLost(_err?: Error): void {}
+
+  // -- routing --------------------------------------------------------------
+
+  #inbound(msg: Message, stream: Stream): void {
+    // Mitogen's rules: a message must arrive on the stream that routes to its auth_id and src_id.
+    const expected = (id: number) => this.#routes.get(id) ?? (this.#routes.has(id) || id === this.myId ? null : this.parent);
+    if (expected(msg.auth) !== stream) {
+      this.log("warn", `dropped ${msg}: auth_id ${msg.auth} did not arrive on its own route (${stream.name})`);
+      return;
+    }
+    if (msg.src !== msg.auth && expected(msg.src) !== stream) {
+      this.log("warn", `dropped ${msg}: src_id ${msg.src} did not arrive on its own route (${stream.name})`);
+      return;
+    }
+    if (this.unidirectional && stream !== this.parent && msg.dst !== this.myId && !this.parentIds.includes(msg.dst)) {
+      const back = this.#routes.get(msg.dst);
+      if (back && back !== this.parent) {
+        this.log("warn", `dropped ${msg}: unidirectional mode forbids child-to-child messages`);
+        this.#sendDead(msg, "unidirectional mode forbids messages between children");
+        return;
+      }
+    }
+    this.route(msg, stream);
+  }
+
+  /** Deliver or forward `msg`. Locally-created messages get src/auth filled in. */
+  route(msg: Message, inStream: Stream | null = null): void {
+    if (!inStream) {
+      msg.src ||= this.myId;
+      msg.auth ||= this.myId;
+    }
+    if (msg.length > this.maxMessageSize) {
+      const text = `message of ${msg.length} bytes exceeds maxMessageSize ${this.maxMessageSize} (${msg})`;
+      this.log("warn", text);
+      this.#sendDead(msg, text);
+      return;
+    }
+    if (msg.dst === this.myId) {
+      msg.router = this;
+      this.#invoke(msg, inStream);
+      return;
+    }
+    const out = this.#routes.get(msg.dst) ?? this.parent;
+    if (!out || out.closed) {
+      this.#sendDead(msg, `no route to context ${msg.dst} from ${this.name}`);
+      return;
+    }
+    if (out === inStream) {
+      this.log("warn", `dropped ${msg}: it would route back where it came from`);
+      return;
+    }
+    out.send(msg);
+  }
+
+  #invoke(msg: Message, stream: Stream | null): void {
+    const h = this.#handlers.get(msg.handle);
+    if (!h) {
+      if (!msg.isDead) this.log("debug", `no handler for ${msg}`);
+      this.#sendDead(msg, `no handler for handle ${msg.handle} in ${this.name}`);
+      return;
+    }
+    if (h.policy && !h.policy(msg, stream)) {
+      this.log("warn", `refused ${msg}: policy of handle ${msg.handle} rejected it`);
+      this.#sendDead(msg, `refused by policy of handle ${msg.handle} in ${this.name}`);
+      return;
+    }
+    if (!h.persist) this.delHandler(msg.handle);
+    try {
+      h.fn(msg, stream);
+    } catch (err) {
+      this.log("error", `handler for ${msg} threw: ${(err as Error)?.stack ?? err}`);
+    }
+  }
+
+  #sendDead(msg: Message, reason: string): void {
+    if (!msg.replyTo || msg.isDead) return;
+    this.route(Message.dead(reason, { dst: msg.src, handle: msg.replyTo }));
+  }
+
+  // -- logging --------------------------------------------------------------
+
+  /** Log from this context. The master hands it to its logger; children forward it. */
+  log(level: LogLevel, message: string): void {
+    this.logRecord({ contextId: this.myId, name: this.name, level, source: "log", message });
+  }
+
+  /** Deliver a log record: children forward to the master (FORWARD_LOG). */
+  logRecord(rec: LogRecord): void {
+    if (!this.parent || this.parent.closed) return;
+    if (rec.level === "debug" && !this.debug) return;
+    this.route(Message.encoded([rec.contextId, rec.name, rec.level, rec.source, rec.message], { dst: 0, handle: HANDLE.FORWARD_LOG }));
+  }
+
+  /** Forward debug-level records too. */
+  debug = false;
+
+  // -- lifetime -------------------------------------------------------------
+
+  /** Stop every child context and close every stream. Safe to call twice. */
+  shutdown(): Promise<void> {
+    this.#shuttingDown ??= (async () => {
+      await Promise.all([...this.#links.values()].map((l) => l.stop()));
+      for (const [h] of [...this.#handlers]) if (h >= FIRST_DYNAMIC_HANDLE) this.#deliverDead(h, `router ${this.name} shut down`);
+    })();
+    return this.#shuttingDown;
+  }
+
+  /** Direct children, as their links. */
+  get children(): ChildLink[] {
+    return [...this.#links.values()];
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.shutdown();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Context
+
+/** Any function whose source can be shipped: self-contained, no free variables. */
+// deno-lint-ignore no-explicit-any
+export type Shippable = (...args: any[]) => unknown;
+
+/** Options of {@link Context.shutdown}. */
+export interface ShutdownOptions {
+  /** Resolve only once the context has gone. */
+  wait?: boolean;
+}
+
+/**
+ * A reference to a context, used to call functions in it and send it
+ * messages. Serialisable: sending a Context to another context gives a
+ * Context bound to the receiver's router.
+ */
+export class Context implements WireRef, AsyncDisposable {
+  readonly router: Router;
+  readonly contextId: number;
+  name: string;
+  /** The context this one was started through, if known. */
+  via: Context | null = null;
+  #disconnected: string | null = null;
+  #waiters: ((reason: string) => void)[] = [];
+
+  constructor(router: Router, contextId: number, name: string) {
+    this.router = router;
+    this.contextId = contextId;
+    this.name = name;
+  }
+
+  /** Send a prepared message to this context. */
+  send(msg: Message): void {
+    msg.dst = this.contextId;
+    this.router.route(msg);
+  }
+
+  /** Send `msg` and return a Receiver for its reply. */
+  sendAsync(msg: Message, options: { persist?: boolean } = {}): Receiver {
+    const recv = new Receiver(this.router, { persist: options.persist ?? false, respondent: this });
+    msg.replyTo = recv.handle;
+    this.send(msg);
+    return recv;
+  }
+
+  /** Send `msg` and await the decoded reply. */
+  async sendAwait(msg: Message, options: GetOptions = {}): Promise<unknown> {
+    return (await this.sendAsync(msg).get(options)).unpickle();
+  }
+
+  /**
+   * Start `fn(...args)` in this context and return a Receiver for the result.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const ctx = await router.local();
+   * const recv = ctx.callAsync(() => process.pid);
+   * console.log((await recv.get()).unpickle());
+   * ```
+   */
+  callAsync<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Receiver {
+    return this.sendAsync(callMessage(fn, args));
+  }
+
+  /**
+   * Run `fn(...args)` in this context and resolve with its result (awaited
+   * there if it is a promise). Rejects with CallError if it throws.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const ctx = await router.local({ runtime: "node" });
+   * console.log(await ctx.call((x: number) => x * 2, 21)); // 42
+   * ```
+   */
+  async call<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Promise<Awaited<R>> {
+    return (await this.callAsync(fn, ...args).get()).unpickle() as Awaited<R>;
+  }
+
+  /** Run `fn(...args)` in this context without waiting for, or hearing of, a result. */
+  callNoReply<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): void {
+    this.send(callMessage(fn, args));
+  }
+
+  /** Call `name` of a module already loaded in the context (e.g. "mitogen:parent"). */
+  callModule(module: string, name: string, ...args: unknown[]): Promise<unknown> {
+    return this.sendAwait(Message.encoded([1, `${module}#${name}`, args], { handle: HANDLE.CALL_FUNCTION }, "args"));
+  }
+
+  /** Resolves with the reason once the context is gone. */
+  disconnected(): Promise<string> {
+    if (this.#disconnected !== null) return Promise.resolve(this.#disconnected);
+    return new Promise((resolve) => this.#waiters.push(resolve));
+  }
+
+  /** True once the context is gone. */
+  get isDisconnected(): boolean {
+    return this.#disconnected !== null;
+  }
+
+  /** @internal The router saw this context go. */
+  _disconnected(reason: string): void {
+    if (this.#disconnected !== null) return;
+    this.#disconnected = reason;
+    for (const w of this.#waiters.splice(0)) w(reason);
+  }
+
+  /**
+   * Ask the context to exit; its children exit with it. With `wait`,
+   * resolves once it has gone.
+   */
+  async shutdown(options: ShutdownOptions = {}): Promise<void> {
+    if (this.#disconnected !== null) return;
+    this.send(Message.encoded(null, { handle: HANDLE.SHUTDOWN }));
+    if (options.wait) await this.disconnected();
+  }
+
+  [WIRE_REF](): readonly [number, readonly unknown[]] {
+    return [5, [this.contextId, this.name]];
+  }
+
+  toString(): string {
+    return `Context(${this.contextId}, ${JSON.stringify(this.name)})`;
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.shutdown({ wait: true });
+  }
+}
+
+function callMessage(fn: unknown, args: unknown[]): Message {
+  if (typeof fn !== "function") throw new MitogenError(`call needs a function, got ${typeof fn}`);
+  const src = Function.prototype.toString.call(fn);
+  if (/\{\s*\[native code\]\s*\}$/.test(src)) throw new MitogenError(`cannot ship native function ${fn.name || "(anonymous)"}: its source is not available`);
+  if (/^class\b/.test(src)) throw new MitogenError(`cannot call class ${fn.name}: pass a function`);
+  return Message.encoded([0, src, args], { handle: HANDLE.CALL_FUNCTION }, "args");
+}
+
+// ---------------------------------------------------------------------------
+// Receiver, Sender, Channel, Latch, Select
+
+/** Options of `get()`. */
+export interface GetOptions {
+  /** Milliseconds to wait before rejecting with TimeoutError. */
+  timeout?: number;
+}
+
+/** Options of the Receiver constructor. */
+export interface ReceiverOptions {
+  handle?: number;
+  persist?: boolean;
+  respondent?: Context | null;
+}
+
+type Waiter<T> = { resolve: (v: T) => void; reject: (e: Error) => void; timer: ReturnType<typeof setTimeout> | undefined };
+
+/** A queue with blocking `get`, the shared core of Receiver and Latch. */
+class Queue<T> {
+  items: T[] = [];
+  waiters: Waiter<T>[] = [];
+  closed: Error | null = null;
+
+  put(item: T): void {
+    const w = this.waiters.shift();
+    if (w) {
+      if (w.timer) clearTimeout(w.timer);
+      w.resolve(item);
+    } else this.items.push(item);
+  }
+
+  get(options: GetOptions, what: string): Promise<T> {
+    if (this.items.length) return Promise.resolve(this.items.shift() as T);
+    if (this.closed) return Promise.reject(this.closed);
+    return new Promise((resolve, reject) => {
+      const w: Waiter<T> = { resolve, reject, timer: undefined };
+      if (options.timeout !== undefined) {
+        w.timer = setTimeout(() => {
+          this.waiters.splice(this.waiters.indexOf(w), 1);
+          reject(new TimeoutError(`${what}: nothing arrived within ${options.timeout} ms`));
+        }, options.timeout);
+      }
+      this.waiters.push(w);
+    });
+  }
+
+  /** Close after the items already queued; `last` stays queued (in order) when nobody waits. */
+  end(last: T, error: Error): void {
+    if (this.closed) return;
+    if (this.waiters.length === 0) this.items.push(last);
+    this.close(error);
+  }
+
+  close(error: Error): void {
+    if (this.closed) return;
+    this.closed = error;
+    for (const w of this.waiters.splice(0)) {
+      if (w.timer) clearTimeout(w.timer);
+      w.reject(error);
+    }
+  }
+}
+
+/** Something Select can wait on. */
+export interface Selectable {
+  notify: ((source: Selectable) => void) | null;
+  empty(): boolean;
+  /** @internal Take an item now; undefined when empty. Throws when closed. */
+  _poll(): { item: unknown } | undefined;
+}
+
+/**
+ * Receives messages sent to a handle in this context. Async-iterable: the
+ * loop yields each Message and ends when the sender closes the channel.
+ *
+ * @example
+ * ```ts
+ * import { Receiver, Router } from "./mod.ts";
+ * await using router = new Router();
+ * const ctx = await router.local();
+ * await using recv = new Receiver(router);
+ * await ctx.call((s) => { for (let i = 0; i < 3; i++) s.send(i); s.close(); }, recv.toSender());
+ * for await (const msg of recv) console.log(msg.unpickle());
+ * ```
+ */
+export class Receiver implements AsyncIterable<Message>, AsyncDisposable, Selectable {
+  readonly router: Router;
+  readonly handle: number;
+  readonly respondent: Context | null;
+  /** Called as `notify(receiver)` on every delivered message (Select uses it). */
+  notify: ((source: Selectable) => void) | null = null;
+  readonly #queue = new Queue<Message>();
+
+  constructor(router: Router, options: ReceiverOptions = {}) {
+    this.router = router;
+    this.respondent = options.respondent ?? null;
+    this.handle = router.addHandler((msg) => this.#deliver(msg), {
+      ...(options.handle === undefined ? {} : { handle: options.handle }),
+      persist: options.persist ?? true,
+      respondent: this.respondent,
+    });
+  }
+
+  #deliver(msg: Message): void {
+    msg.receiver = this;
+    if (msg.isDead) {
+      this.router.delHandler(this.handle);
+      this.#queue.end(msg, deadError(msg));
+    } else this.#queue.put(msg);
+    this.notify?.(this);
+  }
+
+  /** True if `get()` would wait. */
+  empty(): boolean {
+    return this.#queue.items.length === 0 && !this.#queue.closed;
+  }
+
+  /** Next message; rejects with ChannelError once closed, TimeoutError after `timeout` ms. */
+  async get(options: GetOptions = {}): Promise<Message> {
+    const msg = await this.#queue.get(options, `receiver ${this.handle}`);
+    if (msg.isDead) throw deadError(msg);
+    return msg;
+  }
+
+  /** Like get(), but the decoded data. */
+  async getData(options: GetOptions = {}): Promise<unknown> {
+    return (await this.get(options)).unpickle();
+  }
+
+  _poll(): { item: unknown } | undefined {
+    const msg = this.#queue.items.shift();
+    if (msg === undefined) {
+      if (this.#queue.closed) throw this.#queue.closed;
+      return undefined;
+    }
+    if (msg.isDead) throw deadError(msg);
+    return { item: msg };
+  }
+
+  /** A Sender that delivers to this receiver, for passing to other contexts. */
+  toSender(): Sender {
+    return new Sender(this.router.myself(), this.handle);
+  }
+
+  /** Stop receiving: waiters reject with ChannelError. */
+  close(): void {
+    this.router.delHandler(this.handle);
+    this.#queue.close(new ChannelError(`receiver ${this.handle} closed`));
+  }
+
+  async *[Symbol.asyncIterator](): AsyncIterator<Message> {
+    for (;;) {
+      let msg: Message;
+      try {
+        msg = await this.#queue.get({}, `receiver ${this.handle}`);
+      } catch (err) {
+        if (err instanceof ChannelError) return;
+        throw err;
+      }
+      if (msg.isDead) return;
+      yield msg;
+    }
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    this.close();
+    return Promise.resolve();
+  }
+}
+
+function deadError(msg: Message): ChannelError {
+  try {
+    msg.unpickle();
+  } catch (err) {
+    if (err instanceof ChannelError) return err;
+  }
+  return new ChannelError("channel closed");
+}
+
+/**
+ * Sends values to a handle in some context (the other end of a Receiver).
+ * Serialisable: pass it as an argument to a remote function to stream values back.
+ */
+export class Sender implements WireRef {
+  readonly context: Context;
+  readonly dstHandle: number;
+
+  constructor(context: Context, dstHandle: number) {
+    this.context = context;
+    this.dstHandle = dstHandle;
+  }
+
+  /** Send `data` to the remote end. */
+  send(data: unknown): void {
+    this.context.send(Message.encoded(data, { handle: this.dstHandle }, "data"));
+  }
+
+  /** Mitogen's name for send(). */
+  put(data: unknown): void {
+    this.send(data);
+  }
+
+  /** Tell the remote end no more is coming (its loop ends, its get() rejects). */
+  close(): void {
+    this.context.send(Message.dead("sender closed", { handle: this.dstHandle }));
+  }
+
+  [WIRE_REF](): readonly [number, readonly unknown[]] {
+    return [6, [this.context.contextId, this.dstHandle]];
+  }
+
+  toString(): string {
+    return `Sender(${this.context.contextId}, ${this.dstHandle})`;
+  }
+}
+
+/**
+ * A Receiver that can also send: to `dstHandle` in `context`. Each end makes
+ * its own Channel and learns the other's handle (as in Mitogen).
+ */
+export class Channel extends Receiver {
+  readonly sender: Sender;
+  constructor(router: Router, context: Context, dstHandle: number, handle?: number) {
+    super(router, handle === undefined ? {} : { handle });
+    this.sender = new Sender(context, dstHandle);
+  }
+  /** Send `data` to the other end. */
+  send(data: unknown): void {
+    this.sender.send(data);
+  }
+  /** Close both directions. */
+  override close(): void {
+    this.sender.close();
+    super.close();
+  }
+}
+
+/**
+ * A local queue other code can `put` into; Select can wait on it.
+ *
+ * @example
+ * ```ts
+ * import { Latch } from "./mod.ts";
+ * const latch = new Latch<number>();
+ * setTimeout(() => latch.put(1), 10);
+ * console.log(await latch.get({ timeout: 1000 }));
+ * ```
+ */
+export class Latch<T = unknown> implements Selectable {
+  notify: ((source: Selectable) => void) | null = null;
+  readonly #queue = new Queue<T>();
+
+  /** Add an item, waking one waiter. */
+  put(item: T): void {
+    if (this.#queue.closed) throw new ChannelError("latch closed");
+    this.#queue.put(item);
+    this.notify?.(this);
+  }
+  /** Next item; rejects with ChannelError once closed, TimeoutError after `timeout` ms. */
+  get(options: GetOptions = {}): Promise<T> {
+    return this.#queue.get(options, "latch");
+  }
+  empty(): boolean {
+    return this.#queue.items.length === 0;
+  }
+  /** Items waiting. */
+  get size(): number {
+    return this.#queue.items.length;
+  }
+  _poll(): { item: unknown } | undefined {
+    if (this.#queue.items.length) return { item: this.#queue.items.shift() };
+    if (this.#queue.closed) throw this.#queue.closed;
+    return undefined;
+  }
+  /** Close: waiters reject with ChannelError. */
+  close(): void {
+    this.#queue.close(new ChannelError("latch closed"));
+    this.notify?.(this);
+  }
+}
+
+/** What Select yields: the source that had something, and the item. */
+export interface SelectEvent {
+  source: Selectable;
+  data: unknown;
+}
+
+/**
+ * Waits on several receivers, latches or other Selects at once. With
+ * `oneshot` (the default) each source is removed after it yields, so
+ * iteration ends when all have answered: handy for parallel calls.
+ *
+ * @example
+ * ```ts
+ * import { Router, Select } from "./mod.ts";
+ * await using router = new Router();
+ * const a = await router.local(), b = await router.local();
+ * await using sel = new Select([a.callAsync(() => 1), b.callAsync(() => 2)]);
+ * for await (const ev of sel) console.log((ev.data as { unpickle(): unknown }).unpickle());
+ * ```
+ */
+export class Select implements Selectable, AsyncIterable<SelectEvent>, AsyncDisposable {
+  notify: ((source: Selectable) => void) | null = null;
+  readonly oneshot: boolean;
+  readonly #sources = new Set<Selectable>();
+  readonly #ready = new Latch<Selectable>();
+
+  constructor(sources: Iterable<Selectable> = [], options: { oneshot?: boolean } = {}) {
+    this.oneshot = options.oneshot ?? true;
+    for (const s of sources) this.add(s);
+  }
+
+  /** Add a source. */
+  add(source: Selectable): void {
+    if (source === this) throw new MitogenError("a Select cannot contain itself");
+    if (source.notify) throw new MitogenError("source already belongs to a Select");
+    this.#sources.add(source);
+    source.notify = (s) => {
+      this.#ready.put(s);
+      this.notify?.(this);
+    };
+    if (!source.empty()) source.notify(source);
+  }
+
+  /** Remove a source (a notification it already gave may still be returned). */
+  remove(source: Selectable): void {
+    if (!this.#sources.delete(source)) throw new MitogenError("source is not in this Select");
+    source.notify = null;
+  }
+
+  /** True if no source is registered. */
+  get size(): number {
+    return this.#sources.size;
+  }
+
+  empty(): boolean {
+    return this.#ready.empty();
+  }
+
+  _poll(): { item: unknown } | undefined {
+    while (!this.#ready.empty()) {
+      const src = this.#ready._poll()?.item as Selectable;
+      const ev = this.#take(src);
+      if (ev) return { item: ev.data };
+    }
+    return undefined;
+  }
+
+  #take(src: Selectable): SelectEvent | undefined {
+    if (!this.#sources.has(src)) return undefined;
+    let got: { item: unknown } | undefined;
+    try {
+      got = src._poll();
+    } catch (err) {
+      if (this.oneshot) this.remove(src);
+      throw err;
+    }
+    if (!got) return undefined;
+    if (this.oneshot) this.remove(src);
+    return { source: src, data: got.item };
+  }
+
+  /** Next event from any source; TimeoutError after `timeout` ms, ChannelError if no source is left. */
+  async getEvent(options: GetOptions = {}): Promise<SelectEvent> {
+    const deadline = options.timeout === undefined ? undefined : Date.now() + options.timeout;
+    for (;;) {
+      if (this.#sources.size === 0 && this.#ready.empty()) throw new ChannelError("Select has no sources left");
+      const left = deadline === undefined ? undefined : Math.max(0, deadline - Date.now());
+      const src = await this.#ready.get(left === undefined ? {} : { timeout: left });
+      const ev = this.#take(src);
+      if (ev) return ev;
+    }
+  }
+
+  /** Next item from any source (a Message for receivers). */
+  async get(options: GetOptions = {}): Promise<unknown> {
+    return (await this.getEvent(options)).data;
+  }
+
+  async *[Symbol.asyncIterator](): AsyncIterator<SelectEvent> {
+    while (this.#sources.size || !this.#ready.empty()) {
+      try {
+        yield await this.getEvent();
+      } catch (err) {
+        if (err instanceof ChannelError && this.#sources.size === 0) return;
+        throw err;
+      }
+    }
+  }
+
+  /** Detach from every source. */
+  close(): void {
+    for (const s of [...this.#sources]) this.remove(s);
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    this.close();
+    return Promise.resolve();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Calls: marking and dispatch
+
+/** What a takesRouter/takesEcontext function receives as its last argument. */
+export interface CallContext {
+  router: Router;
+  econtext: Router;
+  /** The message that started the call. */
+  msg: Message;
+}
+
+const TAKES = Symbol.for("mitogen.takes");
+
+/** Mark `fn` to receive `{ router, econtext }` as an extra last argument when run by CALL_FUNCTION. */
+export function takesRouter<F extends Shippable>(fn: F): F {
+  (fn as unknown as Record<symbol, boolean>)[TAKES] = true;
+  return fn;
+}
+
+/** Mitogen's other name for {@link takesRouter}: the router is the execution context. */
+export const takesEcontext: typeof takesRouter = takesRouter;
+
+const compiled = new Map<string, Shippable>();
+
+/** Turn shipped source into a function (cached by source). */
+function compile(src: string): Shippable {
+  let fn = compiled.get(src);
+  if (!fn) {
+    // Method shorthand (`foo() {}`) is not an expression; make it one.
+    const expr = /^(async\s+)?(function\b|\(|[\w$]+\s*=>|async\s*[\w$(])/.test(src) ? src : src.replace(/^(async\s+)?(\*?)\s*/, "$1function$2 ");
+    fn = new Function(`"use strict";return (${expr}\n);`)() as Shippable;
+    compiled.set(src, fn);
+  }
+  return fn;
+}
+
+/** Handle CALL_FUNCTION: accepted only from this context's parents. */
+function installDispatcher(router: Router): void {
+  router.addHandler(
+    (msg) => {
+      void (async () => {
+        let result: unknown;
+        let failed = false;
+        try {
+          const [kind, target, args] = msg.unpickle() as [number, string, unknown[]];
+          let fn: Shippable;
+          if (kind === 1) {
+            const [mod, name] = target.split("#") as [string, string];
+            const m = router.modules.get(mod);
+            const f = m?.[name];
+            if (typeof f !== "function") throw new MitogenError(`${mod}#${name} is not loaded in ${router.name}`);
+            fn = f as Shippable;
+          } else fn = compile(target);
+          const extra = (fn as unknown as Record<symbol, boolean>)[TAKES] ? [{ router, econtext: router, msg } satisfies CallContext] : [];
+          result = await fn(...(Array.isArray(args) ? args : []), ...extra);
+        } catch (err) {
+          failed = true;
+          result = CallError.fromThrown(err, router.name);
+        }
+        if (!msg.replyTo) {
+          if (failed) router.log("warn", `callNoReply failed: ${(result as CallError).message}`);
+          return;
+        }
+        try {
+          msg.reply(result);
+        } catch (err) {
+          msg.reply(CallError.fromThrown(err, router.name));
+        }
+      })();
+    },
+    { handle: HANDLE.CALL_FUNCTION, policy: (msg) => fromParent(router, msg) },
+  );
+}
+
+function fromParent(router: Router, msg: Message): boolean {
+  return msg.auth === router.myId || router.parentIds.includes(msg.auth);
+}
+
+// ---------------------------------------------------------------------------
+// The child's main loop
+
+/** The configuration a parent sends a new child in its first frame. */
+export interface ChildConfig {
+  contextId: number;
+  parentIds: number[];
+  name: string;
+  maxMessageSize: number;
+  unidirectional: boolean;
+  debug: boolean;
+}
+
+/** Entry point of the payload: the first stage calls this with what it read. */
+export function childMain(boot: Boot, core: Record<string, unknown>): void {
+  const transport = childTransport(boot);
+  const router = new Router();
+  router.payload = boot.payload;
+  router.name = boot.name;
+  const stream = new Stream("parent", transport);
+  const setTitle = (name: string) => {
+    try {
+      process.title = `mitogen:${name}`;
+    } catch {
+      // not settable here
+    }
+  };
+  setTitle(boot.name);
+  let configured = false;
+  stream.onMessage = (msg) => {
+    if (configured || msg.handle !== HANDLE.CONFIGURE) {
+      stream.close(new StreamError("first frame was not CONFIGURE"));
+      return;
+    }
+    configured = true;
+    const cfg = msg.unpickle() as ChildConfig;
+    router.myId = contextId = cfg.contextId;
+    router.parentIds = cfg.parentIds;
+    parentIds = cfg.parentIds;
+    parentId = cfg.parentIds.at(-1) ?? null;
+    isMaster = false;
+    router.name = cfg.name;
+    router.maxMessageSize = stream.maxMessageSize = cfg.maxMessageSize;
+    router.unidirectional = cfg.unidirectional;
+    router.debug = cfg.debug;
+    setTitle(cfg.name);
+    router.setParent(stream);
+  };
+  stream.onClose = () => exit(0);
+  let exiting = false;
+  const exit = (code: number) => {
+    if (exiting) return;
+    exiting = true;
+    const timer = setTimeout(() => process.exit(code), 2000);
+    void Promise.race([router.shutdown(), new Promise((r) => setTimeout(r, 1500))])
+      .then(() => stream.flush())
+      .finally(() => {
+        clearTimeout(timer);
+        process.exit(code);
+      });
+  };
+  router.onParentLost = () => exit(0);
+  installDispatcher(router);
+  router.addHandler(() => exit(0), { handle: HANDLE.SHUTDOWN, policy: (m) => fromParent(router, m) });
+  router.addHandler(
+    (msg) => {
+      const [name, compressed] = msg.unpickle() as [string, Uint8Array];
+      const zlib = process.getBuiltinModule("node:zlib");
+      const src = zlib.inflateRawSync(compressed).toString();
+      router.modules.set(name, new Function("core", src)(core) as Record<string, unknown>);
+      if (msg.replyTo) msg.reply(true);
+    },
+    { handle: HANDLE.LOAD_MODULE, policy: (m) => fromParent(router, m) },
+  );
+  const proc = process as unknown as { on(e: string, cb: (err: unknown) => void): void };
+  proc.on("uncaughtException", (err) => router.log("error", `uncaught exception: ${(err as Error)?.stack ?? err}`));
+  proc.on("unhandledRejection", (err) => router.log("error", `unhandled rejection: ${(err as Error)?.stack ?? err}`));
+  stream.start();
+  stream.writeRaw(ascii.encode(MARKER.CONNECTED));
+}

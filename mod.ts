@@ -1,0 +1,50 @@
+/**
+ * mitogen: start Node and Deno runtimes locally and on other machines with
+ * nothing installed there but the runtime, ship code to them on demand, and
+ * route calls and messages through the tree of contexts.
+ *
+ * @example
+ * ```ts
+ * import { Router } from "./mod.ts";
+ * await using router = new Router();
+ * const a = await router.local({ runtime: "node", name: "a" });
+ * const b = await router.local({ runtime: "deno", via: a });
+ * console.log(await b.call((x: number) => x * 2, 21)); // 42
+ * ```
+ *
+ * @module
+ */
+export {
+  CallError,
+  Channel,
+  ChannelError,
+  Context,
+  contextId,
+  isMaster,
+  Latch,
+  Message,
+  MitogenError,
+  parentId,
+  parentIds,
+  Receiver,
+  Secret,
+  Select,
+  Sender,
+  StreamError,
+  takesEcontext,
+  takesRouter,
+  TimeoutError,
+} from "./core.ts";
+export type {
+  CallContext,
+  GetOptions,
+  LogLevel,
+  LogRecord,
+  LogSource,
+  ReceiverOptions,
+  Selectable,
+  SelectEvent,
+  ShutdownOptions,
+} from "./core.ts";
+export { defaultLogger, Router } from "./master.ts";
+export type { LocalOptions, RouterOptions } from "./master.ts";

@@ -1,0 +1,201 @@
+/**
+ * Every difference between Node and Deno lives here: how a child reaches its
+ * message stream, how user output is kept off it, and which executable a
+ * runtime name means.
+ *
+ * A Node child gets its stream on an extra fd (3) that the parent hands it;
+ * fds 0/1/2 are /dev/null and two pipes the parent reads as log lines, so
+ * nothing user code (or a subprocess) prints can reach the stream.
+ *
+ * A Deno child cannot read an inherited fd 3, so its stream stays on fds 0/1
+ * and user output is redirected here at the JS level: `console.*`,
+ * `process.stdout` and `Deno.stdout` all write to stderr, which the parent
+ * reads as log lines.
+ *
+ * @module
+ */
+
+/** The least a byte stream must offer the router. */
+export interface Transport {
+  /** Begin delivering data; `onEnd` fires once, on EOF or error. */
+  start(onData: (chunk: Uint8Array) => void, onEnd: (error?: Error) => void): void;
+  /** Queue bytes for writing, in order. */
+  write(parts: readonly Uint8Array[]): void;
+  /** Wait until everything queued so far has been handed to the OS. */
+  flush(): Promise<void>;
+  /** Close both directions. */
+  close(): void;
+}
+
+interface DenoReader {
+  read(p: Uint8Array): Promise<number | null>;
+}
+interface DenoWriter {
+  write(p: Uint8Array): Promise<number>;
+  writeSync(p: Uint8Array): number;
+}
+interface DenoGlobal {
+  stdin: DenoReader & { close(): void };
+  stdout: DenoWriter;
+  stderr: DenoWriter;
+  execPath(): string;
+}
+
+/** The Deno namespace, or undefined under Node. */
+export const deno: DenoGlobal | undefined = (globalThis as { Deno?: DenoGlobal }).Deno;
+/** True when running under Deno. */
+export const isDeno: boolean = deno !== undefined;
+
+type NodeReadable = {
+  on(event: "data", cb: (chunk: Uint8Array) => void): unknown;
+  on(event: "end" | "close", cb: () => void): unknown;
+  on(event: "error", cb: (err: Error) => void): unknown;
+  destroy(): unknown;
+  resume?(): unknown;
+};
+type NodeWritable = {
+  write(chunk: Uint8Array, cb?: (err?: Error | null) => void): boolean;
+  on(event: "error", cb: (err: Error) => void): unknown;
+  cork?(): void;
+  uncork?(): void;
+  end(cb?: () => void): unknown;
+  destroy(): unknown;
+  writableNeedDrain?: boolean;
+  once(event: "drain", cb: () => void): unknown;
+};
+
+/** A Transport over a Node readable and writable (both may be one socket). */
+export function nodeTransport(readable: NodeReadable, writable: NodeWritable): Transport {
+  let ended = false;
+  return {
+    start(onData, onEnd) {
+      const end = (err?: Error) => {
+        if (ended) return;
+        ended = true;
+        onEnd(err);
+      };
+      readable.on("data", onData);
+      readable.on("end", () => end());
+      readable.on("close", () => end());
+      readable.on("error", (err) => end(err));
+      readable.resume?.();
+      if ((writable as unknown) !== readable) writable.on("error", (err) => end(err));
+    },
+    write(parts) {
+      if (ended) return;
+      if (parts.length > 1) writable.cork?.();
+      for (const p of parts) writable.write(p);
+      if (parts.length > 1) writable.uncork?.();
+    },
+    flush() {
+      return new Promise((resolve) => {
+        if (ended) return resolve();
+        writable.write(new Uint8Array(0), () => resolve());
+      });
+    },
+    close() {
+      readable.destroy();
+      if ((writable as unknown) !== readable) writable.destroy();
+    },
+  };
+}
+
+/** A Transport over Deno's stdin/stdout (a Deno child's stream). */
+function denoTransport(d: DenoGlobal, write: (p: Uint8Array) => Promise<number>, initial: Uint8Array | null): Transport {
+  let queue: Uint8Array[] = [];
+  let pumping: Promise<void> | null = null;
+  let closed = false;
+  const pump = async () => {
+    while (queue.length) {
+      const batch = queue;
+      queue = [];
+      for (let p of batch) {
+        while (p.byteLength) p = p.subarray(await write(p));
+      }
+    }
+    pumping = null;
+  };
+  return {
+    start(onData, onEnd) {
+      if (initial?.byteLength) onData(initial);
+      (async () => {
+        try {
+          for (;;) {
+            const buf = new Uint8Array(256 * 1024);
+            const n = await d.stdin.read(buf);
+            if (n === null) break;
+            onData(n < 16384 ? buf.slice(0, n) : buf.subarray(0, n));
+          }
+          onEnd();
+        } catch (err) {
+          onEnd(err as Error);
+        }
+      })();
+    },
+    write(parts) {
+      if (closed) return;
+      queue.push(...parts);
+      pumping ??= pump().catch(() => {
+        closed = true;
+      });
+    },
+    flush() {
+      return pumping ?? Promise.resolve();
+    },
+    close() {
+      closed = true;
+      try {
+        d.stdin.close();
+      } catch {
+        // already closed
+      }
+    },
+  };
+}
+
+/** What the first stage hands the core. */
+export interface Boot {
+  /** Name given on the command line. */
+  name: string;
+  /** The compressed core payload, kept so this context can start children. */
+  payload: Uint8Array;
+  /** Node: the socket the first stage read the payload from (fd 3). */
+  socket?: NodeReadable & NodeWritable;
+  /** Deno: bytes read past the payload (none: the Deno first stage reads exactly). */
+  rest?: Uint8Array;
+}
+
+/**
+ * The child's stream to its parent. Under Deno this also moves user output
+ * off fd 1 (see the module doc); it must run before any user code.
+ */
+export function childTransport(boot: Boot): Transport {
+  if (boot.socket) return nodeTransport(boot.socket, boot.socket);
+  if (!deno) throw new Error("mitogen: no stream handed to the core");
+  const out = deno.stdout;
+  const write = out.write.bind(out);
+  const err = deno.stderr;
+  out.write = (p) => err.write(p);
+  out.writeSync = (p) => err.writeSync(p);
+  const proc = process as unknown as { stdout: { write: unknown }; stderr: { write: (...a: unknown[]) => boolean } };
+  proc.stdout.write = proc.stderr.write.bind(proc.stderr);
+  const con = console as unknown as Record<string, unknown>;
+  for (const m of ["log", "info", "debug", "dir", "dirxml", "table"]) con[m] = console.error.bind(console);
+  return denoTransport(deno, write, boot.rest ?? null);
+}
+
+/** Which kind of runtime an executable is, and how to run it. */
+export interface RuntimeCommand {
+  kind: "node" | "deno";
+  exe: string;
+}
+
+/** Resolve a runtime option ("node", "deno", or a path) to an executable. */
+export function runtimeCommand(runtime: string): RuntimeCommand {
+  const self = isDeno ? "deno" : "node";
+  if (runtime === "node" || runtime === "deno") {
+    return { kind: runtime, exe: runtime === self ? (deno ? deno.execPath() : process.execPath) : runtime };
+  }
+  const base = runtime.slice(runtime.lastIndexOf("/") + 1);
+  return { kind: base.includes("deno") ? "deno" : "node", exe: runtime };
+}
