@@ -61,6 +61,7 @@ export async function buildPayloads(): Promise<Payloads> {
       },
     ],
   })}return P;`;
+  await esbuild.stop(); // no service process outlives the build
   return {
     core: deflateRawSync(core, { level: 9 }),
     parent: deflateRawSync(parent, { level: 9 }),

@@ -189,11 +189,15 @@ function newEncoder(state: EncodeState): EncoderInternals {
       new DataView(len.buffer).setUint32(0, value.byteLength);
       return enc.encodeExtension(new ExtData(EXT.BLOB, len));
     }
-    if (isPlainObject(value)) return enc.encodeMap(value, depth);
     const nested = (type: number, inner: unknown) => {
       const sub = newEncoder({ blobs: state.blobs, depth: state.depth + depth });
       enc.encodeExtension(new ExtData(type, sub.encode(inner)));
     };
+    if (WIRE_REF in value) {
+      const [type, fields] = (value as WireRef)[WIRE_REF]();
+      return nested(type, fields);
+    }
+    if (isPlainObject(value)) return enc.encodeMap(value, depth);
     if (value instanceof Date) {
       if (Number.isNaN(value.getTime())) throw new BadValue(value, "an invalid Date");
       return enc.encodeExtension(new ExtData(-1, encodeTimestampExtension(value) ?? EMPTY));
@@ -203,10 +207,6 @@ function newEncoder(state: EncodeState): EncoderInternals {
     if (value instanceof Secret) return nested(EXT.SECRET, value.reveal());
     if (value instanceof CallError) return nested(EXT.CALL_ERROR, [value.remoteName, value.message.slice(value.remoteName.length + 2), value.remoteStack]);
     if (value instanceof Error) return nested(EXT.ERROR, errorFields(value));
-    if (WIRE_REF in value) {
-      const [type, fields] = (value as WireRef)[WIRE_REF]();
-      return nested(type, fields);
-    }
     throw new BadValue(value, describe(value));
   };
   return enc;
@@ -224,14 +224,14 @@ function errorFields(err: Error): Record<string, unknown> {
  * Encode `value`. On a value that cannot travel, throws a MitogenError naming
  * its path below `root` (e.g. `args[1].opts.cb: a function (cb)`).
  */
-export function encodeValue(value: unknown, root = "value"): Encoded {
+export function encodeValue(value: unknown, root = "value", pathFrom: unknown = value): Encoded {
   const state: EncodeState = { blobs: [], depth: 0 };
   let body: Uint8Array;
   try {
     body = newEncoder(state).encode(value);
   } catch (err) {
     if (err instanceof BadValue) {
-      throw new MitogenError(`cannot send ${findPath(value, err.value, root) ?? root}: ${err.why}`);
+      throw new MitogenError(`cannot send ${findPath(pathFrom, err.value, root) ?? root}: ${err.why}`);
     }
     if (err instanceof RangeError || (err instanceof Error && err.message.startsWith("Too deep"))) {
       throw new MitogenError(`cannot send ${root}: nested deeper than ${MAX_DEPTH} levels (or cyclic)`, { cause: err });

@@ -117,8 +117,8 @@ export class Message {
   }
 
   /** A message whose data is `value`, encoded; `root` names the value in errors. */
-  static encoded(value: unknown, fields: MessageFields = {}, root = "value"): Message {
-    const enc = encodeValue(value, root);
+  static encoded(value: unknown, fields: MessageFields = {}, root = "value", pathFrom: unknown = value): Message {
+    const enc = encodeValue(value, root, pathFrom);
     return new Message({ ...fields, flags: (fields.flags ?? 0) | (enc.blobs ? FRAME.FLAG_BLOBS : 0) }, enc.parts, enc.length);
   }
 
@@ -646,6 +646,8 @@ export class Router implements Binder, AsyncDisposable {
     }
     if (msg.length > this.maxMessageSize) {
       const text = `message of ${msg.length} bytes exceeds maxMessageSize ${this.maxMessageSize} (${msg})`;
+      // The sender learns at once; a peer that sent one anyway gets a dead reply.
+      if (!inStream) throw new MitogenError(text);
       this.log("warn", text);
       this.#sendDead(msg, text);
       return;
@@ -821,7 +823,7 @@ export class Context implements WireRef, AsyncDisposable {
 
   /** Call `name` of a module already loaded in the context (e.g. "mitogen:parent"). */
   callModule(module: string, name: string, ...args: unknown[]): Promise<unknown> {
-    return this.sendAwait(Message.encoded([1, `${module}#${name}`, args], { handle: HANDLE.CALL_FUNCTION }, "args"));
+    return this.sendAwait(Message.encoded([1, `${module}#${name}`, args], { handle: HANDLE.CALL_FUNCTION }, "args", args));
   }
 
   /** Resolves with the reason once the context is gone. */
@@ -870,7 +872,7 @@ function callMessage(fn: unknown, args: unknown[]): Message {
   const src = Function.prototype.toString.call(fn);
   if (/\{\s*\[native code\]\s*\}$/.test(src)) throw new MitogenError(`cannot ship native function ${fn.name || "(anonymous)"}: its source is not available`);
   if (/^class\b/.test(src)) throw new MitogenError(`cannot call class ${fn.name}: pass a function`);
-  return Message.encoded([0, src, args], { handle: HANDLE.CALL_FUNCTION }, "args");
+  return Message.encoded([0, src, args], { handle: HANDLE.CALL_FUNCTION }, "args", args);
 }
 
 // ---------------------------------------------------------------------------
@@ -1299,13 +1301,16 @@ export const takesEcontext: typeof takesRouter = takesRouter;
 
 const compiled = new Map<string, Shippable>();
 
+const keepName = <T>(target: T, value: string): T => Object.defineProperty(target, "name", { value, configurable: true });
+
 /** Turn shipped source into a function (cached by source). */
 function compile(src: string): Shippable {
   let fn = compiled.get(src);
   if (!fn) {
     // Method shorthand (`foo() {}`) is not an expression; make it one.
     const expr = /^(async\s+)?(function\b|\(|[\w$]+\s*=>|async\s*[\w$(])/.test(src) ? src : src.replace(/^(async\s+)?(\*?)\s*/, "$1function$2 ");
-    fn = new Function(`"use strict";return (${expr}\n);`)() as Shippable;
+    // `__name` is what esbuild's keepNames (tsx, bundlers) wraps functions in.
+    fn = new Function("__name", `"use strict";return (${expr}\n);`)(keepName) as Shippable;
     compiled.set(src, fn);
   }
   return fn;

@@ -111,16 +111,23 @@ export async function connectLocal(router: Router, spec: ConnectSpec): Promise<C
     env,
     ...(spec.cwd === undefined ? {} : { cwd: spec.cwd }),
   });
-  const [stdin, stdout, stderr, fd3] = proc.stdio as unknown as [
-    Parameters<typeof nodeTransport>[1] | null,
-    Parameters<typeof nodeTransport>[0],
-    Parameters<typeof nodeTransport>[0],
-    (Parameters<typeof nodeTransport>[0] & Parameters<typeof nodeTransport>[1]) | undefined,
-  ];
-  const transport =
-    cmd.kind === "node"
-      ? nodeTransport(fd3 as NonNullable<typeof fd3>, fd3 as NonNullable<typeof fd3>)
-      : nodeTransport(stdout, stdin as NonNullable<typeof stdin>);
+  type R = Parameters<typeof nodeTransport>[0];
+  type W = Parameters<typeof nodeTransport>[1];
+  const [stdin, stdout, stderr, fd3] = proc.stdio as unknown as [W | undefined, R | undefined, R | undefined, (R & W) | undefined];
+  const reader = cmd.kind === "node" ? fd3 : stdout;
+  const writer = cmd.kind === "node" ? fd3 : stdin;
+  if (!reader || !writer || !stdout || !stderr) {
+    // Spawning failed outright (Deno reports it this way; Node through "error").
+    const err = await new Promise<Error>((resolve) => {
+      const timer = setTimeout(() => resolve(new Error("no stdio")), 1000);
+      proc.once("error", (e) => {
+        clearTimeout(timer);
+        resolve(e);
+      });
+    });
+    throw new StreamError(`cannot start ${cmd.exe}: ${err.message}`, { cause: err });
+  }
+  const transport = nodeTransport(reader, writer);
   const stream = new Stream(spec.name, transport, router.maxMessageSize);
 
   const tail: string[] = [];
@@ -135,7 +142,6 @@ export async function connectLocal(router: Router, spec: ConnectSpec): Promise<C
   forwardLines(stderr, output("stderr"));
 
   const exited = new Promise<void>((resolve) => proc.once("close", () => resolve()));
-  let done = false;
   const stop = async (): Promise<void> => {
     if (proc.exitCode === null && proc.signalCode === null) {
       if (!stream.closed) stream.send(Message.encoded(null, { dst: spec.id, src: router.myId, auth: router.myId, handle: HANDLE.SHUTDOWN }));
@@ -152,24 +158,26 @@ export async function connectLocal(router: Router, spec: ConnectSpec): Promise<C
   stream.onMessage = (msg) => early.push(msg);
   let failed: (err: Error) => void = () => {};
   const failure = new Promise<never>((_, reject) => (failed = reject));
-  stream.onClose = (err) => failed(err ?? new StreamError(`${spec.name}: stream closed during bootstrap`));
+  // EOF during bootstrap means the process is exiting: its exit status (below) says more.
+  stream.onClose = (err) => err instanceof StreamError && failed(err);
   proc.once("error", (err) => failed(new StreamError(`cannot start ${cmd.exe}: ${err.message}`, { cause: err })));
-  proc.once("exit", (code, signal) => {
-    if (!done) {
-      const why = signal ? `was killed by ${signal}` : `exited with code ${code}`;
-      const said = tail.length ? `; stderr:\n${tail.join("\n")}` : "";
-      // Let the last stderr lines arrive before reporting.
-      void exited.then(() => failed(new StreamError(`${spec.name}: ${cmd.exe} ${why} before connecting${said}`)));
-    }
-  });
+  const exitError = () => {
+    const why = proc.signalCode ? `was killed by ${proc.signalCode}` : `exited with code ${proc.exitCode}`;
+    const said = tail.length ? `; stderr:\n${tail.join("\n")}` : "";
+    return new StreamError(`${spec.name}: ${cmd.exe} ${why} before connecting${said}`);
+  };
+  // Report an exit once the last stderr lines are in.
+  void exited.then(() => failed(exitError()));
   const timer = setTimeout(() => failed(new TimeoutError(`${spec.name}: not connected within ${spec.connectTimeout} ms`)), spec.connectTimeout);
 
   try {
     stream.start();
     const ready = stream.expectMarker(MARKER.READY);
     const connected = stream.expectMarker(MARKER.CONNECTED);
-    connected.catch(() => {});
-    await Promise.race([ready, failure]);
+    connected.catch(() => {}); // awaited below, unless bootstrap fails first
+    // A marker lost to EOF is reported through `failure`, with the exit status.
+    const settle = (marker: Promise<void>) => marker.catch((err: Error) => (err instanceof StreamError && !stream.closed ? Promise.reject(err) : failure));
+    await Promise.race([settle(ready), failure]);
     stream.writeRaw(payload);
     const config: ChildConfig = {
       contextId: spec.id,
@@ -180,10 +188,8 @@ export async function connectLocal(router: Router, spec: ConnectSpec): Promise<C
       debug: router.debug,
     };
     stream.send(Message.encoded(config, { dst: spec.id, src: router.myId, auth: router.myId, handle: HANDLE.CONFIGURE }));
-    await Promise.race([connected, failure]);
+    await Promise.race([settle(connected), failure]);
   } catch (err) {
-    done = true;
-    clearTimeout(timer);
     proc.kill("SIGKILL");
     await exited;
     stream.close();
@@ -191,7 +197,6 @@ export async function connectLocal(router: Router, spec: ConnectSpec): Promise<C
   } finally {
     clearTimeout(timer);
   }
-  done = true;
   const ctx = router.addChild(link, spec.id, spec.name);
   for (const msg of early.splice(0)) stream.onMessage(msg);
   return ctx;

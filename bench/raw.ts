@@ -1,0 +1,147 @@
+/**
+ * Raw references: the same shapes as the mitogen measurements, with nothing
+ * but a child process and its stdio pipes. Each child script runs under
+ * `node -e` or `deno eval`.
+ *
+ * @module
+ */
+import { type ChildProcess, spawn } from "node:child_process";
+
+/** Which runtime a raw child runs on, and the executable. */
+export interface Runtime {
+  kind: "node" | "deno";
+  exe: string;
+}
+
+/** argv to evaluate `src` with `rt`. */
+function evalArgs(rt: Runtime, src: string): string[] {
+  return rt.kind === "node" ? ["-e", src] : ["eval", src];
+}
+
+const ENV = { ...process.env, DENO_NO_UPDATE_CHECK: "1", DENO_NO_PROMPT: "1" };
+
+/** Every raw child still running, so an abort can kill them. */
+const live = new Set<ChildProcess>();
+process.on("exit", () => {
+  for (const p of live) p.kill("SIGKILL");
+});
+
+/** Echo every byte of stdin to stdout, as it arrives. */
+const ECHO: Record<Runtime["kind"], string> = {
+  node: `process.stdin.on("data",d=>process.stdout.write(d))`,
+  deno:
+    `const b=new Uint8Array(262144);` +
+    `for(;;){const n=await Deno.stdin.read(b);if(n===null)break;let o=0;while(o<n)o+=await Deno.stdout.write(b.subarray(o,n))}`,
+};
+
+/**
+ * A relay chain: a process of depth k > 1 starts one of depth k - 1 and
+ * forwards to it. A byte v > 0 goes one level further down as v - 1; a 0 (or
+ * any byte at the last level) is echoed back, and answers travel up. So the
+ * byte d - 1 sent to the head makes a round trip d processes deep.
+ * The script reads itself from RELAY_SRC and its depth from RELAY_DEPTH. On
+ * EOF each level closes its child's stdin and waits for it, so every process
+ * is reaped by its own parent.
+ */
+const RELAY =
+  `const D=globalThis.Deno,k=+process.env.RELAY_DEPTH,S=process.env.RELAY_SRC;let c=null;` +
+  `const out=D?b=>{let o=0;while(o<b.length)o+=D.stdout.writeSync(b.subarray(o))}:b=>process.stdout.write(b);` +
+  `if(k>1){c=process.getBuiltinModule("child_process").spawn(process.execPath,D?["eval",S]:["-e",S],` +
+  `{stdio:["pipe","pipe","inherit"],env:{...process.env,RELAY_DEPTH:String(k-1)}});c.stdout.on("data",d=>out(new Uint8Array(d)))}` +
+  `const on=d=>{for(const v of d){if(v===0||!c)out(Uint8Array.of(v));else c.stdin.write(Uint8Array.of(v-1))}};` +
+  `const end=()=>{if(!c)process.exit(0);c.on("close",()=>process.exit(0));c.stdin.end()};` +
+  `if(D)(async()=>{const b=new Uint8Array(65536);for(;;){const n=await D.stdin.read(b);if(n===null)break;on(b.subarray(0,n))}end()})();` +
+  `else process.stdin.on("data",on).on("end",end)`;
+
+/**
+ * A long-lived raw child with pipes on stdin/stdout: `roundTrip(bytes)`
+ * writes the bytes and resolves once as many have come back.
+ */
+export class RawPeer implements AsyncDisposable {
+  readonly proc: ChildProcess;
+  readonly #exited: Promise<void>;
+  #want = 0;
+  #have = 0;
+  #waiter: { resolve: () => void; reject: (e: Error) => void } | null = null;
+  #gone: Error | null = null;
+
+  private constructor(rt: Runtime, src: string, env: Record<string, string | undefined>) {
+    this.proc = spawn(rt.exe, evalArgs(rt, src), { stdio: ["pipe", "pipe", "inherit"], env });
+    live.add(this.proc);
+    this.#exited = new Promise((resolve) =>
+      this.proc.once("close", () => {
+        live.delete(this.proc);
+        resolve();
+      }),
+    );
+    const fail = (why: string) => {
+      this.#gone ??= new Error(`raw ${rt.kind} child ${why}`);
+      const w = this.#waiter;
+      this.#waiter = null;
+      w?.reject(this.#gone);
+    };
+    this.proc.once("error", (err) => fail(`failed: ${err.message}`));
+    this.proc.once("exit", (code, signal) => fail(`exited (${signal ?? code})`));
+    this.proc.stdout?.on("data", (d: Uint8Array) => {
+      this.#have += d.byteLength;
+      if (this.#have >= this.#want && this.#waiter) {
+        const w = this.#waiter;
+        this.#waiter = null;
+        w.resolve();
+      }
+    });
+  }
+
+  /** A child echoing stdin to stdout. */
+  static echo(rt: Runtime): RawPeer {
+    return new RawPeer(rt, ECHO[rt.kind], ENV);
+  }
+
+  /** The head of a relay chain `depth` processes long. */
+  static relay(rt: Runtime, depth: number): RawPeer {
+    return new RawPeer(rt, RELAY, { ...ENV, RELAY_SRC: RELAY, RELAY_DEPTH: String(depth) });
+  }
+
+  /** Write `bytes`; resolve once the same number of bytes has come back. */
+  roundTrip(bytes: Uint8Array): Promise<void> {
+    if (this.#gone) return Promise.reject(this.#gone);
+    this.#want += bytes.byteLength;
+    return new Promise((resolve, reject) => {
+      this.#waiter = { resolve, reject };
+      this.proc.stdin?.write(bytes);
+    });
+  }
+
+  /** Close stdin (the chain then ends level by level); SIGKILL after 3 s. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.proc.stdin?.end();
+    const timer = setTimeout(() => this.proc.kill("SIGKILL"), 3000);
+    await this.#exited;
+    clearTimeout(timer);
+  }
+}
+
+/** Spawn `exe -e ''` (or `deno eval ''`) and resolve when it has exited; SIGKILL after `limitMs`. */
+export function spawnToExit(rt: Runtime, limitMs = 20_000): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const proc = spawn(rt.exe, evalArgs(rt, ""), { stdio: "ignore", env: ENV });
+    live.add(proc);
+    const timer = setTimeout(() => proc.kill("SIGKILL"), limitMs);
+    proc.once("error", (err) => {
+      clearTimeout(timer);
+      live.delete(proc);
+      reject(err);
+    });
+    proc.once("exit", (code, signal) => {
+      clearTimeout(timer);
+      live.delete(proc);
+      if (code === 0) resolve();
+      else reject(new Error(`${rt.exe} exited (${signal ?? code})`));
+    });
+  });
+}
+
+/** Kill every raw child still running (used before a hard exit). */
+export function killAll(): void {
+  for (const p of live) p.kill("SIGKILL");
+}

@@ -1,0 +1,387 @@
+/**
+ * The benchmark suite (`npm run bench`). Every line sets mitogen against a
+ * raw reference of the same shape measured in the same run, in alternating
+ * order round by round, and reports the median of the rounds with the
+ * spread (min..max) and its goal.
+ *
+ *   node --import tsx bench/run.ts [--runtime node|deno] [--quick]
+ *
+ * @module
+ */
+import { spawnSync } from "node:child_process";
+import { existsSync } from "node:fs";
+import os from "node:os";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+import { type Context, type LogRecord, Router } from "../mod.ts";
+import { firstStage } from "../parent.ts";
+import { payloads } from "../payload.ts";
+import { bounded, cell, num, perOpMicros, pool, type Scope, type Stats, spread, stats, timeMs } from "./lib.ts";
+import { killAll, RawPeer, type Runtime, spawnToExit } from "./raw.ts";
+
+const { values } = parseArgs({
+  options: {
+    runtime: { type: "string", default: "node" },
+    quick: { type: "boolean", default: false },
+    help: { type: "boolean", short: "h", default: false },
+  },
+});
+if (values.help) {
+  console.log("usage: node --import tsx bench/run.ts [--runtime node|deno] [--quick]");
+  process.exit(0);
+}
+const kind = values.runtime;
+if (kind !== "node" && kind !== "deno") {
+  console.error(`bench: --runtime must be node or deno, not ${JSON.stringify(kind)}`);
+  process.exit(2);
+}
+const quick = values.quick;
+
+// The deno binary: the project's own, else whatever PATH has.
+const localDeno = fileURLToPath(new URL("../node_modules/.bin/deno", import.meta.url));
+const denoExe = existsSync(localDeno) ? localDeno : "deno";
+const rt: Runtime = kind === "node" ? { kind, exe: process.execPath } : { kind, exe: denoExe };
+/** What `router.local({ runtime })` gets: "node" means this very node binary, a deno path is taken as is. */
+const runtime = kind === "node" ? "node" : denoExe;
+
+/** Rounds and per-round budgets. Everything is bounded by count and by time. */
+const P = quick
+  ? { rounds: 3, rttOps: 1000, rttMs: 250, bootPer: 2, echoPer: 1, echoRounds: 3, hopOps: 600, hopMs: 150, fleetRounds: 1 }
+  : { rounds: 7, rttOps: 3000, rttMs: 400, bootPer: 3, echoPer: 1, echoRounds: 5, hopOps: 2000, hopMs: 300, fleetRounds: 3 };
+const FLEET = 100;
+const FLEET_CONCURRENCY = 8;
+const ECHO_BYTES = 64 * 1024 * 1024;
+
+// Whole-run guard: whatever hangs, the run ends (raw children killed; mitogen children see their parent go and exit).
+const HARD_LIMIT_MS = quick ? 150_000 : 300_000;
+setTimeout(() => {
+  console.error(`bench: gave up after ${HARD_LIMIT_MS / 1000} s`);
+  killAll();
+  process.exit(1);
+}, HARD_LIMIT_MS).unref();
+
+// Library log records (child output, warnings) are kept and shown at the end, not mixed into the table.
+const logged: LogRecord[] = [];
+const log = (rec: LogRecord) => {
+  if (rec.source !== "log" || rec.level === "warn" || rec.level === "error") logged.push(rec);
+};
+const newRouter = () => new Router({ log });
+
+const zero = () => 0;
+const echo = (b: Uint8Array) => b;
+
+// ---------------------------------------------------------------------------
+// Output
+
+type Verdict = "PASS" | "MISS" | "FAIL" | "ERROR";
+const W = { name: 30, side: 28, ratio: 22, goal: 20 };
+const lines: Verdict[] = [];
+
+function row(name: string, mito: string, raw: string, ratio: string, goal: string, verdict: Verdict | ""): void {
+  if (verdict) lines.push(verdict);
+  console.log(`${cell(name, W.name)}${cell(mito, W.side)}${cell(raw, W.side)}${cell(ratio, W.ratio)}${cell(goal, W.goal)}${verdict}`);
+}
+function detail(text: string): void {
+  console.log(`${" ".repeat(4)}${text}`);
+}
+function failed(name: string, err: unknown): void {
+  row(name, `ERROR: ${err instanceof Error ? err.message : String(err)}`, "", "", "", "ERROR");
+}
+
+/** Paired per-round ratios a[i] / b[i] (rounds where b is not positive are skipped). */
+function ratios(a: readonly number[], b: readonly number[]): Stats {
+  return stats(a.map((x, i) => x / (b[i] ?? Number.NaN)).filter((r, i) => (b[i] ?? 0) > 0 && Number.isFinite(r)));
+}
+
+/** Run `mito` and `raw` once each per round, alternating which goes first. */
+async function rounds(n: number, mito: () => Promise<number>, raw: () => Promise<number>): Promise<{ mito: number[]; raw: number[] }> {
+  const out = { mito: [] as number[], raw: [] as number[] };
+  for (let r = 0; r < n; r++) {
+    if (r % 2) {
+      out.mito.push(await mito());
+      out.raw.push(await raw());
+    } else {
+      out.raw.push(await raw());
+      out.mito.push(await mito());
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// 1. call round-trip
+
+async function benchRoundTrip(): Promise<void> {
+  const name = "1 call round-trip";
+  try {
+    const r = await bounded(60_000, async (scope) => {
+      const router = scope.add(newRouter());
+      const ctx = await router.local({ runtime, name: "rtt" });
+      const peer = scope.add(RawPeer.echo(rt));
+      const one = new Uint8Array([1]);
+      const call = () => ctx.call(zero);
+      const ping = () => peer.roundTrip(one);
+      // warm up both ends (JIT, socket buffers)
+      await perOpMicros(call, 3000, 1500);
+      await perOpMicros(ping, 3000, 1500);
+      return rounds(
+        P.rounds,
+        () => perOpMicros(call, P.rttOps, P.rttMs),
+        () => perOpMicros(ping, P.rttOps, P.rttMs),
+      );
+    });
+    const q = ratios(r.mito, r.raw);
+    row(name, spread(stats(r.mito), 1, " us"), spread(stats(r.raw), 1, " us"), spread(q, 2, "x"), "<= 1.3x", q.median <= 1.3 ? "PASS" : "MISS");
+  } catch (err) {
+    failed(name, err);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 2. bootstrap + first call
+
+/** One `router.local()` + one call + shutdown, with a router of its own. */
+async function bootOnce(scope: Scope): Promise<void> {
+  await using router = scope.add(newRouter());
+  const ctx = await router.local({ runtime, name: "boot", connectTimeout: 20_000 });
+  await ctx.call(zero);
+}
+
+async function benchBoot(): Promise<void> {
+  const name = "2 bootstrap + first call";
+  try {
+    const r = await bounded(90_000, async (scope) => {
+      const boot = () => bootOnce(scope);
+      const avg = async (fn: () => Promise<void>) => {
+        let total = 0;
+        for (let i = 0; i < P.bootPer; i++) total += await timeMs(fn);
+        return total / P.bootPer;
+      };
+      await avg(boot);
+      await avg(() => spawnToExit(rt));
+      return rounds(
+        P.rounds,
+        () => avg(boot),
+        () => avg(() => spawnToExit(rt)),
+      );
+    });
+    const q = ratios(r.mito, r.raw);
+    row(name, spread(stats(r.mito), 1, " ms"), spread(stats(r.raw), 1, " ms"), spread(q, 2, "x"), "<= 1.3x", q.median <= 1.3 ? "PASS" : "MISS");
+  } catch (err) {
+    failed(name, err);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 3. 64 MiB echo throughput
+
+async function benchThroughput(): Promise<void> {
+  const name = "3 64 MiB echo (MB/s)";
+  try {
+    const bytes = new Uint8Array(ECHO_BYTES);
+    for (let i = 0; i < bytes.length; i += 4096) bytes[i] = i >>> 12;
+    bytes[bytes.length - 1] = 0xa5;
+    const r = await bounded(150_000, async (scope) => {
+      const router = scope.add(newRouter());
+      const ctx = await router.local({ runtime, name: "echo" });
+      const peer = scope.add(RawPeer.echo(rt));
+      const mbps = async (fn: () => Promise<void>) => {
+        let ms = 0;
+        for (let i = 0; i < P.echoPer; i++) ms += await timeMs(fn);
+        return (P.echoPer * ECHO_BYTES) / 1e6 / (ms / 1000);
+      };
+      const viaMitogen = async () => {
+        const back = await ctx.call(echo, bytes);
+        if (!(back instanceof Uint8Array) || back.byteLength !== ECHO_BYTES || back[back.length - 1] !== 0xa5 || back[4096] !== 1) {
+          throw new Error("echoed bytes differ from the bytes sent");
+        }
+      };
+      const viaPipe = () => peer.roundTrip(bytes);
+      for (let i = 0; i < 2; i++) {
+        await viaMitogen();
+        await viaPipe();
+      }
+      return rounds(
+        P.echoRounds,
+        () => mbps(viaMitogen),
+        () => mbps(viaPipe),
+      );
+    });
+    const q = ratios(r.mito, r.raw);
+    const pct: Stats = { median: q.median * 100, min: q.min * 100, max: q.max * 100, n: q.n };
+    row(name, spread(stats(r.mito), 0), spread(stats(r.raw), 0), spread(pct, 1, "%"), ">= 70% of raw", pct.median >= 70 ? "PASS" : "MISS");
+    const touch = stats([0, 1, 2].map(() => firstTouchMs(ECHO_BYTES)));
+    detail(`this machine: a fresh 64 MiB buffer costs ${num(touch.median, 1)} ms to first touch (each side of a mitogen echo reassembles a frame into one)`);
+  } catch (err) {
+    failed(name, err);
+  }
+}
+
+/** Milliseconds to allocate `bytes` and touch every page once (page-fault cost of a fresh buffer). */
+function firstTouchMs(bytes: number): number {
+  const t0 = performance.now();
+  const b = new Uint8Array(bytes);
+  for (let i = 0; i < b.length; i += 4096) b[i] = 1;
+  return performance.now() - t0;
+}
+
+// ---------------------------------------------------------------------------
+// 4. added latency per via hop
+
+async function benchHops(): Promise<void> {
+  const name = "4 added per via hop";
+  try {
+    const r = await bounded(90_000, async (scope) => {
+      const router = scope.add(newRouter());
+      const a = await router.local({ runtime, name: "hop1" });
+      const b = await router.local({ runtime, name: "hop2", via: a });
+      const c = await router.local({ runtime, name: "hop3", via: b });
+      const chain = scope.add(RawPeer.relay(rt, 3));
+      const ctxs: Context[] = [a, b, c];
+      const pings = [0, 1, 2].map((v) => new Uint8Array([v]));
+      const mitoAt = (d: number) => perOpMicros(() => (ctxs[d] as Context).call(zero), P.hopOps, P.hopMs);
+      const rawAt = (d: number) => perOpMicros(() => chain.roundTrip(pings[d] as Uint8Array), P.hopOps, P.hopMs);
+      for (let d = 0; d < 3; d++) {
+        await perOpMicros(() => (ctxs[d] as Context).call(zero), 2000, 800);
+        await perOpMicros(() => chain.roundTrip(pings[d] as Uint8Array), 2000, 800);
+      }
+      const depth = { mito: [[], [], []] as number[][], raw: [[], [], []] as number[][] };
+      const perHop = await rounds(
+        P.rounds,
+        async () => {
+          const l = [await mitoAt(0), await mitoAt(1), await mitoAt(2)];
+          for (const [d, x] of l.entries()) depth.mito[d]?.push(x);
+          return ((l[2] as number) - (l[0] as number)) / 2;
+        },
+        async () => {
+          const l = [await rawAt(0), await rawAt(1), await rawAt(2)];
+          for (const [d, x] of l.entries()) depth.raw[d]?.push(x);
+          return ((l[2] as number) - (l[0] as number)) / 2;
+        },
+      );
+      return { ...perHop, depth };
+    });
+    const m = stats(r.mito);
+    const q = ratios(r.mito, r.raw);
+    row(name, spread(m, 1, " us"), spread(stats(r.raw), 1, " us"), spread(q, 1, "x"), "<= 30 us/hop", m.median <= 30 ? "PASS" : "MISS");
+    const med = (xs: number[][]) => xs.map((x) => num(stats(x).median, 1)).join(" / ");
+    detail(`round trip 1 / 2 / 3 hops deep: mitogen ${med(r.depth.mito)} us; raw relay chain ${med(r.depth.raw)} us`);
+  } catch (err) {
+    failed(name, err);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 5. a fleet of 100 short-lived contexts
+
+async function benchFleet(): Promise<void> {
+  const name = `5 ${FLEET} starts, ${FLEET_CONCURRENCY} at a time`;
+  try {
+    const r = await bounded(200_000, async (scope) => {
+      const router = scope.add(newRouter());
+      const deadline = () => performance.now() + 60_000;
+      const mito = async (count: number) =>
+        (await timeMs(() =>
+          pool(count, FLEET_CONCURRENCY, deadline(), async (i) => {
+            const ctx = await router.local({ runtime, name: `fleet.${i}`, connectTimeout: 30_000 });
+            await ctx.call(zero);
+            await ctx.shutdown({ wait: true });
+          }),
+        )) / 1000;
+      const raw = async (count: number) => (await timeMs(() => pool(count, FLEET_CONCURRENCY, deadline(), () => spawnToExit(rt)))) / 1000;
+      await mito(FLEET_CONCURRENCY);
+      await raw(FLEET_CONCURRENCY);
+      return rounds(
+        P.fleetRounds,
+        () => mito(FLEET),
+        () => raw(FLEET),
+      );
+    });
+    const q = ratios(r.mito, r.raw);
+    row(name, spread(stats(r.mito), 2, " s"), spread(stats(r.raw), 2, " s"), spread(q, 2, "x"), "<= 1.3x", q.median <= 1.3 ? "PASS" : "MISS");
+  } catch (err) {
+    failed(name, err);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 6. sizes
+
+async function benchSizes(): Promise<void> {
+  try {
+    const built = await payloads();
+    const len = String(built.core.byteLength);
+    // What the parent runs: `<runtime> -e|eval <first stage> <name> <payload length>`.
+    for (const k of ["node", "deno"] as const) {
+      const argv = [k, k === "node" ? "-e" : "eval", firstStage(k), "local.1", len];
+      const chars = argv.join(" ").length;
+      row(`6 first-stage argv (${k})`, `${chars} chars`, "", "", "<= 600 chars", chars <= 600 ? "PASS" : "MISS");
+    }
+    const kib = built.core.byteLength / 1024;
+    const verdict: Verdict = kib > 40 ? "FAIL" : kib <= 24 ? "PASS" : "MISS";
+    row("6 child payload, compressed", `${num(kib, 1)} KiB`, `(${num(built.coreRaw / 1024, 1)} KiB raw)`, "", "<= 24 KiB (max 40)", verdict);
+  } catch (err) {
+    failed("6 sizes", err);
+  }
+}
+
+// ---------------------------------------------------------------------------
+
+function machine(): string {
+  const cpu = os.cpus()[0]?.model.trim() ?? "unknown cpu";
+  let extra = "";
+  if (kind === "deno") {
+    const v = spawnSync(denoExe, ["--version"], { encoding: "utf8", timeout: 10_000 });
+    extra = `, ${v.stdout?.split("\n")[0]?.trim() || "deno ?"}`;
+  }
+  const load = os
+    .loadavg()
+    .map((x) => x.toFixed(2))
+    .join(" ");
+  return `${cpu}, ${os.cpus().length} cores, ${os.platform()} ${os.arch()}, node ${process.version}${extra}; load average ${load}`;
+}
+
+async function main(): Promise<number> {
+  const t0 = performance.now();
+  console.log(`mitogen bench on ${machine()}`);
+  console.log(
+    `children: ${kind}; ${quick ? "quick; " : ""}median [min..max] of ${P.rounds} rounds (line 3: ${P.echoRounds}, line 5: ${P.fleetRounds}); ` +
+      "ratio = mitogen / raw, paired per round; verdict on the median",
+  );
+  console.log("");
+  row("measure", "mitogen", "raw reference", "ratio", "goal", "");
+  await benchRoundTrip();
+  await benchBoot();
+  await benchThroughput();
+  await benchHops();
+  await benchFleet();
+  await benchSizes();
+  console.log("");
+  console.log("raw references, measured in this run:");
+  detail(`1: one byte ping-pong over stdin/stdout with a ${kind} child echoing each byte`);
+  detail(`2: spawn of \`${kind === "node" ? "node -e ''" : "deno eval ''"}\` to its exit (mitogen: new Router, local(), one call, shutdown)`);
+  detail(`3: one 64 MiB block written to a ${kind} child echoing stdin to stdout, until all of it is back (MB = 10^6 bytes)`);
+  detail(`4: (3 hops - 1 hop) / 2; raw: one byte through a chain of ${kind} processes relaying on stdio`);
+  detail(`5: ${FLEET} x \`${kind === "node" ? "node -e ''" : "deno eval ''"}\` spawn-to-exit; mitogen: local() + one call + shutdown each`);
+  if (logged.length) {
+    console.log("");
+    console.log(`library log (${logged.length} records; first 10):`);
+    for (const l of logged.slice(0, 10)) detail(`[${l.name}] ${l.source === "log" ? `${l.level}: ` : ""}${l.message}`);
+  }
+  const count = (v: Verdict) => lines.filter((x) => x === v).length;
+  console.log("");
+  console.log(
+    `${count("PASS")} PASS, ${count("MISS")} MISS${count("FAIL") ? `, ${count("FAIL")} FAIL` : ""}${count("ERROR") ? `, ${count("ERROR")} ERROR` : ""}` +
+      ` in ${num((performance.now() - t0) / 1000, 1)} s`,
+  );
+  return count("ERROR") || count("FAIL") ? 1 : 0;
+}
+
+main().then(
+  (code) => process.exit(code),
+  (err) => {
+    console.error(`bench: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+    killAll();
+    process.exit(1);
+  },
+);

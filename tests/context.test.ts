@@ -1,0 +1,237 @@
+/**
+ * Local contexts end to end: calls, errors, via chains, deaths, output,
+ * streaming and shutdown, on Node and Deno children.
+ */
+import assert from "node:assert/strict";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { describe, test } from "node:test";
+import { CallError, ChannelError, Latch, MitogenError, Receiver, Router, Select, type Sender } from "../mod.ts";
+import { alive, captureLogs, checkLeaks, RUNTIMES, waitFor } from "./helpers.ts";
+
+checkLeaks();
+
+for (const runtime of RUNTIMES) {
+  describe(`${runtime} child`, () => {
+    test("call, callAsync, callNoReply", async () => {
+      const logs = captureLogs();
+      await using router = new Router({ log: logs.log });
+      const ctx = await router.local({ runtime, name: "calls" });
+      assert.equal(await ctx.call((x: number) => x * 2, 21), 42);
+      assert.equal(await ctx.call(async (a: string, b: string) => a + b, "x", "y"), "xy");
+      const recv = ctx.callAsync(() => process.pid);
+      const pid = (await recv.get()).unpickle();
+      assert.equal(typeof pid, "number");
+      assert.notEqual(pid, process.pid);
+      ctx.callNoReply(() => console.log("no reply wanted"));
+      await waitFor(() => logs.lines("calls").includes("no reply wanted"), 5000, "callNoReply output");
+      assert.deepEqual(await ctx.call((v: unknown) => v, { a: [1, 2n, new Map([[1, new Set([2])]])] }), { a: [1, 2n, new Map([[1, new Set([2])]])] });
+    });
+
+    test("roles and process title in the child", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const ctx = await router.local({ runtime, name: "roles" });
+      const seen = await ctx.call(() => process.title);
+      if (runtime === "node") assert.equal(seen, "mitogen:roles");
+      else assert.equal(typeof seen, "string");
+      const via = await router.local({ runtime, name: "roles2", via: ctx });
+      assert.equal(via.contextId, 2);
+    });
+
+    test("a remote throw rejects with CallError carrying the remote stack", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const ctx = await router.local({ runtime, name: "thrower" });
+      const err = await ctx
+        .call(function deepFail() {
+          throw new TypeError("remote boom");
+        })
+        .catch((e: unknown) => e);
+      assert.ok(err instanceof CallError, String(err));
+      assert.equal(err.remoteName, "TypeError");
+      assert.match(err.message, /TypeError: remote boom/);
+      assert.match(err.remoteStack, /deepFail/);
+      assert.match(err.remoteStack, /\[thrower\]/);
+      // the context survives a failed call
+      assert.equal(await ctx.call(() => "still here"), "still here");
+    });
+
+    test("via chain of three, both runtimes mixed", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const other = runtime === "node" ? "deno" : "node";
+      const a = await router.local({ runtime, name: "chain-a" });
+      const b = await router.local({ runtime: other, name: "chain-b", via: a });
+      const c = await router.local({ runtime, name: "chain-c", via: b });
+      assert.equal(await c.call((x: number) => x + 1, 41), 42);
+      const pids = await Promise.all([a, b, c].map((ctx) => ctx.call(() => process.pid)));
+      assert.equal(new Set(pids).size, 3);
+      await b.shutdown({ wait: true });
+      await c.disconnected();
+      for (const pid of pids.slice(1)) await waitFor(() => !alive(pid), 5000, `pid ${pid} to exit`);
+      assert.equal(await a.call(() => "a lives"), "a lives");
+    });
+
+    test("SIGKILL of a child mid-call rejects the call at once", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const ctx = await router.local({ runtime, name: "victim" });
+      const pid = (await ctx.call(() => process.pid)) as number;
+      const pending = ctx.call(() => new Promise(() => {}));
+      const t0 = Date.now();
+      process.kill(pid, "SIGKILL");
+      await assert.rejects(pending, ChannelError);
+      assert.ok(Date.now() - t0 < 2000, "rejected promptly");
+      await assert.rejects(
+        ctx.call(() => 1),
+        ChannelError,
+      );
+    });
+
+    test("killing the middle of a 3-deep chain rejects calls to the bottom and leaves no process", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const a = await router.local({ runtime, name: "mid-a" });
+      const b = await router.local({ runtime, name: "mid-b", via: a });
+      const c = await router.local({ runtime, name: "mid-c", via: b });
+      const [bPid, cPid] = (await Promise.all([b.call(() => process.pid), c.call(() => process.pid)])) as number[];
+      const pending = c.call(() => new Promise(() => {}));
+      process.kill(bPid as number, "SIGKILL");
+      await assert.rejects(pending, ChannelError);
+      await assert.rejects(
+        c.call(() => 1),
+        ChannelError,
+      );
+      await waitFor(() => !alive(cPid as number), 5000, "bottom context to exit");
+      assert.equal(await a.call(() => "top lives"), "top lives");
+    });
+
+    test("user code printing 1 MiB to stdout does not break the stream", async () => {
+      const logs = captureLogs();
+      await using router = new Router({ log: logs.log });
+      const ctx = await router.local({ runtime, name: "printer" });
+      const total = await ctx.call(() => {
+        const line = "x".repeat(1023);
+        for (let i = 0; i < 512; i++) console.log(line);
+        for (let i = 0; i < 512; i++) process.stdout.write(`${line}\n`);
+        console.error("to stderr");
+        return 1024 * 1024;
+      });
+      assert.equal(total, 1024 * 1024);
+      assert.equal(await ctx.call(() => "stream intact"), "stream intact");
+      await waitFor(() => logs.lines("printer").filter((l) => l.length === 1023).length === 1024, 5000, "all printed lines");
+      assert.ok(logs.lines("printer").includes("to stderr"));
+    });
+
+    test("a Sender streams 10 000 values back in order", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const ctx = await router.local({ runtime, name: "streamer" });
+      await using recv = new Receiver(router);
+      const done = ctx.call(
+        (s: Sender, n: number) => {
+          for (let i = 0; i < n; i++) s.send(i);
+          s.close();
+          return n;
+        },
+        recv.toSender(),
+        10_000,
+      );
+      const got: number[] = [];
+      for await (const msg of recv) got.push(msg.unpickle() as number);
+      assert.equal(await done, 10_000);
+      assert.equal(got.length, 10_000);
+      assert.ok(
+        got.every((v, i) => v === i),
+        "in order",
+      );
+    });
+
+    test("shutdown twice, and during a pending call", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const ctx = await router.local({ runtime, name: "stopper" });
+      const pid = (await ctx.call(() => process.pid)) as number;
+      const pending = ctx.call(() => new Promise(() => {}));
+      await Promise.all([ctx.shutdown({ wait: true }), ctx.shutdown({ wait: true })]);
+      await assert.rejects(pending, ChannelError);
+      await ctx.shutdown({ wait: true });
+      await waitFor(() => !alive(pid), 5000, "child exit");
+      await assert.rejects(
+        ctx.call(() => 1),
+        ChannelError,
+      );
+    });
+
+    test("oversized call and oversized reply reject the caller", async () => {
+      await using router = new Router({ log: captureLogs().log, maxMessageSize: 64 * 1024 });
+      const ctx = await router.local({ runtime, name: "sizes" });
+      await assert.rejects(
+        ctx.call((b: Uint8Array) => b.length, new Uint8Array(100 * 1024)),
+        /exceeds maxMessageSize/,
+      );
+      await assert.rejects(
+        ctx.call(() => new Uint8Array(100 * 1024)),
+        (err: unknown) => err instanceof CallError && /exceeds maxMessageSize/.test(err.message),
+      );
+      const recv = new Receiver(router);
+      await assert.rejects(
+        ctx.call((s: Sender) => s.send(new Uint8Array(100 * 1024)), recv.toSender()),
+        (err: unknown) => err instanceof CallError && /exceeds maxMessageSize/.test(err.message),
+      );
+      recv.close();
+      assert.equal(await ctx.call(() => "fine"), "fine");
+    });
+
+    test("bad values fail on the sending side, naming the path", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const ctx = await router.local({ runtime, name: "badvalues" });
+      assert.throws(
+        () => ctx.callAsync((_a: unknown, _b: unknown) => 0, 1, { opts: { cb: () => 0 } }),
+        (err: unknown) => {
+          return err instanceof MitogenError && /args\[1\]\.opts\.cb/.test(err.message);
+        },
+      );
+      await assert.rejects(
+        ctx.call(() => ({ f: () => 1 })),
+        (err: unknown) => err instanceof CallError && /reply\.f/.test(err.message),
+      );
+    });
+
+    test("log lines carry the context name; env and cwd are applied", async () => {
+      const logs = captureLogs();
+      await using router = new Router({ log: logs.log });
+      const ctx = await router.local({ runtime, name: "envy", env: { MITO_X: "42" }, cwd: "/tmp" });
+      assert.deepEqual(await ctx.call(() => [process.env.MITO_X, process.cwd()]), ["42", "/tmp"]);
+      await ctx.call(() => console.log("hello from envy"));
+      await waitFor(() => logs.records.some((r) => r.name === "envy" && r.message === "hello from envy"), 5000, "log line");
+    });
+
+    test("Select over parallel calls and a latch", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const a = await router.local({ runtime, name: "sel-a" });
+      const b = await router.local({ runtime, name: "sel-b", via: a });
+      const latch = new Latch<string>();
+      await using sel = new Select([a.callAsync(() => 1), b.callAsync(() => 2), latch]);
+      latch.put("local");
+      const got: unknown[] = [];
+      for await (const ev of sel) got.push(ev.source === latch ? ev.data : (ev.data as { unpickle(): unknown }).unpickle());
+      assert.deepEqual(got.sort(), [1, 2, "local"].sort());
+    });
+  });
+}
+
+test("a failing connect names the problem and leaves nothing behind", async () => {
+  await using router = new Router({ log: captureLogs().log });
+  await assert.rejects(router.local({ runtime: "/nonexistent/node" }), /cannot start \/nonexistent\/node|ENOENT/);
+  await assert.rejects(router.local({ runtime: "/bin/false" }), /exited with code 1 before connecting/);
+});
+
+test("a child that never becomes ready hits connectTimeout", async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const dir = mkdtempSync(join(tmpdir(), "mitogen-test-"));
+  const sleeper = join(dir, "node-that-sleeps");
+  writeFileSync(sleeper, "#!/bin/sh\nexec sleep 30\n", { mode: 0o755 });
+  try {
+    const t0 = Date.now();
+    await assert.rejects(router.local({ runtime: sleeper, connectTimeout: 300 }), /not connected within 300 ms/);
+    assert.ok(Date.now() - t0 < 3000);
+  } finally {
+    rmSync(dir, { recursive: true });
+  }
+});

@@ -1,0 +1,114 @@
+/**
+ * Shared test helpers: the leak check every test runs in teardown, a
+ * capturing logger, and the runtimes to test children on.
+ */
+import assert from "node:assert/strict";
+import { readdirSync, readFileSync } from "node:fs";
+import { afterEach, beforeEach } from "node:test";
+import type { LogRecord } from "../mod.ts";
+
+/** Every process this test file starts inherits this variable, so leaks are found even when orphaned. */
+export const TOKEN = `MITOGEN_TEST_TOKEN=${process.pid}-${Date.now()}`;
+process.env.MITOGEN_TEST_TOKEN = TOKEN.slice("MITOGEN_TEST_TOKEN=".length);
+
+/** Child runtimes to test. */
+export const RUNTIMES = ["node", "deno"] as const;
+
+/** True under Deno. */
+export const underDeno = typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
+
+/** Pids of live processes (other than this one) carrying this file's token. */
+export function leakedProcesses(): { pid: number; cmd: string }[] {
+  const out: { pid: number; cmd: string }[] = [];
+  for (const entry of readdirSync("/proc")) {
+    const pid = Number(entry);
+    if (!Number.isInteger(pid) || pid === process.pid) continue;
+    try {
+      const environ = readFileSync(`/proc/${pid}/environ`, "latin1");
+      if (!environ.split("\0").includes(TOKEN)) continue;
+      const stat = readFileSync(`/proc/${pid}/stat`, "latin1");
+      if (/\) Z /.test(stat)) continue; // a zombie is already gone, waiting to be reaped
+      const cmd = readFileSync(`/proc/${pid}/cmdline`, "latin1").replaceAll("\0", " ").slice(0, 120);
+      out.push({ pid, cmd });
+    } catch {
+      // exited while we looked, or not ours to read
+    }
+  }
+  return out;
+}
+
+function resources(): string[] {
+  const info = (process as { getActiveResourcesInfo?: () => string[] }).getActiveResourcesInfo?.() ?? [];
+  // Stdio handles of the test runner itself come and go; count what tests create.
+  return info.filter((r) => r !== "TTYWrap" && r !== "FSReqCallback").sort();
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/**
+ * Assert nothing is left behind: no process carrying the token, no handle or
+ * timer beyond `baseline`. Waits up to 3 s for exits already under way.
+ */
+export async function assertNoLeaks(baseline: string[]): Promise<void> {
+  let procs = leakedProcesses();
+  let res = resources();
+  for (let i = 0; i < 60 && (procs.length || res.length > baseline.length); i++) {
+    await sleep(50);
+    procs = leakedProcesses();
+    res = resources();
+  }
+  for (const p of procs) {
+    try {
+      process.kill(p.pid, "SIGKILL");
+    } catch {
+      // gone
+    }
+  }
+  assert.deepEqual(procs, [], "child processes left behind");
+  const extra = [...res];
+  for (const r of baseline) {
+    const i = extra.indexOf(r);
+    if (i >= 0) extra.splice(i, 1);
+  }
+  assert.deepEqual(extra, [], "handles or timers left behind");
+}
+
+/** Install the leak check around every test of the calling file. */
+export function checkLeaks(): void {
+  let baseline: string[] = [];
+  beforeEach(() => {
+    baseline = resources();
+  });
+  afterEach(async () => {
+    await assertNoLeaks(baseline);
+  });
+}
+
+/** A logger that keeps records, for assertions and to keep test output quiet. */
+export function captureLogs(): { records: LogRecord[]; log: (r: LogRecord) => void; lines: (name?: string) => string[] } {
+  const records: LogRecord[] = [];
+  return {
+    records,
+    log: (r) => records.push(r),
+    lines: (name) => records.filter((r) => name === undefined || r.name === name).map((r) => r.message),
+  };
+}
+
+/** Wait until `cond()` holds, polling; fails after `ms`. */
+export async function waitFor(cond: () => boolean, ms = 5000, what = "condition"): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await sleep(10);
+  }
+}
+
+/** Is `pid` alive (and not a zombie)? */
+export function alive(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "latin1");
+    return !/\) Z /.test(stat);
+  } catch {
+    return false;
+  }
+}
