@@ -319,6 +319,10 @@ export class Stream {
 
   #end(error?: Error): void {
     if (this.#closed) return;
+    if (!error && (this.#buffered > 0 || this.#header)) {
+      const want = this.#header ? this.#header.length : FRAME.HEADER_SIZE;
+      error = new StreamError(`${this.name}: truncated frame (EOF with ${this.#buffered} of ${want} bytes)`);
+    }
     this.#closed = true;
     this.#closeReason = error;
     this.#chunks = [];
@@ -1316,8 +1320,8 @@ function compile(src: string): Shippable {
   return fn;
 }
 
-/** Handle CALL_FUNCTION: accepted only from this context's parents. */
-function installDispatcher(router: Router): void {
+/** Serve CALL_FUNCTION on `router`: accepted only from this context's parents. */
+export function installDispatcher(router: Router): void {
   router.addHandler(
     (msg) => {
       void (async () => {

@@ -47,25 +47,24 @@ export interface ConnectSpec {
  * Node reads its stream from fd 3 (see runtime.ts); Deno from fds 0/1.
  */
 export function firstStage(kind: "node" | "deno"): string {
-  const fail = `e=m=>{console.error("mitogen first stage ("+N+"): "+m);process.exit(1)}`;
-  const run = `try{new Function("B",c+"")(B)}catch(x){e("payload failed: "+x)}`;
+  const ready = `"${MARKER.READY.trim()}\\n"`;
+  const fail = `e=m=>{console.error("mitogen("+N+"): "+m);process.exit(1)}`;
+  const run = (inflate: string, boot: string) => `try{new Function("B",${inflate}+"")(${boot})}catch(x){e("bad payload: "+x)}`;
   if (kind === "deno") {
     return (
       `const[N,L]=Deno.args,n=+L,b=new Uint8Array(n),${fail};` +
-      `Deno.stdout.writeSync(new TextEncoder().encode("${MARKER.READY.trim()}\\n"));` +
+      `Deno.stdout.writeSync(new TextEncoder().encode(${ready}));` +
       `for(let o=0,r;o<n;o+=r)if((r=await Deno.stdin.read(b.subarray(o)))===null)e("EOF before payload");` +
-      `let c;try{c=process.getBuiltinModule("zlib").inflateRawSync(b)}catch(x){e("bad payload: "+x.message)}` +
-      `const B={name:N,payload:b};${run}`
+      run(`process.getBuiltinModule("zlib").inflateRawSync(b)`, "{name:N,payload:b}")
     );
   }
   return (
     `const g=process.getBuiltinModule,[N,L]=process.argv.slice(-2),n=+L,` +
-    `s=new(g("net").Socket)({fd:3,readable:!0,writable:!0}),a=[],${fail},` +
+    `s=new(g("net").Socket)({fd:3,readable:1,writable:1}),a=[],${fail},` +
     `f=d=>{a.push(d);if((l+=d.length)<n)return;s.pause().off("data",f).off("end",h);` +
     `const b=Buffer.concat(a),p=b.subarray(0,n);l>n&&s.unshift(b.subarray(n));` +
-    `let c;try{c=g("zlib").inflateRawSync(p)}catch(x){e("bad payload: "+x.message)}` +
-    `const B={socket:s,name:N,payload:p};${run}},h=()=>e("EOF before payload");` +
-    `let l=0;s.on("data",f).on("end",h).write("${MARKER.READY.trim()}\\n")`
+    `${run(`g("zlib").inflateRawSync(p)`, "{socket:s,name:N,payload:p}")}},h=()=>e("EOF before payload");` +
+    `let l=0;s.on("data",f).on("end",h).write(${ready})`
   );
 }
 

@@ -5,6 +5,7 @@
 import assert from "node:assert/strict";
 import { readdirSync, readFileSync } from "node:fs";
 import { afterEach, beforeEach } from "node:test";
+import type { Transport } from "../core.ts";
 import type { LogRecord } from "../mod.ts";
 
 /** Every process this test file starts inherits this variable, so leaks are found even when orphaned. */
@@ -111,4 +112,42 @@ export function alive(pid: number): boolean {
   } catch {
     return false;
   }
+}
+
+/** Two in-memory Transports joined back to back, with a raw write for forging bytes. */
+export function transportPair(): [Transport & { inject(bytes: Uint8Array): void; hangUp(): void }, Transport] {
+  type Side = { onData: (c: Uint8Array) => void; onEnd: (e?: Error) => void; closed: boolean };
+  const mk = (): Side => ({ onData: () => {}, onEnd: () => {}, closed: false });
+  const a = mk();
+  const b = mk();
+  const side = (me: Side, peer: Side) => ({
+    start(onData: (c: Uint8Array) => void, onEnd: (e?: Error) => void) {
+      me.onData = onData;
+      me.onEnd = onEnd;
+    },
+    write(parts: readonly Uint8Array[]) {
+      if (me.closed || peer.closed) return;
+      const copy = parts.map((p) => p.slice());
+      queueMicrotask(() => {
+        for (const p of copy) if (!peer.closed) peer.onData(p);
+      });
+    },
+    flush: () => Promise.resolve(),
+    close() {
+      if (me.closed) return;
+      me.closed = true;
+      queueMicrotask(() => {
+        if (!peer.closed) peer.onEnd();
+      });
+    },
+  });
+  const left = side(a, b);
+  return [
+    {
+      ...left,
+      inject: (bytes) => left.write([bytes]),
+      hangUp: () => left.close(),
+    },
+    side(b, a),
+  ];
 }
