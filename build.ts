@@ -96,6 +96,7 @@ export async function buildDist(): Promise<{ bundle: number; payloads: Payloads 
   const nonAscii = text.search(/[\u0080-\uffff]/);
   if (nonAscii >= 0) throw new Error(`dist/mitogen.mjs must be ASCII only; found ${JSON.stringify(text.slice(nonAscii - 40, nonAscii + 10))}`);
   writeFileSync(outfile, text, { mode: 0o755 });
+  await esbuild.stop();
   const bundle = statSync(outfile).size;
   return { bundle, payloads: p };
 }

@@ -15,6 +15,7 @@
  * @module
  */
 export {
+  Broker,
   CallError,
   Channel,
   ChannelError,

@@ -1,0 +1,61 @@
+/** The public API: pinned, so a change to it is never an accident. */
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import * as mitogen from "../mod.ts";
+import { checkLeaks } from "./helpers.ts";
+
+checkLeaks();
+
+test("mod.ts exports exactly the public API", () => {
+  assert.deepEqual(Object.keys(mitogen).sort(), [
+    "Broker",
+    "CallError",
+    "Channel",
+    "ChannelError",
+    "Context",
+    "Latch",
+    "Message",
+    "MitogenError",
+    "Receiver",
+    "Router",
+    "Secret",
+    "Select",
+    "Sender",
+    "StreamError",
+    "TimeoutError",
+    "contextId",
+    "defaultLogger",
+    "isMaster",
+    "parentId",
+    "parentIds",
+    "takesEcontext",
+    "takesRouter",
+  ]);
+});
+
+test("the master's roles", () => {
+  assert.equal(mitogen.isMaster, true);
+  assert.equal(mitogen.contextId, 0);
+  assert.equal(mitogen.parentId, null);
+  assert.deepEqual(mitogen.parentIds, []);
+});
+
+test("errors are classes with names and causes", () => {
+  const cause = new Error("root");
+  for (const Cls of [mitogen.MitogenError, mitogen.ChannelError, mitogen.StreamError, mitogen.TimeoutError]) {
+    const err = new Cls("msg", { cause });
+    assert.ok(err instanceof mitogen.MitogenError);
+    assert.ok(err instanceof Error);
+    assert.equal(err.name, Cls.name);
+    assert.equal(err.cause, cause);
+  }
+  const call = new mitogen.CallError("TypeError", "bad", "stack here");
+  assert.ok(call instanceof mitogen.MitogenError);
+  assert.equal(call.message, "TypeError: bad");
+});
+
+test("Router, Context and Receiver are AsyncDisposable", () => {
+  for (const Cls of [mitogen.Router, mitogen.Context, mitogen.Receiver, mitogen.Select]) {
+    assert.equal(typeof Cls.prototype[Symbol.asyncDispose], "function", Cls.name);
+  }
+});

@@ -1,0 +1,72 @@
+/**
+ * dist/mitogen.mjs on its own: copied into an empty folder (no node_modules),
+ * it works as a library under node and under deno, with node or deno children.
+ */
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { after, before, test } from "node:test";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
+import { runtimeCommand } from "../core.ts";
+import { checkLeaks } from "./helpers.ts";
+
+checkLeaks();
+
+const run = promisify(execFile);
+const root = join(dirname(fileURLToPath(import.meta.url)), "..");
+const dist = join(root, "dist", "mitogen.mjs");
+let dir = "";
+
+before(async () => {
+  if (!existsSync(dist)) {
+    const { buildDist } = await import("../build.ts");
+    await buildDist();
+  }
+  dir = mkdtempSync(join(tmpdir(), "mitogen-bundle-"));
+  copyFileSync(dist, join(dir, "mitogen.mjs"));
+  writeFileSync(
+    join(dir, "use.mjs"),
+    `import { Router, isMaster, contextId } from "./mitogen.mjs";
+const router = new Router();
+try {
+  const a = await router.local({ runtime: "node", name: "bundle-a" });
+  const b = await router.local({ runtime: "deno", name: "bundle-b", via: a });
+  const c = await router.local({ runtime: "node", name: "bundle-c", via: b });
+  const kinds = await Promise.all([a, b, c].map((ctx) => ctx.call(() => (typeof Deno === "undefined" ? "node" : "deno"))));
+  const doubled = await c.call((x) => x * 2, 21);
+  console.log(JSON.stringify({ isMaster, contextId, kinds, doubled }));
+} finally {
+  await router.shutdown();
+}
+`,
+  );
+});
+
+after(() => {
+  if (dir) rmSync(dir, { recursive: true, force: true });
+});
+
+test("the bundle is one ASCII file with a node shebang", () => {
+  const text = readFileSync(dist, "latin1");
+  assert.ok(text.startsWith("#!/usr/bin/env node\n"));
+  assert.equal(text.search(/[\u0080-\u00ff]/), -1, "ASCII only");
+  assert.doesNotMatch(text, /from "@msgpack|require\("@msgpack/, "the codec library is inlined");
+});
+
+for (const host of ["node", "deno"] as const) {
+  test(`copied alone, it works as a library under ${host}`, async () => {
+    const exe = runtimeCommand(host).exe;
+    const args = host === "node" ? ["use.mjs"] : ["run", "-A", "use.mjs"];
+    const { stdout } = await run(exe, args, { cwd: dir, env: { ...process.env, DENO_NO_UPDATE_CHECK: "1" }, timeout: 60_000 });
+    assert.deepEqual(JSON.parse(stdout.trim()), { isMaster: true, contextId: 0, kinds: ["node", "deno", "node"], doubled: 42 });
+  });
+}
+
+test("copied alone, it runs as the mitogen command", async () => {
+  const { stdout } = await run(runtimeCommand("node").exe, ["mitogen.mjs", "eval", "6 * 7"], { cwd: dir, timeout: 60_000 });
+  assert.equal(stdout.trim(), "42");
+  await assert.rejects(run(runtimeCommand("node").exe, ["mitogen.mjs", "frobnicate"], { cwd: dir, timeout: 60_000 }), /unknown command "frobnicate"/);
+});
