@@ -101,7 +101,7 @@ export function nodeTransport(readable: NodeReadable, writable: NodeWritable): T
 }
 
 /** A Transport over Deno's stdin/stdout (a Deno child's stream). */
-function denoTransport(d: DenoGlobal, write: (p: Uint8Array) => Promise<number>, initial: Uint8Array | null): Transport {
+function denoTransport(read: (p: Uint8Array) => Promise<number | null>, write: (p: Uint8Array) => Promise<number>, initial: Uint8Array | null): Transport {
   let queue: Uint8Array[] = [];
   let pumping: Promise<void> | null = null;
   let closed = false;
@@ -122,7 +122,7 @@ function denoTransport(d: DenoGlobal, write: (p: Uint8Array) => Promise<number>,
         try {
           for (;;) {
             const buf = new Uint8Array(256 * 1024);
-            const n = await d.stdin.read(buf);
+            const n = await read(buf);
             if (n === null) break;
             onData(n < 16384 ? buf.slice(0, n) : buf.subarray(0, n));
           }
@@ -145,7 +145,7 @@ function denoTransport(d: DenoGlobal, write: (p: Uint8Array) => Promise<number>,
     close() {
       closed = true;
       try {
-        d.stdin.close();
+        deno?.stdin.close();
       } catch {
         // already closed
       }
@@ -174,14 +174,18 @@ export function childTransport(boot: Boot): Transport {
   if (!deno) throw new Error("mitogen: no stream handed to the core");
   const out = deno.stdout;
   const write = out.write.bind(out);
+  const read = deno.stdin.read.bind(deno.stdin);
   const err = deno.stderr;
   out.write = (p) => err.write(p);
   out.writeSync = (p) => err.writeSync(p);
+  Object.defineProperty(out, "writable", { get: () => (err as unknown as { writable: unknown }).writable });
+  // User code sees an empty stdin, as /dev/null would give it.
+  deno.stdin.read = () => Promise.resolve(null);
   const proc = process as unknown as { stdout: { write: unknown }; stderr: { write: (...a: unknown[]) => boolean } };
   proc.stdout.write = proc.stderr.write.bind(proc.stderr);
   const con = console as unknown as Record<string, unknown>;
   for (const m of ["log", "info", "debug", "dir", "dirxml", "table"]) con[m] = console.error.bind(console);
-  return denoTransport(deno, write, boot.rest ?? null);
+  return denoTransport(read, write, boot.rest ?? null);
 }
 
 /** Which kind of runtime an executable is, and how to run it. */

@@ -46,8 +46,8 @@ const runtime = kind === "node" ? "node" : denoExe;
 
 /** Rounds and per-round budgets. Everything is bounded by count and by time. */
 const P = quick
-  ? { rounds: 3, rttOps: 1000, rttMs: 250, bootPer: 2, echoPer: 1, echoRounds: 3, hopOps: 600, hopMs: 150, fleetRounds: 1 }
-  : { rounds: 7, rttOps: 3000, rttMs: 400, bootPer: 3, echoPer: 1, echoRounds: 5, hopOps: 2000, hopMs: 300, fleetRounds: 3 };
+  ? { rounds: 3, rttOps: 1000, rttMs: 250, bootPer: 2, echoPer: 1, echoRounds: 3, hopOps: 600, hopMs: 150, fleetRounds: 1, budget: 0.5 }
+  : { rounds: 7, rttOps: 3000, rttMs: 400, bootPer: 3, echoPer: 1, echoRounds: 5, hopOps: 2000, hopMs: 300, fleetRounds: 3, budget: 1 };
 const FLEET = 100;
 const FLEET_CONCURRENCY = 8;
 const ECHO_BYTES = 64 * 1024 * 1024;
@@ -74,7 +74,7 @@ const echo = (b: Uint8Array) => b;
 // Output
 
 type Verdict = "PASS" | "MISS" | "FAIL" | "ERROR";
-const W = { name: 30, side: 28, ratio: 22, goal: 20 };
+const W = { name: 30, side: 28, ratio: 26, goal: 20 };
 const lines: Verdict[] = [];
 
 function row(name: string, mito: string, raw: string, ratio: string, goal: string, verdict: Verdict | ""): void {
@@ -93,10 +93,23 @@ function ratios(a: readonly number[], b: readonly number[]): Stats {
   return stats(a.map((x, i) => x / (b[i] ?? Number.NaN)).filter((r, i) => (b[i] ?? 0) > 0 && Number.isFinite(r)));
 }
 
-/** Run `mito` and `raw` once each per round, alternating which goes first. */
-async function rounds(n: number, mito: () => Promise<number>, raw: () => Promise<number>): Promise<{ mito: number[]; raw: number[] }> {
-  const out = { mito: [] as number[], raw: [] as number[] };
-  for (let r = 0; r < n; r++) {
+/** What rounds() measured: one value per round and side. */
+interface Rounds {
+  mito: number[];
+  raw: number[];
+  /** Rounds planned (fewer ran if the budget ran out). */
+  planned: number;
+}
+
+/**
+ * Run `mito` and `raw` once each per round, alternating which goes first.
+ * After at least 2 rounds, no new round starts once `budgetMs` has passed
+ * (a busy machine then gets fewer rounds rather than a run twice as long).
+ */
+async function rounds(n: number, budgetMs: number, mito: () => Promise<number>, raw: () => Promise<number>): Promise<Rounds> {
+  const out: Rounds = { mito: [], raw: [], planned: n };
+  const end = performance.now() + budgetMs;
+  for (let r = 0; r < n && (r < 2 || performance.now() < end); r++) {
     if (r % 2) {
       out.mito.push(await mito());
       out.raw.push(await raw());
@@ -106,6 +119,11 @@ async function rounds(n: number, mito: () => Promise<number>, raw: () => Promise
     }
   }
   return out;
+}
+
+/** The ratio column: paired ratios, and the round count when fewer ran than planned. */
+function ratioCell(r: Rounds, q: Stats, digits: number, unit: string): string {
+  return spread(q, digits, unit) + (r.mito.length < r.planned ? ` n=${r.mito.length}` : "");
 }
 
 // ---------------------------------------------------------------------------
@@ -126,12 +144,13 @@ async function benchRoundTrip(): Promise<void> {
       await perOpMicros(ping, 3000, 1500);
       return rounds(
         P.rounds,
+        15_000 * P.budget,
         () => perOpMicros(call, P.rttOps, P.rttMs),
         () => perOpMicros(ping, P.rttOps, P.rttMs),
       );
     });
     const q = ratios(r.mito, r.raw);
-    row(name, spread(stats(r.mito), 1, " us"), spread(stats(r.raw), 1, " us"), spread(q, 2, "x"), "<= 1.3x", q.median <= 1.3 ? "PASS" : "MISS");
+    row(name, spread(stats(r.mito), 1, " us"), spread(stats(r.raw), 1, " us"), ratioCell(r, q, 2, "x"), "<= 1.3x", q.median <= 1.3 ? "PASS" : "MISS");
   } catch (err) {
     failed(name, err);
   }
@@ -161,12 +180,13 @@ async function benchBoot(): Promise<void> {
       await avg(() => spawnToExit(rt));
       return rounds(
         P.rounds,
+        20_000 * P.budget,
         () => avg(boot),
         () => avg(() => spawnToExit(rt)),
       );
     });
     const q = ratios(r.mito, r.raw);
-    row(name, spread(stats(r.mito), 1, " ms"), spread(stats(r.raw), 1, " ms"), spread(q, 2, "x"), "<= 1.3x", q.median <= 1.3 ? "PASS" : "MISS");
+    row(name, spread(stats(r.mito), 1, " ms"), spread(stats(r.raw), 1, " ms"), ratioCell(r, q, 2, "x"), "<= 1.3x", q.median <= 1.3 ? "PASS" : "MISS");
   } catch (err) {
     failed(name, err);
   }
@@ -203,13 +223,14 @@ async function benchThroughput(): Promise<void> {
       }
       return rounds(
         P.echoRounds,
+        20_000 * P.budget,
         () => mbps(viaMitogen),
         () => mbps(viaPipe),
       );
     });
     const q = ratios(r.mito, r.raw);
     const pct: Stats = { median: q.median * 100, min: q.min * 100, max: q.max * 100, n: q.n };
-    row(name, spread(stats(r.mito), 0), spread(stats(r.raw), 0), spread(pct, 1, "%"), ">= 70% of raw", pct.median >= 70 ? "PASS" : "MISS");
+    row(name, spread(stats(r.mito), 0), spread(stats(r.raw), 0), ratioCell(r, pct, 1, "%"), ">= 70% of raw", pct.median >= 70 ? "PASS" : "MISS");
     const touch = stats([0, 1, 2].map(() => firstTouchMs(ECHO_BYTES)));
     detail(`this machine: a fresh 64 MiB buffer costs ${num(touch.median, 1)} ms to first touch (each side of a mitogen echo reassembles a frame into one)`);
   } catch (err) {
@@ -248,6 +269,7 @@ async function benchHops(): Promise<void> {
       const depth = { mito: [[], [], []] as number[][], raw: [[], [], []] as number[][] };
       const perHop = await rounds(
         P.rounds,
+        25_000 * P.budget,
         async () => {
           const l = [await mitoAt(0), await mitoAt(1), await mitoAt(2)];
           for (const [d, x] of l.entries()) depth.mito[d]?.push(x);
@@ -263,7 +285,7 @@ async function benchHops(): Promise<void> {
     });
     const m = stats(r.mito);
     const q = ratios(r.mito, r.raw);
-    row(name, spread(m, 1, " us"), spread(stats(r.raw), 1, " us"), spread(q, 1, "x"), "<= 30 us/hop", m.median <= 30 ? "PASS" : "MISS");
+    row(name, spread(m, 1, " us"), spread(stats(r.raw), 1, " us"), ratioCell(r, q, 1, "x"), "<= 30 us/hop", m.median <= 30 ? "PASS" : "MISS");
     const med = (xs: number[][]) => xs.map((x) => num(stats(x).median, 1)).join(" / ");
     detail(`round trip 1 / 2 / 3 hops deep: mitogen ${med(r.depth.mito)} us; raw relay chain ${med(r.depth.raw)} us`);
   } catch (err) {
@@ -293,12 +315,13 @@ async function benchFleet(): Promise<void> {
       await raw(FLEET_CONCURRENCY);
       return rounds(
         P.fleetRounds,
+        40_000 * P.budget,
         () => mito(FLEET),
         () => raw(FLEET),
       );
     });
     const q = ratios(r.mito, r.raw);
-    row(name, spread(stats(r.mito), 2, " s"), spread(stats(r.raw), 2, " s"), spread(q, 2, "x"), "<= 1.3x", q.median <= 1.3 ? "PASS" : "MISS");
+    row(name, spread(stats(r.mito), 2, " s"), spread(stats(r.raw), 2, " s"), ratioCell(r, q, 2, "x"), "<= 1.3x", q.median <= 1.3 ? "PASS" : "MISS");
   } catch (err) {
     failed(name, err);
   }

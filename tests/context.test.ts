@@ -120,6 +120,39 @@ for (const runtime of RUNTIMES) {
       assert.ok(logs.lines("printer").includes("to stderr"));
     });
 
+    test("every way user code prints is forwarded, and stdin reads as empty", async () => {
+      const logs = captureLogs();
+      await using router = new Router({ log: logs.log });
+      const ctx = await router.local({ runtime, name: "outputs" });
+      const stdinBytes = await ctx.call(async () => {
+        const enc = new TextEncoder();
+        const D = (globalThis as { Deno?: any }).Deno;
+        if (D) {
+          D.stdout.writeSync(enc.encode("via Deno.stdout.writeSync\n"));
+          await D.stdout.write(enc.encode("via Deno.stdout.write\n"));
+          const w = D.stdout.writable.getWriter();
+          await w.write(enc.encode("via Deno.stdout.writable\n"));
+          w.releaseLock();
+          console.info("via console.info");
+          const got = await D.stdin.read(new Uint8Array(16));
+          return got ?? 0;
+        }
+        const fs = process.getBuiltinModule("node:fs");
+        fs.writeSync(1, "via fd 1\n");
+        fs.writeSync(2, "via fd 2\n");
+        process.getBuiltinModule("node:child_process").execSync("echo via a subprocess", { stdio: "inherit" });
+        console.info("via console.info");
+        return fs.readFileSync(0).length;
+      });
+      assert.equal(stdinBytes, 0);
+      const expected =
+        runtime === "deno"
+          ? ["via Deno.stdout.writeSync", "via Deno.stdout.write", "via Deno.stdout.writable", "via console.info"]
+          : ["via fd 1", "via fd 2", "via a subprocess", "via console.info"];
+      await waitFor(() => expected.every((l) => logs.lines("outputs").includes(l)), 5000, `lines ${expected}`);
+      assert.equal(await ctx.call(() => "stream intact"), "stream intact");
+    });
+
     test("a Sender streams 10 000 values back in order", async () => {
       await using router = new Router({ log: captureLogs().log });
       const ctx = await router.local({ runtime, name: "streamer" });
