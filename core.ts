@@ -548,6 +548,10 @@ export class Router implements Binder, AsyncDisposable {
 
   /** Adopt a child's stream: route `remoteId` through it. */
   addChild(link: ChildLink, remoteId: number, name: string): Context {
+    if (this.#shuttingDown) {
+      void link.stop();
+      throw new MitogenError(`router ${this.name} shut down while ${name} was connecting`);
+    }
     const stream = link.stream;
     stream.remoteId = remoteId;
     this.#links.set(stream, link);

@@ -268,3 +268,11 @@ test("a child that never becomes ready hits connectTimeout", async () => {
     rmSync(dir, { recursive: true });
   }
 });
+
+test("shutting the router down while a context connects leaves nothing behind", async () => {
+  const router = new Router({ log: captureLogs().log });
+  const starting = router.local({ name: "late" });
+  await router.shutdown();
+  await assert.rejects(starting, /shut down/);
+  await assert.rejects(router.local(), /shut down/);
+});
