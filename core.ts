@@ -540,6 +540,11 @@ export class Router implements Binder, AsyncDisposable {
     return new Sender(this.contextById(id), handle);
   }
 
+  /** The stream that leads to `id`, if it is below this context. */
+  routeTo(id: number): Stream | undefined {
+    return this.#routes.get(id);
+  }
+
   #canReach(id: number): boolean {
     return id === this.myId || this.#routes.has(id) || (this.parent !== null && !this.parent.closed);
   }
@@ -584,6 +589,12 @@ export class Router implements Binder, AsyncDisposable {
   #onAddRoute(msg: Message, stream: Stream | null): void {
     const [id, name] = msg.unpickle() as [number, string];
     if (!stream || typeof id !== "number" || id === this.myId || this.parentIds.includes(id)) return;
+    const existing = this.#routes.get(id);
+    if (existing && existing !== stream) {
+      // Mitogen refuses duplicate routes: a child may not take over another context's id.
+      this.log("warn", `refused ADD_ROUTE for ${id} from ${stream.name}: already routed via ${existing.name}`);
+      return;
+    }
     this.#routes.set(id, stream);
     this.contextById(id, typeof name === "string" ? name : null);
     this.#announce(HANDLE.ADD_ROUTE, [id, name]);
@@ -1432,11 +1443,15 @@ export function childMain(boot: Boot, core: Record<string, unknown>): void {
   router.addHandler(() => exit(0), { handle: HANDLE.SHUTDOWN, policy: (m) => fromParent(router, m) });
   router.addHandler(
     (msg) => {
-      const [name, compressed] = msg.unpickle() as [string, Uint8Array];
-      const zlib = process.getBuiltinModule("node:zlib");
-      const src = zlib.inflateRawSync(compressed).toString();
-      router.modules.set(name, new Function("core", src)(core) as Record<string, unknown>);
-      if (msg.replyTo) msg.reply(true);
+      let result: unknown = true;
+      try {
+        const [name, compressed] = msg.unpickle() as [string, Uint8Array];
+        const src = process.getBuiltinModule("node:zlib").inflateRawSync(compressed).toString();
+        router.modules.set(name, new Function("core", src)(core) as Record<string, unknown>);
+      } catch (err) {
+        result = CallError.fromThrown(err, router.name);
+      }
+      if (msg.replyTo) msg.reply(result);
     },
     { handle: HANDLE.LOAD_MODULE, policy: (m) => fromParent(router, m) },
   );

@@ -15,6 +15,7 @@ import {
   Message,
   MitogenError,
   isDeno,
+  type Stream,
 } from "./core.ts";
 import { type ConnectSpec, connectLocal } from "./parent.ts";
 import { payloads } from "./payload.ts";
@@ -78,7 +79,7 @@ export function defaultLogger(record: LogRecord): void {
 export class Router extends CoreRouter {
   readonly #logger: (record: LogRecord) => void;
   #nextId = 1;
-  readonly #hasParentModule = new Set<number>();
+  readonly #parentModule = new Map<number, Promise<unknown>>();
   #closed = false;
 
   constructor(options: RouterOptions = {}) {
@@ -104,16 +105,19 @@ export class Router extends CoreRouter {
     }
   }
 
-  #onForwardLog(msg: Message, _stream: unknown): void {
+  #onForwardLog(msg: Message, stream: Stream | null): void {
     const rec = msg.unpickle() as unknown[];
     if (!Array.isArray(rec)) return;
     const [id, name, level, source, text] = rec;
     if (typeof id !== "number" || typeof text !== "string") return;
-    // A context may speak for itself and for the children it started, no one else.
-    const origin = id === msg.src || this.contextById(id).via?.contextId === msg.src ? id : msg.src;
+    // A context may speak for itself and for contexts behind it (its children, even before
+    // their route is announced), never for a context routed elsewhere.
+    const routed = this.routeTo(id);
+    const own = id === msg.src || (id !== this.myId && (routed === undefined || routed === stream));
+    const origin = own ? id : msg.src;
     this.logRecord({
       contextId: origin,
-      name: typeof name === "string" ? name : this.contextById(origin).name,
+      name: own && typeof name === "string" ? name : this.contextById(origin).name,
       level: (typeof level === "string" && level in LEVELS ? level : "info") as LogLevel,
       source: (source === "stdout" || source === "stderr" ? source : "log") as LogSource,
       message: text,
@@ -147,10 +151,13 @@ export class Router extends CoreRouter {
     };
     const via = options.via;
     if (!via) return connectLocal(this, spec);
-    if (!this.#hasParentModule.has(via.contextId)) {
-      await via.sendAwait(Message.encoded(["mitogen:parent", built.parent], { handle: HANDLE.LOAD_MODULE }));
-      this.#hasParentModule.add(via.contextId);
+    let loaded = this.#parentModule.get(via.contextId);
+    if (!loaded) {
+      loaded = via.sendAwait(Message.encoded(["mitogen:parent", built.parent], { handle: HANDLE.LOAD_MODULE }));
+      this.#parentModule.set(via.contextId, loaded);
+      loaded.catch(() => this.#parentModule.delete(via.contextId));
     }
+    await loaded;
     await via.callModule("mitogen:parent", "proxyConnectLocal", spec);
     const ctx = this.contextById(id, spec.name);
     ctx.via = via;

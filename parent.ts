@@ -68,6 +68,8 @@ export function firstStage(kind: "node" | "deno"): string {
   );
 }
 
+const MAX_LINE = 64 * 1024;
+
 /** Split a byte stream into lines for the log; overlong lines are cut at 64 KiB. */
 function forwardLines(
   readable: { on(e: "data", cb: (d: Uint8Array) => void): unknown; on(e: "end", cb: () => void): unknown },
@@ -77,12 +79,15 @@ function forwardLines(
   let partial = "";
   readable.on("data", (d) => {
     partial += decoder.decode(d, { stream: true });
-    let nl = partial.indexOf("\n");
-    while (nl >= 0 || partial.length > 65536) {
-      const cut = nl >= 0 ? nl : 65536;
-      sink(partial.slice(0, cut));
-      partial = partial.slice(nl >= 0 ? cut + 1 : cut);
-      nl = partial.indexOf("\n");
+    for (;;) {
+      const nl = partial.indexOf("\n");
+      if (nl >= 0 && nl <= MAX_LINE) {
+        sink(partial.slice(0, nl));
+        partial = partial.slice(nl + 1);
+      } else if (partial.length > MAX_LINE) {
+        sink(partial.slice(0, MAX_LINE));
+        partial = partial.slice(MAX_LINE);
+      } else break;
     }
   });
   readable.on("end", () => {

@@ -68,6 +68,7 @@ const log = (rec: LogRecord) => {
 const newRouter = () => new Router({ log });
 
 const zero = () => 0;
+const pidOf = () => process.pid;
 const echo = (b: Uint8Array) => b;
 
 // ---------------------------------------------------------------------------
@@ -159,11 +160,33 @@ async function benchRoundTrip(): Promise<void> {
 // ---------------------------------------------------------------------------
 // 2. bootstrap + first call
 
-/** One `router.local()` + one call + shutdown, with a router of its own. */
+/**
+ * Resolve once process `pid` is gone (reaped). `Context.shutdown({ wait: true })`
+ * and router disposal resolve when the stream closes, which can be before the
+ * child has exited; the raw reference waits for exit, so this side does too.
+ */
+async function waitGone(pid: number, limitMs = 5000): Promise<void> {
+  const end = performance.now() + limitMs;
+  for (;;) {
+    try {
+      process.kill(pid, 0);
+    } catch {
+      return;
+    }
+    if (performance.now() > end) throw new Error(`child ${pid} still exists ${limitMs} ms after shutdown`);
+    await new Promise((r) => setTimeout(r, 1));
+  }
+}
+
+/** One `router.local()` + one call + shutdown (to the child's exit), with a router of its own. */
 async function bootOnce(scope: Scope): Promise<void> {
-  await using router = scope.add(newRouter());
-  const ctx = await router.local({ runtime, name: "boot", connectTimeout: 20_000 });
-  await ctx.call(zero);
+  let pid: number;
+  {
+    await using router = scope.add(newRouter());
+    const ctx = await router.local({ runtime, name: "boot", connectTimeout: 20_000 });
+    pid = await ctx.call(pidOf);
+  }
+  await waitGone(pid);
 }
 
 async function benchBoot(): Promise<void> {
@@ -306,8 +329,9 @@ async function benchFleet(): Promise<void> {
         (await timeMs(() =>
           pool(count, FLEET_CONCURRENCY, deadline(), async (i) => {
             const ctx = await router.local({ runtime, name: `fleet.${i}`, connectTimeout: 30_000 });
-            await ctx.call(zero);
+            const pid = await ctx.call(pidOf);
             await ctx.shutdown({ wait: true });
+            await waitGone(pid);
           }),
         )) / 1000;
       const raw = async (count: number) => (await timeMs(() => pool(count, FLEET_CONCURRENCY, deadline(), () => spawnToExit(rt)))) / 1000;
@@ -382,10 +406,10 @@ async function main(): Promise<number> {
   console.log("");
   console.log("raw references, measured in this run:");
   detail(`1: one byte ping-pong over stdin/stdout with a ${kind} child echoing each byte`);
-  detail(`2: spawn of \`${kind === "node" ? "node -e ''" : "deno eval ''"}\` to its exit (mitogen: new Router, local(), one call, shutdown)`);
+  detail(`2: spawn of \`${kind === "node" ? "node -e ''" : "deno eval ''"}\` to its exit (mitogen: new Router, local(), one call, shutdown, child exited)`);
   detail(`3: one 64 MiB block written to a ${kind} child echoing stdin to stdout, until all of it is back (MB = 10^6 bytes)`);
   detail(`4: (3 hops - 1 hop) / 2; raw: one byte through a chain of ${kind} processes relaying on stdio`);
-  detail(`5: ${FLEET} x \`${kind === "node" ? "node -e ''" : "deno eval ''"}\` spawn-to-exit; mitogen: local() + one call + shutdown each`);
+  detail(`5: ${FLEET} x \`${kind === "node" ? "node -e ''" : "deno eval ''"}\` spawn-to-exit; mitogen: local() + one call + shutdown + child exited, each`);
   if (logged.length) {
     console.log("");
     console.log(`library log (${logged.length} records; first 10):`);

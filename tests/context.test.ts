@@ -112,12 +112,26 @@ for (const runtime of RUNTIMES) {
         for (let i = 0; i < 512; i++) console.log(line);
         for (let i = 0; i < 512; i++) process.stdout.write(`${line}\n`);
         console.error("to stderr");
+        console.log("y".repeat(200_000));
         return 1024 * 1024;
       });
       assert.equal(total, 1024 * 1024);
       assert.equal(await ctx.call(() => "stream intact"), "stream intact");
       await waitFor(() => logs.lines("printer").filter((l) => l.length === 1023).length === 1024, 5000, "all printed lines");
       assert.ok(logs.lines("printer").includes("to stderr"));
+      await waitFor(
+        () =>
+          logs
+            .lines("printer")
+            .filter((l) => l.startsWith("y"))
+            .join("").length === 200_000,
+        5000,
+        "the long line",
+      );
+      assert.ok(
+        logs.lines("printer").every((l) => l.length <= 64 * 1024),
+        "long lines are cut at 64 KiB",
+      );
     });
 
     test("every way user code prints is forwarded, and stdin reads as empty", async () => {

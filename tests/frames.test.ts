@@ -95,6 +95,16 @@ test("route changes are accepted only from the immediate child that owns them", 
   const recv = new Receiver(router);
   router.route(Message.encoded(null, { dst: 9, handle: 1234, replyTo: recv.handle }));
   await assert.rejects(recv.get({ timeout: 2000 }), /no route to context 9/);
+  // a second child may not take over 7
+  const [far2, near2] = transportPair();
+  const stream2 = new Stream("fake2", near2);
+  router.addChild({ stream: stream2, stop: async () => stream2.close() }, 2, "fake2");
+  stream2.start();
+  const peer2 = new Stream("peer2", far2);
+  peer2.start();
+  peer2.send(Message.encoded([7, "hijack"], { dst: 0, src: 2, auth: 2, handle: HANDLE.ADD_ROUTE }));
+  await waitFor(() => logs.records.some((r) => /refused ADD_ROUTE for 7 from fake2: already routed via fake/.test(r.message)), 2000, "hijack refusal");
+  assert.equal(router.routeTo(7), router.routeTo(1));
   await router.shutdown();
 });
 
