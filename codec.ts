@@ -212,6 +212,10 @@ function newEncoder(state: EncodeState): EncoderInternals {
   return enc;
 }
 
+const topState: EncodeState = { blobs: [], depth: 0 };
+const topEncoder = newEncoder(topState);
+let topBusy = false;
+
 function errorFields(err: Error): Record<string, unknown> {
   const out: Record<string, unknown> = { name: err.name, message: err.message, stack: err.stack ?? "" };
   if ("cause" in err) out.cause = err.cause;
@@ -225,10 +229,15 @@ function errorFields(err: Error): Record<string, unknown> {
  * its path below `root` (e.g. `args[1].opts.cb: a function (cb)`).
  */
 export function encodeValue(value: unknown, root = "value", pathFrom: unknown = value): Encoded {
-  const state: EncodeState = { blobs: [], depth: 0 };
+  // One encoder serves every top-level call (its buffer is reused); nested or
+  // re-entrant calls get their own.
+  const reuse = !topBusy;
+  const state: EncodeState = reuse ? topState : { blobs: [], depth: 0 };
+  state.blobs = [];
   let body: Uint8Array;
   try {
-    body = newEncoder(state).encode(value);
+    topBusy = true;
+    body = (reuse ? topEncoder : newEncoder(state)).encode(value);
   } catch (err) {
     if (err instanceof BadValue) {
       throw new MitogenError(`cannot send ${findPath(pathFrom, err.value, root) ?? root}: ${err.why}`);
@@ -237,6 +246,8 @@ export function encodeValue(value: unknown, root = "value", pathFrom: unknown = 
       throw new MitogenError(`cannot send ${root}: nested deeper than ${MAX_DEPTH} levels (or cyclic)`, { cause: err });
     }
     throw new MitogenError(`cannot send ${root}: ${(err as Error).message}`, { cause: err });
+  } finally {
+    if (reuse) topBusy = false;
   }
   if (state.blobs.length === 0) return { parts: [body], length: body.byteLength, blobs: false };
   const prefix = new Uint8Array(4);
@@ -371,24 +382,40 @@ const decoders: [number, (data: Uint8Array, state: DecodeState) => unknown][] = 
 ];
 for (const [type, decode] of decoders) codec.register({ type, encode: () => null, decode: (d, _t, s) => decode(d, s) });
 
+const topDecodeState: DecodeState = { binder: null, data: new Uint8Array(0), blobOffset: 0, depth: 0 };
+const topDecoder = new Decoder<DecodeState>({ extensionCodec: codec, context: topDecodeState });
+let decodeBusy = false;
+
 /**
  * Decode a message body. `blobs` is the header's BLOBS flag. Throws
  * StreamError on malformed input; never sets a prototype from data.
  */
 export function decodeValue(data: Uint8Array, blobs: boolean, binder: Binder | null): unknown {
-  const state: DecodeState = { binder, data, blobOffset: 0, depth: 0 };
-  let body = data;
-  if (blobs) {
-    if (data.byteLength < 4) throw new StreamError("truncated message body");
-    const len = new DataView(data.buffer, data.byteOffset, 4).getUint32(0);
-    if (4 + len > data.byteLength) throw new StreamError("truncated message body");
-    body = data.subarray(4, 4 + len);
-    state.blobOffset = 4 + len;
-  }
+  const reuse = !decodeBusy;
+  const state: DecodeState = reuse ? topDecodeState : { binder, data, blobOffset: 0, depth: 0 };
+  state.binder = binder;
+  state.data = data;
+  state.blobOffset = 0;
+  state.depth = 0;
   try {
-    return new Decoder<DecodeState>({ extensionCodec: codec, context: state }).decode(body);
+    decodeBusy = true;
+    let body = data;
+    if (blobs) {
+      if (data.byteLength < 4) throw new StreamError("truncated message body");
+      const len = new DataView(data.buffer, data.byteOffset, 4).getUint32(0);
+      if (4 + len > data.byteLength) throw new StreamError("truncated message body");
+      body = data.subarray(4, 4 + len);
+      state.blobOffset = 4 + len;
+    }
+    return (reuse ? topDecoder : new Decoder<DecodeState>({ extensionCodec: codec, context: state })).decode(body);
   } catch (err) {
     if (err instanceof StreamError) throw err;
     throw new StreamError(`cannot decode message: ${(err as Error).message}`, { cause: err });
+  } finally {
+    if (reuse) {
+      decodeBusy = false;
+      state.data = EMPTY; // do not keep the last message alive
+      state.binder = null;
+    }
   }
 }

@@ -209,10 +209,9 @@ function concat(parts: readonly Uint8Array[], length: number): Uint8Array {
 // The reader checks magic, version and `length <= maxMessageSize` from the
 // header alone, before buffering any data.
 
-/** Write the header for `msg`. */
-export function writeHeader(msg: Message): Uint8Array {
-  const h = new Uint8Array(FRAME.HEADER_SIZE);
-  const v = new DataView(h.buffer);
+/** Write the header for `msg` (into `h`, when given, at its start). */
+export function writeHeader(msg: Message, h: Uint8Array = new Uint8Array(FRAME.HEADER_SIZE)): Uint8Array {
+  const v = new DataView(h.buffer, h.byteOffset, FRAME.HEADER_SIZE);
   v.setUint16(0, FRAME.MAGIC);
   v.setUint8(2, FRAME.VERSION);
   v.setUint8(3, msg.flags);
@@ -249,6 +248,9 @@ export function readHeader(h: Uint8Array, maxMessageSize: number): { fields: Mes
 
 // ---------------------------------------------------------------------------
 // Stream: frames over a Transport
+
+/** Frames up to this size are written as one joined buffer. */
+const SMALL_FRAME = 64 * 1024;
 
 /** Frames over a byte Transport, with the bootstrap markers in front. */
 export class Stream {
@@ -302,7 +304,19 @@ export class Stream {
   /** Write one message. */
   send(msg: Message): void {
     if (this.#closed) return;
-    this.#transport.write([writeHeader(msg), ...msg.parts]);
+    if (msg.length > SMALL_FRAME) {
+      this.#transport.write([writeHeader(msg), ...msg.parts]);
+      return;
+    }
+    // One buffer, one write: a vectored write costs more than the copy for small frames.
+    const frame = new Uint8Array(FRAME.HEADER_SIZE + msg.length);
+    writeHeader(msg, frame);
+    let off = FRAME.HEADER_SIZE;
+    for (const p of msg.parts) {
+      frame.set(p, off);
+      off += p.byteLength;
+    }
+    this.#transport.write([frame]);
   }
 
   /** Wait until queued writes reach the OS. */
@@ -886,11 +900,17 @@ export class Context implements WireRef, AsyncDisposable {
   }
 }
 
+const shippedSource = new WeakMap<object, string>();
+
 function callMessage(fn: unknown, args: unknown[]): Message {
   if (typeof fn !== "function") throw new MitogenError(`call needs a function, got ${typeof fn}`);
-  const src = Function.prototype.toString.call(fn);
-  if (/\{\s*\[native code\]\s*\}$/.test(src)) throw new MitogenError(`cannot ship native function ${fn.name || "(anonymous)"}: its source is not available`);
-  if (/^class\b/.test(src)) throw new MitogenError(`cannot call class ${fn.name}: pass a function`);
+  let src = shippedSource.get(fn);
+  if (src === undefined) {
+    src = Function.prototype.toString.call(fn);
+    if (/\{\s*\[native code\]\s*\}$/.test(src)) throw new MitogenError(`cannot ship native function ${fn.name || "(anonymous)"}: its source is not available`);
+    if (/^class\b/.test(src)) throw new MitogenError(`cannot call class ${fn.name}: pass a function`);
+    shippedSource.set(fn, src);
+  }
   return Message.encoded([0, src, args], { handle: HANDLE.CALL_FUNCTION }, "args", args);
 }
 

@@ -55,7 +55,7 @@ export function firstStage(kind: "node" | "deno"): string {
       `const[N,L]=Deno.args,n=+L,b=new Uint8Array(n),${fail};` +
       `Deno.stdout.writeSync(new TextEncoder().encode(${ready}));` +
       `for(let o=0,r;o<n;o+=r)if((r=await Deno.stdin.read(b.subarray(o)))===null)e("EOF before payload");` +
-      run(`process.getBuiltinModule("zlib").inflateRawSync(b)`, "{name:N,payload:b}")
+      run(`await new Response(new Response(b).body.pipeThrough(new DecompressionStream("deflate-raw"))).text()`, "{name:N,payload:b}")
     );
   }
   return (

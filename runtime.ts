@@ -100,31 +100,54 @@ export function nodeTransport(readable: NodeReadable, writable: NodeWritable): T
   };
 }
 
-/** A Transport over Deno's stdin/stdout (a Deno child's stream). */
-function denoTransport(read: (p: Uint8Array) => Promise<number | null>, write: (p: Uint8Array) => Promise<number>, initial: Uint8Array | null): Transport {
+/**
+ * A Transport over Deno's stdin/stdout (a Deno child's stream). Writes made in
+ * one tick are joined and written with writeSync: an async write costs ~50 us
+ * per call in Deno, a sync one ~4 us. Reads go through one reused buffer.
+ */
+function denoTransport(read: (p: Uint8Array) => Promise<number | null>, writeSync: (p: Uint8Array) => number, initial: Uint8Array | null): Transport {
   let queue: Uint8Array[] = [];
-  let pumping: Promise<void> | null = null;
+  let scheduled = false;
   let closed = false;
-  const pump = async () => {
-    while (queue.length) {
-      const batch = queue;
-      queue = [];
-      for (let p of batch) {
-        while (p.byteLength) p = p.subarray(await write(p));
+  const emit = (p: Uint8Array) => {
+    while (p.byteLength) p = p.subarray(writeSync(p));
+  };
+  const drain = () => {
+    scheduled = false;
+    const batch = queue;
+    queue = [];
+    let small: Uint8Array[] = [];
+    let size = 0;
+    const joined = () => {
+      if (size) emit(small.length === 1 ? (small[0] as Uint8Array) : joinParts(small, size));
+      small = [];
+      size = 0;
+    };
+    try {
+      for (const p of batch) {
+        if (p.byteLength >= 65536) {
+          joined();
+          emit(p);
+        } else {
+          small.push(p);
+          size += p.byteLength;
+        }
       }
+      joined();
+    } catch {
+      closed = true; // the parent is gone; reading will see EOF
     }
-    pumping = null;
   };
   return {
     start(onData, onEnd) {
       if (initial?.byteLength) onData(initial);
       (async () => {
+        const buf = new Uint8Array(256 * 1024);
         try {
           for (;;) {
-            const buf = new Uint8Array(256 * 1024);
             const n = await read(buf);
             if (n === null) break;
-            onData(n < 16384 ? buf.slice(0, n) : buf.subarray(0, n));
+            onData(buf.slice(0, n));
           }
           onEnd();
         } catch (err) {
@@ -135,12 +158,14 @@ function denoTransport(read: (p: Uint8Array) => Promise<number | null>, write: (
     write(parts) {
       if (closed) return;
       queue.push(...parts);
-      pumping ??= pump().catch(() => {
-        closed = true;
-      });
+      if (!scheduled) {
+        scheduled = true;
+        queueMicrotask(drain);
+      }
     },
     flush() {
-      return pumping ?? Promise.resolve();
+      if (scheduled) drain();
+      return Promise.resolve();
     },
     close() {
       closed = true;
@@ -151,6 +176,16 @@ function denoTransport(read: (p: Uint8Array) => Promise<number | null>, write: (
       }
     },
   };
+}
+
+function joinParts(parts: readonly Uint8Array[], size: number): Uint8Array {
+  const out = new Uint8Array(size);
+  let off = 0;
+  for (const p of parts) {
+    out.set(p, off);
+    off += p.byteLength;
+  }
+  return out;
 }
 
 /** What the first stage hands the core. */
@@ -173,7 +208,7 @@ export function childTransport(boot: Boot): Transport {
   if (boot.socket) return nodeTransport(boot.socket, boot.socket);
   if (!deno) throw new Error("mitogen: no stream handed to the core");
   const out = deno.stdout;
-  const write = out.write.bind(out);
+  const writeSync = out.writeSync.bind(out);
   const read = deno.stdin.read.bind(deno.stdin);
   const err = deno.stderr;
   out.write = (p) => err.write(p);
@@ -185,7 +220,7 @@ export function childTransport(boot: Boot): Transport {
   proc.stdout.write = proc.stderr.write.bind(proc.stderr);
   const con = console as unknown as Record<string, unknown>;
   for (const m of ["log", "info", "debug", "dir", "dirxml", "table"]) con[m] = console.error.bind(console);
-  return denoTransport(read, write, boot.rest ?? null);
+  return denoTransport(read, writeSync, boot.rest ?? null);
 }
 
 /** Which kind of runtime an executable is, and how to run it. */
