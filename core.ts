@@ -621,11 +621,21 @@ export class Router implements Binder, AsyncDisposable {
 
   /** `id` is gone: drop its route, fail whoever waits on it, tell the parent. */
   #lost(id: number, reason: string): void {
+    this.#unroute(id, reason);
+    this.#gone(id, reason);
+  }
+
+  /** First half of losing `id`: no more routing to it, and whoever waits on it fails at once. */
+  #unroute(id: number, reason: string): void {
     this.#routes.delete(id);
-    this.#announce(HANDLE.DEL_ROUTE, [id, reason]);
     const handles = this.#respondents.get(id);
     this.#respondents.delete(id);
     for (const h of handles ?? []) this.#deliverDead(h, reason);
+  }
+
+  /** Second half: the context is gone (its process has exited, where we own it); tell the parent. */
+  #gone(id: number, reason: string): void {
+    this.#announce(HANDLE.DEL_ROUTE, [id, reason]);
     this.#contexts.get(id)?._disconnected(reason);
   }
 
@@ -640,8 +650,12 @@ export class Router implements Binder, AsyncDisposable {
     const who = this.#contexts.get(stream.remoteId ?? -1)?.name ?? stream.name;
     if (err) this.log("warn", `stream to ${who} failed: ${err.message}`);
     const reason = `context ${who} disconnected${err ? `: ${err.message}` : ""}`;
-    for (const [id, s] of [...this.#routes]) if (s === stream) this.#lost(id, reason);
-    void link?.stop();
+    const ids = [...this.#routes].filter(([, s]) => s === stream).map(([id]) => id);
+    for (const id of ids) this.#unroute(id, reason);
+    // Calls fail at once; "disconnected" (and DEL_ROUTE upward) waits for the process to exit.
+    void (link ? link.stop() : Promise.resolve()).finally(() => {
+      for (const id of ids) this.#gone(id, reason);
+    });
   }
 
   /** Called when the parent stream is gone; a child exits. */

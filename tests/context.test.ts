@@ -194,9 +194,12 @@ for (const runtime of RUNTIMES) {
       await using router = new Router({ log: captureLogs().log });
       const ctx = await router.local({ runtime, name: "stopper" });
       const pid = (await ctx.call(() => process.pid)) as number;
-      const pending = ctx.call(() => new Promise(() => {}));
+      const pending = assert.rejects(
+        ctx.call(() => new Promise(() => {})),
+        ChannelError,
+      );
       await Promise.all([ctx.shutdown({ wait: true }), ctx.shutdown({ wait: true })]);
-      await assert.rejects(pending, ChannelError);
+      await pending;
       await ctx.shutdown({ wait: true });
       await waitFor(() => !alive(pid), 5000, "child exit");
       await assert.rejects(
@@ -289,4 +292,15 @@ test("shutting the router down while a context connects leaves nothing behind", 
   await router.shutdown();
   await assert.rejects(starting, /shut down/);
   await assert.rejects(router.local(), /shut down/);
+});
+
+test("shutdown({ wait: true }) resolves once the processes have exited", async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const a = await router.local({ name: "exit-a" });
+  const b = await router.local({ name: "exit-b", via: a });
+  const [aPid, bPid] = (await Promise.all([a.call(() => process.pid), b.call(() => process.pid)])) as number[];
+  await b.shutdown({ wait: true });
+  assert.equal(alive(bPid as number), false, "b has exited");
+  await a.shutdown({ wait: true });
+  assert.equal(alive(aPid as number), false, "a has exited");
 });
