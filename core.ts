@@ -9,7 +9,7 @@
  */
 import { CallError, ChannelError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
 import { type Binder, decodeValue, encodeValue, WIRE_REF, type WireRef } from "./codec.ts";
-import { type Boot, childTransport, type Transport } from "./runtime.ts";
+import { type Boot, childTransport, exitProcess, onUncaught, setTitle, type Transport } from "./runtime.ts";
 
 export * from "./errors.ts";
 export * from "./codec.ts";
@@ -1431,14 +1431,7 @@ export function childMain(boot: Boot, core: Record<string, unknown>): void {
   router.payload = boot.payload;
   router.name = boot.name;
   const stream = new Stream("parent", transport);
-  const setTitle = (name: string) => {
-    try {
-      process.title = `mitogen:${name}`;
-    } catch {
-      // not settable here
-    }
-  };
-  setTitle(boot.name);
+  setTitle(`mitogen:${boot.name}`);
   let configured = false;
   stream.onMessage = (msg) => {
     if (configured || msg.handle !== HANDLE.CONFIGURE) {
@@ -1456,7 +1449,7 @@ export function childMain(boot: Boot, core: Record<string, unknown>): void {
     router.maxMessageSize = stream.maxMessageSize = cfg.maxMessageSize;
     router.unidirectional = cfg.unidirectional;
     router.debug = cfg.debug;
-    setTitle(cfg.name);
+    setTitle(`mitogen:${cfg.name}`);
     router.setParent(stream);
   };
   stream.onClose = () => exit(0);
@@ -1464,12 +1457,12 @@ export function childMain(boot: Boot, core: Record<string, unknown>): void {
   const exit = (code: number) => {
     if (exiting) return;
     exiting = true;
-    const timer = setTimeout(() => process.exit(code), 2000);
+    const timer = setTimeout(() => exitProcess(code), 2000);
     void Promise.race([router.shutdown(), new Promise((r) => setTimeout(r, 1500))])
       .then(() => stream.flush())
       .finally(() => {
         clearTimeout(timer);
-        process.exit(code);
+        exitProcess(code);
       });
   };
   router.onParentLost = () => exit(0);
@@ -1489,9 +1482,7 @@ export function childMain(boot: Boot, core: Record<string, unknown>): void {
     },
     { handle: HANDLE.LOAD_MODULE, policy: (m) => fromParent(router, m) },
   );
-  const proc = process as unknown as { on(e: string, cb: (err: unknown) => void): void };
-  proc.on("uncaughtException", (err) => router.log("error", `uncaught exception: ${(err as Error)?.stack ?? err}`));
-  proc.on("unhandledRejection", (err) => router.log("error", `unhandled rejection: ${(err as Error)?.stack ?? err}`));
+  onUncaught((what, err) => router.log("error", `${what}: ${(err as Error)?.stack ?? err}`));
   stream.start();
   stream.writeRaw(ascii.encode(MARKER.CONNECTED));
 }

@@ -216,11 +216,64 @@ export function childTransport(boot: Boot): Transport {
   Object.defineProperty(out, "writable", { get: () => (err as unknown as { writable: unknown }).writable });
   // User code sees an empty stdin, as /dev/null would give it.
   deno.stdin.read = () => Promise.resolve(null);
-  const proc = process as unknown as { stdout: { write: unknown }; stderr: { write: (...a: unknown[]) => boolean } };
-  proc.stdout.write = proc.stderr.write.bind(proc.stderr);
+  // `process` is Deno's Node layer, loaded on first use (~40 ms): patch it then, not now.
+  const desc = Object.getOwnPropertyDescriptor(globalThis, "process");
+  const patch = (p: { stdout: { write: unknown }; stderr: { write: (...a: unknown[]) => boolean } }) => {
+    p.stdout.write = p.stderr.write.bind(p.stderr);
+  };
+  if (desc?.get && desc.configurable) {
+    const get = desc.get;
+    let patched = false;
+    Object.defineProperty(globalThis, "process", {
+      ...desc,
+      get() {
+        const p = get.call(globalThis);
+        if (!patched) {
+          patched = true;
+          patch(p);
+        }
+        return p;
+      },
+    });
+  } else patch(process as unknown as Parameters<typeof patch>[0]);
   const con = console as unknown as Record<string, unknown>;
   for (const m of ["log", "info", "debug", "dir", "dirxml", "table"]) con[m] = console.error.bind(console);
   return denoTransport(read, writeSync, boot.rest ?? null);
+}
+
+/** Set the process title (Node; Deno cannot, and touching `process` there costs ~40 ms). */
+export function setTitle(title: string): void {
+  if (deno) return;
+  try {
+    process.title = title;
+  } catch {
+    // not settable here
+  }
+}
+
+/** Exit now. */
+export function exitProcess(code: number): never {
+  if (deno) (deno as unknown as { exit(code: number): never }).exit(code);
+  return process.exit(code);
+}
+
+/** Report errors nobody caught instead of dying of them. */
+export function onUncaught(report: (what: string, err: unknown) => void): void {
+  if (deno) {
+    type Ev = { preventDefault(): void; error?: unknown; reason?: unknown };
+    const g = globalThis as unknown as { addEventListener(type: string, cb: (e: Ev) => void): void };
+    g.addEventListener("error", (e) => {
+      e.preventDefault();
+      report("uncaught exception", e.error);
+    });
+    g.addEventListener("unhandledrejection", (e) => {
+      e.preventDefault();
+      report("unhandled rejection", e.reason);
+    });
+    return;
+  }
+  process.on("uncaughtException", (err) => report("uncaught exception", err));
+  process.on("unhandledRejection", (err) => report("unhandled rejection", err));
 }
 
 /** Which kind of runtime an executable is, and how to run it. */

@@ -167,6 +167,21 @@ for (const runtime of RUNTIMES) {
       assert.equal(await ctx.call(() => "stream intact"), "stream intact");
     });
 
+    test("an uncaught exception in user code is logged and the child lives on", async () => {
+      const logs = captureLogs();
+      await using router = new Router({ log: logs.log });
+      const ctx = await router.local({ runtime, name: "careless" });
+      await ctx.call(() => {
+        setTimeout(() => {
+          throw new Error("thrown from a timer");
+        }, 0);
+        Promise.reject(new Error("rejected and forgotten"));
+      });
+      await waitFor(() => logs.records.some((r) => /uncaught exception: Error: thrown from a timer/.test(r.message)), 5000, "uncaught log");
+      await waitFor(() => logs.records.some((r) => /unhandled rejection: Error: rejected and forgotten/.test(r.message)), 5000, "rejection log");
+      assert.equal(await ctx.call(() => "alive"), "alive");
+    });
+
     test("a Sender streams 10 000 values back in order", async () => {
       await using router = new Router({ log: captureLogs().log });
       const ctx = await router.local({ runtime, name: "streamer" });
