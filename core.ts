@@ -1452,7 +1452,9 @@ export function childMain(boot: Boot, core: Record<string, unknown>): void {
     setTitle(`mitogen:${cfg.name}`);
     router.setParent(stream);
   };
-  stream.onClose = () => exit(0);
+  // Parent gone: nothing left to say to it, and our children see EOF when we exit.
+  stream.onClose = () => exitProcess(0);
+  // SHUTDOWN: stop our children first (bounded), let the last writes out, then exit.
   let exiting = false;
   const exit = (code: number) => {
     if (exiting) return;
@@ -1465,7 +1467,7 @@ export function childMain(boot: Boot, core: Record<string, unknown>): void {
         exitProcess(code);
       });
   };
-  router.onParentLost = () => exit(0);
+  router.onParentLost = () => exitProcess(0);
   installDispatcher(router);
   router.addHandler(() => exit(0), { handle: HANDLE.SHUTDOWN, policy: (m) => fromParent(router, m) });
   router.addHandler(
