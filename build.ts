@@ -4,8 +4,8 @@
  * - core payload: `core.ts` (with errors/codec/runtime and the MessagePack
  *   library) as one minified script, raw-deflated. The first stage runs it
  *   as `new Function("B", src)(boot)`.
- * - parent payload: `parent.ts` with its imports of the core mapped to the
- *   running core (`new Function("core", src)(core)` returns its exports).
+ * - parent module: `parent.ts` as a CommonJS script whose imports of the core
+ *   are `require("mitogen")`, the running core (see evaluateModule in core.ts).
  * - `dist/mitogen.mjs`: `cli.ts` (the library and the CLI) with both payloads
  *   inlined as base64, ASCII only, `#!/usr/bin/env node`.
  *
@@ -47,20 +47,19 @@ async function script(options: esbuild.BuildOptions): Promise<string> {
 /** Build both payloads (minified and compressed). */
 export async function buildPayloads(): Promise<Payloads> {
   const core = `${await script({ entryPoints: ["core.ts"], format: "iife", globalName: "M" })}M.childMain(B,M);`;
-  const parent = `${await script({
+  // A shipped module like any other (see evaluateModule in core.ts): its imports of the core are the running core.
+  const parent = await script({
     entryPoints: ["parent.ts"],
-    format: "iife",
-    globalName: "P",
+    format: "cjs",
     plugins: [
       {
         name: "core-is-running",
         setup(build) {
-          build.onResolve({ filter: CORE_MODULES }, () => ({ path: "core", namespace: "running-core" }));
-          build.onLoad({ filter: /.*/, namespace: "running-core" }, () => ({ contents: "module.exports = core;", loader: "js" }));
+          build.onResolve({ filter: CORE_MODULES }, () => ({ path: "mitogen", external: true }));
         },
       },
     ],
-  })}return P;`;
+  });
   await esbuild.stop(); // no service process outlives the build
   return {
     core: deflateRawSync(core, { level: 9 }),

@@ -438,6 +438,22 @@ export interface HandlerOptions {
 
 type Handler = { fn: (msg: Message, stream: Stream | null) => void; persist: boolean; respondent: number | null; policy: HandlerOptions["policy"] };
 
+/** Options of {@link Router.local}. */
+export interface LocalOptions {
+  /** "node", "deno", or a path to either (default: the runtime this context runs on). */
+  runtime?: string;
+  /** Context name, shown in logs and in the process title (`mitogen:<name>`). */
+  name?: string;
+  /** Start the context from this one instead. */
+  via?: Context;
+  /** Milliseconds allowed from spawn to connected (default 30 000). */
+  connectTimeout?: number;
+  /** Extra environment variables. */
+  env?: Record<string, string>;
+  /** Working directory. */
+  cwd?: string;
+}
+
 /** What a connection method reports about a live child. */
 export interface ChildLink {
   stream: Stream;
@@ -477,8 +493,16 @@ export class Router implements Binder, AsyncDisposable {
   readonly broker: Broker;
   /** The compressed core payload this context can start children with. */
   payload: Uint8Array | null = null;
-  /** Loaded modules by name (e.g. "mitogen:parent"). */
+  /** Names of the contexts from the master down to this one, for error reports. */
+  path: string[] = ["master"];
+  /** Evaluated shipped modules, by name (a content hash, or "mitogen:parent"). */
   readonly modules: Map<string, Record<string, unknown>> = new Map();
+  /** Compressed code of shipped modules this context holds, for itself and its children. */
+  readonly moduleCode: Map<string, Uint8Array> = new Map();
+  /** Counters: modules this context sent to its children (GET_MODULE answers) and their bytes. */
+  readonly stats: { modulesSent: number; moduleBytesSent: number } = { modulesSent: 0, moduleBytesSent: 0 };
+  readonly #fetching = new Map<string, Promise<Uint8Array>>();
+  readonly #loading = new Map<string, Promise<Record<string, unknown>>>();
 
   readonly #handlers = new Map<number, Handler>();
   readonly #routes = new Map<number, Stream>();
@@ -492,6 +516,88 @@ export class Router implements Binder, AsyncDisposable {
     this.broker = new Broker(this);
     this.addHandler((msg, stream) => this.#onAddRoute(msg, stream), { handle: HANDLE.ADD_ROUTE, policy: (m, s) => this.#fromChild(m, s) });
     this.addHandler((msg, stream) => this.#onDelRoute(msg, stream), { handle: HANDLE.DEL_ROUTE, policy: (m, s) => this.#fromChild(m, s) });
+    this.addHandler((msg) => this.#onGetModule(msg), { handle: HANDLE.GET_MODULE, policy: (_m, s) => s !== null && s !== this.parent });
+  }
+
+  // -- shipped modules ------------------------------------------------------
+
+  /**
+   * The compressed code of module `name`: from this context's cache, else
+   * from the parent (GET_MODULE), once however many ask at the same time.
+   */
+  fetchModuleCode(name: string): Promise<Uint8Array> {
+    const have = this.moduleCode.get(name);
+    if (have) return Promise.resolve(have);
+    let pending = this.#fetching.get(name);
+    if (!pending) {
+      const up = this.parentIds.at(-1);
+      if (!this.parent || up === undefined) return Promise.reject(new MitogenError(`module ${name} is unknown in ${this.name}`));
+      pending = this.contextById(up)
+        .sendAwait(Message.encoded(name, { handle: HANDLE.GET_MODULE }))
+        .then((code) => {
+          if (!(code instanceof Uint8Array)) throw new StreamError(`GET_MODULE ${name}: parent answered with no code`);
+          this.moduleCode.set(name, code);
+          return code;
+        })
+        .finally(() => this.#fetching.delete(name));
+      this.#fetching.set(name, pending);
+    }
+    return pending;
+  }
+
+  /** The exports of shipped module `name`, fetched and evaluated on first use. */
+  requireModule(name: string): Promise<Record<string, unknown>> {
+    const done = this.modules.get(name);
+    if (done) return Promise.resolve(done);
+    let pending = this.#loading.get(name);
+    if (!pending) {
+      pending = this.fetchModuleCode(name)
+        .then((code) => {
+          const m = evaluateModule(process.getBuiltinModule("node:zlib").inflateRawSync(code).toString(), name);
+          this.modules.set(name, m);
+          return m;
+        })
+        .finally(() => this.#loading.delete(name));
+      this.#loading.set(name, pending);
+    }
+    return pending;
+  }
+
+  #onGetModule(msg: Message): void {
+    const name = msg.unpickle();
+    if (typeof name !== "string") return;
+    this.fetchModuleCode(name).then(
+      (code) => {
+        this.stats.modulesSent++;
+        this.stats.moduleBytesSent += code.byteLength;
+        msg.reply(code);
+      },
+      (err: unknown) => msg.reply(CallError.fromThrown(err, this.path.join(" -> "))),
+    );
+  }
+
+  /** Bundle a module for {@link Context.import}; only the master can. */
+  bundleModule(specifier: string | URL): Promise<string> {
+    return Promise.reject(new MitogenError(`cannot bundle ${specifier} in ${this.name}: only the master bundles modules`));
+  }
+
+  // -- starting children ----------------------------------------------------
+
+  /** A fresh context id, from the master (ALLOCATE_ID). */
+  async allocateId(): Promise<number> {
+    const id = await this.contextById(0).sendAwait(Message.encoded(null, { handle: HANDLE.ALLOCATE_ID }));
+    if (typeof id !== "number") throw new StreamError("ALLOCATE_ID: bad answer");
+    return id;
+  }
+
+  /**
+   * Start a local context (node or deno) below this one, or `via` another
+   * context. Works in any context: a child fetches the parent-side code from
+   * its parent the first time.
+   */
+  async local(options: LocalOptions = {}): Promise<Context> {
+    const parent = await this.requireModule("mitogen:parent");
+    return (parent.local as (router: Router, options: LocalOptions) => Promise<Context>)(this, options);
   }
 
   // -- handlers -------------------------------------------------------------
@@ -786,6 +892,13 @@ export class Router implements Binder, AsyncDisposable {
 // deno-lint-ignore no-explicit-any
 export type Shippable = (...args: any[]) => unknown;
 
+/** A shipped module as the caller sees it: each exported function, async, without its CallContext argument. */
+export type Remote<T> = {
+  [K in keyof T as T[K] extends (...args: any[]) => unknown ? K : never]: T[K] extends (...args: infer A) => infer R
+    ? (...args: A extends [...infer Head, CallContext] ? Head : A) => Promise<Awaited<R>>
+    : never;
+};
+
 /** Options of {@link Context.shutdown}. */
 export interface ShutdownOptions {
   /** Resolve only once the context has gone. */
@@ -843,6 +956,8 @@ export class Context implements WireRef, AsyncDisposable {
    * console.log((await recv.get()).unpickle());
    * ```
    */
+  callAsync<A extends unknown[], R>(fn: (...args: [...A, CallContext]) => R, ...args: A): Receiver;
+  callAsync<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Receiver;
   callAsync<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Receiver {
     return this.sendAsync(callMessage(fn, args));
   }
@@ -859,18 +974,44 @@ export class Context implements WireRef, AsyncDisposable {
    * console.log(await ctx.call((x: number) => x * 2, 21)); // 42
    * ```
    */
+  call<A extends unknown[], R>(fn: (...args: [...A, CallContext]) => R, ...args: A): Promise<Awaited<R>>;
+  call<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Promise<Awaited<R>>;
   async call<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Promise<Awaited<R>> {
-    return (await this.callAsync(fn, ...args).get()).unpickle() as Awaited<R>;
+    return (await this.sendAsync(callMessage(fn, args)).get()).unpickle() as Awaited<R>;
   }
 
   /** Run `fn(...args)` in this context without waiting for, or hearing of, a result. */
+  callNoReply<A extends unknown[], R>(fn: (...args: [...A, CallContext]) => R, ...args: A): void;
+  callNoReply<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): void;
   callNoReply<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): void {
     this.send(callMessage(fn, args));
   }
 
-  /** Call `name` of a module already loaded in the context (e.g. "mitogen:parent"). */
+  /** Call the exported function `name` of shipped module `module` (fetched on demand there). */
   callModule(module: string, name: string, ...args: unknown[]): Promise<unknown> {
-    return this.sendAwait(Message.encoded([1, `${module}#${name}`, args], { handle: HANDLE.CALL_FUNCTION }, "args", args));
+    return this.sendAwait(Message.encoded([CALL.MODULE, `${module}#${name}`, args, 0], { handle: HANDLE.CALL_FUNCTION }, "args", args));
+  }
+
+  /**
+   * Ship a TypeScript or JavaScript module (with its relative imports and npm
+   * dependencies, bundled by the master) to this context, and return an
+   * object whose functions run there. Only the master can bundle.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const ctx = await router.local();
+   * const tasks = await ctx.import<typeof import("./tests/fixtures/tasks.ts")>(new URL("./tests/fixtures/tasks.ts", import.meta.url));
+   * console.log(await tasks.add(1, 2)); // 3
+   * ```
+   */
+  async import<T>(specifier: string | URL): Promise<Remote<T>> {
+    const name = await this.router.bundleModule(specifier);
+    const exported = (await this.sendAwait(Message.encoded([CALL.LOAD, name, [], 0], { handle: HANDLE.CALL_FUNCTION }))) as string[];
+    const remote: Record<string, (...args: unknown[]) => Promise<unknown>> = {};
+    for (const fn of exported) remote[fn] = (...args) => this.callModule(name, fn, ...args);
+    return remote as Remote<T>;
   }
 
   /** Resolves with the reason once the context is gone. */
@@ -925,7 +1066,7 @@ function callMessage(fn: unknown, args: unknown[]): Message {
     if (/^class\b/.test(src)) throw new MitogenError(`cannot call class ${fn.name}: pass a function`);
     shippedSource.set(fn, src);
   }
-  return Message.encoded([0, src, args], { handle: HANDLE.CALL_FUNCTION }, "args", args);
+  return Message.encoded([CALL.SOURCE, src, args, isTakesRouter(fn) ? CALL.TAKES_ROUTER : 0], { handle: HANDLE.CALL_FUNCTION }, "args", args);
 }
 
 // ---------------------------------------------------------------------------
@@ -1369,6 +1510,42 @@ function compile(src: string): Shippable {
   return fn;
 }
 
+/** The running core's exports: what `import ... from "mitogen"` means in a shipped module. */
+let runningCore: Record<string, unknown> | null = null;
+
+/**
+ * Run a shipped module (a CommonJS bundle) and return its exports.
+ * `require("mitogen")` is the core already running here; `node:` builtins
+ * come from the runtime; nothing else can be required.
+ */
+export function evaluateModule(src: string, name: string): Record<string, unknown> {
+  const module = { exports: {} as Record<string, unknown> };
+  const require = (id: string): unknown => {
+    if (id === "mitogen") return runningCore ?? {};
+    const builtin = process.getBuiltinModule(id);
+    if (builtin) return builtin;
+    throw new MitogenError(`module ${name} requires ${JSON.stringify(id)}, which is neither "mitogen" nor a runtime builtin`);
+  };
+  new Function("module", "exports", "require", "__name", src)(module, module.exports, require, keepName);
+  return module.exports;
+}
+
+/** Kinds of CALL_FUNCTION body: `[kind, target, args, flags]`. */
+export const CALL = {
+  /** target: a function's source. */
+  SOURCE: 0,
+  /** target: `module#export`, a function exported by a shipped module. */
+  MODULE: 1,
+  /** target: a module name; load it and answer with its exported function names. */
+  LOAD: 2,
+  /** flags bit: hand the function `{ router, econtext }` as an extra last argument. */
+  TAKES_ROUTER: 1,
+} as const;
+
+function isTakesRouter(fn: unknown): boolean {
+  return (fn as Record<symbol, boolean> | null)?.[TAKES] === true;
+}
+
 /** Serve CALL_FUNCTION on `router`: accepted only from this context's parents. */
 export function installDispatcher(router: Router): void {
   router.addHandler(
@@ -1376,21 +1553,31 @@ export function installDispatcher(router: Router): void {
       void (async () => {
         let result: unknown;
         let failed = false;
+        let kind = -1;
         try {
-          const [kind, target, args] = msg.unpickle() as [number, string, unknown[]];
-          let fn: Shippable;
-          if (kind === 1) {
-            const [mod, name] = target.split("#") as [string, string];
-            const m = router.modules.get(mod);
-            const f = m?.[name];
-            if (typeof f !== "function") throw new MitogenError(`${mod}#${name} is not loaded in ${router.name}`);
-            fn = f as Shippable;
-          } else fn = compile(target);
-          const extra = (fn as unknown as Record<symbol, boolean>)[TAKES] ? [{ router, econtext: router, msg } satisfies CallContext] : [];
-          result = await fn(...(Array.isArray(args) ? args : []), ...extra);
+          const body = msg.unpickle() as [number, string, unknown[], number?];
+          kind = body[0];
+          const [, target, args, flags = 0] = body;
+          if (kind === CALL.LOAD) {
+            const m = await router.requireModule(target);
+            result = Object.keys(m).filter((k) => typeof m[k] === "function");
+          } else {
+            let fn: Shippable;
+            if (kind === CALL.MODULE) {
+              const hash = target.lastIndexOf("#");
+              const mod = target.slice(0, hash);
+              const name = target.slice(hash + 1);
+              const m = await router.requireModule(mod);
+              const f = Object.hasOwn(m, name) ? m[name] : undefined;
+              if (typeof f !== "function") throw new MitogenError(`${mod} has no exported function ${JSON.stringify(name)}`);
+              fn = f as Shippable;
+            } else fn = compile(target);
+            const extra = flags & CALL.TAKES_ROUTER || isTakesRouter(fn) ? [{ router, econtext: router, msg } satisfies CallContext] : [];
+            result = await fn(...(Array.isArray(args) ? args : []), ...extra);
+          }
         } catch (err) {
           failed = true;
-          result = CallError.fromThrown(err, router.name);
+          result = CallError.fromThrown(withHint(err, kind, router), router.path.join(" -> "));
         }
         if (!msg.replyTo) {
           if (failed) router.log("warn", `callNoReply failed: ${(result as CallError).message}`);
@@ -1399,12 +1586,25 @@ export function installDispatcher(router: Router): void {
         try {
           msg.reply(result);
         } catch (err) {
-          msg.reply(CallError.fromThrown(err, router.name));
+          msg.reply(CallError.fromThrown(err, router.path.join(" -> ")));
         }
       })();
     },
     { handle: HANDLE.CALL_FUNCTION, policy: (msg) => fromParent(router, msg) },
   );
+}
+
+/** A free identifier in shipped source fails remotely; say why, and what to do instead. */
+function withHint(err: unknown, kind: number, router: Router): unknown {
+  if (kind !== CALL.SOURCE || !(err instanceof ReferenceError)) return err;
+  const name = /^(\S+) is not defined/.exec(err.message)?.[1];
+  if (!name) return err;
+  const hinted = new ReferenceError(
+    `${name} is not defined in context ${router.name}: a function passed to call() is shipped as source, without the variables around it; ` +
+      `pass ${name} as an argument, or ship a module with ctx.import()`,
+  );
+  hinted.stack = `${hinted.name}: ${hinted.message}\n${(err.stack ?? "").split("\n").slice(1).join("\n")}`;
+  return hinted;
 }
 
 function fromParent(router: Router, msg: Message): boolean {
@@ -1422,10 +1622,13 @@ export interface ChildConfig {
   maxMessageSize: number;
   unidirectional: boolean;
   debug: boolean;
+  /** Names from the master down to this context. */
+  path: string[];
 }
 
 /** Entry point of the payload: the first stage calls this with what it read. */
 export function childMain(boot: Boot, core: Record<string, unknown>): void {
+  runningCore = core;
   const transport = childTransport(boot);
   const router = new Router();
   router.payload = boot.payload;
@@ -1446,6 +1649,7 @@ export function childMain(boot: Boot, core: Record<string, unknown>): void {
     parentId = cfg.parentIds.at(-1) ?? null;
     isMaster = false;
     router.name = cfg.name;
+    router.path = Array.isArray(cfg.path) ? cfg.path.map(String) : [cfg.name];
     router.maxMessageSize = stream.maxMessageSize = cfg.maxMessageSize;
     router.unidirectional = cfg.unidirectional;
     router.debug = cfg.debug;
@@ -1470,20 +1674,6 @@ export function childMain(boot: Boot, core: Record<string, unknown>): void {
   router.onParentLost = () => exitProcess(0);
   installDispatcher(router);
   router.addHandler(() => exit(0), { handle: HANDLE.SHUTDOWN, policy: (m) => fromParent(router, m) });
-  router.addHandler(
-    (msg) => {
-      let result: unknown = true;
-      try {
-        const [name, compressed] = msg.unpickle() as [string, Uint8Array];
-        const src = process.getBuiltinModule("node:zlib").inflateRawSync(compressed).toString();
-        router.modules.set(name, new Function("core", src)(core) as Record<string, unknown>);
-      } catch (err) {
-        result = CallError.fromThrown(err, router.name);
-      }
-      if (msg.replyTo) msg.reply(result);
-    },
-    { handle: HANDLE.LOAD_MODULE, policy: (m) => fromParent(router, m) },
-  );
   onUncaught((what, err) => router.log("error", `${what}: ${(err as Error)?.stack ?? err}`));
   stream.start();
   stream.writeRaw(ascii.encode(MARKER.CONNECTED));

@@ -6,18 +6,20 @@
  */
 import {
   type Context,
+  type LocalOptions,
   Router as CoreRouter,
   DEFAULT_MAX_MESSAGE_SIZE,
   HANDLE,
   type LogLevel,
   type LogRecord,
   type LogSource,
-  Message,
+  type Message,
   MitogenError,
   isDeno,
   type Stream,
 } from "./core.ts";
-import { type ConnectSpec, connectLocal } from "./parent.ts";
+import { bundle } from "./bundler.ts";
+import * as parentModule from "./parent.ts";
 import { payloads } from "./payload.ts";
 
 /** Options of the master {@link Router}. */
@@ -30,22 +32,6 @@ export interface RouterOptions {
   unidirectional?: boolean;
   /** Forward debug-level records from children too. */
   debug?: boolean;
-}
-
-/** Options of {@link Router.local}. */
-export interface LocalOptions {
-  /** "node", "deno", or a path to either (default: the runtime the master runs on). */
-  runtime?: string;
-  /** Context name, shown in logs and in the process title (`mitogen:<name>`). */
-  name?: string;
-  /** Start the context from this one instead of the master. */
-  via?: Context;
-  /** Milliseconds allowed from spawn to connected (default 30 000). */
-  connectTimeout?: number;
-  /** Extra environment variables. */
-  env?: Record<string, string>;
-  /** Working directory. */
-  cwd?: string;
 }
 
 const LEVELS: Record<LogLevel, number> = { debug: 0, info: 1, warn: 2, error: 3 };
@@ -79,7 +65,6 @@ export function defaultLogger(record: LogRecord): void {
 export class Router extends CoreRouter {
   readonly #logger: (record: LogRecord) => void;
   #nextId = 1;
-  readonly #parentModule = new Map<number, Promise<unknown>>();
   #closed = false;
 
   constructor(options: RouterOptions = {}) {
@@ -89,12 +74,12 @@ export class Router extends CoreRouter {
     this.unidirectional = options.unidirectional ?? false;
     this.debug = options.debug ?? false;
     this.addHandler((msg, stream) => this.#onForwardLog(msg, stream), { handle: HANDLE.FORWARD_LOG });
-    this.addHandler((msg) => msg.reply(this.allocateId()), { handle: HANDLE.ALLOCATE_ID });
+    this.addHandler((msg) => msg.reply(this.#nextId++), { handle: HANDLE.ALLOCATE_ID });
   }
 
   /** A fresh context id. */
-  allocateId(): number {
-    return this.#nextId++;
+  override allocateId(): Promise<number> {
+    return Promise.resolve(this.#nextId++);
   }
 
   override logRecord(record: LogRecord): void {
@@ -136,32 +121,22 @@ export class Router extends CoreRouter {
    * console.log(await ctx.call(() => typeof Deno)); // "object"
    * ```
    */
-  async local(options: LocalOptions = {}): Promise<Context> {
+  override async local(options: LocalOptions = {}): Promise<Context> {
     if (this.#closed) throw new MitogenError("router is shut down");
-    const built = await payloads();
-    this.payload ??= built.core;
-    const id = this.allocateId();
-    const spec: ConnectSpec = {
-      id,
-      name: options.name ?? `local.${id}`,
-      runtime: options.runtime ?? (isDeno ? "deno" : "node"),
-      connectTimeout: options.connectTimeout ?? 30_000,
-      ...(options.env ? { env: options.env } : {}),
-      ...(options.cwd ? { cwd: options.cwd } : {}),
-    };
-    const via = options.via;
-    if (!via) return connectLocal(this, spec);
-    let loaded = this.#parentModule.get(via.contextId);
-    if (!loaded) {
-      loaded = via.sendAwait(Message.encoded(["mitogen:parent", built.parent], { handle: HANDLE.LOAD_MODULE }));
-      this.#parentModule.set(via.contextId, loaded);
-      loaded.catch(() => this.#parentModule.delete(via.contextId));
+    if (!this.payload) {
+      const built = await payloads();
+      this.payload = built.core;
+      this.moduleCode.set("mitogen:parent", built.parent);
+      this.modules.set("mitogen:parent", parentModule as unknown as Record<string, unknown>);
     }
-    await loaded;
-    await via.callModule("mitogen:parent", "proxyConnectLocal", spec);
-    const ctx = this.contextById(id, spec.name);
-    ctx.via = via;
-    return ctx;
+    return super.local(options);
+  }
+
+  /** Bundle `specifier` with esbuild (cached while its sources are unchanged) and hold it for GET_MODULE. */
+  override async bundleModule(specifier: string | URL): Promise<string> {
+    const { name, code } = await bundle(specifier);
+    this.moduleCode.set(name, code);
+    return name;
   }
 
   override shutdown(): Promise<void> {

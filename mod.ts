@@ -41,11 +41,13 @@ export type {
   GetOptions,
   LogLevel,
   LogRecord,
+  LocalOptions,
   LogSource,
   ReceiverOptions,
+  Remote,
   Selectable,
   SelectEvent,
   ShutdownOptions,
 } from "./core.ts";
 export { defaultLogger, Router } from "./master.ts";
-export type { LocalOptions, RouterOptions } from "./master.ts";
+export type { RouterOptions } from "./master.ts";

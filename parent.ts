@@ -15,6 +15,8 @@ import {
   type Context,
   type LogSource,
   HANDLE,
+  isDeno,
+  type LocalOptions,
   MARKER,
   Message,
   type Router,
@@ -190,6 +192,7 @@ export async function connectLocal(router: Router, spec: ConnectSpec): Promise<C
       maxMessageSize: router.maxMessageSize,
       unidirectional: router.unidirectional,
       debug: router.debug,
+      path: [...router.path, spec.name],
     };
     stream.send(Message.encoded(config, { dst: spec.id, src: router.myId, auth: router.myId, handle: HANDLE.CONFIGURE }));
     await Promise.race([settle(connected), failure]);
@@ -206,7 +209,26 @@ export async function connectLocal(router: Router, spec: ConnectSpec): Promise<C
   return ctx;
 }
 
-/** Run in a `via` context by the master: start a local child there. Resolves with its id. */
+/** {@link Router.local}: start a local context below `router`, or below `options.via`. */
+export async function local(router: Router, options: LocalOptions): Promise<Context> {
+  const id = await router.allocateId();
+  const spec: ConnectSpec = {
+    id,
+    name: options.name ?? `local.${id}`,
+    runtime: options.runtime ?? (isDeno ? "deno" : "node"),
+    connectTimeout: options.connectTimeout ?? 30_000,
+    ...(options.env ? { env: options.env } : {}),
+    ...(options.cwd ? { cwd: options.cwd } : {}),
+  };
+  const via = options.via;
+  if (!via) return connectLocal(router, spec);
+  await via.callModule("mitogen:parent", "proxyConnectLocal", spec);
+  const ctx = router.contextById(id, spec.name);
+  ctx.via = via;
+  return ctx;
+}
+
+/** Run in a `via` context: start a local child there. Resolves with its id. */
 export const proxyConnectLocal: (spec: ConnectSpec, call: { router: Router }) => Promise<number> = takesRouter(
   async (spec: ConnectSpec, call: { router: Router }): Promise<number> => (await connectLocal(call.router, spec)).contextId,
 );

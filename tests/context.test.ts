@@ -51,7 +51,7 @@ for (const runtime of RUNTIMES) {
       assert.equal(err.remoteName, "TypeError");
       assert.match(err.message, /TypeError: remote boom/);
       assert.match(err.remoteStack, /deepFail/);
-      assert.match(err.remoteStack, /\[thrower\]/);
+      assert.match(err.remoteStack, /\[master -> thrower\]/);
       // the context survives a failed call
       assert.equal(await ctx.call(() => "still here"), "still here");
     });

@@ -1,0 +1,124 @@
+/** Shipping real code: ctx.import, takesRouter, hints for free identifiers. */
+import assert from "node:assert/strict";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { describe, test } from "node:test";
+import { pathToFileURL } from "node:url";
+import { type CallContext, CallError, MitogenError, Receiver, Router, takesRouter } from "../mod.ts";
+import { captureLogs, checkLeaks, RUNTIMES } from "./helpers.ts";
+
+checkLeaks();
+
+type Tasks = typeof import("./fixtures/tasks.ts");
+const TASKS = new URL("./fixtures/tasks.ts", import.meta.url);
+
+for (const runtime of RUNTIMES) {
+  describe(`${runtime} child`, () => {
+    test("a module with a relative import, an npm dependency and node: builtins runs there", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const ctx = await router.local({ runtime, name: "modular" });
+      const tasks = await ctx.import<Tasks>(TASKS);
+      assert.equal(await tasks.add(1, 2), 3);
+      const report = await tasks.inventory({ deep: true });
+      assert.deepEqual(report, { host: report.host, deep: true, runtime, shouted: "HI!" });
+      assert.equal(await tasks.same({ a: [1, { b: 2 }] }, { a: [1, { b: 2 }] }), true);
+      assert.deepEqual(await tasks.roles(), { isMaster: false });
+      const err = await tasks.fail().catch((e: unknown) => e);
+      assert.ok(err instanceof CallError);
+      assert.equal(err.remoteName, "RangeError");
+    });
+
+    test('"mitogen" inside a shipped module is the running core', async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const ctx = await router.local({ runtime, name: "core-identity" });
+      const tasks = await ctx.import<Tasks>(TASKS);
+      await using recv = new Receiver(router);
+      assert.equal(await tasks.coreIdentity(recv.toSender()), true);
+      assert.equal((await recv.get({ timeout: 5000 })).unpickle(), true, "a Sender decoded there is bound to the running router");
+      await using counted = new Receiver(router);
+      assert.equal(await tasks.count(counted.toSender(), 3), 3);
+      const got: unknown[] = [];
+      for await (const msg of counted) got.push(msg.unpickle());
+      assert.deepEqual(got, [0, 1, 2]);
+    });
+
+    test("a takesRouter function starts a grandchild and returns its result", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const ctx = await router.local({ runtime, name: "spawner" });
+      const tasks = await ctx.import<Tasks>(TASKS);
+      assert.equal(await tasks.spawnAndCall(runtime), 42);
+      // a plain function marked with takesRouter gets { router, econtext } too
+      const seen = await ctx.call(takesRouter((call: CallContext) => [call.router.myId, call.econtext === call.router]));
+      assert.deepEqual(seen, [ctx.contextId, true]);
+      const withArg = await ctx.call(
+        takesRouter((a: number, call: CallContext) => a + call.router.myId),
+        10,
+      );
+      assert.equal(withArg, 10 + ctx.contextId);
+    });
+
+    test("a free identifier in shipped source names itself and suggests ctx.import", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const ctx = await router.local({ runtime, name: "closure" });
+      const outside = 5;
+      await assert.rejects(
+        ctx.call(() => outside + 1),
+        (err: unknown) => err instanceof CallError && /outside is not defined in context closure/.test(err.message) && /ctx\.import/.test(err.message),
+      );
+    });
+  });
+}
+
+test("a module imported in 10 contexts below one parent crosses the master's link once", async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const parent = await router.local({ name: "fanout" });
+  const kids = await Promise.all(Array.from({ length: 10 }, (_, i) => router.local({ name: `leaf${i}`, via: parent })));
+  const before = router.stats.modulesSent;
+  const imported = await Promise.all(kids.map((k) => k.import<Tasks>(TASKS)));
+  assert.deepEqual(await Promise.all(imported.map((t, i) => t.add(i, 1))), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+  assert.equal(router.stats.modulesSent - before, 1, "the master sent the module once");
+  const parentSent = await parent.call(takesRouter((call: CallContext) => call.router.stats.modulesSent));
+  assert.ok((parentSent as number) >= 10, `the parent served its ten children (${parentSent})`);
+});
+
+test("editing a module between two imports re-sends it; an unchanged one is reused", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "mitogen-mod-"));
+  try {
+    const file = join(dir, "edit.ts");
+    writeFileSync(file, "export const version = (): number => 1;\n");
+    await using router = new Router({ log: captureLogs().log });
+    const ctx = await router.local({ name: "editor" });
+    const first = await ctx.import<{ version(): number }>(pathToFileURL(file));
+    assert.equal(await first.version(), 1);
+    const sent = router.stats.modulesSent;
+    await ctx.import<{ version(): number }>(pathToFileURL(file));
+    assert.equal(router.stats.modulesSent, sent, "unchanged: not sent again");
+    writeFileSync(file, "export const version = (): number => 2; // edited\n");
+    const second = await ctx.import<{ version(): number }>(pathToFileURL(file));
+    assert.equal(await second.version(), 2);
+    assert.equal(router.stats.modulesSent, sent + 1, "changed: sent again");
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("a module that fails to bundle names the file and line; the context stays usable", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "mitogen-mod-"));
+  try {
+    await using router = new Router({ log: captureLogs().log });
+    const ctx = await router.local({ name: "broken" });
+    const syntax = join(dir, "syntax.ts");
+    writeFileSync(syntax, "export function ok() {\n  return 1 +;\n}\n");
+    await assert.rejects(ctx.import(pathToFileURL(syntax)), (err: unknown) => err instanceof MitogenError && /syntax\.ts:2:\d+/.test(err.message));
+    const missing = join(dir, "missing.ts");
+    writeFileSync(missing, 'import { nothing } from "./not-there.ts";\nexport const f = () => nothing;\n');
+    await assert.rejects(
+      ctx.import(pathToFileURL(missing)),
+      (err: unknown) => err instanceof MitogenError && /missing\.ts:1:\d+: Could not resolve/.test(err.message),
+    );
+    assert.equal(await ctx.call(() => "usable"), "usable");
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
