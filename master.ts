@@ -15,7 +15,6 @@ import {
   type LogSource,
   type Message,
   MitogenError,
-  isDeno,
   type Stream,
 } from "./core.ts";
 import { bundle } from "./bundler.ts";
