@@ -15,7 +15,7 @@
  * |   5  | Context         | msgpack array `[contextId, name]`                |
  * |   6  | Sender          | msgpack array `[contextId, handle]`              |
  * |   7  | Secret          | the wrapped value                                |
- * |   8  | CallError       | msgpack array `[remoteName, message, remoteStack]` |
+ * |   8  | CallError       | msgpack array `[remoteName, message, remoteStack, cause?]` |
  * |   9  | out-of-band blob| u32 byte length (bytes follow the value, see below) |
  *
  * Large `Uint8Array`s (>= {@link BLOB_MIN} bytes) are not copied into the
@@ -33,7 +33,7 @@
  * @module
  */
 import { Decoder, Encoder, ExtData, ExtensionCodec, encodeTimestampExtension } from "@msgpack/msgpack";
-import { CallError, ChannelError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
+import { AbortError, CallError, ChannelError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
 
 /** Extension type numbers. */
 export const EXT = {
@@ -205,7 +205,10 @@ function newEncoder(state: EncodeState): EncoderInternals {
     if (value instanceof Map) return nested(EXT.MAP, [...value].flat(1));
     if (value instanceof Set) return nested(EXT.SET, [...value]);
     if (value instanceof Secret) return nested(EXT.SECRET, value.reveal());
-    if (value instanceof CallError) return nested(EXT.CALL_ERROR, [value.remoteName, value.message.slice(value.remoteName.length + 2), value.remoteStack]);
+    if (value instanceof CallError) {
+      const fields = [value.remoteName, value.message.slice(value.remoteName.length + 2), value.remoteStack];
+      return nested(EXT.CALL_ERROR, "cause" in value ? [...fields, value.cause] : fields);
+    }
     if (value instanceof Error) return nested(EXT.ERROR, errorFields(value));
     throw new BadValue(value, describe(value));
   };
@@ -298,6 +301,7 @@ const ERROR_CLASSES: Record<string, new (message: string) => Error> = {
   ChannelError,
   StreamError,
   TimeoutError,
+  AbortError,
 };
 
 function rebuildError(fields: unknown): Error {
@@ -348,8 +352,9 @@ const decoders: [number, (data: Uint8Array, state: DecodeState) => unknown][] = 
   [
     EXT.CALL_ERROR,
     (d, s) => {
-      const [name, message, stack] = asArray(nestedDecode(d, s), "CallError").map(String);
-      return new CallError(name ?? "Error", message ?? "", stack ?? "");
+      const fields = asArray(nestedDecode(d, s), "CallError");
+      const [name, message, stack] = fields.slice(0, 3).map(String);
+      return new CallError(name ?? "Error", message ?? "", stack ?? "", fields.length > 3 ? { cause: fields[3] } : undefined);
     },
   ],
   [

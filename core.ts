@@ -7,7 +7,7 @@
  *
  * @module
  */
-import { CallError, ChannelError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
+import { AbortError, CallError, ChannelError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
 import { type Binder, decodeValue, encodeValue, WIRE_REF, type WireRef } from "./codec.ts";
 import { type Boot, childTransport, exitProcess, onUncaught, setTitle, type Transport } from "./runtime.ts";
 
@@ -34,6 +34,8 @@ export const HANDLE = {
   STUB_CALL_SERVICE: 111,
   /** First frame from a parent to a new child: its configuration. */
   CONFIGURE: 112,
+  /** Cancel a running call: data is the call's reply_to handle; only its caller can. */
+  CANCEL_CALL: 113,
   /** `reply_to` of a dead message. */
   IS_DEAD: 999,
 } as const;
@@ -959,7 +961,7 @@ export class Context implements WireRef, AsyncDisposable {
   callAsync<A extends unknown[], R>(fn: (...args: [...A, CallContext]) => R, ...args: A): Receiver;
   callAsync<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Receiver;
   callAsync<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Receiver {
-    return this.sendAsync(callMessage(fn, args));
+    return this.with({}).callAsync(fn, ...args);
   }
 
   /**
@@ -976,20 +978,20 @@ export class Context implements WireRef, AsyncDisposable {
    */
   call<A extends unknown[], R>(fn: (...args: [...A, CallContext]) => R, ...args: A): Promise<Awaited<R>>;
   call<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Promise<Awaited<R>>;
-  async call<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Promise<Awaited<R>> {
-    return (await this.sendAsync(callMessage(fn, args)).get()).unpickle() as Awaited<R>;
+  call<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Promise<Awaited<R>> {
+    return this.with({}).call(fn, ...args);
   }
 
   /** Run `fn(...args)` in this context without waiting for, or hearing of, a result. */
   callNoReply<A extends unknown[], R>(fn: (...args: [...A, CallContext]) => R, ...args: A): void;
   callNoReply<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): void;
   callNoReply<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): void {
-    this.send(callMessage(fn, args));
+    this.send(callMessage(fn, args, {}));
   }
 
   /** Call the exported function `name` of shipped module `module` (fetched on demand there). */
   callModule(module: string, name: string, ...args: unknown[]): Promise<unknown> {
-    return this.sendAwait(Message.encoded([CALL.MODULE, `${module}#${name}`, args, 0], { handle: HANDLE.CALL_FUNCTION }, "args", args));
+    return this.with({}).callModule(module, name, ...args);
   }
 
   /**
@@ -1006,12 +1008,26 @@ export class Context implements WireRef, AsyncDisposable {
    * console.log(await tasks.add(1, 2)); // 3
    * ```
    */
-  async import<T>(specifier: string | URL): Promise<Remote<T>> {
-    const name = await this.router.bundleModule(specifier);
-    const exported = (await this.sendAwait(Message.encoded([CALL.LOAD, name, [], 0], { handle: HANDLE.CALL_FUNCTION }))) as string[];
-    const remote: Record<string, (...args: unknown[]) => Promise<unknown>> = {};
-    for (const fn of exported) remote[fn] = (...args) => this.callModule(name, fn, ...args);
-    return remote as Remote<T>;
+  import<T>(specifier: string | URL): Promise<Remote<T>> {
+    return this.with({}).import<T>(specifier);
+  }
+
+  /**
+   * Calls into this context bounded by `options`: a `timeout` (ms) that
+   * travels with each call, and/or an AbortSignal. Either rejects the caller
+   * at once (TimeoutError, AbortError) and aborts the `signal` the remote
+   * function gets in its CallContext, however many hops away.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const ctx = await router.local();
+   * await ctx.with({ timeout: 100 }).call(() => new Promise(() => {})).catch((e) => console.log(e.name)); // TimeoutError
+   * ```
+   */
+  with(options: CallOptions): CallScope {
+    return new CallScope(this, options);
   }
 
   /** Resolves with the reason once the context is gone. */
@@ -1055,9 +1071,93 @@ export class Context implements WireRef, AsyncDisposable {
   }
 }
 
+/** Limits a call carries: see {@link Context.with}. */
+export interface CallOptions {
+  /** Aborting it cancels the call. */
+  signal?: AbortSignal;
+  /** Milliseconds the call may take, in total, counted from sending it. */
+  timeout?: number;
+}
+
+/** The wire form of CallOptions, last in a CALL_FUNCTION body. */
+type CallLimits = { timeout?: number; cancel?: true };
+
+function limits(options: CallOptions): CallLimits | undefined {
+  if (options.signal === undefined && options.timeout === undefined) return undefined;
+  return { ...(options.timeout === undefined ? {} : { timeout: options.timeout }), ...(options.signal ? { cancel: true } : {}) };
+}
+
+/**
+ * Calls into a context under {@link CallOptions} (from {@link Context.with}).
+ * Functions of modules imported through it carry the same options.
+ */
+export class CallScope {
+  readonly context: Context;
+  readonly options: CallOptions;
+
+  constructor(context: Context, options: CallOptions) {
+    this.context = context;
+    this.options = options;
+  }
+
+  /** As {@link Context.callAsync}. */
+  callAsync<A extends unknown[], R>(fn: (...args: [...A, CallContext]) => R, ...args: A): Receiver;
+  callAsync<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Receiver;
+  callAsync<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Receiver {
+    return this.#start(callMessage(fn, args, this.options));
+  }
+
+  /** As {@link Context.call}. */
+  call<A extends unknown[], R>(fn: (...args: [...A, CallContext]) => R, ...args: A): Promise<Awaited<R>>;
+  call<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Promise<Awaited<R>>;
+  async call<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Promise<Awaited<R>> {
+    return (await this.callAsync(fn, ...args).get()).unpickle() as Awaited<R>;
+  }
+
+  /** As {@link Context.callModule}. */
+  async callModule(module: string, name: string, ...args: unknown[]): Promise<unknown> {
+    const body = [CALL.MODULE, `${module}#${name}`, args, 0, limits(this.options)];
+    return (await this.#start(Message.encoded(body, { handle: HANDLE.CALL_FUNCTION }, "args", args)).get()).unpickle();
+  }
+
+  /** As {@link Context.import}; the functions returned carry this scope's options. */
+  async import<T>(specifier: string | URL): Promise<Remote<T>> {
+    const name = await this.context.router.bundleModule(specifier);
+    const load = Message.encoded([CALL.LOAD, name, [], 0, limits(this.options)], { handle: HANDLE.CALL_FUNCTION });
+    const exported = (await this.#start(load).get()).unpickle() as string[];
+    const remote: Record<string, (...args: unknown[]) => Promise<unknown>> = {};
+    for (const fn of exported) remote[fn] = (...args) => this.callModule(name, fn, ...args);
+    return remote as Remote<T>;
+  }
+
+  /** Send a call; enforce the timeout and signal on the caller's side and tell the callee. */
+  #start(msg: Message): Receiver {
+    const { signal, timeout } = this.options;
+    const recv = this.context.sendAsync(msg);
+    if (signal === undefined && timeout === undefined) return recv;
+    const ctx = this.context;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const onAbort = () => stop(new AbortError(`call to ${ctx.name} aborted`, { cause: signal?.reason }));
+    const stop = (reason: Error) => {
+      recv._fail(reason);
+      ctx.send(Message.encoded(recv.handle, { handle: HANDLE.CANCEL_CALL }));
+    };
+    recv._onSettle(() => {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", onAbort);
+    });
+    if (signal?.aborted) onAbort();
+    else {
+      signal?.addEventListener("abort", onAbort, { once: true });
+      if (timeout !== undefined) timer = setTimeout(() => stop(new TimeoutError(`call to ${ctx.name} did not finish within ${timeout} ms`)), timeout);
+    }
+    return recv;
+  }
+}
+
 const shippedSource = new WeakMap<object, string>();
 
-function callMessage(fn: unknown, args: unknown[]): Message {
+function callMessage(fn: unknown, args: unknown[], options: CallOptions): Message {
   if (typeof fn !== "function") throw new MitogenError(`call needs a function, got ${typeof fn}`);
   let src = shippedSource.get(fn);
   if (src === undefined) {
@@ -1066,7 +1166,8 @@ function callMessage(fn: unknown, args: unknown[]): Message {
     if (/^class\b/.test(src)) throw new MitogenError(`cannot call class ${fn.name}: pass a function`);
     shippedSource.set(fn, src);
   }
-  return Message.encoded([CALL.SOURCE, src, args, isTakesRouter(fn) ? CALL.TAKES_ROUTER : 0], { handle: HANDLE.CALL_FUNCTION }, "args", args);
+  const body = [CALL.SOURCE, src, args, isTakesRouter(fn) ? CALL.TAKES_ROUTER : 0, limits(options)];
+  return Message.encoded(body, { handle: HANDLE.CALL_FUNCTION }, "args", args);
 }
 
 // ---------------------------------------------------------------------------
@@ -1173,7 +1274,28 @@ export class Receiver implements AsyncIterable<Message>, AsyncDisposable, Select
     });
   }
 
+  #settle: (() => void) | null = null;
+
+  /** @internal Run `fn` once, when the first message arrives or the receiver closes. */
+  _onSettle(fn: () => void): void {
+    this.#settle = fn;
+  }
+
+  #settled(): void {
+    const fn = this.#settle;
+    this.#settle = null;
+    fn?.();
+  }
+
+  /** @internal Stop receiving; waiters reject with `error`. */
+  _fail(error: Error): void {
+    this.router.delHandler(this.handle);
+    this.#queue.close(error);
+    this.#settled();
+  }
+
   #deliver(msg: Message): void {
+    this.#settled();
     msg.receiver = this;
     if (msg.isDead) {
       this.router.delHandler(this.handle);
@@ -1216,8 +1338,7 @@ export class Receiver implements AsyncIterable<Message>, AsyncDisposable, Select
 
   /** Stop receiving: waiters reject with ChannelError. */
   close(): void {
-    this.router.delHandler(this.handle);
-    this.#queue.close(new ChannelError(`receiver ${this.handle} closed`));
+    this._fail(new ChannelError(`receiver ${this.handle} closed`));
   }
 
   async *[Symbol.asyncIterator](): AsyncIterator<Message> {
@@ -1480,6 +1601,11 @@ export interface CallContext {
   econtext: Router;
   /** The message that started the call. */
   msg: Message;
+  /**
+   * Aborted when the caller cancels or the call's deadline passes. Pass it on
+   * to nested calls (`ctx.with({ signal })`) so they end too.
+   */
+  signal: AbortSignal;
 }
 
 const TAKES = Symbol.for("mitogen.takes");
@@ -1548,16 +1674,33 @@ function isTakesRouter(fn: unknown): boolean {
 
 /** Serve CALL_FUNCTION on `router`: accepted only from this context's parents. */
 export function installDispatcher(router: Router): void {
+  // Calls that can be cancelled, by "<caller id>:<reply handle>": only their caller can.
+  const running = new Map<string, AbortController>();
+  router.addHandler(
+    (msg) => {
+      const handle = msg.unpickle();
+      running.get(`${msg.src}:${handle}`)?.abort(new AbortError(`call cancelled by its caller (context ${msg.src})`));
+    },
+    { handle: HANDLE.CANCEL_CALL },
+  );
   router.addHandler(
     (msg) => {
       void (async () => {
         let result: unknown;
         let failed = false;
         let kind = -1;
+        const controller = new AbortController();
+        const key = `${msg.src}:${msg.replyTo}`;
+        let deadline: ReturnType<typeof setTimeout> | undefined;
         try {
-          const body = msg.unpickle() as [number, string, unknown[], number?];
+          const body = msg.unpickle() as [number, string, unknown[], number?, CallLimits?];
           kind = body[0];
-          const [, target, args, flags = 0] = body;
+          const [, target, args, flags = 0, lim] = body;
+          if (lim?.cancel && msg.replyTo) running.set(key, controller);
+          if (typeof lim?.timeout === "number") {
+            const ms = lim.timeout;
+            deadline = setTimeout(() => controller.abort(new TimeoutError(`deadline of ${ms} ms passed in ${router.name}`)), ms);
+          }
           if (kind === CALL.LOAD) {
             const m = await router.requireModule(target);
             result = Object.keys(m).filter((k) => typeof m[k] === "function");
@@ -1572,12 +1715,16 @@ export function installDispatcher(router: Router): void {
               if (typeof f !== "function") throw new MitogenError(`${mod} has no exported function ${JSON.stringify(name)}`);
               fn = f as Shippable;
             } else fn = compile(target);
-            const extra = flags & CALL.TAKES_ROUTER || isTakesRouter(fn) ? [{ router, econtext: router, msg } satisfies CallContext] : [];
+            const extra =
+              flags & CALL.TAKES_ROUTER || isTakesRouter(fn) ? [{ router, econtext: router, msg, signal: controller.signal } satisfies CallContext] : [];
             result = await fn(...(Array.isArray(args) ? args : []), ...extra);
           }
         } catch (err) {
           failed = true;
           result = CallError.fromThrown(withHint(err, kind, router), router.path.join(" -> "));
+        } finally {
+          clearTimeout(deadline);
+          running.delete(key);
         }
         if (!msg.replyTo) {
           if (failed) router.log("warn", `callNoReply failed: ${(result as CallError).message}`);

@@ -40,10 +40,12 @@ export class CallError extends MitogenError {
   /** Build a CallError from something thrown by user code. */
   static fromThrown(thrown: unknown, where: string): CallError {
     if (thrown instanceof CallError) {
-      return new CallError(thrown.remoteName, thrown.message.slice(thrown.remoteName.length + 2), thrown.remoteStack);
+      const options = "cause" in thrown ? { cause: thrown.cause } : undefined;
+      return new CallError(thrown.remoteName, thrown.message.slice(thrown.remoteName.length + 2), thrown.remoteStack, options);
     }
     if (thrown instanceof Error) {
-      return new CallError(thrown.name, thrown.message, `[${where}] ${thrown.stack ?? String(thrown)}`);
+      const options = "cause" in thrown ? { cause: thrown.cause } : undefined;
+      return new CallError(thrown.name, thrown.message, `[${where}] ${thrown.stack ?? String(thrown)}`, options);
     }
     return new CallError("Error", `non-Error thrown: ${safeString(thrown)}`, `[${where}]`);
   }
@@ -52,6 +54,11 @@ export class CallError extends MitogenError {
 /** A channel died: the peer closed it, or the context behind it is gone. */
 export class ChannelError extends MitogenError {
   override name = "ChannelError";
+}
+
+/** A call was cancelled through its AbortSignal. */
+export class AbortError extends MitogenError {
+  override name = "AbortError";
 }
 
 /** A stream could not be established, or broke (bad frame, EOF, oversized frame). */

@@ -15,8 +15,10 @@
  * @module
  */
 export {
+  AbortError,
   Broker,
   CallError,
+  CallScope,
   Channel,
   ChannelError,
   Context,
@@ -38,6 +40,7 @@ export {
 } from "./core.ts";
 export type {
   CallContext,
+  CallOptions,
   GetOptions,
   LogLevel,
   LogRecord,

@@ -8,8 +8,10 @@ checkLeaks();
 
 test("mod.ts exports exactly the public API", () => {
   assert.deepEqual(Object.keys(mitogen).sort(), [
+    "AbortError",
     "Broker",
     "CallError",
+    "CallScope",
     "Channel",
     "ChannelError",
     "Context",
@@ -42,7 +44,7 @@ test("the master's roles", () => {
 
 test("errors are classes with names and causes", () => {
   const cause = new Error("root");
-  for (const Cls of [mitogen.MitogenError, mitogen.ChannelError, mitogen.StreamError, mitogen.TimeoutError]) {
+  for (const Cls of [mitogen.MitogenError, mitogen.ChannelError, mitogen.StreamError, mitogen.TimeoutError, mitogen.AbortError]) {
     const err = new Cls("msg", { cause });
     assert.ok(err instanceof mitogen.MitogenError);
     assert.ok(err instanceof Error);
