@@ -12,7 +12,8 @@
  */
 import { createHash } from "node:crypto";
 import { statSync } from "node:fs";
-import { basename, dirname, resolve } from "node:path";
+import { SourceMap } from "node:module";
+import { basename, dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { deflateRawSync } from "node:zlib";
 import { MitogenError } from "./core.ts";
@@ -33,6 +34,10 @@ const root = dirname(fileURLToPath(import.meta.url));
 /** This package's own entry points: importing them from a shipped module means the running core. */
 const OWN = new Set(["mod.ts", "core.ts", "master.ts", "cli.ts"].map((f) => resolve(root, f)));
 const cache = new Map<string, Promise<Entry>>();
+/** Source maps of every module bundled here, by module name, for {@link mapStack}. */
+const maps = new Map<string, { map: SourceMap; dir: string }>();
+/** `new Function` puts two lines of its own before the body. */
+const FUNCTION_HEADER_LINES = 2;
 let building = 0;
 
 function unchanged(entry: Entry): boolean {
@@ -76,6 +81,8 @@ async function build(file: string): Promise<Entry> {
       platform: "node",
       target: "es2022",
       metafile: true,
+      sourcemap: "external",
+      outfile: join(dirname(file), "mitogen-bundle.js"),
       logLevel: "silent",
       plugins: [
         {
@@ -90,14 +97,19 @@ async function build(file: string): Promise<Entry> {
         },
       ],
     });
-    const text = out.outputFiles?.[0]?.text ?? "";
-    const hash = createHash("sha256").update(text).digest("hex").slice(0, 16);
+    const js = out.outputFiles?.find((f) => f.path.endsWith(".js"))?.text ?? "";
+    const mapText = out.outputFiles?.find((f) => f.path.endsWith(".js.map"))?.text;
+    const hash = createHash("sha256").update(js).digest("hex").slice(0, 16);
+    const name = `${basename(file)}@${hash}`;
+    // Stack frames of the shipped code then read mitogen:///<name>:line:col (see mapStack).
+    const text = `${js}\n//# sourceURL=mitogen:///${name}\n`;
+    if (mapText) maps.set(name, { map: new SourceMap(JSON.parse(mapText)), dir: dirname(file) });
     const inputs: Entry["inputs"] = Object.keys(out.metafile?.inputs ?? {}).map((p) => {
       const abs = resolve(dirname(file), p);
       const st = statSync(abs);
       return [abs, st.mtimeMs, st.size];
     });
-    return { name: `${basename(file)}@${hash}`, code: deflateRawSync(text), rawSize: text.length, inputs };
+    return { name, code: deflateRawSync(text), rawSize: text.length, inputs };
   } catch (err) {
     const errors = (err as { errors?: { text: string; location?: { file: string; line: number; column: number } | null }[] }).errors;
     if (!errors?.length) throw err;
@@ -107,4 +119,21 @@ async function build(file: string): Promise<Entry> {
     // No esbuild service process outlives the bundling (the cache makes rebuilds rare).
     if (--building === 0) await esbuild.stop();
   }
+}
+
+/** Rewrite stack frames in shipped modules (`mitogen:///<name>:line:col`) to the original file and line. */
+export function mapStack(stack: string): string {
+  // Node prints "mitogen:///name:5:7"; Deno "mitogen:///name, <anonymous>:5:7".
+  return stack.replace(/mitogen:\/\/\/([^:,\s()]+)(?:, <anonymous>)?:(\d+):(\d+)/g, (whole, name: string, line: string, column: string) => {
+    const known = maps.get(name);
+    if (!known) return whole;
+    const entry = known.map.findEntry(Number(line) - 1 - FUNCTION_HEADER_LINES, Number(column) - 1) as {
+      originalSource?: string;
+      originalLine?: number;
+      originalColumn?: number;
+    };
+    if (entry.originalSource === undefined || entry.originalLine === undefined) return whole;
+    const source = entry.originalSource.startsWith("file:") ? fileURLToPath(entry.originalSource) : resolve(known.dir, entry.originalSource);
+    return `${source}:${entry.originalLine + 1}:${(entry.originalColumn ?? 0) + 1}`;
+  });
 }

@@ -160,7 +160,7 @@ export class Message {
     if (this.flags & FRAME.FLAG_RAW) return this.data;
     const value = decodeValue(this.data, (this.flags & FRAME.FLAG_BLOBS) !== 0, this.router);
     if (this.isDead && options.throwDead !== false) throw new ChannelError(typeof value === "string" ? value : "channel closed");
-    if (value instanceof CallError) throw value;
+    if (value instanceof CallError) throw this.router ? this.router.rewriteCallError(value) : value;
     return value;
   }
 
@@ -412,8 +412,8 @@ export class Stream {
 // ---------------------------------------------------------------------------
 // Router
 
-/** Where a log line came from. */
-export type LogSource = "log" | "stdout" | "stderr";
+/** Where a log line came from: the library itself, user code's {@link log}, or what a child printed. */
+export type LogSource = "log" | "user" | "stdout" | "stderr";
 /** Log severity. */
 export type LogLevel = "debug" | "info" | "warn" | "error";
 
@@ -421,6 +421,8 @@ export type LogLevel = "debug" | "info" | "warn" | "error";
 export interface LogRecord {
   contextId: number;
   name: string;
+  /** Names from the master down to the context, e.g. ["master", "a", "b"]. */
+  path: string[];
   level: LogLevel;
   source: LogSource;
   message: string;
@@ -576,6 +578,11 @@ export class Router implements Binder, AsyncDisposable {
       },
       (err: unknown) => msg.reply(CallError.fromThrown(err, this.path.join(" -> "))),
     );
+  }
+
+  /** A CallError as the caller should see it (the master maps shipped-module frames to their sources). */
+  rewriteCallError(err: CallError): CallError {
+    return err;
   }
 
   /** Bundle a module for {@link Context.import}; only the master can. */
@@ -852,15 +859,15 @@ export class Router implements Binder, AsyncDisposable {
   // -- logging --------------------------------------------------------------
 
   /** Log from this context. The master hands it to its logger; children forward it. */
-  log(level: LogLevel, message: string): void {
-    this.logRecord({ contextId: this.myId, name: this.name, level, source: "log", message });
+  log(level: LogLevel, message: string, source: LogSource = "log"): void {
+    this.logRecord({ contextId: this.myId, name: this.name, path: this.path, level, source, message });
   }
 
   /** Deliver a log record: children forward to the master (FORWARD_LOG). */
   logRecord(rec: LogRecord): void {
     if (!this.parent || this.parent.closed) return;
     if (rec.level === "debug" && !this.debug) return;
-    this.route(Message.encoded([rec.contextId, rec.name, rec.level, rec.source, rec.message], { dst: 0, handle: HANDLE.FORWARD_LOG }));
+    this.route(Message.encoded([rec.contextId, rec.name, rec.level, rec.source, rec.message, rec.path], { dst: 0, handle: HANDLE.FORWARD_LOG }));
   }
 
   /** Forward debug-level records too. */
@@ -1595,6 +1602,45 @@ export class Select implements Selectable, AsyncIterable<SelectEvent>, AsyncDisp
 // ---------------------------------------------------------------------------
 // Calls: marking and dispatch
 
+/** The router of the context this code runs in (set by childMain, or by the master's first Router). */
+let activeRouter: Router | null = null;
+
+/** @internal */
+export function setActiveRouter(router: Router, replace: boolean): void {
+  if (replace || !activeRouter) activeRouter = router;
+}
+
+function say(level: LogLevel, parts: unknown[]): void {
+  const text = parts.map((p) => (typeof p === "string" ? p : p instanceof Error ? (p.stack ?? String(p)) : safeJson(p))).join(" ");
+  activeRouter?.log(level, text, "user");
+}
+
+function safeJson(value: unknown): string {
+  try {
+    return JSON.stringify(value) ?? String(value);
+  } catch {
+    return String(value);
+  }
+}
+
+/**
+ * Log from code running in any context. At the master the records go to its
+ * logger; in a child they travel there, tagged with the context's name and
+ * path (`record.path`). The default logger prints them all.
+ *
+ * @example
+ * ```ts
+ * import { log } from "./mod.ts";
+ * log.info("deploying", { version: 3 });
+ * ```
+ */
+export const log: Readonly<Record<LogLevel, (...parts: unknown[]) => void>> = Object.freeze({
+  debug: (...parts: unknown[]) => say("debug", parts),
+  info: (...parts: unknown[]) => say("info", parts),
+  warn: (...parts: unknown[]) => say("warn", parts),
+  error: (...parts: unknown[]) => say("error", parts),
+});
+
 /** What a takesRouter/takesEcontext function receives as its last argument. */
 export interface CallContext {
   router: Router;
@@ -1778,6 +1824,7 @@ export function childMain(boot: Boot, core: Record<string, unknown>): void {
   runningCore = core;
   const transport = childTransport(boot);
   const router = new Router();
+  setActiveRouter(router, true);
   router.payload = boot.payload;
   router.name = boot.name;
   const stream = new Stream("parent", transport);

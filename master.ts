@@ -5,6 +5,7 @@
  * @module
  */
 import {
+  CallError,
   type Context,
   type LocalOptions,
   Router as CoreRouter,
@@ -15,9 +16,10 @@ import {
   type LogSource,
   type Message,
   MitogenError,
+  setActiveRouter,
   type Stream,
 } from "./core.ts";
-import { bundle } from "./bundler.ts";
+import { bundle, mapStack } from "./bundler.ts";
 import * as parentModule from "./parent.ts";
 import { payloads } from "./payload.ts";
 
@@ -43,8 +45,9 @@ const LEVELS: Record<LogLevel, number> = { debug: 0, info: 1, warn: 2, error: 3 
 export function defaultLogger(record: LogRecord): void {
   const min = LEVELS[(process.env.MITOGEN_LOG as LogLevel | undefined) ?? "warn"] ?? LEVELS.warn;
   if (record.source === "log" && LEVELS[record.level] < min) return;
-  const tag = record.source === "log" ? `${record.level}: ` : "";
-  process.stderr.write(`[${record.name}] ${tag}${record.message}\n`);
+  const tag = record.source === "log" || record.source === "user" ? `${record.level}: ` : "";
+  const where = record.path.length > 1 ? record.path.slice(1).join(" -> ") : record.name;
+  process.stderr.write(`[${where}] ${tag}${record.message}\n`);
 }
 
 /**
@@ -73,6 +76,7 @@ export class Router extends CoreRouter {
     this.unidirectional = options.unidirectional ?? false;
     this.debug = options.debug ?? false;
     this.addHandler((msg, stream) => this.#onForwardLog(msg, stream), { handle: HANDLE.FORWARD_LOG });
+    setActiveRouter(this, true);
     this.addHandler((msg) => msg.reply(this.#nextId++), { handle: HANDLE.ALLOCATE_ID });
   }
 
@@ -92,18 +96,20 @@ export class Router extends CoreRouter {
   #onForwardLog(msg: Message, stream: Stream | null): void {
     const rec = msg.unpickle() as unknown[];
     if (!Array.isArray(rec)) return;
-    const [id, name, level, source, text] = rec;
+    const [id, name, level, source, text, path] = rec;
     if (typeof id !== "number" || typeof text !== "string") return;
     // A context may speak for itself and for contexts behind it (its children, even before
     // their route is announced), never for a context routed elsewhere.
     const routed = this.routeTo(id);
     const own = id === msg.src || (id !== this.myId && (routed === undefined || routed === stream));
     const origin = own ? id : msg.src;
+    const named = own && typeof name === "string" ? name : this.contextById(origin).name;
     this.logRecord({
       contextId: origin,
-      name: own && typeof name === "string" ? name : this.contextById(origin).name,
+      name: named,
+      path: own && Array.isArray(path) ? path.map(String) : ["master", named],
       level: (typeof level === "string" && level in LEVELS ? level : "info") as LogLevel,
-      source: (source === "stdout" || source === "stderr" ? source : "log") as LogSource,
+      source: (source === "stdout" || source === "stderr" || source === "user" ? source : "log") as LogSource,
       message: text,
     });
   }
@@ -136,6 +142,13 @@ export class Router extends CoreRouter {
     const { name, code } = await bundle(specifier);
     this.moduleCode.set(name, code);
     return name;
+  }
+
+  /** Remote stacks point into shipped bundles; point them at the original TypeScript instead. */
+  override rewriteCallError(err: CallError): CallError {
+    if (!err.remoteStack.includes("mitogen:///")) return err;
+    const options = "cause" in err ? { cause: err.cause } : undefined;
+    return new CallError(err.remoteName, err.message.slice(err.remoteName.length + 2), mapStack(err.remoteStack), options);
   }
 
   override shutdown(): Promise<void> {

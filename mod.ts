@@ -25,6 +25,7 @@ export {
   contextId,
   isMaster,
   Latch,
+  log,
   Message,
   MitogenError,
   parentId,

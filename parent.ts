@@ -142,7 +142,14 @@ export async function connectLocal(router: Router, spec: ConnectSpec): Promise<C
       tail.push(line);
       if (tail.length > 20) tail.shift();
     }
-    router.logRecord({ contextId: spec.id, name: spec.name, level: source === "stderr" ? "warn" : "info", source, message: line });
+    router.logRecord({
+      contextId: spec.id,
+      name: spec.name,
+      path: [...router.path, spec.name],
+      level: source === "stderr" ? "warn" : "info",
+      source,
+      message: line,
+    });
   };
   if (cmd.kind === "node") forwardLines(stdout, output("stdout"));
   forwardLines(stderr, output("stderr"));

@@ -28,6 +28,7 @@ test("mod.ts exports exactly the public API", () => {
     "contextId",
     "defaultLogger",
     "isMaster",
+    "log",
     "parentId",
     "parentIds",
     "takesEcontext",

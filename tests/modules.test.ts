@@ -1,12 +1,12 @@
 /** Shipping real code: ctx.import, takesRouter, hints for free identifiers. */
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, test } from "node:test";
 import { pathToFileURL } from "node:url";
 import { type CallContext, CallError, MitogenError, Receiver, Router, takesRouter } from "../mod.ts";
-import { captureLogs, checkLeaks, RUNTIMES } from "./helpers.ts";
+import { captureLogs, checkLeaks, RUNTIMES, waitFor } from "./helpers.ts";
 
 checkLeaks();
 
@@ -27,6 +27,35 @@ for (const runtime of RUNTIMES) {
       const err = await tasks.fail().catch((e: unknown) => e);
       assert.ok(err instanceof CallError);
       assert.equal(err.remoteName, "RangeError");
+      // the remote stack points at the original TypeScript
+      const line =
+        readFileSync(TASKS, "utf8")
+          .split("\n")
+          .findIndex((l) => l.includes('throw new RangeError("fixture failure")')) + 1;
+      assert.match(err.remoteStack, new RegExp(`fixtures/tasks\\.ts:${line}:\\d+`), err.remoteStack);
+      assert.match(err.stack ?? "", new RegExp(`fixtures/tasks\\.ts:${line}:\\d+`));
+      assert.match(err.remoteStack, /\[master -> modular\]/, "the hop path");
+      const caused = await tasks.failWithCause().catch((e: unknown) => e);
+      assert.ok(caused instanceof CallError);
+      assert.ok(caused.cause instanceof TypeError, "the cause chain survives");
+      assert.equal((caused.cause as Error).message, "inner");
+    });
+
+    test("shipped code logging reaches the master with the context name and hop path", async () => {
+      const logs = captureLogs();
+      await using router = new Router({ log: logs.log });
+      const a = await router.local({ runtime, name: "log-top" });
+      const b = await router.local({ runtime, name: "log-leaf", via: a });
+      const tasks = await b.import<Tasks>(TASKS);
+      await tasks.chatty();
+      await waitFor(() => logs.records.some((r) => r.message === "console says hi"), 5000, "console line");
+      const said = logs.records.find((r) => r.source === "user");
+      assert.deepEqual(
+        { name: said?.name, path: said?.path, level: said?.level, message: said?.message },
+        { name: "log-leaf", path: ["master", "log-top", "log-leaf"], level: "info", message: 'module says {"n":1}' },
+      );
+      const printed = logs.records.find((r) => r.message === "console says hi");
+      assert.deepEqual(printed?.path, ["master", "log-top", "log-leaf"]);
     });
 
     test('"mitogen" inside a shipped module is the running core', async () => {
