@@ -5,7 +5,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { realpathSync } from "node:fs";
+import { existsSync, realpathSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { Receiver, Router } from "./mod.ts";
 
@@ -19,6 +19,15 @@ commands:
                       --runtime node|deno|PATH   (default: the runtime running this)
   help              this text
 `;
+
+/** Where the demo's remote module is: beside cli.ts, or one level up from dist/. */
+function demoModule(): URL | null {
+  for (const rel of ["./examples/tasks.ts", "../examples/tasks.ts"]) {
+    const url = new URL(rel, import.meta.url);
+    if (existsSync(fileURLToPath(url))) return url;
+  }
+  return null;
+}
 
 /** The demo behind `npm run demo`: local contexts only, no ssh needed. */
 export async function demo(out: (line: string) => void = console.log): Promise<void> {
@@ -35,22 +44,26 @@ export async function demo(out: (line: string) => void = console.log): Promise<v
   out(
     `b runs on                          ${await b.call(() => `deno ${(globalThis as unknown as { Deno: { version: { deno: string } } }).Deno.version.deno}, pid ${process.pid}`)}`,
   );
-  out(`c's parents                        ${JSON.stringify(await c.call(() => process.title))}`);
   const t1 = performance.now();
   for (let i = 0; i < 100; i++) await c.call(() => 0);
   out(`100 calls to c (2 hops)            ${(performance.now() - t1).toFixed(1)} ms`);
-  await using recv = new Receiver(router);
-  await c.call(
-    (sender: { send(v: unknown): void; close(): void }, n: number) => {
-      for (let i = 1; i <= n; i++) sender.send(i * i);
-      sender.close();
-    },
-    recv.toSender(),
-    5,
-  );
-  const squares: unknown[] = [];
-  for await (const msg of recv) squares.push(msg.unpickle());
-  out(`squares streamed back from c       ${squares.join(" ")}`);
+
+  const url = demoModule();
+  if (url) {
+    // The main way to ship code: a real module, typed, bundled once, fetched on demand.
+    type Tasks = typeof import("./examples/tasks.ts");
+    const tasks = await c.import<Tasks>(url);
+    out(`c: tasks.inventory({ deep: false }) ${JSON.stringify(await tasks.inventory({ deep: false }))}`);
+    await using recv = new Receiver(router);
+    await tasks.squares(recv.toSender(), 5);
+    const squares: unknown[] = [];
+    for await (const msg of recv) squares.push(msg.unpickle());
+    out(`squares streamed back from c       ${squares.join(" ")}`);
+    const onB = await b.import<Tasks>(url);
+    out(`b: tasks.delegate("node")          ${await onB.delegate("node")}`);
+    out(`modules sent on the master's link  ${router.stats.modulesSent} (${router.stats.moduleBytesSent} bytes)`);
+  } else out("(examples/tasks.ts not found beside this file: skipping the remote-module part)");
+
   try {
     await a.call(() => {
       throw new RangeError("demo failure");
@@ -58,6 +71,10 @@ export async function demo(out: (line: string) => void = console.log): Promise<v
   } catch (err) {
     out(`a remote throw arrives as          ${(err as Error).name}: ${(err as Error).message}`);
   }
+  await a
+    .with({ timeout: 200 })
+    .call(() => new Promise(() => {}))
+    .catch((err: Error) => out(`a call with a 200 ms deadline      ${err.name}: ${err.message}`));
   await b.shutdown({ wait: true });
   out("b shut down (and c with it); done");
 }
