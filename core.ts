@@ -8,7 +8,7 @@
  * @module
  */
 import { AbortError, CallError, ChannelError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
-import { type Binder, decodeValue, encodeValue, WIRE_REF, type WireRef } from "./codec.ts";
+import { type Binder, decodeValue, encodeValue, type Secret, WIRE_REF, type WireRef } from "./codec.ts";
 import { type Boot, childTransport, exitProcess, onUncaught, setTitle, type Transport } from "./runtime.ts";
 
 export * from "./errors.ts";
@@ -458,6 +458,35 @@ export interface LocalOptions {
   cwd?: string;
 }
 
+/** Options of {@link Router.ssh}. */
+export interface SshOptions {
+  /** Host name or address (ssh_config aliases work: this runs the OpenSSH client). */
+  hostname: string;
+  username?: string;
+  port?: number;
+  /** A private key file (`ssh -i`); otherwise the agent and ~/.ssh as usual. */
+  identityFile?: string;
+  /** Answered once if the server asks; a second prompt is "incorrect password". Never logged. */
+  password?: string | Secret;
+  /** "enforce": only known hosts; "accept": learn new ones, refuse changed ones; "ignore": anything. Default "enforce". */
+  checkHostKeys?: "enforce" | "accept" | "ignore";
+  /** known_hosts file to use instead of ~/.ssh/known_hosts. */
+  knownHostsFile?: string;
+  /** Extra arguments for ssh, before the host name (e.g. ["-F", "ssh_config"]). */
+  sshArgs?: string[];
+  /** The ssh client to run (default "ssh"). */
+  sshPath?: string;
+  /** Compress the link (`ssh -C`, default true). */
+  compression?: boolean;
+  /** Milliseconds from starting ssh to the child's CONNECTED (default 30 000). */
+  connectTimeout?: number;
+  /** "auto" (node, then deno: default), "node", "deno", or a path on the target. */
+  runtime?: string;
+  /** Run ssh from this context instead. */
+  via?: Context;
+  name?: string;
+}
+
 /** What a connection method reports about a live child. */
 export interface ChildLink {
   stream: Stream;
@@ -605,8 +634,29 @@ export class Router implements Binder, AsyncDisposable {
    * its parent the first time.
    */
   async local(options: LocalOptions = {}): Promise<Context> {
+    return (await this.#connector("local"))(this, options);
+  }
+
+  /**
+   * Start a context on another machine over ssh (the OpenSSH client), with
+   * nothing installed there but node or deno.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const host = await router.ssh({ hostname: "bastion", checkHostKeys: "accept" });
+   * console.log(await host.call(() => process.version));
+   * ```
+   */
+  async ssh(options: SshOptions): Promise<Context> {
+    return (await this.#connector("ssh"))(this, options);
+  }
+
+  async #connector<O>(method: "local" | "ssh"): Promise<(router: Router, options: O) => Promise<Context>> {
+    if (this.#shuttingDown) throw new MitogenError(`router ${this.name} is shut down`);
     const parent = await this.requireModule("mitogen:parent");
-    return (parent.local as (router: Router, options: LocalOptions) => Promise<Context>)(this, options);
+    return parent[method] as (router: Router, options: O) => Promise<Context>;
   }
 
   // -- handlers -------------------------------------------------------------

@@ -6,8 +6,6 @@
  */
 import {
   CallError,
-  type Context,
-  type LocalOptions,
   Router as CoreRouter,
   DEFAULT_MAX_MESSAGE_SIZE,
   HANDLE,
@@ -67,7 +65,6 @@ export function defaultLogger(record: LogRecord): void {
 export class Router extends CoreRouter {
   readonly #logger: (record: LogRecord) => void;
   #nextId = 1;
-  #closed = false;
 
   constructor(options: RouterOptions = {}) {
     super();
@@ -126,15 +123,15 @@ export class Router extends CoreRouter {
    * console.log(await ctx.call(() => typeof Deno)); // "object"
    * ```
    */
-  override async local(options: LocalOptions = {}): Promise<Context> {
-    if (this.#closed) throw new MitogenError("router is shut down");
-    if (!this.payload) {
+  /** The parent-side code is built in here: no need to fetch it. */
+  override async requireModule(name: string): Promise<Record<string, unknown>> {
+    if (name === "mitogen:parent" && !this.payload) {
       const built = await payloads();
-      this.payload = built.core;
+      this.payload ??= built.core;
       this.moduleCode.set("mitogen:parent", built.parent);
       this.modules.set("mitogen:parent", parentModule as unknown as Record<string, unknown>);
     }
-    return super.local(options);
+    return super.requireModule(name);
   }
 
   /** Bundle `specifier` with esbuild (cached while its sources are unchanged) and hold it for GET_MODULE. */
@@ -149,10 +146,5 @@ export class Router extends CoreRouter {
     if (!err.remoteStack.includes("mitogen:///")) return err;
     const options = "cause" in err ? { cause: err.cause } : undefined;
     return new CallError(err.remoteName, err.message.slice(err.remoteName.length + 2), mapStack(err.remoteStack), options);
-  }
-
-  override shutdown(): Promise<void> {
-    this.#closed = true;
-    return super.shutdown();
   }
 }

@@ -50,6 +50,7 @@ export type {
   ReceiverOptions,
   Remote,
   Selectable,
+  SshOptions,
   SelectEvent,
   ShutdownOptions,
 } from "./core.ts";

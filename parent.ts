@@ -1,8 +1,8 @@
 /**
  * What a context needs to start children: the first stage, the bootstrap
- * handshake, and the local connection method. The master has it built in;
- * a child receives it (LOAD_MODULE "mitogen:parent") only when asked to start
- * a child of its own.
+ * handshake, and the connection methods (local, ssh). The master has it built
+ * in; a child fetches it (GET_MODULE "mitogen:parent") only when it first
+ * starts a child of its own.
  *
  * Node builtins come from `process.getBuiltinModule`, so this module runs
  * unchanged when evaluated from the compressed payload inside a child.
@@ -26,18 +26,36 @@ import {
   nodeTransport,
   runtimeCommand,
   takesRouter,
+  Secret,
+  type SshOptions,
 } from "./core.ts";
+
+/** How to reach a new child: on this machine, or over ssh. */
+export type Method = { kind: "local"; runtime: string; env?: Record<string, string>; cwd?: string } | ({ kind: "ssh" } & SshSpec);
 
 /** Everything needed to start one child. */
 export interface ConnectSpec {
   id: number;
   name: string;
-  /** "node", "deno", or a path to either. */
-  runtime: string;
   /** Milliseconds from spawn to the child's CONNECTED marker. */
   connectTimeout: number;
-  env?: Record<string, string>;
-  cwd?: string;
+  method: Method;
+}
+
+/** What the ssh method needs (see {@link SshOptions}); plain data, so it can be sent to a `via` context. */
+export interface SshSpec {
+  hostname: string;
+  username?: string;
+  port?: number;
+  identityFile?: string;
+  password?: Secret | string;
+  checkHostKeys: "enforce" | "accept" | "ignore";
+  knownHostsFile?: string;
+  sshArgs: string[];
+  sshPath: string;
+  compression: boolean;
+  /** "auto" (node, then deno), "node", "deno", or a path on the target. */
+  runtime: string;
 }
 
 /**
@@ -48,7 +66,7 @@ export interface ConnectSpec {
  *
  * Node reads its stream from fd 3 (see runtime.ts); Deno from fds 0/1.
  */
-export function firstStage(kind: "node" | "deno"): string {
+export function firstStage(kind: "node" | "deno", split = false): string {
   const ready = `"${MARKER.READY.trim()}\\n"`;
   const fail = `e=m=>{console.error("mitogen("+N+"): "+m);process.exit(1)}`;
   const run = (inflate: string, boot: string) => `try{new Function("B",${inflate}+"")(${boot})}catch(x){e("bad payload: "+x)}`;
@@ -60,13 +78,16 @@ export function firstStage(kind: "node" | "deno"): string {
       run(`await new Response(new Response(b).body.pipeThrough(new DecompressionStream("deflate-raw"))).text()`, "{name:N,payload:b}")
     );
   }
+  // Locally fd 3 is one socket both ways; through a shell (ssh) fd 3 reads and fd 4 writes.
+  const sockets = split
+    ? `S=g("net").Socket,s=new S({fd:3,readable:1}),w=new S({fd:4,writable:1})`
+    : `s=new(g("net").Socket)({fd:3,readable:1,writable:1}),w=s`;
   return (
-    `const g=process.getBuiltinModule,[N,L]=process.argv.slice(-2),n=+L,` +
-    `s=new(g("net").Socket)({fd:3,readable:1,writable:1}),a=[],${fail},` +
+    `const g=process.getBuiltinModule,[N,L]=process.argv.slice(-2),n=+L,${sockets},a=[],${fail},` +
     `f=d=>{a.push(d);if((l+=d.length)<n)return;s.pause().off("data",f).off("end",h);` +
     `const b=Buffer.concat(a),p=b.subarray(0,n);l>n&&s.unshift(b.subarray(n));` +
-    `${run(`g("zlib").inflateRawSync(p)`, "{socket:s,name:N,payload:p}")}},h=()=>e("EOF before payload");` +
-    `let l=0;s.on("data",f).on("end",h).write(${ready})`
+    `${run(`g("zlib").inflateRawSync(p)`, "{socket:s,out:w,name:N,payload:p}")}},h=()=>e("EOF before payload");` +
+    `let l=0;s.on("data",f).on("end",h);w.write(${ready})`
   );
 }
 
@@ -99,29 +120,153 @@ function forwardLines(
   });
 }
 
-/**
- * Start a local child (node or deno) and bootstrap it. Resolves with its
- * Context once it has sent CONNECTED; rejects with TimeoutError after
- * `connectTimeout`, or StreamError if it exits or breaks first.
- */
-export async function connectLocal(router: Router, spec: ConnectSpec): Promise<Context> {
+/** How to start one child process, whatever the method. */
+interface Launch {
+  exe: string;
+  args: string[];
+  env: Record<string, string | undefined>;
+  cwd?: string;
+  /** "fd3": a local node child's socket; "stdio": the child's stdin/stdout. */
+  streamOn: "fd3" | "stdio";
+  /** The child's stdout is user output (only when the stream is elsewhere). */
+  stdoutIsOutput: boolean;
+  /** Sees each stderr line while connecting: an Error fails at once, `true` keeps the line out of the log. */
+  watch?: (line: string) => Error | boolean | undefined;
+  /** Runs once connecting is over, either way. */
+  cleanup?: () => void;
+}
+
+/** Start a child by `spec.method` and bootstrap it. */
+export function connect(router: Router, spec: ConnectSpec): Promise<Context> {
   const payload = router.payload;
-  if (!payload) throw new StreamError("this context has no payload to start children with");
-  const { spawn } = process.getBuiltinModule("node:child_process");
-  const cmd = runtimeCommand(spec.runtime);
+  if (!payload) return Promise.reject(new StreamError("this context has no payload to start children with"));
+  const launch = spec.method.kind === "ssh" ? sshLaunch(spec, spec.method, payload.byteLength) : localLaunch(spec, spec.method, payload.byteLength);
+  return bootstrap(router, spec, launch, payload);
+}
+
+function localLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "local" }>, length: number): Launch {
+  const cmd = runtimeCommand(m.runtime);
   const stage = firstStage(cmd.kind);
-  const args = cmd.kind === "node" ? ["-e", stage, spec.name, String(payload.byteLength)] : ["eval", stage, spec.name, String(payload.byteLength)];
-  const env = { ...process.env, DENO_NO_UPDATE_CHECK: "1", DENO_NO_PROMPT: "1", ...spec.env };
-  const proc = spawn(cmd.exe, args, {
-    stdio: cmd.kind === "node" ? ["ignore", "pipe", "pipe", "pipe"] : ["pipe", "pipe", "pipe"],
+  return {
+    exe: cmd.exe,
+    args: cmd.kind === "node" ? ["-e", stage, spec.name, String(length)] : ["eval", stage, spec.name, String(length)],
+    env: { ...process.env, DENO_NO_UPDATE_CHECK: "1", DENO_NO_PROMPT: "1", ...m.env },
+    ...(m.cwd === undefined ? {} : { cwd: m.cwd }),
+    streamOn: cmd.kind === "node" ? "fd3" : "stdio",
+    stdoutIsOutput: cmd.kind === "node",
+  };
+}
+
+/** Quote a word for any POSIX shell. */
+export function shellQuote(word: string): string {
+  return /^[\w@%+=:,./-]+$/.test(word) ? word : `'${word.replaceAll("'", `'"'"'`)}'`;
+}
+
+/**
+ * The command the remote shell runs. Node reads the stream from fd 3 and
+ * writes it to fd 4, with stdin at /dev/null and stdout joined to stderr, so
+ * nothing it (or a subprocess) prints can reach the stream. Deno keeps the
+ * stream on 0/1 (it cannot read an inherited fd 3).
+ */
+export function remoteCommand(runtime: string, name: string, length: number): string {
+  const node = (exe: string) => `exec ${shellQuote(exe)} -e '${firstStage("node", true)}' ${shellQuote(name)} ${length} 3<&0 4>&1 </dev/null 1>&2`;
+  const deno = (exe: string) => `DENO_NO_UPDATE_CHECK=1 exec ${shellQuote(exe)} eval '${firstStage("deno")}' ${shellQuote(name)} ${length}`;
+  if (runtime === "auto") {
+    return (
+      `if command -v node >/dev/null 2>&1; then ${node("node")}; ` +
+      `elif command -v deno >/dev/null 2>&1; then ${deno("deno")}; ` +
+      `else echo "mitogen: neither node nor deno found on $(hostname)" >&2; exit 127; fi`
+    );
+  }
+  return runtimeCommand(runtime).kind === "deno" ? deno(runtime) : node(runtime);
+}
+
+let askpass: { dir: string; path: string } | null = null;
+
+/** A tiny SSH_ASKPASS program: it reports each prompt on stderr and answers with $MITOGEN_SSH_PASSWORD. */
+function askpassProgram(): string {
+  if (askpass) return askpass.path;
+  const fs = process.getBuiltinModule("node:fs");
+  const os = process.getBuiltinModule("node:os");
+  const dir = fs.mkdtempSync(`${os.tmpdir()}/mitogen-askpass-`);
+  const path = `${dir}/askpass`;
+  fs.writeFileSync(path, `#!/bin/sh\nprintf '${ASKPASS_MARK} %s\\n' "$1" >&2\nprintf '%s\\n' "$MITOGEN_SSH_PASSWORD"\n`, { mode: 0o700 });
+  askpass = { dir, path };
+  process.once("exit", () => fs.rmSync(dir, { recursive: true, force: true }));
+  return path;
+}
+
+const ASKPASS_MARK = "MITOGEN_ASKPASS";
+
+function sshLaunch(spec: ConnectSpec, m: SshSpec, length: number): Launch {
+  const host = m.username ? `${m.username}@${m.hostname}` : m.hostname;
+  const args = ["-T", "-o", `ConnectTimeout=${Math.max(1, Math.ceil(spec.connectTimeout / 1000))}`, "-o", "ServerAliveInterval=15"];
+  if (m.username) args.push("-l", m.username);
+  if (m.port !== undefined) args.push("-p", String(m.port));
+  if (m.identityFile) args.push("-i", m.identityFile, "-o", "IdentitiesOnly=yes");
+  args.push("-o", `StrictHostKeyChecking=${{ enforce: "yes", accept: "accept-new", ignore: "no" }[m.checkHostKeys]}`);
+  if (m.checkHostKeys === "ignore") args.push("-o", "UserKnownHostsFile=/dev/null", "-o", "GlobalKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR");
+  else if (m.knownHostsFile) args.push("-o", `UserKnownHostsFile=${m.knownHostsFile}`);
+  const password = m.password instanceof Secret ? m.password.reveal() : m.password;
+  const env: Record<string, string | undefined> = { ...process.env };
+  if (password === undefined) args.push("-o", "BatchMode=yes");
+  else {
+    args.push("-o", "BatchMode=no", "-o", "NumberOfPasswordPrompts=2");
+    Object.assign(env, { SSH_ASKPASS: askpassProgram(), SSH_ASKPASS_REQUIRE: "force", DISPLAY: env.DISPLAY ?? ":0", MITOGEN_SSH_PASSWORD: password });
+  }
+  if (m.compression) args.push("-C");
+  args.push(...m.sshArgs, "--", m.hostname, remoteCommand(m.runtime, spec.name, length));
+  let prompts = 0;
+  let changed = false;
+  const fail = (what: string) => new StreamError(`ssh to ${host}: ${what}`);
+  return {
+    exe: m.sshPath,
+    args,
     env,
-    ...(spec.cwd === undefined ? {} : { cwd: spec.cwd }),
+    streamOn: "stdio",
+    stdoutIsOutput: false,
+    watch(line) {
+      if (line.startsWith(ASKPASS_MARK)) {
+        prompts++;
+        if (password === undefined) return fail("password required");
+        return prompts > 1 ? fail("incorrect password (refused by the server)") : true;
+      }
+      if (/REMOTE HOST IDENTIFICATION HAS CHANGED/.test(line)) changed = true;
+      if (/Host key verification failed/.test(line)) {
+        return fail(changed ? "the host key has CHANGED (checkHostKeys: enforce)" : `unknown host key (checkHostKeys: ${m.checkHostKeys})`);
+      }
+      const denied = /Permission denied \((.*)\)/.exec(line);
+      if (denied) {
+        const methods = denied[1] ?? "";
+        if (password === undefined && /password|keyboard-interactive/.test(methods)) return fail(`password required (the server offers ${methods})`);
+        return fail(password === undefined ? `authentication failed (the server offers ${methods})` : "incorrect password (refused by the server)");
+      }
+      if (/neither node nor deno found/.test(line)) return fail(line.replace(/^mitogen: /, ""));
+      if (/Could not resolve hostname|Connection refused|Connection timed out|No route to host|Network is unreachable|Invalid argument/.test(line)) {
+        return fail(line.replace(/^ssh: /, ""));
+      }
+      return undefined;
+    },
+  };
+}
+
+/**
+ * Start the child process and bootstrap it. Resolves with its Context once
+ * it has sent CONNECTED; rejects with TimeoutError after `connectTimeout`, or
+ * StreamError if it exits, breaks, or its transport reports a failure first.
+ */
+async function bootstrap(router: Router, spec: ConnectSpec, launch: Launch, payload: Uint8Array): Promise<Context> {
+  const { spawn } = process.getBuiltinModule("node:child_process");
+  const proc = spawn(launch.exe, launch.args, {
+    stdio: launch.streamOn === "fd3" ? ["ignore", "pipe", "pipe", "pipe"] : ["pipe", "pipe", "pipe"],
+    env: launch.env,
+    ...(launch.cwd === undefined ? {} : { cwd: launch.cwd }),
   });
   type R = Parameters<typeof nodeTransport>[0];
   type W = Parameters<typeof nodeTransport>[1];
   const [stdin, stdout, stderr, fd3] = proc.stdio as unknown as [W | undefined, R | undefined, R | undefined, (R & W) | undefined];
-  const reader = cmd.kind === "node" ? fd3 : stdout;
-  const writer = cmd.kind === "node" ? fd3 : stdin;
+  const reader = launch.streamOn === "fd3" ? fd3 : stdout;
+  const writer = launch.streamOn === "fd3" ? fd3 : stdin;
   if (!reader || !writer || !stdout || !stderr) {
     // Spawning failed outright (Deno reports it this way; Node through "error").
     const err = await new Promise<Error>((resolve) => {
@@ -131,14 +276,22 @@ export async function connectLocal(router: Router, spec: ConnectSpec): Promise<C
         resolve(e);
       });
     });
-    throw new StreamError(`cannot start ${cmd.exe}: ${err.message}`, { cause: err });
+    launch.cleanup?.();
+    throw new StreamError(`cannot start ${launch.exe}: ${err.message}`, { cause: err });
   }
-  const transport = nodeTransport(reader, writer);
-  const stream = new Stream(spec.name, transport, router.maxMessageSize);
+  const stream = new Stream(spec.name, nodeTransport(reader, writer), router.maxMessageSize);
 
+  let connecting = true;
+  let failed: (err: Error) => void = () => {};
+  const failure = new Promise<never>((_, reject) => (failed = reject));
   const tail: string[] = [];
   const output = (source: LogSource) => (line: string) => {
     if (source === "stderr") {
+      if (connecting && launch.watch) {
+        const verdict = launch.watch(line);
+        if (verdict instanceof Error) failed(verdict);
+        if (verdict === true) return;
+      }
       tail.push(line);
       if (tail.length > 20) tail.shift();
     }
@@ -151,7 +304,7 @@ export async function connectLocal(router: Router, spec: ConnectSpec): Promise<C
       message: line,
     });
   };
-  if (cmd.kind === "node") forwardLines(stdout, output("stdout"));
+  if (launch.stdoutIsOutput) forwardLines(stdout, output("stdout"));
   forwardLines(stderr, output("stderr"));
 
   const exited = new Promise<void>((resolve) => proc.once("close", () => resolve()));
@@ -169,15 +322,13 @@ export async function connectLocal(router: Router, spec: ConnectSpec): Promise<C
   // Frames that arrive between CONNECTED and adoption are held, not lost.
   const early: Message[] = [];
   stream.onMessage = (msg) => early.push(msg);
-  let failed: (err: Error) => void = () => {};
-  const failure = new Promise<never>((_, reject) => (failed = reject));
   // EOF during bootstrap means the process is exiting: its exit status (below) says more.
   stream.onClose = (err) => err instanceof StreamError && failed(err);
-  proc.once("error", (err) => failed(new StreamError(`cannot start ${cmd.exe}: ${err.message}`, { cause: err })));
+  proc.once("error", (err) => failed(new StreamError(`cannot start ${launch.exe}: ${err.message}`, { cause: err })));
   const exitError = () => {
     const why = proc.signalCode ? `was killed by ${proc.signalCode}` : `exited with code ${proc.exitCode}`;
     const said = tail.length ? `; stderr:\n${tail.join("\n")}` : "";
-    return new StreamError(`${spec.name}: ${cmd.exe} ${why} before connecting${said}`);
+    return new StreamError(`${spec.name}: ${launch.exe} ${why} before connecting${said}`);
   };
   // Report an exit once the last stderr lines are in.
   void exited.then(() => failed(exitError()));
@@ -209,33 +360,64 @@ export async function connectLocal(router: Router, spec: ConnectSpec): Promise<C
     stream.close();
     throw err;
   } finally {
+    connecting = false;
     clearTimeout(timer);
+    launch.cleanup?.();
   }
   const ctx = router.addChild(link, spec.id, spec.name);
   for (const msg of early.splice(0)) stream.onMessage(msg);
   return ctx;
 }
 
-/** {@link Router.local}: start a local context below `router`, or below `options.via`. */
-export async function local(router: Router, options: LocalOptions): Promise<Context> {
+/** Resolve a method's options into a spec, start the child here or `via` another context. */
+async function start(
+  router: Router,
+  options: { name?: string; via?: Context; connectTimeout?: number },
+  method: Method,
+  defaultName: (id: number) => string,
+): Promise<Context> {
   const id = await router.allocateId();
-  const spec: ConnectSpec = {
-    id,
-    name: options.name ?? `local.${id}`,
-    runtime: options.runtime ?? (isDeno ? "deno" : "node"),
-    connectTimeout: options.connectTimeout ?? 30_000,
-    ...(options.env ? { env: options.env } : {}),
-    ...(options.cwd ? { cwd: options.cwd } : {}),
-  };
+  const spec: ConnectSpec = { id, name: options.name ?? defaultName(id), connectTimeout: options.connectTimeout ?? 30_000, method };
   const via = options.via;
-  if (!via) return connectLocal(router, spec);
-  await via.callModule("mitogen:parent", "proxyConnectLocal", spec);
+  if (!via) return connect(router, spec);
+  await via.callModule("mitogen:parent", "proxyConnect", spec);
   const ctx = router.contextById(id, spec.name);
   ctx.via = via;
   return ctx;
 }
 
-/** Run in a `via` context: start a local child there. Resolves with its id. */
-export const proxyConnectLocal: (spec: ConnectSpec, call: { router: Router }) => Promise<number> = takesRouter(
-  async (spec: ConnectSpec, call: { router: Router }): Promise<number> => (await connectLocal(call.router, spec)).contextId,
+/** {@link Router.local}: start a local context below `router`, or below `options.via`. */
+export function local(router: Router, options: LocalOptions): Promise<Context> {
+  const method: Method = {
+    kind: "local",
+    runtime: options.runtime ?? (isDeno ? "deno" : "node"),
+    ...(options.env ? { env: options.env } : {}),
+    ...(options.cwd ? { cwd: options.cwd } : {}),
+  };
+  return start(router, options, method, (id) => `local.${id}`);
+}
+
+/** {@link Router.ssh}: start a context on another machine through the OpenSSH client. */
+export function ssh(router: Router, options: SshOptions): Promise<Context> {
+  if (!options.hostname) return Promise.reject(new StreamError("ssh: hostname is required"));
+  const method: Method = {
+    kind: "ssh",
+    hostname: options.hostname,
+    ...(options.username === undefined ? {} : { username: options.username }),
+    ...(options.port === undefined ? {} : { port: options.port }),
+    ...(options.identityFile === undefined ? {} : { identityFile: options.identityFile }),
+    ...(options.password === undefined ? {} : { password: options.password instanceof Secret ? options.password : new Secret(options.password) }),
+    ...(options.knownHostsFile === undefined ? {} : { knownHostsFile: options.knownHostsFile }),
+    checkHostKeys: options.checkHostKeys ?? "enforce",
+    sshArgs: options.sshArgs ?? [],
+    sshPath: options.sshPath ?? "ssh",
+    compression: options.compression ?? true,
+    runtime: options.runtime ?? "auto",
+  };
+  return start(router, options, method, (id) => `ssh.${options.hostname}.${id}`);
+}
+
+/** Run in a `via` context: start a child there. Resolves with its id. */
+export const proxyConnect: (spec: ConnectSpec, call: { router: Router }) => Promise<number> = takesRouter(
+  async (spec: ConnectSpec, call: { router: Router }): Promise<number> => (await connect(call.router, spec)).contextId,
 );

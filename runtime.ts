@@ -196,6 +196,8 @@ export interface Boot {
   payload: Uint8Array;
   /** Node: the socket the first stage read the payload from (fd 3). */
   socket?: NodeReadable & NodeWritable;
+  /** Node: the socket to write to, when not `socket` (fd 4, through a shell). */
+  out?: NodeWritable;
   /** Deno: bytes read past the payload (none: the Deno first stage reads exactly). */
   rest?: Uint8Array;
 }
@@ -205,7 +207,7 @@ export interface Boot {
  * off fd 1 (see the module doc); it must run before any user code.
  */
 export function childTransport(boot: Boot): Transport {
-  if (boot.socket) return nodeTransport(boot.socket, boot.socket);
+  if (boot.socket) return nodeTransport(boot.socket, boot.out ?? boot.socket);
   if (!deno) throw new Error("mitogen: no stream handed to the core");
   const out = deno.stdout;
   const writeSync = out.writeSync.bind(out);
