@@ -13,7 +13,6 @@ import {
   type LogRecord,
   type LogSource,
   type Message,
-  MitogenError,
   setActiveRouter,
   type Stream,
 } from "./core.ts";
