@@ -31,7 +31,7 @@ import {
 } from "./core.ts";
 
 /** How to reach a new child: on this machine, or over ssh. */
-export type Method = { kind: "local"; runtime: string; env?: Record<string, string>; cwd?: string } | ({ kind: "ssh" } & SshSpec);
+export type Method = { kind: "local"; runtime?: string; env?: Record<string, string>; cwd?: string } | ({ kind: "ssh" } & SshSpec);
 
 /** Everything needed to start one child. */
 export interface ConnectSpec {
@@ -80,7 +80,7 @@ export function firstStage(kind: "node" | "deno", split = false): string {
   }
   // Locally fd 3 is one socket both ways; through a shell (ssh) fd 3 reads and fd 4 writes.
   const sockets = split
-    ? `S=g("net").Socket,s=new S({fd:3,readable:1}),w=new S({fd:4,writable:1})`
+    ? `S=g("net").Socket,s=new S({fd:3,readable:1,writable:!1}),w=new S({fd:4,readable:!1,writable:1})`
     : `s=new(g("net").Socket)({fd:3,readable:1,writable:1}),w=s`;
   return (
     `const g=process.getBuiltinModule,[N,L]=process.argv.slice(-2),n=+L,${sockets},a=[],${fail},` +
@@ -145,7 +145,8 @@ export function connect(router: Router, spec: ConnectSpec): Promise<Context> {
 }
 
 function localLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "local" }>, length: number): Launch {
-  const cmd = runtimeCommand(m.runtime);
+  // Default: the runtime of the context doing the starting (decided here, not where the request came from).
+  const cmd = runtimeCommand(m.runtime ?? (isDeno ? "deno" : "node"));
   const stage = firstStage(cmd.kind);
   return {
     exe: cmd.exe,
@@ -390,7 +391,7 @@ async function start(
 export function local(router: Router, options: LocalOptions): Promise<Context> {
   const method: Method = {
     kind: "local",
-    runtime: options.runtime ?? (isDeno ? "deno" : "node"),
+    ...(options.runtime ? { runtime: options.runtime } : {}),
     ...(options.env ? { env: options.env } : {}),
     ...(options.cwd ? { cwd: options.cwd } : {}),
   };

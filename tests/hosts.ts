@@ -25,7 +25,7 @@
  * CI=true, where it throws, as CI must never skip these.
  *
  * One test process uses the network at a time (a lock file, see acquireLock):
- * another one's setup waits for it, up to 45 s. Setup tears down whatever an
+ * another one's setup waits for it, up to 300 s. Setup tears down whatever an
  * earlier (or crashed) run left. The test user, its password, its
  * authorized key and its sudoers drop-in stay on the machine after teardown
  * (no sshd of the harness listens then); setup rewrites them every time.
@@ -78,7 +78,7 @@ const DIR = join(tmpdir(), "mitogen-test-hosts");
 const SUDOERS = "/etc/sudoers.d/mitogen-test";
 /** Holds the pid of the one process using the network; see acquireLock. */
 const LOCK = join(tmpdir(), "mitogen-test-hosts.lock");
-const LOCK_WAIT_MS = 45_000;
+const LOCK_WAIT_MS = 300_000;
 const SSHD_PORT = 22;
 
 const NS = { bastion: "mitogen-bastion", inner: "mitogen-inner" } as const;

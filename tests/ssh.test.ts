@@ -1,0 +1,226 @@
+/**
+ * router.ssh against real OpenSSH servers on the netns hosts (tests/hosts.ts):
+ * bastion is reachable from here, inner only from bastion.
+ */
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { createHash, randomBytes } from "node:crypto";
+import { mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, writeFileSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, test } from "node:test";
+import { ChannelError, type Context, Router, type SshOptions } from "../mod.ts";
+import { captureLogs, checkLeaks } from "./helpers.ts";
+import { findProgram, hostsSkip, run, setupHosts, type TestHosts, teardownHosts } from "./hosts.ts";
+
+checkLeaks();
+
+// All tests skip together or none does (see tests/hosts.test.ts on Deno's `after`).
+const skip = hostsSkip() ?? false;
+let hosts: TestHosts;
+let scratch = "";
+
+before(
+  async () => {
+    if (skip) return;
+    const result = await setupHosts();
+    if ("skip" in result) throw new Error(`hostsSkip() said yes, setupHosts() said: ${result.skip}`);
+    hosts = result;
+    scratch = mkdtempSync(join(tmpdir(), "mitogen-ssh-test-"));
+  },
+  { timeout: 330_000 },
+);
+
+after(async () => {
+  if (skip) return;
+  if (scratch) rmSync(scratch, { recursive: true, force: true });
+  await teardownHosts();
+});
+
+/** Options for bastion through the harness's ssh_config (which also forwards the leak-check token). */
+function bastion(extra: Partial<SshOptions> = {}): SshOptions {
+  return { hostname: "bastion", sshArgs: ["-F", hosts.sshConfigFile], name: "bastion", ...extra };
+}
+
+/** The deno binary by absolute path: it is not on the test user's PATH on the hosts. */
+function denoPath(): string {
+  const found = (globalThis as { Deno?: { execPath(): string } }).Deno?.execPath() ?? findProgram("deno");
+  if (!found) throw new Error("deno not found");
+  return realpathSync(found);
+}
+
+const inNamespace = () => Object.values(process.getBuiltinModule("node:os").networkInterfaces()).flatMap((list) => (list ?? []).map((i) => i.address));
+
+test("ssh to bastion with a key: node by default, deno on request, calls work", { skip }, async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const a = await router.ssh(bastion());
+  assert.ok(((await a.call(inNamespace)) as string[]).includes(hosts.bastion.address), "runs inside bastion's namespace");
+  assert.equal(await a.call(() => process.getBuiltinModule("node:os").userInfo().username), hosts.user);
+  const d = await router.ssh(bastion({ runtime: denoPath(), name: "bastion-deno" }));
+  assert.equal(await d.call(() => typeof (globalThis as { Deno?: unknown }).Deno), "object");
+  assert.equal(await d.call((x: number) => x * 2, 21), 42);
+});
+
+test("inner through bastion: a context on bastion starts one on inner", { skip }, async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const a = await router.ssh(bastion());
+  const b = await router.ssh({ hostname: hosts.inner.address, via: a, name: "inner", sshArgs: ["-o", "SendEnv=MITOGEN_TEST_TOKEN"] });
+  assert.ok(((await b.call(inNamespace)) as string[]).includes(hosts.inner.address));
+  const c = await router.local({ via: b, name: "inner-local" });
+  assert.equal(await c.call(() => "three hops down"), "three hops down");
+  await b.shutdown({ wait: true });
+  await assert.rejects(
+    c.call(() => 1),
+    ChannelError,
+  );
+});
+
+test("passwords: the right one works, a wrong one and a missing one fail at once", { skip }, async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const noKey = ["-o", "PubkeyAuthentication=no"];
+  const ok = await router.ssh(bastion({ sshArgs: ["-F", hosts.sshConfigFile, ...noKey], password: hosts.password }));
+  assert.equal(await ok.call(() => "in"), "in");
+  const t0 = Date.now();
+  await assert.rejects(router.ssh(bastion({ sshArgs: ["-F", hosts.sshConfigFile, ...noKey], password: "wrong" })), /incorrect password/);
+  assert.ok(Date.now() - t0 < 15_000, "no timeout wait");
+  await assert.rejects(router.ssh(bastion({ sshArgs: ["-F", hosts.sshConfigFile, ...noKey] })), /password required/);
+});
+
+test("host keys: unknown under each policy, changed under enforce", { skip }, async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const empty = join(scratch, "known_hosts.empty");
+  writeFileSync(empty, "");
+  const direct = (extra: Partial<SshOptions>): SshOptions => ({
+    hostname: hosts.bastion.address,
+    identityFile: hosts.identityFile,
+    username: hosts.user,
+    ...extra,
+  });
+  await assert.rejects(router.ssh(direct({ knownHostsFile: empty, checkHostKeys: "enforce" })), /unknown host key \(checkHostKeys: enforce\)/);
+  const learned = join(scratch, "known_hosts.learned");
+  writeFileSync(learned, "");
+  const accepted = await router.ssh(direct({ knownHostsFile: learned, checkHostKeys: "accept" }));
+  assert.equal(await accepted.call(() => 1), 1);
+  const key = hosts.bastion.hostKeyPub.split(" ")[1] as string;
+  assert.ok(readFileSync(learned, "utf8").includes(key), "the host key was learned");
+  const ignored = await router.ssh(direct({ knownHostsFile: empty, checkHostKeys: "ignore" }));
+  assert.equal(await ignored.call(() => 2), 2);
+  const wrong = join(scratch, "known_hosts.wrong");
+  writeFileSync(wrong, `${hosts.bastion.address} ${hosts.inner.hostKeyPub}\n`);
+  await assert.rejects(router.ssh(direct({ knownHostsFile: wrong, checkHostKeys: "enforce" })), /host key has CHANGED/);
+  await assert.rejects(router.ssh(direct({ knownHostsFile: wrong, checkHostKeys: "accept" })), /CHANGED|host key/);
+});
+
+test("connectTimeout against a server that never speaks", { skip }, async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const held: import("node:net").Socket[] = [];
+  const server = createServer((socket) => held.push(socket)); // accepts, never answers
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const port = (server.address() as { port: number }).port;
+  try {
+    const t0 = Date.now();
+    await assert.rejects(router.ssh({ hostname: "127.0.0.1", port, connectTimeout: 1500, checkHostKeys: "ignore" }), /not connected within 1500 ms|timed out/);
+    assert.ok(Date.now() - t0 < 6000);
+  } finally {
+    for (const s of held) s.destroy();
+    await new Promise((r) => server.close(r));
+  }
+});
+
+/** Pids of our own ssh clients talking to `address`. */
+function sshClientsTo(address: string): number[] {
+  return readdirSync("/proc")
+    .filter((p) => /^\d+$/.test(p))
+    .filter((p) => {
+      try {
+        const cmd = readFileSync(`/proc/${p}/cmdline`, "latin1").split("\0");
+        return cmd[0]?.endsWith("ssh") && cmd.includes("bastion") && readFileSync(`/proc/${p}/stat`, "latin1").split(" ")[3] === String(process.pid);
+      } catch {
+        return false;
+      }
+    })
+    .map(Number)
+    .filter(() => address.length > 0);
+}
+
+test("killing the ssh connection to bastion rejects every pending call below it at once", { skip }, async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const a = await router.ssh(bastion());
+  const b = await router.ssh({ hostname: hosts.inner.address, via: a, name: "inner", sshArgs: ["-o", "SendEnv=MITOGEN_TEST_TOKEN"] });
+  const forever = () => new Promise(() => {});
+  const pending = [a.call(forever), b.call(forever)].map((p) => assert.rejects(p, ChannelError));
+  const clients = sshClientsTo(hosts.bastion.address);
+  assert.equal(clients.length, 1, "one ssh client to bastion");
+  const t0 = Date.now();
+  process.kill(clients[0] as number, "SIGKILL");
+  await Promise.all(pending);
+  assert.ok(Date.now() - t0 < 3000, "rejected at once");
+});
+
+test("killing the master leaves no mitogen process on any host", { skip }, async () => {
+  const script = join(scratch, "master.mts");
+  const mod = new URL("../mod.ts", import.meta.url).href;
+  writeFileSync(
+    script,
+    `import { Router } from ${JSON.stringify(mod)};
+const router = new Router({ log: () => {} });
+const a = await router.ssh({ hostname: "bastion", sshArgs: ["-F", ${JSON.stringify(hosts.sshConfigFile)}] });
+const b = await router.ssh({ hostname: ${JSON.stringify(hosts.inner.address)}, via: a });
+await b.call(() => 1);
+console.log("ready");
+setInterval(() => {}, 1000);
+`,
+  );
+  const deno = (globalThis as { Deno?: { execPath(): string } }).Deno;
+  const config = new URL("../deno.json", import.meta.url).pathname;
+  const [exe, args] = deno ? [deno.execPath(), ["run", "-A", "--config", config, script]] : [process.execPath, ["--import", "tsx", script]];
+  const master = spawn(exe, args as string[], { stdio: ["ignore", "pipe", "inherit"], cwd: new URL("..", import.meta.url).pathname });
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error("master never got ready")), 60_000);
+      master.stdout.on("data", (d: Buffer) => {
+        if (d.toString().includes("ready")) {
+          clearTimeout(timer);
+          resolve();
+        }
+      });
+      master.once("exit", (code) => reject(new Error(`master exited ${code}`)));
+    });
+    const mitogenOn = async (ns: string) => {
+      const { stdout } = await run(["ip", "netns", "exec", ns, "ps", "-eo", "pid=,args="], { timeoutMs: 10_000 });
+      return stdout.split("\n").filter((l) => /mitogen:|MITO000|process\.getBuiltinModule/.test(l));
+    };
+    assert.ok((await mitogenOn("mitogen-bastion")).length > 0, "something ran on bastion");
+    master.kill("SIGKILL");
+    let left: string[] = [];
+    for (let i = 0; i < 50; i++) {
+      left = [...(await mitogenOn("mitogen-bastion")), ...(await mitogenOn("mitogen-inner"))];
+      if (left.length === 0) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.deepEqual(left, [], "no mitogen process left on the hosts");
+  } finally {
+    master.kill("SIGKILL");
+    await new Promise((r) => (master.exitCode !== null || master.signalCode !== null ? r(null) : master.once("close", r)));
+  }
+});
+
+test("a 256 MiB value through two ssh hops arrives intact", { skip }, async () => {
+  await using router = new Router({ log: captureLogs().log, maxMessageSize: 300 * 1024 * 1024 });
+  const a = await router.ssh(bastion({ compression: false }));
+  const b: Context = await router.ssh({
+    hostname: hosts.inner.address,
+    via: a,
+    name: "inner",
+    compression: false,
+    sshArgs: ["-o", "SendEnv=MITOGEN_TEST_TOKEN"],
+  });
+  const big = randomBytes(256 * 1024 * 1024);
+  const want = createHash("sha256").update(big).digest("hex");
+  const got = await b.call(
+    (bytes: Uint8Array) => process.getBuiltinModule("node:crypto").createHash("sha256").update(bytes).digest("hex"),
+    new Uint8Array(big.buffer, big.byteOffset, big.byteLength),
+  );
+  assert.equal(got, want);
+});
