@@ -487,6 +487,25 @@ export interface SshOptions {
   name?: string;
 }
 
+/** Options of {@link Router.sudo}. */
+export interface SudoOptions {
+  /** Target user (default "root"). */
+  username?: string;
+  /** Answered once at sudo's prompt (forced to a unique string); never logged. */
+  password?: string | Secret;
+  /** The sudo program (default "sudo"). */
+  sudoPath?: string;
+  /** Extra arguments for sudo, before the command. */
+  sudoArgs?: string[];
+  /** Runtime to run as the target user (default: the executable of the context running sudo). */
+  runtime?: string;
+  /** Milliseconds from starting sudo to the child's CONNECTED (default 30 000). */
+  connectTimeout?: number;
+  /** Run sudo in this context (on its machine) instead. */
+  via?: Context;
+  name?: string;
+}
+
 /** What a connection method reports about a live child. */
 export interface ChildLink {
   stream: Stream;
@@ -653,7 +672,23 @@ export class Router implements Binder, AsyncDisposable {
     return (await this.#connector("ssh"))(this, options);
   }
 
-  async #connector<O>(method: "local" | "ssh"): Promise<(router: Router, options: O) => Promise<Context>> {
+  /**
+   * Start a context as another user (default root) through sudo, on this
+   * machine or on the machine of `via`.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const root = await router.sudo({ username: "root", password: "..." });
+   * console.log(await root.call(() => process.getuid?.()));
+   * ```
+   */
+  async sudo(options: SudoOptions = {}): Promise<Context> {
+    return (await this.#connector("sudo"))(this, options);
+  }
+
+  async #connector<O>(method: "local" | "ssh" | "sudo"): Promise<(router: Router, options: O) => Promise<Context>> {
     if (this.#shuttingDown) throw new MitogenError(`router ${this.name} is shut down`);
     const parent = await this.requireModule("mitogen:parent");
     return parent[method] as (router: Router, options: O) => Promise<Context>;

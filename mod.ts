@@ -51,6 +51,7 @@ export type {
   Remote,
   Selectable,
   SshOptions,
+  SudoOptions,
   SelectEvent,
   ShutdownOptions,
 } from "./core.ts";

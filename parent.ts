@@ -28,10 +28,24 @@ import {
   takesRouter,
   Secret,
   type SshOptions,
+  type SudoOptions,
 } from "./core.ts";
 
 /** How to reach a new child: on this machine, or over ssh. */
-export type Method = { kind: "local"; runtime?: string; env?: Record<string, string>; cwd?: string } | ({ kind: "ssh" } & SshSpec);
+export type Method =
+  | { kind: "local"; runtime?: string; env?: Record<string, string>; cwd?: string }
+  | ({ kind: "ssh" } & SshSpec)
+  | ({ kind: "sudo" } & SudoSpec);
+
+/** What the sudo method needs (see {@link SudoOptions}). */
+export interface SudoSpec {
+  username: string;
+  password?: Secret;
+  sudoPath: string;
+  sudoArgs: string[];
+  /** The runtime to run as the target user; default: this context's own executable. */
+  runtime?: string;
+}
 
 /** Everything needed to start one child. */
 export interface ConnectSpec {
@@ -97,6 +111,8 @@ const MAX_LINE = 64 * 1024;
 function forwardLines(
   readable: { on(e: "data", cb: (d: Uint8Array) => void): unknown; on(e: "end", cb: () => void): unknown },
   sink: (line: string) => void,
+  /** Sees an unfinished line (a prompt waits without a newline); true consumes it. */
+  unfinished?: (partial: string) => boolean,
 ): void {
   const decoder = new TextDecoder();
   let partial = "";
@@ -112,6 +128,7 @@ function forwardLines(
         partial = partial.slice(MAX_LINE);
       } else break;
     }
+    if (partial && unfinished?.(partial)) partial = "";
   });
   readable.on("end", () => {
     partial += decoder.decode();
@@ -130,8 +147,14 @@ interface Launch {
   streamOn: "fd3" | "stdio";
   /** The child's stdout is user output (only when the stream is elsewhere). */
   stdoutIsOutput: boolean;
-  /** Sees each stderr line while connecting: an Error fails at once, `true` keeps the line out of the log. */
-  watch?: (line: string) => Error | boolean | undefined;
+  /**
+   * Sees each stderr line while connecting: an Error fails at once, `true`
+   * keeps the line out of the log. `answer` writes to the child's stdin
+   * (a password, before the payload).
+   */
+  watch?: (line: string, answer: (text: string) => void) => Error | boolean | undefined;
+  /** A prompt that arrives without a newline, handed to `watch` as soon as it shows. */
+  prompt?: RegExp;
   /** Runs once connecting is over, either way. */
   cleanup?: () => void;
 }
@@ -140,7 +163,13 @@ interface Launch {
 export function connect(router: Router, spec: ConnectSpec): Promise<Context> {
   const payload = router.payload;
   if (!payload) return Promise.reject(new StreamError("this context has no payload to start children with"));
-  const launch = spec.method.kind === "ssh" ? sshLaunch(spec, spec.method, payload.byteLength) : localLaunch(spec, spec.method, payload.byteLength);
+  const m = spec.method;
+  const launch =
+    m.kind === "ssh"
+      ? sshLaunch(spec, m, payload.byteLength)
+      : m.kind === "sudo"
+        ? sudoLaunch(spec, m, payload.byteLength)
+        : localLaunch(spec, m, payload.byteLength);
   return bootstrap(router, spec, launch, payload);
 }
 
@@ -251,6 +280,42 @@ function sshLaunch(spec: ConnectSpec, m: SshSpec, length: number): Launch {
   };
 }
 
+/** This context's own executable, which is also there for another user on the same machine. */
+function ownRuntime(): string {
+  return (globalThis as { Deno?: { execPath(): string } }).Deno?.execPath() ?? process.execPath;
+}
+
+function sudoLaunch(spec: ConnectSpec, m: SudoSpec, length: number): Launch {
+  // A prompt nobody else prints: answered once; a second one means the password was wrong.
+  const prompt = `mitogen-sudo-${spec.id}-password:`;
+  const runtime = m.runtime ?? ownRuntime();
+  const args = ["-S", "-p", prompt, "-H", "-u", m.username, ...m.sudoArgs, "--", "/bin/sh", "-c", remoteCommand(runtime, spec.name, length)];
+  let prompts = 0;
+  const fail = (what: string) => new StreamError(`sudo to ${m.username}: ${what}`);
+  return {
+    exe: m.sudoPath,
+    args,
+    env: { ...process.env },
+    streamOn: "stdio",
+    stdoutIsOutput: false,
+    prompt: new RegExp(`${prompt}\\s*$`),
+    watch(line, answer) {
+      if (line.includes(prompt)) {
+        prompts++;
+        if (!m.password) return fail("password required");
+        if (prompts > 1) return fail("incorrect password");
+        answer(`${m.password.reveal()}\n`);
+        return true;
+      }
+      if (/Sorry, try again/.test(line)) return fail("incorrect password");
+      if (/unknown user/.test(line)) return fail(`unknown user (${line.trim()})`);
+      if (/is not in the sudoers file|is not allowed to (run|execute)|may not run sudo/.test(line)) return fail(`not allowed (${line.trim()})`);
+      if (/incorrect password attempt|a password is required/.test(line)) return fail(m.password ? "incorrect password" : "password required");
+      return undefined;
+    },
+  };
+}
+
 /**
  * Start the child process and bootstrap it. Resolves with its Context once
  * it has sent CONNECTED; rejects with TimeoutError after `connectTimeout`, or
@@ -289,7 +354,7 @@ async function bootstrap(router: Router, spec: ConnectSpec, launch: Launch, payl
   const output = (source: LogSource) => (line: string) => {
     if (source === "stderr") {
       if (connecting && launch.watch) {
-        const verdict = launch.watch(line);
+        const verdict = launch.watch(line, answer);
         if (verdict instanceof Error) failed(verdict);
         if (verdict === true) return;
       }
@@ -306,7 +371,14 @@ async function bootstrap(router: Router, spec: ConnectSpec, launch: Launch, payl
     });
   };
   if (launch.stdoutIsOutput) forwardLines(stdout, output("stdout"));
-  forwardLines(stderr, output("stderr"));
+  // Prompts come without a newline: let the method see unfinished lines while connecting.
+  const answer = (text: string) => stream.writeRaw(new TextEncoder().encode(text));
+  forwardLines(stderr, output("stderr"), (partial) => {
+    if (!connecting || !launch.watch || !launch.prompt?.test(partial)) return false;
+    const verdict = launch.watch(partial, answer);
+    if (verdict instanceof Error) failed(verdict);
+    return true;
+  });
 
   const exited = new Promise<void>((resolve) => proc.once("close", () => resolve()));
   const stop = async (): Promise<void> => {
@@ -416,6 +488,20 @@ export function ssh(router: Router, options: SshOptions): Promise<Context> {
     runtime: options.runtime ?? "auto",
   };
   return start(router, options, method, (id) => `ssh.${options.hostname}.${id}`);
+}
+
+/** {@link Router.sudo}: start a context as another user on the machine of `router` (or of `options.via`). */
+export function sudo(router: Router, options: SudoOptions): Promise<Context> {
+  const username = options.username ?? "root";
+  const method: Method = {
+    kind: "sudo",
+    username,
+    ...(options.password === undefined ? {} : { password: options.password instanceof Secret ? options.password : new Secret(options.password) }),
+    sudoPath: options.sudoPath ?? "sudo",
+    sudoArgs: options.sudoArgs ?? [],
+    ...(options.runtime ? { runtime: options.runtime } : {}),
+  };
+  return start(router, options, method, (id) => `sudo.${username}.${id}`);
 }
 
 /** Run in a `via` context: start a child there. Resolves with its id. */

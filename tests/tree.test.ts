@@ -1,0 +1,100 @@
+/**
+ * The tree across hosts and users: master -> bastion (ssh) -> inner (ssh via
+ * bastion) -> root on inner (sudo via inner), on the netns hosts of tests/hosts.ts.
+ */
+import assert from "node:assert/strict";
+import { after, before, test } from "node:test";
+import { Router } from "../mod.ts";
+import { captureLogs, checkLeaks, waitFor } from "./helpers.ts";
+import { hostsSkip, setupHosts, type TestHosts, teardownHosts } from "./hosts.ts";
+
+checkLeaks();
+
+// All tests skip together or none does (see tests/hosts.test.ts on Deno's `after`).
+const skip = hostsSkip() ?? false;
+let hosts: TestHosts;
+
+before(
+  async () => {
+    if (skip) return;
+    const result = await setupHosts();
+    if ("skip" in result) throw new Error(`hostsSkip() said yes, setupHosts() said: ${result.skip}`);
+    hosts = result;
+  },
+  { timeout: 330_000 },
+);
+
+after(async () => {
+  if (!skip) await teardownHosts();
+});
+
+type Tasks = typeof import("./fixtures/tasks.ts");
+const TASKS = new URL("./fixtures/tasks.ts", import.meta.url);
+
+/** master -> bastion -> inner -> root on inner. */
+async function tree(router: Router) {
+  const bastion = await router.ssh({ hostname: "bastion", sshArgs: ["-F", hosts.sshConfigFile], name: "bastion" });
+  const inner = await router.ssh({ hostname: hosts.inner.address, via: bastion, name: "inner", sshArgs: ["-o", "SendEnv=MITOGEN_TEST_TOKEN"] });
+  const root = await router.sudo({
+    username: "root",
+    password: hosts.password,
+    via: inner,
+    name: "inner-root",
+    sudoArgs: ["--preserve-env=MITOGEN_TEST_TOKEN"],
+  });
+  return { bastion, inner, root };
+}
+
+test("the four-level tree: calls and modules at every level", { skip }, async () => {
+  await using router = new Router({ log: captureLogs().log, maxMessageSize: 8 * 1024 * 1024 });
+  const { bastion, inner, root } = await tree(router);
+  const who = await Promise.all([bastion, inner, root].map(async (ctx) => (await ctx.import<Tasks>(TASKS)).whoami()));
+  assert.deepEqual(
+    who.map((w) => w.user),
+    [hosts.user, hosts.user, "root"],
+  );
+  assert.equal(who[2]?.uid, 0);
+  assert.ok(who[0]?.addresses.includes(hosts.bastion.address));
+  assert.ok(who[1]?.addresses.includes(hosts.inner.address));
+  assert.ok(who[2]?.addresses.includes(hosts.inner.address));
+  // maxMessageSize reached the bottom: a reply over it fails there, clearly
+  await assert.rejects(
+    root.call(() => new Uint8Array(9 * 1024 * 1024)),
+    /exceeds maxMessageSize 8388608/,
+  );
+  assert.equal(await root.call(() => "root still answers"), "root still answers");
+});
+
+test("siblings talk across hosts, unless the router is unidirectional", { skip }, async () => {
+  for (const unidirectional of [false, true]) {
+    const logs = captureLogs();
+    await using router = new Router({ log: logs.log, unidirectional });
+    const { bastion, root } = await tree(router);
+    const local = await router.local({ name: "local-sibling" });
+    const onBastion = await bastion.import<Tasks>(TASKS);
+    const onLocal = await local.import<Tasks>(TASKS);
+    const onRoot = await root.import<Tasks>(TASKS);
+    const inbox = await onBastion.openInbox();
+    await onLocal.post(inbox, "from a sibling");
+    await onRoot.post(inbox, "from below");
+    if (!unidirectional) {
+      const got = [await onBastion.readInbox(inbox.dstHandle, 5000), await onBastion.readInbox(inbox.dstHandle, 5000)];
+      assert.deepEqual(got.sort(), ["from a sibling", "from below"]);
+    } else {
+      assert.equal(await onBastion.readInbox(inbox.dstHandle, 5000), "from below", "a descendant may still talk to its ancestor");
+      await assert.rejects(onBastion.readInbox(inbox.dstHandle, 300), /nothing arrived/);
+      await waitFor(() => logs.records.some((r) => /unidirectional mode forbids/.test(r.message)), 5000, "refusal logged");
+    }
+  }
+});
+
+test("sudo: a wrong password and a missing one fail at once, with distinct errors", { skip }, async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const bastion = await router.ssh({ hostname: "bastion", sshArgs: ["-F", hosts.sshConfigFile], name: "bastion" });
+  const t0 = Date.now();
+  await assert.rejects(router.sudo({ via: bastion, password: "wrong" }), /sudo to root: incorrect password/);
+  await assert.rejects(router.sudo({ via: bastion }), /sudo to root: password required/);
+  await assert.rejects(router.sudo({ via: bastion, username: "no-such-user", password: hosts.password }), /sudo to no-such-user/);
+  assert.ok(Date.now() - t0 < 20_000, "no timeouts");
+  assert.equal(await bastion.call(() => "bastion unharmed"), "bastion unharmed");
+});
