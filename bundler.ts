@@ -39,6 +39,9 @@ const maps = new Map<string, { map: SourceMap; dir: string }>();
 /** `new Function` puts two lines of its own before the body. */
 const FUNCTION_HEADER_LINES = 2;
 let building = 0;
+let idle: ReturnType<typeof setTimeout> | undefined;
+/** esbuild's service process is stopped after this long without a build. */
+const IDLE_STOP_MS = 300;
 
 function unchanged(entry: Entry): boolean {
   for (const [path, mtimeMs, size] of entry.inputs) {
@@ -109,15 +112,21 @@ async function build(file: string): Promise<Entry> {
       const st = statSync(abs);
       return [abs, st.mtimeMs, st.size];
     });
-    return { name, code: deflateRawSync(text), rawSize: text.length, inputs };
+    return { name, code: deflateRawSync(text), rawSize: Buffer.byteLength(text), inputs };
   } catch (err) {
     const errors = (err as { errors?: { text: string; location?: { file: string; line: number; column: number } | null }[] }).errors;
     if (!errors?.length) throw err;
     const where = errors.map((e) => (e.location ? `${resolve(dirname(file), e.location.file)}:${e.location.line}:${e.location.column}: ${e.text}` : e.text));
     throw new MitogenError(`cannot bundle ${file}:\n${where.join("\n")}`, { cause: err });
   } finally {
-    // No esbuild service process outlives the bundling (the cache makes rebuilds rare).
-    if (--building === 0) await esbuild.stop();
+    // Keep esbuild's service for bursts of bundling, but let no process outlive them for long.
+    if (--building === 0) {
+      clearTimeout(idle);
+      idle = setTimeout(() => {
+        if (building === 0) void esbuild.stop();
+      }, IDLE_STOP_MS);
+      (idle as { unref?: () => void }).unref?.();
+    }
   }
 }
 

@@ -617,7 +617,11 @@ export class Router implements Binder, AsyncDisposable {
 
   #onGetModule(msg: Message): void {
     const name = msg.unpickle();
-    if (typeof name !== "string") return;
+    if (!msg.replyTo) return;
+    if (typeof name !== "string") {
+      msg.reply(CallError.fromThrown(new MitogenError("GET_MODULE needs a module name"), this.path.join(" -> ")));
+      return;
+    }
     this.fetchModuleCode(name).then(
       (code) => {
         this.stats.modulesSent++;
@@ -1225,9 +1229,15 @@ export class CallScope {
   /** Send a call; enforce the timeout and signal on the caller's side and tell the callee. */
   #start(msg: Message): Receiver {
     const { signal, timeout } = this.options;
-    const recv = this.context.sendAsync(msg);
-    if (signal === undefined && timeout === undefined) return recv;
     const ctx = this.context;
+    if (signal?.aborted) {
+      // Already cancelled: nothing is sent, the caller fails at once.
+      const recv = new Receiver(ctx.router, { persist: false });
+      recv._fail(new AbortError(`call to ${ctx.name} aborted`, { cause: signal.reason }));
+      return recv;
+    }
+    const recv = ctx.sendAsync(msg);
+    if (signal === undefined && timeout === undefined) return recv;
     let timer: ReturnType<typeof setTimeout> | undefined;
     const onAbort = () => stop(new AbortError(`call to ${ctx.name} aborted`, { cause: signal?.reason }));
     const stop = (reason: Error) => {
@@ -1238,11 +1248,8 @@ export class CallScope {
       clearTimeout(timer);
       signal?.removeEventListener("abort", onAbort);
     });
-    if (signal?.aborted) onAbort();
-    else {
-      signal?.addEventListener("abort", onAbort, { once: true });
-      if (timeout !== undefined) timer = setTimeout(() => stop(new TimeoutError(`call to ${ctx.name} did not finish within ${timeout} ms`)), timeout);
-    }
+    signal?.addEventListener("abort", onAbort, { once: true });
+    if (timeout !== undefined) timer = setTimeout(() => stop(new TimeoutError(`call to ${ctx.name} did not finish within ${timeout} ms`)), timeout);
     return recv;
   }
 }
