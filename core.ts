@@ -506,6 +506,47 @@ export interface SudoOptions {
   name?: string;
 }
 
+/** What every way of starting a context in a container accepts. */
+export interface StartOptions {
+  name?: string;
+  /** Start it from this context instead (on that context's machine). */
+  via?: Context;
+  /** Milliseconds until the child must be connected (default 30 000). */
+  connectTimeout?: number;
+  /** "auto" (node, then deno: default), "node", "deno", or a path inside the target. */
+  runtime?: string;
+  /** The tool's executable (default: its usual name, looked up on PATH). */
+  path?: string;
+  /** Extra arguments for the tool, before the target. */
+  args?: string[];
+}
+
+/** Options of {@link Router.docker}, {@link Router.podman}, {@link Router.lxc} and {@link Router.lxd}. */
+export interface ContainerOptions extends StartOptions {
+  container: string;
+  /** User inside the container (docker/podman). */
+  username?: string;
+}
+
+/** Options of {@link Router.kubectl}. */
+export interface KubectlOptions extends StartOptions {
+  pod: string;
+  namespace?: string;
+  container?: string;
+}
+
+/** Options of {@link Router.setns}. */
+export interface SetnsOptions extends StartOptions {
+  /** A process whose namespaces to enter (a container's init, say). */
+  pid: number;
+}
+
+/** Options of {@link Router.jail}. */
+export interface JailOptions extends StartOptions {
+  jail: string;
+  username?: string;
+}
+
 /** What a connection method reports about a live child. */
 export interface ChildLink {
   stream: Stream;
@@ -692,7 +733,44 @@ export class Router implements Binder, AsyncDisposable {
     return (await this.#connector("sudo"))(this, options);
   }
 
-  async #connector<O>(method: "local" | "ssh" | "sudo"): Promise<(router: Router, options: O) => Promise<Context>> {
+  /** Start a context in a running Docker container (`docker exec`). */
+  async docker(options: ContainerOptions): Promise<Context> {
+    return (await this.#connector("docker"))(this, options);
+  }
+
+  /** Start a context in a running Podman container (`podman exec`). */
+  async podman(options: ContainerOptions): Promise<Context> {
+    return (await this.#connector("podman"))(this, options);
+  }
+
+  /** Start a context in a Kubernetes pod (`kubectl exec`). */
+  async kubectl(options: KubectlOptions): Promise<Context> {
+    return (await this.#connector("kubectl"))(this, options);
+  }
+
+  /** Start a context in an LXC container (`lxc-attach`). */
+  async lxc(options: ContainerOptions): Promise<Context> {
+    return (await this.#connector("lxc"))(this, options);
+  }
+
+  /** Start a context in an LXD or Incus container (`lxc exec`). */
+  async lxd(options: ContainerOptions): Promise<Context> {
+    return (await this.#connector("lxd"))(this, options);
+  }
+
+  /** Start a context inside the namespaces of another process (`nsenter`). */
+  async setns(options: SetnsOptions): Promise<Context> {
+    return (await this.#connector("setns"))(this, options);
+  }
+
+  /** Start a context in a FreeBSD jail (`jexec`). */
+  async jail(options: JailOptions): Promise<Context> {
+    return (await this.#connector("jail"))(this, options);
+  }
+
+  async #connector<O>(
+    method: "local" | "ssh" | "sudo" | "docker" | "podman" | "kubectl" | "lxc" | "lxd" | "setns" | "jail",
+  ): Promise<(router: Router, options: O) => Promise<Context>> {
     if (this.#shuttingDown) throw new MitogenError(`router ${this.name} is shut down`);
     const parent = await this.requireModule("mitogen:parent");
     return parent[method] as (router: Router, options: O) => Promise<Context>;

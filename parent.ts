@@ -29,13 +29,18 @@ import {
   Secret,
   type SshOptions,
   type SudoOptions,
+  type ContainerOptions,
+  type KubectlOptions,
+  type SetnsOptions,
+  type JailOptions,
 } from "./core.ts";
 
 /** How to reach a new child: on this machine, or over ssh. */
 export type Method =
   | { kind: "local"; runtime?: string; env?: Record<string, string>; cwd?: string }
   | ({ kind: "ssh" } & SshSpec)
-  | ({ kind: "sudo" } & SudoSpec);
+  | ({ kind: "sudo" } & SudoSpec)
+  | { kind: "wrap"; argv: string[]; runtime: string };
 
 /** What the sudo method needs (see {@link SudoOptions}). */
 export interface SudoSpec {
@@ -169,7 +174,9 @@ export function connect(router: Router, spec: ConnectSpec): Promise<Context> {
       ? sshLaunch(spec, m, payload.byteLength)
       : m.kind === "sudo"
         ? sudoLaunch(spec, m, payload.byteLength)
-        : localLaunch(spec, m, payload.byteLength);
+        : m.kind === "wrap"
+          ? wrapLaunch(spec, m, payload.byteLength)
+          : localLaunch(spec, m, payload.byteLength);
   return bootstrap(router, spec, launch, payload);
 }
 
@@ -311,6 +318,23 @@ function sudoLaunch(spec: ConnectSpec, m: SudoSpec, length: number): Launch {
       if (/unknown user/.test(line)) return fail(`unknown user (${line.trim()})`);
       if (/is not in the sudoers file|is not allowed to (run|execute)|may not run sudo/.test(line)) return fail(`not allowed (${line.trim()})`);
       if (/incorrect password attempt|a password is required/.test(line)) return fail(m.password ? "incorrect password" : "password required");
+      return undefined;
+    },
+  };
+}
+
+/** A command that runs another command somewhere (docker exec, kubectl exec, nsenter...): it runs `/bin/sh -c`. */
+function wrapLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "wrap" }>, length: number): Launch {
+  const [exe, ...prefix] = m.argv;
+  if (!exe) throw new StreamError(`${spec.name}: empty command`);
+  return {
+    exe,
+    args: [...prefix, "/bin/sh", "-c", remoteCommand(m.runtime, spec.name, length)],
+    env: { ...process.env },
+    streamOn: "stdio",
+    stdoutIsOutput: false,
+    watch(line) {
+      if (/neither node nor deno found/.test(line)) return new StreamError(`${spec.name}: ${line.replace(/^mitogen: /, "")}`);
       return undefined;
     },
   };
@@ -502,6 +526,66 @@ export function sudo(router: Router, options: SudoOptions): Promise<Context> {
     ...(options.runtime ? { runtime: options.runtime } : {}),
   };
   return start(router, options, method, (id) => `sudo.${username}.${id}`);
+}
+
+const wrap = (argv: (string | false | undefined)[], runtime?: string): Method => ({
+  kind: "wrap",
+  argv: argv.filter((a): a is string => typeof a === "string"),
+  runtime: runtime ?? "auto",
+});
+
+/** {@link Router.docker}: `docker exec -i [-u user] <container> /bin/sh -c ...`. */
+export function docker(router: Router, o: ContainerOptions): Promise<Context> {
+  const argv = wrap([o.path ?? "docker", "exec", "-i", ...(o.username ? ["-u", o.username] : []), ...(o.args ?? []), o.container], o.runtime);
+  return start(router, o, argv, (id) => `docker.${o.container}.${id}`);
+}
+
+/** {@link Router.podman}: `podman exec -i [-u user] <container> /bin/sh -c ...`. */
+export function podman(router: Router, o: ContainerOptions): Promise<Context> {
+  const argv = wrap([o.path ?? "podman", "exec", "-i", ...(o.username ? ["-u", o.username] : []), ...(o.args ?? []), o.container], o.runtime);
+  return start(router, o, argv, (id) => `podman.${o.container}.${id}`);
+}
+
+/** {@link Router.kubectl}: `kubectl exec -i [-n namespace] [-c container] <pod> -- /bin/sh -c ...`. */
+export function kubectl(router: Router, o: KubectlOptions): Promise<Context> {
+  const argv = wrap(
+    [
+      o.path ?? "kubectl",
+      ...(o.args ?? []),
+      "exec",
+      "-i",
+      ...(o.namespace ? ["-n", o.namespace] : []),
+      ...(o.container ? ["-c", o.container] : []),
+      o.pod,
+      "--",
+    ],
+    o.runtime,
+  );
+  return start(router, o, argv, (id) => `kubectl.${o.pod}.${id}`);
+}
+
+/** {@link Router.lxc}: `lxc-attach -n <container> -- /bin/sh -c ...` (classic LXC). */
+export function lxc(router: Router, o: ContainerOptions): Promise<Context> {
+  const argv = wrap([o.path ?? "lxc-attach", ...(o.args ?? []), "-n", o.container, "--"], o.runtime);
+  return start(router, o, argv, (id) => `lxc.${o.container}.${id}`);
+}
+
+/** {@link Router.lxd}: `lxc exec --mode=non-interactive <container> -- /bin/sh -c ...` (LXD, Incus). */
+export function lxd(router: Router, o: ContainerOptions): Promise<Context> {
+  const argv = wrap([o.path ?? "lxc", "exec", "--mode=non-interactive", ...(o.args ?? []), o.container, "--"], o.runtime);
+  return start(router, o, argv, (id) => `lxd.${o.container}.${id}`);
+}
+
+/** {@link Router.setns}: enter every namespace of process `pid` (`nsenter -t <pid> -a`); needs root. */
+export function setns(router: Router, o: SetnsOptions): Promise<Context> {
+  const argv = wrap([o.path ?? "nsenter", "-t", String(o.pid), "-a", ...(o.args ?? []), "--"], o.runtime);
+  return start(router, o, argv, (id) => `setns.${o.pid}.${id}`);
+}
+
+/** {@link Router.jail}: `jexec [-U user] <jail> /bin/sh -c ...` (FreeBSD). */
+export function jail(router: Router, o: JailOptions): Promise<Context> {
+  const argv = wrap([o.path ?? "jexec", ...(o.username ? ["-U", o.username] : []), ...(o.args ?? []), o.jail], o.runtime);
+  return start(router, o, argv, (id) => `jail.${o.jail}.${id}`);
 }
 
 /** Run in a `via` context: start a child there. Resolves with its id. */

@@ -1,0 +1,75 @@
+/**
+ * Container and namespace methods, through stand-in executables on PATH that
+ * check their arguments and then run the command here (as Mitogen's own tests
+ * do): the whole path, argv to bootstrap to calls, runs for real.
+ */
+import assert from "node:assert/strict";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, test } from "node:test";
+import { type Context, Router } from "../mod.ts";
+import { captureLogs, checkLeaks } from "./helpers.ts";
+
+checkLeaks();
+
+const STANDIN = `#!/bin/sh
+# Stand-in for a container tool: record the arguments before "/bin/sh", then run the rest here.
+tool=$(basename "$0")
+log="$MITOGEN_STANDIN_DIR/$tool.argv"
+: > "$log"
+while [ $# -gt 0 ] && [ "$1" != /bin/sh ]; do printf '%s\\n' "$1" >> "$log"; shift; done
+[ $# -gt 0 ] || { echo "$tool stand-in: no /bin/sh command in its arguments" >&2; exit 2; }
+exec "$@"
+`;
+
+const TOOLS = ["docker", "podman", "kubectl", "lxc-attach", "lxc", "nsenter", "jexec"];
+let dir = "";
+let savedPath: string | undefined;
+
+before(() => {
+  dir = mkdtempSync(join(tmpdir(), "mitogen-standins-"));
+  for (const tool of TOOLS) writeFileSync(join(dir, tool), STANDIN, { mode: 0o755 });
+  savedPath = process.env.PATH;
+  process.env.PATH = `${dir}:${savedPath ?? ""}`;
+  process.env.MITOGEN_STANDIN_DIR = dir;
+});
+
+after(() => {
+  if (savedPath !== undefined) process.env.PATH = savedPath;
+  delete process.env.MITOGEN_STANDIN_DIR;
+  rmSync(dir, { recursive: true, force: true });
+});
+
+const argvOf = (tool: string) =>
+  readFileSync(join(dir, `${tool}.argv`), "utf8")
+    .split("\n")
+    .filter(Boolean);
+
+const cases: [string, (r: Router) => Promise<Context>, string, string[]][] = [
+  ["docker", (r) => r.docker({ container: "web1", username: "app" }), "docker", ["exec", "-i", "-u", "app", "web1"]],
+  ["podman", (r) => r.podman({ container: "db1" }), "podman", ["exec", "-i", "db1"]],
+  ["kubectl", (r) => r.kubectl({ pod: "api-0", namespace: "prod", container: "main" }), "kubectl", ["exec", "-i", "-n", "prod", "-c", "main", "api-0", "--"]],
+  ["lxc", (r) => r.lxc({ container: "box" }), "lxc-attach", ["-n", "box", "--"]],
+  ["lxd", (r) => r.lxd({ container: "box2" }), "lxc", ["exec", "--mode=non-interactive", "box2", "--"]],
+  ["setns", (r) => r.setns({ pid: 4242 }), "nsenter", ["-t", "4242", "-a", "--"]],
+  ["jail", (r) => r.jail({ jail: "www", username: "www" }), "jexec", ["-U", "www", "www"]],
+];
+
+for (const [method, start, tool, expected] of cases) {
+  test(`${method}: the right command line, then a working context`, async () => {
+    await using router = new Router({ log: captureLogs().log });
+    const ctx = await start(router);
+    assert.deepEqual(argvOf(tool), expected);
+    assert.equal(await ctx.call((x: number) => x * 2, 21), 42);
+    assert.match(ctx.name, new RegExp(`^${method}\\.`));
+  });
+}
+
+test("a container method through a via context, and a missing runtime named clearly", async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const hop = await router.local({ name: "hop" });
+  const inside = await router.docker({ container: "web2", via: hop });
+  assert.equal(await inside.call(() => "via hop"), "via hop");
+  await assert.rejects(router.podman({ container: "db2", runtime: "/no/such/node" }), /exited with code 127/);
+});
