@@ -177,7 +177,7 @@ export function connect(router: Router, spec: ConnectSpec): Promise<Context> {
         : m.kind === "wrap"
           ? wrapLaunch(spec, m, payload.byteLength)
           : localLaunch(spec, m, payload.byteLength);
-  return bootstrap(router, spec, launch, payload);
+  return spawnAndBootstrap(router, spec, launch, payload);
 }
 
 function localLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "local" }>, length: number): Launch {
@@ -340,20 +340,34 @@ function wrapLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "wrap" }>, len
   };
 }
 
-/**
- * Start the child process and bootstrap it. Resolves with its Context once
- * it has sent CONNECTED; rejects with TimeoutError after `connectTimeout`, or
- * StreamError if it exits, breaks, or its transport reports a failure first.
- */
-async function bootstrap(router: Router, spec: ConnectSpec, launch: Launch, payload: Uint8Array): Promise<Context> {
+type R = Parameters<typeof nodeTransport>[0];
+type W = Parameters<typeof nodeTransport>[1];
+
+/** A started child: a process, or anything shaped like one (an in-process ssh channel). */
+export interface Spawned {
+  /** What was started, for messages ("ssh", "/usr/bin/node"). */
+  what: string;
+  reader: R;
+  writer: W;
+  /** User output, when the stream is elsewhere (a local node child's stdout). */
+  stdout?: R;
+  stderr: R;
+  /** Resolves once it has gone and its output is drained. */
+  gone: Promise<void>;
+  /** How it ended ("exited with code 1"), or null while it runs. */
+  status(): string | null;
+  kill(): void;
+  onError(cb: (err: Error) => void): void;
+}
+
+/** Start `launch` as a process. */
+async function spawnLaunch(launch: Launch): Promise<Spawned> {
   const { spawn } = process.getBuiltinModule("node:child_process");
   const proc = spawn(launch.exe, launch.args, {
     stdio: launch.streamOn === "fd3" ? ["ignore", "pipe", "pipe", "pipe"] : ["pipe", "pipe", "pipe"],
     env: launch.env,
     ...(launch.cwd === undefined ? {} : { cwd: launch.cwd }),
   });
-  type R = Parameters<typeof nodeTransport>[0];
-  type W = Parameters<typeof nodeTransport>[1];
   const [stdin, stdout, stderr, fd3] = proc.stdio as unknown as [W | undefined, R | undefined, R | undefined, (R & W) | undefined];
   const reader = launch.streamOn === "fd3" ? fd3 : stdout;
   const writer = launch.streamOn === "fd3" ? fd3 : stdin;
@@ -366,19 +380,56 @@ async function bootstrap(router: Router, spec: ConnectSpec, launch: Launch, payl
         resolve(e);
       });
     });
-    launch.cleanup?.();
     throw new StreamError(`cannot start ${launch.exe}: ${err.message}`, { cause: err });
   }
-  const stream = new Stream(spec.name, nodeTransport(reader, writer), router.maxMessageSize);
+  return {
+    what: launch.exe,
+    reader,
+    writer,
+    ...(launch.stdoutIsOutput ? { stdout } : {}),
+    stderr,
+    gone: new Promise<void>((resolve) => proc.once("close", () => resolve())),
+    status: () =>
+      proc.exitCode === null && proc.signalCode === null ? null : proc.signalCode ? `was killed by ${proc.signalCode}` : `exited with code ${proc.exitCode}`,
+    kill: () => proc.kill("SIGKILL"),
+    onError: (cb) => proc.once("error", (err) => cb(new StreamError(`cannot start ${launch.exe}: ${err.message}`, { cause: err }))),
+  };
+}
 
+/** Start `launch` and bootstrap the child. */
+async function spawnAndBootstrap(router: Router, spec: ConnectSpec, launch: Launch, payload: Uint8Array): Promise<Context> {
+  let child: Spawned;
+  try {
+    child = await spawnLaunch(launch);
+  } catch (err) {
+    launch.cleanup?.();
+    throw err;
+  }
+  return bootstrap(router, spec, child, launch, payload);
+}
+
+/**
+ * Bootstrap a started child. Resolves with its Context once it has sent
+ * CONNECTED; rejects with TimeoutError after `connectTimeout`, or StreamError
+ * if it ends, breaks, or `hooks.watch` reports a failure first.
+ */
+export async function bootstrap(
+  router: Router,
+  spec: ConnectSpec,
+  child: Spawned,
+  hooks: Pick<Launch, "watch" | "prompt" | "cleanup">,
+  payload: Uint8Array,
+): Promise<Context> {
+  const stream = new Stream(spec.name, nodeTransport(child.reader, child.writer), router.maxMessageSize);
   let connecting = true;
   let failed: (err: Error) => void = () => {};
   const failure = new Promise<never>((_, reject) => (failed = reject));
   const tail: string[] = [];
+  const answer = (text: string) => stream.writeRaw(new TextEncoder().encode(text));
   const output = (source: LogSource) => (line: string) => {
     if (source === "stderr") {
-      if (connecting && launch.watch) {
-        const verdict = launch.watch(line, answer);
+      if (connecting && hooks.watch) {
+        const verdict = hooks.watch(line, answer);
         if (verdict instanceof Error) failed(verdict);
         if (verdict === true) return;
       }
@@ -394,24 +445,22 @@ async function bootstrap(router: Router, spec: ConnectSpec, launch: Launch, payl
       message: line,
     });
   };
-  if (launch.stdoutIsOutput) forwardLines(stdout, output("stdout"));
+  if (child.stdout) forwardLines(child.stdout, output("stdout"));
   // Prompts come without a newline: let the method see unfinished lines while connecting.
-  const answer = (text: string) => stream.writeRaw(new TextEncoder().encode(text));
-  forwardLines(stderr, output("stderr"), (partial) => {
-    if (!connecting || !launch.watch || !launch.prompt?.test(partial)) return false;
-    const verdict = launch.watch(partial, answer);
+  forwardLines(child.stderr, output("stderr"), (partial) => {
+    if (!connecting || !hooks.watch || !hooks.prompt?.test(partial)) return false;
+    const verdict = hooks.watch(partial, answer);
     if (verdict instanceof Error) failed(verdict);
     return true;
   });
 
-  const exited = new Promise<void>((resolve) => proc.once("close", () => resolve()));
   const stop = async (): Promise<void> => {
-    if (proc.exitCode === null && proc.signalCode === null) {
+    if (child.status() === null) {
       if (!stream.closed) stream.send(Message.encoded(null, { dst: spec.id, src: router.myId, auth: router.myId, handle: HANDLE.SHUTDOWN }));
-      const timer = setTimeout(() => proc.kill("SIGKILL"), 3000);
-      await exited;
+      const timer = setTimeout(() => child.kill(), 3000);
+      await child.gone;
       clearTimeout(timer);
-    } else await exited;
+    } else await child.gone;
     stream.close();
   };
   const link: ChildLink = { stream, stop };
@@ -419,16 +468,15 @@ async function bootstrap(router: Router, spec: ConnectSpec, launch: Launch, payl
   // Frames that arrive between CONNECTED and adoption are held, not lost.
   const early: Message[] = [];
   stream.onMessage = (msg) => early.push(msg);
-  // EOF during bootstrap means the process is exiting: its exit status (below) says more.
+  // EOF during bootstrap means the child is ending: how it ended (below) says more.
   stream.onClose = (err) => err instanceof StreamError && failed(err);
-  proc.once("error", (err) => failed(new StreamError(`cannot start ${launch.exe}: ${err.message}`, { cause: err })));
+  child.onError(failed);
   const exitError = () => {
-    const why = proc.signalCode ? `was killed by ${proc.signalCode}` : `exited with code ${proc.exitCode}`;
     const said = tail.length ? `; stderr:\n${tail.join("\n")}` : "";
-    return new StreamError(`${spec.name}: ${launch.exe} ${why} before connecting${said}`);
+    return new StreamError(`${spec.name}: ${child.what} ${child.status() ?? "ended"} before connecting${said}`);
   };
   // Report an exit once the last stderr lines are in.
-  void exited.then(() => failed(exitError()));
+  void child.gone.then(() => failed(exitError()));
   const timer = setTimeout(() => failed(new TimeoutError(`${spec.name}: not connected within ${spec.connectTimeout} ms`)), spec.connectTimeout);
 
   try {
@@ -452,14 +500,14 @@ async function bootstrap(router: Router, spec: ConnectSpec, launch: Launch, payl
     stream.send(Message.encoded(config, { dst: spec.id, src: router.myId, auth: router.myId, handle: HANDLE.CONFIGURE }));
     await Promise.race([settle(connected), failure]);
   } catch (err) {
-    proc.kill("SIGKILL");
-    await exited;
+    child.kill();
+    await child.gone;
     stream.close();
     throw err;
   } finally {
     connecting = false;
     clearTimeout(timer);
-    launch.cleanup?.();
+    hooks.cleanup?.();
   }
   const ctx = router.addChild(link, spec.id, spec.name);
   for (const msg of early.splice(0)) stream.onMessage(msg);
