@@ -88,7 +88,7 @@ export async function buildDist(): Promise<{ bundle: number; payloads: Payloads 
     target: "node20",
     minify: false,
     define,
-    external: ["esbuild"],
+    external: ["esbuild", "ssh2"],
     banner: { js: "#!/usr/bin/env node" },
   });
   mkdirSync(dirname(outfile), { recursive: true });

@@ -466,6 +466,10 @@ export interface SshOptions {
   port?: number;
   /** A private key file (`ssh -i`); otherwise the agent and ~/.ssh as usual. */
   identityFile?: string;
+  /** transport "ssh2" only: a private key held in memory (PEM or OpenSSH format). */
+  privateKey?: string | Uint8Array | Secret;
+  /** "openssh" (default): run the ssh client; "ssh2": connect in process (master only, no `via`). */
+  transport?: "openssh" | "ssh2";
   /** Answered once if the server asks; a second prompt is "incorrect password". Never logged. */
   password?: string | Secret;
   /** "enforce": only known hosts; "accept": learn new ones, refuse changed ones; "ignore": anything. Default "enforce". */

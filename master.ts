@@ -6,6 +6,7 @@
  */
 import {
   CallError,
+  type Context,
   Router as CoreRouter,
   DEFAULT_MAX_MESSAGE_SIZE,
   HANDLE,
@@ -13,7 +14,9 @@ import {
   type LogRecord,
   type LogSource,
   type Message,
+  MitogenError,
   setActiveRouter,
+  type SshOptions,
   type Stream,
 } from "./core.ts";
 import { bundle, mapStack } from "./bundler.ts";
@@ -131,6 +134,17 @@ export class Router extends CoreRouter {
       this.modules.set("mitogen:parent", parentModule as unknown as Record<string, unknown>);
     }
     return super.requireModule(name);
+  }
+
+  /** As the core's, plus `transport: "ssh2"`: an in-process connection from the master. */
+  override async ssh(options: SshOptions): Promise<Context> {
+    if (options.transport !== "ssh2") return super.ssh(options);
+    if (options.via) throw new MitogenError("transport ssh2 runs in the master only: it cannot be used with via");
+    await this.requireModule("mitogen:parent");
+    const payload = this.payload as Uint8Array;
+    const id = await this.allocateId();
+    const { connectSsh2 } = await import("./ssh2.ts");
+    return connectSsh2(this, options, id, options.name ?? `ssh.${options.hostname}.${id}`, payload);
   }
 
   /** Bundle `specifier` with esbuild (cached while its sources are unchanged) and hold it for GET_MODULE. */

@@ -10,7 +10,7 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { ChannelError, type Context, Router, type SshOptions } from "../mod.ts";
+import { ChannelError, type Context, Router, Secret, type SshOptions } from "../mod.ts";
 import { captureLogs, checkLeaks } from "./helpers.ts";
 import { findProgram, hostsSkip, run, setupHosts, type TestHosts, teardownHosts } from "./hosts.ts";
 
@@ -223,4 +223,28 @@ test("a 256 MiB value through two ssh hops arrives intact", { skip }, async () =
     new Uint8Array(big.buffer, big.byteOffset, big.byteLength),
   );
   assert.equal(got, want);
+});
+
+test("transport ssh2: keys on disk and in memory, passwords, host-key policies, in process", { skip }, async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const base = { transport: "ssh2" as const, hostname: hosts.bastion.address, username: hosts.user, knownHostsFile: hosts.knownHostsFile };
+  const byFile = await router.ssh({ ...base, identityFile: hosts.identityFile, name: "ssh2-file" });
+  assert.ok(((await byFile.call(inNamespace)) as string[]).includes(hosts.bastion.address));
+  const inMemory = await router.ssh({ ...base, privateKey: new Secret(readFileSync(hosts.identityFile, "utf8")), name: "ssh2-memory" });
+  assert.equal(await inMemory.call(() => "key from memory"), "key from memory");
+  const byPassword = await router.ssh({ ...base, password: hosts.password, name: "ssh2-password" });
+  assert.equal(await byPassword.call(() => "password"), "password");
+  await assert.rejects(router.ssh({ ...base, password: "wrong" }), /incorrect password/);
+  const empty = join(scratch, "known_hosts.ssh2-empty");
+  writeFileSync(empty, "");
+  await assert.rejects(router.ssh({ ...base, identityFile: hosts.identityFile, knownHostsFile: empty }), /unknown host key \(checkHostKeys: enforce\)/);
+  const learned = join(scratch, "known_hosts.ssh2-learned");
+  writeFileSync(learned, "");
+  const accepted = await router.ssh({ ...base, identityFile: hosts.identityFile, knownHostsFile: learned, checkHostKeys: "accept" });
+  assert.equal(await accepted.call(() => 1), 1);
+  assert.ok(readFileSync(learned, "utf8").includes(hosts.bastion.hostKeyPub.split(" ")[1] as string));
+  const wrong = join(scratch, "known_hosts.ssh2-wrong");
+  writeFileSync(wrong, `${hosts.bastion.address} ${hosts.inner.hostKeyPub}\n`);
+  await assert.rejects(router.ssh({ ...base, identityFile: hosts.identityFile, knownHostsFile: wrong }), /host key has CHANGED/);
+  await assert.rejects(router.ssh({ ...base, identityFile: hosts.identityFile, via: byFile }), /master only/);
 });
