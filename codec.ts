@@ -395,7 +395,9 @@ let decodeBusy = false;
  * Decode a message body. `blobs` is the header's BLOBS flag. Throws
  * StreamError on malformed input; never sets a prototype from data.
  */
-export function decodeValue(data: Uint8Array, blobs: boolean, binder: Binder | null): unknown {
+export function decodeValue(bytes: Uint8Array, blobs: boolean, binder: Binder | null): unknown {
+  // A plain Uint8Array view (Node hands us Buffers): decoded bytes then look the same on every runtime.
+  const data = bytes.constructor === Uint8Array ? bytes : new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const reuse = !decodeBusy;
   const state: DecodeState = reuse ? topDecodeState : { binder, data, blobOffset: 0, depth: 0 };
   state.binder = binder;

@@ -267,7 +267,7 @@ export class Stream {
   #chunks: Uint8Array[] = [];
   #buffered = 0;
   #header: { fields: MessageFields; length: number } | null = null;
-  #markers: { marker: Uint8Array; resolve: () => void; reject: (e: Error) => void }[] = [];
+  #markers: { marker: Uint8Array; resolve: () => void; reject: (e: Error) => void; skip?: ((text: string) => void) | undefined }[] = [];
   #closed = false;
   #closeReason: Error | undefined;
 
@@ -289,13 +289,41 @@ export class Stream {
     return this.#closed;
   }
 
-  /** Resolve once exactly `marker` arrives next on the stream. */
-  expectMarker(marker: string): Promise<void> {
+  /**
+   * Resolve once exactly `marker` arrives next on the stream. With `skip`,
+   * bytes before the marker are handed to it instead of being an error (a
+   * terminal's prompts and echoes, ahead of the first stage).
+   */
+  expectMarker(marker: string, skip?: (text: string) => void): Promise<void> {
     return new Promise((resolve, reject) => {
       if (this.#closed) return reject(this.#closeReason ?? new StreamError(`${this.name}: stream closed`));
-      this.#markers.push({ marker: ascii.encode(marker), resolve, reject });
+      this.#markers.push({ marker: ascii.encode(marker), resolve, reject, skip });
       this.#parse();
     });
+  }
+
+  /** Hand `skip` whatever precedes `marker` in the buffer; true once the marker is next. */
+  #skipTo(marker: Uint8Array, skip: (text: string) => void): boolean {
+    const head = this.#take(this.#buffered);
+    let at = -1;
+    for (let i = 0; i + marker.byteLength <= head.byteLength && at < 0; i++) {
+      if (marker.every((b, k) => head[i + k] === b)) at = i;
+    }
+    // Without the marker, keep only a tail that is the marker's beginning.
+    let cut = at;
+    if (at < 0) {
+      cut = head.byteLength;
+      for (let k = Math.min(marker.byteLength - 1, head.byteLength); k > 0 && cut === head.byteLength; k--) {
+        if (marker.subarray(0, k).every((b, i) => head[head.byteLength - k + i] === b)) cut = head.byteLength - k;
+      }
+    }
+    if (cut) skip(new TextDecoder().decode(head.subarray(0, cut)));
+    const rest = head.subarray(cut);
+    if (rest.byteLength) {
+      this.#chunks.unshift(rest);
+      this.#buffered += rest.byteLength;
+    }
+    return at >= 0;
   }
 
   /** Write raw bytes (bootstrap only). */
@@ -382,6 +410,7 @@ export class Stream {
       while (!this.#closed) {
         const m = this.#markers[0];
         if (m) {
+          if (m.skip && this.#buffered && !this.#skipTo(m.marker, m.skip)) return;
           if (this.#buffered < m.marker.byteLength) return;
           const got = this.#take(m.marker.byteLength);
           if (!got.every((b, i) => b === m.marker[i])) {
@@ -549,6 +578,14 @@ export interface SetnsOptions extends StartOptions {
 export interface JailOptions extends StartOptions {
   jail: string;
   username?: string;
+}
+
+/** Options of {@link Router.su} and {@link Router.doas}. */
+export interface SuOptions extends StartOptions {
+  /** Target user (default "root"). */
+  username?: string;
+  /** Typed at the prompt once; never logged. */
+  password?: string | Secret;
 }
 
 /** What a connection method reports about a live child. */
@@ -737,6 +774,20 @@ export class Router implements Binder, AsyncDisposable {
     return (await this.#connector("sudo"))(this, options);
   }
 
+  /**
+   * Start a context as another user through su. su reads the password from a
+   * terminal only, so it runs in a pty (`script`); what that context prints is
+   * dropped (it would share the pty with the stream).
+   */
+  async su(options: SuOptions = {}): Promise<Context> {
+    return (await this.#connector("su"))(this, options);
+  }
+
+  /** Start a context as another user through doas (in a pty, as {@link Router.su}). */
+  async doas(options: SuOptions = {}): Promise<Context> {
+    return (await this.#connector("doas"))(this, options);
+  }
+
   /** Start a context in a running Docker container (`docker exec`). */
   async docker(options: ContainerOptions): Promise<Context> {
     return (await this.#connector("docker"))(this, options);
@@ -773,7 +824,7 @@ export class Router implements Binder, AsyncDisposable {
   }
 
   async #connector<O>(
-    method: "local" | "ssh" | "sudo" | "docker" | "podman" | "kubectl" | "lxc" | "lxd" | "setns" | "jail",
+    method: "local" | "ssh" | "sudo" | "su" | "doas" | "docker" | "podman" | "kubectl" | "lxc" | "lxd" | "setns" | "jail",
   ): Promise<(router: Router, options: O) => Promise<Context>> {
     if (this.#shuttingDown) throw new MitogenError(`router ${this.name} is shut down`);
     const parent = await this.requireModule("mitogen:parent");

@@ -51,6 +51,7 @@ export type {
   Remote,
   Selectable,
   SshOptions,
+  SuOptions,
   StartOptions,
   ContainerOptions,
   KubectlOptions,

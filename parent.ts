@@ -33,6 +33,7 @@ import {
   type KubectlOptions,
   type SetnsOptions,
   type JailOptions,
+  type SuOptions,
 } from "./core.ts";
 
 /** How to reach a new child: on this machine, or over ssh. */
@@ -40,7 +41,18 @@ export type Method =
   | { kind: "local"; runtime?: string; env?: Record<string, string>; cwd?: string }
   | ({ kind: "ssh" } & SshSpec)
   | ({ kind: "sudo" } & SudoSpec)
-  | { kind: "wrap"; argv: string[]; runtime: string };
+  | { kind: "wrap"; argv: string[]; runtime: string }
+  | ({ kind: "su" } & TerminalSpec)
+  | ({ kind: "doas" } & TerminalSpec);
+
+/** What su and doas need. */
+export interface TerminalSpec {
+  username: string;
+  password?: Secret;
+  path?: string;
+  args: string[];
+  runtime?: string;
+}
 
 /** What the sudo method needs (see {@link SudoOptions}). */
 export interface SudoSpec {
@@ -85,7 +97,7 @@ export interface SshSpec {
  *
  * Node reads its stream from fd 3 (see runtime.ts); Deno from fds 0/1.
  */
-export function firstStage(kind: "node" | "deno", split = false): string {
+export function firstStage(kind: "node" | "deno", fds: "socket" | "split" | "tty" = "socket"): string {
   const ready = `"${MARKER.READY.trim()}\\n"`;
   const fail = `e=m=>{console.error("mitogen("+N+"): "+m);process.exit(1)}`;
   const run = (inflate: string, boot: string) => `try{new Function("B",${inflate}+"")(${boot})}catch(x){e("bad payload: "+x)}`;
@@ -98,9 +110,12 @@ export function firstStage(kind: "node" | "deno", split = false): string {
     );
   }
   // Locally fd 3 is one socket both ways; through a shell (ssh) fd 3 reads and fd 4 writes.
-  const sockets = split
-    ? `S=g("net").Socket,s=new S({fd:3,readable:1,writable:!1}),w=new S({fd:4,readable:!1,writable:1})`
-    : `s=new(g("net").Socket)({fd:3,readable:1,writable:1}),w=s`;
+  // Behind a terminal (su, doas) fds 3 and 4 are the pty, which only tty streams can use.
+  const sockets = {
+    socket: `s=new(g("net").Socket)({fd:3,readable:1,writable:1}),w=s`,
+    split: `S=g("net").Socket,s=new S({fd:3,readable:1,writable:!1}),w=new S({fd:4,readable:!1,writable:1})`,
+    tty: `T=g("tty"),s=new T.ReadStream(3),w=new T.WriteStream(4)`,
+  }[fds];
   return (
     `const g=process.getBuiltinModule,[N,L]=process.argv.slice(-2),n=+L,${sockets},a=[],${fail},` +
     `f=d=>{a.push(d);if((l+=d.length)<n)return;s.pause().off("data",f).off("end",h);` +
@@ -158,6 +173,11 @@ interface Launch {
    * (a password, before the payload).
    */
   watch?: (line: string, answer: (text: string) => void) => Error | boolean | undefined;
+  /**
+   * A terminal method's text before the READY marker (prompts, echoes,
+   * complaints): an Error fails at once; `answer` types into the terminal.
+   */
+  terminal?: (text: string, answer: (text: string) => void) => Error | undefined;
   /** A prompt that arrives without a newline, handed to `watch` as soon as it shows. */
   prompt?: RegExp;
   /** Runs once connecting is over, either way. */
@@ -176,7 +196,9 @@ export function connect(router: Router, spec: ConnectSpec): Promise<Context> {
         ? sudoLaunch(spec, m, payload.byteLength)
         : m.kind === "wrap"
           ? wrapLaunch(spec, m, payload.byteLength)
-          : localLaunch(spec, m, payload.byteLength);
+          : m.kind === "su" || m.kind === "doas"
+            ? terminalLaunch(spec, m, payload.byteLength)
+            : localLaunch(spec, m, payload.byteLength);
   return spawnAndBootstrap(router, spec, launch, payload);
 }
 
@@ -205,9 +227,13 @@ export function shellQuote(word: string): string {
  * nothing it (or a subprocess) prints can reach the stream. Deno keeps the
  * stream on 0/1 (it cannot read an inherited fd 3).
  */
-export function remoteCommand(runtime: string, name: string, length: number): string {
-  const node = (exe: string) => `exec ${shellQuote(exe)} -e '${firstStage("node", true)}' ${shellQuote(name)} ${length} 3<&0 4>&1 </dev/null 1>&2`;
-  const deno = (exe: string) => `DENO_NO_UPDATE_CHECK=1 exec ${shellQuote(exe)} eval '${firstStage("deno")}' ${shellQuote(name)} ${length}`;
+export function remoteCommand(runtime: string, name: string, length: number, terminal = false): string {
+  // Behind a terminal stdout and stderr are the stream's own device: what the child prints is dropped.
+  const out = terminal ? ">/dev/null 2>&1" : "1>&2";
+  const node = (exe: string) =>
+    `exec ${shellQuote(exe)} -e '${firstStage("node", terminal ? "tty" : "split")}' ${shellQuote(name)} ${length} 3<&0 4>&1 </dev/null ${out}`;
+  const deno = (exe: string) =>
+    `DENO_NO_UPDATE_CHECK=1 exec ${shellQuote(exe)} eval '${firstStage("deno")}' ${shellQuote(name)} ${length}${terminal ? " 2>/dev/null" : ""}`;
   if (runtime === "auto") {
     return (
       `if command -v node >/dev/null 2>&1; then ${node("node")}; ` +
@@ -340,6 +366,44 @@ function wrapLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "wrap" }>, len
   };
 }
 
+/**
+ * su and doas read passwords from a terminal only: run them in a pty made by
+ * `script`, answer the prompt there, then switch the pty to raw mode
+ * (`stty raw -echo`) before the first stage, so the stream passes 8-bit clean.
+ * The child's own output goes to /dev/null: on a pty it would share the stream.
+ */
+function terminalLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "su" | "doas" }>, length: number): Launch {
+  const inner = `stty raw -echo; ${remoteCommand(m.runtime ?? ownRuntime(), spec.name, length, true)}`;
+  const argv =
+    m.kind === "su"
+      ? [m.path ?? "su", ...m.args, m.username, "-s", "/bin/sh", "-c", inner]
+      : [m.path ?? "doas", ...m.args, "-u", m.username, "/bin/sh", "-c", inner];
+  let seen = "";
+  let prompts = 0;
+  const fail = (what: string) => new StreamError(`${m.kind} to ${m.username}: ${what}`);
+  return {
+    exe: "script",
+    args: ["-q", "-e", "-c", argv.map(shellQuote).join(" "), "/dev/null"],
+    env: { ...process.env },
+    streamOn: "stdio",
+    stdoutIsOutput: false,
+    terminal(text, answer) {
+      seen += text;
+      if (/Authentication fail|incorrect password|Permission denied/i.test(seen)) return fail("incorrect password");
+      if (/Operation not permitted|not allowed|does not exist|[Uu]nknown user|No passwd entry/.test(seen))
+        return fail(`not allowed (${seen.trim().split("\n").at(-1)})`);
+      if (/[Pp]assword[^\n]*:\s*$/.test(seen)) {
+        prompts++;
+        if (!m.password) return fail("password required");
+        if (prompts > 1) return fail("incorrect password");
+        answer(`${m.password.reveal()}\n`);
+        seen = "";
+      }
+      return undefined;
+    },
+  };
+}
+
 type R = Parameters<typeof nodeTransport>[0];
 type W = Parameters<typeof nodeTransport>[1];
 
@@ -417,7 +481,7 @@ export async function bootstrap(
   router: Router,
   spec: ConnectSpec,
   child: Spawned,
-  hooks: Pick<Launch, "watch" | "prompt" | "cleanup">,
+  hooks: Pick<Launch, "watch" | "prompt" | "cleanup" | "terminal">,
   payload: Uint8Array,
 ): Promise<Context> {
   const stream = new Stream(spec.name, nodeTransport(child.reader, child.writer), router.maxMessageSize);
@@ -481,7 +545,17 @@ export async function bootstrap(
 
   try {
     stream.start();
-    const ready = stream.expectMarker(MARKER.READY);
+    const terminal = hooks.terminal;
+    const ready = stream.expectMarker(
+      MARKER.READY,
+      terminal &&
+        ((text) => {
+          for (const line of text.split(/\r?\n/)) if (line.trim()) tail.push(line);
+          tail.splice(0, Math.max(0, tail.length - 20));
+          const verdict = terminal(text, answer);
+          if (verdict) failed(verdict);
+        }),
+    );
     const connected = stream.expectMarker(MARKER.CONNECTED);
     connected.catch(() => {}); // awaited below, unless bootstrap fails first
     // A marker lost to EOF is reported through `failure`, with the exit status.
@@ -634,6 +708,29 @@ export function setns(router: Router, o: SetnsOptions): Promise<Context> {
 export function jail(router: Router, o: JailOptions): Promise<Context> {
   const argv = wrap([o.path ?? "jexec", ...(o.username ? ["-U", o.username] : []), ...(o.args ?? []), o.jail], o.runtime);
   return start(router, o, argv, (id) => `jail.${o.jail}.${id}`);
+}
+
+/** {@link Router.su}: start a context as another user through su (in a pty). */
+export function su(router: Router, options: SuOptions): Promise<Context> {
+  return terminalMethod(router, "su", options);
+}
+
+/** {@link Router.doas}: start a context as another user through doas (in a pty). */
+export function doas(router: Router, options: SuOptions): Promise<Context> {
+  return terminalMethod(router, "doas", options);
+}
+
+function terminalMethod(router: Router, kind: "su" | "doas", o: SuOptions): Promise<Context> {
+  const username = o.username ?? "root";
+  const method: Method = {
+    kind,
+    username,
+    args: o.args ?? [],
+    ...(o.password === undefined ? {} : { password: o.password instanceof Secret ? o.password : new Secret(o.password) }),
+    ...(o.path ? { path: o.path } : {}),
+    ...(o.runtime ? { runtime: o.runtime } : {}),
+  };
+  return start(router, o, method, (id) => `${kind}.${username}.${id}`);
 }
 
 /** Run in a `via` context: start a child there. Resolves with its id. */

@@ -317,6 +317,9 @@ async function setupUser(authorizedKey: string, identityFile: string, knownHosts
   await run(["visudo", "-c", "-q", "-f", draft]);
   writeFileSync(SUDOERS, rule, { mode: 0o440 });
   chmodSync(SUDOERS, 0o440);
+  // doas as root WITH the password, where doas is installed.
+  if (findProgram("doas"))
+    writeFileSync("/etc/doas.conf", `# Written by tests/hosts.ts (mitogen test hosts).\npermit keepenv ${USER} as root\n`, { mode: 0o600 });
 }
 
 /** uid, gid and home of `user` from /etc/passwd, or undefined. */

@@ -98,3 +98,32 @@ test("sudo: a wrong password and a missing one fail at once, with distinct error
   assert.ok(Date.now() - t0 < 20_000, "no timeouts");
   assert.equal(await bastion.call(() => "bastion unharmed"), "bastion unharmed");
 });
+
+test("su and doas run in a pty: the right password works, a wrong or missing one fails at once", { skip }, async (t) => {
+  await using router = new Router({ log: captureLogs().log });
+  const bastion = await router.ssh({ hostname: "bastion", sshArgs: ["-F", hosts.sshConfigFile], name: "bastion" });
+  const me = () => process.getBuiltinModule("node:os").userInfo().username;
+  const viaSu = await router.su({ via: bastion, username: hosts.user, password: hosts.password, name: "su-self" });
+  assert.equal(await viaSu.call(me), hosts.user);
+  assert.deepEqual(
+    await viaSu.call(
+      (b: Uint8Array) => b,
+      new Uint8Array(256).map((_, i) => i),
+    ),
+    new Uint8Array(256).map((_, i) => i),
+    "8-bit clean through the pty",
+  );
+  const t0 = Date.now();
+  await assert.rejects(router.su({ via: bastion, username: hosts.user, password: "wrong" }), /su to mitogen-test: incorrect password/);
+  await assert.rejects(router.su({ via: bastion, username: hosts.user }), /su to mitogen-test: password required/);
+  assert.ok(Date.now() - t0 < 20_000, "no timeouts");
+  if (!(await bastion.call(() => process.getBuiltinModule("node:fs").existsSync("/usr/bin/doas")))) {
+    if (process.env.CI === "true") assert.fail("doas is not installed: .ci/run installs it");
+    t.skip("doas is not installed here (apt-get install doas)");
+    return;
+  }
+  const root = await router.doas({ via: bastion, password: hosts.password, name: "doas-root" });
+  assert.equal(await root.call(me), "root");
+  await assert.rejects(router.doas({ via: bastion, password: "wrong" }), /doas to root: incorrect password/);
+  await assert.rejects(router.doas({ via: bastion }), /doas to root: password required/);
+});
