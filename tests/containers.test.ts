@@ -66,6 +66,13 @@ for (const [method, start, tool, expected] of cases) {
   });
 }
 
+test("runtime auto: a target with neither node nor deno says so", async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const bare = join(dir, "docker-without-runtimes");
+  writeFileSync(bare, `#!/bin/sh\nwhile [ $# -gt 0 ] && [ "$1" != /bin/sh ]; do shift; done\nexec env PATH=/nonexistent "$@"\n`, { mode: 0o755 });
+  await assert.rejects(router.docker({ container: "empty", path: bare }), /neither node nor deno found on/);
+});
+
 test("a container method through a via context, and a missing runtime named clearly", async () => {
   await using router = new Router({ log: captureLogs().log });
   const hop = await router.local({ name: "hop" });
