@@ -737,6 +737,14 @@ export class Router implements Binder, AsyncDisposable {
    * Start a local context (node or deno) below this one, or `via` another
    * context. Works in any context: a child fetches the parent-side code from
    * its parent the first time.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const ctx = await router.local({ runtime: "deno", name: "worker" });
+   * console.log(await ctx.call(() => typeof Deno)); // "object"
+   * ```
    */
   async local(options: LocalOptions = {}): Promise<Context> {
     return (await this.#connector("local"))(this, options);
@@ -755,6 +763,7 @@ export class Router implements Binder, AsyncDisposable {
    * ```
    */
   async ssh(options: SshOptions): Promise<Context> {
+    if (options.transport === "ssh2") throw new MitogenError("transport ssh2 runs in the master only (this is context " + this.name + ")");
     return (await this.#connector("ssh"))(this, options);
   }
 

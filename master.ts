@@ -113,18 +113,6 @@ export class Router extends CoreRouter {
     });
   }
 
-  /**
-   * Start a local context running Node or Deno, directly or `via` another
-   * context, and resolve with its Context once it is connected.
-   *
-   * @example
-   * ```ts
-   * import { Router } from "./mod.ts";
-   * await using router = new Router();
-   * const ctx = await router.local({ runtime: "deno", name: "worker" });
-   * console.log(await ctx.call(() => typeof Deno)); // "object"
-   * ```
-   */
   /** The parent-side code is built in here: no need to fetch it. */
   override async requireModule(name: string): Promise<Record<string, unknown>> {
     if (name === "mitogen:parent" && !this.payload) {

@@ -1,6 +1,7 @@
 /**
  * What a context needs to start children: the first stage, the bootstrap
- * handshake, and the connection methods (local, ssh). The master has it built
+ * handshake, and the connection methods (local, ssh, sudo, su, doas, and
+ * container tools). The master has it built
  * in; a child fetches it (GET_MODULE "mitogen:parent") only when it first
  * starts a child of its own.
  *
@@ -296,7 +297,7 @@ function sshLaunch(spec: ConnectSpec, m: SshSpec, length: number): Launch {
       }
       if (/REMOTE HOST IDENTIFICATION HAS CHANGED/.test(line)) changed = true;
       if (/Host key verification failed/.test(line)) {
-        return fail(changed ? "the host key has CHANGED (checkHostKeys: enforce)" : `unknown host key (checkHostKeys: ${m.checkHostKeys})`);
+        return fail(changed ? `the host key has CHANGED (checkHostKeys: ${m.checkHostKeys})` : `unknown host key (checkHostKeys: ${m.checkHostKeys})`);
       }
       const denied = /Permission denied \((.*)\)/.exec(line);
       if (denied) {

@@ -95,9 +95,11 @@ export async function connectSsh2(router: Router, options: SshOptions, id: numbe
       ...(process.env.SSH_AUTH_SOCK && privateKey === undefined ? { agent: process.env.SSH_AUTH_SOCK } : {}),
       hostVerifier: (key: Buffer) => {
         if (policy === "ignore") return true;
-        const known = knownKeys(knownHostsFile, pattern);
         const b64 = key.toString("base64");
-        if (known.some((k) => k.key === b64)) return true;
+        const all = knownKeys(knownHostsFile, pattern);
+        if (all.some((k) => k.key === b64)) return true;
+        // Only a different key of the same type is a changed key; another type is just unknown.
+        const known = all.filter((k) => k.type === keyType(key));
         if (known.length) {
           refusal = `the host key has CHANGED (checkHostKeys: ${policy})`;
           return false;

@@ -7,30 +7,19 @@
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { connect } from "node:net";
-import { after, before, test } from "node:test";
+import { before, test } from "node:test";
 import { alive, checkLeaks } from "./helpers.ts";
-import { findProgram, hostsSkip, run, setupHosts, TEST_RANGE, type TestHosts, teardownHosts } from "./hosts.ts";
+import { findProgram, run, setupHosts, TEST_RANGE, type TestHosts, teardownHosts, useTestHosts } from "./hosts.ts";
 
 checkLeaks();
 
-// All tests skip together or none does: under Deno (2.9) a top-level `after`
-// does not run when any test of the file was skipped by its options, so a
-// test that may skip alone does it with t.skip() instead.
-const skip = hostsSkip() ?? false;
+const net = useTestHosts();
+const skip = net.skip;
 let hosts: TestHosts;
 
-before(
-  async () => {
-    if (skip) return;
-    const result = await setupHosts();
-    if ("skip" in result) throw new Error(`hostsSkip() said yes, setupHosts() said: ${result.skip}`);
-    hosts = result;
-  },
-  { timeout: 60_000 },
-);
-
-after(async () => {
-  if (!skip) await teardownHosts();
+before(() => {
+  if (skip) return;
+  hosts = net.hosts();
 });
 
 /** `ssh -F <config> [options] <host> <remote command>`, bounded in time. */

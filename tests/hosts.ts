@@ -36,6 +36,7 @@ import { spawn } from "node:child_process";
 import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { after, before } from "node:test";
 
 /** One test host, as the runner sees it. */
 export interface TestHost {
@@ -544,4 +545,34 @@ async function killAll(pids: number[]): Promise<void> {
   }
   const left = pids.filter(alive);
   if (left.length) throw new Error(`test host processes would not die: ${left.join(" ")}`);
+}
+
+/**
+ * Set the network up around the calling test file: before() sets it up (or
+ * throws under CI=true), after() tears it down. All tests of a file skip
+ * together on `skip`, since under Deno (2.9) a top-level after() does not run
+ * when any test of the file was skipped by its options.
+ */
+export function useTestHosts(): { skip: string | false; hosts: () => TestHosts } {
+  const skip = hostsSkip() ?? false;
+  let hosts: TestHosts | undefined;
+  before(
+    async () => {
+      if (skip) return;
+      const result = await setupHosts();
+      if ("skip" in result) throw new Error(`hostsSkip() said yes, setupHosts() said: ${result.skip}`);
+      hosts = result;
+    },
+    { timeout: LOCK_WAIT_MS + 30_000 },
+  );
+  after(async () => {
+    if (!skip) await teardownHosts();
+  });
+  return {
+    skip,
+    hosts: () => {
+      if (!hosts) throw new Error("the test hosts are not set up");
+      return hosts;
+    },
+  };
 }

@@ -12,30 +12,24 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { ChannelError, type Context, Router, Secret, type SshOptions } from "../mod.ts";
 import { captureLogs, checkLeaks } from "./helpers.ts";
-import { findProgram, hostsSkip, run, setupHosts, type TestHosts, teardownHosts } from "./hosts.ts";
+import { findProgram, run, type TestHosts, useTestHosts } from "./hosts.ts";
 
 checkLeaks();
 
-// All tests skip together or none does (see tests/hosts.test.ts on Deno's `after`).
-const skip = hostsSkip() ?? false;
+const net = useTestHosts();
+const skip = net.skip;
 let hosts: TestHosts;
 let scratch = "";
 
-before(
-  async () => {
-    if (skip) return;
-    const result = await setupHosts();
-    if ("skip" in result) throw new Error(`hostsSkip() said yes, setupHosts() said: ${result.skip}`);
-    hosts = result;
-    scratch = mkdtempSync(join(tmpdir(), "mitogen-ssh-test-"));
-  },
-  { timeout: 330_000 },
-);
+before(() => {
+  if (skip) return;
+  hosts = net.hosts();
+  scratch = mkdtempSync(join(tmpdir(), "mitogen-ssh-test-"));
+});
 
-after(async () => {
+after(() => {
   if (skip) return;
   if (scratch) rmSync(scratch, { recursive: true, force: true });
-  await teardownHosts();
 });
 
 /** Options for bastion through the harness's ssh_config (which also forwards the leak-check token). */

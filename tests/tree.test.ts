@@ -3,29 +3,20 @@
  * bastion) -> root on inner (sudo via inner), on the netns hosts of tests/hosts.ts.
  */
 import assert from "node:assert/strict";
-import { after, before, test } from "node:test";
+import { before, test } from "node:test";
 import { Router } from "../mod.ts";
 import { captureLogs, checkLeaks, waitFor } from "./helpers.ts";
-import { hostsSkip, setupHosts, type TestHosts, teardownHosts } from "./hosts.ts";
+import { type TestHosts, useTestHosts } from "./hosts.ts";
 
 checkLeaks();
 
-// All tests skip together or none does (see tests/hosts.test.ts on Deno's `after`).
-const skip = hostsSkip() ?? false;
+const net = useTestHosts();
+const skip = net.skip;
 let hosts: TestHosts;
 
-before(
-  async () => {
-    if (skip) return;
-    const result = await setupHosts();
-    if ("skip" in result) throw new Error(`hostsSkip() said yes, setupHosts() said: ${result.skip}`);
-    hosts = result;
-  },
-  { timeout: 330_000 },
-);
-
-after(async () => {
-  if (!skip) await teardownHosts();
+before(() => {
+  if (skip) return;
+  hosts = net.hosts();
 });
 
 type Tasks = typeof import("./fixtures/tasks.ts");
