@@ -509,7 +509,7 @@ export interface SshOptions {
   sshArgs?: string[];
   /** The ssh client to run (default "ssh"). */
   sshPath?: string;
-  /** Compress the link (`ssh -C`, default true). */
+  /** Compress the link (`ssh -C`, default false: the payload is compressed already, and zlib on every small frame costs latency). */
   compression?: boolean;
   /** Milliseconds from starting ssh to the child's CONNECTED (default 30 000). */
   connectTimeout?: number;

@@ -631,7 +631,7 @@ export function ssh(router: Router, options: SshOptions): Promise<Context> {
     checkHostKeys: options.checkHostKeys ?? "enforce",
     sshArgs: options.sshArgs ?? [],
     sshPath: options.sshPath ?? "ssh",
-    compression: options.compression ?? true,
+    compression: options.compression ?? false,
     runtime: options.runtime ?? "auto",
   };
   return start(router, options, method, (id) => `ssh.${options.hostname}.${id}`);

@@ -141,6 +141,34 @@ export function spawnToExit(rt: Runtime, limitMs = 20_000): Promise<void> {
   });
 }
 
+/**
+ * Run `argv` (stdin and stdout on /dev/null) and resolve when it has exited 0;
+ * otherwise reject with how it ended and the end of its stderr. SIGKILL after
+ * `limitMs`.
+ */
+export function commandToExit(argv: readonly string[], limitMs = 20_000): Promise<void> {
+  const [exe, ...args] = argv;
+  if (!exe) return Promise.reject(new Error("commandToExit: empty argv"));
+  return new Promise((resolve, reject) => {
+    const proc = spawn(exe, args, { stdio: ["ignore", "ignore", "pipe"], env: ENV });
+    live.add(proc);
+    let stderr = "";
+    proc.stderr?.setEncoding("utf8").on("data", (s: string) => (stderr = (stderr + s).slice(-2000)));
+    const timer = setTimeout(() => proc.kill("SIGKILL"), limitMs);
+    proc.once("error", (err) => {
+      clearTimeout(timer);
+      live.delete(proc);
+      reject(err);
+    });
+    proc.once("close", (code, signal) => {
+      clearTimeout(timer);
+      live.delete(proc);
+      if (code === 0) resolve();
+      else reject(new Error(`${exe} exited (${signal ?? code})${stderr.trim() ? `: ${stderr.trim().split("\n").at(-1)}` : ""}`));
+    });
+  });
+}
+
 /** Kill every raw child still running (used before a hard exit). */
 export function killAll(): void {
   for (const p of live) p.kill("SIGKILL");

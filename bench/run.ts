@@ -9,17 +9,18 @@
  * @module
  */
 import { spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, realpathSync, rmSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import { join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { bundle } from "../bundler.ts";
 import { type Context, type LogRecord, Router } from "../mod.ts";
-import { firstStage } from "../parent.ts";
+import { firstStage, shellQuote } from "../parent.ts";
 import { payloads } from "../payload.ts";
 import { bounded, cell, num, perOpMicros, pool, type Scope, type Stats, spread, stats, timeMs } from "./lib.ts";
-import { killAll, RawPeer, type Runtime, spawnToExit } from "./raw.ts";
+import { setupHosts, type TestHosts, teardownHosts } from "../tests/hosts.ts";
+import { commandToExit, killAll, RawPeer, type Runtime, spawnToExit } from "./raw.ts";
 
 const { values } = parseArgs({
   options: {
@@ -48,20 +49,23 @@ const runtime = kind === "node" ? "node" : denoExe;
 
 /** Rounds and per-round budgets. Everything is bounded by count and by time. */
 const P = quick
-  ? { rounds: 3, rttOps: 1000, rttMs: 250, bootPer: 2, echoPer: 1, echoRounds: 3, hopOps: 600, hopMs: 150, fleetRounds: 1, budget: 0.5 }
-  : { rounds: 7, rttOps: 3000, rttMs: 400, bootPer: 3, echoPer: 1, echoRounds: 5, hopOps: 2000, hopMs: 300, fleetRounds: 3, budget: 1 };
+  ? { rounds: 3, rttOps: 1000, rttMs: 250, bootPer: 2, echoPer: 1, echoRounds: 3, hopOps: 600, hopMs: 150, fleetRounds: 1, sshRounds: 4, budget: 0.5 }
+  : { rounds: 7, rttOps: 3000, rttMs: 400, bootPer: 3, echoPer: 1, echoRounds: 5, hopOps: 2000, hopMs: 300, fleetRounds: 3, sshRounds: 8, budget: 1 };
 const FLEET = 100;
 const FLEET_CONCURRENCY = 8;
 const ECHO_BYTES = 64 * 1024 * 1024;
 const BIG_MODULE_BYTES = 200 * 1024;
 const BIG_CHILDREN = 10;
 
-// Whole-run guard: whatever hangs, the run ends (raw children killed; mitogen children see their parent go and exit).
+// Whole-run guard: whatever hangs, the run ends (raw children killed; mitogen children see their parent go and exit;
+// the test hosts of lines 9 and 10, if up, torn down within 5 s).
 const HARD_LIMIT_MS = quick ? 150_000 : 300_000;
+let hostsUp = false;
 setTimeout(() => {
   console.error(`bench: gave up after ${HARD_LIMIT_MS / 1000} s`);
   killAll();
-  process.exit(1);
+  const down = hostsUp ? teardownHosts().catch(() => {}) : Promise.resolve();
+  void Promise.race([down, new Promise((r) => setTimeout(r, 5000))]).finally(() => process.exit(1));
 }, HARD_LIMIT_MS).unref();
 
 // Library log records (child output, warnings) are kept and shown at the end, not mixed into the table.
@@ -78,7 +82,7 @@ const echo = (b: Uint8Array) => b;
 // ---------------------------------------------------------------------------
 // Output
 
-type Verdict = "PASS" | "MISS" | "FAIL" | "ERROR";
+type Verdict = "PASS" | "MISS" | "FAIL" | "ERROR" | "SKIP";
 const W = { name: 30, side: 28, ratio: 26, goal: 20 };
 const lines: Verdict[] = [];
 
@@ -536,6 +540,238 @@ async function benchModuleCall(): Promise<void> {
 }
 
 // ---------------------------------------------------------------------------
+// 9 and 10: over ssh, on the test hosts of tests/hosts.ts (network namespaces
+// with real sshds on this machine; root only). Set up once for both lines.
+
+const SSH_NAME = "9 ssh boot + call, bastion";
+const TREE_NAME = "10 call to root on inner";
+/** Setup is well under a second; longer means another process holds the hosts' lock (setup would wait up to 300 s). */
+const HOSTS_SETUP_MS = 20_000;
+const SSH_CONNECT_MS = 20_000;
+
+/**
+ * The runtime on the hosts. They share this machine's filesystem but not the
+ * runner's PATH: node is on the test user's PATH, deno is taken by absolute path.
+ */
+const hostRuntime = kind === "node" ? "node" : realpathSync(denoExe);
+/** The remote command of the raw reference: the runtime evaluating nothing, as mitogen's first stage starts it. */
+const hostEval = kind === "node" ? "node -e ''" : `DENO_NO_UPDATE_CHECK=1 exec ${shellQuote(hostRuntime)} eval ''`;
+
+/**
+ * ssh options for the raw reference: the ones mitogen's ssh method passes
+ * (parent.ts sshLaunch, for a key login with checkHostKeys "enforce"), so both
+ * sides differ only in what runs remotely.
+ */
+function rawSshArgv(sshConfigFile: string, compression: boolean): string[] {
+  return [
+    "ssh",
+    "-T",
+    "-o",
+    `ConnectTimeout=${SSH_CONNECT_MS / 1000}`,
+    "-o",
+    "ServerAliveInterval=15",
+    "-o",
+    "StrictHostKeyChecking=yes",
+    "-o",
+    "BatchMode=yes",
+    ...(compression ? ["-C"] : []),
+    "-F",
+    sshConfigFile,
+    "--",
+    "bastion",
+    hostEval,
+  ];
+}
+
+/** The raw reference's command line, for the footer. */
+const rawSshArgvText = () =>
+  rawSshArgv("<config>", true)
+    .map((w) => (w === hostEval ? JSON.stringify(w) : w === "<config>" ? w : shellQuote(w)))
+    .join(" ");
+
+/** Where one mitogen ssh boot spent its time (ms). */
+interface SshSplit {
+  connect: number;
+  call: number;
+  shutdown: number;
+}
+
+/**
+ * One `router.ssh()` to bastion + one call + `shutdown({ wait: true })` (which
+ * resolves once the ssh client has exited), with a router of its own; then
+ * wait until the remote child is gone (the hosts share this machine's pids).
+ */
+async function sshBootOnce(scope: Scope, hosts: TestHosts, compression: boolean, split?: SshSplit[]): Promise<void> {
+  let pid: number;
+  const t0 = performance.now();
+  let t1 = t0;
+  let t2 = t0;
+  {
+    await using router = scope.add(newRouter());
+    const ctx = await router.ssh({
+      hostname: "bastion",
+      sshArgs: ["-F", hosts.sshConfigFile],
+      compression,
+      connectTimeout: SSH_CONNECT_MS,
+      runtime: hostRuntime,
+      name: "bastion",
+    });
+    t1 = performance.now();
+    pid = await ctx.call(pidOf);
+    t2 = performance.now();
+    await ctx.shutdown({ wait: true });
+  }
+  await waitGone(pid);
+  split?.push({ connect: t1 - t0, call: t2 - t1, shutdown: performance.now() - t2 });
+}
+
+async function benchSshBoot(hosts: TestHosts): Promise<void> {
+  try {
+    const r = await bounded(60_000, async (scope) => {
+      const mito = (compression: boolean, split?: SshSplit[]) => timeMs(() => sshBootOnce(scope, hosts, compression, split));
+      const raw = (compression: boolean) => timeMs(() => commandToExit(rawSshArgv(hosts.sshConfigFile, compression), SSH_CONNECT_MS));
+      // Each side measures with compression (-C, mitogen's default) and without, the order flipping every round.
+      const off = { mito: [] as number[], raw: [] as number[] };
+      const split: SshSplit[] = [];
+      const both = async (side: (c: boolean) => Promise<number>, offs: number[], round: number) => {
+        let on: number;
+        if (round % 2) {
+          offs.push(await side(false));
+          on = await side(true);
+        } else {
+          on = await side(true);
+          offs.push(await side(false));
+        }
+        return on;
+      };
+      // warm up: the first connection pays for sshd's and node's caches on both sides
+      await mito(true);
+      await raw(true);
+      let mr = 0;
+      let rr = 0;
+      const on = await rounds(
+        P.sshRounds,
+        20_000 * P.budget,
+        () => both((c) => mito(c, c ? split : undefined), off.mito, mr++),
+        () => both(raw, off.raw, rr++),
+      );
+      return { on, off, split };
+    });
+    const q = ratios(r.on.mito, r.on.raw);
+    row(
+      SSH_NAME,
+      spread(stats(r.on.mito), 0, " ms"),
+      spread(stats(r.on.raw), 0, " ms"),
+      ratioCell(r.on, q, 2, "x"),
+      "<= 1.15x",
+      q.median <= 1.15 ? "PASS" : "MISS",
+    );
+    const qOff = ratios(r.off.mito, r.off.raw);
+    detail(
+      `compression off (mitogen compression: false, raw without -C): mitogen ${spread(stats(r.off.mito), 0, " ms")}, ` +
+        `raw ${spread(stats(r.off.raw), 0, " ms")}, ratio ${spread(qOff, 2, "x")}`,
+    );
+    detail(
+      `mitogen default (-C) / raw without -C: ${spread(ratios(r.on.mito, r.off.raw), 2, "x")}; ` +
+        `mitogen -C / mitogen without: ${spread(ratios(r.on.mito, r.off.mito), 2, "x")}; raw -C / raw without: ${spread(ratios(r.on.raw, r.off.raw), 2, "x")}`,
+    );
+    const part = (k: keyof SshSplit) => spread(stats(r.split.map((s) => s[k])), 1, " ms");
+    detail(`mitogen (-C) split: ssh() to connected ${part("connect")}, first call ${part("call")}, shutdown to both exits ${part("shutdown")}`);
+  } catch (err) {
+    failed(SSH_NAME, err);
+  }
+}
+
+const uidOf = () => process.getuid?.() ?? -1;
+
+async function benchTree(hosts: TestHosts): Promise<void> {
+  try {
+    const r = await bounded(60_000, async (scope) => {
+      const router = scope.add(newRouter());
+      const t0 = performance.now();
+      const bastion = await router.ssh({
+        hostname: "bastion",
+        sshArgs: ["-F", hosts.sshConfigFile],
+        name: "bastion",
+        connectTimeout: SSH_CONNECT_MS,
+        runtime: hostRuntime,
+      });
+      const t1 = performance.now();
+      const inner = await router.ssh({ hostname: hosts.inner.address, via: bastion, name: "inner", connectTimeout: SSH_CONNECT_MS, runtime: hostRuntime });
+      const t2 = performance.now();
+      const root = await router.sudo({ username: "root", password: hosts.password, via: inner, name: "inner-root", connectTimeout: SSH_CONNECT_MS });
+      const t3 = performance.now();
+      const local = await router.local({ runtime, name: "tree-local" });
+      const uids = await Promise.all([inner, root].map((c) => c.call(uidOf)));
+      if (uids[0] === 0 || uids[1] !== 0) throw new Error(`expected inner as the test user and root below it, got uids ${uids.join(", ")}`);
+      const levels: Context[] = [bastion, inner, root];
+      const at = (ctx: Context) => perOpMicros(() => ctx.call(zero), P.hopOps, P.hopMs);
+      for (const ctx of [...levels, local]) await perOpMicros(() => ctx.call(zero), 1000, 500);
+      const depth: number[][] = [[], [], []];
+      const measured = await rounds(
+        P.rounds,
+        15_000 * P.budget,
+        async () => {
+          const l = [await at(bastion), await at(inner), await at(root)];
+          for (const [d, x] of l.entries()) depth[d]?.push(x);
+          return l[2] as number;
+        },
+        () => at(local),
+      );
+      return { ...measured, depth, connect: [t1 - t0, t2 - t1, t3 - t2] };
+    });
+    const q = ratios(r.mito, r.raw);
+    row(TREE_NAME, spread(stats(r.mito), 0, " us"), spread(stats(r.raw), 1, " us"), ratioCell(r, q, 1, "x"), "(info: no goal)", "");
+    detail(`round trip to bastion / inner / root on inner: ${r.depth.map((x) => num(stats(x).median, 0)).join(" / ")} us (medians)`);
+    detail(
+      `connecting the tree: ssh bastion ${num(r.connect[0] ?? Number.NaN, 0)} ms, ssh inner via bastion ${num(r.connect[1] ?? Number.NaN, 0)} ms, sudo via inner ${num(r.connect[2] ?? Number.NaN, 0)} ms`,
+    );
+  } catch (err) {
+    failed(TREE_NAME, err);
+  }
+}
+
+/** Set up the test hosts (bounded), run lines 9 and 10 on them, tear them down. Where they cannot be set up, both lines say why. */
+async function benchHosts(): Promise<void> {
+  const skipBoth = (why: string) => {
+    row(SSH_NAME, `SKIP: ${why}`, "", "", "<= 1.15x", "SKIP");
+    row(TREE_NAME, `SKIP: ${why}`, "", "", "(info: no goal)", "SKIP");
+  };
+  const setup = setupHosts();
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<"late">((resolve) => (timer = setTimeout(() => resolve("late"), HOSTS_SETUP_MS)));
+  let hosts: TestHosts;
+  try {
+    const got = await Promise.race([setup, late]);
+    if (got === "late") {
+      // Whatever the setup still builds is torn down when it is done (waited for a little, below).
+      const cleanup = setup.then((h) => ("skip" in h ? undefined : teardownHosts())).catch(() => {});
+      skipBoth(`test hosts not set up within ${HOSTS_SETUP_MS / 1000} s (another process holding them?)`);
+      await Promise.race([cleanup, new Promise((r) => setTimeout(r, 5000))]);
+      return;
+    }
+    if ("skip" in got) return skipBoth(got.skip);
+    hosts = got;
+  } catch (err) {
+    return skipBoth(`test hosts: setup failed: ${err instanceof Error ? err.message.split("\n")[0] : String(err)}`);
+  } finally {
+    clearTimeout(timer);
+  }
+  hostsUp = true;
+  try {
+    await benchSshBoot(hosts);
+    await benchTree(hosts);
+  } finally {
+    try {
+      await teardownHosts();
+    } catch (err) {
+      detail(`test hosts: teardown failed: ${err instanceof Error ? err.message : String(err)}`);
+    }
+    hostsUp = false;
+  }
+}
+
+// ---------------------------------------------------------------------------
 
 function machine(): string {
   const cpu = os.cpus()[0]?.model.trim() ?? "unknown cpu";
@@ -555,7 +791,7 @@ async function main(): Promise<number> {
   const t0 = performance.now();
   console.log(`mitogen bench on ${machine()}`);
   console.log(
-    `children: ${kind}; ${quick ? "quick; " : ""}median [min..max] of ${P.rounds} rounds (line 3: ${P.echoRounds}, line 5: ${P.fleetRounds}); ` +
+    `children: ${kind}; ${quick ? "quick; " : ""}median [min..max] of ${P.rounds} rounds (line 3: ${P.echoRounds}, line 5: ${P.fleetRounds}, line 9: ${P.sshRounds}); ` +
       "ratio = mitogen / raw, paired per round; verdict on the median",
   );
   console.log("");
@@ -568,6 +804,7 @@ async function main(): Promise<number> {
   await benchSizes();
   await benchFirstImport();
   await benchModuleCall();
+  await benchHosts();
   console.log("");
   console.log("raw references, measured in this run:");
   detail(`1: one byte ping-pong over stdin/stdout with a ${kind} child echoing each byte`);
@@ -583,6 +820,13 @@ async function main(): Promise<number> {
       "verdict: router.stats.modulesSent delta == 1 in every round",
   );
   detail("8: not raw: a plain ctx.call(() => 0) on the same child, interleaved with `await mod.zero()` of an imported module");
+  detail(`9: \`${rawSshArgvText()}\` spawn to exit (-C on the main line, without -C in the compression-off detail);`);
+  detail(
+    "   mitogen: new Router, ssh() with -F <config> (its own options: -T, ConnectTimeout, ServerAliveInterval, BatchMode, -C), one call, shutdown, ssh and remote child exited",
+  );
+  detail(
+    "10: not raw: ctx.call(() => 0) round trip to a local child of the same master; mitogen: the same call to root on inner, master -> ssh bastion -> ssh inner -> sudo root",
+  );
   if (logged.length) {
     console.log("");
     console.log(`library log (${logged.length} records; first 10):`);
@@ -592,6 +836,7 @@ async function main(): Promise<number> {
   console.log("");
   console.log(
     `${count("PASS")} PASS, ${count("MISS")} MISS${count("FAIL") ? `, ${count("FAIL")} FAIL` : ""}${count("ERROR") ? `, ${count("ERROR")} ERROR` : ""}` +
+      `${count("SKIP") ? `, ${count("SKIP")} SKIP` : ""}` +
       ` in ${num((performance.now() - t0) / 1000, 1)} s`,
   );
   return count("ERROR") || count("FAIL") ? 1 : 0;
