@@ -7,19 +7,15 @@
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { connect } from "node:net";
-import { before, test } from "node:test";
+import { test } from "node:test";
 import { alive, checkLeaks } from "./helpers.ts";
 import { findProgram, run, setupHosts, TEST_RANGE, type TestHosts, teardownHosts, useTestHosts } from "./hosts.ts";
 
 checkLeaks();
 
-const net = useTestHosts();
-const skip = net.skip;
 let hosts: TestHosts;
-
-before(() => {
-  if (skip) return;
-  hosts = net.hosts();
+const { skip } = useTestHosts((ready) => {
+  hosts = ready;
 });
 
 /** `ssh -F <config> [options] <host> <remote command>`, bounded in time. */

@@ -553,26 +553,19 @@ async function killAll(pids: number[]): Promise<void> {
  * together on `skip`, since under Deno (2.9) a top-level after() does not run
  * when any test of the file was skipped by its options.
  */
-export function useTestHosts(): { skip: string | false; hosts: () => TestHosts } {
+export function useTestHosts(ready: (hosts: TestHosts) => void): { skip: string | false } {
   const skip = hostsSkip() ?? false;
-  let hosts: TestHosts | undefined;
   before(
     async () => {
       if (skip) return;
       const result = await setupHosts();
       if ("skip" in result) throw new Error(`hostsSkip() said yes, setupHosts() said: ${result.skip}`);
-      hosts = result;
+      ready(result);
     },
     { timeout: LOCK_WAIT_MS + 30_000 },
   );
   after(async () => {
     if (!skip) await teardownHosts();
   });
-  return {
-    skip,
-    hosts: () => {
-      if (!hosts) throw new Error("the test hosts are not set up");
-      return hosts;
-    },
-  };
+  return { skip };
 }

@@ -9,21 +9,17 @@ import { mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, writeFile
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { after, before, test } from "node:test";
+import { after, test } from "node:test";
 import { ChannelError, type Context, Router, Secret, type SshOptions } from "../mod.ts";
 import { captureLogs, checkLeaks } from "./helpers.ts";
 import { findProgram, run, type TestHosts, useTestHosts } from "./hosts.ts";
 
 checkLeaks();
 
-const net = useTestHosts();
-const skip = net.skip;
 let hosts: TestHosts;
 let scratch = "";
-
-before(() => {
-  if (skip) return;
-  hosts = net.hosts();
+const { skip } = useTestHosts((ready) => {
+  hosts = ready;
   scratch = mkdtempSync(join(tmpdir(), "mitogen-ssh-test-"));
 });
 

@@ -3,20 +3,16 @@
  * bastion) -> root on inner (sudo via inner), on the netns hosts of tests/hosts.ts.
  */
 import assert from "node:assert/strict";
-import { before, test } from "node:test";
+import { test } from "node:test";
 import { Router } from "../mod.ts";
 import { captureLogs, checkLeaks, waitFor } from "./helpers.ts";
 import { type TestHosts, useTestHosts } from "./hosts.ts";
 
 checkLeaks();
 
-const net = useTestHosts();
-const skip = net.skip;
 let hosts: TestHosts;
-
-before(() => {
-  if (skip) return;
-  hosts = net.hosts();
+const { skip } = useTestHosts((ready) => {
+  hosts = ready;
 });
 
 type Tasks = typeof import("./fixtures/tasks.ts");
