@@ -9,7 +9,7 @@
  */
 import { AbortError, CallError, ChannelError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
 import { type Binder, decodeValue, encodeValue, type Secret, WIRE_REF, type WireRef } from "./codec.ts";
-import { type Boot, childTransport, exitProcess, onUncaught, setTitle, type Transport } from "./runtime.ts";
+import { type Boot, childTransport, exitProcess, joinParts, onUncaught, setTitle, type Transport } from "./runtime.ts";
 
 export * from "./errors.ts";
 export * from "./codec.ts";
@@ -144,7 +144,7 @@ export class Message {
   }
   /** Data as one array (joined on first use). */
   get data(): Uint8Array {
-    if (this.#parts.length !== 1) this.#parts = [concat(this.#parts, this.#length)];
+    if (this.#parts.length !== 1) this.#parts = [joinParts(this.#parts, this.#length)];
     return this.#parts[0] ?? EMPTY;
   }
   /** True for a dead message. */
@@ -179,17 +179,6 @@ function sumLength(parts: readonly Uint8Array[]): number {
   let n = 0;
   for (const p of parts) n += p.byteLength;
   return n;
-}
-
-function concat(parts: readonly Uint8Array[], length: number): Uint8Array {
-  if (parts.length === 1 && parts[0]) return parts[0];
-  const out = new Uint8Array(length);
-  let off = 0;
-  for (const p of parts) {
-    out.set(p, off);
-    off += p.byteLength;
-  }
-  return out;
 }
 
 // ---------------------------------------------------------------------------

@@ -178,7 +178,8 @@ function denoTransport(read: (p: Uint8Array) => Promise<number | null>, writeSyn
   };
 }
 
-function joinParts(parts: readonly Uint8Array[], size: number): Uint8Array {
+/** `parts` written back to back into one array of `size` bytes. */
+export function joinParts(parts: readonly Uint8Array[], size: number): Uint8Array {
   const out = new Uint8Array(size);
   let off = 0;
   for (const p of parts) {

@@ -113,4 +113,6 @@ test("su and doas run in a pty: the right password works, a wrong or missing one
   assert.equal(await root.call(me), "root");
   await assert.rejects(router.doas({ via: bastion, password: "wrong" }), /doas to root: incorrect password/);
   await assert.rejects(router.doas({ via: bastion }), /doas to root: password required/);
+  // doas.conf lets the test user become root only
+  await assert.rejects(router.doas({ via: bastion, username: "nobody", password: hosts.password }), /doas to nobody: not allowed/);
 });
