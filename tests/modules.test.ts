@@ -65,6 +65,9 @@ for (const runtime of RUNTIMES) {
       await using recv = new Receiver(router);
       assert.equal(await tasks.coreIdentity(recv.toSender()), true);
       assert.equal((await recv.get({ timeout: 5000 })).unpickle(), true, "a Sender decoded there is bound to the running router");
+      await using made = new Receiver(router);
+      await tasks.sendFromHere(made.handle);
+      assert.equal((await made.get({ timeout: 5000 })).unpickle(), "made in core-identity", "a Sender the module creates reaches the master");
       await using counted = new Receiver(router);
       assert.equal(await tasks.count(counted.toSender(), 3), 3);
       const got: unknown[] = [];
