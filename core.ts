@@ -113,7 +113,13 @@ export class Message {
   #length: number;
 
   constructor(fields: MessageFields = {}, parts: readonly Uint8Array[] = [], length = sumLength(parts)) {
-    Object.assign(this, fields);
+    // Explicit fields: this runs for every frame.
+    if (fields.dst !== undefined) this.dst = fields.dst;
+    if (fields.src !== undefined) this.src = fields.src;
+    if (fields.auth !== undefined) this.auth = fields.auth;
+    if (fields.handle !== undefined) this.handle = fields.handle;
+    if (fields.replyTo !== undefined) this.replyTo = fields.replyTo;
+    if (fields.flags !== undefined) this.flags = fields.flags;
     this.#parts = parts;
     this.#length = length;
   }
@@ -1958,17 +1964,20 @@ export function installDispatcher(router: Router): void {
         let result: unknown;
         let failed = false;
         let kind = -1;
-        const controller = new AbortController();
+        // Made only for calls that can be cancelled, have a deadline, or take a CallContext.
+        let controller: AbortController | undefined;
         const key = `${msg.src}:${msg.replyTo}`;
         let deadline: ReturnType<typeof setTimeout> | undefined;
         try {
           const body = msg.unpickle() as [number, string, unknown[], number?, CallLimits?];
           kind = body[0];
           const [, target, args, flags = 0, lim] = body;
-          if (lim?.cancel && msg.replyTo) running.set(key, controller);
+          if (lim) controller = new AbortController();
+          if (lim?.cancel && msg.replyTo && controller) running.set(key, controller);
           if (typeof lim?.timeout === "number") {
             const ms = lim.timeout;
-            deadline = setTimeout(() => controller.abort(new TimeoutError(`deadline of ${ms} ms passed in ${router.name}`)), ms);
+            const c = controller;
+            deadline = setTimeout(() => c?.abort(new TimeoutError(`deadline of ${ms} ms passed in ${router.name}`)), ms);
           }
           if (kind === CALL.LOAD) {
             const m = await router.requireModule(target);
@@ -1985,7 +1994,9 @@ export function installDispatcher(router: Router): void {
               fn = f as Shippable;
             } else fn = compile(target);
             const extra =
-              flags & CALL.TAKES_ROUTER || isTakesRouter(fn) ? [{ router, econtext: router, msg, signal: controller.signal } satisfies CallContext] : [];
+              flags & CALL.TAKES_ROUTER || isTakesRouter(fn)
+                ? [{ router, econtext: router, msg, signal: (controller ??= new AbortController()).signal } satisfies CallContext]
+                : [];
             result = await fn(...(Array.isArray(args) ? args : []), ...extra);
           }
         } catch (err) {
