@@ -305,7 +305,8 @@ function sshLaunch(spec: ConnectSpec, m: SshSpec, length: number): Launch {
         if (password === undefined && /password|keyboard-interactive/.test(methods)) return fail(`password required (the server offers ${methods})`);
         return fail(password === undefined ? `authentication failed (the server offers ${methods})` : "incorrect password (refused by the server)");
       }
-      if (/neither node nor deno found/.test(line)) return fail(line.replace(/^mitogen: /, ""));
+      const missing = missingRuntime(line);
+      if (missing) return fail(missing);
       if (/Could not resolve hostname|Connection refused|Connection timed out|No route to host|Network is unreachable|Invalid argument/.test(line)) {
         return fail(line.replace(/^ssh: /, ""));
       }
@@ -316,7 +317,12 @@ function sshLaunch(spec: ConnectSpec, m: SshSpec, length: number): Launch {
 
 /** This context's own executable, which is also there for another user on the same machine. */
 function ownRuntime(): string {
-  return (globalThis as { Deno?: { execPath(): string } }).Deno?.execPath() ?? process.execPath;
+  return runtimeCommand(isDeno ? "deno" : "node").exe;
+}
+
+/** The remote command's complaint that the target has no runtime (see remoteCommand), or null. */
+export function missingRuntime(line: string): string | null {
+  return /neither node nor deno found/.test(line) ? line.replace(/^mitogen: /, "") : null;
 }
 
 function sudoLaunch(spec: ConnectSpec, m: SudoSpec, length: number): Launch {
@@ -361,8 +367,8 @@ function wrapLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "wrap" }>, len
     streamOn: "stdio",
     stdoutIsOutput: false,
     watch(line) {
-      if (/neither node nor deno found/.test(line)) return new StreamError(`${spec.name}: ${line.replace(/^mitogen: /, "")}`);
-      return undefined;
+      const missing = missingRuntime(line);
+      return missing ? new StreamError(`${spec.name}: ${missing}`) : undefined;
     },
   };
 }

@@ -10,7 +10,7 @@ import { createHmac } from "node:crypto";
 import { appendFileSync, existsSync, readFileSync } from "node:fs";
 import { homedir, userInfo } from "node:os";
 import { type Context, type Router, Secret, type SshOptions, StreamError } from "./core.ts";
-import { bootstrap, type ConnectSpec, remoteCommand, type Spawned } from "./parent.ts";
+import { bootstrap, type ConnectSpec, missingRuntime, remoteCommand, type Spawned } from "./parent.ts";
 
 type Known = { type: string; key: string }[];
 
@@ -143,7 +143,12 @@ export async function connectSsh2(router: Router, options: SshOptions, id: numbe
     router,
     spec,
     child,
-    { watch: (line) => (/neither node nor deno found/.test(line) ? new StreamError(`ssh to ${who}: ${line.replace(/^mitogen: /, "")}`) : undefined) },
+    {
+      watch: (line) => {
+        const missing = missingRuntime(line);
+        return missing ? new StreamError(`ssh to ${who}: ${missing}`) : undefined;
+      },
+    },
     payload,
   );
 }
