@@ -21,7 +21,7 @@ import { fileURLToPath, pathToFileURL } from "node:url";
 import type { Payloads } from "./payload.ts";
 
 const root = dirname(fileURLToPath(import.meta.url));
-const CORE_MODULES = /(^|\/)(core|errors|codec|runtime)\.ts$/;
+const CORE_MODULES = /(^|\/)(core|frames|select|errors|codec|runtime)\.ts$/;
 
 const common: esbuild.BuildOptions = {
   absWorkingDir: root,

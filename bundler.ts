@@ -32,7 +32,7 @@ type Entry = Bundle & { inputs: [path: string, mtimeMs: number, size: number][] 
 
 const root = dirname(fileURLToPath(import.meta.url));
 /** This package's own entry points: importing them from a shipped module means the running core. */
-const OWN = new Set(["mod.ts", "core.ts", "master.ts", "cli.ts"].map((f) => resolve(root, f)));
+const OWN = new Set(["mod.ts", "core.ts", "frames.ts", "select.ts", "master.ts", "cli.ts"].map((f) => resolve(root, f)));
 const cache = new Map<string, Promise<Entry>>();
 /** Source maps of every module bundled here, by module name, for {@link mapStack}. */
 const maps = new Map<string, { map: SourceMap; dir: string }>();
