@@ -11,12 +11,14 @@ import { type Binder, type Secret, WIRE_REF, type WireRef } from "./codec.ts";
 import { type Boot, childTransport, exitProcess, onUncaught, setTitle } from "./runtime.ts";
 import { DEFAULT_MAX_MESSAGE_SIZE, FIRST_DYNAMIC_HANDLE, HANDLE, MARKER, Message, Stream } from "./frames.ts";
 import { type GetOptions, Receiver, Sender } from "./select.ts";
+import { FlowControl } from "./flow.ts";
 
 export * from "./errors.ts";
 export * from "./codec.ts";
 export * from "./runtime.ts";
 export * from "./frames.ts";
 export * from "./select.ts";
+export * from "./flow.ts";
 
 const ascii = new TextEncoder();
 
@@ -229,6 +231,8 @@ export class Router implements Binder, AsyncDisposable {
   readonly moduleCode: Map<string, Uint8Array> = new Map();
   /** Counters: modules this context sent to its children (GET_MODULE answers) and their bytes. */
   readonly stats: { modulesSent: number; moduleBytesSent: number } = { modulesSent: 0, moduleBytesSent: 0 };
+  /** Windows of the flow-controlled channels this context sends on (Sender). */
+  readonly flow: FlowControl = new FlowControl(this);
   readonly #fetching = new Map<string, Promise<Uint8Array>>();
   readonly #loading = new Map<string, Promise<Record<string, unknown>>>();
 

@@ -48,6 +48,8 @@ export const FRAME = {
   FLAG_RAW: 1,
   /** Data is `u32 bodyLength, body, blobs...` (see codec.ts). */
   FLAG_BLOBS: 2,
+  /** Counted against its channel's window: the receiver grants the bytes back once consumed (flow.ts). */
+  FLAG_FLOW: 4,
 } as const;
 
 /** Lines the bootstrap writes on the stream before any frame. */
@@ -179,7 +181,7 @@ function sumLength(parts: readonly Uint8Array[]): number {
 //   offset size field
 //        0    2 magic     0x4d47 ("MG")
 //        2    1 version   1
-//        3    1 flags     bit 0 RAW (data is bytes), bit 1 BLOBS (see codec.ts)
+//        3    1 flags     bit 0 RAW (data is bytes), bit 1 BLOBS (see codec.ts), bit 2 FLOW (flow.ts)
 //        4    4 dst_id    context the message is for
 //        8    4 src_id    context that wrote it
 //       12    4 auth_id   context it is sent on behalf of (== src_id today)
@@ -384,6 +386,21 @@ export class Stream {
     return out;
   }
 
+  /** Remove the first `n` buffered bytes, as views of the chunks they arrived in. */
+  #takeParts(n: number): Uint8Array[] {
+    const parts: Uint8Array[] = [];
+    while (n > 0) {
+      const c = this.#chunks[0] as Uint8Array;
+      const k = Math.min(c.byteLength, n);
+      parts.push(k === c.byteLength ? c : c.subarray(0, k));
+      if (k === c.byteLength) this.#chunks.shift();
+      else this.#chunks[0] = c.subarray(k);
+      this.#buffered -= k;
+      n -= k;
+    }
+    return parts;
+  }
+
   #parse(): void {
     try {
       while (!this.#closed) {
@@ -407,8 +424,9 @@ export class Stream {
         const { fields, length } = this.#header;
         if (this.#buffered < length) return;
         this.#header = null;
-        const data = length ? this.#take(length) : EMPTY;
-        this.onMessage(new Message(fields, [data], length));
+        // A large frame keeps the chunks it arrived in: a hop forwards them without joining them.
+        const parts = length > SMALL_FRAME ? this.#takeParts(length) : [length ? this.#take(length) : EMPTY];
+        this.onMessage(new Message(fields, parts, length));
       }
     } catch (err) {
       const e = err instanceof StreamError ? err : new StreamError(`${this.name}: ${(err as Error).message}`, { cause: err });

@@ -6,7 +6,8 @@
  */
 import { ChannelError, MitogenError, TimeoutError } from "./errors.ts";
 import { WIRE_REF, type WireRef } from "./codec.ts";
-import { Message } from "./frames.ts";
+import { FRAME, Message } from "./frames.ts";
+import { Credits } from "./flow.ts";
 import type { Context, Router } from "./core.ts";
 
 // ---------------------------------------------------------------------------
@@ -102,6 +103,8 @@ export class Receiver implements AsyncIterable<Message>, AsyncDisposable, Select
   /** Called as `notify(receiver)` on every delivered message (Select uses it). */
   notify: ((source: Selectable) => void) | null = null;
   readonly #queue = new Queue<Message>();
+  /** Flow-control accounting, made when the first flow-controlled message arrives. */
+  #credits: Credits | null = null;
 
   constructor(router: Router, options: ReceiverOptions = {}) {
     this.router = router;
@@ -130,12 +133,22 @@ export class Receiver implements AsyncIterable<Message>, AsyncDisposable, Select
   _fail(error: Error): void {
     this.router.delHandler(this.handle);
     this.#queue.close(error);
+    this.#credits?.closed();
     this.#settled();
   }
 
   #deliver(msg: Message): void {
     this.#settled();
     msg.receiver = this;
+    if (msg.flags & FRAME.FLAG_FLOW) {
+      const overrun = (this.#credits ??= new Credits(this.router, this.handle)).arrived(msg);
+      if (overrun) {
+        this.router.log("warn", overrun.message);
+        this._fail(overrun);
+        this.notify?.(this);
+        return;
+      }
+    }
     if (msg.isDead) {
       this.router.delHandler(this.handle);
       this.#queue.end(msg, deadError(msg));
@@ -152,6 +165,7 @@ export class Receiver implements AsyncIterable<Message>, AsyncDisposable, Select
   async get(options: GetOptions = {}): Promise<Message> {
     const msg = await this.#queue.get(options, `receiver ${this.handle}`);
     if (msg.isDead) throw deadError(msg);
+    this.#took(msg);
     return msg;
   }
 
@@ -167,7 +181,13 @@ export class Receiver implements AsyncIterable<Message>, AsyncDisposable, Select
       return undefined;
     }
     if (msg.isDead) throw deadError(msg);
+    this.#took(msg);
     return { item: msg };
+  }
+
+  /** The consumer has `msg`: its bytes go back to the sender's window. */
+  #took(msg: Message): void {
+    if (msg.flags & FRAME.FLAG_FLOW) this.#credits?.taken(msg);
   }
 
   /** A Sender that delivers to this receiver, for passing to other contexts. */
@@ -190,6 +210,7 @@ export class Receiver implements AsyncIterable<Message>, AsyncDisposable, Select
         throw err;
       }
       if (msg.isDead) return;
+      this.#took(msg);
       yield msg;
     }
   }
@@ -212,6 +233,28 @@ function deadError(msg: Message): ChannelError {
 /**
  * Sends values to a handle in some context (the other end of a Receiver).
  * Serialisable: pass it as an argument to a remote function to stream values back.
+ *
+ * Flow-controlled (see flow.ts): `send()` writes at once while the channel's
+ * window has room, and holds the message back, in order, once it has not.
+ * Either way it returns a promise that resolves when the window has room
+ * again: `await sender.send(x)` in a loop keeps every process on the way
+ * within the window, however slow the receiver.
+ *
+ * @example
+ * ```ts
+ * import { Receiver, Router, type Sender } from "./mod.ts";
+ * await using router = new Router();
+ * const ctx = await router.local();
+ * await using recv = new Receiver(router);
+ * const streaming = ctx.call(async (s: Sender) => {
+ *   for (let i = 0; i < 100; i++) await s.send(new Uint8Array(1 << 20)); // 100 MiB, 16 MiB at a time
+ *   s.close();
+ * }, recv.toSender());
+ * let bytes = 0;
+ * for await (const msg of recv) bytes += (msg.unpickle() as Uint8Array).byteLength;
+ * await streaming;
+ * console.log(bytes); // 104857600
+ * ```
  */
 export class Sender implements WireRef {
   readonly context: Context;
@@ -222,19 +265,30 @@ export class Sender implements WireRef {
     this.dstHandle = dstHandle;
   }
 
-  /** Send `data` to the remote end. */
-  send(data: unknown): void {
-    this.context.send(Message.encoded(data, { handle: this.dstHandle }, "data"));
+  /**
+   * Send `data` to the remote end. Resolves once the channel's window has
+   * room for more (never rejects); throws ChannelError if the receiver closed.
+   */
+  send(data: unknown): Promise<void> {
+    return this.context.router.flow.send(this.context.contextId, Message.encoded(data, { handle: this.dstHandle }, "data"));
   }
 
   /** Mitogen's name for send(). */
-  put(data: unknown): void {
-    this.send(data);
+  put(data: unknown): Promise<void> {
+    return this.send(data);
   }
 
-  /** Tell the remote end no more is coming (its loop ends, its get() rejects). */
+  /** Resolves once the window has room; rejects with ChannelError once the receiver closed or its context is gone. */
+  async ready(): Promise<void> {
+    const ctx = this.context;
+    if (ctx.isDisconnected) throw new ChannelError(`context ${ctx.name} is gone`);
+    await ctx.router.flow.ready(ctx.contextId, this.dstHandle);
+    if (ctx.isDisconnected) throw new ChannelError(`context ${ctx.name} is gone`);
+  }
+
+  /** Tell the remote end no more is coming (its loop ends, its get() rejects), after anything still held back. */
   close(): void {
-    this.context.send(Message.dead("sender closed", { handle: this.dstHandle }));
+    this.context.router.flow.close(this.context.contextId, Message.dead("sender closed", { handle: this.dstHandle }));
   }
 
   [WIRE_REF](): readonly [number, readonly unknown[]] {
