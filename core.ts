@@ -521,6 +521,7 @@ export class Router implements Binder, AsyncDisposable {
     this.#routes.set(remoteId, stream);
     stream.onMessage = (msg) => this.#inbound(msg, stream);
     stream.onClose = (err) => this.#onStreamClosed(stream, err);
+    stream.relays = (dst) => dst !== this.myId;
     const ctx = this.contextById(remoteId, name);
     ctx.name = name;
     this.#announce(HANDLE.ADD_ROUTE, [remoteId, name]);
@@ -532,6 +533,7 @@ export class Router implements Binder, AsyncDisposable {
     this.parent = stream;
     stream.onMessage = (msg) => this.#inbound(msg, stream);
     stream.onClose = (err) => this.#onStreamClosed(stream, err);
+    stream.relays = (dst) => dst !== this.myId;
   }
 
   #announce(handle: number, data: unknown[]): void {

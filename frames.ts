@@ -244,10 +244,15 @@ export class Stream {
   maxMessageSize: number;
   onMessage: (msg: Message) => void = () => {};
   onClose: (error?: Error) => void = () => {};
+  /** True for a frame this end only passes on (the router sets it): a large one then keeps its chunks. */
+  relays: (dst: number) => boolean = () => false;
   readonly #transport: Transport;
   #chunks: Uint8Array[] = [];
   #buffered = 0;
   #header: { fields: MessageFields; length: number } | null = null;
+  /** A large frame's data, filled in place as its chunks arrive. */
+  #frame: Uint8Array | null = null;
+  #filled = 0;
   #markers: { marker: Uint8Array; resolve: () => void; reject: (e: Error) => void; skip?: ((text: string) => void) | undefined }[] = [];
   #closed = false;
   #closeReason: Error | undefined;
@@ -346,11 +351,12 @@ export class Stream {
     if (this.#closed) return;
     if (!error && (this.#buffered > 0 || this.#header)) {
       const want = this.#header ? this.#header.length : FRAME.HEADER_SIZE;
-      error = new StreamError(`${this.name}: truncated frame (EOF with ${this.#buffered} of ${want} bytes)`);
+      error = new StreamError(`${this.name}: truncated frame (EOF with ${this.#frame ? this.#filled : this.#buffered} of ${want} bytes)`);
     }
     this.#closed = true;
     this.#closeReason = error;
     this.#chunks = [];
+    this.#frame = null;
     const reason = error ?? new StreamError(`${this.name}: stream closed`);
     for (const m of this.#markers.splice(0)) m.reject(reason);
     this.onClose(error);
@@ -358,8 +364,20 @@ export class Stream {
 
   #receive(chunk: Uint8Array): void {
     if (this.#closed || chunk.byteLength === 0) return;
-    this.#chunks.push(chunk);
-    this.#buffered += chunk.byteLength;
+    const frame = this.#frame;
+    if (frame) {
+      const k = Math.min(frame.byteLength - this.#filled, chunk.byteLength);
+      frame.set(k === chunk.byteLength ? chunk : chunk.subarray(0, k), this.#filled);
+      this.#filled += k;
+      if (k < chunk.byteLength) {
+        this.#chunks.push(chunk.subarray(k));
+        this.#buffered += chunk.byteLength - k;
+      }
+      if (this.#filled < frame.byteLength) return;
+    } else {
+      this.#chunks.push(chunk);
+      this.#buffered += chunk.byteLength;
+    }
     this.#parse();
   }
 
@@ -422,11 +440,30 @@ export class Stream {
           this.#header = readHeader(this.#take(FRAME.HEADER_SIZE), this.maxMessageSize);
         }
         const { fields, length } = this.#header;
-        if (this.#buffered < length) return;
+        let data: Uint8Array;
+        if (this.#frame) {
+          if (this.#filled < length) return;
+          data = this.#frame;
+          this.#frame = null;
+        } else if (this.#buffered < length) {
+          // A large frame for this context is gathered in place as it arrives: its chunks are let go
+          // at once, and it is never joined again. The length was checked against maxMessageSize;
+          // the buffer's pages are committed only as bytes arrive.
+          if (length > SMALL_FRAME && !this.relays(fields.dst ?? 0)) {
+            this.#filled = this.#buffered;
+            this.#frame = this.#buffered ? joinParts(this.#chunks, this.#buffered, length) : new Uint8Array(length);
+            this.#chunks = [];
+            this.#buffered = 0;
+          }
+          return;
+        } else if (length > SMALL_FRAME && this.relays(fields.dst ?? 0)) {
+          // Passed on as the chunks it arrived in: never joined here.
+          this.#header = null;
+          this.onMessage(new Message(fields, this.#takeParts(length), length));
+          continue;
+        } else data = length ? this.#take(length) : EMPTY;
         this.#header = null;
-        // A large frame keeps the chunks it arrived in: a hop forwards them without joining them.
-        const parts = length > SMALL_FRAME ? this.#takeParts(length) : [length ? this.#take(length) : EMPTY];
-        this.onMessage(new Message(fields, parts, length));
+        this.onMessage(new Message(fields, [data], length));
       }
     } catch (err) {
       const e = err instanceof StreamError ? err : new StreamError(`${this.name}: ${(err as Error).message}`, { cause: err });

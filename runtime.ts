@@ -178,9 +178,9 @@ function denoTransport(read: (p: Uint8Array) => Promise<number | null>, writeSyn
   };
 }
 
-/** `parts` written back to back into one array of `size` bytes. */
-export function joinParts(parts: readonly Uint8Array[], size: number): Uint8Array {
-  const out = new Uint8Array(size);
+/** `parts` written back to back into one array of `size` bytes (`capacity`, when larger, leaves room after them). */
+export function joinParts(parts: readonly Uint8Array[], size: number, capacity: number = size): Uint8Array {
+  const out = new Uint8Array(capacity);
   let off = 0;
   for (const p of parts) {
     out.set(p, off);

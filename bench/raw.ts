@@ -169,6 +169,45 @@ export function commandToExit(argv: readonly string[], limitMs = 20_000): Promis
   });
 }
 
+/** Write `blocks` blocks of `size` bytes to stdout, waiting for drain, then exit; prints its peak RSS (MiB) on stderr. */
+const SOURCE =
+  `const D=globalThis.Deno,n=+process.env.RAW_BLOCKS,b=new Uint8Array(+process.env.RAW_SIZE).fill(90);` +
+  `const hwm=()=>+/VmHWM:\\s+(\\d+)/.exec(process.getBuiltinModule("fs").readFileSync("/proc/self/status","latin1"))[1]/1024;` +
+  `(async()=>{for(let i=0;i<n;i++){if(D){let o=0;while(o<b.length)o+=await D.stdout.write(b.subarray(o))}` +
+  `else if(!process.stdout.write(b))await new Promise(r=>process.stdout.once("drain",r))}` +
+  `process.stderr.write(hwm()+"\\n");if(!D)process.stdout.end()})()`;
+
+/**
+ * A one-way stream: a child writes `blocks` blocks of `size` bytes to its
+ * stdout; resolves with the milliseconds until all of them were read here,
+ * and the child's peak RSS in MiB.
+ */
+export function streamFrom(rt: Runtime, blocks: number, size: number, limitMs = 120_000): Promise<{ ms: number; peakMiB: number }> {
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    const proc = spawn(rt.exe, evalArgs(rt, SOURCE), {
+      stdio: ["ignore", "pipe", "pipe"],
+      env: { ...ENV, RAW_BLOCKS: String(blocks), RAW_SIZE: String(size) },
+    });
+    live.add(proc);
+    let got = 0;
+    let ms = 0;
+    let err = "";
+    proc.stdout?.on("data", (d: Uint8Array) => {
+      got += d.byteLength;
+      if (got === blocks * size) ms = performance.now() - t0;
+    });
+    proc.stderr?.setEncoding("utf8").on("data", (t: string) => (err += t));
+    const timer = setTimeout(() => proc.kill("SIGKILL"), limitMs);
+    proc.once("close", (code, signal) => {
+      clearTimeout(timer);
+      live.delete(proc);
+      if (got !== blocks * size) reject(new Error(`raw stream: ${got} of ${blocks * size} bytes (${signal ?? code}) ${err.trim()}`));
+      else resolve({ ms, peakMiB: Number.parseFloat(err) });
+    });
+  });
+}
+
 /** Kill every raw child still running (used before a hard exit). */
 export function killAll(): void {
   for (const p of live) p.kill("SIGKILL");

@@ -4,7 +4,7 @@
  * order round by round, and reports the median of the rounds with the
  * spread (min..max) and its goal.
  *
- *   node --import tsx bench/run.ts [--runtime node|deno] [--quick]
+ *   node --import tsx bench/run.ts [--runtime node|deno] [--quick] [--only 1,3,11]
  *
  * @module
  */
@@ -15,22 +15,23 @@ import { join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { bundle } from "../bundler.ts";
-import { type Context, type LogRecord, Router } from "../mod.ts";
+import { type Context, type LogRecord, Receiver, Router, type Sender } from "../mod.ts";
 import { firstStage, shellQuote } from "../parent.ts";
 import { payloads } from "../payload.ts";
 import { bounded, cell, num, perOpMicros, pool, type Scope, type Stats, spread, stats, timeMs } from "./lib.ts";
 import { setupHosts, type TestHosts, teardownHosts } from "../tests/hosts.ts";
-import { commandToExit, killAll, RawPeer, type Runtime, spawnToExit } from "./raw.ts";
+import { commandToExit, killAll, RawPeer, type Runtime, spawnToExit, streamFrom } from "./raw.ts";
 
 const { values } = parseArgs({
   options: {
     runtime: { type: "string", default: "node" },
     quick: { type: "boolean", default: false },
+    only: { type: "string" },
     help: { type: "boolean", short: "h", default: false },
   },
 });
 if (values.help) {
-  console.log("usage: node --import tsx bench/run.ts [--runtime node|deno] [--quick]");
+  console.log("usage: node --import tsx bench/run.ts [--runtime node|deno] [--quick] [--only 1,3,11]");
   process.exit(0);
 }
 const kind = values.runtime;
@@ -39,6 +40,9 @@ if (kind !== "node" && kind !== "deno") {
   process.exit(2);
 }
 const quick = values.quick;
+/** Line numbers to run (`--only 1,3`); all when not given. */
+const only = values.only ? new Set(values.only.split(",").map(Number)) : null;
+const wanted = (line: number) => !only || only.has(line);
 
 // The deno binary: the project's own, else whatever PATH has.
 const localDeno = fileURLToPath(new URL("../node_modules/.bin/deno", import.meta.url));
@@ -275,6 +279,84 @@ function firstTouchMs(bytes: number): number {
   const b = new Uint8Array(bytes);
   for (let i = 0; i < b.length; i += 4096) b[i] = 1;
   return performance.now() - t0;
+}
+
+// ---------------------------------------------------------------------------
+// 11. 1 GiB through a Sender (flow control)
+
+const STREAM_BLOCKS = 64;
+const STREAM_BLOCK = 16 * 1024 * 1024;
+
+/** RSS of this process in MiB. */
+const rssMiB = () => process.memoryUsage().rss / 1048576;
+
+async function benchStream(): Promise<void> {
+  const name = "11 1 GiB Sender stream (MB/s)";
+  try {
+    const total = STREAM_BLOCKS * STREAM_BLOCK;
+    const r = await bounded(240_000, async (scope) => {
+      const router = scope.add(newRouter());
+      const peaks = { master: 0, child: 0, rawMaster: 0, rawChild: 0 };
+      const viaMitogen = async () => {
+        const ctx = await router.local({ runtime, name: "stream" });
+        const recv = scope.add(new Receiver(router));
+        const start = rssMiB();
+        let peak = start;
+        const t0 = performance.now();
+        const job = ctx.call(
+          async (s: Sender, n: number, size: number) => {
+            const status = () => process.getBuiltinModule("node:fs").readFileSync("/proc/self/status", "latin1");
+            const start = Number(/VmRSS:\s+(\d+)/.exec(status())?.[1]) / 1024;
+            const block = new Uint8Array(size).fill(90);
+            for (let i = 0; i < n; i++) await s.send(block);
+            s.close();
+            return Number(/VmHWM:\s+(\d+)/.exec(status())?.[1]) / 1024 - start;
+          },
+          recv.toSender(),
+          STREAM_BLOCKS,
+          STREAM_BLOCK,
+        );
+        let got = 0;
+        for await (const msg of recv) {
+          got += (msg.unpickle() as Uint8Array).byteLength;
+          peak = Math.max(peak, rssMiB());
+        }
+        const ms = performance.now() - t0;
+        if (got !== total) throw new Error(`received ${got} of ${total} bytes`);
+        peaks.child = Math.max(peaks.child, await job);
+        peaks.master = Math.max(peaks.master, peak - start);
+        await ctx.shutdown({ wait: true });
+        return total / 1e6 / (ms / 1000);
+      };
+      const viaPipe = async () => {
+        const start = rssMiB();
+        let peak = start;
+        const sampler = setInterval(() => (peak = Math.max(peak, rssMiB())), 10);
+        try {
+          const { ms, peakMiB } = await streamFrom(rt, STREAM_BLOCKS, STREAM_BLOCK);
+          peaks.rawChild = Math.max(peaks.rawChild, peakMiB);
+          return total / 1e6 / (ms / 1000);
+        } finally {
+          clearInterval(sampler);
+          peaks.rawMaster = Math.max(peaks.rawMaster, peak - start);
+        }
+      };
+      const out = await rounds(Math.min(P.echoRounds, 3), 60_000 * P.budget, viaMitogen, viaPipe);
+      return { ...out, peaks };
+    });
+    const q = ratios(r.mito, r.raw);
+    const pct: Stats = { median: q.median * 100, min: q.min * 100, max: q.max * 100, n: q.n };
+    row(name, spread(stats(r.mito), 0), spread(stats(r.raw), 0), ratioCell(r, pct, 1, "%"), ">= 70% of raw", pct.median >= 70 ? "PASS" : "MISS");
+    const p = r.peaks;
+    const within = p.master < 160 && p.child < 160;
+    detail(
+      `peak RSS above start: mitogen master +${num(p.master, 0)} MiB, child +${num(p.child, 0)} MiB (bound 160 each); ` +
+        `raw master +${num(p.rawMaster, 0)} MiB, raw child ${num(p.rawChild, 0)} MiB in all` +
+        (within ? "" : " (over the 160 MiB bound)"),
+    );
+  } catch (err) {
+    failed(name, err);
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -796,15 +878,19 @@ async function main(): Promise<number> {
   );
   console.log("");
   row("measure", "mitogen", "raw reference", "ratio", "goal", "");
-  await benchRoundTrip();
-  await benchBoot();
-  await benchThroughput();
-  await benchHops();
-  await benchFleet();
-  await benchSizes();
-  await benchFirstImport();
-  await benchModuleCall();
-  await benchHosts();
+  const suite: [number[], () => Promise<void>][] = [
+    [[1], benchRoundTrip],
+    [[2], benchBoot],
+    [[3], benchThroughput],
+    [[4], benchHops],
+    [[5], benchFleet],
+    [[6], benchSizes],
+    [[7], benchFirstImport],
+    [[8], benchModuleCall],
+    [[11], benchStream],
+    [[9, 10], benchHosts],
+  ];
+  for (const [nums, run] of suite) if (nums.some(wanted)) await run();
   console.log("");
   console.log("raw references, measured in this run:");
   detail(`1: one byte ping-pong over stdin/stdout with a ${kind} child echoing each byte`);
@@ -820,6 +906,10 @@ async function main(): Promise<number> {
       "verdict: router.stats.modulesSent delta == 1 in every round",
   );
   detail("8: not raw: a plain ctx.call(() => 0) on the same child, interleaved with `await mod.zero()` of an imported module");
+  detail(
+    `11: a ${kind} child writes ${STREAM_BLOCKS} x 16 MiB to its stdout, read here until all of it is in; ` +
+      "mitogen: the child sends the same blocks through a Sender (`await s.send(block)`) to a Receiver here that unpickles each",
+  );
   detail(`9: \`${rawSshArgvText()}\` spawn to exit (-C on the main line, without -C in the compression-off detail);`);
   detail(
     "   mitogen: new Router, ssh() with -F <config> (its own options: -T, ConnectTimeout, ServerAliveInterval, BatchMode, -C), one call, shutdown, ssh and remote child exited",
