@@ -61,6 +61,8 @@ export interface HandlerOptions {
   respondent?: Context | null;
   /** Called first; returning false drops the message (with a dead reply). */
   policy?: (msg: Message, stream: Stream | null) => boolean;
+  /** Replace a handler already registered for `handle` instead of throwing. */
+  overwrite?: boolean;
 }
 
 type Handler = { fn: (msg: Message, stream: Stream | null) => void; persist: boolean; respondent: number | null; policy: HandlerOptions["policy"] };
@@ -436,9 +438,16 @@ export class Router implements Binder, AsyncDisposable {
 
   // -- handlers -------------------------------------------------------------
 
-  /** Register `fn` for messages to a handle; returns the handle. */
+  /** Register `fn` for messages to a handle; returns the handle. Throws if `handle` is registered already (unless `overwrite`). */
   addHandler(fn: (msg: Message, stream: Stream | null) => void, options: HandlerOptions = {}): number {
-    const handle = options.handle ?? this.#nextHandle++;
+    let handle = options.handle;
+    if (handle === undefined) {
+      do handle = this.#nextHandle++;
+      while (this.#handlers.has(handle));
+    } else if (this.#handlers.has(handle)) {
+      if (!options.overwrite) throw new MitogenError(`handle ${handle} is already registered in ${this.name}`);
+      this.delHandler(handle);
+    }
     const respondent = options.respondent?.contextId ?? null;
     this.#handlers.set(handle, { fn, persist: options.persist ?? true, respondent, policy: options.policy });
     if (respondent !== null) {
