@@ -29,7 +29,7 @@ export let isMaster = true;
 export let contextId = 0;
 /** Id of the immediate parent, or null in the master. */
 export let parentId: number | null = null;
-/** Ids of every parent, the master first. */
+/** Ids of every parent, the nearest first and the master (0) last; empty in the master. */
 export let parentIds: readonly number[] = [];
 
 // ---------------------------------------------------------------------------
@@ -210,7 +210,7 @@ export class Broker {
 export class Router implements Binder, AsyncDisposable {
   /** This context's id (0 in the master). */
   myId = 0;
-  /** Ids of every parent, master first. */
+  /** Ids of every parent, the nearest first and the master last (Mitogen's `parent_ids`). */
   parentIds: number[] = [];
   /** This context's name. */
   name = "master";
@@ -260,7 +260,7 @@ export class Router implements Binder, AsyncDisposable {
     if (have) return Promise.resolve(have);
     let pending = this.#fetching.get(name);
     if (!pending) {
-      const up = this.parentIds.at(-1);
+      const up = this.parentIds[0];
       if (!this.parent || up === undefined) return Promise.reject(new MitogenError(`module ${name} is unknown in ${this.name}`));
       pending = this.contextById(up)
         .sendAwait(Message.encoded(name, { handle: HANDLE.GET_MODULE }))
@@ -540,7 +540,7 @@ export class Router implements Binder, AsyncDisposable {
   }
 
   #announce(handle: number, data: unknown[]): void {
-    const up = this.parentIds.at(-1);
+    const up = this.parentIds[0];
     if (this.parent && up !== undefined) this.route(Message.encoded(data, { dst: up, handle }));
   }
 
@@ -1260,7 +1260,7 @@ export function childMain(boot: Boot, core: Record<string, unknown>): void {
     router.myId = contextId = cfg.contextId;
     router.parentIds = cfg.parentIds;
     parentIds = cfg.parentIds;
-    parentId = cfg.parentIds.at(-1) ?? null;
+    parentId = cfg.parentIds[0] ?? null;
     isMaster = false;
     router.name = cfg.name;
     router.path = Array.isArray(cfg.path) ? cfg.path.map(String) : [cfg.name];
