@@ -31,7 +31,7 @@ export let isMaster = true;
 export let contextId = 0;
 /** Id of the immediate parent, or null in the master. */
 export let parentId: number | null = null;
-/** Ids of every parent, the master first. */
+/** Ids of every parent, the nearest first and the master (0) last; empty in the master. */
 export let parentIds: readonly number[] = [];
 
 // ---------------------------------------------------------------------------
@@ -63,6 +63,8 @@ export interface HandlerOptions {
   respondent?: Context | null;
   /** Called first; returning false drops the message (with a dead reply). */
   policy?: (msg: Message, stream: Stream | null) => boolean;
+  /** Replace a handler already registered for `handle` instead of throwing. */
+  overwrite?: boolean;
 }
 
 type Handler = { fn: (msg: Message, stream: Stream | null) => void; persist: boolean; respondent: number | null; policy: HandlerOptions["policy"] };
@@ -210,7 +212,7 @@ export class Broker {
 export class Router implements Binder, AsyncDisposable {
   /** This context's id (0 in the master). */
   myId = 0;
-  /** Ids of every parent, master first. */
+  /** Ids of every parent, the nearest first and the master last (Mitogen's `parent_ids`). */
   parentIds: number[] = [];
   /** This context's name. */
   name = "master";
@@ -262,7 +264,7 @@ export class Router implements Binder, AsyncDisposable {
     if (have) return Promise.resolve(have);
     let pending = this.#fetching.get(name);
     if (!pending) {
-      const up = this.parentIds.at(-1);
+      const up = this.parentIds[0];
       if (!this.parent || up === undefined) return Promise.reject(new MitogenError(`module ${name} is unknown in ${this.name}`));
       pending = this.contextById(up)
         .sendAwait(Message.encoded(name, { handle: HANDLE.GET_MODULE }))
@@ -440,9 +442,16 @@ export class Router implements Binder, AsyncDisposable {
 
   // -- handlers -------------------------------------------------------------
 
-  /** Register `fn` for messages to a handle; returns the handle. */
+  /** Register `fn` for messages to a handle; returns the handle. Throws if `handle` is registered already (unless `overwrite`). */
   addHandler(fn: (msg: Message, stream: Stream | null) => void, options: HandlerOptions = {}): number {
-    const handle = options.handle ?? this.#nextHandle++;
+    let handle = options.handle;
+    if (handle === undefined) {
+      do handle = this.#nextHandle++;
+      while (this.#handlers.has(handle));
+    } else if (this.#handlers.has(handle)) {
+      if (!options.overwrite) throw new MitogenError(`handle ${handle} is already registered in ${this.name}`);
+      this.delHandler(handle);
+    }
     const respondent = options.respondent?.contextId ?? null;
     this.#handlers.set(handle, { fn, persist: options.persist ?? true, respondent, policy: options.policy });
     if (respondent !== null) {
@@ -537,7 +546,7 @@ export class Router implements Binder, AsyncDisposable {
   }
 
   #announce(handle: number, data: unknown[]): void {
-    const up = this.parentIds.at(-1);
+    const up = this.parentIds[0];
     if (this.parent && up !== undefined) this.route(Message.encoded(data, { dst: up, handle }));
   }
 
@@ -1257,7 +1266,7 @@ export function childMain(boot: Boot, core: Record<string, unknown>): void {
     router.myId = contextId = cfg.contextId;
     router.parentIds = cfg.parentIds;
     parentIds = cfg.parentIds;
-    parentId = cfg.parentIds.at(-1) ?? null;
+    parentId = cfg.parentIds[0] ?? null;
     isMaster = false;
     router.name = cfg.name;
     router.path = Array.isArray(cfg.path) ? cfg.path.map(String) : [cfg.name];

@@ -571,7 +571,7 @@ export async function bootstrap(
     stream.writeRaw(payload);
     const config: ChildConfig = {
       contextId: spec.id,
-      parentIds: [...router.parentIds, router.myId],
+      parentIds: [router.myId, ...router.parentIds],
       name: spec.name,
       maxMessageSize: router.maxMessageSize,
       unidirectional: router.unidirectional,
