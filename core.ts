@@ -292,19 +292,20 @@ export class Router implements Binder, AsyncDisposable {
   }
 
   #onGetModule(msg: Message): void {
-    const name = msg.unpickle();
     if (!msg.replyTo) return;
-    if (typeof name !== "string") {
-      msg.reply(CallError.fromThrown(new MitogenError("GET_MODULE needs a module name"), this.path.join(" -> ")));
-      return;
-    }
-    this.fetchModuleCode(name).then(
-      (code) => {
-        this.stats.modulesSent++;
-        this.stats.moduleBytesSent += code.byteLength;
-        msg.reply(code);
+    void (async () => {
+      const name = msg.unpickle();
+      if (typeof name !== "string") throw new MitogenError("GET_MODULE needs a module name");
+      const code = await this.fetchModuleCode(name);
+      this.stats.modulesSent++;
+      this.stats.moduleBytesSent += code.byteLength;
+      return code;
+    })().then(
+      (code) => replySafely(msg, code, this),
+      (err: unknown) => {
+        const e = CallError.fromThrown(err, this.path.join(" -> "));
+        replySafely(msg, e, this, e);
       },
-      (err: unknown) => msg.reply(CallError.fromThrown(err, this.path.join(" -> "))),
     );
   }
 
@@ -1187,28 +1188,47 @@ export function installDispatcher(router: Router): void {
           if (failed) router.log("warn", `callNoReply failed: ${(result as CallError).message}`);
           return;
         }
-        try {
-          msg.reply(result);
-        } catch (err) {
-          msg.reply(CallError.fromThrown(err, router.path.join(" -> ")));
-        }
+        replySafely(msg, result, router, failed ? (result as CallError) : null);
       })();
     },
     { handle: HANDLE.CALL_FUNCTION, policy: (msg) => fromParent(router, msg) },
   );
 }
 
+/**
+ * Reply `value` to `msg`. When it cannot be sent (it cannot be encoded, it is
+ * too large), reply `failed` (the call's own CallError) or the error that
+ * stopped it, without its cause, then cut short: the caller always hears.
+ */
+function replySafely(msg: Message, value: unknown, router: Router, failed: CallError | null = null): void {
+  try {
+    msg.reply(value);
+  } catch (err) {
+    const e = failed ?? CallError.fromThrown(err, router.path.join(" -> "));
+    const bare = (n?: number) => new CallError(e.remoteName, e.message.slice(e.remoteName.length + 2).slice(0, n), e.remoteStack.slice(0, n));
+    try {
+      msg.reply(bare());
+    } catch {
+      msg.reply(bare(1000));
+    }
+  }
+}
+
 /** A free identifier in shipped source fails remotely; say why, and what to do instead. */
 function withHint(err: unknown, kind: number, router: Router): unknown {
-  if (kind !== CALL.SOURCE || !(err instanceof ReferenceError)) return err;
-  const name = /^(\S+) is not defined/.exec(err.message)?.[1];
-  if (!name) return err;
-  const hinted = new ReferenceError(
-    `${name} is not defined in context ${router.name}: a function passed to call() is shipped as source, without the variables around it; ` +
-      `pass ${name} as an argument, or ship a module with ctx.import()`,
-  );
-  hinted.stack = `${hinted.name}: ${hinted.message}\n${(err.stack ?? "").split("\n").slice(1).join("\n")}`;
-  return hinted;
+  try {
+    if (kind !== CALL.SOURCE || !(err instanceof ReferenceError)) return err;
+    const name = /^(\S+) is not defined/.exec(err.message)?.[1];
+    if (!name) return err;
+    const hinted = new ReferenceError(
+      `${name} is not defined in context ${router.name}: a function passed to call() is shipped as source, without the variables around it; ` +
+        `pass ${name} as an argument, or ship a module with ctx.import()`,
+    );
+    hinted.stack = `${hinted.name}: ${hinted.message}\n${(err.stack ?? "").split("\n").slice(1).join("\n")}`;
+    return hinted;
+  } catch {
+    return err; // unreadable (a Proxy, a throwing getter): fromThrown says what it can
+  }
 }
 
 function fromParent(router: Router, msg: Message): boolean {
