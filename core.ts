@@ -237,6 +237,10 @@ export class Router implements Binder, AsyncDisposable {
   readonly #links = new Map<Stream, ChildLink>();
   readonly #contexts = new Map<number, Context>();
   readonly #respondents = new Map<number, Set<number>>();
+  /** Ids this context allocated for each child stream (ALLOCATE_ID), until announced by ADD_ROUTE. */
+  readonly #allocated = new WeakMap<Stream, Set<number>>();
+  /** The parent of each context routed below this one, as adopted (ADD_ROUTE). */
+  readonly #parentOf = new Map<number, number>();
   #nextHandle = FIRST_DYNAMIC_HANDLE;
   #shuttingDown: Promise<void> | null = null;
 
@@ -244,7 +248,9 @@ export class Router implements Binder, AsyncDisposable {
     this.broker = new Broker(this);
     this.addHandler((msg, stream) => this.#onAddRoute(msg, stream), { handle: HANDLE.ADD_ROUTE, policy: (m, s) => this.#fromChild(m, s) });
     this.addHandler((msg, stream) => this.#onDelRoute(msg, stream), { handle: HANDLE.DEL_ROUTE, policy: (m, s) => this.#fromChild(m, s) });
-    this.addHandler((msg) => this.#onGetModule(msg), { handle: HANDLE.GET_MODULE, policy: (_m, s) => s !== null && s !== this.parent });
+    const below = (_m: Message, s: Stream | null) => s !== null && s !== this.parent;
+    this.addHandler((msg) => this.#onGetModule(msg), { handle: HANDLE.GET_MODULE, policy: below });
+    this.addHandler((msg, stream) => this.#onAllocateId(msg, stream as Stream), { handle: HANDLE.ALLOCATE_ID, policy: below });
   }
 
   // -- shipped modules ------------------------------------------------------
@@ -321,11 +327,28 @@ export class Router implements Binder, AsyncDisposable {
 
   // -- starting children ----------------------------------------------------
 
-  /** A fresh context id, from the master (ALLOCATE_ID). */
+  /** A fresh context id, from the master through every parent between (ALLOCATE_ID). */
   async allocateId(): Promise<number> {
-    const id = await this.contextById(0).sendAwait(Message.encoded(null, { handle: HANDLE.ALLOCATE_ID }));
+    const id = await this.contextById(this.parentIds.at(-1) ?? 0).sendAwait(Message.encoded(null, { handle: HANDLE.ALLOCATE_ID }));
     if (typeof id !== "number") throw new StreamError("ALLOCATE_ID: bad answer");
     return id;
+  }
+
+  /** ALLOCATE_ID from below: an id from our own parent (or counter), noted as allocated through `stream`. */
+  #onAllocateId(msg: Message, stream: Stream): void {
+    if (!msg.replyTo) return;
+    this.allocateId().then(
+      (id) => {
+        let ids = this.#allocated.get(stream);
+        if (!ids) this.#allocated.set(stream, (ids = new Set()));
+        ids.add(id);
+        replySafely(msg, id, this);
+      },
+      (err: unknown) => {
+        const e = CallError.fromThrown(err, this.path.join(" -> "));
+        replySafely(msg, e, this, e);
+      },
+    );
   }
 
   /**
@@ -518,9 +541,10 @@ export class Router implements Binder, AsyncDisposable {
     this.#routes.set(remoteId, stream);
     stream.onMessage = (msg) => this.#inbound(msg, stream);
     stream.onClose = (err) => this.#onStreamClosed(stream, err);
+    this.#parentOf.set(remoteId, this.myId);
     const ctx = this.contextById(remoteId, name);
     ctx.name = name;
-    this.#announce(HANDLE.ADD_ROUTE, [remoteId, name]);
+    this.#announce(HANDLE.ADD_ROUTE, [remoteId, name, this.myId]);
     return ctx;
   }
 
@@ -542,17 +566,18 @@ export class Router implements Binder, AsyncDisposable {
   }
 
   #onAddRoute(msg: Message, stream: Stream | null): void {
-    const [id, name] = msg.unpickle() as [number, string];
-    if (!stream || typeof id !== "number" || id === this.myId || this.parentIds.includes(id)) return;
-    const existing = this.#routes.get(id);
-    if (existing && existing !== stream) {
-      // Mitogen refuses duplicate routes: a child may not take over another context's id.
-      this.log("warn", `refused ADD_ROUTE for ${id} from ${stream.name}: already routed via ${existing.name}`);
+    const [id, name, parent] = msg.unpickle() as [number, string, number];
+    // Only an id this context allocated through that stream, below a parent behind it too: no child takes another's id.
+    const ids = stream ? this.#allocated.get(stream) : undefined;
+    if (!stream || !ids?.has(id) || (parent !== stream.remoteId && this.#routes.get(parent) !== stream)) {
+      this.log("warn", `refused ADD_ROUTE for ${id} (parent ${parent}) from ${stream?.name}: not allocated through that stream`);
       return;
     }
+    ids.delete(id);
     this.#routes.set(id, stream);
+    this.#parentOf.set(id, parent);
     this.contextById(id, typeof name === "string" ? name : null);
-    this.#announce(HANDLE.ADD_ROUTE, [id, name]);
+    this.#announce(HANDLE.ADD_ROUTE, [id, name, parent]);
   }
 
   #onDelRoute(msg: Message, stream: Stream | null): void {
@@ -664,6 +689,11 @@ export class Router implements Binder, AsyncDisposable {
       this.#sendDead(msg, `no handler for handle ${msg.handle} in ${this.name}`);
       return;
     }
+    // A reply comes from its respondent; a dead one may also come from a context on the route to it.
+    if (h.respondent !== null && msg.src !== h.respondent && !(msg.isDead && this.#onRouteTo(h.respondent, msg.src))) {
+      this.log("warn", `dropped ${msg}: reply from unexpected context ${msg.src} (expected ${h.respondent})`);
+      return;
+    }
     if (h.policy && !h.policy(msg, stream)) {
       this.log("warn", `refused ${msg}: policy of handle ${msg.handle} rejected it`);
       this.#sendDead(msg, `refused by policy of handle ${msg.handle} in ${this.name}`);
@@ -675,6 +705,15 @@ export class Router implements Binder, AsyncDisposable {
     } catch (err) {
       this.log("error", `handler for ${msg} threw: ${(err as Error)?.stack ?? err}`);
     }
+  }
+
+  /** Is `id` this context, one of its parents, or a parent of `respondent` below here (as ADD_ROUTE told)? */
+  #onRouteTo(respondent: number, id: number): boolean {
+    if (id === this.myId || this.parentIds.includes(id)) return true;
+    for (let at = this.#parentOf.get(respondent), n = 0; at !== undefined && n <= this.#parentOf.size; at = this.#parentOf.get(at), n++) {
+      if (at === id) return true;
+    }
+    return false;
   }
 
   #sendDead(msg: Message, reason: string): void {
