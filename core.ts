@@ -243,6 +243,10 @@ export class Router implements Binder, AsyncDisposable {
   readonly #links = new Map<Stream, ChildLink>();
   readonly #contexts = new Map<number, Context>();
   readonly #respondents = new Map<number, Set<number>>();
+  /** Ids this context allocated for each child stream (ALLOCATE_ID), until announced by ADD_ROUTE. */
+  readonly #allocated = new WeakMap<Stream, Set<number>>();
+  /** The parent of each context routed below this one, as adopted (ADD_ROUTE). */
+  readonly #parentOf = new Map<number, number>();
   #nextHandle = FIRST_DYNAMIC_HANDLE;
   #shuttingDown: Promise<void> | null = null;
 
@@ -250,7 +254,9 @@ export class Router implements Binder, AsyncDisposable {
     this.broker = new Broker(this);
     this.addHandler((msg, stream) => this.#onAddRoute(msg, stream), { handle: HANDLE.ADD_ROUTE, policy: (m, s) => this.#fromChild(m, s) });
     this.addHandler((msg, stream) => this.#onDelRoute(msg, stream), { handle: HANDLE.DEL_ROUTE, policy: (m, s) => this.#fromChild(m, s) });
-    this.addHandler((msg) => this.#onGetModule(msg), { handle: HANDLE.GET_MODULE, policy: (_m, s) => s !== null && s !== this.parent });
+    const below = (_m: Message, s: Stream | null) => s !== null && s !== this.parent;
+    this.addHandler((msg) => this.#onGetModule(msg), { handle: HANDLE.GET_MODULE, policy: below });
+    this.addHandler((msg, stream) => this.#onAllocateId(msg, stream as Stream), { handle: HANDLE.ALLOCATE_ID, policy: below });
   }
 
   // -- shipped modules ------------------------------------------------------
@@ -298,19 +304,20 @@ export class Router implements Binder, AsyncDisposable {
   }
 
   #onGetModule(msg: Message): void {
-    const name = msg.unpickle();
     if (!msg.replyTo) return;
-    if (typeof name !== "string") {
-      msg.reply(CallError.fromThrown(new MitogenError("GET_MODULE needs a module name"), this.path.join(" -> ")));
-      return;
-    }
-    this.fetchModuleCode(name).then(
-      (code) => {
-        this.stats.modulesSent++;
-        this.stats.moduleBytesSent += code.byteLength;
-        msg.reply(code);
+    void (async () => {
+      const name = msg.unpickle();
+      if (typeof name !== "string") throw new MitogenError("GET_MODULE needs a module name");
+      const code = await this.fetchModuleCode(name);
+      this.stats.modulesSent++;
+      this.stats.moduleBytesSent += code.byteLength;
+      return code;
+    })().then(
+      (code) => replySafely(msg, code, this),
+      (err: unknown) => {
+        const e = CallError.fromThrown(err, this.path.join(" -> "));
+        replySafely(msg, e, this, e);
       },
-      (err: unknown) => msg.reply(CallError.fromThrown(err, this.path.join(" -> "))),
     );
   }
 
@@ -326,11 +333,28 @@ export class Router implements Binder, AsyncDisposable {
 
   // -- starting children ----------------------------------------------------
 
-  /** A fresh context id, from the master (ALLOCATE_ID). */
+  /** A fresh context id, from the master through every parent between (ALLOCATE_ID). */
   async allocateId(): Promise<number> {
-    const id = await this.contextById(0).sendAwait(Message.encoded(null, { handle: HANDLE.ALLOCATE_ID }));
+    const id = await this.contextById(this.parentIds[0] ?? 0).sendAwait(Message.encoded(null, { handle: HANDLE.ALLOCATE_ID }));
     if (typeof id !== "number") throw new StreamError("ALLOCATE_ID: bad answer");
     return id;
+  }
+
+  /** ALLOCATE_ID from below: an id from our own parent (or counter), noted as allocated through `stream`. */
+  #onAllocateId(msg: Message, stream: Stream): void {
+    if (!msg.replyTo) return;
+    this.allocateId().then(
+      (id) => {
+        let ids = this.#allocated.get(stream);
+        if (!ids) this.#allocated.set(stream, (ids = new Set()));
+        ids.add(id);
+        replySafely(msg, id, this);
+      },
+      (err: unknown) => {
+        const e = CallError.fromThrown(err, this.path.join(" -> "));
+        replySafely(msg, e, this, e);
+      },
+    );
   }
 
   /**
@@ -531,9 +555,10 @@ export class Router implements Binder, AsyncDisposable {
     stream.onMessage = (msg) => this.#inbound(msg, stream);
     stream.onClose = (err) => this.#onStreamClosed(stream, err);
     stream.relays = (dst) => dst !== this.myId;
+    this.#parentOf.set(remoteId, this.myId);
     const ctx = this.contextById(remoteId, name);
     ctx.name = name;
-    this.#announce(HANDLE.ADD_ROUTE, [remoteId, name]);
+    this.#announce(HANDLE.ADD_ROUTE, [remoteId, name, this.myId]);
     return ctx;
   }
 
@@ -556,17 +581,18 @@ export class Router implements Binder, AsyncDisposable {
   }
 
   #onAddRoute(msg: Message, stream: Stream | null): void {
-    const [id, name] = msg.unpickle() as [number, string];
-    if (!stream || typeof id !== "number" || id === this.myId || this.parentIds.includes(id)) return;
-    const existing = this.#routes.get(id);
-    if (existing && existing !== stream) {
-      // Mitogen refuses duplicate routes: a child may not take over another context's id.
-      this.log("warn", `refused ADD_ROUTE for ${id} from ${stream.name}: already routed via ${existing.name}`);
+    const [id, name, parent] = msg.unpickle() as [number, string, number];
+    // Only an id this context allocated through that stream, below a parent behind it too: no child takes another's id.
+    const ids = stream ? this.#allocated.get(stream) : undefined;
+    if (!stream || !ids?.has(id) || (parent !== stream.remoteId && this.#routes.get(parent) !== stream)) {
+      this.log("warn", `refused ADD_ROUTE for ${id} (parent ${parent}) from ${stream?.name}: not allocated through that stream`);
       return;
     }
+    ids.delete(id);
     this.#routes.set(id, stream);
+    this.#parentOf.set(id, parent);
     this.contextById(id, typeof name === "string" ? name : null);
-    this.#announce(HANDLE.ADD_ROUTE, [id, name]);
+    this.#announce(HANDLE.ADD_ROUTE, [id, name, parent]);
   }
 
   #onDelRoute(msg: Message, stream: Stream | null): void {
@@ -678,6 +704,11 @@ export class Router implements Binder, AsyncDisposable {
       this.#sendDead(msg, `no handler for handle ${msg.handle} in ${this.name}`);
       return;
     }
+    // A reply comes from its respondent; a dead one may also come from a context on the route to it.
+    if (h.respondent !== null && msg.src !== h.respondent && !(msg.isDead && this.#onRouteTo(h.respondent, msg.src))) {
+      this.log("warn", `dropped ${msg}: reply from unexpected context ${msg.src} (expected ${h.respondent})`);
+      return;
+    }
     if (h.policy && !h.policy(msg, stream)) {
       this.log("warn", `refused ${msg}: policy of handle ${msg.handle} rejected it`);
       this.#sendDead(msg, `refused by policy of handle ${msg.handle} in ${this.name}`);
@@ -689,6 +720,15 @@ export class Router implements Binder, AsyncDisposable {
     } catch (err) {
       this.log("error", `handler for ${msg} threw: ${(err as Error)?.stack ?? err}`);
     }
+  }
+
+  /** Is `id` this context, one of its parents, or a parent of `respondent` below here (as ADD_ROUTE told)? */
+  #onRouteTo(respondent: number, id: number): boolean {
+    if (id === this.myId || this.parentIds.includes(id)) return true;
+    for (let at = this.#parentOf.get(respondent), n = 0; at !== undefined && n <= this.#parentOf.size; at = this.#parentOf.get(at), n++) {
+      if (at === id) return true;
+    }
+    return false;
   }
 
   #sendDead(msg: Message, reason: string): void {
@@ -1202,28 +1242,47 @@ export function installDispatcher(router: Router): void {
           if (failed) router.log("warn", `callNoReply failed: ${(result as CallError).message}`);
           return;
         }
-        try {
-          msg.reply(result);
-        } catch (err) {
-          msg.reply(CallError.fromThrown(err, router.path.join(" -> ")));
-        }
+        replySafely(msg, result, router, failed ? (result as CallError) : null);
       })();
     },
     { handle: HANDLE.CALL_FUNCTION, policy: (msg) => fromParent(router, msg) },
   );
 }
 
+/**
+ * Reply `value` to `msg`. When it cannot be sent (it cannot be encoded, it is
+ * too large), reply `failed` (the call's own CallError) or the error that
+ * stopped it, without its cause, then cut short: the caller always hears.
+ */
+function replySafely(msg: Message, value: unknown, router: Router, failed: CallError | null = null): void {
+  try {
+    msg.reply(value);
+  } catch (err) {
+    const e = failed ?? CallError.fromThrown(err, router.path.join(" -> "));
+    const bare = (n?: number) => new CallError(e.remoteName, e.message.slice(e.remoteName.length + 2).slice(0, n), e.remoteStack.slice(0, n));
+    try {
+      msg.reply(bare());
+    } catch {
+      msg.reply(bare(1000));
+    }
+  }
+}
+
 /** A free identifier in shipped source fails remotely; say why, and what to do instead. */
 function withHint(err: unknown, kind: number, router: Router): unknown {
-  if (kind !== CALL.SOURCE || !(err instanceof ReferenceError)) return err;
-  const name = /^(\S+) is not defined/.exec(err.message)?.[1];
-  if (!name) return err;
-  const hinted = new ReferenceError(
-    `${name} is not defined in context ${router.name}: a function passed to call() is shipped as source, without the variables around it; ` +
-      `pass ${name} as an argument, or ship a module with ctx.import()`,
-  );
-  hinted.stack = `${hinted.name}: ${hinted.message}\n${(err.stack ?? "").split("\n").slice(1).join("\n")}`;
-  return hinted;
+  try {
+    if (kind !== CALL.SOURCE || !(err instanceof ReferenceError)) return err;
+    const name = /^(\S+) is not defined/.exec(err.message)?.[1];
+    if (!name) return err;
+    const hinted = new ReferenceError(
+      `${name} is not defined in context ${router.name}: a function passed to call() is shipped as source, without the variables around it; ` +
+        `pass ${name} as an argument, or ship a module with ctx.import()`,
+    );
+    hinted.stack = `${hinted.name}: ${hinted.message}\n${(err.stack ?? "").split("\n").slice(1).join("\n")}`;
+    return hinted;
+  } catch {
+    return err; // unreadable (a Proxy, a throwing getter): fromThrown says what it can
+  }
 }
 
 function fromParent(router: Router, msg: Message): boolean {

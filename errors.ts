@@ -37,17 +37,33 @@ export class CallError extends MitogenError {
     if (remoteStack) this.stack = `${this.stack ?? ""}\n--- remote stack ---\n${remoteStack}`;
   }
 
-  /** Build a CallError from something thrown by user code. */
+  /**
+   * Build a CallError from anything thrown by user code. Never throws: of a
+   * value whose fields cannot be read (a Proxy whose traps throw, a getter
+   * that throws, a Symbol `name`) it says what can be read.
+   */
   static fromThrown(thrown: unknown, where: string): CallError {
-    if (thrown instanceof CallError) {
-      const options = "cause" in thrown ? { cause: thrown.cause } : undefined;
-      return new CallError(thrown.remoteName, thrown.message.slice(thrown.remoteName.length + 2), thrown.remoteStack, options);
+    let kind = 0; // 2 CallError, 1 other Error, 0 anything else
+    let options: ErrorOptions | undefined;
+    try {
+      kind = thrown instanceof CallError ? 2 : thrown instanceof Error ? 1 : 0;
+      if (kind && "cause" in (thrown as Error)) options = { cause: (thrown as Error).cause };
+    } catch {
+      // unreadable: a revoked Proxy, a trap that throws
     }
-    if (thrown instanceof Error) {
-      const options = "cause" in thrown ? { cause: thrown.cause } : undefined;
-      return new CallError(thrown.name, thrown.message, `[${where}] ${thrown.stack ?? String(thrown)}`, options);
-    }
-    return new CallError("Error", `non-Error thrown: ${safeString(thrown)}`, `[${where}]`);
+    if (!kind) return new CallError("Error", `non-Error thrown: ${safeString(thrown)}`, `[${where}]`, options);
+    const read = (key: string, fallback: string): string => {
+      try {
+        const v = (thrown as Record<string, unknown>)[key];
+        return typeof v === "string" ? v : v === undefined ? fallback : safeString(v, Infinity);
+      } catch {
+        return fallback;
+      }
+    };
+    const name = read(kind === 2 ? "remoteName" : "name", "Error");
+    const message = read("message", "(message could not be read)");
+    if (kind === 2) return new CallError(name, message.startsWith(`${name}: `) ? message.slice(name.length + 2) : message, read("remoteStack", ""), options);
+    return new CallError(name, message, `[${where}] ${read("stack", `${name}: ${message} (stack could not be read)`)}`, options);
   }
 }
 
@@ -71,10 +87,20 @@ export class TimeoutError extends MitogenError {
   override name = "TimeoutError";
 }
 
-function safeString(value: unknown): string {
+function safeString(value: unknown, max = 200): string {
   try {
-    return String(value).slice(0, 200);
-  } catch {
-    return Object.prototype.toString.call(value);
+    return String(value).slice(0, max);
+  } catch (err) {
+    try {
+      return `(${Object.prototype.toString.call(value)} that cannot be printed)`;
+    } catch {
+      let why = "";
+      try {
+        why = `: ${String(err).slice(0, max)}`;
+      } catch {
+        // nothing more to say
+      }
+      return `(an unreadable ${typeof value}${why})`;
+    }
   }
 }

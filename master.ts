@@ -76,10 +76,9 @@ export class Router extends CoreRouter {
     this.debug = options.debug ?? false;
     this.addHandler((msg, stream) => this.#onForwardLog(msg, stream), { handle: HANDLE.FORWARD_LOG });
     setActiveRouter(this, true);
-    this.addHandler((msg) => msg.reply(this.#nextId++), { handle: HANDLE.ALLOCATE_ID });
   }
 
-  /** A fresh context id. */
+  /** A fresh context id; the core's ALLOCATE_ID handler answers children with these too. */
   override allocateId(): Promise<number> {
     return Promise.resolve(this.#nextId++);
   }

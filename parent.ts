@@ -595,19 +595,27 @@ export async function bootstrap(
   return ctx;
 }
 
+/** What `proxyConnect` needs: a spec whose id (and default name) the `via` context makes. */
+export interface ProxySpec {
+  name?: string;
+  /** Default name, before the id: `local.` names the context `local.<id>`. */
+  prefix: string;
+  connectTimeout: number;
+  method: Method;
+}
+
 /** Resolve a method's options into a spec, start the child here or `via` another context. */
-async function start(
-  router: Router,
-  options: { name?: string; via?: Context; connectTimeout?: number },
-  method: Method,
-  defaultName: (id: number) => string,
-): Promise<Context> {
-  const id = await router.allocateId();
-  const spec: ConnectSpec = { id, name: options.name ?? defaultName(id), connectTimeout: options.connectTimeout ?? 30_000, method };
+async function start(router: Router, options: { name?: string; via?: Context; connectTimeout?: number }, method: Method, prefix: string): Promise<Context> {
+  const connectTimeout = options.connectTimeout ?? 30_000;
   const via = options.via;
-  if (!via) return connect(router, spec);
-  await via.callModule("mitogen:parent", "proxyConnect", spec);
-  const ctx = router.contextById(id, spec.name);
+  if (!via) {
+    const id = await router.allocateId();
+    return connect(router, { id, name: options.name ?? `${prefix}${id}`, connectTimeout, method });
+  }
+  // The via context allocates the id: every id a context announces was allocated through its own link.
+  const spec: ProxySpec = { ...(options.name === undefined ? {} : { name: options.name }), prefix, connectTimeout, method };
+  const [id, name] = (await via.callModule("mitogen:parent", "proxyConnect", spec)) as [number, string];
+  const ctx = router.contextById(id, name);
   ctx.via = via;
   return ctx;
 }
@@ -620,7 +628,7 @@ export function local(router: Router, options: LocalOptions): Promise<Context> {
     ...(options.env ? { env: options.env } : {}),
     ...(options.cwd ? { cwd: options.cwd } : {}),
   };
-  return start(router, options, method, (id) => `local.${id}`);
+  return start(router, options, method, "local.");
 }
 
 /** {@link Router.ssh}: start a context on another machine through the OpenSSH client. */
@@ -640,7 +648,7 @@ export function ssh(router: Router, options: SshOptions): Promise<Context> {
     compression: options.compression ?? false,
     runtime: options.runtime ?? "auto",
   };
-  return start(router, options, method, (id) => `ssh.${options.hostname}.${id}`);
+  return start(router, options, method, `ssh.${options.hostname}.`);
 }
 
 /** {@link Router.sudo}: start a context as another user on the machine of `router` (or of `options.via`). */
@@ -654,7 +662,7 @@ export function sudo(router: Router, options: SudoOptions): Promise<Context> {
     sudoArgs: options.sudoArgs ?? [],
     ...(options.runtime ? { runtime: options.runtime } : {}),
   };
-  return start(router, options, method, (id) => `sudo.${username}.${id}`);
+  return start(router, options, method, `sudo.${username}.`);
 }
 
 const wrap = (argv: (string | false | undefined)[], runtime?: string): Method => ({
@@ -666,13 +674,13 @@ const wrap = (argv: (string | false | undefined)[], runtime?: string): Method =>
 /** {@link Router.docker}: `docker exec -i [-u user] <container> /bin/sh -c ...`. */
 export function docker(router: Router, o: ContainerOptions): Promise<Context> {
   const argv = wrap([o.path ?? "docker", "exec", "-i", ...(o.username ? ["-u", o.username] : []), ...(o.args ?? []), o.container], o.runtime);
-  return start(router, o, argv, (id) => `docker.${o.container}.${id}`);
+  return start(router, o, argv, `docker.${o.container}.`);
 }
 
 /** {@link Router.podman}: `podman exec -i [-u user] <container> /bin/sh -c ...`. */
 export function podman(router: Router, o: ContainerOptions): Promise<Context> {
   const argv = wrap([o.path ?? "podman", "exec", "-i", ...(o.username ? ["-u", o.username] : []), ...(o.args ?? []), o.container], o.runtime);
-  return start(router, o, argv, (id) => `podman.${o.container}.${id}`);
+  return start(router, o, argv, `podman.${o.container}.`);
 }
 
 /** {@link Router.kubectl}: `kubectl exec -i [-n namespace] [-c container] <pod> -- /bin/sh -c ...`. */
@@ -690,31 +698,31 @@ export function kubectl(router: Router, o: KubectlOptions): Promise<Context> {
     ],
     o.runtime,
   );
-  return start(router, o, argv, (id) => `kubectl.${o.pod}.${id}`);
+  return start(router, o, argv, `kubectl.${o.pod}.`);
 }
 
 /** {@link Router.lxc}: `lxc-attach -n <container> -- /bin/sh -c ...` (classic LXC). */
 export function lxc(router: Router, o: ContainerOptions): Promise<Context> {
   const argv = wrap([o.path ?? "lxc-attach", ...(o.args ?? []), "-n", o.container, "--"], o.runtime);
-  return start(router, o, argv, (id) => `lxc.${o.container}.${id}`);
+  return start(router, o, argv, `lxc.${o.container}.`);
 }
 
 /** {@link Router.lxd}: `lxc exec --mode=non-interactive <container> -- /bin/sh -c ...` (LXD, Incus). */
 export function lxd(router: Router, o: ContainerOptions): Promise<Context> {
   const argv = wrap([o.path ?? "lxc", "exec", "--mode=non-interactive", ...(o.args ?? []), o.container, "--"], o.runtime);
-  return start(router, o, argv, (id) => `lxd.${o.container}.${id}`);
+  return start(router, o, argv, `lxd.${o.container}.`);
 }
 
 /** {@link Router.setns}: enter every namespace of process `pid` (`nsenter -t <pid> -a`); needs root. */
 export function setns(router: Router, o: SetnsOptions): Promise<Context> {
   const argv = wrap([o.path ?? "nsenter", "-t", String(o.pid), "-a", ...(o.args ?? []), "--"], o.runtime);
-  return start(router, o, argv, (id) => `setns.${o.pid}.${id}`);
+  return start(router, o, argv, `setns.${o.pid}.`);
 }
 
 /** {@link Router.jail}: `jexec [-U user] <jail> /bin/sh -c ...` (FreeBSD). */
 export function jail(router: Router, o: JailOptions): Promise<Context> {
   const argv = wrap([o.path ?? "jexec", ...(o.username ? ["-U", o.username] : []), ...(o.args ?? []), o.jail], o.runtime);
-  return start(router, o, argv, (id) => `jail.${o.jail}.${id}`);
+  return start(router, o, argv, `jail.${o.jail}.`);
 }
 
 /** {@link Router.su}: start a context as another user through su (in a pty). */
@@ -737,10 +745,18 @@ function terminalMethod(router: Router, kind: "su" | "doas", o: SuOptions): Prom
     ...(o.path ? { path: o.path } : {}),
     ...(o.runtime ? { runtime: o.runtime } : {}),
   };
-  return start(router, o, method, (id) => `${kind}.${username}.${id}`);
+  return start(router, o, method, `${kind}.${username}.`);
 }
 
-/** Run in a `via` context: start a child there. Resolves with its id. */
-export const proxyConnect: (spec: ConnectSpec, call: { router: Router }) => Promise<number> = takesRouter(
-  async (spec: ConnectSpec, call: { router: Router }): Promise<number> => (await connect(call.router, spec)).contextId,
+/** Run in a `via` context: allocate an id, start a child there. Resolves with its id and name. */
+export const proxyConnect: (spec: ProxySpec, call: { router: Router }) => Promise<[number, string]> = takesRouter(
+  async (spec: ProxySpec, call: { router: Router }): Promise<[number, string]> => {
+    const ctx = await start(
+      call.router,
+      { ...(spec.name === undefined ? {} : { name: spec.name }), connectTimeout: spec.connectTimeout },
+      spec.method,
+      spec.prefix,
+    );
+    return [ctx.contextId, ctx.name];
+  },
 );

@@ -85,26 +85,52 @@ test("forged src_id or auth_id is dropped and logged", async () => {
   await router.shutdown();
 });
 
-test("route changes are accepted only from the immediate child that owns them", async () => {
-  const { router, peer, logs } = masterWithFakeChild();
-  peer.send(Message.encoded([7, "grandchild"], { dst: 0, src: 1, auth: 1, handle: HANDLE.ADD_ROUTE }));
-  await waitFor(() => router.contextById(7).name === "grandchild", 2000, "route to 7");
-  // 7 is now behind the stream, but may not add routes itself
-  peer.send(Message.encoded([9, "nine"], { dst: 0, src: 7, auth: 7, handle: HANDLE.ADD_ROUTE }));
+test("route changes are accepted only from the immediate child that owns them, for ids allocated through it", async () => {
+  const { router, peer, received, logs } = masterWithFakeChild();
+  await router.allocateId(); // the fake child's id 1
+  /** ALLOCATE_ID from the fake child `src` on `p`, as a real child asks its parent. */
+  const allocate = async (p: Stream, src: number, got: Message[]): Promise<number> => {
+    const replyTo = 5000 + got.length;
+    p.send(Message.encoded(null, { dst: 0, src, auth: src, handle: HANDLE.ALLOCATE_ID, replyTo }));
+    await waitFor(() => got.some((m) => m.handle === replyTo), 2000, "ALLOCATE_ID answer");
+    return got.find((m) => m.handle === replyTo)?.unpickle() as number;
+  };
+  const g = await allocate(peer, 1, received);
+  peer.send(Message.encoded([g, "grandchild", 1], { dst: 0, src: 1, auth: 1, handle: HANDLE.ADD_ROUTE }));
+  await waitFor(() => router.contextById(g).name === "grandchild", 2000, "route to g");
+  // g is now behind the stream, but may not add routes itself
+  const n = await allocate(peer, 1, received);
+  peer.send(Message.encoded([n, "nine", g], { dst: 0, src: g, auth: g, handle: HANDLE.ADD_ROUTE }));
   await waitFor(() => logs.records.some((r) => /refused .*handle 103/.test(r.message)), 2000, "refusal");
   const recv = new Receiver(router);
-  router.route(Message.encoded(null, { dst: 9, handle: 1234, replyTo: recv.handle }));
-  await assert.rejects(recv.get({ timeout: 2000 }), /no route to context 9/);
-  // a second child may not take over 7
+  router.route(Message.encoded(null, { dst: n, handle: 1234, replyTo: recv.handle }));
+  await assert.rejects(recv.get({ timeout: 2000 }), new RegExp(`no route to context ${n}`));
+  // nor may the child claim an id it was not allocated (the next one to be given out)
+  const next = g + 10;
+  peer.send(Message.encoded([next, "squat", 1], { dst: 0, src: 1, auth: 1, handle: HANDLE.ADD_ROUTE }));
+  await waitFor(
+    () => logs.records.some((r) => r.message.startsWith(`refused ADD_ROUTE for ${next} (parent 1) from fake: not allocated`)),
+    2000,
+    "squat refusal",
+  );
+  assert.equal(router.routeTo(next), undefined);
+  // a second child may not take over g, nor put an id of its own below a context it does not lead to
+  const f2 = await router.allocateId();
   const [far2, near2] = transportPair();
   const stream2 = new Stream("fake2", near2);
-  router.addChild({ stream: stream2, stop: async () => stream2.close() }, 2, "fake2");
+  router.addChild({ stream: stream2, stop: async () => stream2.close() }, f2, "fake2");
   stream2.start();
   const peer2 = new Stream("peer2", far2);
+  const received2: Message[] = [];
+  peer2.onMessage = (m) => received2.push(m);
   peer2.start();
-  peer2.send(Message.encoded([7, "hijack"], { dst: 0, src: 2, auth: 2, handle: HANDLE.ADD_ROUTE }));
-  await waitFor(() => logs.records.some((r) => /refused ADD_ROUTE for 7 from fake2: already routed via fake/.test(r.message)), 2000, "hijack refusal");
-  assert.equal(router.routeTo(7), router.routeTo(1));
+  peer2.send(Message.encoded([g, "hijack", f2], { dst: 0, src: f2, auth: f2, handle: HANDLE.ADD_ROUTE }));
+  await waitFor(() => logs.records.some((r) => r.message.startsWith(`refused ADD_ROUTE for ${g} (parent ${f2}) from fake2`)), 2000, "hijack refusal");
+  const own = await allocate(peer2, f2, received2);
+  peer2.send(Message.encoded([own, "misplaced", g], { dst: 0, src: f2, auth: f2, handle: HANDLE.ADD_ROUTE }));
+  await waitFor(() => logs.records.some((r) => r.message.startsWith(`refused ADD_ROUTE for ${own} (parent ${g}) from fake2`)), 2000, "parent refusal");
+  assert.equal(router.routeTo(g), router.routeTo(1));
+  assert.equal(router.routeTo(own), undefined);
   await router.shutdown();
 });
 
