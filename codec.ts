@@ -120,7 +120,14 @@ interface DecodeState {
   binder: Binder | null;
   data: Uint8Array;
   blobOffset: number;
-  depth: number;
+  /** Level of the value the current decoder reads (the message's value is level 1, its elements 2, ...). */
+  level: number;
+  /** Level of the extension value whose payload is about to be decoded. */
+  extLevel: number;
+  /** Elements that arrays and maps may still claim in this message: one per byte of the body. */
+  budget: number;
+  /** Byte length of the body, for errors. */
+  bodyLength: number;
 }
 
 /** The parts of the library's Encoder that we extend; they are private in its typings. */
@@ -319,13 +326,95 @@ function rebuildError(fields: unknown): Error {
 
 const codec = new ExtensionCodec<DecodeState>();
 
+/** The parts of the library's Decoder that we extend; they are private in its typings. */
+interface DecoderInternals {
+  readonly context: DecodeState;
+  pos: number;
+  view: DataView;
+  bytes: Uint8Array;
+  readonly stack: { readonly length: number };
+  pushArrayState(size: number): void;
+  pushMapState(size: number): void;
+  decodeUtf8String(byteLength: number, headerOffset: number): string;
+  decodeBinary(byteLength: number, headOffset: number): Uint8Array;
+  decodeExtension(size: number, headOffset: number): unknown;
+  decode(buffer: Uint8Array): unknown;
+}
+
+const EMPTY_VIEW = new DataView(new ArrayBuffer(0));
+const LibDecoder = Decoder as unknown as new (options: { extensionCodec: ExtensionCodec<DecodeState>; context: DecodeState }) => DecoderInternals;
+
+/**
+ * The library's Decoder, bounded by what arrived. (The library checks
+ * str/bin/ext lengths against the bytes left before it copies, but allocates
+ * `new Array(count)` for any array header.) Here, before anything is
+ * allocated: no length or count may claim more than the bytes left (an
+ * element takes a byte at least, a map entry two); all arrays and maps of a
+ * message together may claim no more elements than it has bytes; and no value
+ * may sit below level {@link MAX_DEPTH} (the message's value is level 1;
+ * each array or map element, and each nested extension payload, is one level
+ * down), as the encoder counts.
+ */
+class BoundedDecoder extends LibDecoder {
+  constructor(state: DecodeState) {
+    super({ extensionCodec: codec, context: state });
+  }
+
+  #claim(map: boolean, count: number): void {
+    const s = this.context;
+    if (s.level + this.stack.length >= MAX_DEPTH) throw new StreamError(`value nested deeper than ${MAX_DEPTH} levels`);
+    const bytes = map ? count * 2 : count;
+    const left = this.view.byteLength - this.pos;
+    if (bytes > left) {
+      const what = map ? `map of ${count} entries` : `array of ${count} elements`;
+      throw new StreamError(`${what} exceeds the ${left} bytes left to decode (${map ? "an entry takes two bytes" : "an element takes a byte"} at least)`);
+    }
+    s.budget -= bytes;
+    if (s.budget < 0) throw new StreamError(`arrays and maps claim more elements than the ${s.bodyLength} bytes of the message`);
+  }
+
+  override pushArrayState(size: number): void {
+    this.#claim(false, size);
+    super.pushArrayState(size);
+  }
+
+  override pushMapState(size: number): void {
+    this.#claim(true, size);
+    super.pushMapState(size);
+  }
+
+  #fits(what: string, length: number, headerBytes: number): void {
+    const left = this.view.byteLength - this.pos - headerBytes;
+    if (length > left) throw new StreamError(`${what} of ${length} bytes exceeds the ${Math.max(left, 0)} bytes left to decode`);
+  }
+
+  override decodeUtf8String(byteLength: number, headerOffset: number): string {
+    this.#fits("string", byteLength, headerOffset);
+    return super.decodeUtf8String(byteLength, headerOffset);
+  }
+
+  override decodeBinary(byteLength: number, headOffset: number): Uint8Array {
+    this.#fits("binary", byteLength, headOffset);
+    return super.decodeBinary(byteLength, headOffset);
+  }
+
+  override decodeExtension(size: number, headOffset: number): unknown {
+    this.#fits("extension", size, headOffset + 1);
+    this.context.extLevel = this.context.level + this.stack.length;
+    return super.decodeExtension(size, headOffset);
+  }
+}
+
+/** Decode an extension's payload: a complete value one level below the extension. */
 function nestedDecode(data: Uint8Array, state: DecodeState): unknown {
-  if (state.depth >= MAX_DEPTH) throw new StreamError(`value nested deeper than ${MAX_DEPTH} levels`);
-  state.depth++;
+  const level = state.extLevel + 1;
+  if (level > MAX_DEPTH) throw new StreamError(`value nested deeper than ${MAX_DEPTH} levels`);
+  const outer = state.level;
+  state.level = level;
   try {
-    return new Decoder<DecodeState>({ extensionCodec: codec, context: state }).decode(data);
+    return new BoundedDecoder(state).decode(data);
   } finally {
-    state.depth--;
+    state.level = outer;
   }
 }
 
@@ -387,23 +476,33 @@ const decoders: [number, (data: Uint8Array, state: DecodeState) => unknown][] = 
 ];
 for (const [type, decode] of decoders) codec.register({ type, encode: () => null, decode: (d, _t, s) => decode(d, s) });
 
-const topDecodeState: DecodeState = { binder: null, data: new Uint8Array(0), blobOffset: 0, depth: 0 };
-const topDecoder = new Decoder<DecodeState>({ extensionCodec: codec, context: topDecodeState });
+function newDecodeState(): DecodeState {
+  return { binder: null, data: EMPTY, blobOffset: 0, level: 1, extLevel: 1, budget: 0, bodyLength: 0 };
+}
+
+const topDecodeState = newDecodeState();
+const topDecoder = new BoundedDecoder(topDecodeState);
 let decodeBusy = false;
 
 /**
  * Decode a message body. `blobs` is the header's BLOBS flag. Throws
- * StreamError on malformed input; never sets a prototype from data.
+ * StreamError on malformed input, and on input that claims more than it
+ * holds (see {@link BoundedDecoder}); never sets a prototype from data.
+ *
+ * This is the one decoder for every message, whichever way it travels: what
+ * a parent sends a child and what a child sends its parent.
  */
 export function decodeValue(bytes: Uint8Array, blobs: boolean, binder: Binder | null): unknown {
   // A plain Uint8Array view (Node hands us Buffers): decoded bytes then look the same on every runtime.
   const data = bytes.constructor === Uint8Array ? bytes : new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  // One decoder serves every top-level call; a re-entrant call (from a binder) gets its own.
   const reuse = !decodeBusy;
-  const state: DecodeState = reuse ? topDecodeState : { binder, data, blobOffset: 0, depth: 0 };
+  const state = reuse ? topDecodeState : newDecodeState();
+  const decoder = reuse ? topDecoder : new BoundedDecoder(state);
   state.binder = binder;
   state.data = data;
   state.blobOffset = 0;
-  state.depth = 0;
+  state.level = 1;
   try {
     decodeBusy = true;
     let body = data;
@@ -414,15 +513,19 @@ export function decodeValue(bytes: Uint8Array, blobs: boolean, binder: Binder | 
       body = data.subarray(4, 4 + len);
       state.blobOffset = 4 + len;
     }
-    return (reuse ? topDecoder : new Decoder<DecodeState>({ extensionCodec: codec, context: state })).decode(body);
+    state.budget = state.bodyLength = body.byteLength;
+    return decoder.decode(body);
   } catch (err) {
     if (err instanceof StreamError) throw err;
-    throw new StreamError(`cannot decode message: ${(err as Error).message}`, { cause: err });
+    throw new StreamError(`cannot decode message: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
   } finally {
     if (reuse) {
       decodeBusy = false;
-      state.data = EMPTY; // do not keep the last message alive
+      // Do not keep the last message alive.
+      state.data = EMPTY;
       state.binder = null;
+      decoder.bytes = EMPTY;
+      decoder.view = EMPTY_VIEW;
     }
   }
 }
