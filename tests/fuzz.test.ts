@@ -302,7 +302,7 @@ describe("decodeValue", () => {
 const settle = () => new Promise((resolve) => setTimeout(resolve, 0));
 
 /** Feed `chunks` to a Stream over an in-memory transport; report what came out, and anything thrown out of its callbacks. */
-async function readFrames(chunks: Uint8Array[], options: { maxMessageSize?: number; hangUp?: boolean } = {}) {
+async function readFrames(chunks: Uint8Array[], options: { maxMessageSize?: number; hangUp?: boolean; relays?: (dst: number) => boolean } = {}) {
   const [far, near] = transportPair();
   const thrown: unknown[] = [];
   const guard =
@@ -316,6 +316,7 @@ async function readFrames(chunks: Uint8Array[], options: { maxMessageSize?: numb
     };
   const guarded: Transport = { ...near, start: (onData, onEnd) => near.start(guard(onData), guard(onEnd)) };
   const stream = new Stream("fuzz", guarded, options.maxMessageSize ?? 1024);
+  if (options.relays) stream.relays = options.relays;
   const messages: Message[] = [];
   const closes: (Error | undefined)[] = [];
   stream.onMessage = (msg) => {
@@ -376,6 +377,38 @@ describe("Stream (frame reader)", () => {
         );
       }),
       limits(),
+    );
+  });
+
+  test("large frames (gathered in place, or kept in chunks when relayed), cut anywhere: the same messages, in order", async () => {
+    // Over 64 KiB a frame for this context is gathered into one buffer as it arrives; one to relay keeps its chunks.
+    const big = fc.tuple(fields, fc.integer({ min: 60 * 1024, max: 300 * 1024 }), fc.integer({ min: 0, max: 255 }));
+    const frames = fc.array(fc.oneof(big, fc.tuple(fields, fc.integer({ min: 0, max: 300 }), fc.integer({ min: 0, max: 255 }))), {
+      minLength: 1,
+      maxLength: 4,
+    });
+    await fc.assert(
+      fc.asyncProperty(frames, fc.array(fc.nat(), { maxLength: 30 }), fc.nat(), async (spec, points, relayOdd) => {
+        const sent = spec.map(([f, n, seed]) => [f, Uint8Array.from({ length: n }, (_, i) => (i * 31 + seed) & 255)] as const);
+        const all = new Uint8Array(sent.reduce((n, [, d]) => n + FRAME.HEADER_SIZE + d.byteLength, 0));
+        let at = 0;
+        for (const [f, d] of sent) {
+          all.set(frameBytes(f, d), at);
+          at += FRAME.HEADER_SIZE + d.byteLength;
+        }
+        const relays = (dst: number) => (dst + relayOdd) % 2 === 1;
+        const { messages, closes, thrown } = await readFrames(cut(all, points), { maxMessageSize: 1024 * 1024, relays });
+        assert.deepEqual(thrown, []);
+        assert.deepEqual(closes, [undefined]);
+        assert.equal(messages.length, sent.length);
+        for (const [i, m] of messages.entries()) {
+          const [f, d] = sent[i] as (typeof sent)[number];
+          assert.deepEqual({ dst: m.dst, src: m.src, auth: m.auth, handle: m.handle, replyTo: m.replyTo, flags: m.flags }, f);
+          assert.equal(m.length, d.byteLength);
+          assert.ok(Buffer.from(m.data).equals(Buffer.from(d)), `frame ${i} of ${d.byteLength} bytes differs`);
+        }
+      }),
+      { ...limits(), numRuns: 60 },
     );
   });
 
