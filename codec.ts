@@ -8,7 +8,7 @@
  * | ---- | --------------- | ------------------------------------------------ |
  * |  -1  | Date            | msgpack timestamp (built in)                     |
  * |   0  | undefined       | empty                                            |
- * |   1  | bigint          | decimal text, ASCII                              |
+ * |   1  | bigint          | hexadecimal text, ASCII (`-` first if negative)  |
  * |   2  | Map             | msgpack array `[k0, v0, k1, v1, ...]`            |
  * |   3  | Set             | msgpack array of members                         |
  * |   4  | Error           | msgpack map `{name, message, stack, cause?, code?}` |
@@ -186,7 +186,9 @@ function newEncoder(state: EncodeState): EncoderInternals {
     else baseDoEncode(value, depth);
   };
   enc.encodeObject = (value, depth) => {
-    if (typeof value === "bigint") return enc.encodeExtension(new ExtData(EXT.BIGINT, utf8.encode(value.toString())));
+    // Hexadecimal: parsing it is linear in its length, where decimal is not (a frame of digits could stall a context).
+    if (typeof value === "bigint")
+      return enc.encodeExtension(new ExtData(EXT.BIGINT, utf8.encode(value < 0n ? `-${(-value).toString(16)}` : value.toString(16))));
     if (typeof value !== "object" || value === null) throw new BadValue(value, describe(value));
     if (Array.isArray(value)) return enc.encodeArray(value, depth);
     if (value instanceof Uint8Array) {
@@ -425,7 +427,14 @@ function asArray(v: unknown, what: string): unknown[] {
 
 const decoders: [number, (data: Uint8Array, state: DecodeState) => unknown][] = [
   [EXT.UNDEFINED, () => undefined],
-  [EXT.BIGINT, (d) => BigInt(fromUtf8.decode(d))],
+  [
+    EXT.BIGINT,
+    (d) => {
+      const text = fromUtf8.decode(d);
+      if (!/^-?[0-9a-f]+$/.test(text)) throw new StreamError("malformed bigint on the wire");
+      return text.startsWith("-") ? -BigInt(`0x${text.slice(1)}`) : BigInt(`0x${text}`);
+    },
+  ],
   [
     EXT.MAP,
     (d, s) => {

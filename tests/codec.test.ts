@@ -209,6 +209,17 @@ describe("safe decode", () => {
     }
   });
 
+  test("a bigint travels as hexadecimal text (linear to parse); anything else in ext 1 is refused", () => {
+    const huge = 16n ** 200_000n - 1n; // 200 000 hex digits; as decimal text it would take seconds to parse
+    const enc = encodeValue(-huge);
+    assert.equal(decodeValue(enc.parts[0] as Uint8Array, false, binder), -huge);
+    const ext = (text: string) => new Uint8Array([0xc7, text.length, 1, ...new TextEncoder().encode(text)]);
+    assert.equal(decodeValue(ext("-ff"), false, binder), -255n);
+    for (const bad of ["", "-", "0x1f", "12.5", "+1", " 1"]) {
+      assert.throws(() => decodeValue(ext(bad), false, binder), /malformed bigint/, JSON.stringify(bad));
+    }
+  });
+
   test("garbage input fails with StreamError", () => {
     assert.throws(() => decodeValue(new Uint8Array([0xc1]), false, binder), StreamError);
     assert.throws(() => decodeValue(new Uint8Array([0xc7, 1, 9, 1, 2]), false, binder), StreamError, "blob ref past the end");
