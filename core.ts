@@ -8,7 +8,7 @@
  */
 import { AbortError, CallError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
 import { type Binder, type Secret, WIRE_REF, type WireRef } from "./codec.ts";
-import { type Boot, childTransport, exitProcess, onUncaught, setTitle } from "./runtime.ts";
+import { type Boot, childTransport, exitProcess, onUncaught, setTitle, watchParent } from "./runtime.ts";
 import { DEFAULT_MAX_MESSAGE_SIZE, FIRST_DYNAMIC_HANDLE, HANDLE, MARKER, Message, Stream } from "./frames.ts";
 import { type GetOptions, Receiver, Sender } from "./select.ts";
 
@@ -1228,6 +1228,8 @@ export interface ChildConfig {
   debug: boolean;
   /** Names from the master down to this context. */
   path: string[];
+  /** The parent context's pid, when it runs on the same machine (local, sudo, su, doas). */
+  parentPid?: number;
 }
 
 /** Entry point of the payload: the first stage calls this with what it read. */
@@ -1260,6 +1262,8 @@ export function childMain(boot: Boot, core: Record<string, unknown>): void {
     router.debug = cfg.debug;
     setTitle(`mitogen:${cfg.name}`);
     router.setParent(stream);
+    // Die with the parent even while user code blocks the event loop (see ARCHITECTURE.md, "Deaths").
+    watchParent(cfg.parentPid);
   };
   // Parent gone: nothing left to say to it, and our children see EOF when we exit.
   stream.onClose = () => exitProcess(0);

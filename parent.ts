@@ -600,6 +600,8 @@ export async function bootstrap(
       unidirectional: router.unidirectional,
       debug: router.debug,
       path: [...router.path, spec.name],
+      // The child watches this pid when it shares our machine (see watchParent).
+      ...(/^(local|sudo|su|doas)$/.test(spec.method.kind) ? { parentPid: process.pid } : {}),
     };
     stream.send(Message.encoded(config, { dst: spec.id, src: router.myId, auth: router.myId, handle: HANDLE.CONFIGURE }));
     await Promise.race([settle(connected), failure]);
