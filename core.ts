@@ -187,6 +187,8 @@ export interface ChildLink {
   stream: Stream;
   /** Ask the child to stop; resolves when it has gone (killing it after a grace period). */
   stop(): Promise<void>;
+  /** How its process ended ("exited with code 3"), waiting at most `ms` for it; null if it still runs. */
+  ended?(ms: number): Promise<string | null>;
 }
 
 /** The event loop is the broker; this object owns the streams' lifetime for {@link Router}. */
@@ -237,6 +239,12 @@ export class Router implements Binder, AsyncDisposable {
   readonly #links = new Map<Stream, ChildLink>();
   readonly #contexts = new Map<number, Context>();
   readonly #respondents = new Map<number, Set<number>>();
+  /** Why each lost context is gone, for dead messages to it. */
+  readonly #deadReasons = new Map<number, string>();
+  /** Ids SHUTDOWN went to from here, so their exit reads "was shut down". */
+  readonly #shutdownSent = new Set<number>();
+  /** Streams closed whose reason is still to come (the exit status), for dead messages meanwhile. */
+  readonly #closing = new Map<Stream, Promise<string>>();
   #nextHandle = FIRST_DYNAMIC_HANDLE;
   #shuttingDown: Promise<void> | null = null;
 
@@ -445,7 +453,8 @@ export class Router implements Binder, AsyncDisposable {
       let set = this.#respondents.get(respondent);
       if (!set) this.#respondents.set(respondent, (set = new Set()));
       set.add(handle);
-      if (!this.#canReach(respondent)) queueMicrotask(() => this.#deliverDead(handle, `context ${respondent} is not connected`));
+      if (!this.#canReach(respondent))
+        queueMicrotask(() => this.#deliverDead(handle, this.#deadReasons.get(respondent) ?? `context ${respondent} is not connected`));
     }
     return handle;
   }
@@ -568,6 +577,8 @@ export class Router implements Binder, AsyncDisposable {
   /** First half of losing `id`: no more routing to it, and whoever waits on it fails at once. */
   #unroute(id: number, reason: string): void {
     this.#routes.delete(id);
+    this.#deadReasons.set(id, reason);
+    this.#shutdownSent.delete(id);
     const handles = this.#respondents.get(id);
     this.#respondents.delete(id);
     for (const h of handles ?? []) this.#deliverDead(h, reason);
@@ -587,14 +598,32 @@ export class Router implements Binder, AsyncDisposable {
       this.onParentLost(err);
       return;
     }
-    const who = this.#contexts.get(stream.remoteId ?? -1)?.name ?? stream.name;
+    const remote = stream.remoteId ?? -1;
+    const who = this.#contexts.get(remote)?.name ?? stream.name;
     if (err) this.log("warn", `stream to ${who} failed: ${err.message}`);
-    const reason = `context ${who} disconnected${err ? `: ${err.message}` : ""}`;
     const ids = [...this.#routes].filter(([, s]) => s === stream).map(([id]) => id);
-    for (const id of ids) this.#unroute(id, reason);
-    // Calls fail at once; "disconnected" (and DEL_ROUTE upward) waits for the process to exit.
-    void (link ? link.stop() : Promise.resolve()).finally(() => {
-      for (const id of ids) this.#gone(id, reason);
+    // Calls fail once the exit status is in (at most 500 ms): a death explains a reset or a truncated
+    // frame; bad input (a StreamError) is the reason unless the process died of something else.
+    // "disconnected" (and DEL_ROUTE upward) waits for the process to exit.
+    const reason = (link?.ended ? link.ended(500) : Promise.resolve(null)).then((status) => {
+      const how =
+        status !== null && status !== "exited with code 0"
+          ? status
+          : err && (err instanceof StreamError || !status)
+            ? `disconnected: ${err.message}`
+            : status && this.#shutdownSent.has(remote)
+              ? "was shut down"
+              : (status ?? "disconnected");
+      return `context ${who} ${how}`;
+    });
+    // Meanwhile, what is routed to the closed stream gets its dead message with that reason too.
+    this.#closing.set(stream, reason);
+    void reason.then((r) => {
+      for (const id of ids) this.#unroute(id, r);
+      this.#closing.delete(stream);
+      return (link ? link.stop() : Promise.resolve()).finally(() => {
+        for (const id of ids) this.#gone(id, r);
+      });
     });
   }
 
@@ -646,13 +675,16 @@ export class Router implements Binder, AsyncDisposable {
     }
     const out = this.#routes.get(msg.dst) ?? this.parent;
     if (!out || out.closed) {
-      this.#sendDead(msg, `no route to context ${msg.dst} from ${this.name}`);
+      const later = out && this.#closing.get(out);
+      if (later) void later.then((r) => this.#sendDead(msg, r));
+      else this.#sendDead(msg, this.#deadReasons.get(msg.dst) ?? `no route to context ${msg.dst} from ${this.name}`);
       return;
     }
     if (out === inStream) {
       this.log("warn", `dropped ${msg}: it would route back where it came from`);
       return;
     }
+    if (msg.handle === HANDLE.SHUTDOWN) this.#shutdownSent.add(msg.dst);
     out.send(msg);
   }
 
@@ -703,6 +735,7 @@ export class Router implements Binder, AsyncDisposable {
   /** Stop every child context and close every stream. Safe to call twice. */
   shutdown(): Promise<void> {
     this.#shuttingDown ??= (async () => {
+      for (const s of this.#links.keys()) this.#shutdownSent.add(s.remoteId ?? -1);
       await Promise.all([...this.#links.values()].map((l) => l.stop()));
       for (const [h] of [...this.#handlers]) if (h >= FIRST_DYNAMIC_HANDLE) this.#deliverDead(h, `router ${this.name} shut down`);
     })();

@@ -557,7 +557,15 @@ export async function bootstrap(
     } else await child.gone;
     stream.close();
   };
-  const link: ChildLink = { stream, stop };
+  const ended = (ms: number) =>
+    new Promise<string | null>((resolve) => {
+      const timer = setTimeout(() => resolve(child.status()), ms);
+      void child.gone.then(() => {
+        clearTimeout(timer);
+        resolve(child.status());
+      });
+    });
+  const link: ChildLink = { stream, stop, ended };
 
   // Frames that arrive between CONNECTED and adoption are held, not lost.
   const early: Message[] = [];
