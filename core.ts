@@ -8,7 +8,7 @@
  */
 import { AbortError, CallError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
 import { type Binder, type Secret, WIRE_REF, type WireRef } from "./codec.ts";
-import { type Boot, childTransport, exitProcess, onUncaught, setTitle } from "./runtime.ts";
+import { type Boot, childTransport, exitProcess, onUncaught, setTitle, watchParent } from "./runtime.ts";
 import { DEFAULT_MAX_MESSAGE_SIZE, FIRST_DYNAMIC_HANDLE, HANDLE, MARKER, Message, Stream } from "./frames.ts";
 import { type GetOptions, Receiver, Sender } from "./select.ts";
 import { FlowControl } from "./flow.ts";
@@ -191,6 +191,8 @@ export interface ChildLink {
   stream: Stream;
   /** Ask the child to stop; resolves when it has gone (killing it after a grace period). */
   stop(): Promise<void>;
+  /** How its process ended ("exited with code 3"), waiting at most `ms` for it; null if it still runs. */
+  ended?(ms: number): Promise<string | null>;
 }
 
 /** The event loop is the broker; this object owns the streams' lifetime for {@link Router}. */
@@ -247,6 +249,12 @@ export class Router implements Binder, AsyncDisposable {
   readonly #allocated = new WeakMap<Stream, Set<number>>();
   /** The parent of each context routed below this one, as adopted (ADD_ROUTE). */
   readonly #parentOf = new Map<number, number>();
+  /** Why each lost context is gone, for dead messages to it. */
+  readonly #deadReasons = new Map<number, string>();
+  /** Ids SHUTDOWN went to from here, so their exit reads "was shut down". */
+  readonly #shutdownSent = new Set<number>();
+  /** Streams closed whose reason is still to come (the exit status), for dead messages meanwhile. */
+  readonly #closing = new Map<Stream, Promise<string>>();
   #nextHandle = FIRST_DYNAMIC_HANDLE;
   #shuttingDown: Promise<void> | null = null;
 
@@ -482,7 +490,8 @@ export class Router implements Binder, AsyncDisposable {
       let set = this.#respondents.get(respondent);
       if (!set) this.#respondents.set(respondent, (set = new Set()));
       set.add(handle);
-      if (!this.#canReach(respondent)) queueMicrotask(() => this.#deliverDead(handle, `context ${respondent} is not connected`));
+      if (!this.#canReach(respondent))
+        queueMicrotask(() => this.#deliverDead(handle, this.#deadReasons.get(respondent) ?? `context ${respondent} is not connected`));
     }
     return handle;
   }
@@ -609,6 +618,8 @@ export class Router implements Binder, AsyncDisposable {
   /** First half of losing `id`: no more routing to it, and whoever waits on it fails at once. */
   #unroute(id: number, reason: string): void {
     this.#routes.delete(id);
+    this.#deadReasons.set(id, reason);
+    this.#shutdownSent.delete(id);
     const handles = this.#respondents.get(id);
     this.#respondents.delete(id);
     for (const h of handles ?? []) this.#deliverDead(h, reason);
@@ -628,14 +639,32 @@ export class Router implements Binder, AsyncDisposable {
       this.onParentLost(err);
       return;
     }
-    const who = this.#contexts.get(stream.remoteId ?? -1)?.name ?? stream.name;
+    const remote = stream.remoteId ?? -1;
+    const who = this.#contexts.get(remote)?.name ?? stream.name;
     if (err) this.log("warn", `stream to ${who} failed: ${err.message}`);
-    const reason = `context ${who} disconnected${err ? `: ${err.message}` : ""}`;
     const ids = [...this.#routes].filter(([, s]) => s === stream).map(([id]) => id);
-    for (const id of ids) this.#unroute(id, reason);
-    // Calls fail at once; "disconnected" (and DEL_ROUTE upward) waits for the process to exit.
-    void (link ? link.stop() : Promise.resolve()).finally(() => {
-      for (const id of ids) this.#gone(id, reason);
+    // Calls fail once the exit status is in (at most 500 ms): a death explains a reset or a truncated
+    // frame; bad input (a StreamError) is the reason unless the process died of something else.
+    // "disconnected" (and DEL_ROUTE upward) waits for the process to exit.
+    const reason = (link?.ended ? link.ended(500) : Promise.resolve(null)).then((status) => {
+      const how =
+        status !== null && status !== "exited with code 0"
+          ? status
+          : err && (err instanceof StreamError || !status)
+            ? `disconnected: ${err.message}`
+            : status && this.#shutdownSent.has(remote)
+              ? "was shut down"
+              : (status ?? "disconnected");
+      return `context ${who} ${how}`;
+    });
+    // Meanwhile, what is routed to the closed stream gets its dead message with that reason too.
+    this.#closing.set(stream, reason);
+    void reason.then((r) => {
+      for (const id of ids) this.#unroute(id, r);
+      this.#closing.delete(stream);
+      return (link ? link.stop() : Promise.resolve()).finally(() => {
+        for (const id of ids) this.#gone(id, r);
+      });
     });
   }
 
@@ -687,13 +716,16 @@ export class Router implements Binder, AsyncDisposable {
     }
     const out = this.#routes.get(msg.dst) ?? this.parent;
     if (!out || out.closed) {
-      this.#sendDead(msg, `no route to context ${msg.dst} from ${this.name}`);
+      const later = out && this.#closing.get(out);
+      if (later) void later.then((r) => this.#sendDead(msg, r));
+      else this.#sendDead(msg, this.#deadReasons.get(msg.dst) ?? `no route to context ${msg.dst} from ${this.name}`);
       return;
     }
     if (out === inStream) {
       this.log("warn", `dropped ${msg}: it would route back where it came from`);
       return;
     }
+    if (msg.handle === HANDLE.SHUTDOWN) this.#shutdownSent.add(msg.dst);
     out.send(msg);
   }
 
@@ -758,6 +790,7 @@ export class Router implements Binder, AsyncDisposable {
   /** Stop every child context and close every stream. Safe to call twice. */
   shutdown(): Promise<void> {
     this.#shuttingDown ??= (async () => {
+      for (const s of this.#links.keys()) this.#shutdownSent.add(s.remoteId ?? -1);
       await Promise.all([...this.#links.values()].map((l) => l.stop()));
       for (const [h] of [...this.#handlers]) if (h >= FIRST_DYNAMIC_HANDLE) this.#deliverDead(h, `router ${this.name} shut down`);
     })();
@@ -1302,6 +1335,8 @@ export interface ChildConfig {
   debug: boolean;
   /** Names from the master down to this context. */
   path: string[];
+  /** The parent context's pid, when it runs on the same machine (local, sudo, su, doas). */
+  parentPid?: number;
 }
 
 /** Entry point of the payload: the first stage calls this with what it read. */
@@ -1334,6 +1369,8 @@ export function childMain(boot: Boot, core: Record<string, unknown>): void {
     router.debug = cfg.debug;
     setTitle(`mitogen:${cfg.name}`);
     router.setParent(stream);
+    // Die with the parent even while user code blocks the event loop (see ARCHITECTURE.md, "Deaths").
+    watchParent(cfg.parentPid);
   };
   // Parent gone: nothing left to say to it, and our children see EOF when we exit.
   stream.onClose = () => exitProcess(0);

@@ -431,14 +431,28 @@ export interface Spawned {
   onError(cb: (err: Error) => void): void;
 }
 
-/** Start `launch` as a process. */
+/**
+ * Start `launch` as a process, in a session (and process group) of its own:
+ * `kill()` ends the whole group, so a wrapper script and whatever it started
+ * go together. Once the process has exited, what is left of its group is
+ * killed, and our ends of its pipes are closed if something outside the
+ * group (a process of another user) still holds them 200 ms later.
+ */
 async function spawnLaunch(launch: Launch): Promise<Spawned> {
   const { spawn } = process.getBuiltinModule("node:child_process");
   const proc = spawn(launch.exe, launch.args, {
     stdio: launch.streamOn === "fd3" ? ["ignore", "pipe", "pipe", "pipe"] : ["pipe", "pipe", "pipe"],
     env: launch.env,
+    detached: true,
     ...(launch.cwd === undefined ? {} : { cwd: launch.cwd }),
   });
+  const kill = () => {
+    try {
+      process.kill(-(proc.pid as number), "SIGKILL");
+    } catch {
+      // the group is empty (or not ours to signal)
+    }
+  };
   const [stdin, stdout, stderr, fd3] = proc.stdio as unknown as [W | undefined, R | undefined, R | undefined, (R & W) | undefined];
   const reader = launch.streamOn === "fd3" ? fd3 : stdout;
   const writer = launch.streamOn === "fd3" ? fd3 : stdin;
@@ -459,10 +473,19 @@ async function spawnLaunch(launch: Launch): Promise<Spawned> {
     writer,
     ...(launch.stdoutIsOutput ? { stdout } : {}),
     stderr,
-    gone: new Promise<void>((resolve) => proc.once("close", () => resolve())),
+    gone: new Promise<void>((resolve) => {
+      proc.once("close", () => resolve());
+      proc.once("exit", () => {
+        kill();
+        const timer = setTimeout(() => {
+          for (const s of proc.stdio) (s as { destroy?(): void } | null)?.destroy?.();
+        }, 200);
+        proc.once("close", () => clearTimeout(timer));
+      });
+    }),
     status: () =>
       proc.exitCode === null && proc.signalCode === null ? null : proc.signalCode ? `was killed by ${proc.signalCode}` : `exited with code ${proc.exitCode}`,
-    kill: () => proc.kill("SIGKILL"),
+    kill,
     onError: (cb) => proc.once("error", (err) => cb(new StreamError(`cannot start ${launch.exe}: ${err.message}`, { cause: err }))),
   };
 }
@@ -534,7 +557,15 @@ export async function bootstrap(
     } else await child.gone;
     stream.close();
   };
-  const link: ChildLink = { stream, stop };
+  const ended = (ms: number) =>
+    new Promise<string | null>((resolve) => {
+      const timer = setTimeout(() => resolve(child.status()), ms);
+      void child.gone.then(() => {
+        clearTimeout(timer);
+        resolve(child.status());
+      });
+    });
+  const link: ChildLink = { stream, stop, ended };
 
   // Frames that arrive between CONNECTED and adoption are held, not lost.
   const early: Message[] = [];
@@ -577,6 +608,8 @@ export async function bootstrap(
       unidirectional: router.unidirectional,
       debug: router.debug,
       path: [...router.path, spec.name],
+      // The child watches this pid when it shares our machine (see watchParent).
+      ...(/^(local|sudo|su|doas)$/.test(spec.method.kind) ? { parentPid: process.pid } : {}),
     };
     stream.send(Message.encoded(config, { dst: spec.id, src: router.myId, auth: router.myId, handle: HANDLE.CONFIGURE }));
     await Promise.race([settle(connected), failure]);

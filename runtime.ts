@@ -39,6 +39,11 @@ interface DenoGlobal {
   stdout: DenoWriter;
   stderr: DenoWriter;
   execPath(): string;
+  ppid: number;
+  pid: number;
+  kill(pid: number, signal: string | number): void;
+  build: { os: string };
+  dlopen(path: string, symbols: Record<string, { parameters: string[]; result: string }>): { symbols: Record<string, (...args: number[]) => number> };
 }
 
 /** The Deno namespace, or undefined under Node. */
@@ -293,4 +298,36 @@ export function runtimeCommand(runtime: string): RuntimeCommand {
   }
   const base = runtime.slice(runtime.lastIndexOf("/") + 1);
   return { kind: base.includes("deno") ? "deno" : "node", exe: runtime };
+}
+
+/**
+ * Kill this process (SIGKILL) once its parent is gone, even while user code
+ * blocks the event loop. Deno on Linux: the kernel does it when the parent
+ * process dies (`prctl(PR_SET_PDEATHSIG)` through FFI). Otherwise a worker
+ * thread checks every 200 ms whether the parent process changed (getppid).
+ * `pid` is the parent context, when it runs on this machine but is not the
+ * parent process (sudo, su, doas, a wrapper script between them): the worker
+ * also ends this process when `pid` has gone.
+ */
+export function watchParent(pid = 0): void {
+  const ppid = deno ? deno.ppid : process.ppid;
+  pid = pid === ppid ? 0 : pid | 0;
+  const src = (d: string) =>
+    `const k=${d}.kill,g=p=>{try{k(p,0)}catch(e){return/ESRCH|NotFound/.test(e.code+e.name)}};` +
+    `setInterval(()=>{if(${d}.ppid!==${ppid}||${pid}&&g(${pid}))k(${d}.pid,"SIGKILL")},200)`;
+  if (deno) {
+    try {
+      // PR_SET_PDEATHSIG (1), SIGKILL (9)
+      if (deno.build.os === "linux" && deno.dlopen("libc.so.6", { prctl: { parameters: ["i32", "i32"], result: "i32" } }).symbols.prctl?.(1, 9) === 0 && !pid)
+        return;
+    } catch {
+      // no FFI here: the worker watches the parent too
+    }
+    new (globalThis as unknown as { Worker: new (url: string, o: object) => unknown }).Worker(`data:text/javascript,${encodeURIComponent(src("Deno"))}`, {
+      type: "module",
+    });
+    return;
+  }
+  // A failing watchdog must not take the process with it.
+  new (process.getBuiltinModule("node:worker_threads").Worker)(src("process"), { eval: true }).on("error", () => {}).unref();
 }

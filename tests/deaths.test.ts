@@ -1,0 +1,186 @@
+/**
+ * Deaths, on Node and Deno children: connectTimeout and stop against wrapper
+ * scripts that do not exec, the watchdog that ends a child whose parent died
+ * while user code blocks its event loop, and what pending calls, later calls
+ * and `disconnected()` say about a context that is gone.
+ */
+import assert from "node:assert/strict";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { runtimeCommand } from "../core.ts";
+import { ChannelError, type Context, Router } from "../mod.ts";
+import { alive, captureLogs, checkLeaks, leakedProcesses, RUNTIMES, waitFor } from "./helpers.ts";
+
+checkLeaks();
+
+let dir = "";
+before(() => {
+  dir = mkdtempSync(join(tmpdir(), "mitogen-deaths-"));
+});
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+/** A `#!/bin/sh` wrapper named after `runtime` (so a Deno one is taken for Deno); `$RT` in `body` is the runtime's executable. */
+function wrapper(runtime: "node" | "deno", name: string, body: string): string {
+  const path = join(dir, `${runtime}-${name}`);
+  writeFileSync(path, `#!/bin/sh\n${body.replaceAll("$RT", runtimeCommand(runtime).exe)}\n`, { mode: 0o755 });
+  return path;
+}
+
+/** `call` rejects with a ChannelError saying exactly `text`. */
+async function failsWith(call: Promise<unknown>, text: string): Promise<void> {
+  const err = await call.then(
+    () => null,
+    (e: unknown) => e,
+  );
+  assert.ok(err instanceof ChannelError, `expected ChannelError, got ${err}`);
+  assert.equal(err.message, text);
+}
+
+const pidOf = (ctx: Context) => ctx.call(() => process.pid) as Promise<number>;
+const forever = () => new Promise(() => {});
+
+for (const runtime of RUNTIMES) {
+  describe(`${runtime} children`, () => {
+    test("connectTimeout bounds a start through a wrapper that does not exec, and kills what the wrapper started", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      // The runtime the wrapper starts holds the pipes and never connects.
+      const w = wrapper(runtime, "never", runtime === "node" ? `$RT -e 'setTimeout(() => {}, 30000)'` : `$RT eval 'setTimeout(() => {}, 30000)'`);
+      const t0 = Date.now();
+      await assert.rejects(router.local({ runtime: w, connectTimeout: 1000 }), /not connected within 1000 ms/);
+      assert.ok(Date.now() - t0 < 5000, `rejected after ${Date.now() - t0} ms`);
+      assert.deepEqual(leakedProcesses(), [], "the wrapper and its runtime are gone");
+    });
+
+    test("stopping a context started through a wrapper that does not exec ends the wrapper's other processes", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const w = wrapper(runtime, "background", `sleep 60 &\n$RT "$@"`);
+      const ctx = await router.local({ runtime: w, name: "wrapped" });
+      assert.equal(await ctx.call(() => 1 + 1), 2);
+      await ctx.shutdown({ wait: true });
+      assert.equal(await ctx.disconnected(), "context wrapped was shut down");
+      await waitFor(() => leakedProcesses().length === 0, 3000, "the wrapper's sleep to end");
+    });
+
+    test("a child whose parent is killed while user code blocks its event loop is gone within a second, and so is the tree below it", async () => {
+      const logs = captureLogs();
+      await using router = new Router({ log: logs.log });
+      const a = await router.local({ runtime, name: "parent" });
+      const b = await router.local({ runtime, name: "busy", via: a });
+      const c = await router.local({ runtime, name: "below", via: b });
+      const [aPid, bPid, cPid] = await Promise.all([pidOf(a), pidOf(b), pidOf(c)]);
+      b.callNoReply(() => {
+        console.error("looping");
+        const end = Date.now() + 30_000;
+        while (Date.now() < end);
+      });
+      // Printed from inside the call, just before the loop: once it is here, b is blocked.
+      await waitFor(() => logs.lines("busy").includes("looping"), 10_000, "the loop to start");
+      process.kill(aPid, "SIGKILL");
+      // Without a watchdog b would run for 30 s; c goes when b does (EOF on its stream).
+      await waitFor(() => !alive(bPid) && !alive(cPid), 5000, "the busy child and its child to be gone");
+    });
+
+    test("killing the middle of a chain ends the context below it and says who died", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const a = await router.local({ runtime, name: "top" });
+      const b = await router.local({ runtime, name: "middle", via: a });
+      const c = await router.local({ runtime, name: "bottom", via: b });
+      const [bPid, cPid] = await Promise.all([pidOf(b), pidOf(c)]);
+      const pending = c.call(forever);
+      process.kill(bPid, "SIGKILL");
+      await failsWith(pending, "context middle was killed by SIGKILL");
+      assert.equal(await c.disconnected(), "context middle was killed by SIGKILL");
+      await waitFor(() => !alive(cPid), 2000, "the bottom context to be gone");
+      assert.equal(await a.call(() => "top lives"), "top lives");
+    });
+
+    test("a context that exits says so with its exit code, directly and through a via hop", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const hop = await router.local({ runtime, name: "hop" });
+      for (const [name, via] of [
+        ["three", undefined],
+        ["three-via", hop],
+      ] as const) {
+        const ctx = await router.local({ runtime, name, ...(via ? { via } : {}) });
+        const pending = ctx.call(forever);
+        ctx.callNoReply(() => process.exit(3));
+        await failsWith(pending, `context ${name} exited with code 3`);
+        assert.equal(await ctx.disconnected(), `context ${name} exited with code 3`);
+        await failsWith(
+          ctx.call(() => 1),
+          `context ${name} exited with code 3`,
+        );
+      }
+    });
+
+    test("a context killed by a signal says which, directly and through a via hop", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const hop = await router.local({ runtime, name: "hop" });
+      for (const [name, via] of [
+        ["killed", undefined],
+        ["killed-via", hop],
+      ] as const) {
+        const ctx = await router.local({ runtime, name, ...(via ? { via } : {}) });
+        const pending = ctx.call(forever);
+        process.kill(await pidOf(ctx), "SIGKILL");
+        await failsWith(pending, `context ${name} was killed by SIGKILL`);
+        assert.equal(await ctx.disconnected(), `context ${name} was killed by SIGKILL`);
+      }
+    });
+
+    test("a call to a context that was shut down names it, directly, through a via hop and from a sibling", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const hop = await router.local({ runtime, name: "hop" });
+      const gone: Context[] = [];
+      for (const [name, via] of [
+        ["done", undefined],
+        ["done-via", hop],
+      ] as const) {
+        const ctx = await router.local({ runtime, name, ...(via ? { via } : {}) });
+        await ctx.shutdown({ wait: true });
+        assert.equal(await ctx.disconnected(), `context ${name} was shut down`);
+        await failsWith(
+          ctx.call(() => 1),
+          `context ${name} was shut down`,
+        );
+        gone.push(ctx);
+      }
+      // A sibling's call goes up to the master, whose dead message names the context too.
+      const seen = await hop.call(async (target: Context) => {
+        try {
+          await target.call(() => 1);
+          return "answered";
+        } catch (err) {
+          return `${(err as Error).name}: ${(err as Error).message}`;
+        }
+      }, gone[0] as Context);
+      assert.equal(seen, "ChannelError: context done was shut down");
+    });
+
+    test("a stream dropped for bad input gives its reason to pending calls, directly and through a via hop", async () => {
+      const logs = captureLogs();
+      await using router = new Router({ log: logs.log });
+      const hop = await router.local({ runtime, name: "hop" });
+      // The child's own end of its stream: fd 3 for a local node child, fd 1 for deno.
+      const fd = runtime === "node" ? 3 : 1;
+      for (const [name, via] of [
+        ["garbled", undefined],
+        ["garbled-via", hop],
+      ] as const) {
+        const ctx = await router.local({ runtime, name, ...(via ? { via } : {}) });
+        const pending = ctx.call(forever);
+        ctx.callNoReply((n: number) => process.getBuiltinModule("node:fs").writeSync(n, new Uint8Array(28).fill(0xde)), fd);
+        const err = await pending.then(
+          () => null,
+          (e: unknown) => e,
+        );
+        assert.ok(err instanceof ChannelError, String(err));
+        assert.match(err.message, new RegExp(`^context ${name} disconnected: bad frame magic 0xdede`));
+        assert.equal(await ctx.disconnected(), err.message);
+      }
+      assert.ok(logs.records.some((r) => /stream to garbled failed: bad frame magic/.test(r.message)));
+    });
+  });
+}
