@@ -36,6 +36,7 @@ import {
   type JailOptions,
   type SuOptions,
 } from "./core.ts";
+import { type DenoProcess, denoSpawn } from "./spawn.ts";
 
 /** How to reach a new child: on this machine, or over ssh. */
 export type Method =
@@ -207,10 +208,24 @@ function localLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "local" }>, l
   // Default: the runtime of the context doing the starting (decided here, not where the request came from).
   const cmd = runtimeCommand(m.runtime ?? (isDeno ? "deno" : "node"));
   const stage = firstStage(cmd.kind);
+  const env = { ...process.env, DENO_NO_UPDATE_CHECK: "1", DENO_NO_PROMPT: "1", ...m.env };
+  if (isDeno && cmd.kind === "node") {
+    // Deno starts processes with three pipes only (see spawnLaunch): a node child's stream is moved
+    // to fds 3 and 4 by a shell, as behind ssh, and what it prints arrives as stderr.
+    return {
+      exe: "/bin/sh",
+      args: ["-c", remoteCommand(cmd.exe, spec.name, length)],
+      env,
+      ...(m.cwd === undefined ? {} : { cwd: m.cwd }),
+      streamOn: "stdio",
+      stdoutIsOutput: false,
+      watch: (line) => (line.includes(`${cmd.exe}: not found`) ? new StreamError(`cannot start ${cmd.exe}: not found (ENOENT)`) : undefined),
+    };
+  }
   return {
     exe: cmd.exe,
     args: cmd.kind === "node" ? ["-e", stage, spec.name, String(length)] : ["eval", stage, spec.name, String(length)],
-    env: { ...process.env, DENO_NO_UPDATE_CHECK: "1", DENO_NO_PROMPT: "1", ...m.env },
+    env,
     ...(m.cwd === undefined ? {} : { cwd: m.cwd }),
     streamOn: cmd.kind === "node" ? "fd3" : "stdio",
     stdoutIsOutput: cmd.kind === "node",
@@ -439,6 +454,7 @@ export interface Spawned {
  * group (a process of another user) still holds them 200 ms later.
  */
 async function spawnLaunch(launch: Launch): Promise<Spawned> {
+  if (isDeno) return denoLaunch(launch);
   const { spawn } = process.getBuiltinModule("node:child_process");
   const proc = spawn(launch.exe, launch.args, {
     stdio: launch.streamOn === "fd3" ? ["ignore", "pipe", "pipe", "pipe"] : ["pipe", "pipe", "pipe"],
@@ -487,6 +503,43 @@ async function spawnLaunch(launch: Launch): Promise<Spawned> {
       proc.exitCode === null && proc.signalCode === null ? null : proc.signalCode ? `was killed by ${proc.signalCode}` : `exited with code ${proc.exitCode}`,
     kill,
     onError: (cb) => proc.once("error", (err) => cb(new StreamError(`cannot start ${launch.exe}: ${err.message}`, { cause: err }))),
+  };
+}
+
+/**
+ * Start `launch` under Deno: through Deno.Command (see spawn.ts), whose pipes
+ * a Deno process reads without the garbage `node:child_process` leaves; in a
+ * session of its own, as spawnLaunch does.
+ */
+function denoLaunch(launch: Launch): Spawned {
+  if (launch.streamOn !== "stdio") throw new StreamError(`cannot start ${launch.exe}: a Deno context hands a child three pipes only`);
+  let pid = 0;
+  const kill = () => {
+    try {
+      process.kill(-pid, "SIGKILL");
+    } catch {
+      // the group is empty (or not ours to signal)
+    }
+  };
+  let p: DenoProcess;
+  try {
+    p = denoSpawn(launch.exe, launch.args, launch.env, launch.cwd, kill);
+  } catch (err) {
+    throw new StreamError(`cannot start ${launch.exe}: ${(err as Error).message}`, { cause: err });
+  }
+  pid = p.pid;
+  return {
+    what: launch.exe,
+    reader: p.stdout,
+    writer: p.stdin,
+    stderr: p.stderr,
+    gone: p.gone,
+    status: () => {
+      const s = p.status();
+      return s === null ? null : s.signal ? `was killed by ${s.signal}` : `exited with code ${s.code}`;
+    },
+    kill,
+    onError: () => {},
   };
 }
 

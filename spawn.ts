@@ -166,10 +166,12 @@ function writer(stream: WritableStream<Uint8Array>): PipeWriter {
 }
 
 /**
- * Start `exe` with piped stdin, stdout and stderr through Deno.Command.
- * Throws (as Deno.Command does) when it cannot be started.
+ * Start `exe` with piped stdin, stdout and stderr through Deno.Command, in a
+ * session of its own (detached). `onExit` runs when it exits; `gone` waits for
+ * its pipes too, at most 200 ms more (a process it left behind may hold them).
+ * Throws, as Deno.Command does, when it cannot be started.
  */
-export function denoSpawn(exe: string, args: string[], env: Record<string, string | undefined>, cwd: string | undefined, detached: boolean): DenoProcess {
+export function denoSpawn(exe: string, args: string[], env: Record<string, string | undefined>, cwd: string | undefined, onExit: () => void): DenoProcess {
   const Command = (globalThis as unknown as { Deno: { Command: DenoCommand } }).Deno.Command;
   const clean: Record<string, string> = {};
   for (const [k, v] of Object.entries(env)) if (v !== undefined) clean[k] = v;
@@ -181,20 +183,32 @@ export function denoSpawn(exe: string, args: string[], env: Record<string, strin
     stdin: "piped",
     stdout: "piped",
     stderr: "piped",
-    detached,
+    detached: true,
   }).spawn();
   let ended: { code: number; signal: string | null } | null = null;
   const out = reader(child.stdout);
   const err = reader(child.stderr);
   const exited = child.status.then((s) => {
     ended = { code: s.code, signal: s.signal };
+    onExit();
   });
+  const drained = () => {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = new Promise<void>((resolve) => {
+      timer = setTimeout(() => {
+        out.destroy();
+        err.destroy();
+        resolve();
+      }, 200);
+    });
+    return Promise.race([Promise.all([out.drained(), err.drained()]), late]).finally(() => clearTimeout(timer));
+  };
   return {
     pid: child.pid,
     stdin: writer(child.stdin),
     stdout: out,
     stderr: err,
-    gone: exited.then(() => Promise.all([out.drained(), err.drained()])).then(() => {}),
+    gone: exited.then(drained).then(() => {}),
     status: () => ended,
     kill(signal) {
       try {

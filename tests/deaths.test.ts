@@ -11,7 +11,7 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { runtimeCommand } from "../core.ts";
 import { ChannelError, type Context, Router } from "../mod.ts";
-import { alive, captureLogs, checkLeaks, leakedProcesses, RUNTIMES, waitFor } from "./helpers.ts";
+import { alive, captureLogs, checkLeaks, leakedProcesses, RUNTIMES, underDeno, waitFor } from "./helpers.ts";
 
 checkLeaks();
 
@@ -163,14 +163,16 @@ for (const runtime of RUNTIMES) {
       const logs = captureLogs();
       await using router = new Router({ log: logs.log });
       const hop = await router.local({ runtime, name: "hop" });
-      // The child's own end of its stream: fd 3 for a local node child, fd 1 for deno.
-      const fd = runtime === "node" ? 3 : 1;
       for (const [name, via] of [
         ["garbled", undefined],
         ["garbled-via", hop],
       ] as const) {
+        // The child's own end of its stream: fd 1 for deno; for node, fd 3 (a socket both ways) when a
+        // node parent starts it, fd 4 behind the shell a deno parent starts it through.
+        const denoParent = via ? runtime === "deno" : underDeno;
+        const fd = runtime === "node" ? (denoParent ? 4 : 3) : 1;
         const ctx = await router.local({ runtime, name, ...(via ? { via } : {}) });
-        const pending = ctx.call(forever);
+        const pending = ctx.with({ timeout: 20_000 }).call(forever);
         ctx.callNoReply((n: number) => process.getBuiltinModule("node:fs").writeSync(n, new Uint8Array(28).fill(0xde)), fd);
         const err = await pending.then(
           () => null,
