@@ -36,8 +36,8 @@ const OWN = new Set(["mod.ts", "core.ts", "frames.ts", "select.ts", "master.ts",
 const cache = new Map<string, Promise<Entry>>();
 /** Source maps of every module bundled here, by module name, for {@link mapStack}. */
 const maps = new Map<string, { map: SourceMap; dir: string }>();
-/** `new Function` puts two lines of its own before the body. */
-const FUNCTION_HEADER_LINES = 2;
+/** evaluateModule (core.ts) puts one line of its own before the script. */
+const FUNCTION_HEADER_LINES = 1;
 let building = 0;
 let idle: ReturnType<typeof setTimeout> | undefined;
 /** esbuild's service process is stopped after this long without a build. */

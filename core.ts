@@ -1167,7 +1167,12 @@ export function evaluateModule(src: string, name: string): Record<string, unknow
     if (found) return found;
     throw new MitogenError(`module ${name} requires ${JSON.stringify(id)}, which is neither "mitogen" nor a runtime builtin`);
   };
-  new Function("module", "exports", "require", "__name", src)(module, module.exports, require, keepName);
+  // Indirect eval of a wrapper, not `new Function`: the lines `new Function` adds before the body differ
+  // between V8 versions (none on Node 12, two later), and shipped modules' stacks are mapped by line.
+  // biome-ignore lint/security/noGlobalEval: running shipped code is the point; indirect, so in global scope.
+  const evaluate: (code: string) => unknown = globalThis.eval;
+  const wrapped = evaluate(`(function (module, exports, require, __name) {\n${src}\n})`) as (...args: unknown[]) => void;
+  wrapped(module, module.exports, require, keepName);
   return module.exports;
 }
 

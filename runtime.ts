@@ -46,8 +46,9 @@ export function nodeProcess(): NodeJS.Process {
   return "process" in globalThis ? process : (builtin("node:process") as NodeJS.Process);
 }
 
-/** `Object.hasOwn` (Node 16.9). */
-export const hasOwn = (o: object, key: PropertyKey): boolean => Object.hasOwn(o, key);
+const own = Object.prototype.hasOwnProperty;
+/** `Object.hasOwn` (Node 16.9); through `own`, so that no linter's fix turns it back into `Object.hasOwn`. */
+export const hasOwn = (o: object, key: PropertyKey): boolean => own.call(o, key);
 
 /** `Symbol.asyncDispose`, or the symbol Node gives it, where the runtime predates it. */
 export const asyncDispose: typeof Symbol.asyncDispose =
