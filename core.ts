@@ -111,7 +111,7 @@ export interface SshOptions {
   compression?: boolean;
   /** Milliseconds from starting ssh to the child's CONNECTED (default 30 000). */
   connectTimeout?: number;
-  /** "auto" (node, then deno: default), "node", "deno", or a path on the target. */
+  /** "auto" (default: the newest of node and nodejs on the target's PATH, else deno), "node", "deno", or a path on the target. */
   runtime?: string;
   /** Run ssh from this context instead. */
   via?: Context;
@@ -144,7 +144,7 @@ export interface StartOptions {
   via?: Context;
   /** Milliseconds until the child must be connected (default 30 000). */
   connectTimeout?: number;
-  /** "auto" (node, then deno: default), "node", "deno", or a path inside the target. */
+  /** "auto" (default: the newest of node and nodejs on the target's PATH, else deno), "node", "deno", or a path inside the target. */
   runtime?: string;
   /** The tool's executable (default: its usual name, looked up on PATH). */
   path?: string;

@@ -89,7 +89,7 @@ export interface SshSpec {
   sshArgs: string[];
   sshPath: string;
   compression: boolean;
-  /** "auto" (node, then deno), "node", "deno", or a path on the target. */
+  /** "auto" (the newest of node and nodejs, else deno), "node", "deno", or a path on the target. */
   runtime: string;
 }
 
