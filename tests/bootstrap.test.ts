@@ -6,10 +6,10 @@
 import assert from "node:assert/strict";
 import { type ChildProcess, spawn } from "node:child_process";
 import { describe, test } from "node:test";
-import { HANDLE, MARKER, Message, runtimeCommand, writeHeader } from "../core.ts";
-import { firstStage } from "../parent.ts";
+import { CORE, HANDLE, MARKER, Message, runtimeCommand, Stream, writeHeader } from "../core.ts";
+import { childRuntime, firstStage } from "../parent.ts";
 import { payloads } from "../payload.ts";
-import { checkLeaks, RUNTIMES } from "./helpers.ts";
+import { checkLeaks, RUNTIMES, transportPair } from "./helpers.ts";
 
 checkLeaks();
 
@@ -129,3 +129,48 @@ for (const kind of RUNTIMES) {
     });
   });
 }
+
+describe("the READY line", () => {
+  /** A Stream whose other end the test writes; resolves what expectMarker(READY) gives, or its error. */
+  const readyFrom = async (...chunks: string[]): Promise<string | Error> => {
+    const [far, near] = transportPair();
+    const stream = new Stream("ready-test", near);
+    stream.start();
+    const got = stream.expectMarker(MARKER.READY).catch((e: Error) => e);
+    for (const c of chunks) {
+      far.inject(new TextEncoder().encode(c));
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    const connected = stream.expectMarker(MARKER.CONNECTED).catch((e: Error) => e);
+    far.inject(new TextEncoder().encode(MARKER.CONNECTED));
+    const result = await got;
+    if (!(result instanceof Error)) assert.equal(await connected, "", "the bytes after the line are the next marker");
+    stream.close();
+    return result;
+  };
+
+  test("gives the rest of its line, however it is cut", async () => {
+    assert.equal(await readyFrom("MITO000 node v12.22.12\n"), "node v12.22.12");
+    assert.equal(await readyFrom("MITO0", "00 deno 1.4", "6.3", "\n"), "deno 1.46.3");
+  });
+
+  test("refuses anything else at once", async () => {
+    assert.match(String(await readyFrom("MITO001\n")), /expected bootstrap marker, got "MITO001/);
+    assert.match(String(await readyFrom("MITO000 node\u0000v1\n")), /expected bootstrap marker line/);
+    assert.match(String(await readyFrom(`MITO000 ${"x".repeat(120)}`)), /expected bootstrap marker line/);
+  });
+
+  test("says which core a runtime gets, or that it is too old", () => {
+    const core = (ready: string) => childRuntime(ready, "t").core;
+    assert.equal(core("node v12.0.0"), CORE.LOWERED);
+    assert.equal(core("node v16.10.0"), CORE.LOWERED);
+    assert.equal(core("node v16.11.0"), CORE.MODERN);
+    assert.equal(core("node v26.1.0"), CORE.MODERN);
+    assert.equal(core("deno 1.46.0"), CORE.MODERN);
+    assert.deepEqual(childRuntime("node v12.22.12", "t"), { kind: "node", version: "12.22.12", text: "node 12.22.12", core: CORE.LOWERED });
+    const range = "children need node 12 or later, or deno 1.46 or later";
+    assert.throws(() => childRuntime("node v10.24.1", "t"), new RegExp(`^StreamError: t: node 10\\.24\\.1 is too old: ${range}$`));
+    assert.throws(() => childRuntime("deno 1.45.5", "t"), new RegExp(`t: deno 1\\.45\\.5 is too old: ${range}`));
+    assert.throws(() => childRuntime("bun 1.2.3", "t"), /t: the first stage reported "bun 1\.2\.3", not a runtime and version/);
+  });
+});
