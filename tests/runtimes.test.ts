@@ -194,8 +194,13 @@ test("a runtime too old or not JavaScript fails at once, naming it and the suppo
   const cat = await behindShell(router, path, { runtime: "/bin/cat", name: "old.cat" }).catch((e: Error) => e);
   assert.ok(cat instanceof Error);
   assert.match(cat.message, new RegExp(`/bin/cat is not node or deno \\(its --version says "cat \\(GNU coreutils\\)[^"]*"\\): ${RANGE.source}`));
-  // Never the first stage's source text.
+  // Never the first stage's source text, even from a program that is no runtime but is named like one.
   assert.doesNotMatch(cat.message, /const g=require|Deno\.args/);
+  const disguised = pathOf("disguised", { node: "/bin/cat" });
+  const named = await router.local({ runtime: join(disguised, "node") }).catch((e: Error) => e);
+  assert.ok(named instanceof Error);
+  assert.match(named.message, /exited with code 1 before connecting; stderr:\n.*<first stage>/);
+  assert.doesNotMatch(named.message, /const g=require/);
 });
 
 test('runtime "auto" runs the newest of node and nodejs, and deno when no node is new enough', {
