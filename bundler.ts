@@ -36,8 +36,8 @@ const OWN = new Set(["mod.ts", "core.ts", "frames.ts", "select.ts", "master.ts",
 const cache = new Map<string, Promise<Entry>>();
 /** Source maps of every module bundled here, by module name, for {@link mapStack}. */
 const maps = new Map<string, { map: SourceMap; dir: string }>();
-/** `new Function` puts two lines of its own before the body. */
-const FUNCTION_HEADER_LINES = 2;
+/** evaluateModule (core.ts) puts one line of its own before the script. */
+const FUNCTION_HEADER_LINES = 1;
 let building = 0;
 let idle: ReturnType<typeof setTimeout> | undefined;
 /** esbuild's service process is stopped after this long without a build. */
@@ -55,21 +55,34 @@ function unchanged(entry: Entry): boolean {
   return true;
 }
 
-/** Bundle the module at `specifier` (a file URL or path); cached while its inputs are unchanged. */
-export async function bundle(specifier: string | URL): Promise<Bundle> {
+/**
+ * The esbuild target for a context's runtime (`node 12.22.12` is `node12.22`, `deno 1.46.3` is
+ * `deno1.46`); for an unknown one, the oldest a child runs on.
+ */
+export function bundleTarget(runtime: string | null): string {
+  const m = runtime ? /^(node|deno) (\d+)\.(\d+)/.exec(runtime) : null;
+  return m ? `${m[1]}${m[2]}.${m[3]}` : "node12";
+}
+
+/**
+ * Bundle the module at `specifier` (a file URL or path) for esbuild `target`
+ * (see {@link bundleTarget}); cached per target while its inputs are unchanged.
+ */
+export async function bundle(specifier: string | URL, target = "es2022"): Promise<Bundle> {
   const file = specifier instanceof URL || specifier.startsWith("file:") ? fileURLToPath(specifier) : resolve(specifier);
-  const hit = cache.get(file);
+  const key = `${target}:${file}`;
+  const hit = cache.get(key);
   if (hit) {
     const entry = await hit.catch(() => null);
     if (entry && unchanged(entry)) return entry;
   }
-  const pending = build(file);
-  cache.set(file, pending);
-  pending.catch(() => cache.delete(file));
+  const pending = build(file, target);
+  cache.set(key, pending);
+  pending.catch(() => cache.delete(key));
   return pending;
 }
 
-async function build(file: string): Promise<Entry> {
+async function build(file: string, target: string): Promise<Entry> {
   const esbuild = await import("esbuild").catch((err: unknown) => {
     throw new MitogenError("ctx.import() needs the esbuild package on the master (npm install esbuild)", { cause: err });
   });
@@ -82,7 +95,7 @@ async function build(file: string): Promise<Entry> {
       write: false,
       format: "cjs",
       platform: "node",
-      target: "es2022",
+      target,
       metafile: true,
       sourcemap: "external",
       outfile: join(dirname(file), "mitogen-bundle.js"),

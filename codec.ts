@@ -34,6 +34,7 @@
  */
 import { Decoder, Encoder, ExtData, ExtensionCodec, encodeTimestampExtension } from "@msgpack/msgpack";
 import { AbortError, CallError, ChannelError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
+import { hasOwn } from "./runtime.ts";
 
 /** Extension type numbers. */
 export const EXT = {
@@ -317,12 +318,12 @@ function rebuildError(fields: unknown): Error {
   const f = (typeof fields === "object" && fields !== null ? fields : {}) as Record<string, unknown>;
   const name = typeof f.name === "string" ? f.name : "Error";
   const message = typeof f.message === "string" ? f.message : "";
-  const Ctor = Object.hasOwn(ERROR_CLASSES, name) ? ERROR_CLASSES[name] : undefined;
+  const Ctor = hasOwn(ERROR_CLASSES, name) ? ERROR_CLASSES[name] : undefined;
   const err = Ctor ? new Ctor(message) : new Error(message);
   if (err.name !== name) Object.defineProperty(err, "name", { value: name, writable: true, configurable: true });
   if (typeof f.stack === "string") Object.defineProperty(err, "stack", { value: f.stack, writable: true, configurable: true });
-  if (Object.hasOwn(f, "cause")) Object.defineProperty(err, "cause", { value: f.cause, writable: true, configurable: true });
-  if (Object.hasOwn(f, "code")) Object.defineProperty(err, "code", { value: f.code, writable: true, configurable: true, enumerable: true });
+  if (hasOwn(f, "cause")) Object.defineProperty(err, "cause", { value: f.cause, writable: true, configurable: true });
+  if (hasOwn(f, "code")) Object.defineProperty(err, "code", { value: f.code, writable: true, configurable: true, enumerable: true });
   return err;
 }
 

@@ -8,8 +8,8 @@
  */
 import { AbortError, CallError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
 import { type Binder, type Secret, WIRE_REF, type WireRef } from "./codec.ts";
-import { type Boot, childTransport, exitProcess, onUncaught, setTitle, watchParent } from "./runtime.ts";
-import { DEFAULT_MAX_MESSAGE_SIZE, FIRST_DYNAMIC_HANDLE, HANDLE, MARKER, Message, Stream } from "./frames.ts";
+import { Abort, asyncDispose, type Boot, builtin, builtinsReady, childTransport, exitProcess, hasOwn, onUncaught, setTitle, watchParent } from "./runtime.ts";
+import { CORE, DEFAULT_MAX_MESSAGE_SIZE, FIRST_DYNAMIC_HANDLE, HANDLE, MARKER, Message, Stream } from "./frames.ts";
 import { type GetOptions, Receiver, Sender } from "./select.ts";
 import { FlowControl } from "./flow.ts";
 
@@ -111,7 +111,7 @@ export interface SshOptions {
   compression?: boolean;
   /** Milliseconds from starting ssh to the child's CONNECTED (default 30 000). */
   connectTimeout?: number;
-  /** "auto" (node, then deno: default), "node", "deno", or a path on the target. */
+  /** "auto" (default: the newest of node and nodejs on the target's PATH, else deno), "node", "deno", or a path on the target. */
   runtime?: string;
   /** Run ssh from this context instead. */
   via?: Context;
@@ -144,7 +144,7 @@ export interface StartOptions {
   via?: Context;
   /** Milliseconds until the child must be connected (default 30 000). */
   connectTimeout?: number;
-  /** "auto" (node, then deno: default), "node", "deno", or a path inside the target. */
+  /** "auto" (default: the newest of node and nodejs on the target's PATH, else deno), "node", "deno", or a path inside the target. */
   runtime?: string;
   /** The tool's executable (default: its usual name, looked up on PATH). */
   path?: string;
@@ -189,6 +189,8 @@ export interface SuOptions extends StartOptions {
 /** What a connection method reports about a live child. */
 export interface ChildLink {
   stream: Stream;
+  /** The child's runtime, as its first stage reported it (`node 12.22.12`, `deno 2.9.6`). */
+  runtime?: string;
   /** Ask the child to stop; resolves when it has gone (killing it after a grace period). */
   stop(): Promise<void>;
   /** How its process ended ("exited with code 3"), waiting at most `ms` for it; null if it still runs. */
@@ -299,9 +301,9 @@ export class Router implements Binder, AsyncDisposable {
     if (done) return Promise.resolve(done);
     let pending = this.#loading.get(name);
     if (!pending) {
-      pending = this.fetchModuleCode(name)
-        .then((code) => {
-          const m = evaluateModule(process.getBuiltinModule("node:zlib").inflateRawSync(code).toString(), name);
+      pending = Promise.all([this.fetchModuleCode(name), builtinsReady()])
+        .then(([code]) => {
+          const m = evaluateModule(builtin("node:zlib").inflateRawSync(code).toString(), name);
           this.modules.set(name, m);
           return m;
         })
@@ -334,8 +336,8 @@ export class Router implements Binder, AsyncDisposable {
     return err;
   }
 
-  /** Bundle a module for {@link Context.import}; only the master can. */
-  bundleModule(specifier: string | URL): Promise<string> {
+  /** Bundle a module for {@link Context.import}, for a context on `runtime` (see {@link Context.runtime}); only the master can. */
+  bundleModule(specifier: string | URL, _runtime: string | null = null): Promise<string> {
     return Promise.reject(new MitogenError(`cannot bundle ${specifier} in ${this.name}: only the master bundles modules`));
   }
 
@@ -567,7 +569,8 @@ export class Router implements Binder, AsyncDisposable {
     this.#parentOf.set(remoteId, this.myId);
     const ctx = this.contextById(remoteId, name);
     ctx.name = name;
-    this.#announce(HANDLE.ADD_ROUTE, [remoteId, name, this.myId]);
+    ctx.runtime = link.runtime ?? null;
+    this.#announce(HANDLE.ADD_ROUTE, [remoteId, name, this.myId, ctx.runtime]);
     return ctx;
   }
 
@@ -590,7 +593,7 @@ export class Router implements Binder, AsyncDisposable {
   }
 
   #onAddRoute(msg: Message, stream: Stream | null): void {
-    const [id, name, parent] = msg.unpickle() as [number, string, number];
+    const [id, name, parent, runtime] = msg.unpickle() as [number, string, number, string | null];
     // Only an id this context allocated through that stream, below a parent behind it too: no child takes another's id.
     const ids = stream ? this.#allocated.get(stream) : undefined;
     if (!stream || !ids?.has(id) || (parent !== stream.remoteId && this.#routes.get(parent) !== stream)) {
@@ -600,8 +603,8 @@ export class Router implements Binder, AsyncDisposable {
     ids.delete(id);
     this.#routes.set(id, stream);
     this.#parentOf.set(id, parent);
-    this.contextById(id, typeof name === "string" ? name : null);
-    this.#announce(HANDLE.ADD_ROUTE, [id, name, parent]);
+    this.contextById(id, typeof name === "string" ? name : null).runtime = typeof runtime === "string" ? runtime : null;
+    this.#announce(HANDLE.ADD_ROUTE, [id, name, parent, runtime ?? null]);
   }
 
   #onDelRoute(msg: Message, stream: Stream | null): void {
@@ -802,7 +805,7 @@ export class Router implements Binder, AsyncDisposable {
     return [...this.#links.values()];
   }
 
-  [Symbol.asyncDispose](): Promise<void> {
+  [asyncDispose](): Promise<void> {
     return this.shutdown();
   }
 }
@@ -838,6 +841,11 @@ export class Context implements WireRef, AsyncDisposable {
   name: string;
   /** The context this one was started through, if known. */
   via: Context | null = null;
+  /**
+   * The runtime it runs on, as its first stage reported it (`node 12.22.12`, `deno 2.9.6`); null when
+   * not known here (a context above this one). The master bundles `import`ed modules for it.
+   */
+  runtime: string | null = null;
   #disconnected: string | null = null;
   #waiters: ((reason: string) => void)[] = [];
 
@@ -986,7 +994,7 @@ export class Context implements WireRef, AsyncDisposable {
     return `Context(${this.contextId}, ${JSON.stringify(this.name)})`;
   }
 
-  [Symbol.asyncDispose](): Promise<void> {
+  [asyncDispose](): Promise<void> {
     return this.shutdown({ wait: true });
   }
 }
@@ -1042,7 +1050,7 @@ export class CallScope {
 
   /** As {@link Context.import}; the functions returned carry this scope's options. */
   async import<T>(specifier: string | URL): Promise<Remote<T>> {
-    const name = await this.context.router.bundleModule(specifier);
+    const name = await this.context.router.bundleModule(specifier, this.context.runtime);
     const load = Message.encoded([CALL.LOAD, name, [], 0, limits(this.options)], { handle: HANDLE.CALL_FUNCTION });
     const exported = (await this.#start(load).get()).unpickle() as string[];
     const remote: Record<string, (...args: unknown[]) => Promise<unknown>> = {};
@@ -1188,11 +1196,16 @@ export function evaluateModule(src: string, name: string): Record<string, unknow
   const module = { exports: {} as Record<string, unknown> };
   const require = (id: string): unknown => {
     if (id === "mitogen") return runningCore ?? {};
-    const builtin = process.getBuiltinModule(id);
-    if (builtin) return builtin;
+    const found = builtin(id);
+    if (found) return found;
     throw new MitogenError(`module ${name} requires ${JSON.stringify(id)}, which is neither "mitogen" nor a runtime builtin`);
   };
-  new Function("module", "exports", "require", "__name", src)(module, module.exports, require, keepName);
+  // Indirect eval of a wrapper, not `new Function`: the lines `new Function` adds before the body differ
+  // between V8 versions (none on Node 12, two later), and shipped modules' stacks are mapped by line.
+  // biome-ignore lint/security/noGlobalEval: running shipped code is the point; indirect, so in global scope.
+  const evaluate: (code: string) => unknown = globalThis.eval;
+  const wrapped = evaluate(`(function (module, exports, require, __name) {\n${src}\n})`) as (...args: unknown[]) => void;
+  wrapped(module, module.exports, require, keepName);
   return module.exports;
 }
 
@@ -1237,7 +1250,7 @@ export function installDispatcher(router: Router): void {
           const body = msg.unpickle() as [number, string, unknown[], number?, CallLimits?];
           kind = body[0];
           const [, target, args, flags = 0, lim] = body;
-          if (lim) controller = new AbortController();
+          if (lim) controller = new Abort();
           if (lim?.cancel && msg.replyTo && controller) running.set(key, controller);
           if (typeof lim?.timeout === "number") {
             const ms = lim.timeout;
@@ -1254,13 +1267,13 @@ export function installDispatcher(router: Router): void {
               const mod = target.slice(0, hash);
               const name = target.slice(hash + 1);
               const m = await router.requireModule(mod);
-              const f = Object.hasOwn(m, name) ? m[name] : undefined;
+              const f = hasOwn(m, name) ? m[name] : undefined;
               if (typeof f !== "function") throw new MitogenError(`${mod} has no exported function ${JSON.stringify(name)}`);
               fn = f as Shippable;
             } else fn = compile(target);
             const extra =
               flags & CALL.TAKES_ROUTER || isTakesRouter(fn)
-                ? [{ router, econtext: router, msg, signal: (controller ??= new AbortController()).signal } satisfies CallContext]
+                ? [{ router, econtext: router, msg, signal: (controller ??= new Abort()).signal } satisfies CallContext]
                 : [];
             result = await fn(...(Array.isArray(args) ? args : []), ...extra);
           }
@@ -1340,12 +1353,13 @@ export interface ChildConfig {
 }
 
 /** Entry point of the payload: the first stage calls this with what it read. */
-export function childMain(boot: Boot, core: Record<string, unknown>): void {
+export function childMain(boot: Boot, core: Record<string, unknown>, payloadName: string = CORE.MODERN): void {
   runningCore = core;
   const transport = childTransport(boot);
   const router = new Router();
   setActiveRouter(router, true);
   router.payload = boot.payload;
+  router.moduleCode.set(payloadName, boot.payload);
   router.name = boot.name;
   const stream = new Stream("parent", transport);
   setTitle(`mitogen:${boot.name}`);

@@ -9,6 +9,12 @@
 /** Base class of every error mitogen raises. */
 export class MitogenError extends Error {
   override name = "MitogenError";
+
+  constructor(message?: string, options?: ErrorOptions) {
+    super(message, options);
+    // Runtimes before ES2022's `cause` (Node < 16.9) ignore the option: set it as newer ones do.
+    if (options && "cause" in options && !("cause" in this)) Object.defineProperty(this, "cause", { value: options.cause, writable: true, configurable: true });
+  }
 }
 
 /**

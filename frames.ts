@@ -54,16 +54,27 @@ export const FRAME = {
 
 /** Lines the bootstrap writes on the stream before any frame. */
 export const MARKER = {
-  /** First stage is up and waits for the payload. */
-  READY: "MITO000\n",
+  /** First stage is up and waits for the payload; the rest of its line says `<runtime> <version>` (`node 12.22.12`). */
+  READY: "MITO000 ",
   /** Core is running; frames follow. */
   CONNECTED: "MITO001\n",
+} as const;
+
+/**
+ * Module names of the core payloads: `MODERN` (ES2022) for Node 16.11 and later and every Deno, `LOWERED`
+ * (syntax lowered for Node 12) for Node 12 to 16.10. Every context holds the one it runs; the master both.
+ */
+export const CORE = {
+  MODERN: "mitogen:core",
+  LOWERED: "mitogen:core-node12",
 } as const;
 
 /** Default cap on one message's data, checked from the frame header. */
 export const DEFAULT_MAX_MESSAGE_SIZE: number = 128 * 1024 * 1024;
 
 const EMPTY = new Uint8Array(0);
+/** Longest rest of a marker line (see {@link Stream.expectMarker}). */
+const MARKER_LINE_MAX = 100;
 const ascii = new TextEncoder();
 
 // ---------------------------------------------------------------------------
@@ -253,7 +264,8 @@ export class Stream {
   /** A large frame's data, filled in place as its chunks arrive. */
   #frame: Uint8Array | null = null;
   #filled = 0;
-  #markers: { marker: Uint8Array; resolve: () => void; reject: (e: Error) => void; skip?: ((text: string) => void) | undefined }[] = [];
+  #markers: { marker: Uint8Array; line: boolean; resolve: (rest: string) => void; reject: (e: Error) => void; skip?: ((text: string) => void) | undefined }[] =
+    [];
   #closed = false;
   #closeReason: Error | undefined;
 
@@ -276,14 +288,16 @@ export class Stream {
   }
 
   /**
-   * Resolve once exactly `marker` arrives next on the stream. With `skip`,
+   * Resolve once exactly `marker` arrives next on the stream. A marker that
+   * ends in a space starts a line: the promise resolves with the rest of it
+   * (printable ASCII, at most 100 bytes, without the newline). With `skip`,
    * bytes before the marker are handed to it instead of being an error (a
    * terminal's prompts and echoes, ahead of the first stage).
    */
-  expectMarker(marker: string, skip?: (text: string) => void): Promise<void> {
+  expectMarker(marker: string, skip?: (text: string) => void): Promise<string> {
     return new Promise((resolve, reject) => {
       if (this.#closed) return reject(this.#closeReason ?? new StreamError(`${this.name}: stream closed`));
-      this.#markers.push({ marker: ascii.encode(marker), resolve, reject, skip });
+      this.#markers.push({ marker: ascii.encode(marker), line: marker.endsWith(" "), resolve, reject, skip });
       this.#parse();
     });
   }
@@ -425,14 +439,33 @@ export class Stream {
         const m = this.#markers[0];
         if (m) {
           if (m.skip && this.#buffered && !this.#skipTo(m.marker, m.skip)) return;
-          if (this.#buffered < m.marker.byteLength) return;
-          const got = this.#take(m.marker.byteLength);
-          if (!got.every((b, i) => b === m.marker[i])) {
-            const text = new TextDecoder().decode(got).replace(/[^\x20-\x7e]/g, "?");
-            throw new StreamError(`${this.name}: expected bootstrap marker, got ${JSON.stringify(text)}`);
+          const size = m.marker.byteLength;
+          if (this.#buffered < size) return;
+          const got = this.#take(Math.min(this.#buffered, m.line ? size + MARKER_LINE_MAX + 1 : size));
+          const bad = (why = "") => {
+            const text = new TextDecoder().decode(got.subarray(0, size + MARKER_LINE_MAX)).replace(/[^\x20-\x7e]/g, "?");
+            return new StreamError(`${this.name}: expected bootstrap marker${why}, got ${JSON.stringify(text)}`);
+          };
+          if (!m.marker.every((b, i) => b === got[i])) throw bad();
+          // A line's rest: printable ASCII up to the newline.
+          let end = size;
+          if (m.line) {
+            end = got.indexOf(10, size);
+            for (let i = size; i < (end < 0 ? got.byteLength : end); i++) if ((got[i] as number) < 0x20 || (got[i] as number) > 0x7e) throw bad(" line");
+            if (end < 0) {
+              if (got.byteLength > size + MARKER_LINE_MAX) throw bad(" line");
+              this.#chunks.unshift(got);
+              this.#buffered += got.byteLength;
+              return;
+            }
+          }
+          const rest = got.subarray(m.line ? end + 1 : size);
+          if (rest.byteLength) {
+            this.#chunks.unshift(rest);
+            this.#buffered += rest.byteLength;
           }
           this.#markers.shift();
-          m.resolve();
+          m.resolve(new TextDecoder().decode(got.subarray(size, end)));
           continue;
         }
         if (!this.#header) {

@@ -7,6 +7,7 @@
 import {
   CallError,
   type Context,
+  CORE,
   Router as CoreRouter,
   DEFAULT_MAX_MESSAGE_SIZE,
   HANDLE,
@@ -19,7 +20,7 @@ import {
   type SshOptions,
   type Stream,
 } from "./core.ts";
-import { bundle, mapStack } from "./bundler.ts";
+import { bundle, bundleTarget, mapStack } from "./bundler.ts";
 import * as parentModule from "./parent.ts";
 import { payloads } from "./payload.ts";
 
@@ -117,6 +118,8 @@ export class Router extends CoreRouter {
     if (name === "mitogen:parent" && !this.payload) {
       const built = await payloads();
       this.payload ??= built.core;
+      this.moduleCode.set(CORE.MODERN, built.core);
+      this.moduleCode.set(CORE.LOWERED, built.coreLowered);
       this.moduleCode.set("mitogen:parent", built.parent);
       this.modules.set("mitogen:parent", parentModule as unknown as Record<string, unknown>);
     }
@@ -128,15 +131,17 @@ export class Router extends CoreRouter {
     if (options.transport !== "ssh2") return super.ssh(options);
     if (options.via) throw new MitogenError("transport ssh2 runs in the master only: it cannot be used with via");
     await this.requireModule("mitogen:parent");
-    const payload = this.payload as Uint8Array;
     const id = await this.allocateId();
     const { connectSsh2 } = await import("./ssh2.ts");
-    return connectSsh2(this, options, id, options.name ?? `ssh.${options.hostname}.${id}`, payload);
+    return connectSsh2(this, options, id, options.name ?? `ssh.${options.hostname}.${id}`);
   }
 
-  /** Bundle `specifier` with esbuild (cached while its sources are unchanged) and hold it for GET_MODULE. */
-  override async bundleModule(specifier: string | URL): Promise<string> {
-    const { name, code } = await bundle(specifier);
+  /**
+   * Bundle `specifier` with esbuild for a context on `runtime` (cached per runtime while its sources are
+   * unchanged) and hold it for GET_MODULE.
+   */
+  override async bundleModule(specifier: string | URL, runtime: string | null = null): Promise<string> {
+    const { name, code } = await bundle(specifier, bundleTarget(runtime));
     this.moduleCode.set(name, code);
     return name;
   }

@@ -18,8 +18,11 @@ import {
   HANDLE,
   isDeno,
   type LocalOptions,
+  builtin,
+  CORE,
   MARKER,
   Message,
+  nodeProcess,
   type Router,
   Stream,
   StreamError,
@@ -87,27 +90,33 @@ export interface SshSpec {
   sshArgs: string[];
   sshPath: string;
   compression: boolean;
-  /** "auto" (node, then deno), "node", "deno", or a path on the target. */
+  /** "auto" (the newest of node and nodejs, else deno), "node", "deno", or a path on the target. */
   runtime: string;
 }
 
 /**
  * The first stage, as evaluated by `node -e` or `deno eval` with argv
- * `<name> <payload length>`. It writes the READY marker, reads exactly the
- * payload, inflates it and runs it; on EOF or garbage it says why on stderr
- * and exits 1. No single quotes, so it is safe inside '...' in any POSIX shell.
+ * `<name>`. It writes the READY line (`MITO000 <runtime> <version>`), reads
+ * the payload's length (u32, big-endian) and then exactly the payload,
+ * inflates it and runs it; on EOF or garbage it says why on stderr and exits
+ * 1. No single quotes, so it is safe inside '...' in any POSIX shell. It
+ * parses on every runtime that can report itself, so one too old to run the
+ * core is still named (see {@link childRuntime}).
  *
- * Node reads its stream from fd 3 (see runtime.ts); Deno from fds 0/1.
+ * Node reads its stream from fd 3 (see runtime.ts); Deno from fds 0/1. The
+ * Node core gets `require` (`node -e` has it on every version) for builtins
+ * where `process.getBuiltinModule` is missing (see `builtin` in runtime.ts).
  */
 export function firstStage(kind: "node" | "deno", fds: "socket" | "split" | "tty" = "socket"): string {
-  const ready = `"${MARKER.READY.trim()}\\n"`;
-  const fail = `e=m=>{console.error("mitogen("+N+"): "+m);process.exit(1)}`;
+  const ready = (version: string) => `"${MARKER.READY}${kind} "+${version}+"\\n"`;
+  const fail = (exit: string) => `e=m=>{console.error("mitogen("+N+"): "+m);${exit}(1)}`;
   const run = (inflate: string, boot: string) => `try{new Function("B",${inflate}+"")(${boot})}catch(x){e("bad payload: "+x)}`;
   if (kind === "deno") {
     return (
-      `const[N,L]=Deno.args,n=+L,b=new Uint8Array(n),${fail};` +
-      `Deno.stdout.writeSync(new TextEncoder().encode(${ready}));` +
-      `for(let o=0,r;o<n;o+=r)if((r=await Deno.stdin.read(b.subarray(o)))===null)e("EOF before payload");` +
+      `const N=Deno.args[0],${fail("Deno.exit")},` +
+      `r=async n=>{const b=new Uint8Array(n);for(let o=0,k;o<n;o+=k)if(!(k=await Deno.stdin.read(b.subarray(o))))e("EOF before payload");return b};` +
+      `Deno.stdout.writeSync(new TextEncoder().encode(${ready("Deno.version.deno")}));` +
+      `const b=await r(new DataView((await r(4)).buffer).getUint32(0));` +
       run(`await new Response(new Response(b).body.pipeThrough(new DecompressionStream("deflate-raw"))).text()`, "{name:N,payload:b}")
     );
   }
@@ -119,12 +128,57 @@ export function firstStage(kind: "node" | "deno", fds: "socket" | "split" | "tty
     tty: `T=g("tty"),s=new T.ReadStream(3),w=new T.WriteStream(4)`,
   }[fds];
   return (
-    `const g=process.getBuiltinModule,[N,L]=process.argv.slice(-2),n=+L,${sockets},a=[],${fail},` +
-    `f=d=>{a.push(d);if((l+=d.length)<n)return;s.pause().off("data",f).off("end",h);` +
-    `const b=Buffer.concat(a),p=b.subarray(0,n);l>n&&s.unshift(b.subarray(n));` +
-    `${run(`g("zlib").inflateRawSync(p)`, "{socket:s,out:w,name:N,payload:p}")}},h=()=>e("EOF before payload");` +
-    `let l=0;s.on("data",f).on("end",h);w.write(${ready})`
+    `const g=require,N=process.argv.pop(),${sockets},${fail("process.exit")},` +
+    `f=d=>{b=b?Buffer.concat([b,d]):d;if(b.length<4||b.length<(n=b.readUInt32BE(0)+4))return;s.pause().off("data",f).off("end",h);` +
+    `const p=b.subarray(4,n);b.length>n&&s.unshift(b.subarray(n));` +
+    `${run(`g("zlib").inflateRawSync(p)`, "{socket:s,out:w,name:N,payload:p,require:g}")}},h=()=>e("EOF before payload");` +
+    `let b,n;s.on("data",f).on("end",h);w.write(${ready("process.version")})`
   );
+}
+
+/** The oldest runtimes a child runs on: [major, minor]. */
+export const OLDEST = { node: [12, 0], deno: [1, 46] } as const;
+/** Node before this runs the core lowered for Node 12 (no ES2022 class syntax). */
+const MODERN_NODE = [16, 11] as const;
+const dotted = ([major, minor]: readonly number[]) => (minor ? `${major}.${minor}` : `${major}`);
+const SUPPORTED = `children need node ${dotted(OLDEST.node)} or later, or deno ${dotted(OLDEST.deno)} or later`;
+
+/** What a child's first stage reported, and the core payload it gets. */
+export interface ChildRuntime {
+  kind: "node" | "deno";
+  /** As reported: `12.22.12`, `2.9.6`. */
+  version: string;
+  /** `node 12.22.12`, the form Context.runtime and ADD_ROUTE carry. */
+  text: string;
+  /** The core payload's module name (see CORE). */
+  core: string;
+}
+
+const older = (v: readonly number[], than: readonly number[]) => (v[0] ?? 0) < (than[0] ?? 0) || (v[0] === than[0] && (v[1] ?? 0) < (than[1] ?? 0));
+
+/**
+ * Read a READY line's rest (`node 12.22.12`): the runtime, and which core
+ * payload it runs; a StreamError for one too old, naming it and the range.
+ */
+export function childRuntime(ready: string, who: string): ChildRuntime {
+  // Node's first stage says `node v12.22.12`, Deno's `deno 1.46.3`.
+  const m = /^(node|deno) v?((\d+)\.(\d+)\S*)$/.exec(ready);
+  if (!m) throw new StreamError(`${who}: the first stage reported ${JSON.stringify(ready)}, not a runtime and version`);
+  const kind = m[1] as "node" | "deno";
+  const version = m[2] as string;
+  const v = [Number(m[3]), Number(m[4])];
+  if (older(v, OLDEST[kind])) throw new StreamError(`${who}: ${kind} ${version} is too old: ${SUPPORTED}`);
+  return { kind, version, text: `${kind} ${version}`, core: kind === "node" && older(v, MODERN_NODE) ? CORE.LOWERED : CORE.MODERN };
+}
+
+let stages: string[] | null = null;
+
+/** `line` with any first stage in it replaced by `<first stage>`: a program that is no runtime may echo its argv. */
+function withoutStages(line: string): string {
+  if (!/const (g=require|N=Deno)/.test(line)) return line;
+  stages ??= [firstStage("node"), firstStage("node", "split"), firstStage("node", "tty"), firstStage("deno")];
+  for (const stage of stages) line = line.split(stage).join("<first stage>");
+  return line;
 }
 
 const MAX_LINE = 64 * 1024;
@@ -187,34 +241,57 @@ interface Launch {
 }
 
 /** Start a child by `spec.method` and bootstrap it. */
-export function connect(router: Router, spec: ConnectSpec): Promise<Context> {
-  const payload = router.payload;
-  if (!payload) return Promise.reject(new StreamError("this context has no payload to start children with"));
+export async function connect(router: Router, spec: ConnectSpec): Promise<Context> {
   const m = spec.method;
   const launch =
     m.kind === "ssh"
-      ? sshLaunch(spec, m, payload.byteLength)
+      ? sshLaunch(spec, m)
       : m.kind === "sudo"
-        ? sudoLaunch(spec, m, payload.byteLength)
+        ? sudoLaunch(spec, m)
         : m.kind === "wrap"
-          ? wrapLaunch(spec, m, payload.byteLength)
+          ? wrapLaunch(spec, m)
           : m.kind === "su" || m.kind === "doas"
-            ? terminalLaunch(spec, m, payload.byteLength)
-            : localLaunch(spec, m, payload.byteLength);
-  return spawnAndBootstrap(router, spec, launch, payload);
+            ? terminalLaunch(spec, m)
+            : await localLaunch(spec, m);
+  return spawnAndBootstrap(router, spec, launch);
 }
 
-function localLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "local" }>, length: number): Launch {
+/** A runtime named neither node nor deno: is it one? Its `--version` says (`v12.22.12`, `deno 2.9.6 (...)`). */
+function oddName(runtime: string): boolean {
+  return !/node|deno/.test(runtime.slice(runtime.lastIndexOf("/") + 1));
+}
+
+/** Ask `exe --version` what it is; a StreamError when it is neither node nor deno. */
+async function probeRuntime(exe: string, who: string): Promise<"node" | "deno"> {
+  const { execFile } = builtin("node:child_process");
+  const said = await new Promise<string>((resolve, reject) =>
+    execFile(exe, ["--version"], { timeout: 5000 }, (err, stdout, stderr) => {
+      if (err && (err as { code?: unknown }).code === "ENOENT") reject(new StreamError(`cannot start ${exe}: ${err.message}`, { cause: err }));
+      else resolve(`${stdout}${stderr}`.trim().split("\n")[0] ?? "");
+    }),
+  );
+  if (/^v\d+\./.test(said)) return "node";
+  if (/^deno \d+\./.test(said)) return "deno";
+  throw new StreamError(`${who}: ${notRuntime(exe, said)}`);
+}
+
+/** `<exe> is not node or deno (its --version says "Python 3.11.2"): children need ...`. */
+function notRuntime(exe: string, said: string): string {
+  return `${exe} is not node or deno (${said ? `its --version says ${JSON.stringify(said.slice(0, 100))}` : "it prints no --version"}): ${SUPPORTED}`;
+}
+
+async function localLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "local" }>): Promise<Launch> {
   // Default: the runtime of the context doing the starting (decided here, not where the request came from).
-  const cmd = runtimeCommand(m.runtime ?? (isDeno ? "deno" : "node"));
+  const runtime = m.runtime ?? (isDeno ? "deno" : "node");
+  const cmd = oddName(runtime) ? { kind: await probeRuntime(runtime, spec.name), exe: runtime } : runtimeCommand(runtime);
   const stage = firstStage(cmd.kind);
-  const env = { ...process.env, DENO_NO_UPDATE_CHECK: "1", DENO_NO_PROMPT: "1", ...m.env };
+  const env = { ...nodeProcess().env, DENO_NO_UPDATE_CHECK: "1", DENO_NO_PROMPT: "1", ...m.env };
   if (isDeno && cmd.kind === "node") {
     // Deno starts processes with three pipes only (see spawnLaunch): a node child's stream is moved
     // to fds 3 and 4 by a shell, as behind ssh, and what it prints arrives as stderr.
     return {
       exe: "/bin/sh",
-      args: ["-c", remoteCommand(cmd.exe, spec.name, length)],
+      args: ["-c", remoteCommand(cmd.exe, spec.name)],
       env,
       ...(m.cwd === undefined ? {} : { cwd: m.cwd }),
       streamOn: "stdio",
@@ -224,7 +301,7 @@ function localLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "local" }>, l
   }
   return {
     exe: cmd.exe,
-    args: cmd.kind === "node" ? ["-e", stage, spec.name, String(length)] : ["eval", stage, spec.name, String(length)],
+    args: cmd.kind === "node" ? ["-e", stage, spec.name] : ["eval", "--no-config", stage, spec.name],
     env,
     ...(m.cwd === undefined ? {} : { cwd: m.cwd }),
     streamOn: cmd.kind === "node" ? "fd3" : "stdio",
@@ -234,7 +311,7 @@ function localLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "local" }>, l
 
 /** Quote a word for any POSIX shell. */
 export function shellQuote(word: string): string {
-  return /^[\w@%+=:,./-]+$/.test(word) ? word : `'${word.replaceAll("'", `'"'"'`)}'`;
+  return /^[\w@%+=:,./-]+$/.test(word) ? word : `'${word.replace(/'/g, `'"'"'`)}'`;
 }
 
 /**
@@ -242,22 +319,37 @@ export function shellQuote(word: string): string {
  * writes it to fd 4, with stdin at /dev/null and stdout joined to stderr, so
  * nothing it (or a subprocess) prints can reach the stream. Deno keeps the
  * stream on 0/1 (it cannot read an inherited fd 3).
+ *
+ * `auto` runs the newest of `node` and `nodejs` on PATH (by `--version`),
+ * or `deno` when neither is there or the newest is older than Node 12. A
+ * runtime named neither node nor deno is asked `--version` first, and runs
+ * as what it says it is.
  */
-export function remoteCommand(runtime: string, name: string, length: number, terminal = false): string {
+export function remoteCommand(runtime: string, name: string, terminal = false): string {
   // Behind a terminal stdout and stderr are the stream's own device: what the child prints is dropped.
   const out = terminal ? ">/dev/null 2>&1" : "1>&2";
-  const node = (exe: string) =>
-    `exec ${shellQuote(exe)} -e '${firstStage("node", terminal ? "tty" : "split")}' ${shellQuote(name)} ${length} 3<&0 4>&1 </dev/null ${out}`;
+  const node = (exe: string) => `exec ${exe} -e '${firstStage("node", terminal ? "tty" : "split")}' ${shellQuote(name)} 3<&0 4>&1 </dev/null ${out}`;
   const deno = (exe: string) =>
-    `DENO_NO_UPDATE_CHECK=1 exec ${shellQuote(exe)} eval '${firstStage("deno")}' ${shellQuote(name)} ${length}${terminal ? " 2>/dev/null" : ""}`;
+    `DENO_NO_UPDATE_CHECK=1 exec ${exe} eval --no-config '${firstStage("deno")}' ${shellQuote(name)}${terminal ? " 2>/dev/null" : ""}`;
   if (runtime === "auto") {
+    const [major, minor] = OLDEST.node;
+    // p: the newest node found, q: its major * 1000 + minor (a --version that is not a version counts as 0).
     return (
-      `if command -v node >/dev/null 2>&1; then ${node("node")}; ` +
-      `elif command -v deno >/dev/null 2>&1; then ${deno("deno")}; ` +
-      `else echo "mitogen: neither node nor deno found on $(hostname)" >&2; exit 127; fi`
+      `p=;q=-1;for c in node nodejs;do command -v $c >/dev/null 2>&1||continue;v=$($c --version 2>/dev/null </dev/null);v=\${v#v};` +
+      `M=\${v%%.*};m=\${v#*.};m=\${m%%.*};case $M.$m in *[!0-9.]*|.*|*.)M=0 m=0;;esac;[ $((M*1000+m)) -gt $q ]&&p=$c q=$((M*1000+m));done;` +
+      `if [ -n "$p" ]&&{ [ $q -ge ${major * 1000 + minor} ]||! command -v deno >/dev/null 2>&1;};then ${node("$p")};` +
+      `elif command -v deno >/dev/null 2>&1;then ${deno("deno")};` +
+      `else echo "mitogen: neither node nor deno found on $(hostname)" >&2;exit 127;fi`
     );
   }
-  return runtimeCommand(runtime).kind === "deno" ? deno(runtime) : node(runtime);
+  const exe = shellQuote(runtime);
+  if (oddName(runtime)) {
+    return (
+      `v=$(${exe} --version 2>&1 </dev/null);case $v in v[0-9]*)${node(exe)};;"deno "[0-9]*)${deno(exe)};;` +
+      `*)echo "mitogen: ${exe.replace(/["$`\\]/g, "")} is not node or deno; its --version says: $v" >&2;exit 126;;esac`
+    );
+  }
+  return runtimeCommand(runtime).kind === "deno" ? deno(exe) : node(exe);
 }
 
 let askpass: { dir: string; path: string } | null = null;
@@ -265,19 +357,26 @@ let askpass: { dir: string; path: string } | null = null;
 /** A tiny SSH_ASKPASS program: it reports each prompt on stderr and answers with $MITOGEN_SSH_PASSWORD. */
 function askpassProgram(): string {
   if (askpass) return askpass.path;
-  const fs = process.getBuiltinModule("node:fs");
-  const os = process.getBuiltinModule("node:os");
+  const fs = builtin("node:fs");
+  const os = builtin("node:os");
   const dir = fs.mkdtempSync(`${os.tmpdir()}/mitogen-askpass-`);
   const path = `${dir}/askpass`;
   fs.writeFileSync(path, `#!/bin/sh\nprintf '${ASKPASS_MARK} %s\\n' "$1" >&2\nprintf '%s\\n' "$MITOGEN_SSH_PASSWORD"\n`, { mode: 0o700 });
   askpass = { dir, path };
-  process.once("exit", () => fs.rmSync(dir, { recursive: true, force: true }));
+  nodeProcess().once("exit", () => {
+    try {
+      fs.unlinkSync(path);
+      fs.rmdirSync(dir);
+    } catch {
+      // gone already
+    }
+  });
   return path;
 }
 
 const ASKPASS_MARK = "MITOGEN_ASKPASS";
 
-function sshLaunch(spec: ConnectSpec, m: SshSpec, length: number): Launch {
+function sshLaunch(spec: ConnectSpec, m: SshSpec): Launch {
   const host = m.username ? `${m.username}@${m.hostname}` : m.hostname;
   const args = ["-T", "-o", `ConnectTimeout=${Math.max(1, Math.ceil(spec.connectTimeout / 1000))}`, "-o", "ServerAliveInterval=15"];
   if (m.username) args.push("-l", m.username);
@@ -287,14 +386,14 @@ function sshLaunch(spec: ConnectSpec, m: SshSpec, length: number): Launch {
   if (m.checkHostKeys === "ignore") args.push("-o", "UserKnownHostsFile=/dev/null", "-o", "GlobalKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR");
   else if (m.knownHostsFile) args.push("-o", `UserKnownHostsFile=${m.knownHostsFile}`);
   const password = m.password instanceof Secret ? m.password.reveal() : m.password;
-  const env: Record<string, string | undefined> = { ...process.env };
+  const env: Record<string, string | undefined> = { ...nodeProcess().env };
   if (password === undefined) args.push("-o", "BatchMode=yes");
   else {
     args.push("-o", "BatchMode=no", "-o", "NumberOfPasswordPrompts=2");
     Object.assign(env, { SSH_ASKPASS: askpassProgram(), SSH_ASKPASS_REQUIRE: "force", DISPLAY: env.DISPLAY ?? ":0", MITOGEN_SSH_PASSWORD: password });
   }
   if (m.compression) args.push("-C");
-  args.push(...m.sshArgs, "--", m.hostname, remoteCommand(m.runtime, spec.name, length));
+  args.push(...m.sshArgs, "--", m.hostname, remoteCommand(m.runtime, spec.name));
   let prompts = 0;
   let changed = false;
   const fail = (what: string) => new StreamError(`ssh to ${host}: ${what}`);
@@ -337,20 +436,22 @@ function ownRuntime(): string {
 
 /** The remote command's complaint that the target has no runtime (see remoteCommand), or null. */
 export function missingRuntime(line: string): string | null {
-  return /neither node nor deno found/.test(line) ? line.replace(/^mitogen: /, "") : null;
+  if (/neither node nor deno found/.test(line)) return line.replace(/^mitogen: /, "");
+  const odd = /mitogen: (.*) is not node or deno; its --version says: ?(.*)/.exec(line);
+  return odd ? notRuntime(odd[1] ?? "", odd[2] ?? "") : null;
 }
 
-function sudoLaunch(spec: ConnectSpec, m: SudoSpec, length: number): Launch {
+function sudoLaunch(spec: ConnectSpec, m: SudoSpec): Launch {
   // A prompt nobody else prints: answered once; a second one means the password was wrong.
   const prompt = `mitogen-sudo-${spec.id}-password:`;
   const runtime = m.runtime ?? ownRuntime();
-  const args = ["-S", "-p", prompt, "-H", "-u", m.username, ...m.sudoArgs, "--", "/bin/sh", "-c", remoteCommand(runtime, spec.name, length)];
+  const args = ["-S", "-p", prompt, "-H", "-u", m.username, ...m.sudoArgs, "--", "/bin/sh", "-c", remoteCommand(runtime, spec.name)];
   let prompts = 0;
   const fail = (what: string) => new StreamError(`sudo to ${m.username}: ${what}`);
   return {
     exe: m.sudoPath,
     args,
-    env: { ...process.env },
+    env: { ...nodeProcess().env },
     streamOn: "stdio",
     stdoutIsOutput: false,
     prompt: new RegExp(`${prompt}\\s*$`),
@@ -366,19 +467,20 @@ function sudoLaunch(spec: ConnectSpec, m: SudoSpec, length: number): Launch {
       if (/unknown user/.test(line)) return fail(`unknown user (${line.trim()})`);
       if (/is not in the sudoers file|is not allowed to (run|execute)|may not run sudo/.test(line)) return fail(`not allowed (${line.trim()})`);
       if (/incorrect password attempt|a password is required/.test(line)) return fail(m.password ? "incorrect password" : "password required");
-      return undefined;
+      const missing = missingRuntime(line);
+      return missing ? fail(missing) : undefined;
     },
   };
 }
 
 /** A command that runs another command somewhere (docker exec, kubectl exec, nsenter...): it runs `/bin/sh -c`. */
-function wrapLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "wrap" }>, length: number): Launch {
+function wrapLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "wrap" }>): Launch {
   const [exe, ...prefix] = m.argv;
   if (!exe) throw new StreamError(`${spec.name}: empty command`);
   return {
     exe,
-    args: [...prefix, "/bin/sh", "-c", remoteCommand(m.runtime, spec.name, length)],
-    env: { ...process.env },
+    args: [...prefix, "/bin/sh", "-c", remoteCommand(m.runtime, spec.name)],
+    env: { ...nodeProcess().env },
     streamOn: "stdio",
     stdoutIsOutput: false,
     watch(line) {
@@ -394,8 +496,8 @@ function wrapLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "wrap" }>, len
  * (`stty raw -echo`) before the first stage, so the stream passes 8-bit clean.
  * The child's own output goes to /dev/null: on a pty it would share the stream.
  */
-function terminalLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "su" | "doas" }>, length: number): Launch {
-  const inner = `stty raw -echo; ${remoteCommand(m.runtime ?? ownRuntime(), spec.name, length, true)}`;
+function terminalLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "su" | "doas" }>): Launch {
+  const inner = `stty raw -echo; ${remoteCommand(m.runtime ?? ownRuntime(), spec.name, true)}`;
   const argv =
     m.kind === "su"
       ? [m.path ?? "su", ...m.args, m.username, "-s", "/bin/sh", "-c", inner]
@@ -406,14 +508,16 @@ function terminalLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "su" | "do
   return {
     exe: "script",
     args: ["-q", "-e", "-c", argv.map(shellQuote).join(" "), "/dev/null"],
-    env: { ...process.env },
+    env: { ...nodeProcess().env },
     streamOn: "stdio",
     stdoutIsOutput: false,
     terminal(text, answer) {
       seen += text;
+      const missing = missingRuntime(seen);
+      if (missing) return fail(missing);
       if (/Authentication fail|incorrect password|Permission denied/i.test(seen)) return fail("incorrect password");
       if (/Operation not permitted|not allowed|does not exist|[Uu]nknown user|No passwd entry/.test(seen))
-        return fail(`not allowed (${seen.trim().split("\n").at(-1)})`);
+        return fail(`not allowed (${seen.trim().split("\n").pop()})`);
       if (/[Pp]assword[^\n]*:\s*$/.test(seen)) {
         prompts++;
         if (!m.password) return fail("password required");
@@ -455,7 +559,7 @@ export interface Spawned {
  */
 async function spawnLaunch(launch: Launch): Promise<Spawned> {
   if (isDeno) return denoLaunch(launch);
-  const { spawn } = process.getBuiltinModule("node:child_process");
+  const { spawn } = builtin("node:child_process");
   const proc = spawn(launch.exe, launch.args, {
     stdio: launch.streamOn === "fd3" ? ["ignore", "pipe", "pipe", "pipe"] : ["pipe", "pipe", "pipe"],
     env: launch.env,
@@ -464,7 +568,7 @@ async function spawnLaunch(launch: Launch): Promise<Spawned> {
   });
   const kill = () => {
     try {
-      process.kill(-(proc.pid as number), "SIGKILL");
+      nodeProcess().kill(-(proc.pid as number), "SIGKILL");
     } catch {
       // the group is empty (or not ours to signal)
     }
@@ -516,7 +620,7 @@ function denoLaunch(launch: Launch): Spawned {
   let pid = 0;
   const kill = () => {
     try {
-      process.kill(-pid, "SIGKILL");
+      nodeProcess().kill(-pid, "SIGKILL");
     } catch {
       // the group is empty (or not ours to signal)
     }
@@ -544,7 +648,7 @@ function denoLaunch(launch: Launch): Spawned {
 }
 
 /** Start `launch` and bootstrap the child. */
-async function spawnAndBootstrap(router: Router, spec: ConnectSpec, launch: Launch, payload: Uint8Array): Promise<Context> {
+async function spawnAndBootstrap(router: Router, spec: ConnectSpec, launch: Launch): Promise<Context> {
   let child: Spawned;
   try {
     child = await spawnLaunch(launch);
@@ -552,20 +656,21 @@ async function spawnAndBootstrap(router: Router, spec: ConnectSpec, launch: Laun
     launch.cleanup?.();
     throw err;
   }
-  return bootstrap(router, spec, child, launch, payload);
+  return bootstrap(router, spec, child, launch);
 }
 
 /**
  * Bootstrap a started child. Resolves with its Context once it has sent
  * CONNECTED; rejects with TimeoutError after `connectTimeout`, or StreamError
- * if it ends, breaks, or `hooks.watch` reports a failure first.
+ * if it ends, breaks, reports a runtime too old, or `hooks.watch` reports a
+ * failure first. The core payload for the child's runtime comes from this
+ * context's module cache, or its parent's (GET_MODULE).
  */
 export async function bootstrap(
   router: Router,
   spec: ConnectSpec,
   child: Spawned,
   hooks: Pick<Launch, "watch" | "prompt" | "cleanup" | "terminal">,
-  payload: Uint8Array,
 ): Promise<Context> {
   const stream = new Stream(spec.name, nodeTransport(child.reader, child.writer), router.maxMessageSize);
   let connecting = true;
@@ -573,7 +678,8 @@ export async function bootstrap(
   const failure = new Promise<never>((_, reject) => (failed = reject));
   const tail: string[] = [];
   const answer = (text: string) => stream.writeRaw(new TextEncoder().encode(text));
-  const output = (source: LogSource) => (line: string) => {
+  const output = (source: LogSource) => (said: string) => {
+    const line = withoutStages(said);
     if (source === "stderr") {
       if (connecting && hooks.watch) {
         const verdict = hooks.watch(line, answer);
@@ -650,8 +756,13 @@ export async function bootstrap(
     const connected = stream.expectMarker(MARKER.CONNECTED);
     connected.catch(() => {}); // awaited below, unless bootstrap fails first
     // A marker lost to EOF is reported through `failure`, with the exit status.
-    const settle = (marker: Promise<void>) => marker.catch((err: Error) => (err instanceof StreamError && !stream.closed ? Promise.reject(err) : failure));
-    await Promise.race([settle(ready), failure]);
+    const settle = <T>(marker: Promise<T>) => marker.catch((err: Error) => (err instanceof StreamError && !stream.closed ? Promise.reject(err) : failure));
+    const runtime = childRuntime(await Promise.race([settle(ready), failure]), spec.name);
+    link.runtime = runtime.text;
+    const payload = await Promise.race([router.fetchModuleCode(runtime.core), failure]);
+    const length = new Uint8Array(4);
+    new DataView(length.buffer).setUint32(0, payload.byteLength);
+    stream.writeRaw(length);
     stream.writeRaw(payload);
     const config: ChildConfig = {
       contextId: spec.id,
@@ -662,7 +773,7 @@ export async function bootstrap(
       debug: router.debug,
       path: [...router.path, spec.name],
       // The child watches this pid when it shares our machine (see watchParent).
-      ...(/^(local|sudo|su|doas)$/.test(spec.method.kind) ? { parentPid: process.pid } : {}),
+      ...(/^(local|sudo|su|doas)$/.test(spec.method.kind) ? { parentPid: nodeProcess().pid } : {}),
     };
     stream.send(Message.encoded(config, { dst: spec.id, src: router.myId, auth: router.myId, handle: HANDLE.CONFIGURE }));
     await Promise.race([settle(connected), failure]);

@@ -12,8 +12,96 @@
  * `process.stdout` and `Deno.stdout` all write to stderr, which the parent
  * reads as log lines.
  *
+ * Children run on Node 12 and later and Deno 1.46 and later, so the APIs that
+ * differ between those versions are reached through here too: builtins
+ * ({@link builtin}: `process.getBuiltinModule` where it exists, else the
+ * `require` the first stage hands over), `process` itself, AbortController,
+ * `Object.hasOwn` and `Symbol.asyncDispose`.
+ *
  * @module
  */
+
+type GetBuiltin = NodeJS.Process["getBuiltinModule"];
+/** Where `process.getBuiltinModule` is missing: Node's `require` (from the first stage), Deno 1.x's `createRequire`. */
+let loader: ((id: string) => unknown) | null = null;
+let loaded: Promise<void> = Promise.resolve();
+
+/** Resolves once {@link builtin} works: at once, except in a Deno 1.x child, which imports `node:module` first. */
+export function builtinsReady(): Promise<void> {
+  return loaded;
+}
+
+/**
+ * A runtime builtin module (`node:fs`, `zlib`), or undefined for any other id.
+ * Every builtin that code in a child uses comes through here.
+ */
+export const builtin: GetBuiltin = ((id: string): unknown => {
+  if (!loader) return process.getBuiltinModule(id);
+  const bare = id.startsWith("node:") ? id.slice(5) : id;
+  return (loader("module") as { builtinModules: string[] }).builtinModules.includes(bare) ? loader(bare) : undefined;
+}) as GetBuiltin;
+
+/** Node's `process`: the global, or (Deno 1.x, which has none) the builtin module. */
+export function nodeProcess(): NodeJS.Process {
+  return "process" in globalThis ? process : (builtin("node:process") as NodeJS.Process);
+}
+
+const own = Object.prototype.hasOwnProperty;
+/** `Object.hasOwn` (Node 16.9); through `own`, so that no linter's fix turns it back into `Object.hasOwn`. */
+export const hasOwn = (o: object, key: PropertyKey): boolean => own.call(o, key);
+
+/** `Symbol.asyncDispose`, or the symbol Node gives it, where the runtime predates it. */
+export const asyncDispose: typeof Symbol.asyncDispose =
+  (Symbol as { asyncDispose?: typeof Symbol.asyncDispose }).asyncDispose ?? (Symbol.for("nodejs.asyncDispose") as typeof Symbol.asyncDispose);
+
+/** The signal of {@link Abort}, where the runtime has no AbortController with `reason` (Node < 16.14). */
+class Signal {
+  aborted = false;
+  reason: unknown = undefined;
+  onabort: ((ev: { type: string }) => void) | null = null;
+  #listeners: ((ev: { type: string }) => void)[] = [];
+  addEventListener(_type: string, fn: (ev: { type: string }) => void): void {
+    this.#listeners.push(fn);
+  }
+  removeEventListener(_type: string, fn: (ev: { type: string }) => void): void {
+    this.#listeners = this.#listeners.filter((f) => f !== fn);
+  }
+  throwIfAborted(): void {
+    if (this.aborted) throw this.reason;
+  }
+  /** @internal */
+  _abort(reason: unknown): void {
+    if (this.aborted) return;
+    this.aborted = true;
+    this.reason = reason;
+    const ev = { type: "abort" };
+    for (const fn of [this.onabort, ...this.#listeners]) fn?.call(this, ev);
+    this.#listeners = [];
+  }
+}
+
+const abortReason = (): Error => Object.assign(new Error("This operation was aborted"), { name: "AbortError" });
+
+/**
+ * `AbortController`: the runtime's own where its signals have `reason` (Node 16.14, Deno); before that, the
+ * runtime's own with `reason` added (Node 15 and 16), or a small one of the same shape (Node 12 and 14).
+ */
+export const Abort: typeof AbortController =
+  typeof AbortController !== "function"
+    ? (class {
+        readonly signal = new Signal();
+        abort(reason: unknown = abortReason()): void {
+          this.signal._abort(reason);
+        }
+      } as unknown as typeof AbortController)
+    : "reason" in AbortSignal.prototype
+      ? AbortController
+      : class extends AbortController {
+          override abort(reason: unknown = abortReason()): void {
+            if (!this.signal.aborted) Object.defineProperty(this.signal, "reason", { value: reason, configurable: true });
+            super.abort();
+          }
+        };
 
 /** The least a byte stream must offer the router. */
 export interface Transport {
@@ -206,6 +294,8 @@ export interface Boot {
   out?: NodeWritable;
   /** Deno: bytes read past the payload (none: the Deno first stage reads exactly). */
   rest?: Uint8Array;
+  /** Node: the first stage's `require`, for builtins where `process.getBuiltinModule` is missing (Node < 20.16). */
+  require?: (id: string) => unknown;
 }
 
 /**
@@ -213,6 +303,8 @@ export interface Boot {
  * off fd 1 (see the module doc); it must run before any user code.
  */
 export function childTransport(boot: Boot): Transport {
+  // Builtins: process.getBuiltinModule where the runtime has it, else the first stage's require.
+  if (boot.require && !("process" in globalThis && process.getBuiltinModule)) loader = boot.require;
   if (boot.socket) return nodeTransport(boot.socket, boot.out ?? boot.socket);
   if (!deno) throw new Error("mitogen: no stream handed to the core");
   const out = deno.stdout;
@@ -243,7 +335,15 @@ export function childTransport(boot: Boot): Transport {
         return p;
       },
     });
-  } else patch(process as unknown as Parameters<typeof patch>[0]);
+  } else if ("process" in globalThis) patch(process as unknown as Parameters<typeof patch>[0]);
+  else {
+    // Deno 1.x: no `process` global and no getBuiltinModule. Builtins come from createRequire, once imported.
+    const id = "node:module"; // a variable, so no bundler resolves it
+    loaded = import(id).then((m: { createRequire(base: string): (id: string) => unknown }) => {
+      loader = m.createRequire("/");
+      patch(loader("process") as Parameters<typeof patch>[0]);
+    });
+  }
   const con = console as unknown as Record<string, unknown>;
   for (const m of ["log", "info", "debug", "dir", "dirxml", "table"]) con[m] = console.error.bind(console);
   return denoTransport(read, writeSync, boot.rest ?? null);
@@ -329,5 +429,5 @@ export function watchParent(pid = 0): void {
     return;
   }
   // A failing watchdog must not take the process with it.
-  new (process.getBuiltinModule("node:worker_threads").Worker)(src("process"), { eval: true }).on("error", () => {}).unref();
+  new (builtin("node:worker_threads").Worker)(src("process"), { eval: true }).on("error", () => {}).unref();
 }

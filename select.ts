@@ -8,6 +8,7 @@ import { ChannelError, MitogenError, TimeoutError } from "./errors.ts";
 import { WIRE_REF, type WireRef } from "./codec.ts";
 import { FRAME, Message } from "./frames.ts";
 import { Credits } from "./flow.ts";
+import { asyncDispose } from "./runtime.ts";
 import type { Context, Router } from "./core.ts";
 
 // ---------------------------------------------------------------------------
@@ -243,7 +244,7 @@ export class Receiver implements AsyncIterable<Message>, AsyncDisposable, Select
     }
   }
 
-  [Symbol.asyncDispose](): Promise<void> {
+  [asyncDispose](): Promise<void> {
     this.close();
     return Promise.resolve();
   }
@@ -624,7 +625,7 @@ export class Select implements Selectable, AsyncIterable<SelectEvent>, AsyncDisp
     this.notify?.(this);
   }
 
-  [Symbol.asyncDispose](): Promise<void> {
+  [asyncDispose](): Promise<void> {
     this.close();
     return Promise.resolve();
   }

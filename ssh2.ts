@@ -42,7 +42,7 @@ function keyType(key: Uint8Array): string {
 }
 
 /** Start a context over an in-process ssh connection (master only). */
-export async function connectSsh2(router: Router, options: SshOptions, id: number, name: string, payload: Uint8Array): Promise<Context> {
+export async function connectSsh2(router: Router, options: SshOptions, id: number, name: string): Promise<Context> {
   const { Client } = await import("ssh2").catch((err: unknown) => {
     throw new StreamError("transport ssh2 needs the ssh2 package on the master (npm install ssh2)", { cause: err });
   });
@@ -82,7 +82,7 @@ export async function connectSsh2(router: Router, options: SshOptions, id: numbe
       finish(prompts.map(() => password));
     });
     client.on("ready", () => {
-      client.exec(remoteCommand(options.runtime ?? "auto", name, payload.byteLength), (err, ch) => (err ? fail(err.message, err) : resolve(ch)));
+      client.exec(remoteCommand(options.runtime ?? "auto", name), (err, ch) => (err ? fail(err.message, err) : resolve(ch)));
     });
     client.connect({
       host,
@@ -139,16 +139,10 @@ export async function connectSsh2(router: Router, options: SshOptions, id: numbe
     },
     onError: (cb) => client.on("error", (err: Error) => cb(new StreamError(`ssh to ${who}: ${err.message}`, { cause: err }))),
   };
-  return bootstrap(
-    router,
-    spec,
-    child,
-    {
-      watch: (line) => {
-        const missing = missingRuntime(line);
-        return missing ? new StreamError(`ssh to ${who}: ${missing}`) : undefined;
-      },
+  return bootstrap(router, spec, child, {
+    watch: (line) => {
+      const missing = missingRuntime(line);
+      return missing ? new StreamError(`ssh to ${who}: ${missing}`) : undefined;
     },
-    payload,
-  );
+  });
 }

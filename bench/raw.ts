@@ -13,9 +13,9 @@ export interface Runtime {
   exe: string;
 }
 
-/** argv to evaluate `src` with `rt`. */
+/** argv to evaluate `src` with `rt` (as mitogen starts it: Deno without a config file). */
 function evalArgs(rt: Runtime, src: string): string[] {
-  return rt.kind === "node" ? ["-e", src] : ["eval", src];
+  return rt.kind === "node" ? ["-e", src] : ["eval", "--no-config", src];
 }
 
 const ENV = { ...process.env, DENO_NO_UPDATE_CHECK: "1", DENO_NO_PROMPT: "1" };

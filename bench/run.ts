@@ -6,6 +6,9 @@
  *
  *   node --import tsx bench/run.ts [--runtime node|deno] [--quick] [--only 1,3,11]
  *
+ * Line 12 runs once per runtime of the matrix (tests/matrix.ts) that is
+ * installed (`bash .ci/install-runtimes`).
+ *
  * @module
  */
 import { spawnSync } from "node:child_process";
@@ -20,6 +23,7 @@ import { firstStage, shellQuote } from "../parent.ts";
 import { payloads } from "../payload.ts";
 import { bounded, cell, num, perOpMicros, pool, type Scope, type Stats, spread, stats, timeMs } from "./lib.ts";
 import { setupHosts, type TestHosts, teardownHosts } from "../tests/hosts.ts";
+import { matrix } from "../tests/matrix.ts";
 import { commandToExit, killAll, RawPeer, type Runtime, spawnToExit, streamFrom } from "./raw.ts";
 
 const { values } = parseArgs({
@@ -31,7 +35,7 @@ const { values } = parseArgs({
   },
 });
 if (values.help) {
-  console.log("usage: node --import tsx bench/run.ts [--runtime node|deno] [--quick] [--only 1,3,11]");
+  console.log("usage: node --import tsx bench/run.ts [--runtime node|deno] [--quick] [--only 1,3,11,12]");
   process.exit(0);
 }
 const kind = values.runtime;
@@ -80,7 +84,11 @@ const log = (rec: LogRecord) => {
 const newRouter = () => new Router({ log });
 
 const zero = () => 0;
-const pidOf = () => process.pid;
+// Shipped as source to every runtime of line 12: no `process` on Deno 1.x, no `?.` on Node 12.
+const pidOf = () => {
+  const deno = (globalThis as { Deno?: { pid: number } }).Deno;
+  return deno ? deno.pid : process.pid;
+};
 const echo = (b: Uint8Array) => b;
 
 // ---------------------------------------------------------------------------
@@ -191,11 +199,11 @@ async function waitGone(pid: number, limitMs = 5000): Promise<void> {
 }
 
 /** One `router.local()` + one call + shutdown (to the child's exit), with a router of its own. */
-async function bootOnce(scope: Scope): Promise<void> {
+async function bootOnce(scope: Scope, exe: string = runtime): Promise<void> {
   let pid: number;
   {
     await using router = scope.add(newRouter());
-    const ctx = await router.local({ runtime, name: "boot", connectTimeout: 20_000 });
+    const ctx = await router.local({ runtime: exe, name: "boot", connectTimeout: 20_000 });
     pid = await ctx.call(pidOf);
   }
   await waitGone(pid);
@@ -224,6 +232,43 @@ async function benchBoot(): Promise<void> {
     row(name, spread(stats(r.mito), 1, " ms"), spread(stats(r.raw), 1, " ms"), ratioCell(r, q, 2, "x"), "<= 1.3x", q.median <= 1.3 ? "PASS" : "MISS");
   } catch (err) {
     failed(name, err);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 12. bootstrap + first call on every runtime of the matrix
+
+async function benchMatrix(): Promise<void> {
+  for (const m of matrix()) {
+    const name = `12 boot + call, ${m.runtime ?? m.name}`;
+    if (!m.runtime) {
+      row(name, "not installed", "", "", "<= 1.3x", "SKIP");
+      continue;
+    }
+    try {
+      const own: Runtime = { kind: m.kind, exe: m.exe };
+      const per = quick ? 1 : 2;
+      const avg = async (fn: () => Promise<void>) => {
+        let total = 0;
+        for (let i = 0; i < per; i++) total += await timeMs(fn);
+        return total / per;
+      };
+      const r = await bounded(60_000, async (scope) => {
+        const boot = () => bootOnce(scope, m.exe);
+        await avg(boot);
+        await avg(() => spawnToExit(own));
+        return rounds(
+          quick ? 3 : 5,
+          8_000 * P.budget,
+          () => avg(boot),
+          () => avg(() => spawnToExit(own)),
+        );
+      });
+      const q = ratios(r.mito, r.raw);
+      row(name, spread(stats(r.mito), 1, " ms"), spread(stats(r.raw), 1, " ms"), ratioCell(r, q, 2, "x"), "<= 1.3x", q.median <= 1.3 ? "PASS" : "MISS");
+    } catch (err) {
+      failed(name, err);
+    }
   }
 }
 
@@ -447,16 +492,20 @@ async function benchFleet(): Promise<void> {
 async function benchSizes(): Promise<void> {
   try {
     const built = await payloads();
-    const len = String(built.core.byteLength);
-    // What the parent runs: `<runtime> -e|eval <first stage> <name> <payload length>`.
+    // What the parent runs: `<node> -e <first stage> <name>`, `<deno> eval --no-config <first stage> <name>`.
     for (const k of ["node", "deno"] as const) {
-      const argv = [k, k === "node" ? "-e" : "eval", firstStage(k), "local.1", len];
+      const argv = k === "node" ? [k, "-e", firstStage(k), "local.1"] : [k, "eval", "--no-config", firstStage(k), "local.1"];
       const chars = argv.join(" ").length;
       row(`6 first-stage argv (${k})`, `${chars} chars`, "", "", "<= 600 chars", chars <= 600 ? "PASS" : "MISS");
     }
-    const kib = built.core.byteLength / 1024;
-    const verdict: Verdict = kib > 40 ? "FAIL" : kib <= 24 ? "PASS" : "MISS";
-    row("6 child payload, compressed", `${num(kib, 1)} KiB`, `(${num(built.coreRaw / 1024, 1)} KiB raw)`, "", "<= 24 KiB (max 40)", verdict);
+    for (const [which, bytes, raw] of [
+      ["", built.core, built.coreRaw],
+      [" (node 12)", built.coreLowered, built.coreLoweredRaw],
+    ] as const) {
+      const kib = bytes.byteLength / 1024;
+      const verdict: Verdict = kib > 40 ? "FAIL" : kib <= 24 ? "PASS" : "MISS";
+      row(`6 child payload${which}, compressed`, `${num(kib, 1)} KiB`, `(${num(raw / 1024, 1)} KiB raw)`, "", "<= 24 KiB (max 40)", verdict);
+    }
   } catch (err) {
     failed("6 sizes", err);
   }
@@ -888,16 +937,21 @@ async function main(): Promise<number> {
     [[7], benchFirstImport],
     [[8], benchModuleCall],
     [[11], benchStream],
+    [[12], benchMatrix],
     [[9, 10], benchHosts],
   ];
   for (const [nums, run] of suite) if (nums.some(wanted)) await run();
   console.log("");
   console.log("raw references, measured in this run:");
   detail(`1: one byte ping-pong over stdin/stdout with a ${kind} child echoing each byte`);
-  detail(`2: spawn of \`${kind === "node" ? "node -e ''" : "deno eval ''"}\` to its exit (mitogen: new Router, local(), one call, shutdown, child exited)`);
+  detail(
+    `2: spawn of \`${kind === "node" ? "node -e ''" : "deno eval --no-config ''"}\` to its exit (mitogen: new Router, local(), one call, shutdown, child exited)`,
+  );
   detail(`3: one 64 MiB block written to a ${kind} child echoing stdin to stdout, until all of it is back (MB = 10^6 bytes)`);
   detail(`4: (3 hops - 1 hop) / 2; raw: one byte through a chain of ${kind} processes relaying on stdio`);
-  detail(`5: ${FLEET} x \`${kind === "node" ? "node -e ''" : "deno eval ''"}\` spawn-to-exit; mitogen: local() + one call + shutdown + child exited, each`);
+  detail(
+    `5: ${FLEET} x \`${kind === "node" ? "node -e ''" : "deno eval --no-config ''"}\` spawn-to-exit; mitogen: local() + one call + shutdown + child exited, each`,
+  );
   detail(
     `7: the same ${BIG_CHILDREN} children (all via one parent) each get the module's TypeScript source as the argument of one ctx.call (the bytes shipped ${BIG_CHILDREN} times);`,
   );
@@ -910,6 +964,7 @@ async function main(): Promise<number> {
     `11: a ${kind} child writes ${STREAM_BLOCKS} x 16 MiB to its stdout, read here until all of it is in; ` +
       "mitogen: the child sends the same blocks through a Sender (`await s.send(block)`) to a Receiver here that unpickles each",
   );
+  detail("12: spawn to exit of the same binary evaluating nothing, per runtime (mitogen: as line 2, on that runtime)");
   detail(`9: \`${rawSshArgvText()}\` spawn to exit (-C on the main line, without -C in the compression-off detail);`);
   detail(
     "   mitogen: new Router, ssh() with -F <config> (its own options: -T, ConnectTimeout, ServerAliveInterval, BatchMode, -C), one call, shutdown, ssh and remote child exited",

@@ -1,24 +1,25 @@
 /**
- * The first stage on its own, driven by hand: EOF before the payload, a
- * payload one byte at a time, garbage, and shell safety.
+ * The first stage on its own, driven by hand: the READY line, EOF before the
+ * payload, a payload (and its length) one byte at a time, garbage, and shell
+ * safety.
  */
 import assert from "node:assert/strict";
 import { type ChildProcess, spawn } from "node:child_process";
 import { describe, test } from "node:test";
-import { HANDLE, MARKER, Message, runtimeCommand, writeHeader } from "../core.ts";
-import { firstStage } from "../parent.ts";
+import { CORE, HANDLE, MARKER, Message, runtimeCommand, Stream, writeHeader } from "../core.ts";
+import { childRuntime, firstStage } from "../parent.ts";
 import { payloads } from "../payload.ts";
-import { checkLeaks, RUNTIMES } from "./helpers.ts";
+import { checkLeaks, RUNTIMES, transportPair } from "./helpers.ts";
 
 checkLeaks();
 
 type Io = { write(b: Uint8Array): void; end(): void; read: () => Promise<string>; exited: Promise<{ code: number | null; stderr: string }> };
 
 /** Start the first stage under `kind`, optionally through /bin/sh with the stage in single quotes. */
-function start(kind: "node" | "deno", length: number, viaShell = false): { proc: ChildProcess; io: Io } {
+function start(kind: "node" | "deno", viaShell = false): { proc: ChildProcess; io: Io } {
   const { exe } = runtimeCommand(kind);
   const stage = firstStage(kind);
-  const words = kind === "node" ? [exe, "-e", stage, "boot-test", String(length)] : [exe, "eval", stage, "boot-test", String(length)];
+  const words = kind === "node" ? [exe, "-e", stage, "boot-test"] : [exe, "eval", "--no-config", stage, "boot-test"];
   const stdio: ("pipe" | "ignore")[] = kind === "node" ? ["ignore", "pipe", "pipe", "pipe"] : ["pipe", "pipe", "pipe"];
   const env = { ...process.env, DENO_NO_UPDATE_CHECK: "1" };
   const proc = viaShell
@@ -41,21 +42,36 @@ function start(kind: "node" | "deno", length: number, viaShell = false): { proc:
     write: (b) => inp.write(b),
     end: () => inp.end(),
     exited,
-    /** Resolve with the next 8-byte marker. */
+    /** Resolve with the next marker line, its newline included. */
     read: async () => {
       const deadline = Date.now() + 10_000;
-      while (buffered.length < 8) {
+      while (!buffered.includes("\n")) {
         if (Date.now() > deadline) throw new Error(`no marker; stderr: ${stderr}`);
         await Promise.race([new Promise<void>((r) => (wake = r)), exited.then(() => {}), new Promise((r) => setTimeout(r, 100))]);
-        if (proc.exitCode !== null && buffered.length < 8) throw new Error(`exited ${proc.exitCode}; stderr: ${stderr}`);
+        if (proc.exitCode !== null && !buffered.includes("\n")) throw new Error(`exited ${proc.exitCode}; stderr: ${stderr}`);
       }
-      const m = buffered.slice(0, 8);
-      buffered = buffered.slice(8);
+      const m = buffered.slice(0, buffered.indexOf("\n") + 1);
+      buffered = buffered.slice(m.length);
       return m;
     },
   };
   return { proc, io };
 }
+
+/** The u32 big-endian length the parent sends before the payload. */
+function lengthOf(n: number): Uint8Array {
+  const b = new Uint8Array(4);
+  new DataView(b.buffer).setUint32(0, n);
+  return b;
+}
+
+/** The READY line this very runtime writes: the master runs the same runtime as the child here. */
+const ready = (kind: "node" | "deno") => {
+  const self = (globalThis as { Deno?: { version: { deno: string } } }).Deno;
+  const version =
+    kind === "deno" && self ? self.version.deno : kind === "node" && !self ? process.version : `${kind === "node" ? "v" : ""}\\d+\\.\\d+\\.\\d+\\S*`;
+  return new RegExp(`^${MARKER.READY}${kind} ${version}\n$`);
+};
 
 function configFrame(): Uint8Array[] {
   const msg = Message.encoded(
@@ -70,13 +86,14 @@ for (const kind of RUNTIMES) {
     test("argv is short and shell-safe", () => {
       const stage = firstStage(kind);
       assert.ok(!stage.includes("'"), "no single quote");
-      const argv = [kind, kind === "node" ? "-e" : "eval", stage, "name", "99999"].join(" ");
+      const argv = (kind === "node" ? [kind, "-e", stage, "name"] : [kind, "eval", "--no-config", stage, "name"]).join(" ");
       assert.ok(argv.length <= 600, `argv is ${argv.length} characters`);
     });
 
     test("EOF before the payload exits at once with a clear message", async () => {
-      const { io } = start(kind, 1000);
-      assert.equal(await io.read(), MARKER.READY);
+      const { io } = start(kind);
+      assert.match(await io.read(), ready(kind));
+      io.write(lengthOf(1000));
       io.write(new Uint8Array(10));
       io.end();
       const { code, stderr } = await io.exited;
@@ -86,8 +103,9 @@ for (const kind of RUNTIMES) {
 
     test("garbage instead of the payload exits with a clear message", async () => {
       const garbage = new Uint8Array(500).map((_, i) => (i * 7919) % 256);
-      const { io } = start(kind, garbage.length);
-      assert.equal(await io.read(), MARKER.READY);
+      const { io } = start(kind);
+      assert.match(await io.read(), ready(kind));
+      io.write(lengthOf(garbage.length));
       io.write(garbage);
       const { code, stderr } = await io.exited;
       assert.equal(code, 1);
@@ -96,10 +114,11 @@ for (const kind of RUNTIMES) {
 
     test("a payload delivered one byte at a time boots, through sh -c with single quotes", async () => {
       const { core } = await payloads();
-      const { io } = start(kind, core.byteLength, true);
-      assert.equal(await io.read(), MARKER.READY);
-      for (let i = 0; i < core.byteLength; i++) {
-        io.write(core.subarray(i, i + 1));
+      const { io } = start(kind, true);
+      assert.match(await io.read(), ready(kind));
+      const bytes = new Uint8Array([...lengthOf(core.byteLength), ...core]);
+      for (let i = 0; i < bytes.byteLength; i++) {
+        io.write(bytes.subarray(i, i + 1));
         if (i % 64 === 0) await new Promise((r) => setImmediate(r));
       }
       for (const part of configFrame()) io.write(part);
@@ -110,3 +129,48 @@ for (const kind of RUNTIMES) {
     });
   });
 }
+
+describe("the READY line", () => {
+  /** A Stream whose other end the test writes; resolves what expectMarker(READY) gives, or its error. */
+  const readyFrom = async (...chunks: string[]): Promise<string | Error> => {
+    const [far, near] = transportPair();
+    const stream = new Stream("ready-test", near);
+    stream.start();
+    const got = stream.expectMarker(MARKER.READY).catch((e: Error) => e);
+    for (const c of chunks) {
+      far.inject(new TextEncoder().encode(c));
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    const connected = stream.expectMarker(MARKER.CONNECTED).catch((e: Error) => e);
+    far.inject(new TextEncoder().encode(MARKER.CONNECTED));
+    const result = await got;
+    if (!(result instanceof Error)) assert.equal(await connected, "", "the bytes after the line are the next marker");
+    stream.close();
+    return result;
+  };
+
+  test("gives the rest of its line, however it is cut", async () => {
+    assert.equal(await readyFrom("MITO000 node v12.22.12\n"), "node v12.22.12");
+    assert.equal(await readyFrom("MITO0", "00 deno 1.4", "6.3", "\n"), "deno 1.46.3");
+  });
+
+  test("refuses anything else at once", async () => {
+    assert.match(String(await readyFrom("MITO001\n")), /expected bootstrap marker, got "MITO001/);
+    assert.match(String(await readyFrom("MITO000 node\u0000v1\n")), /expected bootstrap marker line/);
+    assert.match(String(await readyFrom(`MITO000 ${"x".repeat(120)}`)), /expected bootstrap marker line/);
+  });
+
+  test("says which core a runtime gets, or that it is too old", () => {
+    const core = (ready: string) => childRuntime(ready, "t").core;
+    assert.equal(core("node v12.0.0"), CORE.LOWERED);
+    assert.equal(core("node v16.10.0"), CORE.LOWERED);
+    assert.equal(core("node v16.11.0"), CORE.MODERN);
+    assert.equal(core("node v26.1.0"), CORE.MODERN);
+    assert.equal(core("deno 1.46.0"), CORE.MODERN);
+    assert.deepEqual(childRuntime("node v12.22.12", "t"), { kind: "node", version: "12.22.12", text: "node 12.22.12", core: CORE.LOWERED });
+    const range = "children need node 12 or later, or deno 1.46 or later";
+    assert.throws(() => childRuntime("node v10.24.1", "t"), new RegExp(`^StreamError: t: node 10\\.24\\.1 is too old: ${range}$`));
+    assert.throws(() => childRuntime("deno 1.45.5", "t"), new RegExp(`t: deno 1\\.45\\.5 is too old: ${range}`));
+    assert.throws(() => childRuntime("bun 1.2.3", "t"), /t: the first stage reported "bun 1\.2\.3", not a runtime and version/);
+  });
+});

@@ -6,6 +6,8 @@ import { join } from "node:path";
 import { describe, test } from "node:test";
 import { pathToFileURL } from "node:url";
 import { type CallContext, CallError, MitogenError, Receiver, Router, takesRouter } from "../mod.ts";
+import { inflateRawSync } from "node:zlib";
+import { bundle, bundleTarget } from "../bundler.ts";
 import { captureLogs, checkLeaks, RUNTIMES, waitFor } from "./helpers.ts";
 
 checkLeaks();
@@ -150,6 +152,36 @@ test("a module that fails to bundle names the file and line; the context stays u
       (err: unknown) => err instanceof MitogenError && /missing\.ts:1:\d+: Could not resolve/.test(err.message),
     );
     assert.equal(await ctx.call(() => "usable"), "usable");
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("modules are bundled for the runtime the importing context reported, cached per target", async () => {
+  assert.equal(bundleTarget("node 12.22.12"), "node12.22");
+  assert.equal(bundleTarget("deno 1.46.3"), "deno1.46");
+  assert.equal(bundleTarget(null), "node12", "unknown: the oldest a child runs on");
+  const dir = mkdtempSync(join(tmpdir(), "mitogen-mod-"));
+  try {
+    const file = join(dir, "modern.ts");
+    writeFileSync(file, "export const pick = (o?: { a?: number }): number => o?.a ?? 7;\n");
+    const text = async (target: string) => {
+      const b = await bundle(file, target);
+      return { name: b.name, code: inflateRawSync(b.code).toString() };
+    };
+    const old = await text("node12.22");
+    const fresh = await text("node22.1");
+    assert.doesNotMatch(old.code, /\?\?|\?\./, "lowered for Node 12");
+    assert.match(fresh.code, /\?\?/, "kept for Node 22");
+    assert.notEqual(old.name, fresh.name);
+    assert.equal((await text("node12.22")).name, old.name, "cached per target");
+    // A context says what it runs on; its imports are bundled for that.
+    await using router = new Router({ log: captureLogs().log });
+    const ctx = await router.local({ name: "reports" });
+    const self = (globalThis as { Deno?: { version: { deno: string } } }).Deno;
+    assert.equal(ctx.runtime, self ? `deno ${self.version.deno}` : `node ${process.versions.node}`);
+    const mod = await ctx.import<{ pick(o?: { a?: number }): number }>(pathToFileURL(file));
+    assert.deepEqual([await mod.pick(), await mod.pick({ a: 1 })], [7, 1]);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
