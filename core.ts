@@ -263,7 +263,10 @@ export class Router implements Binder, AsyncDisposable {
   constructor() {
     this.broker = new Broker(this);
     this.addHandler((msg, stream) => this.#onAddRoute(msg, stream), { handle: HANDLE.ADD_ROUTE, policy: (m, s) => this.#fromChild(m, s) });
-    this.addHandler((msg, stream) => this.#onDelRoute(msg, stream), { handle: HANDLE.DEL_ROUTE, policy: (m, s) => this.#fromChild(m, s) });
+    this.addHandler((msg, stream) => this.#onDelRoute(msg, stream), {
+      handle: HANDLE.DEL_ROUTE,
+      policy: (m, s) => this.#fromChild(m, s) || (s !== null && s === this.parent && m.auth === this.parentIds[0]),
+    });
     const below = (_m: Message, s: Stream | null) => s !== null && s !== this.parent;
     this.addHandler((msg) => this.#onGetModule(msg), { handle: HANDLE.GET_MODULE, policy: below });
     this.addHandler((msg, stream) => this.#onAllocateId(msg, stream as Stream), { handle: HANDLE.ALLOCATE_ID, policy: below });
@@ -609,7 +612,16 @@ export class Router implements Binder, AsyncDisposable {
 
   #onDelRoute(msg: Message, stream: Stream | null): void {
     const [id, reason] = msg.unpickle() as [number, string];
-    if (typeof id === "number" && this.#routes.get(id) === stream) this.#lost(id, typeof reason === "string" ? reason : "route deleted");
+    if (typeof id !== "number") return;
+    const why = typeof reason === "string" ? reason : "route deleted";
+    if (stream !== this.parent) {
+      if (this.#routes.get(id) === stream) this.#lost(id, why);
+      return;
+    }
+    // From the parent: a context this one talked to, elsewhere in the tree, is gone (never one below here).
+    if (this.#routes.has(id) || id === this.myId || this.parentIds.includes(id)) return;
+    this.#unroute(id, why);
+    this.#contexts.get(id)?._disconnected(why);
   }
 
   /** `id` is gone: drop its route, fail whoever waits on it, tell the parent. */
@@ -626,6 +638,12 @@ export class Router implements Binder, AsyncDisposable {
     const handles = this.#respondents.get(id);
     this.#respondents.delete(id);
     for (const h of handles ?? []) this.#deliverDead(h, reason);
+    // Children that sent to it may wait on it too: tell them (Mitogen's _propagate_down).
+    for (const s of this.#links.keys()) {
+      if (s.talkedTo.delete(id) && !s.closed && s.remoteId !== null && s.remoteId !== id) {
+        this.route(Message.encoded([id, reason], { dst: s.remoteId, handle: HANDLE.DEL_ROUTE }));
+      }
+    }
   }
 
   /** Second half: the context is gone (its process has exited, where we own it); tell the parent. */
@@ -687,6 +705,7 @@ export class Router implements Binder, AsyncDisposable {
       this.log("warn", `dropped ${msg}: src_id ${msg.src} did not arrive on its own route (${stream.name})`);
       return;
     }
+    if (stream !== this.parent && msg.dst !== this.myId) stream.talkedTo.add(msg.dst);
     if (this.unidirectional && stream !== this.parent && msg.dst !== this.myId && !this.parentIds.includes(msg.dst)) {
       const back = this.#routes.get(msg.dst);
       if (back && back !== this.parent) {

@@ -102,6 +102,9 @@ export class FlowControl {
     this.#router.route(msg);
   }
 
+  /** The window of every channel, in bytes ({@link FLOW.WINDOW}). */
+  readonly window: number = FLOW.WINDOW;
+
   /** Bytes outstanding and messages held back, over every channel (for tests and stats). */
   get pending(): { bytes: number; held: number } {
     let bytes = 0;

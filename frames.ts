@@ -252,6 +252,8 @@ export class Stream {
   readonly name: string;
   /** Id of the context at the other end (null until known). */
   remoteId: number | null = null;
+  /** Ids that messages arriving here were sent to (Mitogen's egress_ids): told of by DEL_ROUTE when lost. */
+  readonly talkedTo: Set<number> = new Set();
   maxMessageSize: number;
   onMessage: (msg: Message) => void = () => {};
   onClose: (error?: Error) => void = () => {};

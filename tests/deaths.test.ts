@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { runtimeCommand } from "../core.ts";
-import { ChannelError, type Context, Router } from "../mod.ts";
+import { type CallContext, ChannelError, type Context, Router, type Sender, takesRouter } from "../mod.ts";
 import { alive, captureLogs, checkLeaks, leakedProcesses, RUNTIMES, underDeno, waitFor } from "./helpers.ts";
 
 checkLeaks();
@@ -128,6 +128,32 @@ for (const runtime of RUNTIMES) {
         await failsWith(pending, `context ${name} was killed by SIGKILL`);
         assert.equal(await ctx.disconnected(), `context ${name} was killed by SIGKILL`);
       }
+    });
+
+    test("a sender blocked on a sibling's or a cousin's window is released when that context dies (DEL_ROUTE goes down to who talked to it)", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const a = await router.local({ runtime, name: "sender" });
+      const deep = await router.local({ runtime, name: "deep-sender", via: a });
+      const b = await router.local({ runtime, name: "sibling" });
+      const fixtures = await b.import<typeof import("./fixtures/flow.ts")>(new URL("./fixtures/flow.ts", import.meta.url));
+      const stream = async (s: Sender) => {
+        const block = new Uint8Array(1024 * 1024);
+        try {
+          for (let i = 0; i < 1000; i++) await s.send(block);
+          return "never blocked";
+        } catch (err) {
+          return `${(err as Error).name}: ${(err as Error).message}`;
+        }
+      };
+      const full = takesRouter((call: CallContext) => call.router.flow.pending.bytes >= call.router.flow.window);
+      const pending = [a, deep].map(async (ctx) => ctx.with({ timeout: 20_000 }).call(stream, await fixtures.unreadReceiver()));
+      // Both fill the window of an unread Receiver in the sibling, and wait.
+      for (const ctx of [a, deep]) {
+        for (let i = 0; i < 200 && !(await ctx.call(full)); i++) await new Promise((r) => setTimeout(r, 25));
+        assert.equal(await ctx.call(full), true, `${ctx.name} waits on a full window`);
+      }
+      process.kill(await pidOf(b), "SIGKILL");
+      for (const got of await Promise.all(pending)) assert.match(got, /^ChannelError: .*context sibling was killed by SIGKILL$/);
     });
 
     test("a call to a context that was shut down names it, directly, through a via hop and from a sibling", async () => {
