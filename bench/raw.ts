@@ -179,10 +179,10 @@ const SOURCE =
 
 /**
  * A one-way stream: a child writes `blocks` blocks of `size` bytes to its
- * stdout; resolves with the milliseconds until all of them were read here,
- * and the child's peak RSS in MiB.
+ * stdout; resolves with the milliseconds until all of them were read here
+ * (with `copy`, each gathered into a fresh buffer), and the child's peak RSS in MiB.
  */
-export function streamFrom(rt: Runtime, blocks: number, size: number, limitMs = 120_000): Promise<{ ms: number; peakMiB: number }> {
+export function streamFrom(rt: Runtime, blocks: number, size: number, copy = false, limitMs = 120_000): Promise<{ ms: number; peakMiB: number }> {
   return new Promise((resolve, reject) => {
     const t0 = performance.now();
     const proc = spawn(rt.exe, evalArgs(rt, SOURCE), {
@@ -193,8 +193,22 @@ export function streamFrom(rt: Runtime, blocks: number, size: number, limitMs = 
     let got = 0;
     let ms = 0;
     let err = "";
+    // With `copy`, each block is gathered into a fresh buffer of its own, as a receiver of whole values must.
+    let block: Uint8Array | null = null;
+    let filled = 0;
     proc.stdout?.on("data", (d: Uint8Array) => {
       got += d.byteLength;
+      for (let off = 0; copy && off < d.byteLength; ) {
+        block ??= new Uint8Array(size);
+        const k = Math.min(size - filled, d.byteLength - off);
+        block.set(d.subarray(off, off + k), filled);
+        filled += k;
+        off += k;
+        if (filled === size) {
+          block = null;
+          filled = 0;
+        }
+      }
       if (got === blocks * size) ms = performance.now() - t0;
     });
     proc.stderr?.setEncoding("utf8").on("data", (t: string) => (err += t));
