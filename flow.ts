@@ -38,6 +38,8 @@ export const FLOW = {
 } as const;
 
 const READY: Promise<void> = Promise.resolve();
+/** Closed channels remembered per sending context, for the ChannelError of their next send. */
+const CLOSED_KEPT = 1000;
 
 /** One channel's state in the sending router. */
 interface Window {
@@ -57,6 +59,8 @@ interface Window {
 export class FlowControl {
   readonly #router: Router;
   readonly #windows = new Map<string, Window>();
+  /** Why recently closed channels closed, so their next send says so (the newest {@link CLOSED_KEPT}). */
+  readonly #closed = new Map<string, ChannelError>();
 
   constructor(router: Router) {
     this.#router = router;
@@ -69,8 +73,9 @@ export class FlowControl {
    */
   send(dst: number, msg: Message): Promise<void> {
     const key = `${dst}:${msg.handle}`;
+    const closed = this.#closed.get(key);
+    if (closed) throw closed;
     let w = this.#windows.get(key);
-    if (w?.closed) throw w.closed;
     const max = this.#router.maxMessageSize;
     if (msg.length > max) throw new MitogenError(`message of ${msg.length} bytes exceeds maxMessageSize ${max} (${msg})`);
     if (!w) w = this.#open(key, dst);
@@ -84,10 +89,11 @@ export class FlowControl {
 
   /** Resolves once `(dst, handle)` has room; rejects with ChannelError once it is closed. */
   async ready(dst: number, handle: number): Promise<void> {
-    const w = this.#windows.get(`${dst}:${handle}`);
-    if (!w) return;
-    if (!w.closed) await this.#room(w);
-    if (w.closed) throw w.closed;
+    const key = `${dst}:${handle}`;
+    const w = this.#windows.get(key);
+    if (w && !w.closed) await this.#room(w);
+    const closed = this.#closed.get(key);
+    if (closed) throw closed;
   }
 
   /** Send a Sender's close after whatever it still holds back; the window is then forgotten. */
@@ -105,15 +111,15 @@ export class FlowControl {
   /** The window of every channel, in bytes ({@link FLOW.WINDOW}). */
   readonly window: number = FLOW.WINDOW;
 
-  /** Bytes outstanding and messages held back, over every channel (for tests and stats). */
-  get pending(): { bytes: number; held: number } {
+  /** Bytes outstanding and messages held back, over every open channel, and how many are open (for tests and stats). */
+  get pending(): { bytes: number; held: number; channels: number } {
     let bytes = 0;
     let held = 0;
     for (const w of this.#windows.values()) {
       bytes += w.used;
       held += w.held.length;
     }
-    return { bytes, held };
+    return { bytes, held, channels: this.#windows.size };
   }
 
   #open(key: string, dst: number): Window {
@@ -155,8 +161,9 @@ export class FlowControl {
     const why = typeof reason === "string" ? reason : "channel closed";
     w.closed = new ChannelError(`channel to handle ${handle} in ${this.#router.contextById(Number(dst)).name}: ${why}`);
     w.held = [];
-    this.#router.delHandler(w.handle);
-    this.#wake(w);
+    this.#closed.set(key, w.closed);
+    if (this.#closed.size > CLOSED_KEPT) this.#closed.delete(this.#closed.keys().next().value as string);
+    this.#drop(w, key);
   }
 
   #drop(w: Window, key: string): void {

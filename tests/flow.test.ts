@@ -158,3 +158,30 @@ test("a local Sender (same context) is flow-controlled too", async () => {
   for (let i = 0; i < blocks + 1 - 5; i++) await recv.get();
   assert.ok(router.flow.pending.bytes < FLOW.GRANT, "what is not granted back yet stays under one grant");
 });
+
+test("a channel's window is forgotten once all is granted back, or once the receiver closed", async () => {
+  await using router = new Router({ log: captureLogs().log });
+  for (let i = 0; i < 50; i++) {
+    const recv = new Receiver(router);
+    void recv.toSender().send(i); // a few bytes: not granted back before the close
+    await recv.get();
+    assert.equal(router.flow.pending.channels, 1);
+    recv.close();
+  }
+  assert.deepEqual(router.flow.pending, { bytes: 0, held: 0, channels: 0 });
+  await using recv = new Receiver(router);
+  const s = recv.toSender();
+  const block = new Uint8Array(MiB);
+  for (let i = 0; i < 8; i++) void s.send(block);
+  for (let i = 0; i < 8; i++) await recv.get();
+  assert.deepEqual(router.flow.pending, { bytes: 0, held: 0, channels: 0 }, "8 MiB taken: two grants, nothing left outstanding");
+  // A closed channel's next send still says why.
+  const gone = new Receiver(router);
+  const late = gone.toSender();
+  void late.send(1);
+  gone.close();
+  assert.throws(
+    () => late.send(2),
+    (err: Error) => err instanceof ChannelError && /the receiver closed/.test(err.message),
+  );
+});
