@@ -51,8 +51,6 @@ interface Window {
   held: Message[];
   /** `send()`/`ready()` promises waiting for room. */
   wake: (() => void)[];
-  /** Set once the receiver closed or could not be reached. */
-  closed: ChannelError | null;
 }
 
 /** The sending half: windows of the channels this router sends on. */
@@ -91,7 +89,7 @@ export class FlowControl {
   async ready(dst: number, handle: number): Promise<void> {
     const key = `${dst}:${handle}`;
     const w = this.#windows.get(key);
-    if (w && !w.closed) await this.#room(w);
+    if (w) await this.#room(w);
     const closed = this.#closed.get(key);
     if (closed) throw closed;
   }
@@ -100,7 +98,7 @@ export class FlowControl {
   close(dst: number, msg: Message): void {
     msg.dst = dst;
     const w = this.#windows.get(`${dst}:${msg.handle}`);
-    if (w?.held.length && !w.closed) {
+    if (w?.held.length) {
       w.held.push(msg);
       return;
     }
@@ -123,7 +121,7 @@ export class FlowControl {
   }
 
   #open(key: string, dst: number): Window {
-    const w: Window = { handle: 0, used: 0, held: [], wake: [], closed: null };
+    const w: Window = { handle: 0, used: 0, held: [], wake: [] };
     w.handle = this.#router.addHandler((m) => this.#onCredit(key, dst, w, m), { respondent: this.#router.contextById(dst) });
     this.#windows.set(key, w);
     return w;
@@ -159,13 +157,13 @@ export class FlowControl {
   #close(key: string, w: Window, reason: unknown): void {
     const [dst, handle] = key.split(":");
     const why = typeof reason === "string" ? reason : "channel closed";
-    w.closed = new ChannelError(`channel to handle ${handle} in ${this.#router.contextById(Number(dst)).name}: ${why}`);
     w.held = [];
-    this.#closed.set(key, w.closed);
+    this.#closed.set(key, new ChannelError(`channel to handle ${handle} in ${this.#router.contextById(Number(dst)).name}: ${why}`));
     if (this.#closed.size > CLOSED_KEPT) this.#closed.delete(this.#closed.keys().next().value as string);
     this.#drop(w, key);
   }
 
+  /** Forget a window (an open channel is one in the map): its handle goes, its waiters wake. */
   #drop(w: Window, key: string): void {
     if (this.#windows.get(key) === w) this.#windows.delete(key);
     this.#router.delHandler(w.handle);
@@ -183,7 +181,7 @@ export class FlowControl {
   }
 
   #room(w: Window): Promise<void> {
-    if (w.closed || (!w.held.length && w.used < FLOW.WINDOW)) return READY;
+    if (!w.held.length && w.used < FLOW.WINDOW) return READY;
     return new Promise((resolve) => w.wake.push(resolve));
   }
 

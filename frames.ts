@@ -475,30 +475,29 @@ export class Stream {
           this.#header = readHeader(this.#take(FRAME.HEADER_SIZE), this.maxMessageSize);
         }
         const { fields, length } = this.#header;
-        let data: Uint8Array;
+        let parts: Uint8Array[];
         if (this.#frame) {
           if (this.#filled < length) return;
-          data = this.#frame;
+          parts = [this.#frame];
           this.#frame = null;
+        } else if (length > SMALL_FRAME && this.relays(fields.dst ?? 0)) {
+          // A large frame this end only passes on keeps the chunks it arrived in: never joined here.
+          if (this.#buffered < length) return;
+          parts = this.#takeParts(length);
         } else if (this.#buffered < length) {
           // A large frame for this context is gathered in place as it arrives: its chunks are let go
           // at once, and it is never joined again. The length was checked against maxMessageSize;
           // the buffer's pages are committed only as bytes arrive.
-          if (length > SMALL_FRAME && !this.relays(fields.dst ?? 0)) {
+          if (length > SMALL_FRAME) {
             this.#filled = this.#buffered;
             this.#frame = this.#buffered ? joinParts(this.#chunks, this.#buffered, length) : new Uint8Array(length);
             this.#chunks = [];
             this.#buffered = 0;
           }
           return;
-        } else if (length > SMALL_FRAME && this.relays(fields.dst ?? 0)) {
-          // Passed on as the chunks it arrived in: never joined here.
-          this.#header = null;
-          this.onMessage(new Message(fields, this.#takeParts(length), length));
-          continue;
-        } else data = length ? this.#take(length) : EMPTY;
+        } else parts = [length ? this.#take(length) : EMPTY];
         this.#header = null;
-        this.onMessage(new Message(fields, [data], length));
+        this.onMessage(new Message(fields, parts, length));
       }
     } catch (err) {
       const e = err instanceof StreamError ? err : new StreamError(`${this.name}: ${(err as Error).message}`, { cause: err });
