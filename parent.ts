@@ -566,13 +566,7 @@ async function spawnLaunch(launch: Launch): Promise<Spawned> {
     detached: true,
     ...(launch.cwd === undefined ? {} : { cwd: launch.cwd }),
   });
-  const kill = () => {
-    try {
-      nodeProcess().kill(-(proc.pid as number), "SIGKILL");
-    } catch {
-      // the group is empty (or not ours to signal)
-    }
-  };
+  const kill = () => killGroup(proc.pid as number);
   const [stdin, stdout, stderr, fd3] = proc.stdio as unknown as [W | undefined, R | undefined, R | undefined, (R & W) | undefined];
   const reader = launch.streamOn === "fd3" ? fd3 : stdout;
   const writer = launch.streamOn === "fd3" ? fd3 : stdin;
@@ -603,11 +597,24 @@ async function spawnLaunch(launch: Launch): Promise<Spawned> {
         proc.once("close", () => clearTimeout(timer));
       });
     }),
-    status: () =>
-      proc.exitCode === null && proc.signalCode === null ? null : proc.signalCode ? `was killed by ${proc.signalCode}` : `exited with code ${proc.exitCode}`,
+    status: () => (proc.exitCode === null && proc.signalCode === null ? null : endedAs(proc.exitCode, proc.signalCode)),
     kill,
     onError: (cb) => proc.once("error", (err) => cb(new StreamError(`cannot start ${launch.exe}: ${err.message}`, { cause: err }))),
   };
+}
+
+/** SIGKILL the process group `pid` leads (each start has a session of its own). */
+function killGroup(pid: number): void {
+  try {
+    nodeProcess().kill(-pid, "SIGKILL");
+  } catch {
+    // the group is empty (or not ours to signal)
+  }
+}
+
+/** How a process ended, as errors say it: "was killed by SIGKILL", "exited with code 3". */
+export function endedAs(code: number | null, signal: string | null): string {
+  return signal ? `was killed by ${signal}` : `exited with code ${code}`;
 }
 
 /**
@@ -618,13 +625,7 @@ async function spawnLaunch(launch: Launch): Promise<Spawned> {
 function denoLaunch(launch: Launch): Spawned {
   if (launch.streamOn !== "stdio") throw new StreamError(`cannot start ${launch.exe}: a Deno context hands a child three pipes only`);
   let pid = 0;
-  const kill = () => {
-    try {
-      nodeProcess().kill(-pid, "SIGKILL");
-    } catch {
-      // the group is empty (or not ours to signal)
-    }
-  };
+  const kill = () => killGroup(pid);
   let p: DenoProcess;
   try {
     p = denoSpawn(launch.exe, launch.args, launch.env, launch.cwd, kill);
@@ -640,7 +641,7 @@ function denoLaunch(launch: Launch): Spawned {
     gone: p.gone,
     status: () => {
       const s = p.status();
-      return s === null ? null : s.signal ? `was killed by ${s.signal}` : `exited with code ${s.code}`;
+      return s === null ? null : endedAs(s.code, s.signal);
     },
     kill,
     onError: () => {},

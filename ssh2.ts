@@ -10,7 +10,7 @@ import { createHmac } from "node:crypto";
 import { appendFileSync, existsSync, readFileSync } from "node:fs";
 import { homedir, userInfo } from "node:os";
 import { type Context, type Router, Secret, type SshOptions, StreamError } from "./core.ts";
-import { bootstrap, type ConnectSpec, missingRuntime, remoteCommand, type Spawned } from "./parent.ts";
+import { bootstrap, type ConnectSpec, endedAs, missingRuntime, remoteCommand, type Spawned } from "./parent.ts";
 
 type Known = { type: string; key: string }[];
 
@@ -116,7 +116,7 @@ export async function connectSsh2(router: Router, options: SshOptions, id: numbe
 
   let status: string | null = null;
   channel.on("exit", (code: number | null, signal?: string) => {
-    status = signal ? `was killed by ${signal}` : `exited with code ${code}`;
+    status = endedAs(code, signal ?? null);
   });
   const gone = new Promise<void>((resolve) => {
     channel.on("close", () => {
