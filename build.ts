@@ -21,7 +21,7 @@ import { deflateRawSync } from "node:zlib";
 import { mkdirSync, statSync, writeFileSync } from "node:fs";
 import { dirname } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
-import type { Payloads } from "./payload.ts";
+import { type Payloads, SHIPPED, type ShippedName } from "./payload.ts";
 import { CORE } from "./frames.ts";
 
 const root = dirname(fileURLToPath(import.meta.url));
@@ -58,28 +58,38 @@ export async function buildPayloads(): Promise<Payloads> {
     `${await script({ entryPoints: ["core.ts"], format: "iife", globalName: "M", target })}M.childMain(B,M,${JSON.stringify(name)});`;
   const modern = await core("es2022", CORE.MODERN);
   const lowered = await core(OLDEST_TARGET, CORE.LOWERED);
-  // A shipped module like any other (see evaluateModule in core.ts): its imports of the core are the running core.
-  const parent = await script({
-    entryPoints: ["parent.ts"],
-    format: "cjs",
-    target: OLDEST_TARGET,
-    plugins: [
-      {
-        name: "core-is-running",
-        setup(build) {
-          build.onResolve({ filter: CORE_MODULES }, () => ({ path: "mitogen", external: true }));
+  // Shipped modules like any other (see evaluateModule in core.ts): their imports of the core are the running core.
+  const shipped = async (source: string) =>
+    script({
+      entryPoints: [source],
+      format: "cjs",
+      target: OLDEST_TARGET,
+      plugins: [
+        {
+          name: "core-is-running",
+          setup(build) {
+            build.onResolve({ filter: CORE_MODULES }, () => ({ path: "mitogen", external: true }));
+          },
         },
-      },
-    ],
-  });
+      ],
+    });
+  const names = Object.keys(SHIPPED) as ShippedName[];
+  const sources = await Promise.all(names.map((name) => shipped(SHIPPED[name])));
   await esbuild.stop(); // no service process outlives the build
+  const modules = {} as Record<ShippedName, Uint8Array>;
+  const modulesRaw = {} as Record<ShippedName, number>;
+  names.forEach((name, i) => {
+    const src = sources[i] as string;
+    modules[name] = deflateRawSync(src, { level: 9 });
+    modulesRaw[name] = src.length;
+  });
   return {
     core: deflateRawSync(modern, { level: 9 }),
     coreLowered: deflateRawSync(lowered, { level: 9 }),
-    parent: deflateRawSync(parent, { level: 9 }),
+    modules,
     coreRaw: modern.length,
     coreLoweredRaw: lowered.length,
-    parentRaw: parent.length,
+    modulesRaw,
   };
 }
 
@@ -90,10 +100,10 @@ export async function buildDist(): Promise<{ bundle: number; payloads: Payloads 
     MITOGEN_PAYLOADS: JSON.stringify({
       core: Buffer.from(p.core).toString("base64"),
       coreLowered: Buffer.from(p.coreLowered).toString("base64"),
-      parent: Buffer.from(p.parent).toString("base64"),
+      modules: Object.fromEntries(Object.entries(p.modules).map(([k, v]) => [k, Buffer.from(v).toString("base64")])),
       coreRaw: p.coreRaw,
       coreLoweredRaw: p.coreLoweredRaw,
-      parentRaw: p.parentRaw,
+      modulesRaw: p.modulesRaw,
     }),
   };
   const outfile = `${root}/dist/mitogen.mjs`;
@@ -123,7 +133,9 @@ if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) 
   console.log(`dist/mitogen.mjs        ${kib(bundle)}`);
   console.log(`child payload (core)    ${kib(payloads.coreRaw)} raw, ${kib(payloads.core.byteLength)} compressed (goal <= 24 KiB, ceiling 40)`);
   console.log(`  lowered for node 12    ${kib(payloads.coreLoweredRaw)} raw, ${kib(payloads.coreLowered.byteLength)} compressed`);
-  console.log(`parent module           ${kib(payloads.parentRaw)} raw, ${kib(payloads.parent.byteLength)} compressed`);
+  for (const name of Object.keys(SHIPPED) as ShippedName[]) {
+    console.log(`${`${name} module`.padEnd(24)}${kib(payloads.modulesRaw[name])} raw, ${kib(payloads.modules[name].byteLength)} compressed`);
+  }
   if (Math.max(payloads.core.byteLength, payloads.coreLowered.byteLength) > 40 * 1024) {
     console.error("child payload is over its 40 KiB ceiling");
     process.exit(1);

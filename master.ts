@@ -22,7 +22,12 @@ import {
 } from "./core.ts";
 import { bundle, bundleTarget, mapStack } from "./bundler.ts";
 import * as parentModule from "./parent.ts";
-import { payloads } from "./payload.ts";
+import { payloads, type ShippedName } from "./payload.ts";
+
+/** The master's own copy of each shipped module (see SHIPPED in payload.ts). */
+const BUILT_IN: Record<ShippedName, Record<string, unknown>> = {
+  "mitogen:parent": parentModule as unknown as Record<string, unknown>,
+};
 
 /** Options of the master {@link Router}. */
 export interface RouterOptions {
@@ -113,15 +118,17 @@ export class Router extends CoreRouter {
     });
   }
 
-  /** The parent-side code is built in here: no need to fetch it. */
+  /** The library's shipped modules are built in here: no need to fetch them; their code is held for children. */
   override async requireModule(name: string): Promise<Record<string, unknown>> {
-    if (name === "mitogen:parent" && !this.payload) {
+    if (name in BUILT_IN && !this.payload) {
       const built = await payloads();
       this.payload ??= built.core;
       this.moduleCode.set(CORE.MODERN, built.core);
       this.moduleCode.set(CORE.LOWERED, built.coreLowered);
-      this.moduleCode.set("mitogen:parent", built.parent);
-      this.modules.set("mitogen:parent", parentModule as unknown as Record<string, unknown>);
+      for (const [shipped, code] of Object.entries(built.modules)) {
+        this.moduleCode.set(shipped, code);
+        this.modules.set(shipped, BUILT_IN[shipped as ShippedName]);
+      }
     }
     return super.requireModule(name);
   }

@@ -1,11 +1,24 @@
 /**
  * The compressed payloads a master sends: the core (every child) and the
- * parent module (children that start children). In `dist/mitogen.mjs` they
+ * library's shipped modules (e.g. the parent module, for children that start
+ * children). In `dist/mitogen.mjs` they
  * are constants written at build time; running from source, they are built
  * once per process with esbuild (see build.ts).
  *
  * @module
  */
+
+/**
+ * The library's own shipped modules, by name, and their source: the master has each built in, and a
+ * child fetches one (GET_MODULE) the first time it needs it, like any `ctx.import`ed module.
+ */
+export const SHIPPED = {
+  /** Starting children: first stage, bootstrap, connection methods. */
+  "mitogen:parent": "parent.ts",
+} as const;
+
+/** A library module shipped to children on demand. */
+export type ShippedName = keyof typeof SHIPPED;
 
 /** The compressed payloads and their raw sizes. */
 export interface Payloads {
@@ -13,13 +26,25 @@ export interface Payloads {
   core: Uint8Array;
   /** The core lowered for Node 12 (CORE.LOWERED). */
   coreLowered: Uint8Array;
-  parent: Uint8Array;
+  /** The shipped modules of {@link SHIPPED}, compressed. */
+  modules: Record<ShippedName, Uint8Array>;
   coreRaw: number;
   coreLoweredRaw: number;
-  parentRaw: number;
+  modulesRaw: Record<ShippedName, number>;
 }
 
-declare const MITOGEN_PAYLOADS: { core: string; coreLowered: string; parent: string; coreRaw: number; coreLoweredRaw: number; parentRaw: number } | undefined;
+declare const MITOGEN_PAYLOADS:
+  | {
+      core: string;
+      coreLowered: string;
+      modules: Record<ShippedName, string>;
+      coreRaw: number;
+      coreLoweredRaw: number;
+      modulesRaw: Record<ShippedName, number>;
+    }
+  | undefined;
+
+const decode = (b64: string): Uint8Array => new Uint8Array(Buffer.from(b64, "base64"));
 
 let cached: Promise<Payloads> | null = null;
 
@@ -29,12 +54,12 @@ export function payloads(): Promise<Payloads> {
     typeof MITOGEN_PAYLOADS === "undefined"
       ? import(new URL("./build.ts", import.meta.url).href).then((m: { buildPayloads(): Promise<Payloads> }) => m.buildPayloads())
       : Promise.resolve({
-          core: new Uint8Array(Buffer.from(MITOGEN_PAYLOADS.core, "base64")),
-          coreLowered: new Uint8Array(Buffer.from(MITOGEN_PAYLOADS.coreLowered, "base64")),
-          parent: new Uint8Array(Buffer.from(MITOGEN_PAYLOADS.parent, "base64")),
+          core: decode(MITOGEN_PAYLOADS.core),
+          coreLowered: decode(MITOGEN_PAYLOADS.coreLowered),
+          modules: Object.fromEntries(Object.entries(MITOGEN_PAYLOADS.modules).map(([k, v]) => [k, decode(v)])) as Record<ShippedName, Uint8Array>,
           coreRaw: MITOGEN_PAYLOADS.coreRaw,
           coreLoweredRaw: MITOGEN_PAYLOADS.coreLoweredRaw,
-          parentRaw: MITOGEN_PAYLOADS.parentRaw,
+          modulesRaw: MITOGEN_PAYLOADS.modulesRaw,
         });
   return cached;
 }
