@@ -115,7 +115,8 @@ export async function buildDist(): Promise<{ bundle: number; payloads: Payloads 
     minify: false,
     define,
     external: ["esbuild", "ssh2"],
-    banner: { js: "#!/usr/bin/env node" },
+    // CommonJS dependencies (tweetnacl asks for `crypto`) get a real require.
+    banner: { js: '#!/usr/bin/env node\nimport { createRequire as __mitogenRequire } from "node:module";\nconst require = __mitogenRequire(import.meta.url);' },
   });
   mkdirSync(dirname(outfile), { recursive: true });
   const nonAscii = text.search(/[\u0080-\uffff]/);

@@ -8,6 +8,7 @@ import { parseArgs } from "node:util";
 import { existsSync, realpathSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { Receiver, Router } from "./mod.ts";
+import { isStandIn, sshMain } from "./fakessh.ts";
 
 export * from "./mod.ts";
 
@@ -120,7 +121,8 @@ function invokedDirectly(): boolean {
 }
 
 if (invokedDirectly()) {
-  main(process.argv.slice(2)).then(
+  // Started as `ssh` (by fakessh.run), the file is the ssh stand-in; otherwise the CLI.
+  (isStandIn() ? sshMain : main)(process.argv.slice(2)).then(
     (code) => process.exit(code),
     (err) => {
       process.stderr.write(`mitogen: ${err instanceof Error ? err.message : String(err)}\n`);

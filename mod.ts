@@ -62,4 +62,5 @@ export type {
   ShutdownOptions,
 } from "./core.ts";
 export { defaultLogger, Router } from "./master.ts";
+export * as fakessh from "./fakessh.ts";
 export type { RouterOptions } from "./master.ts";

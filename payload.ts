@@ -15,6 +15,8 @@
 export const SHIPPED = {
   /** Starting children: first stage, bootstrap, connection methods. */
   "mitogen:parent": "parent.ts",
+  /** A subprocess with its stdio tunnelled through the tree (fakessh's remote half). */
+  "mitogen:tunnel": "tunnel.ts",
 } as const;
 
 /** A library module shipped to children on demand. */

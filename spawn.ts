@@ -16,6 +16,8 @@ export interface PipeReader {
   on(event: "end" | "close", cb: () => void): PipeReader;
   on(event: "error", cb: (err: Error) => void): PipeReader;
   destroy(): void;
+  /** Stop emitting data until resume() (the pipe then fills and its writer waits). */
+  pause(): void;
   resume(): void;
 }
 
@@ -76,9 +78,12 @@ function reader(stream: ReadableStream<Uint8Array>): PipeReader & { drained(): P
   let started = false;
   let finish: () => void = () => {};
   const done = new Promise<void>((resolve) => (finish = resolve));
+  let paused: Promise<void> | null = null;
+  let unpause: () => void = () => {};
   const pump = async () => {
     try {
       for (;;) {
+        if (paused) await paused;
         const { value, done: end } = await r.read();
         if (end || stopped) break;
         if (value.byteLength) emit("data", value);
@@ -110,9 +115,16 @@ function reader(stream: ReadableStream<Uint8Array>): PipeReader & { drained(): P
     destroy() {
       if (stopped) return;
       stopped = true;
+      self.resume();
       void r.cancel().catch(() => {});
     },
-    resume() {},
+    pause() {
+      paused ??= new Promise<void>((resolve) => (unpause = resolve));
+    },
+    resume() {
+      paused = null;
+      unpause();
+    },
   };
   return self as PipeReader & { drained(): Promise<void> };
 }

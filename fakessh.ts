@@ -1,0 +1,600 @@
+/**
+ * fakessh: run a local program (rsync, scp, git) whose `ssh` is tunnelled
+ * through a context of the tree, so it reaches hosts only the tree reaches
+ * (behind a bastion, as root through sudo) with nothing installed there.
+ *
+ * `run()` puts a private directory (mode 0700) first on the program's PATH.
+ * In it, `ssh` is `dist/mitogen.mjs` itself, started under that name (the
+ * file's third role: see `sshMain`). The stand-in parses ssh's options,
+ * connects back to `run()` over a unix socket in the same directory, proves
+ * it knows the run's one-time key (tweetnacl secretbox over the socket's
+ * challenge), and hands over the remote command. The command then runs in
+ * the destination context as a subprocess (`mitogen:tunnel`), its stdin,
+ * stdout and stderr tunnelled through the tree with flow control, and its
+ * exit status becomes the stand-in's.
+ *
+ * The socket's frames, after the handshake (big-endian):
+ *
+ *     type u8 | length u32 | bytes          types: FAKESSH
+ *
+ * The handshake: the listener writes a 24-byte random nonce; the stand-in
+ * answers `length u32 | secretbox(JSON request, nonce, key)`. A box that
+ * does not open with the key ends the connection.
+ *
+ * @module
+ */
+import { chmodSync, existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { createConnection, createServer, type Server, type Socket } from "node:net";
+import { constants, tmpdir } from "node:os";
+import { basename, delimiter, dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { spawn } from "node:child_process";
+import nacl from "tweetnacl";
+import { type Context, isDeno, MitogenError, Receiver, type Router, type Sender } from "./core.ts";
+import type { ExecResult, ExecSpec } from "./tunnel.ts";
+
+/** Frame types on the stand-in's socket. */
+export const FAKESSH = {
+  /** stand-in -> run: bytes for the remote command's stdin. */
+  STDIN: 1,
+  /** stand-in -> run: the stand-in's stdin ended. */
+  EOF: 2,
+  /** run -> stand-in: bytes of the remote command's stdout. */
+  STDOUT: 3,
+  /** run -> stand-in: bytes of the remote command's stderr. */
+  STDERR: 4,
+  /** run -> stand-in: the exit status (u32), last frame. */
+  EXIT: 5,
+  /** run -> stand-in: why the command could not run (UTF-8), before EXIT 255. */
+  ERROR: 6,
+} as const;
+
+/** The biggest frame either side accepts (stdin chunks are cut to fit). */
+const MAX_FRAME = 1 << 20;
+/** The biggest sealed request the listener reads before the key is proven. */
+const MAX_REQUEST = 64 * 1024;
+const NONCE = nacl.secretbox.nonceLength;
+/** A stand-in that has not proven the key by then is dropped. */
+const HANDSHAKE_MS = 10_000;
+/** The exit status of ssh itself failing (OpenSSH's). */
+const SSH_FAILED = 255;
+
+/** What the stand-in asks for: the command line and the destination ssh was given. */
+export interface FakesshRequest {
+  host: string;
+  user: string | null;
+  port: number | null;
+  /** The remote command, as ssh sends it: its words joined by spaces. */
+  command: string;
+  /** Variables named by `-o SendEnv=` that were set (git's GIT_PROTOCOL). */
+  env: Record<string, string>;
+}
+
+/** Where the remote command runs: one context, or one per host name the program asked for. */
+export type FakesshDest = Context | ((host: string, request: FakesshRequest) => Context | Promise<Context>);
+
+/** Options of {@link run}. */
+export interface FakesshOptions {
+  /** Ends the program and every remote command it started. */
+  signal?: AbortSignal;
+  /** Added to (or, with `undefined`, removed from) the program's environment. */
+  env?: Record<string, string | undefined>;
+  cwd?: string;
+  /**
+   * The program's stdin, stdout and stderr: inherited (the default), ignored, or file descriptors
+   * (`["ignore", outFd, errFd]`). The remote command's stderr comes out of the stand-in's, which is the program's.
+   */
+  stdio?: "inherit" | "ignore" | readonly ("inherit" | "ignore" | number)[];
+  /** The single file to start as `ssh` (default: `dist/mitogen.mjs` of this installation). */
+  script?: string;
+}
+
+// ---------------------------------------------------------------------------
+// frames
+
+function frame(type: number, body: Uint8Array = new Uint8Array(0)): Uint8Array {
+  const out = new Uint8Array(5 + body.byteLength);
+  out[0] = type;
+  new DataView(out.buffer).setUint32(1, body.byteLength);
+  out.set(body, 5);
+  return out;
+}
+
+/** Splits a byte stream into frames (type u8 | length u32 | bytes), refusing any over `max`. */
+class FrameReader {
+  #buf = new Uint8Array(0);
+  readonly max: number;
+  constructor(max: number) {
+    this.max = max;
+  }
+
+  /** Add `chunk`; returns the frames now complete. Throws on a frame over the limit. */
+  push(chunk: Uint8Array): { type: number; body: Uint8Array }[] {
+    const joined = new Uint8Array(this.#buf.byteLength + chunk.byteLength);
+    joined.set(this.#buf);
+    joined.set(chunk, this.#buf.byteLength);
+    const frames: { type: number; body: Uint8Array }[] = [];
+    let at = 0;
+    while (joined.byteLength - at >= 5) {
+      const length = new DataView(joined.buffer, at + 1, 4).getUint32(0);
+      if (length > this.max) throw new MitogenError(`fakessh: a frame of ${length} bytes is over the ${this.max} limit`);
+      if (joined.byteLength - at - 5 < length) break;
+      frames.push({ type: joined[at] as number, body: joined.slice(at + 5, at + 5 + length) });
+      at += 5 + length;
+    }
+    this.#buf = joined.slice(at);
+    return frames;
+  }
+}
+
+const text = new TextEncoder();
+const untext = new TextDecoder();
+
+function waitDrain(socket: Socket): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      socket.off("drain", done);
+      socket.off("close", done);
+      resolve();
+    };
+    socket.on("drain", done);
+    socket.on("close", done);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// run: the master's half
+
+/** Where the single file is: this file itself when bundled, else dist/ beside the sources. */
+function selfScript(): string {
+  const here = fileURLToPath(import.meta.url);
+  const script = basename(here) === "mitogen.mjs" ? here : join(dirname(here), "dist", "mitogen.mjs");
+  if (!existsSync(script)) throw new MitogenError(`fakessh needs ${script} as its ssh stand-in: run npm run build first`);
+  return script;
+}
+
+/**
+ * Run the local program `argv` with its `ssh` tunnelled to `dest`; resolves
+ * with its exit code (128 + the signal number if a signal ended it).
+ *
+ * rsync (`RSYNC_RSH`), git (`GIT_SSH_COMMAND`) and anything else that runs
+ * `ssh` from PATH find the stand-in; for scp, which runs `/usr/bin/ssh`, it
+ * is passed with `-S`.
+ *
+ * @example
+ * ```ts
+ * import { fakessh, Router } from "./mod.ts";
+ * await using router = new Router();
+ * const ctx = await router.local();
+ * const code = await fakessh.run(ctx, router, ["rsync", "-a", "./site/", "any:/tmp/site/"]);
+ * console.log(code); // 0
+ * ```
+ */
+export async function run(dest: FakesshDest, router: Router, argv: string[], options: FakesshOptions = {}): Promise<number> {
+  const [program, ...args] = argv;
+  if (!program) throw new MitogenError("fakessh.run needs a program to run");
+  options.signal?.throwIfAborted();
+  const script = options.script ?? selfScript();
+  const dir = mkdtempSync(join(tmpdir(), "mitogen-fakessh-"));
+  const sessions = new Set<Session>();
+  let server: Server | null = null;
+  try {
+    chmodSync(dir, 0o700);
+    const key = nacl.randomBytes(nacl.secretbox.keyLength);
+    const socketPath = join(dir, "s");
+    server = createServer((socket) => {
+      const session = new Session(socket, key, dest, router);
+      sessions.add(session);
+      void session.done.finally(() => sessions.delete(session));
+    });
+    await listen(server, socketPath);
+    const ssh = join(dir, "ssh");
+    standIn(ssh, script);
+    const env: Record<string, string | undefined> = { ...process.env, ...options.env };
+    for (const [k, v] of Object.entries(env)) if (v === undefined) delete env[k];
+    Object.assign(env, {
+      PATH: env.PATH ? `${dir}${delimiter}${env.PATH}` : dir,
+      MITOGEN_FAKESSH: socketPath,
+      MITOGEN_FAKESSH_KEY: Buffer.from(key).toString("base64"),
+      GIT_SSH_COMMAND: q(ssh),
+    });
+    env.RSYNC_RSH ??= q(ssh);
+    delete env.GIT_SSH;
+    delete env.GIT_SSH_VARIANT;
+    const finalArgs = basename(program) === "scp" && !args.some((a) => a.startsWith("-S")) ? ["-S", ssh, ...args] : args;
+    return await new Promise<number>((resolve, reject) => {
+      const child = spawn(program, finalArgs, {
+        env,
+        stdio: (options.stdio ?? "inherit") as "inherit" | "ignore" | ("inherit" | "ignore" | number)[],
+        ...(options.cwd === undefined ? {} : { cwd: options.cwd }),
+      });
+      const onAbort = () => {
+        child.kill("SIGTERM");
+        for (const s of sessions) s.abort();
+      };
+      options.signal?.addEventListener("abort", onAbort);
+      child.once("error", (err) => {
+        options.signal?.removeEventListener("abort", onAbort);
+        reject(new MitogenError(`fakessh: cannot run ${program}: ${err.message}`, { cause: err }));
+      });
+      child.once("close", (code, signal) => {
+        options.signal?.removeEventListener("abort", onAbort);
+        if (options.signal?.aborted) reject(options.signal.reason);
+        else resolve(code ?? 128 + (signal ? signalNumber(signal) : 0));
+      });
+    });
+  } finally {
+    for (const s of sessions) s.abort();
+    await Promise.all([...sessions].map((s) => s.done));
+    if (server) await new Promise<void>((resolve) => server?.close(() => resolve()));
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+function listen(server: Server, path: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(path, () => {
+      server.off("error", reject);
+      resolve();
+    });
+  });
+}
+
+/** A word for sh, quoted. */
+const q = (s: string) => `'${s.replaceAll("'", `'\\''`)}'`;
+
+/**
+ * Write the `ssh` the program will find: the single file, started as `ssh` by the runtime running
+ * this (not whatever `node` the program's PATH has), told its role.
+ */
+function standIn(ssh: string, script: string): void {
+  const runtime = isDeno ? `${q(process.execPath)} run -A --no-config --quiet` : q(process.execPath);
+  writeFileSync(ssh, `#!/bin/sh\nMITOGEN_ROLE=ssh exec ${runtime} ${q(script)} "$@"\n`, { mode: 0o700 });
+}
+
+function signalNumber(name: string): number {
+  return (constants.signals as Record<string, number>)[name] ?? 0;
+}
+
+/** One stand-in's connection: handshake, then the remote command with its stdio. */
+class Session {
+  readonly done: Promise<void>;
+  readonly #socket: Socket;
+  readonly #abort = new AbortController();
+
+  constructor(socket: Socket, key: Uint8Array, dest: FakesshDest, router: Router) {
+    this.#socket = socket;
+    this.done = this.#serve(key, dest, router).catch((err: unknown) => {
+      this.#send(FAKESSH.ERROR, text.encode(err instanceof Error ? err.message : String(err)));
+      this.#exit(SSH_FAILED);
+    });
+    socket.on("close", () => this.abort());
+    socket.on("error", () => {});
+  }
+
+  abort(): void {
+    this.#abort.abort(new MitogenError("fakessh: the program ended"));
+    this.#socket.destroy();
+  }
+
+  #send(type: number, body?: Uint8Array): boolean {
+    return this.#socket.destroyed ? true : this.#socket.write(frame(type, body));
+  }
+
+  #exit(code: number): void {
+    const body = new Uint8Array(4);
+    new DataView(body.buffer).setUint32(0, code);
+    this.#send(FAKESSH.EXIT, body);
+    this.#socket.end(() => this.#socket.destroy()); // nothing it sends after this matters
+  }
+
+  async #serve(key: Uint8Array, dest: FakesshDest, router: Router): Promise<void> {
+    const socket = this.#socket;
+    const request = await handshake(socket, key);
+    if (request === null) {
+      router.log("warn", "fakessh: a connection to the stand-in's socket did not prove the run's key; dropped");
+      socket.destroy();
+      return;
+    }
+    const ctx = typeof dest === "function" ? await dest(request.host, request) : dest;
+    const stdout = new Receiver(router, { respondent: ctx });
+    const stderr = new Receiver(router, { respondent: ctx });
+    const ctl = new Receiver(router, { respondent: ctx });
+    try {
+      const spec: Omit<ExecSpec, "ctl" | "stdout" | "stderr"> & Record<string, unknown> = {
+        command: request.command,
+        env: request.env,
+        ctl: ctl.toSender(),
+        stdout: stdout.toSender(),
+        stderr: stderr.toSender(),
+      };
+      const call = ctx.with({ signal: this.#abort.signal }).callModule("mitogen:tunnel", "exec", spec) as Promise<ExecResult>;
+      call.catch(() => {});
+      const ready = (await Promise.race([ctl.getData(), call])) as { ready?: Sender } | ExecResult;
+      if (!("ready" in ready) || !ready.ready) throw new MitogenError(`fakessh: ${ctx.name} did not start ${request.command}`);
+      const stdin = ready.ready;
+      const output = Promise.all([this.#relay(stdout, FAKESSH.STDOUT), this.#relay(stderr, FAKESSH.STDERR)]);
+      void this.#input(stdin);
+      const [result] = await Promise.all([call, output]);
+      this.#exit(result.code ?? SSH_FAILED);
+    } finally {
+      stdout.close();
+      stderr.close();
+      ctl.close();
+    }
+  }
+
+  /** Frames from the stand-in, after the handshake: stdin for the remote command. */
+  async #input(stdin: Sender): Promise<void> {
+    const socket = this.#socket;
+    const reader = new FrameReader(MAX_FRAME);
+    const frames: { type: number; body: Uint8Array }[] = [];
+    let wake: (() => void) | null = null;
+    let ended = false;
+    socket.on("data", (chunk: Uint8Array) => {
+      try {
+        frames.push(...reader.push(chunk));
+      } catch {
+        socket.destroy();
+      }
+      if (frames.length > 8) socket.pause();
+      wake?.();
+    });
+    socket.on("close", () => {
+      ended = true;
+      wake?.();
+    });
+    socket.resume();
+    try {
+      for (;;) {
+        const f = frames.shift();
+        if (!f) {
+          if (ended) break;
+          await new Promise<void>((resolve) => (wake = resolve));
+          wake = null;
+          continue;
+        }
+        socket.resume();
+        if (f.type === FAKESSH.STDIN) await stdin.send(f.body);
+        else if (f.type === FAKESSH.EOF) break;
+      }
+    } catch {
+      // the remote command is gone: its end is reported by the call
+    }
+    stdin.close();
+  }
+
+  /** The remote command's output, to the stand-in, as fast as it takes it. */
+  async #relay(from: Receiver, type: number): Promise<void> {
+    for await (const msg of from) {
+      const data = msg.unpickle();
+      if (!(data instanceof Uint8Array)) continue;
+      if (!this.#send(type, data)) await waitDrain(this.#socket);
+    }
+  }
+}
+
+/** The listener's side of the handshake: the request, or null if the key was not proven. */
+async function handshake(socket: Socket, key: Uint8Array): Promise<FakesshRequest | null> {
+  const nonce = nacl.randomBytes(NONCE);
+  socket.write(nonce);
+  const sealed = await new Promise<Uint8Array | null>((resolve) => {
+    let got = new Uint8Array(0);
+    const timer = setTimeout(() => finish(null), HANDSHAKE_MS);
+    const finish = (v: Uint8Array | null) => {
+      clearTimeout(timer);
+      socket.off("data", onData);
+      socket.off("close", onClose);
+      socket.pause();
+      resolve(v);
+    };
+    const onClose = () => finish(null);
+    const onData = (chunk: Uint8Array) => {
+      const joined = new Uint8Array(got.byteLength + chunk.byteLength);
+      joined.set(got);
+      joined.set(chunk, got.byteLength);
+      got = joined;
+      if (got.byteLength < 4) return;
+      const length = new DataView(got.buffer).getUint32(0);
+      if (length > MAX_REQUEST) return finish(null);
+      if (got.byteLength < 4 + length) return;
+      finish(got.slice(4, 4 + length));
+      if (got.byteLength > 4 + length) socket.unshift(got.subarray(4 + length)); // the first frames, for #input
+    };
+    socket.on("data", onData);
+    socket.on("close", onClose);
+  });
+  if (!sealed) return null;
+  const opened = nacl.secretbox.open(sealed, nonce, key);
+  if (!opened) return null;
+  try {
+    const r = JSON.parse(untext.decode(opened)) as FakesshRequest;
+    if (typeof r.host !== "string" || typeof r.command !== "string") return null;
+    const env: Record<string, string> = {};
+    for (const [k, v] of Object.entries(r.env ?? {})) if (typeof v === "string") env[k] = v;
+    return { host: r.host, user: typeof r.user === "string" ? r.user : null, port: typeof r.port === "number" ? r.port : null, command: r.command, env };
+  } catch {
+    return null;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// the stand-in: dist/mitogen.mjs started as `ssh`
+
+/** True when this process is the `ssh` stand-in of a fakessh run. */
+export function isStandIn(argv1: string | undefined = process.argv[1]): boolean {
+  return process.env.MITOGEN_ROLE === "ssh" || (argv1 !== undefined && basename(argv1) === "ssh");
+}
+
+/** ssh's options that take an argument (OpenSSH's getopt string). */
+const WITH_ARG = new Set("bBcDeEFiIJlLmoOpPQRSwW");
+/** Options whose job a tunnel cannot do: forwarding, multiplexing, background. */
+const REFUSED = new Set("DLRWfMNOw");
+
+/** The sftp subsystem (scp's default protocol, sftp): the host's own sftp-server, wherever its system keeps it. */
+const SFTP_SERVER =
+  'for p in /usr/lib/openssh/sftp-server /usr/libexec/openssh/sftp-server /usr/lib/ssh/sftp-server /usr/libexec/sftp-server /usr/lib/sftp-server; do [ -x "$p" ] && exec "$p"; done; echo "fakessh: no sftp-server on this host" >&2; exit 127';
+
+/** ssh's command line, as far as a stand-in needs it. */
+export function parseSshArgs(argv: readonly string[], env: Record<string, string | undefined> = {}): FakesshRequest & { noStdin: boolean } {
+  let user: string | null = null;
+  let port: number | null = null;
+  let noStdin = false;
+  let subsystem = false;
+  const sendEnv: string[] = [];
+  const option = (raw: string) => {
+    const m = /^\s*(\w+)\s*(?:=|\s)\s*(.*)$/.exec(raw);
+    if (!m) return;
+    const name = (m[1] as string).toLowerCase();
+    const value = (m[2] as string).trim();
+    if (name === "user") user = value;
+    else if (name === "port") port = Number(value);
+    else if (name === "sendenv") sendEnv.push(...value.split(/\s+/));
+  };
+  let i = 0;
+  for (; i < argv.length; i++) {
+    const a = argv[i] as string;
+    if (a === "--") {
+      i++;
+      break;
+    }
+    if (!a.startsWith("-") || a === "-") break;
+    for (let j = 1; j < a.length; j++) {
+      const c = a[j] as string;
+      if (REFUSED.has(c)) throw new MitogenError(`fakessh: ssh option -${c} is not supported (only remote commands are tunnelled)`);
+      if (!WITH_ARG.has(c)) {
+        if (c === "n") noStdin = true;
+        else if (c === "s") subsystem = true;
+        continue;
+      }
+      const value = j + 1 < a.length ? a.slice(j + 1) : argv[++i];
+      if (value === undefined) throw new MitogenError(`fakessh: ssh option -${c} needs a value`);
+      if (c === "l") user = value;
+      else if (c === "p") port = Number(value);
+      else if (c === "o") option(value);
+      break;
+    }
+  }
+  let host = argv[i];
+  if (host === undefined) throw new MitogenError("fakessh: ssh was started without a destination");
+  const url = /^ssh:\/\/(?:([^@/]+)@)?(\[[^\]]+\]|[^:/]+)(?::(\d+))?\/?$/.exec(host);
+  if (url) {
+    if (url[1]) user = url[1];
+    host = url[2] as string;
+    if (url[3]) port = Number(url[3]);
+  } else {
+    const at = host.lastIndexOf("@");
+    if (at >= 0) {
+      user = host.slice(0, at);
+      host = host.slice(at + 1);
+    }
+  }
+  const words = argv.slice(i + 1);
+  if (!words.length) throw new MitogenError("fakessh: ssh was started without a remote command (no shell sessions through the tunnel)");
+  const forwarded: Record<string, string> = {};
+  for (const pattern of sendEnv) {
+    const re = new RegExp(
+      `^${pattern
+        .replace(/[.+^${}()|[\]\\]/g, "\\$&")
+        .replaceAll("*", ".*")
+        .replaceAll("?", ".")}$`,
+    );
+    for (const [k, v] of Object.entries(env)) if (v !== undefined && re.test(k)) forwarded[k] = v;
+  }
+  let command = words.join(" ");
+  if (subsystem) {
+    if (command !== "sftp") throw new MitogenError(`fakessh: ssh subsystem ${JSON.stringify(command)} is not supported (only sftp)`);
+    command = SFTP_SERVER;
+  }
+  return { host, user, port, command, env: forwarded, noStdin };
+}
+
+/** The stand-in's main: parse ssh's argv, connect back to `run()`, relay stdio; resolves with the exit status. */
+export async function sshMain(argv: string[]): Promise<number> {
+  const fail = (message: string): number => {
+    process.stderr.write(`${message}\n`);
+    return SSH_FAILED;
+  };
+  const socketPath = process.env.MITOGEN_FAKESSH;
+  const key64 = process.env.MITOGEN_FAKESSH_KEY;
+  delete process.env.MITOGEN_ROLE;
+  if (!socketPath || !key64) return fail("mitogen: started as ssh outside fakessh.run (MITOGEN_FAKESSH is not set)");
+  let request: ReturnType<typeof parseSshArgs>;
+  try {
+    request = parseSshArgs(argv, process.env);
+  } catch (err) {
+    return fail((err as Error).message);
+  }
+  const key = new Uint8Array(Buffer.from(key64, "base64"));
+  const socket = createConnection(socketPath);
+  return new Promise<number>((resolve) => {
+    let code = SSH_FAILED;
+    let nonce: Uint8Array | null = null;
+    let pending = new Uint8Array(0);
+    const reader = new FrameReader(MAX_FRAME + 5);
+    const stdin = process.stdin;
+    const sendInput = () => {
+      if (request.noStdin) {
+        socket.write(frame(FAKESSH.EOF));
+        return;
+      }
+      stdin.on("data", (chunk: Uint8Array) => {
+        for (let at = 0; at < chunk.byteLength; at += MAX_FRAME) {
+          if (!socket.write(frame(FAKESSH.STDIN, chunk.subarray(at, at + MAX_FRAME)))) {
+            stdin.pause();
+            socket.once("drain", () => stdin.resume());
+          }
+        }
+      });
+      stdin.on("end", () => socket.write(frame(FAKESSH.EOF)));
+      stdin.on("error", () => socket.write(frame(FAKESSH.EOF)));
+    };
+    const onFrame = (type: number, body: Uint8Array) => {
+      if (type === FAKESSH.STDOUT) {
+        if (!process.stdout.write(body)) {
+          socket.pause();
+          process.stdout.once("drain", () => socket.resume());
+        }
+      } else if (type === FAKESSH.STDERR) process.stderr.write(body);
+      else if (type === FAKESSH.ERROR) process.stderr.write(`ssh: ${untext.decode(body)}\n`);
+      else if (type === FAKESSH.EXIT && body.byteLength === 4) code = new DataView(body.buffer, body.byteOffset, 4).getUint32(0);
+    };
+    socket.on("data", (chunk: Uint8Array) => {
+      if (!nonce) {
+        const joined = new Uint8Array(pending.byteLength + chunk.byteLength);
+        joined.set(pending);
+        joined.set(chunk, pending.byteLength);
+        if (joined.byteLength < NONCE) {
+          pending = joined;
+          return;
+        }
+        nonce = joined.slice(0, NONCE);
+        chunk = joined.subarray(NONCE);
+        const { noStdin: _, ...wire } = request;
+        const sealed = nacl.secretbox(text.encode(JSON.stringify(wire)), nonce, key);
+        const head = new Uint8Array(4);
+        new DataView(head.buffer).setUint32(0, sealed.byteLength);
+        socket.write(head);
+        socket.write(sealed);
+        sendInput();
+      }
+      try {
+        for (const f of reader.push(chunk)) onFrame(f.type, f.body);
+      } catch (err) {
+        process.stderr.write(`ssh: ${(err as Error).message}\n`);
+        socket.destroy();
+      }
+    });
+    socket.on("error", (err) => {
+      process.stderr.write(`ssh: cannot reach fakessh.run at ${socketPath}: ${err.message}\n`);
+    });
+    // The program may close its end first (an sftp client that is done): that is no failure of ours.
+    process.stdout.on("error", () => {});
+    socket.on("close", () => {
+      stdin.destroy();
+      if (process.stdout.writableLength === 0) resolve(code);
+      else process.stdout.once("drain", () => resolve(code)).once("error", () => resolve(code));
+    });
+  });
+}

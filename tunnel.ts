@@ -1,0 +1,153 @@
+/**
+ * A subprocess in this context with its stdin, stdout and stderr tunnelled
+ * through the tree: the remote half of fakessh (`rsync --server`, `scp -t`,
+ * `git-upload-pack`). Shipped as `mitogen:tunnel`, fetched by a context the
+ * first time it runs one; not part of the child payload.
+ *
+ * Every direction is flow-controlled: stdout and stderr are read only while
+ * their Sender's window has room, and stdin is taken from its Receiver only
+ * as fast as the process drains its pipe.
+ *
+ * @module
+ */
+import { builtin, type CallContext, isDeno, nodeProcess, Receiver, type Sender, takesRouter } from "./core.ts";
+import { denoSpawn, type PipeWriter } from "./spawn.ts";
+
+/** What {@link exec} runs, and where its output goes. */
+export interface ExecSpec {
+  /** A shell command line, run as ssh runs one: `sh -c <command>` in the home directory. */
+  command: string;
+  /** Variables added to this context's environment for the command. */
+  env?: Record<string, string>;
+  /** Receives `{ ready: Sender }` (where stdin goes) once the process runs. */
+  ctl: Sender;
+  stdout: Sender;
+  stderr: Sender;
+}
+
+/** How the process ended: its exit code, or the signal that killed it. */
+export interface ExecResult {
+  code: number | null;
+  signal: string | null;
+}
+
+/** The readable half both runtimes give: data events, with pause and resume. */
+interface Readable {
+  on(event: "data", cb: (chunk: Uint8Array) => void): unknown;
+  on(event: "end" | "close", cb: () => void): unknown;
+  on(event: "error", cb: (err: Error) => void): unknown;
+  pause(): unknown;
+  resume(): unknown;
+}
+
+interface Proc {
+  stdin: PipeWriter;
+  stdout: Readable;
+  stderr: Readable;
+  /** Resolves once it exited and its output was read to the end. */
+  ended: Promise<ExecResult>;
+  kill(): void;
+}
+
+function start(spec: ExecSpec): Proc {
+  const home = builtin("node:os").homedir();
+  const env = { ...nodeProcess().env, ...spec.env };
+  const killGroup = (pid: number) => {
+    try {
+      nodeProcess().kill(-pid, "SIGKILL");
+    } catch {
+      // already gone
+    }
+  };
+  if (isDeno) {
+    let pid = 0;
+    const p = denoSpawn("/bin/sh", ["-c", spec.command], env, home, () => killGroup(pid));
+    pid = p.pid;
+    return {
+      stdin: p.stdin,
+      stdout: p.stdout as unknown as Readable,
+      stderr: p.stderr as unknown as Readable,
+      ended: p.gone.then(() => p.status() ?? { code: null, signal: null }),
+      kill: () => killGroup(pid),
+    };
+  }
+  const proc = builtin("node:child_process").spawn("/bin/sh", ["-c", spec.command], { cwd: home, env, detached: true, stdio: "pipe" });
+  return {
+    stdin: proc.stdin as unknown as PipeWriter,
+    stdout: proc.stdout as unknown as Readable,
+    stderr: proc.stderr as unknown as Readable,
+    ended: new Promise((resolve, reject) => {
+      proc.once("error", reject);
+      proc.once("close", (code: number | null, signal: string | null) => {
+        killGroup(proc.pid as number); // what it left behind in its group goes with it
+        resolve({ code, signal });
+      });
+    }),
+    kill: () => killGroup(proc.pid as number),
+  };
+}
+
+/** Send what `from` reads to `to`, pausing while the window is full; closes `to` at the end. */
+function pump(from: Readable, to: Sender): Promise<void> {
+  return new Promise<void>((resolve) => {
+    let sending = Promise.resolve();
+    from.on("data", (chunk) => {
+      from.pause();
+      sending = to.send(chunk).then(
+        () => void from.resume(),
+        () => void from.resume(), // the other end is gone: read on to the end, dropping it
+      );
+    });
+    let finished = false;
+    const finish = () => {
+      if (finished) return;
+      finished = true;
+      void sending.then(() => {
+        to.close();
+        resolve();
+      });
+    };
+    from.on("end", finish);
+    from.on("close", finish);
+    from.on("error", finish);
+  });
+}
+
+/**
+ * Run `spec.command` here with its stdio tunnelled: stdin from the Sender
+ * this sends on `spec.ctl` (a closed channel is end of input), stdout and
+ * stderr to `spec.stdout` and `spec.stderr` (each closed at its end).
+ * Resolves with how it ended once its output is all sent; the call's
+ * cancellation kills its process group.
+ */
+export const exec: (spec: ExecSpec, call: CallContext) => Promise<ExecResult> = takesRouter(async (spec: ExecSpec, call: CallContext): Promise<ExecResult> => {
+  const proc = start(spec);
+  const stdin = new Receiver(call.router, { respondent: spec.ctl.context });
+  const onAbort = () => {
+    proc.kill();
+    stdin.close();
+  };
+  call.signal.addEventListener("abort", onAbort);
+  try {
+    const output = Promise.all([pump(proc.stdout, spec.stdout), pump(proc.stderr, spec.stderr)]);
+    proc.stdin.on("error", () => {}); // it exited without reading all of its input
+    void (async () => {
+      try {
+        for await (const msg of stdin) {
+          const data = msg.unpickle();
+          if (!(data instanceof Uint8Array)) continue;
+          if (!proc.stdin.write(data)) await new Promise<void>((resolve) => proc.stdin.once("drain", resolve));
+        }
+      } catch {
+        // the channel failed: end its input as at EOF
+      }
+      proc.stdin.end();
+    })();
+    await spec.ctl.send({ ready: stdin.toSender() });
+    const [result] = await Promise.all([proc.ended, output]);
+    return result;
+  } finally {
+    call.signal.removeEventListener("abort", onAbort);
+    stdin.close();
+  }
+});
