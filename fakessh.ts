@@ -23,14 +23,14 @@
  *
  * @module
  */
-import { chmodSync, existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { accessSync, chmodSync, existsSync, constants as fsConstants, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { createConnection, createServer, type Server, type Socket } from "node:net";
 import { constants, tmpdir } from "node:os";
 import { basename, delimiter, dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { spawn } from "node:child_process";
 import nacl from "tweetnacl";
-import { type Context, isDeno, MitogenError, Receiver, type Router, type Sender } from "./core.ts";
+import { type Context, isDeno, MitogenError, Receiver, type Router, type Sender, stdinSource, stdioSink } from "./core.ts";
 import type { ExecResult, ExecSpec } from "./tunnel.ts";
 
 /** Frame types on the stand-in's socket. */
@@ -189,9 +189,9 @@ export async function run(dest: FakesshDest, router: Router, argv: string[], opt
     });
     await listen(server, socketPath);
     const ssh = join(dir, "ssh");
-    standIn(ssh, script);
     const env: Record<string, string | undefined> = { ...process.env, ...options.env };
     for (const [k, v] of Object.entries(env)) if (v === undefined) delete env[k];
+    standIn(ssh, script, env.PATH ?? "");
     Object.assign(env, {
       PATH: env.PATH ? `${dir}${delimiter}${env.PATH}` : dir,
       MITOGEN_FAKESSH: socketPath,
@@ -244,12 +244,29 @@ function listen(server: Server, path: string): Promise<void> {
 /** A word for sh, quoted. */
 const q = (s: string) => `'${s.replaceAll("'", `'\\''`)}'`;
 
+/** A node to run the stand-in with: this one, or under Deno the first on PATH; null if there is none. */
+function nodeBinary(path: string): string | null {
+  if (!isDeno) return process.execPath;
+  for (const dir of path.split(delimiter)) {
+    const exe = join(dir, "node");
+    try {
+      accessSync(exe, fsConstants.X_OK);
+      return exe;
+    } catch {
+      // not here
+    }
+  }
+  return null;
+}
+
 /**
- * Write the `ssh` the program will find: the single file, started as `ssh` by the runtime running
- * this (not whatever `node` the program's PATH has), told its role.
+ * Write the `ssh` the program will find: the single file, started as `ssh`, told its role, by this
+ * node (not whatever `node` the program's PATH has first). Under Deno it is a node from PATH where
+ * there is one: rsync's stream does not survive Deno's stdio (see ARCHITECTURE.md, "fakessh").
  */
-function standIn(ssh: string, script: string): void {
-  const runtime = isDeno ? `${q(process.execPath)} run -A --no-config --quiet` : q(process.execPath);
+function standIn(ssh: string, script: string, path: string): void {
+  const node = nodeBinary(path);
+  const runtime = node ? q(node) : `${q(process.execPath)} run -A --no-config --quiet`;
   writeFileSync(ssh, `#!/bin/sh\nMITOGEN_ROLE=ssh exec ${runtime} ${q(script)} "$@"\n`, { mode: 0o700 });
 }
 
@@ -533,31 +550,39 @@ export async function sshMain(argv: string[]): Promise<number> {
     let nonce: Uint8Array | null = null;
     let pending = new Uint8Array(0);
     const reader = new FrameReader(MAX_FRAME + 5);
-    const stdin = process.stdin;
+    let input: { stop(): void } | null = null;
     const sendInput = () => {
       if (request.noStdin) {
         socket.write(frame(FAKESSH.EOF));
         return;
       }
-      stdin.on("data", (chunk: Uint8Array) => {
-        for (let at = 0; at < chunk.byteLength; at += MAX_FRAME) {
-          if (!socket.write(frame(FAKESSH.STDIN, chunk.subarray(at, at + MAX_FRAME)))) {
-            stdin.pause();
-            socket.once("drain", () => stdin.resume());
+      input = stdinSource(
+        async (chunk) => {
+          for (let at = 0; at < chunk.byteLength; at += MAX_FRAME) {
+            if (!socket.write(frame(FAKESSH.STDIN, chunk.subarray(at, at + MAX_FRAME)))) await waitDrain(socket);
           }
-        }
-      });
-      stdin.on("end", () => socket.write(frame(FAKESSH.EOF)));
-      stdin.on("error", () => socket.write(frame(FAKESSH.EOF)));
+        },
+        () => socket.write(frame(FAKESSH.EOF)),
+      );
+    };
+    // Output goes out in order; the socket is read no faster than stdout takes it.
+    const stdout = stdioSink("stdout");
+    const stderr = stdioSink("stderr");
+    let writing: Promise<void> = Promise.resolve();
+    let backlog = 0;
+    const output = (sink: (chunk: Uint8Array) => Promise<void>, chunk: Uint8Array) => {
+      if (++backlog > 4) socket.pause();
+      writing = writing
+        .then(() => sink(chunk))
+        .catch(() => {}) // the program closed its end: what it did not read is dropped
+        .finally(() => {
+          if (--backlog <= 4) socket.resume();
+        });
     };
     const onFrame = (type: number, body: Uint8Array) => {
-      if (type === FAKESSH.STDOUT) {
-        if (!process.stdout.write(body)) {
-          socket.pause();
-          process.stdout.once("drain", () => socket.resume());
-        }
-      } else if (type === FAKESSH.STDERR) process.stderr.write(body);
-      else if (type === FAKESSH.ERROR) process.stderr.write(`ssh: ${untext.decode(body)}\n`);
+      if (type === FAKESSH.STDOUT) output(stdout, body);
+      else if (type === FAKESSH.STDERR) output(stderr, body);
+      else if (type === FAKESSH.ERROR) output(stderr, text.encode(`ssh: ${untext.decode(body)}\n`));
       else if (type === FAKESSH.EXIT && body.byteLength === 4) code = new DataView(body.buffer, body.byteOffset, 4).getUint32(0);
     };
     socket.on("data", (chunk: Uint8Array) => {
@@ -590,11 +615,10 @@ export async function sshMain(argv: string[]): Promise<number> {
       process.stderr.write(`ssh: cannot reach fakessh.run at ${socketPath}: ${err.message}\n`);
     });
     // The program may close its end first (an sftp client that is done): that is no failure of ours.
-    process.stdout.on("error", () => {});
+    if (!isDeno) process.stdout.on("error", () => {});
     socket.on("close", () => {
-      stdin.destroy();
-      if (process.stdout.writableLength === 0) resolve(code);
-      else process.stdout.once("drain", () => resolve(code)).once("error", () => resolve(code));
+      input?.stop();
+      void writing.then(() => resolve(code));
     });
   });
 }

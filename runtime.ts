@@ -127,6 +127,7 @@ interface DenoGlobal {
   stdout: DenoWriter;
   stderr: DenoWriter;
   execPath(): string;
+  openSync(path: string, options: { append: boolean }): DenoWriter & { close(): void };
   ppid: number;
   pid: number;
   kill(pid: number, signal: string | number): void;
@@ -347,6 +348,99 @@ export function childTransport(boot: Boot): Transport {
   const con = console as unknown as Record<string, unknown>;
   for (const m of ["log", "info", "debug", "dir", "dirxml", "table"]) con[m] = console.error.bind(console);
   return denoTransport(read, writeSync, boot.rest ?? null);
+}
+
+/**
+ * Writes to this process's stdout or stderr, resolving when the chunk is out (Node: after "drain"
+ * when the pipe is full). Deno makes its stdio non-blocking, and a write to a full pipe then fails
+ * with EAGAIN after writing part of the chunk, without saying how much: so under Deno a pipe is
+ * reopened through /dev (a blocking file of its own), and a write that would block anyway (a
+ * socket, which cannot be reopened) is retried after a short wait.
+ */
+export function stdioSink(which: "stdout" | "stderr"): (chunk: Uint8Array) => Promise<void> {
+  if (deno) {
+    let out: DenoWriter = deno[which];
+    try {
+      out = deno.openSync(`/dev/${which}`, { append: true });
+    } catch {
+      // not a pipe or file: keep the shared one
+    }
+    return async (chunk) => {
+      for (let at = 0, waits = 0; at < chunk.byteLength; ) {
+        try {
+          at += await out.write(chunk.subarray(at));
+          waits = 0;
+        } catch (err) {
+          if ((err as Error).name !== "WouldBlock" && (err as { code?: string }).code !== "EAGAIN") throw err;
+          await new Promise((resolve) => setTimeout(resolve, Math.min(50, ++waits)));
+        }
+      }
+    };
+  }
+  const out = nodeProcess()[which];
+  return (chunk) => (out.write(chunk) ? Promise.resolve() : new Promise<void>((resolve) => out.once("drain", () => resolve())));
+}
+
+/**
+ * Reads this process's stdin: `onData` for each chunk (reading waits for the promise it returns),
+ * then `onEnd` once, at EOF or on an error. Under Deno, as {@link stdioSink}, a read that would block
+ * is retried; Deno's `process.stdin` is not used (it garbles a socketpair, as rsync hands its ssh).
+ */
+export function stdinSource(onData: (chunk: Uint8Array) => Promise<void>, onEnd: () => void): { stop(): void } {
+  let stopped = false;
+  if (deno) {
+    const input = deno.stdin;
+    void (async () => {
+      try {
+        for (let waits = 0; !stopped; ) {
+          const buf = new Uint8Array(256 * 1024);
+          let n: number | null;
+          try {
+            n = await input.read(buf);
+            waits = 0;
+          } catch (err) {
+            if ((err as Error).name !== "WouldBlock" && (err as { code?: string }).code !== "EAGAIN") throw err;
+            await new Promise((resolve) => setTimeout(resolve, Math.min(50, ++waits)));
+            continue;
+          }
+          if (n === null) break;
+          await onData(buf.subarray(0, n));
+        }
+      } catch {
+        // a read error ends input as EOF does
+      }
+      if (!stopped) onEnd();
+    })();
+    return {
+      stop: () => {
+        stopped = true;
+        try {
+          input.close();
+        } catch {
+          // closed already
+        }
+      },
+    };
+  }
+  const input = nodeProcess().stdin;
+  let ended = false;
+  const end = () => {
+    if (ended || stopped) return;
+    ended = true;
+    onEnd();
+  };
+  input.on("data", (chunk: Uint8Array) => {
+    input.pause();
+    void onData(chunk).finally(() => input.resume());
+  });
+  input.on("end", end);
+  input.on("error", end);
+  return {
+    stop: () => {
+      stopped = true;
+      input.destroy();
+    },
+  };
 }
 
 /** Set the process title (Node; Deno cannot, and touching `process` there costs ~40 ms). */

@@ -8,13 +8,13 @@
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
 import { fakessh, Router } from "../mod.ts";
 import { parseSshArgs } from "../fakessh.ts";
-import { captureLogs, checkLeaks, leakedProcesses, waitFor } from "./helpers.ts";
+import { captureLogs, checkLeaks, leakedProcesses, underDeno, waitFor } from "./helpers.ts";
 import { findProgram } from "./hosts.ts";
 
 checkLeaks();
@@ -170,4 +170,23 @@ test("cancelling ends the program and the remote command at once", async () => {
   await assert.rejects(running, /stop now/);
   assert.ok(Date.now() - t0 < 20_000);
   await waitFor(() => !sleeping(), 5000, "the remote sleep to end");
+});
+
+test("with no node on PATH, a Deno master's stand-in runs on deno", {
+  skip: underDeno ? false : "under a Node master the stand-in always runs on that node",
+}, async () => {
+  const bin = mkdtempSync(join(scratch, "bin-"));
+  symlinkSync("/bin/sh", join(bin, "sh"));
+  const logs = captureLogs();
+  await using router = new Router({ log: logs.log });
+  const ctx = await router.local({ name: "dest" });
+  const out = join(scratch, "deno-standin.out");
+  const fd = openSync(out, "w");
+  try {
+    const code = await fakessh.run(ctx, router, ["sh", "-c", "ssh h 'echo out; exit 7'"], { env: { PATH: bin }, stdio: ["ignore", fd, "inherit"] });
+    assert.equal(code, 7);
+  } finally {
+    closeSync(fd);
+  }
+  assert.equal(readFileSync(out, "utf8"), "out\n");
 });

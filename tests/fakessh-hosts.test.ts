@@ -1,0 +1,199 @@
+/**
+ * fakessh through the netns hosts of tests/hosts.ts: real rsync, scp and git
+ * on the master, their remote halves in a context on `inner`, which only
+ * `bastion` reaches, and in a root context (sudo) there.
+ */
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { createHash, randomBytes } from "node:crypto";
+import {
+  closeSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  rmSync,
+  symlinkSync,
+  unlinkSync,
+  writeFileSync,
+} from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, test } from "node:test";
+import { type Context, fakessh, Router } from "../mod.ts";
+import { captureLogs, checkLeaks } from "./helpers.ts";
+import { type TestHosts, useTestHosts } from "./hosts.ts";
+
+checkLeaks();
+
+let hosts: TestHosts;
+let scratch = "";
+const { skip } = useTestHosts((ready) => {
+  hosts = ready;
+  scratch = mkdtempSync(join(tmpdir(), "mitogen-fakessh-hosts-"));
+});
+after(() => {
+  if (scratch) rmSync(scratch, { recursive: true, force: true });
+});
+
+/** master -> bastion -> inner (the test user) -> root on inner. */
+async function tree(router: Router): Promise<{ inner: Context; root: Context; home: string }> {
+  const bastion = await router.ssh({ hostname: "bastion", sshArgs: ["-F", hosts.sshConfigFile], name: "bastion" });
+  const inner = await router.ssh({ hostname: hosts.inner.address, via: bastion, name: "inner", sshArgs: ["-o", "SendEnv=MITOGEN_TEST_TOKEN"] });
+  const root = await router.sudo({
+    username: "root",
+    password: hosts.password,
+    via: inner,
+    name: "inner-root",
+    sudoArgs: ["--preserve-env=MITOGEN_TEST_TOKEN"],
+  });
+  const home = (await inner.call(() => process.getBuiltinModule("node:os").homedir())) as string;
+  return { inner, root, home };
+}
+
+/** Run `argv` through fakessh to `ctx`; its exit code and stdout. */
+async function run(router: Router, ctx: Context, argv: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  const out = join(scratch, `out.${process.hrtime.bigint()}`);
+  const fds = [openSync(out, "w"), openSync(`${out}.err`, "w")] as const;
+  try {
+    const code = await fakessh.run(ctx, router, argv, { stdio: ["ignore", fds[0], fds[1]] });
+    return { code, stdout: readFileSync(out, "utf8"), stderr: readFileSync(`${out}.err`, "utf8") };
+  } finally {
+    closeSync(fds[0]);
+    closeSync(fds[1]);
+  }
+}
+
+/** Every entry below `dir`: type, mode, and content hash or link target. */
+function listing(dir: string, at = ""): string[] {
+  const out: string[] = [];
+  for (const name of readdirSync(join(dir, at)).sort()) {
+    const rel = join(at, name);
+    const st = lstatSync(join(dir, rel));
+    const mode = (st.mode & 0o7777).toString(8);
+    if (st.isSymbolicLink()) out.push(`${rel} -> ${readlinkSync(join(dir, rel))}`);
+    else if (st.isDirectory()) out.push(`${rel}/ ${mode}`, ...listing(dir, rel));
+    else
+      out.push(
+        `${rel} ${mode} ${createHash("sha256")
+          .update(readFileSync(join(dir, rel)))
+          .digest("hex")}`,
+      );
+  }
+  return out;
+}
+
+function makeTree(src: string): void {
+  mkdirSync(join(src, "a", "b", "c"), { recursive: true });
+  writeFileSync(join(src, "a", "b", "c", "deep.txt"), "deep\n");
+  writeFileSync(join(src, "a", "run.sh"), "#!/bin/sh\necho hi\n", { mode: 0o750 });
+  writeFileSync(join(src, "private"), "secret\n", { mode: 0o600 });
+  writeFileSync(join(src, "gone-soon"), "delete me\n");
+  symlinkSync("a/b/c/deep.txt", join(src, "link"));
+  // 100 MiB that does not compress
+  const fd = openSync(join(src, "big.bin"), "w");
+  for (let i = 0; i < 100; i++) writeFileSync(fd, randomBytes(1 << 20));
+  closeSync(fd);
+}
+
+test("rsync a tree to inner (only bastion reaches it) and back; -c again sends nothing; --delete deletes", { skip }, async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const { inner, home } = await tree(router);
+  const src = join(scratch, "src");
+  makeTree(src);
+  const remote = `fakessh-${process.pid}`;
+  const dst = join(home, remote);
+  try {
+    const first = await run(router, inner, ["rsync", "-a", `${src}/`, `inner:${remote}/`]);
+    assert.equal(first.code, 0, first.stderr);
+    assert.deepEqual(listing(dst), listing(src));
+    assert.equal(lstatSync(join(dst, "private")).uid, (await inner.call(() => process.getuid?.())) as number, "written by the test user");
+
+    const again = await run(router, inner, ["rsync", "-a", "-c", "--stats", `${src}/`, `inner:${remote}/`]);
+    assert.equal(again.code, 0, again.stderr);
+    assert.match(again.stdout, /Number of regular files transferred: 0\b/);
+
+    unlinkSync(join(src, "gone-soon"));
+    const del = await run(router, inner, ["rsync", "-a", "--delete", `${src}/`, `inner:${remote}/`]);
+    assert.equal(del.code, 0, del.stderr);
+    assert.deepEqual(listing(dst), listing(src));
+
+    const back = join(scratch, "back");
+    const pulled = await run(router, inner, ["rsync", "-a", `inner:${remote}/`, `${back}/`]);
+    assert.equal(pulled.code, 0, pulled.stderr);
+    assert.deepEqual(listing(back), listing(src));
+  } finally {
+    rmSync(dst, { recursive: true, force: true });
+  }
+});
+
+test("through sudo on inner, files arrive owned by root; through the test user, by the test user", { skip }, async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const { inner, root } = await tree(router);
+  const src = join(scratch, "small");
+  mkdirSync(join(src, "d"), { recursive: true });
+  writeFileSync(join(src, "d", "f"), "x");
+  const base = join(tmpdir(), `mitogen-fakessh-owner-${process.pid}`);
+  try {
+    for (const [ctx, uid] of [
+      [root, 0],
+      [inner, (await inner.call(() => process.getuid?.())) as number],
+    ] as const) {
+      const dst = `${base}-${uid}`;
+      const r = await run(router, ctx, ["rsync", "-rlt", `${src}/`, `${ctx.name}:${dst}/`]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal(lstatSync(join(dst, "d", "f")).uid, uid, `${ctx.name} owns what it wrote`);
+    }
+  } finally {
+    for (const uid of ["0", String(await inner.call(() => process.getuid?.()))]) rmSync(`${base}-${uid}`, { recursive: true, force: true });
+  }
+});
+
+test("scp both ways (sftp and -O), git clone and git push of a repository on inner", { skip }, async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const { inner, home } = await tree(router);
+  const file = join(scratch, "scp-me");
+  writeFileSync(file, "over two hops\n");
+  const remote = `fakessh-scp-${process.pid}`;
+  try {
+    for (const legacy of [[], ["-O"]]) {
+      const put = await run(router, inner, ["scp", ...legacy, "-q", file, `inner:${remote}`]);
+      assert.equal(put.code, 0, put.stderr);
+      assert.equal(readFileSync(join(home, remote), "utf8"), "over two hops\n");
+      const back = join(scratch, `scp-back${legacy.length}`);
+      const get = await run(router, inner, ["scp", ...legacy, "-q", `inner:${remote}`, back]);
+      assert.equal(get.code, 0, get.stderr);
+      assert.equal(readFileSync(back, "utf8"), "over two hops\n");
+      rmSync(join(home, remote), { force: true });
+    }
+
+    // a repository held on inner, by the test user
+    const repo = `fakessh-repo-${process.pid}.git`;
+    await inner.call((r: string) => process.getBuiltinModule("node:child_process").execFileSync("git", ["init", "-q", "--bare", r]), repo);
+    const work = join(scratch, "work");
+    execFileSync("git", ["init", "-q", work]);
+    const git = (...args: string[]) => execFileSync("git", ["-C", work, "-c", "user.email=t@example.com", "-c", "user.name=t", ...args]);
+    writeFileSync(join(work, "README"), "one\n");
+    git("add", "README");
+    git("commit", "-q", "-m", "first");
+    const push = await run(router, inner, ["git", "-C", work, "push", "-q", `inner:${repo}`, "HEAD:refs/heads/main"]);
+    assert.equal(push.code, 0, push.stderr);
+    const clone = join(scratch, "clone");
+    const cloned = await run(router, inner, ["git", "clone", "-q", "-b", "main", `inner:${repo}`, clone]);
+    assert.equal(cloned.code, 0, cloned.stderr);
+    assert.equal(readFileSync(join(clone, "README"), "utf8"), "one\n");
+    writeFileSync(join(work, "README"), "two\n");
+    git("commit", "-q", "-am", "second");
+    const again = await run(router, inner, ["git", "-C", work, "push", "-q", `inner:${repo}`, "HEAD:refs/heads/main"]);
+    assert.equal(again.code, 0, again.stderr);
+    const pull = await run(router, inner, ["git", "-C", clone, "pull", "-q", "--ff-only"]);
+    assert.equal(pull.code, 0, pull.stderr);
+    assert.equal(readFileSync(join(clone, "README"), "utf8"), "two\n");
+    rmSync(join(home, repo), { recursive: true, force: true });
+  } finally {
+    rmSync(join(home, remote), { force: true });
+  }
+});
