@@ -12,13 +12,14 @@
  * @module
  */
 import { spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, realpathSync, rmSync, writeFileSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { existsSync, mkdirSync, mkdtempSync, realpathSync, rmSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import { join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { bundle } from "../bundler.ts";
-import { type Context, type LogRecord, Receiver, Router, type Sender } from "../mod.ts";
+import { type Context, fakessh, type LogRecord, Receiver, Router, type Sender } from "../mod.ts";
 import { firstStage, shellQuote } from "../parent.ts";
 import { payloads } from "../payload.ts";
 import { bounded, cell, num, perOpMicros, pool, type Scope, type Stats, spread, stats, timeMs } from "./lib.ts";
@@ -35,7 +36,7 @@ const { values } = parseArgs({
   },
 });
 if (values.help) {
-  console.log("usage: node --import tsx bench/run.ts [--runtime node|deno] [--quick] [--only 1,3,11,12]");
+  console.log("usage: node --import tsx bench/run.ts [--runtime node|deno] [--quick] [--only 1,3,11,14]");
   process.exit(0);
 }
 const kind = values.runtime;
@@ -867,11 +868,66 @@ async function benchTree(hosts: TestHosts): Promise<void> {
   }
 }
 
+// ---------------------------------------------------------------------------
+// 14. rsync of a 1000-file tree through fakessh, against rsync over plain ssh to the same host
+
+const RSYNC_NAME = "14 rsync 1000 files, fakessh";
+const RSYNC_FILES = 1000;
+
+async function benchRsync(hosts: TestHosts): Promise<void> {
+  const src = mkdtempSync(join(os.tmpdir(), "mitogen-bench-rsync-"));
+  // the test user's home on bastion (the hosts share this filesystem): one destination per side
+  const home = (spawnSync("getent", ["passwd", hosts.user], { encoding: "utf8" }).stdout.split(":")[5] ?? "").trim();
+  const dst = (side: string) => `mitogen-bench-rsync-${process.pid}-${side}`;
+  const fresh = (side: string) => rmSync(join(home, dst(side)), { recursive: true, force: true });
+  try {
+    for (let i = 0; i < RSYNC_FILES; i++) {
+      const dir = join(src, `d${i % 20}`);
+      if (i < 20) mkdirSync(dir);
+      writeFileSync(join(dir, `f${i}`), randomBytes(2048 + (i % 7) * 512));
+    }
+    const r = await bounded(120_000, async (scope) => {
+      const router = scope.add(newRouter());
+      const bastion = await router.ssh({
+        hostname: "bastion",
+        sshArgs: ["-F", hosts.sshConfigFile],
+        name: "bastion",
+        connectTimeout: SSH_CONNECT_MS,
+        runtime: hostRuntime,
+      });
+      const mito = () =>
+        timeMs(async () => {
+          fresh("mito");
+          const code = await fakessh.run(bastion, router, ["rsync", "-a", `${src}/`, `bastion:${dst("mito")}/`], { stdio: "ignore" });
+          if (code !== 0) throw new Error(`rsync through fakessh exited with ${code}`);
+        });
+      const ssh = `ssh -T -o BatchMode=yes -o StrictHostKeyChecking=yes -F ${shellQuote(hosts.sshConfigFile)}`;
+      const raw = () =>
+        timeMs(async () => {
+          fresh("raw");
+          await commandToExit(["rsync", "-a", "-e", ssh, `${src}/`, `bastion:${dst("raw")}/`], 60_000);
+        });
+      await mito();
+      await raw();
+      return rounds(P.sshRounds, 30_000 * P.budget, mito, raw);
+    });
+    const q = ratios(r.mito, r.raw);
+    row(RSYNC_NAME, spread(stats(r.mito), 0, " ms"), spread(stats(r.raw), 0, " ms"), ratioCell(r, q, 2, "x"), "<= 1.2x", q.median <= 1.2 ? "PASS" : "MISS");
+  } catch (err) {
+    failed(RSYNC_NAME, err);
+  } finally {
+    rmSync(src, { recursive: true, force: true });
+    fresh("mito");
+    fresh("raw");
+  }
+}
+
 /** Set up the test hosts (bounded), run lines 9 and 10 on them, tear them down. Where they cannot be set up, both lines say why. */
 async function benchHosts(): Promise<void> {
   const skipBoth = (why: string) => {
     row(SSH_NAME, `SKIP: ${why}`, "", "", "<= 1.15x", "SKIP");
     row(TREE_NAME, `SKIP: ${why}`, "", "", "(info: no goal)", "SKIP");
+    row(RSYNC_NAME, `SKIP: ${why}`, "", "", "<= 1.2x", "SKIP");
   };
   const setup = setupHosts();
   let timer: ReturnType<typeof setTimeout> | undefined;
@@ -895,8 +951,9 @@ async function benchHosts(): Promise<void> {
   }
   hostsUp = true;
   try {
-    await benchSshBoot(hosts);
-    await benchTree(hosts);
+    if (wanted(9)) await benchSshBoot(hosts);
+    if (wanted(10)) await benchTree(hosts);
+    if (wanted(14)) await benchRsync(hosts);
   } finally {
     try {
       await teardownHosts();
@@ -943,7 +1000,7 @@ async function main(): Promise<number> {
     [[8], benchModuleCall],
     [[11], benchStream],
     [[12], benchMatrix],
-    [[9, 10], benchHosts],
+    [[9, 10, 14], benchHosts],
   ];
   for (const [nums, run] of suite) if (nums.some(wanted)) await run();
   console.log("");
@@ -977,6 +1034,10 @@ async function main(): Promise<number> {
   detail(
     "10: not raw: ctx.call(() => 0) round trip to a local child of the same master; mitogen: the same call to root on inner, master -> ssh bastion -> ssh inner -> sudo root",
   );
+  detail(
+    `14: \`rsync -a -e 'ssh -T -o BatchMode=yes -F <config>' tree/ bastion:dst/\` of ${RSYNC_FILES} files (2 to 5 KiB, 20 dirs) into an empty dst, spawn to exit;`,
+  );
+  detail("    mitogen: the same rsync through fakessh.run to a context on bastion connected once before the rounds");
   if (logged.length) {
     console.log("");
     console.log(`library log (${logged.length} records; first 10):`);
