@@ -23,7 +23,7 @@
  *
  * @module
  */
-import { accessSync, chmodSync, existsSync, constants as fsConstants, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { createConnection, createServer, type Server, type Socket } from "node:net";
 import { constants, tmpdir } from "node:os";
 import { basename, delimiter, dirname, join } from "node:path";
@@ -191,7 +191,7 @@ export async function run(dest: FakesshDest, router: Router, argv: string[], opt
     const ssh = join(dir, "ssh");
     const env: Record<string, string | undefined> = { ...process.env, ...options.env };
     for (const [k, v] of Object.entries(env)) if (v === undefined) delete env[k];
-    standIn(ssh, script, env.PATH ?? "");
+    standIn(ssh, script);
     Object.assign(env, {
       PATH: env.PATH ? `${dir}${delimiter}${env.PATH}` : dir,
       MITOGEN_FAKESSH: socketPath,
@@ -244,29 +244,12 @@ function listen(server: Server, path: string): Promise<void> {
 /** A word for sh, quoted. */
 const q = (s: string) => `'${s.replaceAll("'", `'\\''`)}'`;
 
-/** A node to run the stand-in with: this one, or under Deno the first on PATH; null if there is none. */
-function nodeBinary(path: string): string | null {
-  if (!isDeno) return process.execPath;
-  for (const dir of path.split(delimiter)) {
-    const exe = join(dir, "node");
-    try {
-      accessSync(exe, fsConstants.X_OK);
-      return exe;
-    } catch {
-      // not here
-    }
-  }
-  return null;
-}
-
 /**
- * Write the `ssh` the program will find: the single file, started as `ssh`, told its role, by this
- * node (not whatever `node` the program's PATH has first). Under Deno it is a node from PATH where
- * there is one: rsync's stream does not survive Deno's stdio (see ARCHITECTURE.md, "fakessh").
+ * Write the `ssh` the program will find: the single file, started as `ssh`, told its role, by the
+ * runtime running this (not whatever `node` the program's PATH has first).
  */
-function standIn(ssh: string, script: string, path: string): void {
-  const node = nodeBinary(path);
-  const runtime = node ? q(node) : `${q(process.execPath)} run -A --no-config --quiet`;
+function standIn(ssh: string, script: string): void {
+  const runtime = isDeno ? `${q(process.execPath)} run -A --no-config --quiet` : q(process.execPath);
   writeFileSync(ssh, `#!/bin/sh\nMITOGEN_ROLE=ssh exec ${runtime} ${q(script)} "$@"\n`, { mode: 0o700 });
 }
 

@@ -127,7 +127,6 @@ interface DenoGlobal {
   stdout: DenoWriter;
   stderr: DenoWriter;
   execPath(): string;
-  openSync(path: string, options: { append: boolean }): DenoWriter & { close(): void };
   ppid: number;
   pid: number;
   kill(pid: number, signal: string | number): void;
@@ -351,20 +350,30 @@ export function childTransport(boot: Boot): Transport {
 }
 
 /**
+ * Deno makes its stdio non-blocking, and then a write to a full pipe or socket fails with EAGAIN
+ * after writing part of the chunk, without saying how much. Where FFI is allowed, make `fd`
+ * blocking again (Deno reads and writes stdio on threads of its own, so nothing else waits).
+ */
+function denoBlocking(fd: number): void {
+  try {
+    if (deno?.build.os !== "linux") return;
+    const { fcntl } = deno.dlopen("libc.so.6", { fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" } }).symbols;
+    const flags = fcntl?.(fd, 3, 0) ?? -1; // F_GETFL
+    if (flags >= 0) fcntl?.(fd, 4, flags & ~0o4000); // F_SETFL without O_NONBLOCK
+  } catch {
+    // no FFI: writes that would block are retried (below), which may repeat part of a chunk
+  }
+}
+
+/**
  * Writes to this process's stdout or stderr, resolving when the chunk is out (Node: after "drain"
- * when the pipe is full). Deno makes its stdio non-blocking, and a write to a full pipe then fails
- * with EAGAIN after writing part of the chunk, without saying how much: so under Deno a pipe is
- * reopened through /dev (a blocking file of its own), and a write that would block anyway (a
- * socket, which cannot be reopened) is retried after a short wait.
+ * when the pipe is full). Under Deno see {@link denoBlocking}; a write that would block anyway is
+ * retried after a short wait.
  */
 export function stdioSink(which: "stdout" | "stderr"): (chunk: Uint8Array) => Promise<void> {
   if (deno) {
-    let out: DenoWriter = deno[which];
-    try {
-      out = deno.openSync(`/dev/${which}`, { append: true });
-    } catch {
-      // not a pipe or file: keep the shared one
-    }
+    const out = deno[which];
+    denoBlocking(which === "stdout" ? 1 : 2);
     return async (chunk) => {
       for (let at = 0, waits = 0; at < chunk.byteLength; ) {
         try {
@@ -383,13 +392,14 @@ export function stdioSink(which: "stdout" | "stderr"): (chunk: Uint8Array) => Pr
 
 /**
  * Reads this process's stdin: `onData` for each chunk (reading waits for the promise it returns),
- * then `onEnd` once, at EOF or on an error. Under Deno, as {@link stdioSink}, a read that would block
- * is retried; Deno's `process.stdin` is not used (it garbles a socketpair, as rsync hands its ssh).
+ * then `onEnd` once, at EOF or on an error. Under Deno, as {@link stdioSink}: fd 0 made blocking, or
+ * a read that would block retried.
  */
 export function stdinSource(onData: (chunk: Uint8Array) => Promise<void>, onEnd: () => void): { stop(): void } {
   let stopped = false;
   if (deno) {
     const input = deno.stdin;
+    denoBlocking(0);
     void (async () => {
       try {
         for (let waits = 0; !stopped; ) {

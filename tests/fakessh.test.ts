@@ -7,7 +7,7 @@
  */
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { createHash } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -81,10 +81,16 @@ test("rsync, scp (sftp and -O) and git to a local context", { skip }, async () =
   mkdirSync(join(src, "a", "b"), { recursive: true });
   writeFileSync(join(src, "a", "b", "f"), "hello");
   writeFileSync(join(src, "x.sh"), "#!/bin/sh\n", { mode: 0o751 });
+  writeFileSync(join(src, "big"), randomBytes(24 * 1024 * 1024));
   const rsync = await runCaptured(["rsync", "-a", `${src}/`, `host:${dst}/`]);
   assert.equal(rsync.code, 0, rsync.stderr);
   assert.equal(readFileSync(join(dst, "a", "b", "f"), "utf8"), "hello");
   assert.equal(statSync(join(dst, "x.sh")).mode & 0o777, 0o751);
+  assert.equal(sha(join(dst, "big")), sha(join(src, "big")));
+  // and back: the stand-in's stdout carries the bulk (rsync hands its ssh a socketpair)
+  const pulled = await runCaptured(["rsync", "-a", `host:${dst}/big`, join(scratch, "big-back")]);
+  assert.equal(pulled.code, 0, pulled.stderr);
+  assert.equal(sha(join(scratch, "big-back")), sha(join(src, "big")));
 
   for (const legacy of [[], ["-O"]]) {
     const back = join(scratch, `back${legacy.length}`);
