@@ -62,4 +62,7 @@ export type {
   ShutdownOptions,
 } from "./core.ts";
 export { defaultLogger, Router } from "./master.ts";
+export { FileTransferError } from "./files.ts";
+export type { FileFailure, FileOptions, FileProgress, FileResult } from "./files.ts";
+export type { LinkCounts } from "./frames.ts";
 export type { RouterOptions } from "./master.ts";

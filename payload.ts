@@ -15,6 +15,8 @@
 export const SHIPPED = {
   /** Starting children: first stage, bootstrap, connection methods. */
   "mitogen:parent": "parent.ts",
+  /** File transfer: putFile, getFile, fan-out relays. */
+  "mitogen:files": "files.ts",
 } as const;
 
 /** A library module shipped to children on demand. */
