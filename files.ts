@@ -156,6 +156,11 @@ function onExit(): void {
   else nodeProcess().on("exit", removeTemps);
 }
 
+/** Bytes between the flushes a Writer starts while it writes. */
+const SYNC_EVERY = 32 * 1024 * 1024;
+/** Chunks a Writer writes at once (positional writes, so their order does not matter). */
+const WRITES_IN_FLIGHT = 4;
+
 /** Writes one file under a temporary name and renames it at the end (or removes it). */
 class Writer {
   readonly dst: string;
@@ -163,6 +168,13 @@ class Writer {
   readonly #tmp: string;
   #fd: number | null;
   readonly #hash = sha256();
+  /** Writes in flight, and the first that failed. */
+  readonly #pending = new Set<Promise<void>>();
+  #error: FileTransferError | null = null;
+  /** A flush in flight, and the bytes written when it started. */
+  #syncing: Promise<void> | null = null;
+  #synced = 0;
+  /** Bytes taken (and hashed) so far. */
   bytes = 0;
 
   private constructor(dst: string, where: string, tmp: string, fd: number) {
@@ -197,23 +209,59 @@ class Writer {
     return new Writer(dst, where, tmp, fd);
   }
 
+  /**
+   * Queue `chunk` (hashed now, written at its offset); resolves once fewer than {@link WRITES_IN_FLIGHT}
+   * writes are pending. The first write error is thrown here or by commit().
+   */
   async write(chunk: Uint8Array): Promise<void> {
     const fd = this.#fd;
+    if (this.#error) throw this.#error;
     if (fd === null) throw new FileTransferError(`cannot write ${this.dst} in ${this.where}: the file was closed`);
     this.#hash.update(chunk);
-    for (let off = 0, n = 0; off < chunk.byteLength; off += n) {
-      try {
-        n = await call<number>(fs().write, fd, chunk, off, chunk.byteLength - off, null);
-      } catch (err) {
-        throw fsError(err, `cannot write ${this.dst} in ${this.where}`);
-      }
-    }
+    const at = this.bytes;
     this.bytes += chunk.byteLength;
+    const done = (async () => {
+      for (let off = 0, n = 0; off < chunk.byteLength; off += n) n = await call<number>(fs().write, fd, chunk, off, chunk.byteLength - off, at + off);
+    })().then(
+      () => {
+        this.#pending.delete(done);
+      },
+      (err: unknown) => {
+        this.#pending.delete(done);
+        this.#error ??= fsError(err, `cannot write ${this.dst} in ${this.where}`);
+      },
+    );
+    this.#pending.add(done);
+    // Flush as we go, so the disk writes while the rest arrives and the final fsync is short.
+    if (this.bytes - this.#synced >= SYNC_EVERY && !this.#syncing) {
+      this.#synced = this.bytes;
+      const sync: Promise<void> = done
+        .then(() => call<void>(fs().fdatasync, fd))
+        .then(
+          () => {
+            this.#syncing = null;
+          },
+          () => {
+            this.#syncing = null; // the final fsync reports what is wrong
+          },
+        );
+      this.#syncing = sync;
+    }
+    while (this.#pending.size >= WRITES_IN_FLIGHT) await Promise.race(this.#pending);
+    if (this.#error) throw this.#error;
+  }
+
+  /** Wait for the writes in flight; throw the first error. */
+  async #settle(): Promise<void> {
+    while (this.#pending.size) await Promise.race(this.#pending);
+    await this.#syncing;
+    if (this.#error) throw this.#error;
   }
 
   /** Check what was written against the sender's count and hash, set mode and mtime, and rename. */
   async commit(bytes: number, hash: string, mode: number, mtime?: number): Promise<string> {
     const what = `cannot write ${this.dst} in ${this.where}`;
+    await this.#settle();
     const fd = this.#fd;
     if (fd === null) throw new FileTransferError(`${what}: the file was closed`);
     const mine = this.#hash.digest("hex");
@@ -234,23 +282,28 @@ class Writer {
     return mine;
   }
 
-  /** Close and remove the temporary file (the destination is untouched). */
+  /** Remove the temporary file (the destination is untouched); its fd is closed once no write is in flight. */
   discard(): void {
     const f = fs();
-    if (this.#fd !== null) {
+    const fd = this.#fd;
+    this.#fd = null;
+    if (temps.delete(this.#tmp)) {
       try {
-        f.closeSync(this.#fd);
+        f.unlinkSync(this.#tmp);
+      } catch {
+        // gone already
+      }
+    }
+    if (fd === null) return;
+    const close = () => {
+      try {
+        f.closeSync(fd);
       } catch {
         // closed
       }
-      this.#fd = null;
-    }
-    if (!temps.delete(this.#tmp)) return;
-    try {
-      f.unlinkSync(this.#tmp);
-    } catch {
-      // gone already
-    }
+    };
+    if (this.#pending.size || this.#syncing) void Promise.all([...this.#pending, this.#syncing]).then(close);
+    else close();
   }
 }
 
@@ -353,16 +406,26 @@ async function forward(branches: Branch[], value: unknown): Promise<void> {
   );
 }
 
-/** Rejects once `signal` aborts; `done()` detaches it. */
-function aborted(signal: AbortSignal, what: string): { promise: Promise<never>; done: () => void } {
-  let onAbort = () => {};
-  const promise = new Promise<never>((_, reject) => {
-    onAbort = () => reject(new AbortError(`${what} aborted`, { cause: signal.reason }));
+/**
+ * `promise`, or an AbortError as soon as `signal` aborts. Its listener goes when either settles, so
+ * nothing long-lived keeps the value (a race against one pending promise would keep every chunk).
+ */
+function until<T>(promise: Promise<T>, signal: AbortSignal, what: string): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const onAbort = () => reject(new AbortError(`${what} aborted`, { cause: signal.reason }));
     if (signal.aborted) onAbort();
     else signal.addEventListener("abort", onAbort, { once: true });
+    promise.then(
+      (value) => {
+        signal.removeEventListener("abort", onAbort);
+        resolve(value);
+      },
+      (err: unknown) => {
+        signal.removeEventListener("abort", onAbort);
+        reject(err);
+      },
+    );
   });
-  promise.catch(() => {});
-  return { promise, done: () => signal.removeEventListener("abort", onAbort) };
 }
 
 /**
@@ -443,18 +506,17 @@ export const send: (spec: { path: string; data: Sender }, call: CallContext) => 
   async (spec: { path: string; data: Sender }, cc: CallContext) => {
     const { router, signal } = cc;
     const source = await Source.open(spec.path, router.name);
-    const stop = aborted(signal, `getFile of ${spec.path} from ${router.name}`);
+    const what = `getFile of ${spec.path} from ${router.name}`;
     try {
-      await Promise.race([spec.data.send({ size: source.size, mode: source.mode, mtime: source.mtime }), stop.promise]);
+      await until(spec.data.send({ size: source.size, mode: source.mode, mtime: source.mtime }), signal, what);
       for (;;) {
-        const chunk = await Promise.race([source.next(), stop.promise]);
+        const chunk = await until(source.next(), signal, what);
         if (!chunk) break;
-        await Promise.race([spec.data.send(chunk), stop.promise]);
+        await until(spec.data.send(chunk), signal, what);
       }
       await spec.data.send({ end: source.sha256(), bytes: source.sent } satisfies End);
       return { bytes: source.sent };
     } finally {
-      stop.done();
       source.close();
     }
   },
@@ -472,6 +534,7 @@ class Source {
   readonly mtime: number;
   sent = 0;
   #fd: number | null;
+  #ahead: Promise<Uint8Array | null> | null = null;
   readonly #hash = sha256();
 
   private constructor(path: string, where: string, fd: number, st: import("node:fs").Stats) {
@@ -501,36 +564,57 @@ class Source {
     }
   }
 
-  /** The next chunk (a fresh buffer), or null at the end; fails if the file shrank or cannot be read. */
+  /**
+   * The next chunk (a fresh buffer), or null at the end; fails if the file shrank or cannot be read.
+   * The chunk after it is read meanwhile.
+   */
   async next(): Promise<Uint8Array | null> {
-    const left = this.size - this.sent;
-    if (left <= 0 || this.#fd === null) return null;
+    const chunk = await (this.#ahead ?? this.#read(this.sent));
+    this.#ahead = null;
+    if (!chunk) return null;
+    this.#hash.update(chunk);
+    this.sent += chunk.byteLength;
+    if (this.sent < this.size) {
+      this.#ahead = this.#read(this.sent);
+      this.#ahead.catch(() => {}); // its error comes from the next call
+    }
+    return chunk;
+  }
+
+  async #read(at: number): Promise<Uint8Array | null> {
+    const left = this.size - at;
+    const fd = this.#fd;
+    if (left <= 0 || fd === null) return null;
     const buf = new Uint8Array(Math.min(CHUNK, left));
-    let n: number;
+    let n = 0;
     try {
-      n = await call<number>(fs().read, this.#fd, buf, 0, buf.byteLength, this.sent);
+      for (let k = 1; n < buf.byteLength && k > 0; n += k) k = await call<number>(fs().read, fd, buf, n, buf.byteLength - n, at + n);
     } catch (err) {
       throw fsError(err, `cannot read ${this.path} in ${this.where}`);
     }
-    if (n === 0) throw new FileTransferError(`source ${this.path} in ${this.where} shrank while being sent: ${this.sent} of ${this.size} bytes read`);
-    const chunk = n < buf.byteLength ? buf.subarray(0, n) : buf;
-    this.#hash.update(chunk);
-    this.sent += n;
-    return chunk;
+    if (n < buf.byteLength)
+      throw new FileTransferError(`source ${this.path} in ${this.where} shrank while being sent: it had ${this.size} bytes, ${at + n} could be read`);
+    return buf;
   }
 
   sha256(): string {
     return this.#hash.digest("hex");
   }
 
+  /** Close the file, once a read ahead (if any) has finished. */
   close(): void {
-    if (this.#fd === null) return;
-    try {
-      fs().closeSync(this.#fd);
-    } catch {
-      // closed
-    }
+    const fd = this.#fd;
+    if (fd === null) return;
     this.#fd = null;
+    const close = () => {
+      try {
+        fs().closeSync(fd);
+      } catch {
+        // closed
+      }
+    };
+    if (this.#ahead) void this.#ahead.then(close, close);
+    else close();
   }
 }
 
@@ -586,7 +670,7 @@ export async function putFile(router: Router, targets: Context[], src: string, d
   const controller = new Abort();
   const cancel = () => controller.abort(outer?.reason);
   outer?.addEventListener("abort", cancel, { once: true });
-  const stop = aborted(controller.signal, `putFile of ${src}`);
+  const what = `putFile of ${src}`;
   const progress = progressReporter(router, targets, source.size, options.onProgress);
   let final: Map<number, number> | null = null;
   try {
@@ -596,17 +680,15 @@ export async function putFile(router: Router, targets: Context[], src: string, d
       ...(options.preserveTimes ? { mtime: source.mtime } : {}),
       ...(progress.sender ? { progress: progress.sender } : {}),
     };
-    const branches = await Promise.race([
-      Promise.all(plan(router, targets, leaf, dst).map((spec) => startBranch(router, spec, controller.signal))),
-      stop.promise,
-    ]);
+    const signal = controller.signal;
+    const branches = await until(Promise.all(plan(router, targets, leaf, dst).map((spec) => startBranch(router, spec, signal))), signal, what);
     for (;;) {
-      const chunk = await Promise.race([source.next(), stop.promise]);
+      const chunk = await until(source.next(), signal, what);
       if (!chunk) break;
-      await Promise.race([forward(branches, chunk), stop.promise]);
+      await until(forward(branches, chunk), signal, what);
     }
     await forward(branches, { end: source.sha256(), bytes: source.sent } satisfies End);
-    const outcomes = (await Promise.race([Promise.all(branches.map((b) => b.outcomes)), stop.promise])).flat();
+    const outcomes = (await until(Promise.all(branches.map((b) => b.outcomes)), signal, what)).flat();
     const results: FileResult[] = [];
     const failures: FileFailure[] = [];
     const seen = new Set<number>();
@@ -630,7 +712,6 @@ export async function putFile(router: Router, targets: Context[], src: string, d
     throw err;
   } finally {
     progress.stop(final);
-    stop.done();
     outer?.removeEventListener("abort", cancel);
     source.close();
   }
