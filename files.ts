@@ -31,6 +31,7 @@ import {
   type Sender,
   builtin,
   nodeProcess,
+  positionalIo,
   takesRouter,
 } from "./core.ts";
 
@@ -158,8 +159,8 @@ function onExit(): void {
 
 /** Bytes between the flushes a Writer starts while it writes. */
 const SYNC_EVERY = 32 * 1024 * 1024;
-/** Chunks a Writer writes at once (positional writes, so their order does not matter). */
-const WRITES_IN_FLIGHT = 4;
+/** Chunks a Writer writes at once (positional writes, so their order does not matter; one where they seek). */
+const WRITES_IN_FLIGHT = positionalIo ? 4 : 1;
 
 /** Writes one file under a temporary name and renames it at the end (or removes it). */
 class Writer {
@@ -574,7 +575,7 @@ class Source {
     if (!chunk) return null;
     this.#hash.update(chunk);
     this.sent += chunk.byteLength;
-    if (this.sent < this.size) {
+    if (this.sent < this.size && positionalIo) {
       this.#ahead = this.#read(this.sent);
       this.#ahead.catch(() => {}); // its error comes from the next call
     }

@@ -29,6 +29,7 @@ import { promisify } from "node:util";
 import { after, before, describe, test } from "node:test";
 import { AbortError, type CallContext, type FileProgress, FileTransferError, Router, takesRouter } from "../mod.ts";
 import { captureLogs, checkLeaks, RUNTIMES, underDeno, waitFor } from "./helpers.ts";
+import { INSTALL_HINT, matrix } from "./matrix.ts";
 
 checkLeaks();
 
@@ -324,3 +325,37 @@ for (const runtime of RUNTIMES) {
     });
   });
 }
+
+const OLDEST = matrix().filter((m) => m.name === "node12" || m.name === "deno1.46");
+test("the oldest child runtimes (Node 12, Deno 1.46) send, relay, receive and fail alike", async (t) => {
+  for (const m of OLDEST) {
+    await t.test(m.name, { skip: m.runtime ? false : `${m.exe} is not installed: ${INSTALL_HINT}` }, async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const a = await router.local({ runtime: m.exe, name: "a" });
+      const b = await router.local({ runtime: m.exe, name: "b", via: a });
+      const d = sub(m.name);
+      const src = makeFile(join(d, "src"), 3 * MiB + 5);
+      utimesSync(src, 1_000_000_000, 1_111_111_111);
+      const both = await router.putFile([a, b], src, join(d, "dst"), { mode: 0o600, preserveTimes: true });
+      assert.deepEqual(
+        both.map((r) => r.sha256),
+        [sha(src), sha(src)],
+      );
+      assert.equal(statSync(join(d, "dst")).mode & 0o7777, 0o600);
+      assert.equal(statSync(join(d, "dst")).mtimeMs, 1_111_111_111_000);
+      assert.equal(sha(join(d, "dst")), sha(src), "the file on disk (chunks differ: order matters)");
+      assert.equal((await b.getFile(join(d, "dst"), join(d, "back"))).sha256, sha(src));
+      assert.equal(sha(join(d, "back")), sha(src));
+      // a sends a file of its own to its child
+      const own = await a.call(
+        takesRouter(async (from: string, to: string, id: number, call: CallContext) => (await call.router.contextById(id).putFile(from, to)).bytes),
+        join(d, "back"),
+        join(d, "from-a"),
+        b.contextId,
+      );
+      assert.equal(own, 3 * MiB + 5);
+      await assert.rejects(b.putFile(src, join(d, "nope", "x")), /cannot write .*nope\/x in b: its directory .*nope does not exist/);
+      assert.deepEqual(temps(d), []);
+    });
+  }
+});
