@@ -25,6 +25,7 @@ import {
   type CallContext,
   ChannelError,
   type Context,
+  type Message,
   MitogenError,
   Receiver,
   type Router,
@@ -371,7 +372,12 @@ interface Branch {
 async function startBranch(router: Router, spec: ReceiveSpec, signal: AbortSignal): Promise<Branch> {
   const ctx = router.contextById(spec.id);
   const ctl = new Receiver(router, { persist: false, respondent: ctx });
-  const call = ctx.with({ signal }).callModule("mitogen:files", "receive", { ...spec, ctl: ctl.toSender() }) as Promise<Outcome[]>;
+  const node = { ...spec, ctl: ctl.toSender() };
+  // This very context (the master has no call dispatcher): run the node here.
+  const call =
+    spec.id === router.myId
+      ? receive(node, { router, econtext: router, msg: { src: router.myId } as Message, signal })
+      : (ctx.with({ signal }).callModule("mitogen:files", "receive", node) as Promise<Outcome[]>);
   const outcomes = call.then(
     (list) => {
       ctl.close();
@@ -667,6 +673,10 @@ export async function putFile(router: Router, targets: Context[], src: string, d
   const outer = options.signal;
   if (outer?.aborted) throw new AbortError(`putFile of ${src} aborted`, { cause: outer.reason });
   const source = await Source.open(src, router.name);
+  if (!targets.length) {
+    source.close();
+    return [];
+  }
   // Our own controller: the caller's signal, and a failed source, both cancel every branch.
   const controller = new Abort();
   const cancel = () => controller.abort(outer?.reason);

@@ -118,6 +118,11 @@ for (const runtime of RUNTIMES) {
       assert.equal(statSync(join(d, "got")).mtimeMs, 1_234_567_890_000);
       await ctx.getFile(src, join(d, "got2"), { mode: 0o640 });
       assert.equal(statSync(join(d, "got2")).mode & 0o7777, 0o640);
+      // To this very context, and to no context at all
+      assert.equal((await router.myself().putFile(src, join(d, "mine"))).sha256, sha(src));
+      assert.equal(sha(join(d, "mine")), sha(src));
+      assert.deepEqual(await router.putFile([], src, join(d, "none")), []);
+      assert.equal(existsSync(join(d, "none")), false);
       // An empty file, and overwriting an existing one
       writeFileSync(join(d, "empty"), "");
       assert.equal((await ctx.putFile(join(d, "empty"), join(d, "plain"))).bytes, 0);
