@@ -9,9 +9,10 @@
 import { AbortError, CallError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
 import { type Binder, type Secret, WIRE_REF, type WireRef } from "./codec.ts";
 import { Abort, asyncDispose, type Boot, builtin, builtinsReady, childTransport, exitProcess, hasOwn, onUncaught, setTitle, watchParent } from "./runtime.ts";
-import { CORE, DEFAULT_MAX_MESSAGE_SIZE, FIRST_DYNAMIC_HANDLE, HANDLE, MARKER, Message, Stream } from "./frames.ts";
+import { CORE, DEFAULT_MAX_MESSAGE_SIZE, FIRST_DYNAMIC_HANDLE, HANDLE, type LinkCounts, MARKER, Message, Stream } from "./frames.ts";
 import { type GetOptions, Receiver, Sender } from "./select.ts";
 import { FlowControl } from "./flow.ts";
+import type { FileOptions, FileResult } from "./files.ts";
 
 export * from "./errors.ts";
 export * from "./codec.ts";
@@ -235,8 +236,11 @@ export class Router implements Binder, AsyncDisposable {
   readonly modules: Map<string, Record<string, unknown>> = new Map();
   /** Compressed code of shipped modules this context holds, for itself and its children. */
   readonly moduleCode: Map<string, Uint8Array> = new Map();
-  /** Counters: modules this context sent to its children (GET_MODULE answers) and their bytes. */
-  readonly stats: { modulesSent: number; moduleBytesSent: number } = { modulesSent: 0, moduleBytesSent: 0 };
+  /**
+   * Counters: modules this context sent to its children (GET_MODULE answers) and their bytes; bytes of
+   * frames over each link, by the id of the context at its other end (children and parent).
+   */
+  readonly stats: { modulesSent: number; moduleBytesSent: number; links: Map<number, LinkCounts> } = { modulesSent: 0, moduleBytesSent: 0, links: new Map() };
   /** Windows of the flow-controlled channels this context sends on (Sender). */
   readonly flow: FlowControl = new FlowControl(this);
   readonly #fetching = new Map<string, Promise<Uint8Array>>();
@@ -545,6 +549,30 @@ export class Router implements Binder, AsyncDisposable {
     return new Sender(this.contextById(id), handle);
   }
 
+  /** The parent of context `id` below this one, as adopted or announced (ADD_ROUTE); undefined for any other. */
+  parentOf(id: number): number | undefined {
+    return this.#parentOf.get(id);
+  }
+
+  /**
+   * Copy local file `src` to `dst` in each of `contexts` (fan-out: each byte crosses each link of the
+   * tree once; a context on the way relays). Resolves with one result per context; if any failed,
+   * rejects with a `FileTransferError` holding the results and failures (the others still finish).
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const hop = await router.local();
+   * const kids = [await router.local({ via: hop }), await router.local({ via: hop })];
+   * const done = await router.putFile(kids, "./README.md", "/tmp/README.copy");
+   * console.log(done.map((r) => r.bytes));
+   * ```
+   */
+  async putFile(contexts: Context[], src: string, dst: string, options: FileOptions = {}): Promise<FileResult[]> {
+    return (await files(this)).putFile(this, contexts, src, dst, options);
+  }
+
   /** The stream that leads to `id`, if it is below this context. */
   routeTo(id: number): Stream | undefined {
     return this.#routes.get(id);
@@ -570,6 +598,7 @@ export class Router implements Binder, AsyncDisposable {
     stream.onClose = (err) => this.#onStreamClosed(stream, err);
     stream.relays = (dst) => dst !== this.myId;
     this.#parentOf.set(remoteId, this.myId);
+    this.stats.links.set(remoteId, stream.counts);
     const ctx = this.contextById(remoteId, name);
     ctx.name = name;
     ctx.runtime = link.runtime ?? null;
@@ -580,6 +609,7 @@ export class Router implements Binder, AsyncDisposable {
   /** Adopt the stream to the parent. */
   setParent(stream: Stream): void {
     this.parent = stream;
+    this.stats.links.set(this.parentIds[0] ?? 0, stream.counts);
     stream.onMessage = (msg) => this.#inbound(msg, stream);
     stream.onClose = (err) => this.#onStreamClosed(stream, err);
     stream.relays = (dst) => dst !== this.myId;
@@ -977,6 +1007,38 @@ export class Context implements WireRef, AsyncDisposable {
     return new CallScope(this, options);
   }
 
+  /**
+   * Copy file `src` of the calling context to `dst` in this one: streamed, written to a temporary name
+   * and renamed, sha256 checked; mode kept (or `options.mode`), mtime with `preserveTimes`.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const ctx = await router.local();
+   * const { bytes, sha256 } = await ctx.putFile("./README.md", "/tmp/README.copy", { mode: 0o644 });
+   * console.log(bytes, sha256);
+   * ```
+   */
+  async putFile(src: string, dst: string, options: FileOptions = {}): Promise<FileResult> {
+    return (await files(this.router)).putOne(this.router, this, src, dst, options);
+  }
+
+  /**
+   * Copy file `src` of this context to `dst` in the calling one, as {@link Context.putFile} the other way.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const ctx = await router.local();
+   * await ctx.getFile("/etc/hostname", "/tmp/hostname.copy", { preserveTimes: true });
+   * ```
+   */
+  async getFile(src: string, dst: string, options: FileOptions = {}): Promise<FileResult> {
+    return (await files(this.router)).getFile(this.router, this, src, dst, options);
+  }
+
   /** Resolves with the reason once the context is gone. */
   disconnected(): Promise<string> {
     if (this.#disconnected !== null) return Promise.resolve(this.#disconnected);
@@ -1017,6 +1079,9 @@ export class Context implements WireRef, AsyncDisposable {
     return this.shutdown({ wait: true });
   }
 }
+
+/** The shipped module `mitogen:files` (files.ts), loaded on first use. */
+const files = (router: Router) => router.requireModule("mitogen:files") as Promise<unknown> as Promise<typeof import("./files.ts")>;
 
 /** Limits a call carries: see {@link Context.with}. */
 export interface CallOptions {

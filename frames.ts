@@ -243,6 +243,12 @@ export function readHeader(h: Uint8Array, maxMessageSize: number): { fields: Mes
 // ---------------------------------------------------------------------------
 // Stream: frames over a Transport
 
+/** What crossed one link, as {@link Stream.counts} and `router.stats.links` report it. */
+export interface LinkCounts {
+  bytesIn: number;
+  bytesOut: number;
+}
+
 /** Frames up to this size are written as one joined buffer. */
 const SMALL_FRAME = 64 * 1024;
 
@@ -259,6 +265,8 @@ export class Stream {
   onClose: (error?: Error) => void = () => {};
   /** True for a frame this end only passes on (the router sets it): a large one then keeps its chunks. */
   relays: (dst: number) => boolean = () => false;
+  /** Bytes of frames written to and read from this link (headers included). */
+  readonly counts: LinkCounts = { bytesIn: 0, bytesOut: 0 };
   readonly #transport: Transport;
   #chunks: Uint8Array[] = [];
   #buffered = 0;
@@ -336,6 +344,7 @@ export class Stream {
   /** Write one message. */
   send(msg: Message): void {
     if (this.#closed) return;
+    this.counts.bytesOut += FRAME.HEADER_SIZE + msg.length;
     if (msg.length > SMALL_FRAME) {
       this.#transport.write([writeHeader(msg), ...msg.parts]);
       return;
@@ -380,6 +389,7 @@ export class Stream {
 
   #receive(chunk: Uint8Array): void {
     if (this.#closed || chunk.byteLength === 0) return;
+    this.counts.bytesIn += chunk.byteLength;
     const frame = this.#frame;
     if (frame) {
       const k = Math.min(frame.byteLength - this.#filled, chunk.byteLength);

@@ -63,4 +63,7 @@ export type {
 } from "./core.ts";
 export { defaultLogger, Router } from "./master.ts";
 export * as fakessh from "./fakessh.ts";
+export { FileTransferError } from "./files.ts";
+export type { FileFailure, FileOptions, FileProgress, FileResult } from "./files.ts";
+export type { LinkCounts } from "./frames.ts";
 export type { RouterOptions } from "./master.ts";

@@ -17,6 +17,8 @@ export const SHIPPED = {
   "mitogen:parent": "parent.ts",
   /** A subprocess with its stdio tunnelled through the tree (fakessh's remote half). */
   "mitogen:tunnel": "tunnel.ts",
+  /** File transfer: putFile, getFile, fan-out relays. */
+  "mitogen:files": "files.ts",
 } as const;
 
 /** A library module shipped to children on demand. */

@@ -138,6 +138,8 @@ interface DenoGlobal {
 export const deno: DenoGlobal | undefined = (globalThis as { Deno?: DenoGlobal }).Deno;
 /** True when running under Deno. */
 export const isDeno: boolean = deno !== undefined;
+/** `node:fs` reads and writes at a position without a shared offset, so several may run at once (Deno 1.x seeks first). */
+export const positionalIo: boolean = !(deno as { version?: { deno: string } } | undefined)?.version?.deno.startsWith("1.");
 
 type NodeReadable = {
   on(event: "data", cb: (chunk: Uint8Array) => void): unknown;

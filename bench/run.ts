@@ -13,7 +13,7 @@
  */
 import { spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { existsSync, mkdirSync, mkdtempSync, realpathSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, closeSync, existsSync, mkdirSync, mkdtempSync, openSync, realpathSync, rmSync, writeFileSync, writeSync } from "node:fs";
 import os from "node:os";
 import { join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
@@ -677,6 +677,102 @@ async function benchModuleCall(): Promise<void> {
 }
 
 // ---------------------------------------------------------------------------
+// ---------------------------------------------------------------------------
+// 13: putFile of 256 MiB, to a local context (here) and two ssh hops away (with lines 9 and 10)
+
+const PUT_BYTES = 256 * 1024 * 1024;
+const PUT_LOCAL = "13 putFile 256 MiB (MB/s)";
+const PUT_HOPS = "13 same, 2 ssh hops";
+
+/** A 256 MiB file of changing bytes in a fresh directory (world-writable, for the test user on the hosts). */
+function putSource(): { dir: string; src: string } {
+  const dir = mkdtempSync(join(os.tmpdir(), "mitogen-bench-put-"));
+  chmodSync(dir, 0o777);
+  const src = join(dir, "src.bin");
+  const block = new Uint8Array(1024 * 1024);
+  const fd = openSync(src, "w");
+  for (let i = 0; i < PUT_BYTES / block.byteLength; i++) {
+    block.fill(i & 0xff);
+    writeSync(fd, block);
+  }
+  closeSync(fd);
+  chmodSync(src, 0o644);
+  return { dir, src };
+}
+
+/** The raw reference: `sh -c <command>` to its exit, in ms. */
+function shellMs(command: string, limitMs = 120_000): Promise<number> {
+  return timeMs(() => commandToExit(["sh", "-c", command], limitMs));
+}
+
+/** stdin to `dst` and fsync it, as mitogen's writer does: for `<runtime> -e` and `deno eval`. */
+const stdinToFile = (dst: string) =>
+  `const fs=process.getBuiltinModule("node:fs"),w=fs.createWriteStream(${JSON.stringify(dst)});process.stdin.pipe(w);` +
+  `w.on("finish",()=>{const fd=fs.openSync(${JSON.stringify(dst)},"r+");fs.fsyncSync(fd);fs.closeSync(fd)})`;
+
+async function benchPutLocal(): Promise<void> {
+  const { dir, src } = putSource();
+  try {
+    const r = await bounded(240_000, async (scope) => {
+      const router = scope.add(newRouter());
+      const ctx = await router.local({ runtime, name: "put" });
+      const mito = async () => {
+        const ms = await timeMs(() => ctx.putFile(src, join(dir, "mito.bin")));
+        return PUT_BYTES / 1e6 / (ms / 1000);
+      };
+      const exe = shellQuote(rt.exe);
+      const reader = kind === "node" ? `${exe} -e` : `${exe} eval --no-config`;
+      const raw = async () => PUT_BYTES / 1e6 / ((await shellMs(`cat ${shellQuote(src)} | ${reader} ${shellQuote(stdinToFile(join(dir, "raw.bin")))}`)) / 1000);
+      return rounds(Math.min(P.echoRounds, 3), 60_000 * P.budget, mito, raw);
+    });
+    const q = ratios(r.mito, r.raw);
+    const pct: Stats = { median: q.median * 100, min: q.min * 100, max: q.max * 100, n: q.n };
+    row(PUT_LOCAL, spread(stats(r.mito), 0), spread(stats(r.raw), 0), ratioCell(r, pct, 1, "%"), ">= 80% of raw", pct.median >= 80 ? "PASS" : "MISS");
+  } catch (err) {
+    failed(PUT_LOCAL, err);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** putFile to inner through bastion, against `cat file | ssh bastion ssh inner 'cat > dst; sync dst'`. */
+async function benchPutHops(hosts: TestHosts): Promise<void> {
+  const { dir, src } = putSource();
+  try {
+    const r = await bounded(240_000, async (scope) => {
+      const router = scope.add(newRouter());
+      const bastion = await router.ssh({
+        hostname: "bastion",
+        sshArgs: ["-F", hosts.sshConfigFile],
+        name: "bastion",
+        connectTimeout: SSH_CONNECT_MS,
+        runtime: hostRuntime,
+      });
+      const inner = await router.ssh({ hostname: hosts.inner.address, via: bastion, name: "inner", connectTimeout: SSH_CONNECT_MS, runtime: hostRuntime });
+      const mito = async () => PUT_BYTES / 1e6 / ((await timeMs(() => inner.putFile(src, join(dir, "mito.bin")))) / 1000);
+      const dst = shellQuote(join(dir, "raw.bin"));
+      const remote = shellQuote(`ssh -T -o BatchMode=yes ${hosts.inner.address} ${shellQuote(`cat > ${dst} && sync ${dst}`)}`);
+      const raw = async () =>
+        PUT_BYTES / 1e6 / ((await shellMs(`cat ${shellQuote(src)} | ssh -T -F ${shellQuote(hosts.sshConfigFile)} bastion ${remote}`)) / 1000);
+      return rounds(Math.min(P.echoRounds, 3), 60_000 * P.budget, mito, raw);
+    });
+    const q = ratios(r.mito, r.raw);
+    const pct: Stats = { median: q.median * 100, min: q.min * 100, max: q.max * 100, n: q.n };
+    row(
+      PUT_HOPS,
+      spread(stats(r.mito), 0, " MB/s"),
+      spread(stats(r.raw), 0, " MB/s"),
+      ratioCell(r, pct, 1, "%"),
+      ">= 80% of raw",
+      pct.median >= 80 ? "PASS" : "MISS",
+    );
+  } catch (err) {
+    failed(PUT_HOPS, err);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 // 9 and 10: over ssh, on the test hosts of tests/hosts.ts (network namespaces
 // with real sshds on this machine; root only). Set up once for both lines.
 
@@ -925,9 +1021,10 @@ async function benchRsync(hosts: TestHosts): Promise<void> {
 /** Set up the test hosts (bounded), run lines 9 and 10 on them, tear them down. Where they cannot be set up, both lines say why. */
 async function benchHosts(): Promise<void> {
   const skipBoth = (why: string) => {
-    row(SSH_NAME, `SKIP: ${why}`, "", "", "<= 1.15x", "SKIP");
-    row(TREE_NAME, `SKIP: ${why}`, "", "", "(info: no goal)", "SKIP");
-    row(RSYNC_NAME, `SKIP: ${why}`, "", "", "<= 1.2x", "SKIP");
+    if (wanted(9)) row(SSH_NAME, `SKIP: ${why}`, "", "", "<= 1.15x", "SKIP");
+    if (wanted(10)) row(TREE_NAME, `SKIP: ${why}`, "", "", "(info: no goal)", "SKIP");
+    if (wanted(13)) row(PUT_HOPS, `SKIP: ${why}`, "", "", ">= 80% of raw", "SKIP");
+    if (wanted(14)) row(RSYNC_NAME, `SKIP: ${why}`, "", "", "<= 1.2x", "SKIP");
   };
   const setup = setupHosts();
   let timer: ReturnType<typeof setTimeout> | undefined;
@@ -953,6 +1050,7 @@ async function benchHosts(): Promise<void> {
   try {
     if (wanted(9)) await benchSshBoot(hosts);
     if (wanted(10)) await benchTree(hosts);
+    if (wanted(13)) await benchPutHops(hosts);
     if (wanted(14)) await benchRsync(hosts);
   } finally {
     try {
@@ -1000,7 +1098,8 @@ async function main(): Promise<number> {
     [[8], benchModuleCall],
     [[11], benchStream],
     [[12], benchMatrix],
-    [[9, 10, 14], benchHosts],
+    [[13], benchPutLocal],
+    [[9, 10, 13, 14], benchHosts],
   ];
   for (const [nums, run] of suite) if (nums.some(wanted)) await run();
   console.log("");
@@ -1031,6 +1130,10 @@ async function main(): Promise<number> {
   detail(
     "   mitogen: new Router, ssh() with -F <config> (its own options: -T, ConnectTimeout, ServerAliveInterval, BatchMode, -C), one call, shutdown, ssh and remote child exited",
   );
+  detail(
+    `13: \`cat <256 MiB file> | ${kind === "node" ? "node -e" : "deno eval"} '<stdin to a file, then fsync>'\` to its exit; two hops: \`cat <file> | ssh bastion ssh <inner> 'cat > dst && sync dst'\`;`,
+  );
+  detail("   mitogen: ctx.putFile of the same file (temporary file, sha256 on both ends, fsync, rename) to a local context, and to inner via bastion");
   detail(
     "10: not raw: ctx.call(() => 0) round trip to a local child of the same master; mitogen: the same call to root on inner, master -> ssh bastion -> ssh inner -> sudo root",
   );

@@ -15,6 +15,7 @@ test("mod.ts exports exactly the public API", () => {
     "Channel",
     "ChannelError",
     "Context",
+    "FileTransferError",
     "Latch",
     "Message",
     "MitogenError",

@@ -1,0 +1,98 @@
+/**
+ * Files through ssh hops and sudo, on the netns hosts of tests/hosts.ts: master -> bastion (ssh) ->
+ * inner (ssh via bastion) -> root on inner (sudo via inner). The hosts share this machine's file
+ * system, so the test reads what each context wrote directly. Local cases are in files.test.ts.
+ */
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { chmodSync, closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, test } from "node:test";
+import { Router } from "../mod.ts";
+import { captureLogs, checkLeaks } from "./helpers.ts";
+import { type TestHosts, useTestHosts } from "./hosts.ts";
+
+checkLeaks();
+
+let hosts: TestHosts;
+const { skip } = useTestHosts((ready) => {
+  hosts = ready;
+});
+
+const MiB = 1024 * 1024;
+const sha = (file: string) => createHash("sha256").update(readFileSync(file)).digest("hex");
+
+let dir = "";
+before(() => {
+  dir = mkdtempSync(join(tmpdir(), "mitogen-files-hosts-"));
+  chmodSync(dir, 0o755);
+});
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+function makeFile(file: string, size: number): string {
+  const fd = openSync(file, "w");
+  const block = new Uint8Array(MiB);
+  for (let off = 0, i = 0; off < size; off += MiB, i++) {
+    block.fill(i & 0xff);
+    new DataView(block.buffer).setUint32(0, i);
+    writeSync(fd, block, 0, Math.min(MiB, size - off));
+  }
+  closeSync(fd);
+  return file;
+}
+
+async function tree(router: Router) {
+  const bastion = await router.ssh({ hostname: "bastion", sshArgs: ["-F", hosts.sshConfigFile], name: "bastion" });
+  const inner = await router.ssh({ hostname: hosts.inner.address, via: bastion, name: "inner", sshArgs: ["-o", "SendEnv=MITOGEN_TEST_TOKEN"] });
+  const root = await router.sudo({
+    username: "root",
+    password: hosts.password,
+    via: inner,
+    name: "inner-root",
+    sudoArgs: ["--preserve-env=MITOGEN_TEST_TOKEN"],
+  });
+  return { bastion, inner, root };
+}
+
+test("putFile two ssh hops away and into a sudo context there: root writes a file that came from the master", { skip }, async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const { bastion, inner, root } = await tree(router);
+  const src = makeFile(join(dir, "src"), 20 * MiB + 3);
+  const rootOnly = join(dir, "root-only");
+  mkdirSync(rootOnly, { mode: 0o700 });
+  const userDir = join(dir, "user");
+  mkdirSync(userDir, { mode: 0o777 });
+  chmodSync(userDir, 0o777);
+  const put = await root.putFile(src, join(rootOnly, "file"), { mode: 0o640 });
+  assert.equal(put.sha256, sha(src));
+  const st = statSync(join(rootOnly, "file"));
+  assert.equal(st.uid, 0, "owned by root");
+  assert.equal(st.mode & 0o7777, 0o640);
+  assert.equal(sha(join(rootOnly, "file")), sha(src));
+  // The test user may not write there
+  await assert.rejects(
+    inner.putFile(src, join(rootOnly, "nope")),
+    /cannot write .*root-only\/nope in inner: cannot create a file in .*root-only: permission denied \(EACCES\)/,
+  );
+  // And back from root, to the master
+  const got = await root.getFile(join(rootOnly, "file"), join(dir, "back"));
+  assert.equal(got.sha256, sha(src));
+  assert.equal(sha(join(dir, "back")), sha(src));
+  // Fan-out to inner and root: the master's link to bastion carries the file once
+  const link = router.stats.links.get(bastion.contextId);
+  assert.ok(link);
+  const before = link.bytesOut;
+  const both = await router.putFile([inner, root], src, join(userDir, "both"));
+  assert.deepEqual(
+    both.map((r) => [r.context.name, r.sha256]),
+    [
+      ["inner", sha(src)],
+      ["inner-root", sha(src)],
+    ],
+  );
+  const sent = link.bytesOut - before;
+  assert.ok(sent >= 20 * MiB && sent < 20 * MiB * 1.05 + 65536, `the master sent ${sent} bytes to bastion`);
+  // The last writer wins the same path; both wrote it whole
+  assert.equal(sha(join(userDir, "both")), sha(src));
+});
