@@ -231,6 +231,9 @@ export async function run(dest: FakesshDest, router: Router, argv: string[], opt
   }
 }
 
+/** The public face of this module: `fakessh.run` (the stand-in's half is for `cli.ts`). */
+export const fakessh: { readonly run: typeof run } = Object.freeze({ run });
+
 function listen(server: Server, path: string): Promise<void> {
   return new Promise((resolve, reject) => {
     server.once("error", reject);

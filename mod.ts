@@ -62,7 +62,8 @@ export type {
   ShutdownOptions,
 } from "./core.ts";
 export { defaultLogger, Router } from "./master.ts";
-export * as fakessh from "./fakessh.ts";
+export { fakessh } from "./fakessh.ts";
+export type { FakesshDest, FakesshOptions, FakesshRequest } from "./fakessh.ts";
 export { FileTransferError } from "./files.ts";
 export type { FileFailure, FileOptions, FileProgress, FileResult } from "./files.ts";
 export type { LinkCounts } from "./frames.ts";

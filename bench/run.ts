@@ -68,7 +68,7 @@ const BIG_CHILDREN = 10;
 
 // Whole-run guard: whatever hangs, the run ends (raw children killed; mitogen children see their parent go and exit;
 // the test hosts of lines 9 and 10, if up, torn down within 5 s).
-const HARD_LIMIT_MS = quick ? 150_000 : 300_000;
+const HARD_LIMIT_MS = quick ? 240_000 : 600_000;
 let hostsUp = false;
 setTimeout(() => {
   console.error(`bench: gave up after ${HARD_LIMIT_MS / 1000} s`);

@@ -28,6 +28,7 @@ test("mod.ts exports exactly the public API", () => {
     "TimeoutError",
     "contextId",
     "defaultLogger",
+    "fakessh",
     "isMaster",
     "log",
     "parentId",
@@ -35,6 +36,10 @@ test("mod.ts exports exactly the public API", () => {
     "takesEcontext",
     "takesRouter",
   ]);
+});
+
+test("fakessh is run and nothing else", () => {
+  assert.deepEqual(Object.keys(mitogen.fakessh), ["run"]);
 });
 
 test("the master's roles", () => {
