@@ -268,9 +268,15 @@ class Session {
 
   constructor(socket: Socket, key: Uint8Array, dest: FakesshDest, router: Router) {
     this.#socket = socket;
-    this.done = this.#serve(key, dest, router).catch((err: unknown) => {
+    const closed = new Promise<void>((resolve) => socket.once("close", () => resolve()));
+    const served = this.#serve(key, dest, router).catch((err: unknown) => {
       this.#send(FAKESSH.ERROR, text.encode(err instanceof Error ? err.message : String(err)));
       this.#exit(SSH_FAILED);
+    });
+    // Done once the socket itself is closed (its last frames written), at most 2 s after serving ended.
+    this.done = served.then(() => {
+      const late = setTimeout(() => socket.destroy(), 2000);
+      return closed.finally(() => clearTimeout(late));
     });
     socket.on("close", () => this.abort());
     socket.on("error", () => {});
