@@ -178,8 +178,8 @@ test("cancelling ends the program and the remote command at once", async () => {
   await waitFor(() => !sleeping(), 5000, "the remote sleep to end");
 });
 
-test("with no node on PATH, a Deno master's stand-in runs on deno", {
-  skip: underDeno ? false : "under a Node master the stand-in always runs on that node",
+test("a Deno master's stand-in runs on deno: no node needed on PATH", {
+  skip: underDeno ? false : "under a Node master the stand-in runs on that node",
 }, async () => {
   const bin = mkdtempSync(join(scratch, "bin-"));
   symlinkSync("/bin/sh", join(bin, "sh"));
