@@ -17,7 +17,6 @@ import {
   HANDSHAKE_FAILURE,
   type HandshakeError,
   type HandshakeFailure,
-  type KeyPair,
 } from "../handshake.ts";
 import { checkLeaks, waitFor } from "./helpers.ts";
 
@@ -311,4 +310,205 @@ describe("sealed frames", () => {
       cleanup();
     }
   });
+});
+
+describe("refusals: each on the side that finds it, no transport on either", () => {
+  /** Run both sides; return their settled results. */
+  async function both(kind: Kind, accept: (raw: Transport) => Promise<unknown>, connect: (raw: Transport) => Promise<unknown>) {
+    const { server: s, client: c, cleanup } = await socketPair(kind);
+    try {
+      const [a, b] = await Promise.allSettled([accept(nodeTransport(s, s)), connect(nodeTransport(c, c))]);
+      await Promise.all([closed(s), closed(c)]);
+      return { a, b };
+    } finally {
+      cleanup();
+    }
+  }
+  const reasonOf = (r: PromiseSettledResult<unknown>): string => (r.status === "rejected" ? (r.reason as HandshakeError).reason : "resolved");
+
+  test("wrong key (unix): the listener says wrong key, the connector that it was closed", async () => {
+    const other = nacl.randomBytes(32);
+    const { a, b } = await both(
+      "unix",
+      (raw) => acceptWithKey(raw, key),
+      (raw) => connectWithKey(raw, other),
+    );
+    assert.equal(reasonOf(a), HANDSHAKE_FAILURE.WRONG_KEY);
+    assert.equal(reasonOf(b), HANDSHAKE_FAILURE.CLOSED);
+    assert.match((b as PromiseRejectedResult).reason.message, /wrong key\?/);
+  });
+
+  test("a listener that does not hold the key: the connector says wrong key", async () => {
+    const { server: s, client: c, cleanup } = await socketPair("unix");
+    try {
+      s.write(new Uint8Array([1, ...nacl.randomBytes(24)]));
+      s.once("data", () => s.write(nacl.randomBytes(80)));
+      await rejectsWith(connectWithKey(nodeTransport(c, c), key), HANDSHAKE_FAILURE.WRONG_KEY);
+      await closed(c);
+    } finally {
+      cleanup();
+    }
+  });
+
+  test("client key not authorized: refused by the server; the client hears the close", async () => {
+    const { a, b } = await both(
+      "tcp",
+      (raw) => acceptSealed(raw, { keyPair: server, authorizedKeys: [generateKeyPair().publicKey] }),
+      (raw) => connectSealed(raw, { keyPair: client, serverKey: server.publicKey }),
+    );
+    assert.equal(reasonOf(a), HANDSHAKE_FAILURE.UNAUTHORIZED);
+    assert.match((a as PromiseRejectedResult).reason.message, new RegExp(client.publicKey.replace(/[+/]/g, "\\$&")));
+    assert.equal(reasonOf(b), HANDSHAKE_FAILURE.CLOSED);
+    assert.match((b as PromiseRejectedResult).reason.message, /authorized\?/);
+  });
+
+  test("wrong pinned server key: refused by the client; the server hears the close", async () => {
+    const { a, b } = await both(
+      "tcp",
+      (raw) => acceptSealed(raw, { keyPair: server, authorizedKeys: [client.publicKey] }),
+      (raw) => connectSealed(raw, { keyPair: client, serverKey: generateKeyPair().publicKey }),
+    );
+    assert.equal(reasonOf(a), HANDSHAKE_FAILURE.CLOSED);
+    assert.equal(reasonOf(b), HANDSHAKE_FAILURE.SERVER_KEY);
+  });
+
+  test("a server that names the pinned key without its secret: refused by the client", async () => {
+    const { server: s, client: c, cleanup } = await socketPair("tcp");
+    try {
+      s.once("data", () => s.write(new Uint8Array([1, ...nacl.randomBytes(32), ...Buffer.from(server.publicKey, "base64"), ...nacl.randomBytes(80)])));
+      await rejectsWith(connectSealed(nodeTransport(c, c), { keyPair: client, serverKey: server.publicKey }), HANDSHAKE_FAILURE.SERVER_KEY);
+      await closed(c);
+    } finally {
+      cleanup();
+    }
+  });
+
+  test("bad options are malformed, and close the raw transport", async () => {
+    const bad: [string, (raw: Transport) => Promise<unknown>][] = [
+      ["short key", (raw) => acceptWithKey(raw, new Uint8Array(31))],
+      ["keyPair mismatch", (raw) => acceptSealed(raw, { keyPair: { publicKey: client.publicKey, secretKey: server.secretKey }, authorizedKeys: [] })],
+      ["serverKey not base64", (raw) => connectSealed(raw, { keyPair: client, serverKey: "nope" })],
+      ["authorizedKeys entry", (raw) => acceptSealed(raw, { keyPair: server, authorizedKeys: [`${client.publicKey}x`] })],
+    ];
+    for (const [what, run] of bad) {
+      const { server: s, client: c, cleanup } = await socketPair("tcp");
+      try {
+        c.resume();
+        await rejectsWith(run(nodeTransport(s, s)), HANDSHAKE_FAILURE.MALFORMED).catch((err: Error) => assert.fail(`${what}: ${err.message}`));
+        await closed(s);
+      } finally {
+        cleanup();
+      }
+    }
+  });
+});
+
+describe("property: garbage and truncated handshakes", () => {
+  const RUNS = 20;
+  const TIMEOUT = 100;
+  /** Fails if `p` has not settled within a generous bound. */
+  async function bounded<T>(p: Promise<T>, what: string): Promise<T> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const hang = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`${what} hung`)), 5000);
+    });
+    try {
+      return await Promise.race([p, hang]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+  const SIDES: { name: string; kind: Kind; run: (raw: Transport) => Promise<unknown>; connector: (raw: Transport) => Promise<unknown>; size: number }[] = [
+    {
+      name: "acceptWithKey",
+      kind: "unix",
+      run: (raw) => acceptWithKey(raw, key, { timeoutMs: TIMEOUT }),
+      connector: (raw) => connectWithKey(raw, key, { timeoutMs: TIMEOUT }),
+      size: 105,
+    },
+    {
+      name: "acceptSealed",
+      kind: "tcp",
+      run: (raw) => acceptSealed(raw, { keyPair: server, authorizedKeys: [client.publicKey], timeoutMs: TIMEOUT }),
+      connector: (raw) => connectSealed(raw, { keyPair: client, serverKey: server.publicKey, timeoutMs: TIMEOUT }),
+      size: 145,
+    },
+    {
+      name: "connectWithKey",
+      kind: "unix",
+      run: (raw) => connectWithKey(raw, key, { timeoutMs: TIMEOUT }),
+      connector: (raw) => acceptWithKey(raw, key, { timeoutMs: TIMEOUT }),
+      size: 105,
+    },
+    {
+      name: "connectSealed",
+      kind: "tcp",
+      run: (raw) => connectSealed(raw, { keyPair: client, serverKey: server.publicKey, timeoutMs: TIMEOUT }),
+      connector: async (raw) => (await acceptSealed(raw, { keyPair: server, authorizedKeys: [client.publicKey], timeoutMs: TIMEOUT })).transport,
+      size: 113,
+    },
+  ];
+
+  for (const side of SIDES) {
+    test(`${side.name}: random garbage, then silence or a close, rejects with HandshakeError and closes`, async () => {
+      await fc.assert(
+        fc.asyncProperty(fc.uint8Array({ maxLength: 400 }), fc.boolean(), async (garbage, hangUp) => {
+          const { server: s, client: c, cleanup } = await socketPair(side.kind);
+          try {
+            c.resume();
+            c.write(garbage);
+            if (hangUp) c.end();
+            const result = await bounded(
+              side.run(nodeTransport(s, s)).then(
+                () => null,
+                (e: unknown) => e,
+              ),
+              side.name,
+            );
+            assert.equal((result as HandshakeError | null)?.name, "HandshakeError", String(result));
+            await bounded(closed(s), "the raw close");
+          } finally {
+            cleanup();
+          }
+        }),
+        { numRuns: RUNS },
+      );
+    });
+
+    test(`${side.name}: a real peer's handshake cut short rejects with HandshakeError and closes`, async () => {
+      await fc.assert(
+        fc.asyncProperty(fc.integer({ min: 0, max: side.size - 1 }), fc.boolean(), async (keep, hangUp) => {
+          const { server: s, client: c, cleanup } = await socketPair(side.kind);
+          try {
+            const rawC = nodeTransport(c, c);
+            let passed = 0;
+            const cut = tampered(rawC, (parts) => {
+              const out: Uint8Array[] = [];
+              for (const p of parts) {
+                const n = Math.max(0, Math.min(p.byteLength, keep - passed));
+                if (n) out.push(p.subarray(0, n));
+                passed += p.byteLength;
+              }
+              if (passed >= keep && hangUp) queueMicrotask(() => c.end());
+              return out;
+            });
+            const peer = side.connector(cut).catch(() => {});
+            const result = await bounded(
+              side.run(nodeTransport(s, s)).then(
+                () => null,
+                (e: unknown) => e,
+              ),
+              side.name,
+            );
+            assert.equal((result as HandshakeError | null)?.name, "HandshakeError", `kept ${keep}: ${String(result)}`);
+            await bounded(peer, "the peer");
+            await bounded(closed(s), "the raw close");
+          } finally {
+            cleanup();
+          }
+        }),
+        { numRuns: RUNS },
+      );
+    });
+  }
 });
