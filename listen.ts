@@ -156,7 +156,8 @@ export async function listen(router: Router, options: ListenOptions): Promise<Li
   const fs = builtin("node:fs");
   const net = builtin("node:net");
   const unix = options.path !== undefined;
-  if (unix === (options.host !== undefined || options.port !== undefined)) throw new MitogenError("listen needs either path (a unix socket) or host and port (TCP)");
+  if (unix === (options.host !== undefined || options.port !== undefined))
+    throw new MitogenError("listen needs either path (a unix socket) or host and port (TCP)");
   const allow = options.allow ?? "call";
   if (allow !== "call" && allow !== "listener") throw new MitogenError(`listen: allow must be "call" or "listener", not ${JSON.stringify(allow)}`);
   const timeoutMs = options.handshakeTimeout ?? 10_000;
@@ -224,7 +225,14 @@ export async function listen(router: Router, options: ListenOptions): Promise<Li
       onClose(err);
     };
     stream.start();
-    const config = { contextId: id, parentIds: [router.myId, ...router.parentIds], name, path: [...router.path, name], maxMessageSize: router.maxMessageSize, listener: router.name };
+    const config = {
+      contextId: id,
+      parentIds: [router.myId, ...router.parentIds],
+      name,
+      path: [...router.path, name],
+      maxMessageSize: router.maxMessageSize,
+      listener: router.name,
+    };
     stream.send(Message.encoded(config, { dst: id, src: router.myId, auth: router.myId, handle: HANDLE.CONFIGURE }));
     router.log("debug", `listener: ${name} attached`);
   };

@@ -50,7 +50,9 @@ class SessionRouter extends Router {
 
   override allocateId(): Promise<number> {
     return Promise.reject(
-      new MitogenError("an attached session cannot start contexts of its own: start them from the listening context (session.context, with a takesRouter call)"),
+      new MitogenError(
+        "an attached session cannot start contexts of its own: start them from the listening context (session.context, with a takesRouter call)",
+      ),
     );
   }
 
@@ -110,7 +112,8 @@ const where = (o: ConnectOptions) => (o.path !== undefined ? o.path : `${o.host}
 export async function connect(options: ConnectOptions): Promise<Session> {
   const timeout = options.timeout ?? 10_000;
   const unix = options.path !== undefined;
-  if (unix === (options.host !== undefined || options.port !== undefined)) throw new MitogenError("connect needs either path (a unix socket) or host and port (TCP)");
+  if (unix === (options.host !== undefined || options.port !== undefined))
+    throw new MitogenError("connect needs either path (a unix socket) or host and port (TCP)");
   let key: Uint8Array | null = null;
   if (unix) {
     const given = options.key ?? readKeyFile(`${options.path}.key`);

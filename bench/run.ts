@@ -463,9 +463,23 @@ async function benchSessions(): Promise<void> {
       return { attach, rtt };
     });
     const qa = ratios(r.attach.mito, r.attach.raw);
-    row(ATTACH_NAME, spread(stats(r.attach.mito), 1, " ms"), spread(stats(r.attach.raw), 1, " ms"), ratioCell(r.attach, qa, 2, "x"), "<= 0.2x", qa.median <= 0.2 ? "PASS" : "MISS");
+    row(
+      ATTACH_NAME,
+      spread(stats(r.attach.mito), 1, " ms"),
+      spread(stats(r.attach.raw), 1, " ms"),
+      ratioCell(r.attach, qa, 2, "x"),
+      "<= 0.2x",
+      qa.median <= 0.2 ? "PASS" : "MISS",
+    );
     const qr = ratios(r.rtt.mito, r.rtt.raw);
-    row(SESSION_RTT_NAME, spread(stats(r.rtt.mito), 1, " us"), spread(stats(r.rtt.raw), 1, " us"), ratioCell(r.rtt, qr, 2, "x"), "<= 1.3x", qr.median <= 1.3 ? "PASS" : "MISS");
+    row(
+      SESSION_RTT_NAME,
+      spread(stats(r.rtt.mito), 1, " us"),
+      spread(stats(r.rtt.raw), 1, " us"),
+      ratioCell(r.rtt, qr, 2, "x"),
+      "<= 1.3x",
+      qr.median <= 1.3 ? "PASS" : "MISS",
+    );
   } catch (err) {
     failed(`${ATTACH_NAME} / ${SESSION_RTT_NAME}`, err);
   } finally {
