@@ -267,6 +267,7 @@ export class Router implements Binder, AsyncDisposable {
   readonly #shutdownSent = new Set<number>();
   /** Streams closed whose reason is still to come (the exit status), for dead messages meanwhile. */
   readonly #closing = new Map<Stream, Promise<string>>();
+  readonly #atShutdown = new Set<() => Promise<void>>();
   #nextHandle = FIRST_DYNAMIC_HANDLE;
   #shuttingDown: Promise<void> | null = null;
 
@@ -875,10 +876,15 @@ export class Router implements Binder, AsyncDisposable {
   // -- lifetime -------------------------------------------------------------
 
   /** Stop every child context and close every stream. Safe to call twice. */
+  /** Run `fn` (once) when this router shuts down, alongside stopping its children (listeners close this way). */
+  atShutdown(fn: () => Promise<void>): void {
+    this.#atShutdown.add(fn);
+  }
+
   shutdown(): Promise<void> {
     this.#shuttingDown ??= (async () => {
       for (const s of this.#links.keys()) this.#shutdownSent.add(s.remoteId ?? -1);
-      await Promise.all([...this.#links.values()].map((l) => l.stop()));
+      await Promise.all([...[...this.#links.values()].map((l) => l.stop()), ...[...this.#atShutdown].map((f) => f())]);
       for (const [h] of [...this.#handlers]) if (h >= FIRST_DYNAMIC_HANDLE) this.#deliverDead(h, `router ${this.name} shut down`);
     })();
     return this.#shuttingDown;

@@ -278,5 +278,6 @@ export async function listen(router: Router, options: ListenOptions): Promise<Li
       return this.close();
     },
   };
+  router.atShutdown(() => listener.close());
   return listener;
 }

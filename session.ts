@@ -10,6 +10,7 @@
  *
  * @module
  */
+import { Buffer } from "node:buffer";
 import { readFileSync } from "node:fs";
 import { createConnection, type Socket } from "node:net";
 import { type Context, type ChildConfig, HANDLE, Message, MitogenError, nodeTransport, Stream, StreamError, type Transport } from "./core.ts";

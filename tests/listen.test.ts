@@ -276,3 +276,13 @@ test("the master listens too, and a session's calls reach it", async () => {
   assert.equal(await session.context.call(() => process.pid), process.pid);
   assert.equal(listener.sessions, 1);
 });
+
+test("a router's shutdown closes its listeners and removes their sockets", async () => {
+  const path = sockPath();
+  {
+    await using router = new Router({ log: captureLogs().log });
+    await router.listen({ path });
+    assert.ok(existsSync(path));
+  }
+  assert.ok(!existsSync(path) && !existsSync(`${path}.key`));
+});
