@@ -64,6 +64,8 @@ export async function buildPayloads(): Promise<Payloads> {
       entryPoints: [source],
       format: "cjs",
       target: OLDEST_TARGET,
+      // tweetnacl asks for Node's `crypto` where it has no Web Crypto: the running core's require gives the builtin
+      external: ["crypto"],
       plugins: [
         {
           name: "core-is-running",

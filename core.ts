@@ -6,6 +6,7 @@
  *
  * @module
  */
+import type { Listener, ListenOptions } from "./listen.ts";
 import { AbortError, CallError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
 import { type Binder, type Secret, WIRE_REF, type WireRef } from "./codec.ts";
 import { Abort, asyncDispose, type Boot, builtin, builtinsReady, childTransport, exitProcess, hasOwn, onUncaught, setTitle, watchParent } from "./runtime.ts";
@@ -196,6 +197,11 @@ export interface ChildLink {
   stop(): Promise<void>;
   /** How its process ended ("exited with code 3"), waiting at most `ms` for it; null if it still runs. */
   ended?(ms: number): Promise<string | null>;
+  /**
+   * For a stream that is not a child of ours (an attached session, see listen.ts): checks, and may
+   * rewrite, each message from it before it is routed; a string refuses the message with that reason.
+   */
+  admit?(msg: Message): string | null;
 }
 
 /** The event loop is the broker; this object owns the streams' lifetime for {@link Router}. */
@@ -261,6 +267,7 @@ export class Router implements Binder, AsyncDisposable {
   readonly #shutdownSent = new Set<number>();
   /** Streams closed whose reason is still to come (the exit status), for dead messages meanwhile. */
   readonly #closing = new Map<Stream, Promise<string>>();
+  readonly #atShutdown = new Set<() => Promise<void>>();
   #nextHandle = FIRST_DYNAMIC_HANDLE;
   #shuttingDown: Promise<void> | null = null;
 
@@ -471,6 +478,25 @@ export class Router implements Binder, AsyncDisposable {
   /** Start a context in a FreeBSD jail (`jexec`). */
   async jail(options: JailOptions): Promise<Context> {
     return (await this.#connector("jail"))(this, options);
+  }
+
+  /**
+   * Listen for other processes attaching to this context (`connect()`), on a unix socket
+   * (`path`) or over TCP (`host`, `port`, key pairs); see listen.ts. Any context can listen.
+   *
+   * @example
+   * ```ts
+   * import { connect, Router } from "./mod.ts";
+   * await using router = new Router();
+   * const dir = Deno.makeTempDirSync();
+   * await using listener = await router.listen({ path: `${dir}/mitogen.sock` });
+   * await using session = await connect({ path: listener.path as string });
+   * console.log(await session.context.call(() => 6 * 7)); // 42
+   * ```
+   */
+  async listen(options: ListenOptions): Promise<Listener> {
+    const m = await this.requireModule("mitogen:listen");
+    return (m.listen as (router: Router, options: ListenOptions) => Promise<Listener>)(this, options);
   }
 
   async #connector<O>(
@@ -687,6 +713,10 @@ export class Router implements Binder, AsyncDisposable {
     this.#links.delete(stream);
     if (stream === this.parent) {
       this.log("debug", `parent stream closed${err ? `: ${err.message}` : ""}`);
+      // Whatever waits on a context through the parent fails now (a child exits next; an attached session lives on).
+      const why = `lost the connection to ${this.parentIds[0] === undefined ? "the parent" : `context ${this.parentIds[0]}`}${err ? `: ${err.message}` : ""}`;
+      for (const id of [...this.#respondents.keys(), ...this.#contexts.keys()]) if (id !== this.myId && !this.#routes.has(id)) this.#unroute(id, why);
+      for (const [id, ctx] of this.#contexts) if (id !== this.myId && !this.#routes.has(id)) ctx._disconnected(why);
       this.onParentLost(err);
       return;
     }
@@ -733,6 +763,12 @@ export class Router implements Binder, AsyncDisposable {
     }
     if (msg.src !== msg.auth && expected(msg.src) !== stream) {
       this.log("warn", `dropped ${msg}: src_id ${msg.src} did not arrive on its own route (${stream.name})`);
+      return;
+    }
+    const refused = this.#links.get(stream)?.admit?.(msg);
+    if (refused) {
+      this.log("warn", `refused ${msg} from ${stream.name}: ${refused}`);
+      this.#sendDead(msg, refused);
       return;
     }
     if (stream !== this.parent && msg.dst !== this.myId) stream.talkedTo.add(msg.dst);
@@ -840,10 +876,15 @@ export class Router implements Binder, AsyncDisposable {
   // -- lifetime -------------------------------------------------------------
 
   /** Stop every child context and close every stream. Safe to call twice. */
+  /** Run `fn` (once) when this router shuts down, alongside stopping its children (listeners close this way). */
+  atShutdown(fn: () => Promise<void>): void {
+    this.#atShutdown.add(fn);
+  }
+
   shutdown(): Promise<void> {
     this.#shuttingDown ??= (async () => {
       for (const s of this.#links.keys()) this.#shutdownSent.add(s.remoteId ?? -1);
-      await Promise.all([...this.#links.values()].map((l) => l.stop()));
+      await Promise.all([...[...this.#links.values()].map((l) => l.stop()), ...[...this.#atShutdown].map((f) => f())]);
       for (const [h] of [...this.#handlers]) if (h >= FIRST_DYNAMIC_HANDLE) this.#deliverDead(h, `router ${this.name} shut down`);
     })();
     return this.#shuttingDown;
@@ -1293,6 +1334,8 @@ export function evaluateModule(src: string, name: string): Record<string, unknow
   return module.exports;
 }
 
+const dispatching = new WeakSet<Router>();
+
 /** Kinds of CALL_FUNCTION body: `[kind, target, args, flags]`. */
 export const CALL = {
   /** target: a function's source. */
@@ -1311,6 +1354,8 @@ function isTakesRouter(fn: unknown): boolean {
 
 /** Serve CALL_FUNCTION on `router`: accepted only from this context's parents. */
 export function installDispatcher(router: Router): void {
+  if (dispatching.has(router)) return;
+  dispatching.add(router);
   // Calls that can be cancelled, by "<caller id>:<reply handle>": only their caller can.
   const running = new Map<string, AbortController>();
   router.addHandler(

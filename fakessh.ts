@@ -17,9 +17,11 @@
  *
  *     type u8 | length u32 | bytes          types: FAKESSH
  *
- * The handshake: the listener writes a 24-byte random nonce; the stand-in
- * answers `length u32 | secretbox(JSON request, nonce, key)`. A box that
- * does not open with the key ends the connection.
+ * The handshake is handshake.ts's shared-key one (`acceptWithKey`,
+ * `connectWithKey`: each side proves it holds the key). The stand-in's first
+ * frame is REQUEST: `nonce (24) | secretbox(JSON request, nonce, key)`. A
+ * failed handshake, or a first frame that is not a REQUEST that opens, ends
+ * the connection.
  *
  * @module
  */
@@ -30,7 +32,8 @@ import { basename, delimiter, dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { spawn } from "node:child_process";
 import nacl from "tweetnacl";
-import { type Context, isDeno, MitogenError, Receiver, type Router, type Sender, stdinSource, stdioSink } from "./core.ts";
+import { type Context, isDeno, MitogenError, nodeTransport, Receiver, type Router, type Sender, stdinSource, stdioSink, type Transport } from "./core.ts";
+import { acceptWithKey, connectWithKey } from "./handshake.ts";
 import type { ExecResult, ExecSpec } from "./tunnel.ts";
 
 /** Frame types on the stand-in's socket. */
@@ -47,6 +50,8 @@ export const FAKESSH = {
   EXIT: 5,
   /** run -> stand-in: why the command could not run (UTF-8), before EXIT 255. */
   ERROR: 6,
+  /** stand-in -> run, first frame: nonce (24) | secretbox(JSON request, nonce, key). */
+  REQUEST: 7,
 } as const;
 
 /** The biggest frame either side accepts (stdin chunks are cut to fit). */
@@ -300,12 +305,13 @@ class Session {
 
   async #serve(key: Uint8Array, dest: FakesshDest, router: Router): Promise<void> {
     const socket = this.#socket;
-    const request = await handshake(socket, key);
-    if (request === null) {
+    const opened = await handshake(socket, key);
+    if (opened === null) {
       router.log("warn", "fakessh: a connection to the stand-in's socket did not prove the run's key; dropped");
       socket.destroy();
       return;
     }
+    const { request, frames } = opened;
     const ctx = typeof dest === "function" ? await dest(request.host, request) : dest;
     const stdout = new Receiver(router, { respondent: ctx });
     const stderr = new Receiver(router, { respondent: ctx });
@@ -324,7 +330,7 @@ class Session {
       if (!("ready" in ready) || !ready.ready) throw new MitogenError(`fakessh: ${ctx.name} did not start ${request.command}`);
       const stdin = ready.ready;
       const output = Promise.all([this.#relay(stdout, FAKESSH.STDOUT), this.#relay(stderr, FAKESSH.STDERR)]);
-      void this.#input(stdin);
+      void this.#input(stdin, frames);
       const [result] = await Promise.all([call, output]);
       this.#exit(result.code ?? SSH_FAILED);
     } finally {
@@ -334,39 +340,11 @@ class Session {
     }
   }
 
-  /** Frames from the stand-in, after the handshake: stdin for the remote command. */
-  async #input(stdin: Sender): Promise<void> {
-    const socket = this.#socket;
-    const reader = new FrameReader(MAX_FRAME);
-    const frames: { type: number; body: Uint8Array }[] = [];
-    let wake: (() => void) | null = null;
-    let ended = false;
-    socket.on("data", (chunk: Uint8Array) => {
-      try {
-        frames.push(...reader.push(chunk));
-      } catch {
-        socket.destroy();
-      }
-      if (frames.length > 8) socket.pause();
-      wake?.();
-    });
-    socket.on("close", () => {
-      ended = true;
-      wake?.();
-    });
-    socket.resume();
+  /** Frames from the stand-in, after the request: stdin for the remote command. */
+  async #input(stdin: Sender, frames: FrameSource): Promise<void> {
     try {
-      for (;;) {
-        const f = frames.shift();
-        if (!f) {
-          if (ended) break;
-          await new Promise<void>((resolve) => (wake = resolve));
-          wake = null;
-          continue;
-        }
-        socket.resume();
+      for (let f = await frames.next(); f && f.type !== FAKESSH.EOF; f = await frames.next()) {
         if (f.type === FAKESSH.STDIN) await stdin.send(f.body);
-        else if (f.type === FAKESSH.EOF) break;
       }
     } catch {
       // the remote command is gone: its end is reported by the call
@@ -384,45 +362,78 @@ class Session {
   }
 }
 
-/** The listener's side of the handshake: the request, or null if the key was not proven. */
-async function handshake(socket: Socket, key: Uint8Array): Promise<FakesshRequest | null> {
-  const nonce = nacl.randomBytes(NONCE);
-  socket.write(nonce);
-  const sealed = await new Promise<Uint8Array | null>((resolve) => {
-    let got = new Uint8Array(0);
-    const timer = setTimeout(() => finish(null), HANDSHAKE_MS);
-    const finish = (v: Uint8Array | null) => {
-      clearTimeout(timer);
-      socket.off("data", onData);
-      socket.off("close", onClose);
-      socket.pause();
-      resolve(v);
-    };
-    const onClose = () => finish(null);
-    const onData = (chunk: Uint8Array) => {
-      const joined = new Uint8Array(got.byteLength + chunk.byteLength);
-      joined.set(got);
-      joined.set(chunk, got.byteLength);
-      got = joined;
-      if (got.byteLength < 4) return;
-      const length = new DataView(got.buffer).getUint32(0);
-      if (length > MAX_REQUEST) return finish(null);
-      if (got.byteLength < 4 + length) return;
-      finish(got.slice(4, 4 + length));
-      if (got.byteLength > 4 + length) socket.unshift(got.subarray(4 + length)); // the first frames, for #input
-    };
-    socket.on("data", onData);
-    socket.on("close", onClose);
-  });
-  if (!sealed) return null;
-  const opened = nacl.secretbox.open(sealed, nonce, key);
+/** Frames off a transport, read no faster than they are taken (the socket pauses behind). */
+class FrameSource {
+  readonly #reader = new FrameReader(MAX_FRAME);
+  readonly #frames: { type: number; body: Uint8Array }[] = [];
+  readonly #socket: Socket;
+  #ended = false;
+  #wake: (() => void) | null = null;
+
+  constructor(transport: Transport, socket: Socket) {
+    this.#socket = socket;
+    transport.start(
+      (chunk) => {
+        try {
+          this.#frames.push(...this.#reader.push(chunk));
+        } catch {
+          socket.destroy();
+        }
+        if (this.#frames.length > 8) socket.pause();
+        this.#wake?.();
+      },
+      () => {
+        this.#ended = true;
+        this.#wake?.();
+      },
+    );
+  }
+
+  /** The next frame; null at the end, or after `timeoutMs` without one. */
+  async next(timeoutMs?: number): Promise<{ type: number; body: Uint8Array } | null> {
+    const deadline = timeoutMs === undefined ? Infinity : Date.now() + timeoutMs;
+    for (;;) {
+      const f = this.#frames.shift();
+      if (f) {
+        this.#socket.resume();
+        return f;
+      }
+      if (this.#ended || Date.now() >= deadline) return null;
+      await new Promise<void>((resolve) => {
+        const timer = deadline === Infinity ? undefined : setTimeout(resolve, deadline - Date.now());
+        this.#wake = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+      this.#wake = null;
+    }
+  }
+}
+
+/** The listener's side of the handshake: the request and the frames after it, or null if the key was not proven. */
+async function handshake(socket: Socket, key: Uint8Array): Promise<{ request: FakesshRequest; frames: FrameSource } | null> {
+  const started = Date.now();
+  let transport: Transport;
+  try {
+    transport = await acceptWithKey(nodeTransport(socket, socket), key, { timeoutMs: HANDSHAKE_MS });
+  } catch {
+    return null;
+  }
+  const frames = new FrameSource(transport, socket);
+  const first = await frames.next(Math.max(0, HANDSHAKE_MS - (Date.now() - started)));
+  if (!first || first.type !== FAKESSH.REQUEST || first.body.byteLength > MAX_REQUEST || first.body.byteLength < NONCE) return null;
+  const opened = nacl.secretbox.open(first.body.subarray(NONCE), first.body.subarray(0, NONCE), key);
   if (!opened) return null;
   try {
     const r = JSON.parse(untext.decode(opened)) as FakesshRequest;
     if (typeof r.host !== "string" || typeof r.command !== "string") return null;
     const env: Record<string, string> = {};
     for (const [k, v] of Object.entries(r.env ?? {})) if (typeof v === "string") env[k] = v;
-    return { host: r.host, user: typeof r.user === "string" ? r.user : null, port: typeof r.port === "number" ? r.port : null, command: r.command, env };
+    return {
+      request: { host: r.host, user: typeof r.user === "string" ? r.user : null, port: typeof r.port === "number" ? r.port : null, command: r.command, env },
+      frames,
+    };
   } catch {
     return null;
   }
@@ -539,8 +550,7 @@ export async function sshMain(argv: string[]): Promise<number> {
   const socket = createConnection(socketPath);
   return new Promise<number>((resolve) => {
     let code = SSH_FAILED;
-    let nonce: Uint8Array | null = null;
-    let pending = new Uint8Array(0);
+    let reported = false;
     const reader = new FrameReader(MAX_FRAME + 5);
     let input: { stop(): void } | null = null;
     const sendInput = () => {
@@ -577,33 +587,32 @@ export async function sshMain(argv: string[]): Promise<number> {
       else if (type === FAKESSH.ERROR) output(stderr, text.encode(`ssh: ${untext.decode(body)}\n`));
       else if (type === FAKESSH.EXIT && body.byteLength === 4) code = new DataView(body.buffer, body.byteOffset, 4).getUint32(0);
     };
-    socket.on("data", (chunk: Uint8Array) => {
-      if (!nonce) {
-        const joined = new Uint8Array(pending.byteLength + chunk.byteLength);
-        joined.set(pending);
-        joined.set(chunk, pending.byteLength);
-        if (joined.byteLength < NONCE) {
-          pending = joined;
-          return;
-        }
-        nonce = joined.slice(0, NONCE);
-        chunk = joined.subarray(NONCE);
-        const { noStdin: _, ...wire } = request;
-        const sealed = nacl.secretbox(text.encode(JSON.stringify(wire)), nonce, key);
-        const head = new Uint8Array(4);
-        new DataView(head.buffer).setUint32(0, sealed.byteLength);
-        socket.write(head);
-        socket.write(sealed);
-        sendInput();
-      }
+    const onData = (chunk: Uint8Array) => {
       try {
         for (const f of reader.push(chunk)) onFrame(f.type, f.body);
       } catch (err) {
         process.stderr.write(`ssh: ${(err as Error).message}\n`);
         socket.destroy();
       }
-    });
+    };
+    connectWithKey(nodeTransport(socket, socket), key, { timeoutMs: HANDSHAKE_MS }).then(
+      (transport) => {
+        const { noStdin: _, ...wire } = request;
+        const nonce = nacl.randomBytes(NONCE);
+        const sealed = nacl.secretbox(text.encode(JSON.stringify(wire)), nonce, key);
+        const body = new Uint8Array(NONCE + sealed.byteLength);
+        body.set(nonce);
+        body.set(sealed, NONCE);
+        socket.write(frame(FAKESSH.REQUEST, body));
+        sendInput();
+        transport.start(onData, () => {});
+      },
+      (err: Error) => {
+        if (!reported) process.stderr.write(`ssh: fakessh.run at ${socketPath} did not accept this stand-in: ${err.message}\n`);
+      },
+    );
     socket.on("error", (err) => {
+      reported = true;
       process.stderr.write(`ssh: cannot reach fakessh.run at ${socketPath}: ${err.message}\n`);
     });
     // The program may close its end first (an sftp client that is done): that is no failure of ours.

@@ -24,6 +24,7 @@ import { bundle, bundleTarget, mapStack } from "./bundler.ts";
 import * as parentModule from "./parent.ts";
 import * as tunnelModule from "./tunnel.ts";
 import * as filesModule from "./files.ts";
+import * as listenModule from "./listen.ts";
 import { payloads, type ShippedName } from "./payload.ts";
 
 /** The master's own copy of each shipped module (see SHIPPED in payload.ts). */
@@ -31,6 +32,7 @@ const BUILT_IN: Record<ShippedName, Record<string, unknown>> = {
   "mitogen:parent": parentModule as unknown as Record<string, unknown>,
   "mitogen:tunnel": tunnelModule as unknown as Record<string, unknown>,
   "mitogen:files": filesModule as unknown as Record<string, unknown>,
+  "mitogen:listen": listenModule as unknown as Record<string, unknown>,
 };
 
 /** Options of the master {@link Router}. */

@@ -68,3 +68,8 @@ export { FileTransferError } from "./files.ts";
 export type { FileFailure, FileOptions, FileProgress, FileResult } from "./files.ts";
 export type { LinkCounts } from "./frames.ts";
 export type { RouterOptions } from "./master.ts";
+export { connect } from "./session.ts";
+export type { ConnectOptions, Session } from "./session.ts";
+export type { Listener, ListenAllow, ListenOptions } from "./listen.ts";
+export { generateKeyPair, HandshakeError } from "./handshake.ts";
+export type { KeyPair } from "./handshake.ts";

@@ -19,6 +19,8 @@ export const SHIPPED = {
   "mitogen:tunnel": "tunnel.ts",
   /** File transfer: putFile, getFile, fan-out relays. */
   "mitogen:files": "files.ts",
+  /** Listeners: sessions attaching to a context (router.listen), with tweetnacl handshakes. */
+  "mitogen:listen": "listen.ts",
 } as const;
 
 /** A library module shipped to children on demand. */

@@ -19,7 +19,7 @@ import { join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { bundle } from "../bundler.ts";
-import { type Context, fakessh, type LogRecord, Receiver, Router, type Sender } from "../mod.ts";
+import { type CallContext, type Context, connect, fakessh, generateKeyPair, type LogRecord, Receiver, Router, type Sender, takesRouter } from "../mod.ts";
 import { firstStage, shellQuote } from "../parent.ts";
 import { payloads } from "../payload.ts";
 import { bounded, cell, num, perOpMicros, pool, type Scope, type Stats, spread, stats, timeMs } from "./lib.ts";
@@ -407,6 +407,83 @@ async function benchStream(): Promise<void> {
     );
   } catch (err) {
     failed(name, err);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 15 and 16. sessions attached to a listener in a local child
+
+const ATTACH_NAME = "15 attach + first call";
+const SESSION_RTT_NAME = "16 call RTT, TCP session";
+
+async function benchSessions(): Promise<void> {
+  const dir = mkdtempSync(join(os.tmpdir(), "mitogen-bench-listen-"));
+  try {
+    const r = await bounded(120_000, async (scope) => {
+      const router = scope.add(newRouter());
+      const a = await router.local({ runtime, name: "listener" });
+      const path = join(dir, "l.sock");
+      const server = generateKeyPair();
+      const client = generateKeyPair();
+      const listen = takesRouter(async (o: { path: string; tcp: Parameters<Router["listen"]>[0] }, call: CallContext) => {
+        const g = globalThis as unknown as { kept?: unknown[] };
+        const u = await call.router.listen({ path: o.path });
+        const t = await call.router.listen(o.tcp);
+        (g.kept ??= []).push(u, t);
+        return t.port;
+      });
+      const port = (await a.call(listen, { path, tcp: { host: "127.0.0.1", port: 0, keyPair: server, authorizedKeys: [client.publicKey] } })) as number;
+      const attachOnce = () =>
+        timeMs(async () => {
+          const s = await connect({ path, log });
+          await s.context.call(zero);
+          await s.close();
+        });
+      const bootOnce = () =>
+        timeMs(async () => {
+          const ctx = await router.local({ runtime, name: "fresh" });
+          await ctx.call(zero);
+          await ctx.shutdown({ wait: true });
+        });
+      await attachOnce();
+      await bootOnce();
+      const attach = await rounds(P.rounds, 20_000 * P.budget, attachOnce, bootOnce);
+      const session = await connect({ host: "127.0.0.1", port, keyPair: client, serverKey: server.publicKey, log });
+      scope.add({ [Symbol.asyncDispose]: () => session.close() });
+      const viaSession = () => session.context.call(zero);
+      const direct = () => a.call(zero);
+      await perOpMicros(viaSession, 3000, 1500);
+      await perOpMicros(direct, 3000, 1500);
+      const rtt = await rounds(
+        P.rounds,
+        15_000 * P.budget,
+        () => perOpMicros(viaSession, P.rttOps, P.rttMs),
+        () => perOpMicros(direct, P.rttOps, P.rttMs),
+      );
+      return { attach, rtt };
+    });
+    const qa = ratios(r.attach.mito, r.attach.raw);
+    row(
+      ATTACH_NAME,
+      spread(stats(r.attach.mito), 1, " ms"),
+      spread(stats(r.attach.raw), 1, " ms"),
+      ratioCell(r.attach, qa, 2, "x"),
+      "<= 0.2x",
+      qa.median <= 0.2 ? "PASS" : "MISS",
+    );
+    const qr = ratios(r.rtt.mito, r.rtt.raw);
+    row(
+      SESSION_RTT_NAME,
+      spread(stats(r.rtt.mito), 1, " us"),
+      spread(stats(r.rtt.raw), 1, " us"),
+      ratioCell(r.rtt, qr, 2, "x"),
+      "<= 1.3x",
+      qr.median <= 1.3 ? "PASS" : "MISS",
+    );
+  } catch (err) {
+    failed(`${ATTACH_NAME} / ${SESSION_RTT_NAME}`, err);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
   }
 }
 
@@ -1099,6 +1176,7 @@ async function main(): Promise<number> {
     [[11], benchStream],
     [[12], benchMatrix],
     [[13], benchPutLocal],
+    [[15, 16], benchSessions],
     [[9, 10, 13, 14], benchHosts],
   ];
   for (const [nums, run] of suite) if (nums.some(wanted)) await run();
@@ -1136,6 +1214,12 @@ async function main(): Promise<number> {
   detail("   mitogen: ctx.putFile of the same file (temporary file, sha256 on both ends, fsync, rename) to a local context, and to inner via bastion");
   detail(
     "10: not raw: ctx.call(() => 0) round trip to a local child of the same master; mitogen: the same call to root on inner, master -> ssh bastion -> ssh inner -> sudo root",
+  );
+  detail(
+    `15: not raw: router.local() + one call + shutdown({ wait: true }) of a fresh ${kind} child; mitogen: connect() to a unix listener in a ${kind} child of this master + one call to it + close()`,
+  );
+  detail(
+    "16: not raw: ctx.call(() => 0) from this master to the listening child over its pipe; mitogen: the same call from a session attached over TCP (sealed frames) to that child",
   );
   detail(
     `14: \`rsync -a -e 'ssh -T -o BatchMode=yes -F <config>' tree/ bastion:dst/\` of ${RSYNC_FILES} files (2 to 5 KiB, 20 dirs) into an empty dst, spawn to exit;`,

@@ -1,0 +1,609 @@
+/**
+ * Handshakes for listeners, over any byte stream (a {@link Transport}), with
+ * tweetnacl only:
+ *
+ * - {@link acceptWithKey} / {@link connectWithKey}: a shared-key
+ *   challenge/response both ways (unix sockets: the socket itself is private),
+ *   then plain bytes.
+ * - {@link acceptSealed} / {@link connectSealed}: mutual authentication with
+ *   static box key pairs, session keys from ephemeral ones, then every chunk
+ *   sealed with `nacl.secretbox` and a per-direction counter as its nonce (TCP).
+ *
+ * Each resolves with a Transport that carries the bytes after the handshake;
+ * bytes that arrive before its `start` are kept and delivered, in order. The
+ * exact bytes are in PROTOCOL.md, "Listeners: handshake and sealed frames".
+ * No `node:` imports: this module also runs in children (Node 12+, Deno 1.46+).
+ *
+ * @module
+ */
+import nacl from "tweetnacl";
+import { MitogenError, StreamError, type Transport } from "./core.ts";
+
+/** Sizes and versions of the handshakes (see PROTOCOL.md). */
+export const HANDSHAKE = {
+  /** First byte of the messages that carry one. */
+  VERSION: 1,
+  /** secretbox / box nonce. */
+  NONCE: 24,
+  /** Curve25519 public or secret key, secretbox key. */
+  KEY: 32,
+  /** Poly1305 tag that a box adds. */
+  TAG: 16,
+  /** Key challenge: the 16-byte labels sealed with both nonces. */
+  KEY_LABEL: 16,
+  /** Sealed handshake: SHA-512 of the transcript, the plaintext of both boxes. */
+  HASH: 64,
+  /** Biggest plaintext of a sealed frame. */
+  MAX_CHUNK: 1 << 20,
+  /** Default bound of a whole handshake. */
+  TIMEOUT_MS: 10_000,
+} as const;
+
+/** Domain-separation strings (ASCII), so no box of one step or role is accepted in another. */
+const LABEL = {
+  KEY_CONNECTOR: "mitogen key v1 c",
+  KEY_LISTENER: "mitogen key v1 l",
+  SEALED: "mitogen sealed v1",
+  SEALED_C2S: "mitogen sealed v1 c2s",
+  SEALED_S2C: "mitogen sealed v1 s2c",
+} as const;
+
+/** What a handshake failed on: the `reason` of a {@link HandshakeError}. */
+export const HANDSHAKE_FAILURE = {
+  UNAUTHORIZED: "client key not authorized",
+  SERVER_KEY: "server key does not match the pinned serverKey",
+  WRONG_KEY: "wrong key",
+  TIMEOUT: "timed out",
+  MALFORMED: "malformed",
+  CLOSED: "closed",
+} as const;
+
+/** One of {@link HANDSHAKE_FAILURE}'s values. */
+export type HandshakeFailure = (typeof HANDSHAKE_FAILURE)[keyof typeof HANDSHAKE_FAILURE];
+
+/** A handshake failed; `reason` says on what. The raw transport is closed. */
+export class HandshakeError extends MitogenError {
+  override name = "HandshakeError";
+  /** What failed, one of {@link HANDSHAKE_FAILURE}. */
+  readonly reason: HandshakeFailure;
+
+  constructor(reason: HandshakeFailure, detail = "", options?: ErrorOptions) {
+    super(`handshake failed: ${reason}${detail ? ` (${detail})` : ""}`, options);
+    this.reason = reason;
+  }
+}
+
+/** A tweetnacl box key pair, base64 (what users pass around). */
+export interface KeyPair {
+  publicKey: string;
+  secretKey: string;
+}
+
+/** Options of the shared-key handshake. */
+export interface KeyOptions {
+  /** Bound of the whole handshake (default 10 s). */
+  timeoutMs?: number;
+}
+
+/** Options of {@link acceptSealed}. */
+export interface AcceptSealedOptions {
+  /** The listener's static key pair. */
+  keyPair: KeyPair;
+  /** Public keys (base64) of the clients let in. */
+  authorizedKeys: readonly string[];
+  /** Bound of the whole handshake (default 10 s). */
+  timeoutMs?: number;
+}
+
+/** Options of {@link connectSealed}. */
+export interface ConnectSealedOptions {
+  /** The client's static key pair. */
+  keyPair: KeyPair;
+  /** The listener's public key (base64): anything else is refused. */
+  serverKey: string;
+  /** Bound of the whole handshake (default 10 s). */
+  timeoutMs?: number;
+}
+
+// ---------------------------------------------------------------------------
+// bytes
+
+const ascii = (s: string): Uint8Array => {
+  const out = new Uint8Array(s.length);
+  for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
+  return out;
+};
+
+function concat(parts: readonly Uint8Array[]): Uint8Array {
+  let n = 0;
+  for (const p of parts) n += p.byteLength;
+  const out = new Uint8Array(n);
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.byteLength;
+  }
+  return out;
+}
+
+const B64 = /^[A-Za-z0-9+/]{43}=$/;
+const ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+function toBase64(bytes: Uint8Array): string {
+  let out = "";
+  for (let i = 0; i < bytes.byteLength; i += 3) {
+    const n = ((bytes[i] as number) << 16) | ((bytes[i + 1] ?? 0) << 8) | (bytes[i + 2] ?? 0);
+    out += ALPHABET[n >> 18] + (ALPHABET[(n >> 12) & 63] as string);
+    out += i + 1 < bytes.byteLength ? ALPHABET[(n >> 6) & 63] : "=";
+    out += i + 2 < bytes.byteLength ? ALPHABET[n & 63] : "=";
+  }
+  return out;
+}
+
+/** A 32-byte key from base64, or a HandshakeError naming `what`. */
+function key32(text: unknown, what: string): Uint8Array {
+  if (typeof text !== "string" || !B64.test(text)) throw new HandshakeError(HANDSHAKE_FAILURE.MALFORMED, `${what} is not the base64 of 32 bytes`);
+  const out = new Uint8Array(HANDSHAKE.KEY);
+  let bits = 0;
+  let acc = 0;
+  let at = 0;
+  for (let i = 0; i < 43; i++) {
+    acc = (acc << 6) | ALPHABET.indexOf(text[i] as string);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out[at++] = (acc >> bits) & 255;
+    }
+  }
+  return out;
+}
+
+/** Generate a tweetnacl box key pair (Curve25519), base64. */
+export function generateKeyPair(): KeyPair {
+  const pair = nacl.box.keyPair();
+  return { publicKey: toBase64(pair.publicKey), secretKey: toBase64(pair.secretKey) };
+}
+
+function staticPair(pair: KeyPair): { publicKey: Uint8Array; secretKey: Uint8Array } {
+  const secretKey = key32(pair?.secretKey, "keyPair.secretKey");
+  const publicKey = key32(pair.publicKey, "keyPair.publicKey");
+  if (!nacl.verify(nacl.box.keyPair.fromSecretKey(secretKey).publicKey, publicKey))
+    throw new HandshakeError(HANDSHAKE_FAILURE.MALFORMED, "keyPair.publicKey is not the public key of keyPair.secretKey");
+  return { publicKey, secretKey };
+}
+
+// ---------------------------------------------------------------------------
+// the raw side during a handshake, and the transport after it
+
+/** The bytes after a handshake, kept until `start`. */
+class After implements Transport {
+  readonly #raw: Transport;
+  readonly #write: (parts: readonly Uint8Array[]) => void;
+  #pending: Uint8Array[] | null = [];
+  #ended = false;
+  #endError: Error | undefined;
+  #onData: ((chunk: Uint8Array) => void) | null = null;
+  #onEnd: ((error?: Error) => void) | null = null;
+
+  constructor(raw: Transport, write: (parts: readonly Uint8Array[]) => void) {
+    this.#raw = raw;
+    this.#write = write;
+  }
+
+  deliver(chunk: Uint8Array): void {
+    if (this.#ended || !chunk.byteLength) return;
+    if (this.#onData) this.#onData(chunk);
+    else this.#pending?.push(chunk);
+  }
+
+  end(error?: Error): void {
+    if (this.#ended) return;
+    this.#ended = true;
+    this.#endError = error;
+    const onEnd = this.#onEnd;
+    if (onEnd) {
+      this.#onEnd = null;
+      onEnd(error);
+    }
+  }
+
+  start(onData: (chunk: Uint8Array) => void, onEnd: (error?: Error) => void): void {
+    if (this.#onData) throw new MitogenError("Transport.start called twice");
+    const pending = this.#pending ?? [];
+    this.#pending = null;
+    this.#onData = onData;
+    for (const chunk of pending) onData(chunk);
+    if (this.#ended) onEnd(this.#endError);
+    else this.#onEnd = onEnd;
+  }
+
+  write(parts: readonly Uint8Array[]): void {
+    if (!this.#ended) this.#write(parts);
+  }
+
+  flush(): Promise<void> {
+    return this.#raw.flush();
+  }
+
+  close(): void {
+    this.#raw.close();
+  }
+}
+
+/** Reads fixed-size handshake messages off the raw transport, within one deadline. */
+class Wire {
+  readonly raw: Transport;
+  #chunks: Uint8Array[] = [];
+  #buffered = 0;
+  #want: { n: number; resolve: (b: Uint8Array) => void } | null = null;
+  #failure: HandshakeError | null = null;
+  #reject: ((err: HandshakeError) => void) | null = null;
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  /** Once the handshake is done, where bytes go. */
+  #after: ((chunk: Uint8Array) => void) | null = null;
+  #afterEnd: ((error?: Error) => void) | null = null;
+  readonly #closedHint: string;
+  /** Settles with the failure of the handshake, if it fails. */
+  readonly failed: Promise<never>;
+
+  constructor(raw: Transport, timeoutMs: number | undefined, closedHint: string) {
+    this.raw = raw;
+    this.#closedHint = closedHint;
+    this.failed = new Promise<never>((_, reject) => {
+      this.#reject = reject;
+    });
+    this.failed.catch(() => {});
+    const ms = timeoutMs ?? HANDSHAKE.TIMEOUT_MS;
+    this.#timer = setTimeout(() => this.fail(new HandshakeError(HANDSHAKE_FAILURE.TIMEOUT, `no handshake within ${ms} ms`)), ms);
+    raw.start(
+      (chunk) => this.#data(chunk),
+      (err) => this.#end(err),
+    );
+  }
+
+  #data(chunk: Uint8Array): void {
+    if (this.#after) {
+      this.#after(chunk);
+      return;
+    }
+    if (this.#failure || !chunk.byteLength) return;
+    this.#chunks.push(chunk);
+    this.#buffered += chunk.byteLength;
+    this.#serve();
+  }
+
+  #end(err?: Error): void {
+    if (this.#afterEnd) {
+      this.#afterEnd(err);
+      return;
+    }
+    this.fail(new HandshakeError(HANDSHAKE_FAILURE.CLOSED, this.#closedHint, err ? { cause: err } : undefined));
+  }
+
+  #serve(): void {
+    const want = this.#want;
+    if (!want || this.#buffered < want.n) return;
+    this.#want = null;
+    want.resolve(this.#take(want.n));
+  }
+
+  #take(n: number): Uint8Array {
+    const out = new Uint8Array(n);
+    let at = 0;
+    while (at < n) {
+      const head = this.#chunks[0] as Uint8Array;
+      const part = Math.min(head.byteLength, n - at);
+      out.set(head.subarray(0, part), at);
+      at += part;
+      if (part === head.byteLength) this.#chunks.shift();
+      else this.#chunks[0] = head.subarray(part);
+    }
+    this.#buffered -= n;
+    return out;
+  }
+
+  /** The next `n` bytes (n is a fixed message size: nothing is allocated by a claimed length). */
+  read(n: number): Promise<Uint8Array> {
+    if (this.#failure) return this.failed;
+    return Promise.race([
+      new Promise<Uint8Array>((resolve) => {
+        this.#want = { n, resolve };
+        this.#serve();
+      }),
+      this.failed,
+    ]);
+  }
+
+  /** End the handshake with `err`: reject, close the raw transport. */
+  fail(err: HandshakeError): void {
+    if (this.#failure || this.#after) return;
+    this.#failure = err;
+    clearTimeout(this.#timer);
+    this.#chunks = [];
+    this.#want = null;
+    this.#reject?.(err);
+    this.raw.close();
+  }
+
+  /**
+   * The handshake is done: from now on raw bytes go to `onData` (first those
+   * already read past it), and the raw end to `onEnd`.
+   */
+  done(onData: (chunk: Uint8Array) => void, onEnd: (error?: Error) => void): void {
+    clearTimeout(this.#timer);
+    this.#after = onData;
+    this.#afterEnd = onEnd;
+    const rest = this.#chunks;
+    this.#chunks = [];
+    this.#buffered = 0;
+    for (const chunk of rest) onData(chunk);
+  }
+}
+
+/** Run `steps` against `wire`; any throw fails the handshake with a HandshakeError. */
+async function run<T>(wire: Wire, steps: () => Promise<T>): Promise<T> {
+  try {
+    return await steps();
+  } catch (err) {
+    const failure =
+      err instanceof HandshakeError ? err : new HandshakeError(HANDSHAKE_FAILURE.MALFORMED, err instanceof Error ? err.message : String(err), { cause: err });
+    wire.fail(failure);
+    throw failure;
+  }
+}
+
+/** A plain transport over `wire` once the handshake is done. */
+function plain(wire: Wire): Transport {
+  const raw = wire.raw;
+  const after = new After(raw, (parts) => raw.write(parts));
+  wire.done(
+    (chunk) => after.deliver(chunk),
+    (err) => after.end(err),
+  );
+  return after;
+}
+
+function checkVersion(byte: number | undefined, who: string): void {
+  if (byte !== HANDSHAKE.VERSION) throw new HandshakeError(HANDSHAKE_FAILURE.MALFORMED, `${who} speaks version ${byte}, not ${HANDSHAKE.VERSION}`);
+}
+
+// ---------------------------------------------------------------------------
+// shared key (unix sockets)
+
+function keyOf(key: Uint8Array): Uint8Array {
+  if (!(key instanceof Uint8Array) || key.byteLength !== HANDSHAKE.KEY) throw new HandshakeError(HANDSHAKE_FAILURE.MALFORMED, "the key is not 32 bytes");
+  return key;
+}
+
+/** The plaintext of a key-challenge box: label | listener nonce | connector nonce. */
+const keyProof = (label: string, nonceL: Uint8Array, nonceC: Uint8Array): Uint8Array => concat([ascii(label), nonceL, nonceC]);
+const KEY_BOX = HANDSHAKE.KEY_LABEL + 2 * HANDSHAKE.NONCE + HANDSHAKE.TAG;
+
+/**
+ * The listener's side of the shared-key handshake: resolves once the
+ * connector has proven it holds `key` (and been shown that this side does).
+ */
+export async function acceptWithKey(raw: Transport, key: Uint8Array, options: KeyOptions = {}): Promise<Transport> {
+  const wire = new Wire(raw, options.timeoutMs, "the connector closed the connection during the handshake");
+  return run(wire, async () => {
+    const k = keyOf(key);
+    const nonceL = nacl.randomBytes(HANDSHAKE.NONCE);
+    raw.write([new Uint8Array([HANDSHAKE.VERSION]), nonceL]);
+    const m2 = await wire.read(1 + HANDSHAKE.NONCE + KEY_BOX);
+    checkVersion(m2[0], "the connector");
+    const nonceC = m2.slice(1, 1 + HANDSHAKE.NONCE);
+    const opened = nacl.secretbox.open(m2.subarray(1 + HANDSHAKE.NONCE), nonceL, k);
+    if (!opened || !nacl.verify(opened, keyProof(LABEL.KEY_CONNECTOR, nonceL, nonceC)))
+      throw new HandshakeError(HANDSHAKE_FAILURE.WRONG_KEY, "the connector's answer does not open with the key");
+    raw.write([nacl.secretbox(keyProof(LABEL.KEY_LISTENER, nonceL, nonceC), nonceC, k)]);
+    return plain(wire);
+  });
+}
+
+/**
+ * The connector's side of the shared-key handshake: resolves once both sides
+ * have proven they hold `key`.
+ */
+export async function connectWithKey(raw: Transport, key: Uint8Array, options: KeyOptions = {}): Promise<Transport> {
+  const wire = new Wire(raw, options.timeoutMs, "the listener closed the connection during the handshake (wrong key?)");
+  return run(wire, async () => {
+    const k = keyOf(key);
+    const m1 = await wire.read(1 + HANDSHAKE.NONCE);
+    checkVersion(m1[0], "the listener");
+    const nonceL = m1.slice(1);
+    const nonceC = nacl.randomBytes(HANDSHAKE.NONCE);
+    raw.write([new Uint8Array([HANDSHAKE.VERSION]), nonceC, nacl.secretbox(keyProof(LABEL.KEY_CONNECTOR, nonceL, nonceC), nonceL, k)]);
+    const m3 = await wire.read(KEY_BOX);
+    const opened = nacl.secretbox.open(m3, nonceC, k);
+    if (!opened || !nacl.verify(opened, keyProof(LABEL.KEY_LISTENER, nonceL, nonceC)))
+      throw new HandshakeError(HANDSHAKE_FAILURE.WRONG_KEY, "the listener's answer does not open with the key");
+    return plain(wire);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// key pairs (TCP): the handshake, then sealed frames
+
+/** Message sizes of the sealed handshake. */
+const SEALED = {
+  /** client -> server: version | client ephemeral | client static. */
+  HELLO: 1 + 2 * HANDSHAKE.KEY,
+  /** server -> client: version | server ephemeral | server static | box. */
+  WELCOME: 1 + 2 * HANDSHAKE.KEY + HANDSHAKE.HASH + HANDSHAKE.TAG,
+  /** client -> server: box. */
+  PROOF: HANDSHAKE.HASH + HANDSHAKE.TAG,
+} as const;
+
+interface Session {
+  /** SHA-512 of the transcript. */
+  h: Uint8Array;
+  /** box.before of the static keys. */
+  statics: Uint8Array;
+  /** box.before of the ephemeral keys. */
+  ephemerals: Uint8Array;
+}
+
+function session(
+  ce: Uint8Array,
+  cs: Uint8Array,
+  se: Uint8Array,
+  ss: Uint8Array,
+  peerEphemeral: Uint8Array,
+  peerStatic: Uint8Array,
+  mine: { e: Uint8Array; s: Uint8Array },
+): Session {
+  return {
+    h: nacl.hash(concat([ascii(LABEL.SEALED), ce, cs, se, ss])),
+    statics: nacl.box.before(peerStatic, mine.s),
+    ephemerals: nacl.box.before(peerEphemeral, mine.e),
+  };
+}
+
+/** The two directional keys: SHA-512(label | ephemeral DH | static DH | h), first 32 bytes. */
+function directionKey(s: Session, label: string): Uint8Array {
+  return nacl.hash(concat([ascii(label), s.ephemerals, s.statics, s.h])).slice(0, HANDSHAKE.KEY);
+}
+
+/** The nonce of a sealed frame: the frame's counter, 24 bytes big-endian. */
+function counterNonce(n: number): Uint8Array {
+  const nonce = new Uint8Array(HANDSHAKE.NONCE);
+  const view = new DataView(nonce.buffer);
+  view.setUint32(16, Math.floor(n / 2 ** 32));
+  view.setUint32(20, n >>> 0);
+  return nonce;
+}
+
+/** Biggest box of a sealed frame. */
+const MAX_BOX = HANDSHAKE.MAX_CHUNK + HANDSHAKE.TAG;
+
+/**
+ * A transport that seals every write with `sendKey` and opens every frame
+ * with `receiveKey`:
+ *
+ *     length u32 BE | nacl.secretbox(chunk, counter nonce, key)     length = chunk + 16 <= 1 MiB + 16
+ *
+ * A frame over the limit, or one that does not open (tampered, replayed,
+ * reordered: the counter then differs), closes the raw transport and ends
+ * this one with a StreamError.
+ */
+function sealed(wire: Wire, sendKey: Uint8Array, receiveKey: Uint8Array): Transport {
+  const raw = wire.raw;
+  let sent = 0;
+  let received = 0;
+  let broken = false;
+  const seal = (chunk: Uint8Array): void => {
+    const box = nacl.secretbox(chunk, counterNonce(sent++), sendKey);
+    const head = new Uint8Array(4);
+    new DataView(head.buffer).setUint32(0, box.byteLength);
+    raw.write([head, box]);
+  };
+  const after = new After(raw, (parts) => {
+    if (broken) return;
+    let total = 0;
+    for (const p of parts) total += p.byteLength;
+    if (parts.length === 1 && total <= HANDSHAKE.MAX_CHUNK) {
+      if (total) seal(parts[0] as Uint8Array);
+      return;
+    }
+    const all = concat(parts);
+    for (let at = 0; at < total; at += HANDSHAKE.MAX_CHUNK) seal(all.subarray(at, at + HANDSHAKE.MAX_CHUNK));
+  });
+  // The frame being read: its 4-byte length, then its box filled in place.
+  const head = new Uint8Array(4);
+  let headFill = 0;
+  let box: Uint8Array | null = null;
+  let boxFill = 0;
+  const breakWith = (message: string): void => {
+    broken = true;
+    after.end(new StreamError(`sealed transport: ${message}`));
+    raw.close();
+  };
+  const onData = (chunk: Uint8Array): void => {
+    let at = 0;
+    while (at < chunk.byteLength && !broken) {
+      if (!box) {
+        const n = Math.min(4 - headFill, chunk.byteLength - at);
+        head.set(chunk.subarray(at, at + n), headFill);
+        headFill += n;
+        at += n;
+        if (headFill < 4) return;
+        headFill = 0;
+        const length = new DataView(head.buffer).getUint32(0);
+        if (length > MAX_BOX || length <= HANDSHAKE.TAG) {
+          breakWith(`a frame of ${length} bytes is outside 17..${MAX_BOX}`);
+          return;
+        }
+        box = new Uint8Array(length);
+        boxFill = 0;
+      }
+      const n = Math.min(box.byteLength - boxFill, chunk.byteLength - at);
+      box.set(chunk.subarray(at, at + n), boxFill);
+      boxFill += n;
+      at += n;
+      if (boxFill < box.byteLength) return;
+      const opened = nacl.secretbox.open(box, counterNonce(received++), receiveKey);
+      box = null;
+      if (!opened) {
+        breakWith("a frame did not open (tampered, replayed or out of order)");
+        return;
+      }
+      after.deliver(opened);
+    }
+  };
+  wire.done(onData, (err) => {
+    broken = true;
+    after.end(err);
+  });
+  return after;
+}
+
+/**
+ * The listener's side of the key-pair handshake: resolves with the sealed
+ * transport and the client's public key (base64), once the client proved it
+ * holds the secret key of one of `authorizedKeys`.
+ */
+export async function acceptSealed(raw: Transport, options: AcceptSealedOptions): Promise<{ transport: Transport; clientKey: string }> {
+  const wire = new Wire(raw, options.timeoutMs, "the client closed the connection during the handshake");
+  return run(wire, async () => {
+    const me = staticPair(options.keyPair);
+    const authorized = (options.authorizedKeys ?? []).map((k, i) => key32(k, `authorizedKeys[${i}]`));
+    const hello = await wire.read(SEALED.HELLO);
+    checkVersion(hello[0], "the client");
+    const ce = hello.slice(1, 33);
+    const cs = hello.slice(33, 65);
+    const clientKey = toBase64(cs);
+    if (!authorized.some((k) => nacl.verify(k, cs))) throw new HandshakeError(HANDSHAKE_FAILURE.UNAUTHORIZED, clientKey);
+    const eph = nacl.box.keyPair();
+    const s = session(ce, cs, eph.publicKey, me.publicKey, ce, cs, { e: eph.secretKey, s: me.secretKey });
+    const proof = nacl.secretbox(s.h, s.h.subarray(0, HANDSHAKE.NONCE), s.statics);
+    raw.write([new Uint8Array([HANDSHAKE.VERSION]), eph.publicKey, me.publicKey, proof]);
+    const answer = await wire.read(SEALED.PROOF);
+    const opened = nacl.secretbox.open(answer, s.h.subarray(HANDSHAKE.NONCE, 2 * HANDSHAKE.NONCE), s.statics);
+    if (!opened || !nacl.verify(opened, s.h)) throw new HandshakeError(HANDSHAKE_FAILURE.WRONG_KEY, `the client's proof for ${clientKey} does not open`);
+    return { transport: sealed(wire, directionKey(s, LABEL.SEALED_S2C), directionKey(s, LABEL.SEALED_C2S)), clientKey };
+  });
+}
+
+/**
+ * The client's side of the key-pair handshake: resolves with the sealed
+ * transport once the listener proved it holds `serverKey`'s secret key.
+ */
+export async function connectSealed(raw: Transport, options: ConnectSealedOptions): Promise<Transport> {
+  const wire = new Wire(raw, options.timeoutMs, "the server closed the connection during the handshake (is this client's key authorized?)");
+  return run(wire, async () => {
+    const me = staticPair(options.keyPair);
+    const pinned = key32(options.serverKey, "serverKey");
+    const eph = nacl.box.keyPair();
+    raw.write([new Uint8Array([HANDSHAKE.VERSION]), eph.publicKey, me.publicKey]);
+    const welcome = await wire.read(SEALED.WELCOME);
+    checkVersion(welcome[0], "the server");
+    const se = welcome.slice(1, 33);
+    const ss = welcome.slice(33, 65);
+    if (!nacl.verify(ss, pinned)) throw new HandshakeError(HANDSHAKE_FAILURE.SERVER_KEY, `the server has ${toBase64(ss)}`);
+    const s = session(eph.publicKey, me.publicKey, se, ss, se, ss, { e: eph.secretKey, s: me.secretKey });
+    const opened = nacl.secretbox.open(welcome.subarray(65), s.h.subarray(0, HANDSHAKE.NONCE), s.statics);
+    if (!opened || !nacl.verify(opened, s.h)) throw new HandshakeError(HANDSHAKE_FAILURE.SERVER_KEY, "the server's proof does not open with the pinned key");
+    raw.write([nacl.secretbox(s.h, s.h.subarray(HANDSHAKE.NONCE, 2 * HANDSHAKE.NONCE), s.statics)]);
+    return sealed(wire, directionKey(s, LABEL.SEALED_C2S), directionKey(s, LABEL.SEALED_S2C));
+  });
+}
