@@ -5,21 +5,44 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { existsSync, realpathSync } from "node:fs";
+import { existsSync, readFileSync, realpathSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { Receiver, Router } from "./mod.ts";
 import { isStandIn, sshMain } from "./fakessh.ts";
+import { COMMANDS, runCommand, usage } from "./command.ts";
 
 export * from "./mod.ts";
 
-const HELP = `usage: mitogen <command>
+const HELP = `usage: mitogen <command> [options]
 
 commands:
+${Object.entries(COMMANDS)
+  .map(([name, c]) => `  ${`${name} ${c.args.split(" ")[0]}`.padEnd(18)}${c.summary}`)
+  .join("\n")}
   demo              start local Node and Deno contexts, a via chain, calls and a stream
-  eval <expr>       evaluate a JavaScript expression in a new local context, print the result
-                      --runtime node|deno|PATH   (default: the runtime running this)
-  help              this text
+  help [command]    this text, or a command's
+  --version         the version
+
+examples:
+  mitogen run web1,web2,db1 --via bastion --sudo -- uptime
+  mitogen run @hosts.txt --forks 20 --json -- 'df -h /'
+  mitogen call web1,web2 ./tasks.ts#inventory '{"deep":true}'
+  mitogen eval web1 'process.version'
+  mitogen put web1,web2 ./app.tar.gz /srv/app.tar.gz
 `;
+
+/** The package's version, from the package.json beside the file (dist/ or the sources). */
+function version(): string {
+  for (const rel of ["../package.json", "./package.json"]) {
+    try {
+      const pkg = JSON.parse(readFileSync(fileURLToPath(new URL(rel, import.meta.url)), "utf8")) as { name?: string; version?: string };
+      if (pkg.name === "mitogen" && pkg.version) return pkg.version;
+    } catch {
+      // not there
+    }
+  }
+  return "unknown (no package.json beside this file)";
+}
 
 /** Where the demo's remote module is: beside cli.ts, or one level up from dist/. */
 function demoModule(): URL | null {
@@ -82,26 +105,28 @@ export async function demo(out: (line: string) => void = console.log): Promise<v
 
 /** Run the CLI with `argv` (without the runtime and script). Returns the exit code. */
 export async function main(argv: string[]): Promise<number> {
-  const { positionals, values } = parseArgs({
-    args: argv,
-    allowPositionals: true,
-    options: { runtime: { type: "string" }, help: { type: "boolean", short: "h" } },
-  });
-  const [command, ...rest] = positionals;
-  if (values.help || !command || command === "help") {
-    process.stdout.write(HELP);
-    return command || values.help ? 0 : 2;
-  }
-  if (command === "demo") {
-    await demo();
+  const [command, ...rest] = argv;
+  if (command === "--version" || command === "-V") {
+    process.stdout.write(`mitogen ${version()}\n`);
     return 0;
   }
-  if (command === "eval") {
-    await using router = new Router();
-    const ctx = await router.local(values.runtime ? { runtime: values.runtime } : {});
-    const src = rest.join(" ");
-    const result = await ctx.call((code: string) => new Function(`return (${code}\n)`)(), src);
-    console.log(result);
+  if (command === undefined || command === "help" || command === "--help" || command === "-h") {
+    const topic = command === "help" ? rest[0] : undefined;
+    if (topic && !COMMANDS[topic]) {
+      process.stderr.write(`mitogen: no command ${JSON.stringify(topic)}\n${HELP}`);
+      return 2;
+    }
+    process.stdout.write(topic ? usage(topic) : HELP);
+    return command === undefined ? 2 : 0;
+  }
+  if (COMMANDS[command]) return runCommand(command, rest);
+  if (command === "demo") {
+    const { values } = parseArgs({ args: rest, options: { help: { type: "boolean", short: "h" } }, strict: false });
+    if (values.help) {
+      process.stdout.write("usage: mitogen demo\n\nstart local Node and Deno contexts, a via chain, calls and a stream\n");
+      return 0;
+    }
+    await demo();
     return 0;
   }
   process.stderr.write(`mitogen: unknown command ${JSON.stringify(command)}\n${HELP}`);
