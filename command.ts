@@ -45,6 +45,7 @@ const COMMON_OPTIONS = {
   sudo: { type: "string" },
   user: { type: "string" },
   identity: { type: "string", short: "i" },
+  "ssh-config": { type: "string", short: "F" },
   password: { type: "boolean" },
   "password-file": { type: "string" },
   runtime: { type: "string" },
@@ -65,6 +66,7 @@ options:
   --sudo[=USER]             run as USER (default root) through sudo on each target
   --user USER               ssh login name (default: as ssh decides)
   -i, --identity FILE       ssh identity file
+  -F, --ssh-config FILE     ssh config for the connections this machine makes (the first hop)
   --password                ask once on the terminal for the ssh/sudo password
   --password-file FILE      read it from FILE instead (for scripts with no terminal)
   --runtime node|deno|auto  the runtime on the targets (default auto)
@@ -128,6 +130,7 @@ interface Parsed {
   sudo: string | null;
   user?: string;
   identity?: string;
+  sshConfig?: string;
   passwordPrompt: boolean;
   passwordFile?: string;
   runtime?: string;
@@ -176,6 +179,7 @@ function parse(command: string, argv: string[]): Parsed | "help" {
     sudo: v.sudo ?? null,
     ...(v.user ? { user: v.user } : {}),
     ...(v.identity ? { identity: v.identity } : {}),
+    ...(v["ssh-config"] ? { sshConfig: v["ssh-config"] } : {}),
     passwordPrompt: v.password ?? false,
     ...(v["password-file"] ? { passwordFile: v["password-file"] } : {}),
     ...(v.runtime ? { runtime: v.runtime } : {}),
@@ -427,7 +431,7 @@ export async function runCommand(command: string, argv: string[]): Promise<numbe
     ...(opts.identity ? { identityFile: opts.identity } : {}),
     ...(password !== undefined ? { password } : {}),
     ...(opts.runtime ? { runtime: opts.runtime } : {}),
-    ...(via ? { via } : {}),
+    ...(via ? { via } : opts.sshConfig ? { sshArgs: ["-F", opts.sshConfig] } : {}),
   });
   const connect = async (t: Target, via: Context | undefined): Promise<Context> =>
     t.local
