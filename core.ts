@@ -906,12 +906,12 @@ export class Router implements Binder, AsyncDisposable {
 
   // -- lifetime -------------------------------------------------------------
 
-  /** Stop every child context and close every stream. Safe to call twice. */
   /** Run `fn` (once) when this router shuts down, alongside stopping its children (listeners close this way). */
   atShutdown(fn: () => Promise<void>): void {
     this.#atShutdown.add(fn);
   }
 
+  /** Stop every child context and close every stream. Safe to call twice. */
   shutdown(): Promise<void> {
     this.#shuttingDown ??= (async () => {
       for (const s of this.#links.keys()) this.#shutdownSent.add(s.remoteId ?? -1);
