@@ -81,7 +81,7 @@ export async function demo(out: (line: string) => void = console.log): Promise<v
 }
 
 /** Run the CLI with `argv` (without the runtime and script). Returns the exit code. */
-export async function main(argv: string[]): Promise<number> {
+export async function runCli(argv: string[]): Promise<number> {
   const { positionals, values } = parseArgs({
     args: argv,
     allowPositionals: true,
@@ -122,7 +122,7 @@ function invokedDirectly(): boolean {
 
 if (invokedDirectly()) {
   // Started as `ssh` (by fakessh.run), the file is the ssh stand-in; otherwise the CLI.
-  (isStandIn() ? sshMain : main)(process.argv.slice(2)).then(
+  (isStandIn() ? sshMain : runCli)(process.argv.slice(2)).then(
     (code) => process.exit(code),
     (err) => {
       process.stderr.write(`mitogen: ${err instanceof Error ? err.message : String(err)}\n`);
