@@ -24,11 +24,12 @@
  */
 import * as esbuild from "esbuild";
 import { deflateRawSync } from "node:zlib";
-import { mkdirSync, statSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { dirname } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { type Payloads, SHIPPED, type ShippedName } from "./payload.ts";
 import { CORE } from "./frames.ts";
+import { ESBUILD_VERSION } from "./bundler.ts";
 
 const root = dirname(fileURLToPath(import.meta.url));
 const CORE_MODULES = /(^|\/)(core|frames|select|errors|codec|runtime)\.ts$/;
@@ -103,6 +104,8 @@ export async function buildPayloads(): Promise<Payloads> {
 
 /** Write dist/mitogen.mjs; returns the sizes it printed. */
 export async function buildDist(): Promise<{ bundle: number; payloads: Payloads }> {
+  const pinned = (JSON.parse(readFileSync(`${root}/package.json`, "utf8")) as { dependencies: Record<string, string> }).dependencies.esbuild;
+  if (pinned !== ESBUILD_VERSION) throw new Error(`bundler.ts ESBUILD_VERSION is ${ESBUILD_VERSION}, package.json pins esbuild ${pinned}`);
   const p = await buildPayloads();
   const define = {
     MITOGEN_PAYLOADS: JSON.stringify({
