@@ -17,7 +17,7 @@
  */
 import { createHash } from "node:crypto";
 import { existsSync, readFileSync, statSync } from "node:fs";
-import { createRequire, SourceMap } from "node:module";
+import { createRequire, isBuiltin, SourceMap } from "node:module";
 import { basename, dirname, isAbsolute, join, resolve } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { deflateRawSync } from "node:zlib";
@@ -284,7 +284,7 @@ function denoResolve(): import("esbuild").Plugin {
       };
       b.onResolve({ filter: /^npm:/ }, (args) => npm(args.path, args.importer || join(args.resolveDir, "x.js"), args.kind));
       b.onResolve({ filter: /^[^./]/ }, async (args) => {
-        if (/^(node|mitogen|jsr|https?|data|file):|^mitogen$/.test(args.path) || isAbsolute(args.path)) return undefined;
+        if (/^(node|mitogen|jsr|https?|data|file):|^mitogen$/.test(args.path) || isAbsolute(args.path) || isBuiltin(args.path)) return undefined;
         const importer = args.importer || join(args.resolveDir, "x.js");
         const map = importer.includes("/node_modules/") || importer.includes("/npm/registry.") ? null : importMap(args.resolveDir);
         const to = map ? mapped(args.path, map.imports) : null;
