@@ -111,7 +111,7 @@ test("main in process: resolves, sets the exit code on failure", async () => {
   }
   const rec = logs.records.find((r) => r.message === "RangeError: main failed");
   assert.equal(rec?.level, "error");
-  assert.equal((rec?.data as { name: string }).name, "RangeError");
+  assert.equal((rec?.data as { name: string } | undefined)?.name, "RangeError");
 });
 
 test("disconnect: a direct child goes, with what is below it; others and the router stay", async () => {
