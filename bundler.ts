@@ -8,13 +8,18 @@
  * its content hash, so a changed file is a new module and an unchanged one is
  * bundled once per master process.
  *
+ * Under Deno it also resolves what Deno users write: `npm:` specifiers and
+ * the names of the nearest deno.json's `imports` (see {@link denoResolve}),
+ * and it takes esbuild from `npm:esbuild@<ESBUILD_VERSION>` when there is no
+ * `esbuild` to import.
+ *
  * @module
  */
 import { createHash } from "node:crypto";
-import { statSync } from "node:fs";
-import { SourceMap } from "node:module";
-import { basename, dirname, join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
+import { existsSync, readFileSync, statSync } from "node:fs";
+import { createRequire, isBuiltin, SourceMap } from "node:module";
+import { basename, dirname, isAbsolute, join, resolve } from "node:path";
+import { fileURLToPath, pathToFileURL } from "node:url";
 import { deflateRawSync } from "node:zlib";
 import { MitogenError } from "./core.ts";
 
@@ -30,9 +35,18 @@ export interface Bundle {
 
 type Entry = Bundle & { inputs: [path: string, mtimeMs: number, size: number][] };
 
-const root = dirname(fileURLToPath(import.meta.url));
+/** The esbuild a Deno master without one fetches (`npm:esbuild@...`); build.ts checks it is package.json's. */
+export const ESBUILD_VERSION = "0.28.2";
 /** This package's own entry points: importing them from a shipped module means the running core. */
-const OWN = new Set(["mod.ts", "core.ts", "frames.ts", "select.ts", "master.ts", "cli.ts"].map((f) => resolve(root, f)));
+const OWN_FILES = ["mod.ts", "core.ts", "frames.ts", "select.ts", "master.ts", "cli.ts"];
+/** Files whose stack frames are this library's, not the caller of ctx.import (see {@link callerFile}). */
+const LIBRARY_FRAMES = new Set([import.meta.url, ...["bundler.ts", "master.ts", "core.ts", "session.ts"].map((f) => new URL(f, import.meta.url).href)]);
+let own: Set<string> | undefined;
+/** OWN_FILES as paths; empty when this module was loaded from elsewhere than a file (a URL, JSR). */
+function ownFiles(): Set<string> {
+  own ??= new Set(import.meta.url.startsWith("file:") ? OWN_FILES.map((f) => fileURLToPath(new URL(f, import.meta.url))) : []);
+  return own;
+}
 const cache = new Map<string, Promise<Entry>>();
 /** Source maps of every module bundled here, by module name, for {@link mapStack}. */
 const maps = new Map<string, { map: SourceMap; dir: string }>();
@@ -69,7 +83,13 @@ export function bundleTarget(runtime: string | null): string {
  * (see {@link bundleTarget}); cached per target while its inputs are unchanged.
  */
 export async function bundle(specifier: string | URL, target = "es2022"): Promise<Bundle> {
-  const file = specifier instanceof URL || specifier.startsWith("file:") ? fileURLToPath(specifier) : resolve(specifier);
+  // Before any await: the stack still holds the caller of ctx.import.
+  const file =
+    specifier instanceof URL || specifier.startsWith("file:")
+      ? fileURLToPath(specifier)
+      : /^\.\.?\//.test(specifier)
+        ? relativeToCaller(specifier)
+        : resolve(specifier);
   const key = `${target}:${file}`;
   const hit = cache.get(key);
   if (hit) {
@@ -82,10 +102,59 @@ export async function bundle(specifier: string | URL, target = "es2022"): Promis
   return pending;
 }
 
+/** The file a relative `ctx.import("./x.ts")` means: beside the file that called it. */
+function relativeToCaller(specifier: string): string {
+  const limit = Error.stackTraceLimit;
+  Error.stackTraceLimit = 30;
+  const stack = new Error().stack ?? "";
+  Error.stackTraceLimit = limit;
+  const caller = callerFile(stack);
+  if (!caller) {
+    throw new MitogenError(
+      `cannot tell which file ctx.import(${JSON.stringify(specifier)}) is relative to: pass new URL(${JSON.stringify(specifier)}, import.meta.url)`,
+    );
+  }
+  return resolve(dirname(caller), specifier);
+}
+
+/** The first file in `stack` that is not this library's (a path), or null. */
+export function callerFile(stack: string): string | null {
+  for (const line of stack.split("\n").slice(1)) {
+    // "    at f (file:///a/b.ts:1:2)", "    at file:///a/b.ts:1:2", "    at /a/b.js:1:2"
+    const m = /(?:\(|at )((?:file:\/\/|\/)[^()]*?):\d+:\d+\)?$/.exec(line.trim());
+    if (!m?.[1]) continue;
+    const url = m[1].startsWith("file:") ? m[1] : pathToFileURL(m[1]).href;
+    if (!LIBRARY_FRAMES.has(url)) return fileURLToPath(url);
+  }
+  return null;
+}
+
+const isDeno = typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
+
+type Esbuild = typeof import("esbuild");
+
+/** esbuild from the master's node_modules, or under Deno from npm (Deno fetches it). */
+async function loadEsbuild(): Promise<Esbuild> {
+  try {
+    return await import("esbuild");
+  } catch (err) {
+    if (isDeno) {
+      // Not a literal: the single file's own build leaves it alone.
+      const spec = `npm:esbuild@${ESBUILD_VERSION}`;
+      try {
+        return (await import(spec)) as Esbuild;
+      } catch (err2) {
+        throw new MitogenError(`ctx.import() needs esbuild on the master: under Deno it imports ${spec}, which failed (is the npm registry reachable?)`, {
+          cause: err2,
+        });
+      }
+    }
+    throw new MitogenError(`ctx.import() needs the esbuild package on the master: npm install esbuild@${ESBUILD_VERSION}`, { cause: err });
+  }
+}
+
 async function build(file: string, target: string): Promise<Entry> {
-  const esbuild = await import("esbuild").catch((err: unknown) => {
-    throw new MitogenError("ctx.import() needs the esbuild package on the master (npm install esbuild)", { cause: err });
-  });
+  const esbuild = await loadEsbuild();
   building++;
   try {
     const out = await esbuild.build({
@@ -107,10 +176,11 @@ async function build(file: string, target: string): Promise<Entry> {
             b.onResolve({ filter: /^mitogen$/ }, () => ({ path: "mitogen", external: true }));
             b.onResolve({ filter: /\.ts$/ }, (args) => {
               const target = resolve(args.resolveDir, args.path);
-              return OWN.has(target) ? { path: "mitogen", external: true } : undefined;
+              return ownFiles().has(target) ? { path: "mitogen", external: true } : undefined;
             });
           },
         },
+        ...(isDeno ? [denoResolve()] : []),
       ],
     });
     const js = out.outputFiles?.find((f) => f.path.endsWith(".js"))?.text ?? "";
@@ -141,6 +211,99 @@ async function build(file: string, target: string): Promise<Entry> {
       (idle as { unref?: () => void }).unref?.();
     }
   }
+}
+
+/** The `imports` of the deno.json (or deno.jsonc without comments) nearest `dir`, and its directory; cached per directory. */
+const importMaps = new Map<string, { imports: Record<string, string>; dir: string } | null>();
+function importMap(dir: string): { imports: Record<string, string>; dir: string } | null {
+  const hit = importMaps.get(dir);
+  if (hit !== undefined) return hit;
+  let found: { imports: Record<string, string>; dir: string } | null = null;
+  for (const name of ["deno.json", "deno.jsonc"]) {
+    const path = join(dir, name);
+    if (!existsSync(path)) continue;
+    try {
+      const text = readFileSync(path, "utf8").replace(/^\s*\/\/.*$/gm, "");
+      found = { imports: (JSON.parse(text) as { imports?: Record<string, string> }).imports ?? {}, dir };
+    } catch (err) {
+      throw new MitogenError(`cannot read the import map in ${path}`, { cause: err });
+    }
+    break;
+  }
+  if (!found && dirname(dir) !== dir && !existsSync(join(dir, ".git"))) found = importMap(dirname(dir));
+  importMaps.set(dir, found);
+  return found;
+}
+
+/** `spec` through an import map: an exact key, or the longest key ending in "/" that prefixes it. */
+function mapped(spec: string, imports: Record<string, string>): string | null {
+  const exact = imports[spec];
+  if (exact !== undefined) return exact;
+  let best = "";
+  for (const key of Object.keys(imports)) if (key.endsWith("/") && spec.startsWith(key) && key.length > best.length) best = key;
+  return best ? `${imports[best]}${spec.slice(best.length)}` : null;
+}
+
+/** npm packages Deno has loaded for this process: then Node's require resolution finds them in Deno's npm cache. */
+const npmLoaded = new Map<string, Promise<void>>();
+function loadNpm(pkg: string): Promise<void> {
+  let p = npmLoaded.get(pkg);
+  if (!p) {
+    // The package.json alone, where the package lets it be imported; else the package itself.
+    p = import(`npm:${pkg}/package.json`, { with: { type: "json" } }).then(
+      () => {},
+      () => import(`npm:${pkg}`).then(() => {}),
+    );
+    npmLoaded.set(pkg, p);
+  }
+  return p;
+}
+
+/**
+ * Deno only: resolve `npm:name@version/sub` (Deno fetches the package into its cache) and
+ * the names of the nearest deno.json's `imports`, for code written for `deno run`. Bare
+ * imports inside the packages resolve as Deno's own require would.
+ */
+function denoResolve(): import("esbuild").Plugin {
+  return {
+    name: "mitogen-deno-resolve",
+    setup(b) {
+      const npm = async (spec: string, importer: string, kind: string) => {
+        const m = /^npm:\/?((?:@[^/@]+\/)?[^/@]+)(?:@([^/]+))?(\/.*)?$/.exec(spec);
+        if (!m?.[1]) return { errors: [{ text: `not an npm: specifier: ${spec}` }] };
+        const [, name, version, sub = ""] = m;
+        await loadNpm(version ? `${name}@${version}` : name);
+        try {
+          const path = createRequire(importer).resolve(`${name}${sub}`);
+          return { path };
+        } catch {
+          // ESM-only exports: let esbuild resolve it from the package's directory
+          const pkgJson = createRequire(importer).resolve(`${name}/package.json`);
+          return b.resolve(sub ? `.${sub}` : ".", { resolveDir: dirname(pkgJson), kind: kind as "import-statement" });
+        }
+      };
+      b.onResolve({ filter: /^npm:/ }, (args) => npm(args.path, args.importer || join(args.resolveDir, "x.js"), args.kind));
+      b.onResolve({ filter: /^[^./]/ }, async (args) => {
+        if (/^(node|mitogen|jsr|https?|data|file):|^mitogen$/.test(args.path) || isAbsolute(args.path) || isBuiltin(args.path)) return undefined;
+        const importer = args.importer || join(args.resolveDir, "x.js");
+        const map = importer.includes("/node_modules/") || importer.includes("/npm/registry.") ? null : importMap(args.resolveDir);
+        const to = map ? mapped(args.path, map.imports) : null;
+        if (to !== null) {
+          if (to.startsWith("npm:")) return npm(to, importer, args.kind);
+          if (/^\.\.?\//.test(to)) return { path: resolve(map?.dir ?? args.resolveDir, to) };
+          if (to.startsWith("file:")) return { path: fileURLToPath(to) };
+          return { errors: [{ text: `${args.path} maps to ${to} in deno.json: only npm:, relative and file: targets can be shipped` }] };
+        }
+        // Inside a package in Deno's npm cache (no node_modules there): Deno's require knows its dependencies.
+        if (!importer.includes("/npm/registry.")) return undefined;
+        try {
+          return { path: createRequire(importer).resolve(args.path) };
+        } catch {
+          return undefined;
+        }
+      });
+    },
+  };
 }
 
 /** Rewrite stack frames in shipped modules (`mitogen:///<name>:line:col`) to the original file and line. */

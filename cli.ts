@@ -5,7 +5,8 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { existsSync, readFileSync, realpathSync } from "node:fs";
+import { accessSync, constants, existsSync, readFileSync, realpathSync } from "node:fs";
+import { delimiter, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Receiver, Router } from "./mod.ts";
 import { isStandIn, sshMain } from "./fakessh.ts";
@@ -53,20 +54,43 @@ function demoModule(): URL | null {
   return null;
 }
 
-/** The demo behind `npm run demo`: local contexts only, no ssh needed. */
+/** True when `name` is an executable on PATH. */
+function onPath(name: string): boolean {
+  for (const dir of (process.env.PATH ?? "").split(delimiter)) {
+    try {
+      if (dir) {
+        accessSync(join(dir, name), constants.X_OK);
+        return true;
+      }
+    } catch {
+      // not here
+    }
+  }
+  return false;
+}
+
+/**
+ * The demo behind `npm run demo` and `npx mitogen demo`: local contexts only, no ssh needed. `b`
+ * runs on deno when there is one (this runtime, or `deno` on PATH), else on node, saying so.
+ */
 export async function demo(out: (line: string) => void = console.log): Promise<void> {
   await using router = new Router();
+  const bRuntime = "Deno" in globalThis || onPath("deno") ? "deno" : "node";
+  if (bRuntime === "node") out("(no deno on PATH: b runs on node; install deno to see a Deno context in the chain)");
   const t0 = performance.now();
   const a = await router.local({ runtime: "node", name: "a" });
   out(`started ${a} (node) in ${(performance.now() - t0).toFixed(0)} ms`);
-  const b = await router.local({ runtime: "deno", name: "b", via: a });
-  out(`started ${b} (deno) via a`);
+  const b = await router.local({ runtime: bRuntime, name: "b", via: a });
+  out(`started ${b} (${bRuntime}) via a`);
   const c = await router.local({ runtime: "node", name: "c", via: b });
   out(`started ${c} (node) via b`);
   out(`b.call(x => x * 2, 21)            = ${await b.call((x: number) => x * 2, 21)}`);
   out(`a runs on                          ${await a.call(() => `node ${process.version}, pid ${process.pid}`)}`);
   out(
-    `b runs on                          ${await b.call(() => `deno ${(globalThis as unknown as { Deno: { version: { deno: string } } }).Deno.version.deno}, pid ${process.pid}`)}`,
+    `b runs on                          ${await b.call(() => {
+      const d = (globalThis as unknown as { Deno?: { version: { deno: string } } }).Deno;
+      return `${d ? `deno ${d.version.deno}` : `node ${process.version}`}, pid ${process.pid}`;
+    })}`,
   );
   const t1 = performance.now();
   for (let i = 0; i < 100; i++) await c.call(() => 0);
@@ -104,7 +128,7 @@ export async function demo(out: (line: string) => void = console.log): Promise<v
 }
 
 /** Run the CLI with `argv` (without the runtime and script). Returns the exit code. */
-export async function main(argv: string[]): Promise<number> {
+export async function runCli(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   if (command === "--version" || command === "-V") {
     process.stdout.write(`mitogen ${version()}\n`);
@@ -147,7 +171,7 @@ function invokedDirectly(): boolean {
 
 if (invokedDirectly()) {
   // Started as `ssh` (by fakessh.run), the file is the ssh stand-in; otherwise the CLI.
-  (isStandIn() ? sshMain : main)(process.argv.slice(2)).then(
+  (isStandIn() ? sshMain : runCli)(process.argv.slice(2)).then(
     (code) => process.exit(code),
     (err) => {
       process.stderr.write(`mitogen: ${err instanceof Error ? err.message : String(err)}\n`);

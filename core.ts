@@ -44,15 +44,30 @@ export type LogSource = "log" | "user" | "stdout" | "stderr";
 /** Log severity. */
 export type LogLevel = "debug" | "info" | "warn" | "error";
 
-/** One log line from any context, as the master's logger sees it. */
+/** One log record from any context, as the master's logger sees it. */
 export interface LogRecord {
-  contextId: number;
-  name: string;
-  /** Names from the master down to the context, e.g. ["master", "a", "b"]. */
-  path: string[];
+  /** When it was made, in ms since the epoch, by the clock of the context that made it. */
+  time: number;
   level: LogLevel;
   source: LogSource;
+  /** The context it is about: id, name, and names from the master down (`["master", "a", "b"]`). */
+  context: { id: number; name: string; path: string[] };
   message: string;
+  /** What user code passed after the message (`log.info("x", { version: 3 })`: `{ version: 3 }`); absent if nothing. */
+  data?: unknown;
+  /** Same as `context.id`. */
+  contextId: number;
+  /** Same as `context.name`. */
+  name: string;
+  /** Same as `context.path`. */
+  path: string[];
+}
+
+/** A record of context `id`, made now. */
+export function logRecordOf(id: number, name: string, path: string[], level: LogLevel, source: LogSource, message: string, data?: unknown): LogRecord {
+  const rec: LogRecord = { time: Date.now(), level, source, context: { id, name, path }, message, contextId: id, name, path };
+  if (data !== undefined) rec.data = data;
+  return rec;
 }
 
 /** Options of {@link Router.addHandler}. */
@@ -604,6 +619,11 @@ export class Router implements Binder, AsyncDisposable {
     return this.#routes.get(id);
   }
 
+  /** Ids of the contexts routed below this one. */
+  routedIds(): number[] {
+    return [...this.#routes.keys()];
+  }
+
   #canReach(id: number): boolean {
     return id === this.myId || this.#routes.has(id) || (this.parent !== null && !this.parent.closed);
   }
@@ -858,16 +878,27 @@ export class Router implements Binder, AsyncDisposable {
 
   // -- logging --------------------------------------------------------------
 
-  /** Log from this context. The master hands it to its logger; children forward it. */
-  log(level: LogLevel, message: string, source: LogSource = "log"): void {
-    this.logRecord({ contextId: this.myId, name: this.name, path: this.path, level, source, message });
+  /** Log from this context, with optional structured `data`. The master hands it to its logger; children forward it. */
+  log(level: LogLevel, message: string, source: LogSource = "log", data?: unknown): void {
+    this.logRecord(logRecordOf(this.myId, this.name, this.path, level, source, message, data));
   }
 
   /** Deliver a log record: children forward to the master (FORWARD_LOG). */
   logRecord(rec: LogRecord): void {
     if (!this.parent || this.parent.closed) return;
     if (rec.level === "debug" && !this.debug) return;
-    this.route(Message.encoded([rec.contextId, rec.name, rec.level, rec.source, rec.message, rec.path], { dst: 0, handle: HANDLE.FORWARD_LOG }));
+    const fields = [rec.contextId, rec.name, rec.level, rec.source, rec.message, rec.path, rec.time, rec.data];
+    const to = { dst: 0, handle: HANDLE.FORWARD_LOG };
+    let msg: Message;
+    try {
+      msg = Message.encoded(fields, to);
+      if (msg.length > LOG_DATA_MAX) throw msg;
+    } catch {
+      // Data that cannot travel (cyclic, a function, too big) goes as text.
+      fields[7] = safeJson(rec.data).slice(0, LOG_DATA_MAX);
+      msg = Message.encoded(fields, to);
+    }
+    this.route(msg);
   }
 
   /** Forward debug-level records too. */
@@ -875,12 +906,12 @@ export class Router implements Binder, AsyncDisposable {
 
   // -- lifetime -------------------------------------------------------------
 
-  /** Stop every child context and close every stream. Safe to call twice. */
   /** Run `fn` (once) when this router shuts down, alongside stopping its children (listeners close this way). */
   atShutdown(fn: () => Promise<void>): void {
     this.#atShutdown.add(fn);
   }
 
+  /** Stop every child context and close every stream. Safe to call twice. */
   shutdown(): Promise<void> {
     this.#shuttingDown ??= (async () => {
       for (const s of this.#links.keys()) this.#shutdownSent.add(s.remoteId ?? -1);
@@ -1237,14 +1268,31 @@ export function setActiveRouter(router: Router, replace: boolean): void {
   if (replace || !activeRouter) activeRouter = router;
 }
 
+/** Bytes of one FORWARD_LOG beyond which its data is sent as (cut) text. */
+const LOG_DATA_MAX = 65536;
+
 function say(level: LogLevel, parts: unknown[]): void {
-  const text = parts.map((p) => (typeof p === "string" ? p : p instanceof Error ? (p.stack ?? String(p)) : safeJson(p))).join(" ");
-  activeRouter?.log(level, text, "user");
+  // The first string is the message; what follows is data: one value, plain objects merged, or the list.
+  const first = parts[0];
+  const rest = typeof first === "string" ? parts.slice(1) : parts;
+  const plain = rest.every((p) => p !== null && typeof p === "object" && Object.getPrototypeOf(p) === Object.prototype);
+  const data = rest.length < 2 ? rest[0] : plain ? Object.assign({}, ...rest) : rest;
+  activeRouter?.log(level, typeof first === "string" ? first : first instanceof Error ? String(first) : "", "user", data);
 }
 
+/** JSON of `value`, a cycle shown as "[cycle]"; String(value) if even that fails. */
 function safeJson(value: unknown): string {
+  const seen = new Set<unknown>();
   try {
-    return JSON.stringify(value) ?? String(value);
+    return (
+      JSON.stringify(value, (_k, v: unknown) => {
+        if (typeof v === "bigint") return String(v);
+        if (v === null || typeof v !== "object") return v;
+        if (seen.has(v)) return "[cycle]";
+        seen.add(v);
+        return v instanceof Error ? { name: v.name, message: v.message, stack: v.stack } : v;
+      }) ?? String(value)
+    );
   } catch {
     return String(value);
   }

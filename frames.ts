@@ -109,7 +109,7 @@ export class Message {
   #parts: readonly Uint8Array[];
   #length: number;
 
-  constructor(fields: MessageFields = {}, parts: readonly Uint8Array[] = [], length = sumLength(parts)) {
+  constructor(fields: MessageFields = {}, parts: readonly Uint8Array[] = [], length: number = sumLength(parts)) {
     // Explicit fields: this runs for every frame.
     if (fields.dst !== undefined) this.dst = fields.dst;
     if (fields.src !== undefined) this.src = fields.src;

@@ -13,6 +13,7 @@ import {
   HANDLE,
   type LogLevel,
   type LogRecord,
+  logRecordOf,
   type LogSource,
   type Message,
   MitogenError,
@@ -26,6 +27,9 @@ import * as tunnelModule from "./tunnel.ts";
 import * as filesModule from "./files.ts";
 import * as listenModule from "./listen.ts";
 import { payloads, type ShippedName } from "./payload.ts";
+import { cleanRecord, defaultLogger, LEVELS, type LevelLogger, type LogSink, levelFromEnv, textLogger, toSink } from "./logs.ts";
+
+export { defaultLogger };
 
 /** The master's own copy of each shipped module (see SHIPPED in payload.ts). */
 const BUILT_IN: Record<ShippedName, Record<string, unknown>> = {
@@ -37,29 +41,30 @@ const BUILT_IN: Record<ShippedName, Record<string, unknown>> = {
 
 /** Options of the master {@link Router}. */
 export interface RouterOptions {
-  /** Receives every log line of every context (default: print to stderr, see {@link defaultLogger}). */
-  log?: (record: LogRecord) => void;
+  /**
+   * Receives every log record of every context: a function, or a logger object (LogTape, pino,
+   * console: see {@link logTo}). Default: print to stderr, see {@link defaultLogger}.
+   */
+  log?: LogSink | LevelLogger;
   /** Cap on one message's data in bytes (default 128 MiB); every child inherits it. */
   maxMessageSize?: number;
   /** Forbid messages between sibling contexts. */
   unidirectional?: boolean;
-  /** Forward debug-level records from children too. */
+  /** Forward debug-level records from children too (default: true when MITOGEN_LOG=debug). */
   debug?: boolean;
 }
 
-const LEVELS: Record<LogLevel, number> = { debug: 0, info: 1, warn: 2, error: 3 };
-
-/**
- * The default log sink: what children print, and warnings and errors, go to
- * stderr as `[name] line`. Debug and info records of the library itself are
- * shown only with MITOGEN_LOG=debug (or info).
- */
-export function defaultLogger(record: LogRecord): void {
-  const min = LEVELS[(process.env.MITOGEN_LOG as LogLevel | undefined) ?? "warn"] ?? LEVELS.warn;
-  if (record.source === "log" && LEVELS[record.level] < min) return;
-  const tag = record.source === "log" || record.source === "user" ? `${record.level}: ` : "";
-  const where = record.path.length > 1 ? record.path.slice(1).join(" -> ") : record.name;
-  process.stderr.write(`[${where}] ${tag}${record.message}\n`);
+/** What {@link Router.getStats} reports. */
+export interface RouterStats {
+  /** Contexts routed below this one (every descendant, and attached sessions). */
+  contexts: number;
+  /** Streams to directly connected contexts. */
+  streams: number;
+  /** Bytes of frames over each of those streams (headers included), by the context at the other end. */
+  links: { id: number; name: string; bytesIn: number; bytesOut: number }[];
+  /** Modules (the core payloads and shipped modules included) sent in answer to GET_MODULE, and their compressed bytes. */
+  modulesSent: number;
+  moduleBytesSent: number;
 }
 
 /**
@@ -77,15 +82,20 @@ export function defaultLogger(record: LogRecord): void {
  * ```
  */
 export class Router extends CoreRouter {
-  readonly #logger: (record: LogRecord) => void;
+  readonly #logger: LogSink;
+  /** Set by enableDebug: the default logger shows the library's debug records too. */
+  #verbose = false;
   #nextId = 1;
 
   constructor(options: RouterOptions = {}) {
     super();
-    this.#logger = options.log ?? defaultLogger;
+    this.#logger =
+      options.log === undefined
+        ? (record) => (this.#verbose ? textLogger({ level: "debug", time: "clock" })(record) : defaultLogger(record))
+        : toSink(options.log);
     this.maxMessageSize = options.maxMessageSize ?? DEFAULT_MAX_MESSAGE_SIZE;
     this.unidirectional = options.unidirectional ?? false;
-    this.debug = options.debug ?? false;
+    this.debug = options.debug ?? levelFromEnv() === "debug";
     this.addHandler((msg, stream) => this.#onForwardLog(msg, stream), { handle: HANDLE.FORWARD_LOG });
     setActiveRouter(this, true);
   }
@@ -95,18 +105,101 @@ export class Router extends CoreRouter {
     return Promise.resolve(this.#nextId++);
   }
 
+  /** Hand a record to the logger, cleaned ({@link cleanRecord}: shipped-module stacks mapped to the sources). */
   override logRecord(record: LogRecord): void {
     try {
-      this.#logger(record);
+      this.#logger(cleanRecord(record));
     } catch {
       // a failing logger must not break routing
     }
   }
 
+  /**
+   * Debug records from contexts started from now on are forwarded too, and the default logger
+   * shows the library's debug records (each connection step, with ms). Mitogen's
+   * `enable_debug` also writes every context's log to a file in /tmp; here use
+   * {@link logToFile} for that.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * router.enableDebug();
+   * await router.local({ name: "worker" }); // stderr: [master] debug: worker: started node (+2 ms) ...
+   * ```
+   */
+  enableDebug(): void {
+    this.debug = true;
+    this.#verbose = true;
+  }
+
+  /**
+   * Counts for this router: contexts, streams, bytes per link, modules sent.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const ctx = await router.local({ name: "worker" });
+   * await ctx.call(() => 1);
+   * console.log(router.getStats()); // { contexts: 1, streams: 1, links: [{ id: 1, name: "worker", ... }], ... }
+   * ```
+   */
+  getStats(): RouterStats {
+    const links = this.children.flatMap(({ stream }) =>
+      stream.remoteId === null ? [] : [{ id: stream.remoteId, name: this.contextById(stream.remoteId).name, ...stream.counts }],
+    );
+    return {
+      contexts: this.routedIds().length,
+      streams: links.length,
+      links,
+      modulesSent: this.stats.modulesSent,
+      moduleBytesSent: this.stats.moduleBytesSent,
+    };
+  }
+
+  /**
+   * Close the stream to `context`, a directly connected context (else do nothing), and resolve
+   * once it has gone: it and the contexts below it end as on losing their parent, and calls
+   * waiting on them fail. As Mitogen's `Router.disconnect`; `ctx.shutdown()` asks it to stop instead.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const ctx = await router.local();
+   * await router.disconnect(ctx);
+   * console.log(ctx.isDisconnected); // true
+   * ```
+   */
+  async disconnect(context: Context): Promise<void> {
+    const link = this.children.find((l) => l.stream.remoteId === context.contextId);
+    if (!link) return;
+    link.stream.close();
+    await context.disconnected();
+  }
+
+  /**
+   * {@link Router.disconnect} every directly connected context at once; the router stays usable.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * await Promise.all([router.local(), router.local()]);
+   * await router.disconnectAll();
+   * console.log(router.getStats().streams); // 0
+   * ```
+   */
+  async disconnectAll(): Promise<void> {
+    const ids = this.children.flatMap((l) => (l.stream.remoteId === null ? [] : [l.stream.remoteId]));
+    await Promise.all(ids.map((id) => this.disconnect(this.contextById(id))));
+  }
+
   #onForwardLog(msg: Message, stream: Stream | null): void {
     const rec = msg.unpickle() as unknown[];
     if (!Array.isArray(rec)) return;
-    const [id, name, level, source, text, path] = rec;
+    const [id, name, level, source, text, path, time, data] = rec;
     if (typeof id !== "number" || typeof text !== "string") return;
     // A context may speak for itself and for contexts behind it (its children, even before
     // their route is announced), never for a context routed elsewhere.
@@ -114,14 +207,17 @@ export class Router extends CoreRouter {
     const own = id === msg.src || (id !== this.myId && (routed === undefined || routed === stream));
     const origin = own ? id : msg.src;
     const named = own && typeof name === "string" ? name : this.contextById(origin).name;
-    this.logRecord({
-      contextId: origin,
-      name: named,
-      path: own && Array.isArray(path) ? path.map(String) : ["master", named],
-      level: (typeof level === "string" && level in LEVELS ? level : "info") as LogLevel,
-      source: (source === "stdout" || source === "stderr" || source === "user" ? source : "log") as LogSource,
-      message: text,
-    });
+    const record = logRecordOf(
+      origin,
+      named,
+      own && Array.isArray(path) ? path.map(String) : ["master", named],
+      (typeof level === "string" && level in LEVELS ? level : "info") as LogLevel,
+      (source === "stdout" || source === "stderr" || source === "user" ? source : "log") as LogSource,
+      text,
+      data,
+    );
+    if (typeof time === "number" && Number.isFinite(time)) record.time = time;
+    this.logRecord(record);
   }
 
   /** The library's shipped modules are built in here: no need to fetch them; their code is held for children. */

@@ -18,6 +18,7 @@ import {
   HANDLE,
   isDeno,
   type LocalOptions,
+  logRecordOf,
   builtin,
   CORE,
   MARKER,
@@ -650,6 +651,7 @@ function denoLaunch(launch: Launch): Spawned {
 
 /** Start `launch` and bootstrap the child. */
 async function spawnAndBootstrap(router: Router, spec: ConnectSpec, launch: Launch): Promise<Context> {
+  const t0 = Date.now();
   let child: Spawned;
   try {
     child = await spawnLaunch(launch);
@@ -657,7 +659,14 @@ async function spawnAndBootstrap(router: Router, spec: ConnectSpec, launch: Laun
     launch.cleanup?.();
     throw err;
   }
-  return bootstrap(router, spec, child, launch);
+  step(router, spec, t0, "spawn", `started ${launch.exe}`);
+  return bootstrap(router, spec, child, launch, t0);
+}
+
+/** A connection step, as a debug record of this context: `<name>: <what> (+<ms> ms)`, data `{ step, ms }`. */
+function step(router: Router, spec: ConnectSpec, t0: number, name: string, what: string): void {
+  const ms = Date.now() - t0;
+  router.log("debug", `${spec.name}: ${what} (+${ms} ms)`, "log", { step: name, context: spec.name, ms });
 }
 
 /**
@@ -672,6 +681,7 @@ export async function bootstrap(
   spec: ConnectSpec,
   child: Spawned,
   hooks: Pick<Launch, "watch" | "prompt" | "cleanup" | "terminal">,
+  t0: number = Date.now(),
 ): Promise<Context> {
   const stream = new Stream(spec.name, nodeTransport(child.reader, child.writer), router.maxMessageSize);
   let connecting = true;
@@ -690,14 +700,7 @@ export async function bootstrap(
       tail.push(line);
       if (tail.length > 20) tail.shift();
     }
-    router.logRecord({
-      contextId: spec.id,
-      name: spec.name,
-      path: [...router.path, spec.name],
-      level: source === "stderr" ? "warn" : "info",
-      source,
-      message: line,
-    });
+    router.logRecord(logRecordOf(spec.id, spec.name, [...router.path, spec.name], source === "stderr" ? "warn" : "info", source, line));
   };
   if (child.stdout) forwardLines(child.stdout, output("stdout"));
   // Prompts come without a newline: let the method see unfinished lines while connecting.
@@ -759,12 +762,14 @@ export async function bootstrap(
     // A marker lost to EOF is reported through `failure`, with the exit status.
     const settle = <T>(marker: Promise<T>) => marker.catch((err: Error) => (err instanceof StreamError && !stream.closed ? Promise.reject(err) : failure));
     const runtime = childRuntime(await Promise.race([settle(ready), failure]), spec.name);
+    step(router, spec, t0, "ready", `first stage READY (${runtime.text})`);
     link.runtime = runtime.text;
     const payload = await Promise.race([router.fetchModuleCode(runtime.core), failure]);
     const length = new Uint8Array(4);
     new DataView(length.buffer).setUint32(0, payload.byteLength);
     stream.writeRaw(length);
     stream.writeRaw(payload);
+    step(router, spec, t0, "payload", `payload sent (${runtime.core}, ${payload.byteLength} bytes)`);
     const config: ChildConfig = {
       contextId: spec.id,
       parentIds: [router.myId, ...router.parentIds],
@@ -777,8 +782,11 @@ export async function bootstrap(
       ...(/^(local|sudo|su|doas)$/.test(spec.method.kind) ? { parentPid: nodeProcess().pid } : {}),
     };
     stream.send(Message.encoded(config, { dst: spec.id, src: router.myId, auth: router.myId, handle: HANDLE.CONFIGURE }));
+    step(router, spec, t0, "configure", "CONFIGURE sent");
     await Promise.race([settle(connected), failure]);
+    step(router, spec, t0, "connected", "CONNECTED");
   } catch (err) {
+    step(router, spec, t0, "failed", `failed: ${(err as Error).message}`);
     child.kill();
     await child.gone;
     stream.close();
@@ -790,6 +798,7 @@ export async function bootstrap(
   }
   const ctx = router.addChild(link, spec.id, spec.name);
   for (const msg of early.splice(0)) stream.onMessage(msg);
+  step(router, spec, t0, "adopted", `connected as context ${spec.id}`);
   return ctx;
 }
 

@@ -31,13 +31,19 @@ test("mod.ts exports exactly the public API", () => {
     "contextId",
     "defaultLogger",
     "fakessh",
+    "formatRecord",
     "generateKeyPair",
     "isMaster",
     "log",
+    "logTo",
+    "logToFile",
+    "main",
     "parentId",
     "parentIds",
+    "runWithRouter",
     "takesEcontext",
     "takesRouter",
+    "withRouter",
   ]);
 });
 

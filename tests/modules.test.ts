@@ -53,8 +53,8 @@ for (const runtime of RUNTIMES) {
       await waitFor(() => logs.records.some((r) => r.message === "console says hi"), 5000, "console line");
       const said = logs.records.find((r) => r.source === "user");
       assert.deepEqual(
-        { name: said?.name, path: said?.path, level: said?.level, message: said?.message },
-        { name: "log-leaf", path: ["master", "log-top", "log-leaf"], level: "info", message: 'module says {"n":1}' },
+        { name: said?.name, path: said?.path, level: said?.level, message: said?.message, data: said?.data },
+        { name: "log-leaf", path: ["master", "log-top", "log-leaf"], level: "info", message: "module says", data: { n: 1 } },
       );
       const printed = logs.records.find((r) => r.message === "console says hi");
       assert.deepEqual(printed?.path, ["master", "log-top", "log-leaf"]);

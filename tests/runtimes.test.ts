@@ -90,7 +90,7 @@ async function scenario(
   await tasks.chatty();
   await waitFor(() => logs.records.some((r) => r.name === name && r.message === "console says hi"), 10_000, `${name}: printed line`);
   assert.ok(
-    logs.records.some((r) => r.name === name && r.source === "user" && r.message === 'module says {"n":1}'),
+    logs.records.some((r) => r.name === name && r.source === "user" && r.message === "module says" && (r.data as { n?: number } | undefined)?.n === 1),
     `${name}: log record`,
   );
 
