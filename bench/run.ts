@@ -488,6 +488,33 @@ async function benchSessions(): Promise<void> {
 }
 
 // ---------------------------------------------------------------------------
+// 17. the command line: `mitogen run` of `true` on 20 local targets
+
+const CLI_NAME = "17 mitogen run, 20 local";
+const CLI_TARGETS = 20;
+const CLI_FORKS = 10;
+
+async function benchCli(): Promise<void> {
+  try {
+    const dist = fileURLToPath(new URL("../dist/mitogen.mjs", import.meta.url));
+    const targets = Array.from({ length: CLI_TARGETS }, () => "local").join(",");
+    const runtimeFlag = kind === "deno" ? ["--runtime", denoExe] : ["--runtime", "node"];
+    const r = await bounded(240_000, async () => {
+      const mito = () =>
+        timeMs(() => commandToExit([process.execPath, dist, "run", targets, "--forks", String(CLI_FORKS), "--json", ...runtimeFlag, "--", "true"], 60_000));
+      const raw = () => timeMs(() => pool(CLI_TARGETS, CLI_FORKS, performance.now() + 60_000, () => spawnToExit(rt)));
+      await mito();
+      await raw();
+      return rounds(P.fleetRounds, 60_000 * P.budget, mito, raw);
+    });
+    const q = ratios(r.mito, r.raw);
+    row(CLI_NAME, spread(stats(r.mito), 0, " ms"), spread(stats(r.raw), 0, " ms"), ratioCell(r, q, 2, "x"), "<= 1.3x", q.median <= 1.3 ? "PASS" : "MISS");
+  } catch (err) {
+    failed(CLI_NAME, err);
+  }
+}
+
+// ---------------------------------------------------------------------------
 // 4. added latency per via hop
 
 async function benchHops(): Promise<void> {
@@ -1177,6 +1204,7 @@ async function main(): Promise<number> {
     [[12], benchMatrix],
     [[13], benchPutLocal],
     [[15, 16], benchSessions],
+    [[17], benchCli],
     [[9, 10, 13, 14], benchHosts],
   ];
   for (const [nums, run] of suite) if (nums.some(wanted)) await run();
@@ -1214,6 +1242,9 @@ async function main(): Promise<number> {
   detail("   mitogen: ctx.putFile of the same file (temporary file, sha256 on both ends, fsync, rename) to a local context, and to inner via bastion");
   detail(
     "10: not raw: ctx.call(() => 0) round trip to a local child of the same master; mitogen: the same call to root on inner, master -> ssh bastion -> ssh inner -> sudo root",
+  );
+  detail(
+    `17: ${CLI_TARGETS} x \`${kind === "node" ? "node -e ''" : "deno eval --no-config ''"}\` spawn-to-exit, ${CLI_FORKS} at a time; mitogen: \`mitogen run <${CLI_TARGETS} x local> --forks ${CLI_FORKS} --json -- true\` to its exit (the command's own start included)`,
   );
   detail(
     `15: not raw: router.local() + one call + shutdown({ wait: true }) of a fresh ${kind} child; mitogen: connect() to a unix listener in a ${kind} child of this master + one call to it + close()`,

@@ -66,7 +66,8 @@ for (const host of ["node", "deno"] as const) {
 }
 
 test("copied alone, it runs as the mitogen command", async () => {
-  const { stdout } = await run(runtimeCommand("node").exe, ["mitogen.mjs", "eval", "6 * 7"], { cwd: dir, timeout: 60_000 });
-  assert.equal(stdout.trim(), "42");
+  const { stdout } = await run(runtimeCommand("node").exe, ["mitogen.mjs", "eval", "local", "6 * 7"], { cwd: dir, timeout: 60_000 });
+  const line = JSON.parse(stdout.trim()) as { host: string; ok: boolean; result: unknown };
+  assert.deepEqual([line.host, line.ok, line.result], ["local", true, 42]);
   await assert.rejects(run(runtimeCommand("node").exe, ["mitogen.mjs", "frobnicate"], { cwd: dir, timeout: 60_000 }), /unknown command "frobnicate"/);
 });
