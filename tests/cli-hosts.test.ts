@@ -84,6 +84,23 @@ test("run with --sudo on bastion (by its ssh_config name) next to an unreachable
   assert.equal(byHost(b.stdout)[hosts.inner.address]?.stdout, "0\n");
 });
 
+test("--password asks once on the terminal", { skip: skip || (findProgram("script") ? false : "needs script (util-linux)") }, async () => {
+  const cmd = `${findProgram("node") ?? "node"} ${DIST} run bastion -F ${hosts.sshConfigFile} --sudo --password --json -- id -u`;
+  const out = await new Promise<string>((resolve) => {
+    const child = execFile("script", ["-qfec", cmd, "/dev/null"], { timeout: 120_000 }, (_err, stdout) => resolve(stdout));
+    // the password, typed once the prompt is up
+    let typed = false;
+    child.stdout?.on("data", (d: Buffer) => {
+      if (!typed && d.toString().includes("password:")) {
+        typed = true;
+        child.stdin?.write(`${hosts.password}\r`);
+      }
+    });
+  });
+  assert.ok(!out.includes(hosts.password), "the password is not echoed");
+  assert.match(out, /"host":"bastion","ok":true,"exitCode":0,"stdout":"0\\n"/);
+});
+
 test("a wrong sudo password is that host's error; call a module on inner through bastion", { skip }, async () => {
   const bad = await mitogen(["run", "bastion", "-F", hosts.sshConfigFile, "--sudo", "--password-file", join(scratch, "bad"), "--json", "--", "true"]);
   assert.equal(bad.code, 1);

@@ -157,3 +157,11 @@ test("on a terminal: a live per-host list, then each host's output and a summary
   assert.match(plain, /^local: hi$/m);
   assert.match(plain, /2 ok, 0 failed; slowest local(#2)? \(\d+\.\d s\)/);
 });
+
+test("a missing runtime is that host's error, in the library's words; the others go on", async () => {
+  const r = await mitogen(["run", "local,local", "--runtime", "/no/such/node", "--", "true"]);
+  assert.equal(r.code, 1);
+  const got = lines(r.stdout);
+  assert.equal(got.length, 2);
+  for (const l of got) assert.match(String(l.error), /no\/such\/node/);
+});
