@@ -199,8 +199,8 @@ function askPassword(prompt: string): Promise<string> {
     throw new UsageError("--password needs a terminal; use --password-file FILE");
   }
   const tty = new ReadStream(fd);
+  tty.setRawMode(true); // no echo before the prompt shows: what is typed after it never appears
   process.stderr.write(prompt);
-  tty.setRawMode(true);
   return new Promise((resolvePw, reject) => {
     let pw = "";
     tty.on("data", (chunk: Buffer) => {
