@@ -40,7 +40,7 @@ import {
   type JailOptions,
   type SuOptions,
 } from "./core.ts";
-import { type DenoProcess, denoSpawn } from "./spawn.ts";
+import { type DenoProcess, denoSpawn, killGroup } from "./spawn.ts";
 
 /** How to reach a new child: on this machine, or over ssh. */
 export type Method =
@@ -602,15 +602,6 @@ async function spawnLaunch(launch: Launch): Promise<Spawned> {
     kill,
     onError: (cb) => proc.once("error", (err) => cb(new StreamError(`cannot start ${launch.exe}: ${err.message}`, { cause: err }))),
   };
-}
-
-/** SIGKILL the process group `pid` leads (each start has a session of its own). */
-function killGroup(pid: number): void {
-  try {
-    nodeProcess().kill(-pid, "SIGKILL");
-  } catch {
-    // the group is empty (or not ours to signal)
-  }
 }
 
 /** How a process ended, as errors say it: "was killed by SIGKILL", "exited with code 3". */

@@ -3,12 +3,23 @@
  * like the Node streams the rest of parent.ts uses. Deno's `node:child_process`
  * pipes hand each read to a garbage collector that does not feel them: a
  * Deno process reading 512 MiB through one grew by 210 MiB, through
- * `Deno.Command` by none. Part of `mitogen:parent`, not of the child payload.
+ * `Deno.Command` by none. Also `killGroup`, for any start in a session of its
+ * own. Part of `mitogen:parent` and `mitogen:tunnel`, not of the child payload.
  *
  * @module
  */
+import { nodeProcess } from "./core.ts";
 
 type Listener = (...args: never[]) => void;
+
+/** SIGKILL the process group `pid` leads (each start has a session of its own). */
+export function killGroup(pid: number): void {
+  try {
+    nodeProcess().kill(-pid, "SIGKILL");
+  } catch {
+    // the group is empty (or not ours to signal)
+  }
+}
 
 /** The Node-readable subset parent.ts and nodeTransport use. */
 export interface PipeReader {

@@ -11,7 +11,7 @@
  * @module
  */
 import { builtin, type CallContext, isDeno, nodeProcess, Receiver, type Sender, takesRouter } from "./core.ts";
-import { denoSpawn, type PipeWriter } from "./spawn.ts";
+import { denoSpawn, killGroup, type PipeWriter } from "./spawn.ts";
 
 /** What {@link exec} runs, and where its output goes. */
 export interface ExecSpec {
@@ -52,13 +52,6 @@ interface Proc {
 function start(spec: ExecSpec): Proc {
   const home = builtin("node:os").homedir();
   const env = { ...nodeProcess().env, ...spec.env };
-  const killGroup = (pid: number) => {
-    try {
-      nodeProcess().kill(-pid, "SIGKILL");
-    } catch {
-      // already gone
-    }
-  };
   if (isDeno) {
     let pid = 0;
     const p = denoSpawn("/bin/sh", ["-c", spec.command], env, home, () => killGroup(pid));
