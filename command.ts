@@ -12,6 +12,7 @@ import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { createLogUpdate } from "log-update";
 import { type Context, type LogRecord, Receiver, Router, type Sender } from "./mod.ts";
+import { joinParts } from "./runtime.ts";
 import type { ExecResult } from "./tunnel.ts";
 
 /** One target as given: `local`, or `[user@]host[:port]`. */
@@ -243,13 +244,7 @@ async function collect(recv: Receiver): Promise<string> {
       size += chunk.byteLength;
     }
   }
-  const joined = new Uint8Array(size);
-  let at = 0;
-  for (const p of parts) {
-    joined.set(p, at);
-    at += p.byteLength;
-  }
-  return text.decode(joined) + (cut ? `\n[mitogen: output cut at ${OUTPUT_CAP} bytes]\n` : "");
+  return text.decode(joinParts(parts, size)) + (cut ? `\n[mitogen: output cut at ${OUTPUT_CAP} bytes]\n` : "");
 }
 
 /** Run `command` in `ctx` through mitogen:tunnel, with no input; its status and output. */

@@ -10,6 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { after, test } from "node:test";
+import { DIST, NODE, mitogen as run } from "./command-runner.ts";
 import { checkLeaks } from "./helpers.ts";
 import { findProgram, type TestHosts, useTestHosts } from "./hosts.ts";
 
@@ -27,16 +28,7 @@ after(() => {
   if (scratch) rmSync(scratch, { recursive: true, force: true });
 });
 
-const DIST = fileURLToPath(new URL("../dist/mitogen.mjs", import.meta.url));
-
-function mitogen(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(findProgram("node") ?? "node", [DIST, ...args], { timeout: 120_000 }, (err, stdout, stderr) => {
-      const code = err ? ((err as { code?: number }).code ?? 1) : 0;
-      resolve({ code: typeof code === "number" ? code : 1, stdout, stderr });
-    });
-  });
-}
+const mitogen = (args: string[]) => run(args, { timeout: 120_000 });
 
 const byHost = (stdout: string) =>
   Object.fromEntries(
@@ -85,7 +77,7 @@ test("run with --sudo on bastion (by its ssh_config name) next to an unreachable
 });
 
 test("--password asks once on the terminal", { skip: skip || (findProgram("script") ? false : "needs script (util-linux)") }, async () => {
-  const cmd = `${findProgram("node") ?? "node"} ${DIST} run bastion -F ${hosts.sshConfigFile} --sudo --password --json -- id -u`;
+  const cmd = `${NODE} ${DIST} run bastion -F ${hosts.sshConfigFile} --sudo --password --json -- id -u`;
   const out = await new Promise<string>((resolve) => {
     const child = execFile("script", ["-qfec", cmd, "/dev/null"], { timeout: 120_000 }, (_err, stdout) => resolve(stdout));
     // the password, typed once the prompt is up

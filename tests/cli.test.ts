@@ -11,25 +11,16 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { after, test } from "node:test";
 import { COMMANDS, parseTargets } from "../command.ts";
+import { DIST, mitogen as run, NODE as node } from "./command-runner.ts";
 import { checkLeaks } from "./helpers.ts";
 import { findProgram } from "./hosts.ts";
 
 checkLeaks();
 
-const DIST = fileURLToPath(new URL("../dist/mitogen.mjs", import.meta.url));
-const node = findProgram("node") ?? "node";
 const scratch = mkdtempSync(join(tmpdir(), "mitogen-cli-test-"));
 after(() => rmSync(scratch, { recursive: true, force: true }));
 
-/** Run the command; its exit code, stdout and stderr (never rejects). */
-export function mitogen(args: string[], options: { timeout?: number } = {}): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(node, [DIST, ...args], { timeout: options.timeout ?? 60_000, env: { ...process.env, NO_COLOR: "1" } }, (err, stdout, stderr) => {
-      const code = err ? ((err as { code?: number }).code ?? 1) : 0;
-      resolve({ code: typeof code === "number" ? code : 1, stdout, stderr });
-    });
-  });
-}
+const mitogen = (args: string[], options: { timeout?: number } = {}) => run(args, { timeout: options.timeout ?? 60_000 });
 
 const lines = (stdout: string) =>
   stdout

@@ -25,7 +25,7 @@ import { join } from "node:path";
 import { after, test } from "node:test";
 import { type Context, fakessh, Router } from "../mod.ts";
 import { captureLogs, checkLeaks } from "./helpers.ts";
-import { type TestHosts, useTestHosts } from "./hosts.ts";
+import { hostTree, type TestHosts, useTestHosts } from "./hosts.ts";
 
 checkLeaks();
 
@@ -39,17 +39,9 @@ after(() => {
   if (scratch) rmSync(scratch, { recursive: true, force: true });
 });
 
-/** master -> bastion -> inner (the test user) -> root on inner. */
+/** The host tree, and the test user's home on inner. */
 async function tree(router: Router): Promise<{ inner: Context; root: Context; home: string }> {
-  const bastion = await router.ssh({ hostname: "bastion", sshArgs: ["-F", hosts.sshConfigFile], name: "bastion" });
-  const inner = await router.ssh({ hostname: hosts.inner.address, via: bastion, name: "inner", sshArgs: ["-o", "SendEnv=MITOGEN_TEST_TOKEN"] });
-  const root = await router.sudo({
-    username: "root",
-    password: hosts.password,
-    via: inner,
-    name: "inner-root",
-    sudoArgs: ["--preserve-env=MITOGEN_TEST_TOKEN"],
-  });
+  const { inner, root } = await hostTree(router, hosts);
   const home = (await inner.call(() => process.getBuiltinModule("node:os").homedir())) as string;
   return { inner, root, home };
 }

@@ -11,7 +11,7 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { Router } from "../mod.ts";
 import { captureLogs, checkLeaks } from "./helpers.ts";
-import { type TestHosts, useTestHosts } from "./hosts.ts";
+import { hostTree, type TestHosts, useTestHosts } from "./hosts.ts";
 
 checkLeaks();
 
@@ -42,18 +42,7 @@ function makeFile(file: string, size: number): string {
   return file;
 }
 
-async function tree(router: Router) {
-  const bastion = await router.ssh({ hostname: "bastion", sshArgs: ["-F", hosts.sshConfigFile], name: "bastion" });
-  const inner = await router.ssh({ hostname: hosts.inner.address, via: bastion, name: "inner", sshArgs: ["-o", "SendEnv=MITOGEN_TEST_TOKEN"] });
-  const root = await router.sudo({
-    username: "root",
-    password: hosts.password,
-    via: inner,
-    name: "inner-root",
-    sudoArgs: ["--preserve-env=MITOGEN_TEST_TOKEN"],
-  });
-  return { bastion, inner, root };
-}
+const tree = (router: Router) => hostTree(router, hosts);
 
 test("putFile two ssh hops away and into a sudo context there: root writes a file that came from the master", { skip }, async () => {
   await using router = new Router({ log: captureLogs().log });

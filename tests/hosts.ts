@@ -37,6 +37,7 @@ import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync, writ
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before } from "node:test";
+import type { Context, Router } from "../mod.ts";
 
 /** One test host, as the runner sees it. */
 export interface TestHost {
@@ -568,4 +569,21 @@ export function useTestHosts(ready: (hosts: TestHosts) => void): { skip: string 
     if (!skip) await teardownHosts();
   });
   return { skip };
+}
+
+/**
+ * The host tests' tree: master -> bastion (ssh, by its ssh_config name) -> inner (ssh via bastion)
+ * -> root on inner (sudo via inner), each forwarding the leak check's token.
+ */
+export async function hostTree(router: Router, hosts: TestHosts): Promise<{ bastion: Context; inner: Context; root: Context }> {
+  const bastion = await router.ssh({ hostname: "bastion", sshArgs: ["-F", hosts.sshConfigFile], name: "bastion" });
+  const inner = await router.ssh({ hostname: hosts.inner.address, via: bastion, name: "inner", sshArgs: ["-o", "SendEnv=MITOGEN_TEST_TOKEN"] });
+  const root = await router.sudo({
+    username: "root",
+    password: hosts.password,
+    via: inner,
+    name: "inner-root",
+    sudoArgs: ["--preserve-env=MITOGEN_TEST_TOKEN"],
+  });
+  return { bastion, inner, root };
 }

@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import { Router } from "../mod.ts";
 import { captureLogs, checkLeaks, waitFor } from "./helpers.ts";
-import { type TestHosts, useTestHosts } from "./hosts.ts";
+import { hostTree, type TestHosts, useTestHosts } from "./hosts.ts";
 
 checkLeaks();
 
@@ -18,19 +18,7 @@ const { skip } = useTestHosts((ready) => {
 type Tasks = typeof import("./fixtures/tasks.ts");
 const TASKS = new URL("./fixtures/tasks.ts", import.meta.url);
 
-/** master -> bastion -> inner -> root on inner. */
-async function tree(router: Router) {
-  const bastion = await router.ssh({ hostname: "bastion", sshArgs: ["-F", hosts.sshConfigFile], name: "bastion" });
-  const inner = await router.ssh({ hostname: hosts.inner.address, via: bastion, name: "inner", sshArgs: ["-o", "SendEnv=MITOGEN_TEST_TOKEN"] });
-  const root = await router.sudo({
-    username: "root",
-    password: hosts.password,
-    via: inner,
-    name: "inner-root",
-    sudoArgs: ["--preserve-env=MITOGEN_TEST_TOKEN"],
-  });
-  return { bastion, inner, root };
-}
+const tree = (router: Router) => hostTree(router, hosts);
 
 test("the four-level tree: calls and modules at every level", { skip }, async () => {
   await using router = new Router({ log: captureLogs().log, maxMessageSize: 8 * 1024 * 1024 });
