@@ -735,8 +735,11 @@ export class Router implements Binder, AsyncDisposable {
       this.log("debug", `parent stream closed${err ? `: ${err.message}` : ""}`);
       // Whatever waits on a context through the parent fails now (a child exits next; an attached session lives on).
       const why = `lost the connection to ${this.parentIds[0] === undefined ? "the parent" : `context ${this.parentIds[0]}`}${err ? `: ${err.message}` : ""}`;
-      for (const id of [...this.#respondents.keys(), ...this.#contexts.keys()]) if (id !== this.myId && !this.#routes.has(id)) this.#unroute(id, why);
-      for (const [id, ctx] of this.#contexts) if (id !== this.myId && !this.#routes.has(id)) ctx._disconnected(why);
+      for (const id of new Set([...this.#respondents.keys(), ...this.#contexts.keys()])) {
+        if (id === this.myId || this.#routes.has(id)) continue;
+        this.#unroute(id, why);
+        this.#contexts.get(id)?._disconnected(why);
+      }
       this.onParentLost(err);
       return;
     }
