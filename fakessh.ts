@@ -105,9 +105,14 @@ function frame(type: number, body: Uint8Array = new Uint8Array(0)): Uint8Array {
   return out;
 }
 
-/** Splits a byte stream into frames (type u8 | length u32 | bytes), refusing any over `max`. */
+/**
+ * Splits a byte stream into frames (type u8 | length u32 | bytes), refusing any over `max`. Chunks
+ * are kept as they came until a frame is whole, then copied out once: a frame spread over many
+ * chunks is not joined again with each one.
+ */
 class FrameReader {
-  #buf = new Uint8Array(0);
+  readonly #parts: Uint8Array[] = [];
+  #size = 0;
   readonly max: number;
   constructor(max: number) {
     this.max = max;
@@ -115,20 +120,44 @@ class FrameReader {
 
   /** Add `chunk`; returns the frames now complete. Throws on a frame over the limit. */
   push(chunk: Uint8Array): { type: number; body: Uint8Array }[] {
-    const joined = new Uint8Array(this.#buf.byteLength + chunk.byteLength);
-    joined.set(this.#buf);
-    joined.set(chunk, this.#buf.byteLength);
+    this.#parts.push(chunk);
+    this.#size += chunk.byteLength;
     const frames: { type: number; body: Uint8Array }[] = [];
-    let at = 0;
-    while (joined.byteLength - at >= 5) {
-      const length = new DataView(joined.buffer, at + 1, 4).getUint32(0);
+    while (this.#size >= 5) {
+      const head = this.#peek(5);
+      const length = new DataView(head.buffer, head.byteOffset, 5).getUint32(1);
       if (length > this.max) throw new MitogenError(`fakessh: a frame of ${length} bytes is over the ${this.max} limit`);
-      if (joined.byteLength - at - 5 < length) break;
-      frames.push({ type: joined[at] as number, body: joined.slice(at + 5, at + 5 + length) });
-      at += 5 + length;
+      if (this.#size < 5 + length) break;
+      const bytes = this.#take(5 + length);
+      frames.push({ type: bytes[0] as number, body: bytes.subarray(5) });
     }
-    this.#buf = joined.slice(at);
     return frames;
+  }
+
+  /** The first `n` buffered bytes (a view of the first chunk when it holds them). */
+  #peek(n: number): Uint8Array {
+    const first = this.#parts[0] as Uint8Array;
+    return first.byteLength >= n ? first : this.#take(n, false);
+  }
+
+  /** A copy of the first `n` buffered bytes; consumed unless `consume` is false. */
+  #take(n: number, consume = true): Uint8Array {
+    const out = new Uint8Array(n);
+    let filled = 0;
+    let i = 0;
+    while (filled < n) {
+      const part = this.#parts[i] as Uint8Array;
+      const used = Math.min(part.byteLength, n - filled);
+      out.set(part.subarray(0, used), filled);
+      filled += used;
+      if (consume && used < part.byteLength) this.#parts[i] = part.subarray(used);
+      else i++;
+    }
+    if (consume) {
+      this.#parts.splice(0, i);
+      this.#size -= n;
+    }
+    return out;
   }
 }
 
