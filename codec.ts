@@ -34,7 +34,7 @@
  */
 import { Decoder, Encoder, ExtData, ExtensionCodec, encodeTimestampExtension } from "@msgpack/msgpack";
 import { AbortError, CallError, ChannelError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
-import { hasOwn } from "./runtime.ts";
+import { allocBytes, hasOwn } from "./runtime.ts";
 
 /** Extension type numbers. */
 export const EXT = {
@@ -141,6 +141,7 @@ interface EncoderInternals {
   encodeArray(value: unknown[], depth: number): void;
   encodeMap(value: object, depth: number): void;
   encode(value: unknown): Uint8Array;
+  encodeSharedRef(value: unknown): Uint8Array;
 }
 
 /** Thrown inside the encoder at the first value that cannot travel; carries the value for the path search. */
@@ -250,7 +251,12 @@ export function encodeValue(value: unknown, root = "value", pathFrom: unknown = 
   let body: Uint8Array;
   try {
     topBusy = true;
-    body = (reuse ? topEncoder : newEncoder(state)).encode(value);
+    if (reuse) {
+      // The shared encoder's buffer is reused: copy out exactly what it wrote (a slab view when small).
+      const ref = topEncoder.encodeSharedRef(value);
+      body = allocBytes(ref.byteLength);
+      body.set(ref);
+    } else body = newEncoder(state).encode(value);
   } catch (err) {
     if (err instanceof BadValue) {
       throw new MitogenError(`cannot send ${findPath(pathFrom, err.value, root) ?? root}: ${err.why}`);

@@ -534,8 +534,19 @@ export class Router implements Binder, AsyncDisposable {
       if (!options.overwrite) throw new MitogenError(`handle ${handle} is already registered in ${this.name}`);
       this.delHandler(handle);
     }
-    const respondent = options.respondent?.contextId ?? null;
-    this.#handlers.set(handle, { fn, persist: options.persist ?? true, respondent, policy: options.policy });
+    return this.#register(handle, fn, options.persist ?? true, options.respondent?.contextId ?? null, options.policy);
+  }
+
+  /** @internal A one-shot handler for the reply from `respondent` to a request; returns its handle. */
+  _expectReply(respondent: number, fn: (msg: Message) => void): number {
+    let handle: number;
+    do handle = this.#nextHandle++;
+    while (this.#handlers.has(handle));
+    return this.#register(handle, fn, false, respondent, undefined);
+  }
+
+  #register(handle: number, fn: Handler["fn"], persist: boolean, respondent: number | null, policy: Handler["policy"]): number {
+    this.#handlers.set(handle, { fn, persist, respondent, policy });
     if (respondent !== null) {
       let set = this.#respondents.get(respondent);
       if (!set) this.#respondents.set(respondent, (set = new Set()));
@@ -985,6 +996,27 @@ export class Context implements WireRef, AsyncDisposable {
     this.router.route(msg);
   }
 
+  /** @internal Send `msg` and resolve with its decoded reply (what `sendAsync(msg).get()` then `unpickle()` give, without a Receiver). */
+  _request(msg: Message): Promise<unknown> {
+    return new Promise((resolve, reject) => {
+      const router = this.router;
+      const handle = router._expectReply(this.contextId, (reply) => {
+        try {
+          resolve(reply.unpickle());
+        } catch (err) {
+          reject(err);
+        }
+      });
+      msg.replyTo = handle;
+      try {
+        this.send(msg);
+      } catch (err) {
+        router.delHandler(handle);
+        reject(err);
+      }
+    });
+  }
+
   /** Send `msg` and return a Receiver for its reply. */
   sendAsync(msg: Message, options: { persist?: boolean } = {}): Receiver {
     const recv = new Receiver(this.router, { persist: options.persist ?? false, respondent: this });
@@ -1013,7 +1045,7 @@ export class Context implements WireRef, AsyncDisposable {
   callAsync<A extends unknown[], R>(fn: (...args: [...A, CallContext]) => R, ...args: A): Receiver;
   callAsync<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Receiver;
   callAsync<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Receiver {
-    return this.with({}).callAsync(fn, ...args);
+    return this.#scope().callAsync(fn, ...args);
   }
 
   /**
@@ -1031,7 +1063,7 @@ export class Context implements WireRef, AsyncDisposable {
   call<A extends unknown[], R>(fn: (...args: [...A, CallContext]) => R, ...args: A): Promise<Awaited<R>>;
   call<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Promise<Awaited<R>>;
   call<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Promise<Awaited<R>> {
-    return this.with({}).call(fn, ...args);
+    return this.#scope().call(fn, ...args);
   }
 
   /** Run `fn(...args)` in this context without waiting for, or hearing of, a result. */
@@ -1043,7 +1075,7 @@ export class Context implements WireRef, AsyncDisposable {
 
   /** Call the exported function `name` of shipped module `module` (fetched on demand there). */
   callModule(module: string, name: string, ...args: unknown[]): Promise<unknown> {
-    return this.with({}).callModule(module, name, ...args);
+    return this.#scope().callModule(module, name, ...args);
   }
 
   /**
@@ -1061,7 +1093,7 @@ export class Context implements WireRef, AsyncDisposable {
    * ```
    */
   import<T>(specifier: string | URL): Promise<Remote<T>> {
-    return this.with({}).import<T>(specifier);
+    return this.#scope().import<T>(specifier);
   }
 
   /**
@@ -1080,6 +1112,12 @@ export class Context implements WireRef, AsyncDisposable {
    */
   with(options: CallOptions): CallScope {
     return new CallScope(this, options);
+  }
+
+  #plain: CallScope | null = null;
+  /** The scope of calls without options. */
+  #scope(): CallScope {
+    return (this.#plain ??= new CallScope(this, {}));
   }
 
   /**
@@ -1197,14 +1235,29 @@ export class CallScope {
   /** As {@link Context.call}. */
   call<A extends unknown[], R>(fn: (...args: [...A, CallContext]) => R, ...args: A): Promise<Awaited<R>>;
   call<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Promise<Awaited<R>>;
-  async call<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Promise<Awaited<R>> {
-    return (await this.callAsync(fn, ...args).get()).unpickle() as Awaited<R>;
+  call<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Promise<Awaited<R>> {
+    return this.#request(() => callMessage(fn, args, this.options)) as Promise<Awaited<R>>;
   }
 
   /** As {@link Context.callModule}. */
-  async callModule(module: string, name: string, ...args: unknown[]): Promise<unknown> {
-    const body = [CALL.MODULE, `${module}#${name}`, args, 0, limits(this.options)];
-    return (await this.#start(Message.encoded(body, { handle: HANDLE.CALL_FUNCTION }, "args", args)).get()).unpickle();
+  callModule(module: string, name: string, ...args: unknown[]): Promise<unknown> {
+    return this.#request(() =>
+      Message.encoded([CALL.MODULE, `${module}#${name}`, args, 0, limits(this.options)], { handle: HANDLE.CALL_FUNCTION }, "args", args),
+    );
+  }
+
+  /** Send the call `make()` builds and resolve with the decoded reply; without a timeout or signal, no Receiver is made. */
+  #request(make: () => Message): Promise<unknown> {
+    let msg: Message;
+    try {
+      msg = make();
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    if (this.options.signal === undefined && this.options.timeout === undefined) return this.context._request(msg);
+    return this.#start(msg)
+      .get()
+      .then((reply) => reply.unpickle());
   }
 
   /** As {@link Context.import}; the functions returned carry this scope's options. */
@@ -1416,63 +1469,91 @@ export function installDispatcher(router: Router): void {
     },
     { handle: HANDLE.CANCEL_CALL },
   );
+  const fail = (msg: Message, err: unknown, kind: number): void => {
+    const error = CallError.fromThrown(withHint(err, kind, router), router.path.join(" -> "));
+    if (msg.replyTo) replySafely(msg, error, router, error);
+    else router.log("warn", `callNoReply failed: ${error.message}`);
+  };
+  const done = (msg: Message, result: unknown): void => {
+    if (msg.replyTo) replySafely(msg, result, router);
+  };
   router.addHandler(
     (msg) => {
-      void (async () => {
-        let result: unknown;
-        let failed = false;
-        let kind = -1;
-        // Made only for calls that can be cancelled, have a deadline, or take a CallContext.
-        let controller: AbortController | undefined;
-        const key = `${msg.src}:${msg.replyTo}`;
-        let deadline: ReturnType<typeof setTimeout> | undefined;
-        try {
-          const body = msg.unpickle() as [number, string, unknown[], number?, CallLimits?];
-          kind = body[0];
-          const [, target, args, flags = 0, lim] = body;
-          if (lim) controller = new Abort();
-          if (lim?.cancel && msg.replyTo && controller) running.set(key, controller);
-          if (typeof lim?.timeout === "number") {
-            const ms = lim.timeout;
-            const c = controller;
-            deadline = setTimeout(() => c?.abort(new TimeoutError(`deadline of ${ms} ms passed in ${router.name}`)), ms);
+      let kind = -1;
+      try {
+        const body = msg.unpickle() as [number, string, unknown[], number?, CallLimits?];
+        kind = body[0];
+        const [, target, args, flags = 0, lim] = body;
+        // The common case, a plain call of shipped source: no deadline, no CallContext, answered in this tick when it is synchronous.
+        if (kind === CALL.SOURCE && !lim && !(flags & CALL.TAKES_ROUTER)) {
+          const fn = compile(target);
+          if (!isTakesRouter(fn)) {
+            const result = fn(...(Array.isArray(args) ? args : []));
+            if (isThenable(result))
+              result.then(
+                (v) => done(msg, v),
+                (err: unknown) => fail(msg, err, kind),
+              );
+            else done(msg, result);
+            return;
           }
-          if (kind === CALL.LOAD) {
-            const m = await router.requireModule(target);
-            result = Object.keys(m).filter((k) => typeof m[k] === "function");
-          } else {
-            let fn: Shippable;
-            if (kind === CALL.MODULE) {
-              const hash = target.lastIndexOf("#");
-              const mod = target.slice(0, hash);
-              const name = target.slice(hash + 1);
-              const m = await router.requireModule(mod);
-              const f = hasOwn(m, name) ? m[name] : undefined;
-              if (typeof f !== "function") throw new MitogenError(`${mod} has no exported function ${JSON.stringify(name)}`);
-              fn = f as Shippable;
-            } else fn = compile(target);
-            const extra =
-              flags & CALL.TAKES_ROUTER || isTakesRouter(fn)
-                ? [{ router, econtext: router, msg, signal: (controller ??= new Abort()).signal } satisfies CallContext]
-                : [];
-            result = await fn(...(Array.isArray(args) ? args : []), ...extra);
-          }
-        } catch (err) {
-          failed = true;
-          result = CallError.fromThrown(withHint(err, kind, router), router.path.join(" -> "));
-        } finally {
-          clearTimeout(deadline);
-          running.delete(key);
         }
-        if (!msg.replyTo) {
-          if (failed) router.log("warn", `callNoReply failed: ${(result as CallError).message}`);
-          return;
-        }
-        replySafely(msg, result, router, failed ? (result as CallError) : null);
-      })();
+        void runCall(msg, kind, target, args, flags, lim);
+      } catch (err) {
+        fail(msg, err, kind);
+      }
     },
     { handle: HANDLE.CALL_FUNCTION, policy: (msg) => fromParent(router, msg) },
   );
+
+  /** Any other call: a module's function, a load, or one with limits or a CallContext. */
+  const runCall = async (msg: Message, kind: number, target: string, args: unknown[], flags: number, lim: CallLimits | undefined): Promise<void> => {
+    let result: unknown;
+    // Made only for calls that can be cancelled, have a deadline, or take a CallContext.
+    let controller: AbortController | undefined;
+    const key = `${msg.src}:${msg.replyTo}`;
+    let deadline: ReturnType<typeof setTimeout> | undefined;
+    try {
+      if (lim) controller = new Abort();
+      if (lim?.cancel && msg.replyTo && controller) running.set(key, controller);
+      if (typeof lim?.timeout === "number") {
+        const ms = lim.timeout;
+        const c = controller;
+        deadline = setTimeout(() => c?.abort(new TimeoutError(`deadline of ${ms} ms passed in ${router.name}`)), ms);
+      }
+      if (kind === CALL.LOAD) {
+        const m = await router.requireModule(target);
+        result = Object.keys(m).filter((k) => typeof m[k] === "function");
+      } else {
+        let fn: Shippable;
+        if (kind === CALL.MODULE) {
+          const hash = target.lastIndexOf("#");
+          const mod = target.slice(0, hash);
+          const name = target.slice(hash + 1);
+          const m = await router.requireModule(mod);
+          const f = hasOwn(m, name) ? m[name] : undefined;
+          if (typeof f !== "function") throw new MitogenError(`${mod} has no exported function ${JSON.stringify(name)}`);
+          fn = f as Shippable;
+        } else fn = compile(target);
+        const extra =
+          flags & CALL.TAKES_ROUTER || isTakesRouter(fn)
+            ? [{ router, econtext: router, msg, signal: (controller ??= new Abort()).signal } satisfies CallContext]
+            : [];
+        result = await fn(...(Array.isArray(args) ? args : []), ...extra);
+      }
+    } catch (err) {
+      fail(msg, err, kind);
+      return;
+    } finally {
+      clearTimeout(deadline);
+      running.delete(key);
+    }
+    done(msg, result);
+  };
+}
+
+function isThenable(v: unknown): v is PromiseLike<unknown> {
+  return (typeof v === "object" || typeof v === "function") && v !== null && typeof (v as { then?: unknown }).then === "function";
 }
 
 /**

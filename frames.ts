@@ -7,7 +7,7 @@
  */
 import { CallError, ChannelError, MitogenError, StreamError } from "./errors.ts";
 import { decodeValue, encodeValue } from "./codec.ts";
-import { joinParts, type Transport } from "./runtime.ts";
+import { allocBytes, joinParts, type Transport, view } from "./runtime.ts";
 import type { Receiver } from "./select.ts";
 import type { Router } from "./core.ts";
 
@@ -73,6 +73,7 @@ export const CORE = {
 export const DEFAULT_MAX_MESSAGE_SIZE: number = 128 * 1024 * 1024;
 
 const EMPTY = new Uint8Array(0);
+const NO_PARTS: readonly Uint8Array[] = [];
 /** Longest rest of a marker line (see {@link Stream.expectMarker}). */
 const MARKER_LINE_MAX = 100;
 const ascii = new TextEncoder();
@@ -109,32 +110,49 @@ export class Message {
   #parts: readonly Uint8Array[];
   #length: number;
 
-  constructor(fields: MessageFields = {}, parts: readonly Uint8Array[] = [], length: number = sumLength(parts)) {
-    // Explicit fields: this runs for every frame.
+  constructor(fields?: MessageFields, parts: readonly Uint8Array[] = NO_PARTS, length: number = sumLength(parts)) {
+    this.#parts = parts;
+    this.#length = length;
+    if (fields) this.set(fields);
+  }
+
+  /** Set the header fields given in `fields` (the others keep their values); returns this message. */
+  set(fields: MessageFields): this {
     if (fields.dst !== undefined) this.dst = fields.dst;
     if (fields.src !== undefined) this.src = fields.src;
     if (fields.auth !== undefined) this.auth = fields.auth;
     if (fields.handle !== undefined) this.handle = fields.handle;
     if (fields.replyTo !== undefined) this.replyTo = fields.replyTo;
     if (fields.flags !== undefined) this.flags = fields.flags;
-    this.#parts = parts;
-    this.#length = length;
+    return this;
   }
 
   /** A message whose data is `value`, encoded; `root` names the value in errors. */
-  static encoded(value: unknown, fields: MessageFields = {}, root = "value", pathFrom: unknown = value): Message {
+  static encoded(value: unknown, fields?: MessageFields, root = "value", pathFrom: unknown = value): Message {
     const enc = encodeValue(value, root, pathFrom);
-    return new Message({ ...fields, flags: (fields.flags ?? 0) | (enc.blobs ? FRAME.FLAG_BLOBS : 0) }, enc.parts, enc.length);
+    const msg = new Message(fields, enc.parts, enc.length);
+    if (enc.blobs) msg.flags |= FRAME.FLAG_BLOBS;
+    return msg;
   }
 
   /** A message carrying raw bytes, skipping the value codec. */
-  static raw(bytes: Uint8Array, fields: MessageFields = {}): Message {
-    return new Message({ ...fields, flags: FRAME.FLAG_RAW }, [bytes], bytes.byteLength);
+  static raw(bytes: Uint8Array, fields?: MessageFields): Message {
+    const msg = new Message(fields, [bytes], bytes.byteLength);
+    msg.flags = FRAME.FLAG_RAW;
+    return msg;
   }
 
   /** A dead message: the channel it answers is over, for `reason`. */
-  static dead(reason: string, fields: MessageFields = {}): Message {
-    return Message.encoded(reason, { ...fields, replyTo: HANDLE.IS_DEAD });
+  static dead(reason: string, fields?: MessageFields): Message {
+    const msg = Message.encoded(reason, fields);
+    msg.replyTo = HANDLE.IS_DEAD;
+    return msg;
+  }
+
+  /** @internal Attach the data: `parts`, `length` bytes in all (a Stream does, to a message it read). */
+  _setData(parts: readonly Uint8Array[], length: number): void {
+    this.#parts = parts;
+    this.#length = length;
   }
 
   /** Byte length of the data. */
@@ -159,18 +177,22 @@ export class Message {
    * Decode the data. Throws ChannelError for a dead message, and throws the
    * CallError when the data is one (a failed call's reply).
    */
-  unpickle(options: { throwDead?: boolean } = {}): unknown {
+  unpickle(options?: { throwDead?: boolean }): unknown {
     if (this.flags & FRAME.FLAG_RAW) return this.data;
     const value = decodeValue(this.data, (this.flags & FRAME.FLAG_BLOBS) !== 0, this.router);
-    if (this.isDead && options.throwDead !== false) throw new ChannelError(typeof value === "string" ? value : "channel closed");
+    if (this.isDead && options?.throwDead !== false) throw new ChannelError(typeof value === "string" ? value : "channel closed");
     if (value instanceof CallError) throw this.router ? this.router.rewriteCallError(value) : value;
     return value;
   }
 
   /** Send `value` to this message's `replyTo` handle in its sender. */
-  reply(value: unknown, fields: MessageFields = {}): void {
+  reply(value: unknown, fields?: MessageFields): void {
     if (!this.router) throw new MitogenError("cannot reply: message has no router");
-    this.router.route(Message.encoded(value, { dst: this.src, handle: this.replyTo, ...fields }, "reply"));
+    const msg = Message.encoded(value, undefined, "reply");
+    msg.dst = this.src;
+    msg.handle = this.replyTo;
+    if (fields) msg.set(fields);
+    this.router.route(msg);
   }
 
   toString(): string {
@@ -203,41 +225,60 @@ function sumLength(parts: readonly Uint8Array[]): number {
 // The reader checks magic, version and `length <= maxMessageSize` from the
 // header alone, before buffering any data.
 
-/** Write the header for `msg` (into `h`, when given, at its start). */
-export function writeHeader(msg: Message, h: Uint8Array = new Uint8Array(FRAME.HEADER_SIZE)): Uint8Array {
-  const v = new DataView(h.buffer, h.byteOffset, FRAME.HEADER_SIZE);
-  v.setUint16(0, FRAME.MAGIC);
-  v.setUint8(2, FRAME.VERSION);
-  v.setUint8(3, msg.flags);
-  v.setUint32(4, msg.dst);
-  v.setUint32(8, msg.src);
-  v.setUint32(12, msg.auth);
-  v.setUint32(16, msg.handle);
-  v.setUint32(20, msg.replyTo);
-  v.setUint32(24, msg.length);
+/** Write the header for `msg` (into `h`, when given, at `at`, 0 by default). */
+export function writeHeader(msg: Message, h: Uint8Array = new Uint8Array(FRAME.HEADER_SIZE), at = 0): Uint8Array {
+  h[at] = FRAME.MAGIC >>> 8;
+  h[at + 1] = FRAME.MAGIC;
+  h[at + 2] = FRAME.VERSION;
+  h[at + 3] = msg.flags;
+  put32(h, at + 4, msg.dst);
+  put32(h, at + 8, msg.src);
+  put32(h, at + 12, msg.auth);
+  put32(h, at + 16, msg.handle);
+  put32(h, at + 20, msg.replyTo);
+  put32(h, at + 24, msg.length);
   return h;
 }
 
 /** Parse a header (layout above). Throws StreamError on a bad one. */
 export function readHeader(h: Uint8Array, maxMessageSize: number): { fields: MessageFields; length: number } {
-  const v = new DataView(h.buffer, h.byteOffset, FRAME.HEADER_SIZE);
-  const magic = v.getUint16(0);
+  const length = checkHeader(h, 0, maxMessageSize);
+  const m = headerAt(h, 0);
+  return { fields: { flags: m.flags, dst: m.dst, src: m.src, auth: m.auth, handle: m.handle, replyTo: m.replyTo }, length };
+}
+
+/** The data length of the header at `h[at]`, once magic, version and length are checked. Throws StreamError. */
+function checkHeader(h: Uint8Array, at: number, maxMessageSize: number): number {
+  const magic = ((h[at] as number) << 8) | (h[at + 1] as number);
   if (magic !== FRAME.MAGIC) throw new StreamError(`bad frame magic 0x${magic.toString(16)} (stream out of sync or not mitogen)`);
-  const version = v.getUint8(2);
+  const version = h[at + 2] as number;
   if (version !== FRAME.VERSION) throw new StreamError(`unsupported frame version ${version}`);
-  const length = v.getUint32(24);
+  const length = get32(h, at + 24);
   if (length > maxMessageSize) throw new StreamError(`frame of ${length} bytes exceeds maxMessageSize ${maxMessageSize}`);
-  return {
-    fields: {
-      flags: v.getUint8(3),
-      dst: v.getUint32(4),
-      src: v.getUint32(8),
-      auth: v.getUint32(12),
-      handle: v.getUint32(16),
-      replyTo: v.getUint32(20),
-    },
-    length,
-  };
+  return length;
+}
+
+/** A Message with the fields of the header at `h[at]` and no data yet. */
+function headerAt(h: Uint8Array, at: number): Message {
+  const m = new Message();
+  m.flags = h[at + 3] as number;
+  m.dst = get32(h, at + 4);
+  m.src = get32(h, at + 8);
+  m.auth = get32(h, at + 12);
+  m.handle = get32(h, at + 16);
+  m.replyTo = get32(h, at + 20);
+  return m;
+}
+
+function put32(h: Uint8Array, at: number, v: number): void {
+  h[at] = v >>> 24;
+  h[at + 1] = v >>> 16;
+  h[at + 2] = v >>> 8;
+  h[at + 3] = v;
+}
+
+function get32(h: Uint8Array, at: number): number {
+  return (((h[at] as number) << 24) | ((h[at + 1] as number) << 16) | ((h[at + 2] as number) << 8) | (h[at + 3] as number)) >>> 0;
 }
 
 // ---------------------------------------------------------------------------
@@ -249,10 +290,24 @@ export interface LinkCounts {
   bytesOut: number;
 }
 
-/** Frames up to this size are written as one joined buffer. */
+/** A bootstrap marker a Stream waits for (see {@link Stream.expectMarker}). */
+type Marker = { marker: Uint8Array; line: boolean; resolve: (rest: string) => void; reject: (e: Error) => void; skip?: ((text: string) => void) | undefined };
+
+/** Frames up to this size are copied into the write batch; larger ones are written from their parts. */
 const SMALL_FRAME = 64 * 1024;
 
-/** Frames over a byte Transport, with the bootstrap markers in front. */
+/**
+ * Frames over a byte Transport, with the bootstrap markers in front.
+ *
+ * Writing: small frames sent in one tick are copied back to back into one
+ * batch, written once at the end of the tick (a microtask), so a burst of
+ * calls costs one write. A large frame, a raw write, `flush()` and `close()`
+ * write the batch first: bytes leave in the order they were sent.
+ *
+ * Reading: complete frames are cut from the chunk they arrived in, their data
+ * a view of it. A large frame for this context is gathered in place as it
+ * arrives; one this end only relays keeps the chunks it arrived in.
+ */
 export class Stream {
   /** Human name, for logs. */
   readonly name: string;
@@ -268,14 +323,30 @@ export class Stream {
   /** Bytes of frames written to and read from this link (headers included). */
   readonly counts: LinkCounts = { bytesIn: 0, bytesOut: 0 };
   readonly #transport: Transport;
+  /** Unread input; the first `#head` bytes of `#chunks[0]` are read already. */
   #chunks: Uint8Array[] = [];
+  #head = 0;
   #buffered = 0;
-  #header: { fields: MessageFields; length: number } | null = null;
+  /** The message whose header was read, waiting for its data. */
+  #header: Message | null = null;
+  #length = 0;
   /** A large frame's data, filled in place as its chunks arrive. */
   #frame: Uint8Array | null = null;
   #filled = 0;
-  #markers: { marker: Uint8Array; line: boolean; resolve: (rest: string) => void; reject: (e: Error) => void; skip?: ((text: string) => void) | undefined }[] =
-    [];
+  #markers: Marker[] = [];
+  /** Small frames sent this tick, written together by {@link Stream.#writeBatch}. */
+  #batch: Uint8Array[] = [];
+  #batchBytes = 0;
+  #batchScheduled = false;
+  readonly #writeBatch = (): void => {
+    this.#batchScheduled = false;
+    const batch = this.#batch;
+    if (batch.length === 0) return;
+    this.#batch = [];
+    const size = this.#batchBytes;
+    this.#batchBytes = 0;
+    this.#transport.write(batch.length === 1 ? batch : [joinParts(batch, size, size, allocBytes(size))]);
+  };
   #closed = false;
   #closeReason: Error | undefined;
 
@@ -328,46 +399,52 @@ export class Stream {
       }
     }
     if (cut) skip(new TextDecoder().decode(head.subarray(0, cut)));
-    const rest = head.subarray(cut);
-    if (rest.byteLength) {
-      this.#chunks.unshift(rest);
-      this.#buffered += rest.byteLength;
-    }
+    this.#unshift(head.subarray(cut));
     return at >= 0;
   }
 
   /** Write raw bytes (bootstrap only). */
   writeRaw(bytes: Uint8Array): void {
+    this.#writeBatch();
     this.#transport.write([bytes]);
   }
 
   /** Write one message. */
   send(msg: Message): void {
     if (this.#closed) return;
-    this.counts.bytesOut += FRAME.HEADER_SIZE + msg.length;
+    const size = FRAME.HEADER_SIZE + msg.length;
+    this.counts.bytesOut += size;
     if (msg.length > SMALL_FRAME) {
+      this.#writeBatch();
       this.#transport.write([writeHeader(msg), ...msg.parts]);
       return;
     }
-    // One buffer, one write: a vectored write costs more than the copy for small frames.
-    const frame = new Uint8Array(FRAME.HEADER_SIZE + msg.length);
+    const frame = allocBytes(size);
     writeHeader(msg, frame);
     let off = FRAME.HEADER_SIZE;
     for (const p of msg.parts) {
       frame.set(p, off);
       off += p.byteLength;
     }
-    this.#transport.write([frame]);
+    this.#batch.push(frame);
+    this.#batchBytes += size;
+    if (this.#batchBytes > SMALL_FRAME) this.#writeBatch();
+    else if (!this.#batchScheduled) {
+      this.#batchScheduled = true;
+      queueMicrotask(this.#writeBatch);
+    }
   }
 
   /** Wait until queued writes reach the OS. */
   flush(): Promise<void> {
+    this.#writeBatch();
     return this.#transport.flush();
   }
 
   /** Close the stream; `onClose` fires once. */
   close(error?: Error): void {
     if (this.#closed) return;
+    this.#writeBatch();
     this.#transport.close();
     this.#end(error);
   }
@@ -375,13 +452,15 @@ export class Stream {
   #end(error?: Error): void {
     if (this.#closed) return;
     if (!error && (this.#buffered > 0 || this.#header)) {
-      const want = this.#header ? this.#header.length : FRAME.HEADER_SIZE;
+      const want = this.#header ? this.#length : FRAME.HEADER_SIZE;
       error = new StreamError(`${this.name}: truncated frame (EOF with ${this.#frame ? this.#filled : this.#buffered} of ${want} bytes)`);
     }
     this.#closed = true;
     this.#closeReason = error;
     this.#chunks = [];
+    this.#head = 0;
     this.#frame = null;
+    this.#batch = [];
     const reason = error ?? new StreamError(`${this.name}: stream closed`);
     for (const m of this.#markers.splice(0)) m.reject(reason);
     this.onClose(error);
@@ -407,24 +486,42 @@ export class Stream {
     this.#parse();
   }
 
+  /** Drop the read part of the first chunk (the slow paths below work on whole chunks). */
+  #normalize(): void {
+    if (this.#head === 0) return;
+    const first = this.#chunks[0] as Uint8Array;
+    if (this.#head === first.byteLength) this.#chunks.shift();
+    else this.#chunks[0] = view(first, this.#head);
+    this.#head = 0;
+  }
+
+  /** Put `bytes` back in front of the unread input. */
+  #unshift(bytes: Uint8Array): void {
+    if (!bytes.byteLength) return;
+    this.#normalize();
+    this.#chunks.unshift(bytes);
+    this.#buffered += bytes.byteLength;
+  }
+
   /** Remove and return the first `n` buffered bytes (a view when they lie in one chunk). */
   #take(n: number): Uint8Array {
+    this.#normalize();
     const first = this.#chunks[0];
     if (first && first.byteLength >= n) {
       if (first.byteLength === n) this.#chunks.shift();
-      else this.#chunks[0] = first.subarray(n);
+      else this.#chunks[0] = view(first, n);
       this.#buffered -= n;
-      return first.subarray(0, n);
+      return view(first, 0, n);
     }
     const out = new Uint8Array(n);
     let off = 0;
     while (off < n) {
       const c = this.#chunks[0] as Uint8Array;
       const k = Math.min(c.byteLength, n - off);
-      out.set(c.subarray(0, k), off);
+      out.set(view(c, 0, k), off);
       off += k;
       if (k === c.byteLength) this.#chunks.shift();
-      else this.#chunks[0] = c.subarray(k);
+      else this.#chunks[0] = view(c, k);
     }
     this.#buffered -= n;
     return out;
@@ -432,17 +529,46 @@ export class Stream {
 
   /** Remove the first `n` buffered bytes, as views of the chunks they arrived in. */
   #takeParts(n: number): Uint8Array[] {
+    this.#normalize();
     const parts: Uint8Array[] = [];
     while (n > 0) {
       const c = this.#chunks[0] as Uint8Array;
       const k = Math.min(c.byteLength, n);
-      parts.push(k === c.byteLength ? c : c.subarray(0, k));
+      parts.push(k === c.byteLength ? c : view(c, 0, k));
       if (k === c.byteLength) this.#chunks.shift();
-      else this.#chunks[0] = c.subarray(k);
+      else this.#chunks[0] = view(c, k);
       this.#buffered -= k;
       n -= k;
     }
     return parts;
+  }
+
+  /** Handle the bootstrap marker `m` if it is complete; false when more bytes are needed. */
+  #parseMarker(m: Marker): boolean {
+    if (m.skip && this.#buffered && !this.#skipTo(m.marker, m.skip)) return false;
+    const size = m.marker.byteLength;
+    if (this.#buffered < size) return false;
+    const got = this.#take(Math.min(this.#buffered, m.line ? size + MARKER_LINE_MAX + 1 : size));
+    const bad = (why = "") => {
+      const text = new TextDecoder().decode(got.subarray(0, size + MARKER_LINE_MAX)).replace(/[^\x20-\x7e]/g, "?");
+      return new StreamError(`${this.name}: expected bootstrap marker${why}, got ${JSON.stringify(text)}`);
+    };
+    if (!m.marker.every((b, i) => b === got[i])) throw bad();
+    // A line's rest: printable ASCII up to the newline.
+    let end = size;
+    if (m.line) {
+      end = got.indexOf(10, size);
+      for (let i = size; i < (end < 0 ? got.byteLength : end); i++) if ((got[i] as number) < 0x20 || (got[i] as number) > 0x7e) throw bad(" line");
+      if (end < 0) {
+        if (got.byteLength > size + MARKER_LINE_MAX) throw bad(" line");
+        this.#unshift(got);
+        return false;
+      }
+    }
+    this.#unshift(got.subarray(m.line ? end + 1 : size));
+    this.#markers.shift();
+    m.resolve(new TextDecoder().decode(got.subarray(size, end)));
+    return true;
   }
 
   #parse(): void {
@@ -450,47 +576,47 @@ export class Stream {
       while (!this.#closed) {
         const m = this.#markers[0];
         if (m) {
-          if (m.skip && this.#buffered && !this.#skipTo(m.marker, m.skip)) return;
-          const size = m.marker.byteLength;
-          if (this.#buffered < size) return;
-          const got = this.#take(Math.min(this.#buffered, m.line ? size + MARKER_LINE_MAX + 1 : size));
-          const bad = (why = "") => {
-            const text = new TextDecoder().decode(got.subarray(0, size + MARKER_LINE_MAX)).replace(/[^\x20-\x7e]/g, "?");
-            return new StreamError(`${this.name}: expected bootstrap marker${why}, got ${JSON.stringify(text)}`);
-          };
-          if (!m.marker.every((b, i) => b === got[i])) throw bad();
-          // A line's rest: printable ASCII up to the newline.
-          let end = size;
-          if (m.line) {
-            end = got.indexOf(10, size);
-            for (let i = size; i < (end < 0 ? got.byteLength : end); i++) if ((got[i] as number) < 0x20 || (got[i] as number) > 0x7e) throw bad(" line");
-            if (end < 0) {
-              if (got.byteLength > size + MARKER_LINE_MAX) throw bad(" line");
-              this.#chunks.unshift(got);
-              this.#buffered += got.byteLength;
-              return;
-            }
-          }
-          const rest = got.subarray(m.line ? end + 1 : size);
-          if (rest.byteLength) {
-            this.#chunks.unshift(rest);
-            this.#buffered += rest.byteLength;
-          }
-          this.#markers.shift();
-          m.resolve(new TextDecoder().decode(got.subarray(size, end)));
+          if (!this.#parseMarker(m)) return;
           continue;
         }
-        if (!this.#header) {
+        let msg = this.#header;
+        if (!msg) {
           if (this.#buffered < FRAME.HEADER_SIZE) return;
-          this.#header = readHeader(this.#take(FRAME.HEADER_SIZE), this.maxMessageSize);
+          // Fast path: a whole frame in the first chunk is cut from it in place.
+          const c = this.#chunks[0] as Uint8Array;
+          const at = this.#head;
+          let length: number;
+          if (c.byteLength - at >= FRAME.HEADER_SIZE) {
+            length = checkHeader(c, at, this.maxMessageSize);
+            msg = headerAt(c, at);
+            const end = at + FRAME.HEADER_SIZE + length;
+            if (end <= c.byteLength && (length <= SMALL_FRAME || !this.relays(msg.dst))) {
+              msg._setData(length ? [view(c, at + FRAME.HEADER_SIZE, end)] : NO_PARTS, length);
+              this.#buffered -= end - at;
+              if (end === c.byteLength) {
+                this.#chunks.shift();
+                this.#head = 0;
+              } else this.#head = end;
+              this.onMessage(msg);
+              continue;
+            }
+            this.#head += FRAME.HEADER_SIZE;
+            this.#buffered -= FRAME.HEADER_SIZE;
+          } else {
+            const h = this.#take(FRAME.HEADER_SIZE);
+            length = checkHeader(h, 0, this.maxMessageSize);
+            msg = headerAt(h, 0);
+          }
+          this.#header = msg;
+          this.#length = length;
         }
-        const { fields, length } = this.#header;
-        let parts: Uint8Array[];
+        const length = this.#length;
+        let parts: readonly Uint8Array[];
         if (this.#frame) {
           if (this.#filled < length) return;
           parts = [this.#frame];
           this.#frame = null;
-        } else if (length > SMALL_FRAME && this.relays(fields.dst ?? 0)) {
+        } else if (length > SMALL_FRAME && this.relays(msg.dst)) {
           // A large frame this end only passes on keeps the chunks it arrived in: never joined here.
           if (this.#buffered < length) return;
           parts = this.#takeParts(length);
@@ -499,15 +625,17 @@ export class Stream {
           // at once, and it is never joined again. The length was checked against maxMessageSize;
           // the buffer's pages are committed only as bytes arrive.
           if (length > SMALL_FRAME) {
+            this.#normalize();
             this.#filled = this.#buffered;
             this.#frame = this.#buffered ? joinParts(this.#chunks, this.#buffered, length) : new Uint8Array(length);
             this.#chunks = [];
             this.#buffered = 0;
           }
           return;
-        } else parts = [length ? this.#take(length) : EMPTY];
+        } else parts = length ? [this.#take(length)] : NO_PARTS;
         this.#header = null;
-        this.onMessage(new Message(fields, parts, length));
+        msg._setData(parts, length);
+        this.onMessage(msg);
       }
     } catch (err) {
       const e = err instanceof StreamError ? err : new StreamError(`${this.name}: ${(err as Error).message}`, { cause: err });

@@ -273,14 +273,40 @@ function denoTransport(read: (p: Uint8Array) => Promise<number | null>, writeSyn
   };
 }
 
-/** `parts` written back to back into one array of `size` bytes (`capacity`, when larger, leaves room after them). */
-export function joinParts(parts: readonly Uint8Array[], size: number, capacity: number = size): Uint8Array {
-  const out = new Uint8Array(capacity);
+/** `parts` written back to back into one array of `size` bytes (`capacity`, when larger, leaves room after them; `out`, when given, is that array). */
+export function joinParts(parts: readonly Uint8Array[], size: number, capacity: number = size, out: Uint8Array = new Uint8Array(capacity)): Uint8Array {
   let off = 0;
   for (const p of parts) {
     out.set(p, off);
     off += p.byteLength;
   }
+  return out;
+}
+
+/** `a.subarray(start, end)`, made the cheaper way (a third of the time in V8), always a plain Uint8Array. */
+export function view(a: Uint8Array, start: number, end: number = a.byteLength): Uint8Array {
+  return new Uint8Array(a.buffer, a.byteOffset + start, end - start);
+}
+
+/** Arrays up to this size are cut from a shared slab by {@link allocBytes}. */
+const SLAB_MAX = 4096;
+const SLAB_SIZE = 64 * 1024;
+let slab = new Uint8Array(0);
+let slabUsed = 0;
+
+/**
+ * A fresh array of `n` bytes (not zeroed). Small ones are views of a shared 64 KiB slab, as Node's
+ * Buffer pool does: V8 allocates every typed array over 64 bytes outside its heap, which costs a
+ * microsecond or more, while a view costs a tenth of that. Callers write all `n` bytes.
+ */
+export function allocBytes(n: number): Uint8Array {
+  if (n > SLAB_MAX) return new Uint8Array(n);
+  if (slabUsed + n > slab.byteLength) {
+    slab = new Uint8Array(SLAB_SIZE);
+    slabUsed = 0;
+  }
+  const out = new Uint8Array(slab.buffer, slabUsed, n);
+  slabUsed = (slabUsed + n + 7) & ~7;
   return out;
 }
 
