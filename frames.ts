@@ -74,6 +74,8 @@ export const DEFAULT_MAX_MESSAGE_SIZE: number = 128 * 1024 * 1024;
 
 const EMPTY = new Uint8Array(0);
 const NO_PARTS: readonly Uint8Array[] = [];
+// Microtasks through a resolved promise: Node wraps each queueMicrotask() callback in an AsyncResource.
+const resolved = Promise.resolve();
 /** Longest rest of a marker line (see {@link Stream.expectMarker}). */
 const MARKER_LINE_MAX = 100;
 const ascii = new TextEncoder();
@@ -299,10 +301,11 @@ const SMALL_FRAME = 64 * 1024;
 /**
  * Frames over a byte Transport, with the bootstrap markers in front.
  *
- * Writing: small frames sent in one tick are copied back to back into one
- * batch, written once at the end of the tick (a microtask), so a burst of
- * calls costs one write. A large frame, a raw write, `flush()` and `close()`
- * write the batch first: bytes leave in the order they were sent.
+ * Writing: the first small frame of a tick is written at once; the small
+ * frames sent after it in the same tick are copied back to back into one
+ * batch, written at the end of the tick (a microtask), so a burst of calls
+ * costs two writes. A large frame, a raw write, `flush()` and `close()` write
+ * the batch first: bytes leave in the order they were sent.
  *
  * Reading: complete frames are cut from the chunk they arrived in, their data
  * a view of it. A large frame for this context is gathered in place as it
@@ -334,18 +337,14 @@ export class Stream {
   #frame: Uint8Array | null = null;
   #filled = 0;
   #markers: Marker[] = [];
-  /** Small frames sent this tick, written together by {@link Stream.#writeBatch}. */
+  /** Small frames sent after the first one this tick, written together at its end. */
   #batch: Uint8Array[] = [];
   #batchBytes = 0;
-  #batchScheduled = false;
-  readonly #writeBatch = (): void => {
-    this.#batchScheduled = false;
-    const batch = this.#batch;
-    if (batch.length === 0) return;
-    this.#batch = [];
-    const size = this.#batchBytes;
-    this.#batchBytes = 0;
-    this.#transport.write(batch.length === 1 ? batch : [joinParts(batch, size, size, allocBytes(size))]);
+  /** True from the first small frame of a tick to the microtask at its end. */
+  #tickOpen = false;
+  readonly #endTick = (): void => {
+    this.#tickOpen = false;
+    this.#writeBatch();
   };
   #closed = false;
   #closeReason: Error | undefined;
@@ -426,13 +425,27 @@ export class Stream {
       frame.set(p, off);
       off += p.byteLength;
     }
+    if (!this.#tickOpen) {
+      // The first frame of a tick goes at once (the peer starts on it while this end finishes its tick);
+      // the ones after it wait for the end of the tick and go together.
+      this.#tickOpen = true;
+      void resolved.then(this.#endTick);
+      this.#transport.write([frame]);
+      return;
+    }
     this.#batch.push(frame);
     this.#batchBytes += size;
     if (this.#batchBytes > SMALL_FRAME) this.#writeBatch();
-    else if (!this.#batchScheduled) {
-      this.#batchScheduled = true;
-      queueMicrotask(this.#writeBatch);
-    }
+  }
+
+  /** Write the frames batched so far. */
+  #writeBatch(): void {
+    const batch = this.#batch;
+    if (batch.length === 0) return;
+    this.#batch = [];
+    const size = this.#batchBytes;
+    this.#batchBytes = 0;
+    this.#transport.write(batch.length === 1 ? batch : [joinParts(batch, size, size, allocBytes(size))]);
   }
 
   /** Wait until queued writes reach the OS. */
