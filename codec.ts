@@ -509,6 +509,17 @@ let decodeBusy = false;
  * a parent sends a child and what a child sends its parent.
  */
 export function decodeValue(bytes: Uint8Array, blobs: boolean, binder: Binder | null): unknown {
+  // The commonest replies, a small integer, null or a boolean, are one byte; `undefined` is three.
+  if (!blobs && bytes.byteLength <= 3) {
+    const b = bytes[0] as number;
+    if (bytes.byteLength === 1) {
+      if (b < 0x80) return b;
+      if (b >= 0xe0) return b - 0x100;
+      if (b === 0xc0) return null;
+      if (b === 0xc2) return false;
+      if (b === 0xc3) return true;
+    } else if (bytes.byteLength === 3 && b === 0xc7 && bytes[1] === 0 && bytes[2] === EXT.UNDEFINED) return undefined;
+  }
   // A plain Uint8Array view (Node hands us Buffers): decoded bytes then look the same on every runtime.
   const data = bytes.constructor === Uint8Array ? bytes : new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   // One decoder serves every top-level call; a re-entrant call (from a binder) gets its own.

@@ -1309,7 +1309,10 @@ function callMessage(fn: unknown, args: unknown[], options: CallOptions): Messag
     if (/^class\b/.test(src)) throw new MitogenError(`cannot call class ${fn.name}: pass a function`);
     shippedSource.set(fn, src);
   }
-  const body = [CALL.SOURCE, src, args, isTakesRouter(fn) ? CALL.TAKES_ROUTER : 0, limits(options)];
+  const flags = isTakesRouter(fn) ? CALL.TAKES_ROUTER : 0;
+  const lim = limits(options);
+  // Trailing defaults stay off the wire (flags 0, no limits): the commonest call is three fields.
+  const body = lim ? [CALL.SOURCE, src, args, flags, lim] : flags ? [CALL.SOURCE, src, args, flags] : [CALL.SOURCE, src, args];
   return Message.encoded(body, { handle: HANDLE.CALL_FUNCTION }, "args", args);
 }
 
