@@ -242,7 +242,12 @@ function denoTransport(read: (p: Uint8Array) => Promise<number | null>, writeSyn
           for (;;) {
             const n = await read(buf);
             if (n === null) break;
-            onData(buf.slice(0, n));
+            // A copy: the buffer is read into again. A small one is a slab view (see allocBytes).
+            if (n <= SLAB_MAX) {
+              const chunk = allocBytes(n);
+              chunk.set(buf.subarray(0, n));
+              onData(chunk);
+            } else onData(buf.slice(0, n));
           }
           onEnd();
         } catch (err) {
