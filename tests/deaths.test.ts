@@ -130,6 +130,29 @@ for (const runtime of RUNTIMES) {
       }
     });
 
+    test("a hop killed while it relays a large frame rejects the call at once, and the router stays usable", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const hop = await router.local({ runtime, name: "relay" });
+      const leaf = await router.local({ runtime, name: "leaf", via: hop });
+      const hopPid = await pidOf(hop);
+      // 120 MiB takes the hop a few hundred ms to pass on: it dies with part of the frame through it.
+      const big = new Uint8Array(120 * 1024 * 1024);
+      const t0 = Date.now();
+      const pending = leaf.call((b: Uint8Array) => b.byteLength, big);
+      await new Promise((r) => setTimeout(r, 30));
+      process.kill(hopPid, "SIGKILL");
+      const err = await pending.then(
+        (n) => new Error(`the call returned ${n}`),
+        (e: unknown) => e,
+      );
+      assert.ok(err instanceof ChannelError, `expected ChannelError, got ${err}`);
+      assert.match(err.message, /relay was killed by SIGKILL/);
+      assert.ok(Date.now() - t0 < 10_000, `rejected after ${Date.now() - t0} ms`);
+      assert.equal(await leaf.disconnected(), err.message);
+      const next = await router.local({ runtime, name: "after" });
+      assert.equal(await next.call(() => 1 + 1), 2);
+    });
+
     test("a sender blocked on a sibling's or a cousin's window is released when that context dies (DEL_ROUTE goes down to who talked to it)", async () => {
       await using router = new Router({ log: captureLogs().log });
       const a = await router.local({ runtime, name: "sender" });

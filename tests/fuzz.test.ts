@@ -463,3 +463,50 @@ describe("Stream (frame reader)", () => {
     );
   });
 });
+
+// ---------------------------------------------------------------------------
+// The frame writer
+
+describe("Stream (frame writer)", () => {
+  test("small frames batched per tick, large ones written from their parts, with flush and close between: all arrive, intact and in order", async () => {
+    // Each step sends one frame (small ones are batched until the end of the tick, large ones written at once),
+    // and may end the tick, flush, or (last) close the stream.
+    const step = fc.tuple(
+      fc.oneof(fc.integer({ min: 0, max: 300 }), fc.integer({ min: 60 * 1024, max: 200 * 1024 })),
+      fc.constantFrom("same", "tick", "flush"),
+    );
+    await fc.assert(
+      fc.asyncProperty(fc.array(step, { minLength: 1, maxLength: 12 }), fc.boolean(), async (steps, closeAtEnd) => {
+        const [far, near] = transportPair();
+        const writer = new Stream("writer", near, 1024 * 1024);
+        const reader = new Stream("reader", far, 1024 * 1024);
+        const got: Message[] = [];
+        const closes: (Error | undefined)[] = [];
+        reader.onMessage = (m) => got.push(m);
+        reader.onClose = (e) => closes.push(e);
+        writer.start();
+        reader.start();
+        const sent: Uint8Array[] = [];
+        for (const [i, [size, then]] of steps.entries()) {
+          const data = Uint8Array.from({ length: size }, (_, k) => (k * 7 + i) & 255);
+          sent.push(data);
+          writer.send(Message.raw(data, { dst: 1, src: 0, auth: 0, handle: 1000 + i }));
+          if (then === "tick") await Promise.resolve();
+          else if (then === "flush") await writer.flush();
+        }
+        if (closeAtEnd) writer.close();
+        await settle();
+        await settle();
+        assert.equal(got.length, sent.length, "every frame arrived");
+        for (const [i, m] of got.entries()) {
+          assert.equal(m.handle, 1000 + i, "in the order sent");
+          assert.ok(Buffer.from(m.data).equals(Buffer.from(sent[i] as Uint8Array)), `frame ${i} intact`);
+        }
+        assert.deepEqual(closes, closeAtEnd ? [undefined] : []);
+        reader.close();
+        writer.close();
+      }),
+      { ...limits(), numRuns: 60 },
+    );
+  });
+});
