@@ -1443,7 +1443,7 @@ export function evaluateModule(src: string, name: string): Record<string, unknow
 
 const dispatching = new WeakSet<Router>();
 
-/** Kinds of CALL_FUNCTION body: `[kind, target, args, flags]`. */
+/** Kinds of CALL_FUNCTION body: `[kind, target, args, flags?, limits?]`. */
 export const CALL = {
   /** target: a function's source. */
   SOURCE: 0,
