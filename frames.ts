@@ -109,6 +109,8 @@ export class Message {
   router: Router | null = null;
   /** Receiver that got it, when one did (Select uses this). */
   receiver: Receiver | null = null;
+  /** @internal The whole frame as a relaying Stream read it (header included), to pass on without a copy. */
+  _wire: Uint8Array | null = null;
   #parts: readonly Uint8Array[];
   #length: number;
 
@@ -272,6 +274,19 @@ function headerAt(h: Uint8Array, at: number): Message {
   return m;
 }
 
+/** Does `wire` (a frame as read) still hold `msg`'s header? A relayed frame is passed on as it came. */
+function sameHeader(msg: Message, wire: Uint8Array): boolean {
+  return (
+    wire.byteLength === FRAME.HEADER_SIZE + msg.length &&
+    wire[3] === msg.flags &&
+    get32(wire, 4) === msg.dst &&
+    get32(wire, 8) === msg.src &&
+    get32(wire, 12) === msg.auth &&
+    get32(wire, 16) === msg.handle &&
+    get32(wire, 20) === msg.replyTo
+  );
+}
+
 function put32(h: Uint8Array, at: number, v: number): void {
   h[at] = v >>> 24;
   h[at + 1] = v >>> 16;
@@ -418,12 +433,15 @@ export class Stream {
       this.#transport.write([writeHeader(msg), ...msg.parts]);
       return;
     }
-    const frame = allocBytes(size);
-    writeHeader(msg, frame);
-    let off = FRAME.HEADER_SIZE;
-    for (const p of msg.parts) {
-      frame.set(p, off);
-      off += p.byteLength;
+    let frame = msg._wire;
+    if (!frame || !sameHeader(msg, frame)) {
+      frame = allocBytes(size);
+      writeHeader(msg, frame);
+      let off = FRAME.HEADER_SIZE;
+      for (const p of msg.parts) {
+        frame.set(p, off);
+        off += p.byteLength;
+      }
     }
     if (!this.#tickOpen) {
       // The first frame of a tick goes at once (the peer starts on it while this end finishes its tick);
@@ -605,6 +623,7 @@ export class Stream {
             const end = at + FRAME.HEADER_SIZE + length;
             if (end <= c.byteLength && (length <= SMALL_FRAME || !this.relays(msg.dst))) {
               msg._setData(length ? [view(c, at + FRAME.HEADER_SIZE, end)] : NO_PARTS, length);
+              if (this.relays(msg.dst)) msg._wire = view(c, at, end);
               this.#buffered -= end - at;
               if (end === c.byteLength) {
                 this.#chunks.shift();
