@@ -790,12 +790,11 @@ export class Router implements Binder, AsyncDisposable {
 
   #inbound(msg: Message, stream: Stream): void {
     // Mitogen's rules: a message must arrive on the stream that routes to its auth_id and src_id.
-    const expected = (id: number) => this.#routes.get(id) ?? (this.#routes.has(id) || id === this.myId ? null : this.parent);
-    if (expected(msg.auth) !== stream) {
+    if (this.#expected(msg.auth) !== stream) {
       this.log("warn", `dropped ${msg}: auth_id ${msg.auth} did not arrive on its own route (${stream.name})`);
       return;
     }
-    if (msg.src !== msg.auth && expected(msg.src) !== stream) {
+    if (msg.src !== msg.auth && this.#expected(msg.src) !== stream) {
       this.log("warn", `dropped ${msg}: src_id ${msg.src} did not arrive on its own route (${stream.name})`);
       return;
     }
@@ -815,6 +814,11 @@ export class Router implements Binder, AsyncDisposable {
       }
     }
     this.route(msg, stream);
+  }
+
+  /** The stream a message from `id` must arrive on: its route, else the parent's (null for this context). */
+  #expected(id: number): Stream | null {
+    return this.#routes.get(id) ?? (id === this.myId || this.#routes.has(id) ? null : this.parent);
   }
 
   /** Deliver or forward `msg`. Locally-created messages get src/auth filled in. */
