@@ -116,7 +116,7 @@ export function spread(s: Stats, digits: number, unit = ""): string {
   return `${num(s.median, digits)}${unit} [${num(s.min, digits)}..${num(s.max, digits)}]`;
 }
 
-/** Pad or cut `text` to `width`. */
+/** Pad `text` to `width`; a longer text keeps one space after it, so columns never run together. */
 export function cell(text: string, width: number): string {
-  return text.length >= width ? text : text + " ".repeat(width - text.length);
+  return text.length >= width ? `${text} ` : text + " ".repeat(width - text.length);
 }
