@@ -13,7 +13,7 @@
  */
 import { spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { chmodSync, closeSync, existsSync, mkdirSync, mkdtempSync, openSync, realpathSync, rmSync, writeFileSync, writeSync } from "node:fs";
+import { chmodSync, closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, realpathSync, rmSync, writeFileSync, writeSync } from "node:fs";
 import os from "node:os";
 import { join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
@@ -984,8 +984,8 @@ async function benchPutHops(hosts: TestHosts): Promise<void> {
   }
 }
 
-// 9 and 10: over ssh, on the test hosts of tests/hosts.ts (network namespaces
-// with real sshds on this machine; root only). Set up once for both lines.
+// 9, 10, 13 (two hops), 14, 19 and 20: over ssh, on the test hosts of tests/hosts.ts (network namespaces
+// with real sshds on this machine; root only). Set up once for all of them.
 
 const SSH_NAME = "9 ssh boot + call, bastion";
 const TREE_NAME = "10 call to root on inner";
@@ -1002,36 +1002,51 @@ const hostRuntime = kind === "node" ? "node" : realpathSync(denoExe);
 const hostEval = kind === "node" ? "node -e ''" : `DENO_NO_UPDATE_CHECK=1 exec ${shellQuote(hostRuntime)} eval ''`;
 
 /**
- * ssh options for the raw reference: the ones mitogen's ssh method passes
- * (parent.ts sshLaunch, for a key login with checkHostKeys "enforce"), so both
- * sides differ only in what runs remotely.
+ * ssh wrappers that record their argv and exec ssh. Given as `sshPath`, they
+ * show the bench exactly what mitogen's ssh() runs, so each raw reference uses
+ * the same options and config, whatever the library passes today. The hosts
+ * share this filesystem, so a wrapper works for an ssh() `via` a host as well.
  */
-function rawSshArgv(sshConfigFile: string, compression: boolean): string[] {
-  return [
-    "ssh",
-    "-T",
-    "-o",
-    `ConnectTimeout=${SSH_CONNECT_MS / 1000}`,
-    "-o",
-    "ServerAliveInterval=15",
-    "-o",
-    "StrictHostKeyChecking=yes",
-    "-o",
-    "BatchMode=yes",
-    ...(compression ? ["-C"] : []),
-    "-F",
-    sshConfigFile,
-    "--",
-    "bastion",
-    hostEval,
-  ];
+class SshTap implements AsyncDisposable {
+  readonly dir: string;
+
+  constructor() {
+    this.dir = mkdtempSync(join(os.tmpdir(), "mitogen-bench-ssh-"));
+    chmodSync(this.dir, 0o777); // the test user's ssh (via bastion) writes its argv here
+  }
+
+  /** The wrapper recording under `name`. */
+  path(name: string): string {
+    const file = join(this.dir, `${name}.sh`);
+    const out = shellQuote(join(this.dir, `${name}.argv`));
+    if (!existsSync(file)) writeFileSync(file, `#!/bin/sh\nprintf '%s\\0' "$@" > ${out}\nexec ssh "$@"\n`, { mode: 0o755 });
+    return file;
+  }
+
+  /**
+   * The ssh command line the wrapper `name` last ran, without its remote
+   * command: `["ssh", ...options, "--", host]`.
+   */
+  prefix(name: string): string[] {
+    const argv = readFileSync(join(this.dir, `${name}.argv`), "utf8")
+      .split("\0")
+      .slice(0, -1);
+    if (argv.at(-3) !== "--") throw new Error(`ssh() ran an argv not ending in "-- <host> <command>": ${JSON.stringify(argv)}`);
+    return ["ssh", ...argv.slice(0, -1)];
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    rmSync(this.dir, { recursive: true, force: true });
+  }
 }
 
-/** The raw reference's command line, for the footer. */
-const rawSshArgvText = () =>
-  rawSshArgv("<config>", true)
-    .map((w) => (w === hostEval ? JSON.stringify(w) : w === "<config>" ? w : shellQuote(w)))
-    .join(" ");
+/** A command line for the footer: words quoted, the config file as <config>. */
+function shown(argv: readonly string[], config: string): string {
+  return argv.map((w) => (w === config ? "<config>" : shellQuote(w))).join(" ");
+}
+
+/** Line 9's raw command line as run (for the footer), once it ran. */
+let sshBootShown = "";
 
 /** Where one mitogen ssh boot spent its time (ms). */
 interface SshSplit {
@@ -1045,7 +1060,7 @@ interface SshSplit {
  * resolves once the ssh client has exited), with a router of its own; then
  * wait until the remote child is gone (the hosts share this machine's pids).
  */
-async function sshBootOnce(scope: Scope, hosts: TestHosts, compression: boolean, split?: SshSplit[]): Promise<void> {
+async function sshBootOnce(scope: Scope, hosts: TestHosts, extra: { compression?: boolean; sshPath?: string }, split?: SshSplit[]): Promise<void> {
   let pid: number;
   const t0 = performance.now();
   let t1 = t0;
@@ -1055,10 +1070,10 @@ async function sshBootOnce(scope: Scope, hosts: TestHosts, compression: boolean,
     const ctx = await router.ssh({
       hostname: "bastion",
       sshArgs: ["-F", hosts.sshConfigFile],
-      compression,
       connectTimeout: SSH_CONNECT_MS,
       runtime: hostRuntime,
       name: "bastion",
+      ...extra,
     });
     t1 = performance.now();
     pid = await ctx.call(pidOf);
@@ -1069,60 +1084,142 @@ async function sshBootOnce(scope: Scope, hosts: TestHosts, compression: boolean,
   split?.push({ connect: t1 - t0, call: t2 - t1, shutdown: performance.now() - t2 });
 }
 
-async function benchSshBoot(hosts: TestHosts): Promise<void> {
+async function benchSshBoot(hosts: TestHosts, tap: SshTap): Promise<void> {
   try {
     const r = await bounded(60_000, async (scope) => {
-      const mito = (compression: boolean, split?: SshSplit[]) => timeMs(() => sshBootOnce(scope, hosts, compression, split));
-      const raw = (compression: boolean) => timeMs(() => commandToExit(rawSshArgv(hosts.sshConfigFile, compression), SSH_CONNECT_MS));
-      // Each side measures with compression (-C, mitogen's default) and without, the order flipping every round.
-      const off = { mito: [] as number[], raw: [] as number[] };
-      const split: SshSplit[] = [];
-      const both = async (side: (c: boolean) => Promise<number>, offs: number[], round: number) => {
-        let on: number;
-        if (round % 2) {
-          offs.push(await side(false));
-          on = await side(true);
-        } else {
-          on = await side(true);
-          offs.push(await side(false));
-        }
-        return on;
-      };
-      // warm up: the first connection pays for sshd's and node's caches on both sides
-      await mito(true);
+      // Warm up (the first connection pays for sshd's and node's caches on both sides), through the
+      // wrappers: what ssh() runs by default, and with compression: true.
+      await sshBootOnce(scope, hosts, { sshPath: tap.path("boot") });
+      await sshBootOnce(scope, hosts, { compression: true, sshPath: tap.path("boot-c") });
+      const argv = { def: [...tap.prefix("boot"), hostEval], c: [...tap.prefix("boot-c"), hostEval] };
+      sshBootShown = shown(tap.prefix("boot"), hosts.sshConfigFile);
+      const mito = (c: boolean, split?: SshSplit[]) => timeMs(() => sshBootOnce(scope, hosts, c ? { compression: true } : {}, split));
+      const raw = (c: boolean) => timeMs(() => commandToExit(c ? argv.c : argv.def, SSH_CONNECT_MS));
+      await raw(false);
       await raw(true);
+      // Each side measures by default and with compression, the order flipping every round.
+      const alt = { mito: [] as number[], raw: [] as number[] };
+      const split: SshSplit[] = [];
+      const both = async (side: (c: boolean) => Promise<number>, alts: number[], round: number) => {
+        let main: number;
+        if (round % 2) {
+          alts.push(await side(true));
+          main = await side(false);
+        } else {
+          main = await side(false);
+          alts.push(await side(true));
+        }
+        return main;
+      };
       let mr = 0;
       let rr = 0;
-      const on = await rounds(
+      const main = await rounds(
         P.sshRounds,
         20_000 * P.budget,
-        () => both((c) => mito(c, c ? split : undefined), off.mito, mr++),
-        () => both(raw, off.raw, rr++),
+        () => both((c) => mito(c, c ? undefined : split), alt.mito, mr++),
+        () => both(raw, alt.raw, rr++),
       );
-      return { on, off, split };
+      return { main, alt, split, compressedByDefault: argv.def.includes("-C") };
     });
-    const q = ratios(r.on.mito, r.on.raw);
+    const q = ratios(r.main.mito, r.main.raw);
     row(
       SSH_NAME,
-      spread(stats(r.on.mito), 0, " ms"),
-      spread(stats(r.on.raw), 0, " ms"),
-      ratioCell(r.on, q, 2, "x"),
-      "<= 1.15x",
-      q.median <= 1.15 ? "PASS" : "MISS",
+      spread(stats(r.main.mito), 0, " ms"),
+      spread(stats(r.main.raw), 0, " ms"),
+      ratioCell(r.main, q, 2, "x"),
+      "<= 1.05x",
+      q.median <= 1.05 ? "PASS" : "MISS",
     );
-    const qOff = ratios(r.off.mito, r.off.raw);
+    const qAlt = ratios(r.alt.mito, r.alt.raw);
     detail(
-      `compression off (mitogen compression: false, raw without -C): mitogen ${spread(stats(r.off.mito), 0, " ms")}, ` +
-        `raw ${spread(stats(r.off.raw), 0, " ms")}, ratio ${spread(qOff, 2, "x")}`,
-    );
-    detail(
-      `mitogen default (-C) / raw without -C: ${spread(ratios(r.on.mito, r.off.raw), 2, "x")}; ` +
-        `mitogen -C / mitogen without: ${spread(ratios(r.on.mito, r.off.mito), 2, "x")}; raw -C / raw without: ${spread(ratios(r.on.raw, r.off.raw), 2, "x")}`,
+      `with compression: true (ssh -C on both sides): mitogen ${spread(stats(r.alt.mito), 0, " ms")}, ` +
+        `raw ${spread(stats(r.alt.raw), 0, " ms")}, ratio ${spread(qAlt, 2, "x")}${r.compressedByDefault ? " (the default is -C already)" : ""}`,
     );
     const part = (k: keyof SshSplit) => spread(stats(r.split.map((s) => s[k])), 1, " ms");
-    detail(`mitogen (-C) split: ssh() to connected ${part("connect")}, first call ${part("call")}, shutdown to both exits ${part("shutdown")}`);
+    detail(`mitogen (default) split: ssh() to connected ${part("connect")}, first call ${part("call")}, shutdown to both exits ${part("shutdown")}`);
   } catch (err) {
     failed(SSH_NAME, err);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 19 and 20: call round trip one and two ssh hops away, against ssh echo ping-pongs over the same path
+
+const SSH_RTT_NAME = "19 call RTT, 1 ssh hop";
+const SSH_RTT2_NAME = "20 call RTT, 2 ssh hops";
+
+/** Lines 19 and 20's raw command lines as run (for the footer). */
+const sshRttShown = { one: "", two: "" };
+
+async function benchSshRtt(hosts: TestHosts, tap: SshTap): Promise<void> {
+  try {
+    const r = await bounded(90_000, async (scope) => {
+      const router = scope.add(newRouter());
+      // Through the wrappers, which exec ssh: the same processes and pipes as without them.
+      const bastion = await router.ssh({
+        hostname: "bastion",
+        sshArgs: ["-F", hosts.sshConfigFile],
+        name: "bastion",
+        connectTimeout: SSH_CONNECT_MS,
+        runtime: hostRuntime,
+        sshPath: tap.path("rtt-bastion"),
+      });
+      const inner = await router.ssh({
+        hostname: hosts.inner.address,
+        via: bastion,
+        name: "inner",
+        connectTimeout: SSH_CONNECT_MS,
+        runtime: hostRuntime,
+        sshPath: tap.path("rtt-inner"),
+      });
+      const outer = tap.prefix("rtt-bastion");
+      const echoCommand = remoteEcho(rt.kind, hostRuntime);
+      const argv = {
+        one: [...outer, echoCommand],
+        // bastion's shell runs the inner ssh (as bastion's mitogen context does), whose words are quoted once more
+        two: [...outer, [...tap.prefix("rtt-inner"), echoCommand].map(shellQuote).join(" ")],
+      };
+      sshRttShown.one = shown(outer, hosts.sshConfigFile);
+      sshRttShown.two = `${shown(outer, hosts.sshConfigFile)} "${shown(tap.prefix("rtt-inner"), hosts.sshConfigFile)} <echo>"`;
+      const peers = { one: scope.add(RawPeer.command(argv.one)), two: scope.add(RawPeer.command(argv.two)) };
+      const ping = new Uint8Array([1]);
+      const out: Record<"one" | "two", Rounds> = { one: { mito: [], raw: [], planned: 0 }, two: { mito: [], raw: [], planned: 0 } };
+      for (const [hop, ctx] of [
+        ["one", bastion],
+        ["two", inner],
+      ] as const) {
+        const call = () => ctx.call(zero);
+        const echo = () => peers[hop].roundTrip(ping);
+        // warm up; the first echo also waits for ssh to connect and the remote runtime to start
+        await perOpMicros(call, 1000, 800);
+        await perOpMicros(echo, 1000, 800 + SSH_CONNECT_MS);
+        out[hop] = await rounds(
+          P.rounds,
+          15_000 * P.budget,
+          () => perOpMicros(call, P.hopOps, P.hopMs),
+          () => perOpMicros(echo, P.hopOps, P.hopMs),
+        );
+      }
+      return out;
+    });
+    for (const [name, hop, goal] of [
+      [SSH_RTT_NAME, r.one, 1.2],
+      [SSH_RTT2_NAME, r.two, 1.3],
+    ] as const) {
+      const q = ratios(hop.mito, hop.raw);
+      row(
+        name,
+        spread(stats(hop.mito), 0, " us"),
+        spread(stats(hop.raw), 0, " us"),
+        ratioCell(hop, q, 2, "x"),
+        `<= ${goal}x`,
+        q.median <= goal ? "PASS" : "MISS",
+      );
+    }
+    const hop = (side: "mito" | "raw") => num(stats(r.two[side]).median - stats(r.one[side]).median, 0);
+    detail(`the hop through bastion adds: mitogen ${hop("mito")} us (its context relays), raw ${hop("raw")} us (bastion's ssh client)`);
+  } catch (err) {
+    failed(`${SSH_RTT_NAME} / ${SSH_RTT2_NAME}`, err);
   }
 }
 
@@ -1229,13 +1326,15 @@ async function benchRsync(hosts: TestHosts): Promise<void> {
   }
 }
 
-/** Set up the test hosts (bounded), run lines 9 and 10 on them, tear them down. Where they cannot be set up, both lines say why. */
+/** Set up the test hosts (bounded), run lines 9, 10, 13, 14, 19 and 20 on them, tear them down. Where they cannot be set up, both lines say why. */
 async function benchHosts(): Promise<void> {
   const skipBoth = (why: string) => {
-    if (wanted(9)) row(SSH_NAME, `SKIP: ${why}`, "", "", "<= 1.15x", "SKIP");
+    if (wanted(9)) row(SSH_NAME, `SKIP: ${why}`, "", "", "<= 1.05x", "SKIP");
     if (wanted(10)) row(TREE_NAME, `SKIP: ${why}`, "", "", "(info: no goal)", "SKIP");
     if (wanted(13)) row(PUT_HOPS, `SKIP: ${why}`, "", "", ">= 80% of raw", "SKIP");
     if (wanted(14)) row(RSYNC_NAME, `SKIP: ${why}`, "", "", "<= 1.2x", "SKIP");
+    if (wanted(19)) row(SSH_RTT_NAME, `SKIP: ${why}`, "", "", "<= 1.2x", "SKIP");
+    if (wanted(20)) row(SSH_RTT2_NAME, `SKIP: ${why}`, "", "", "<= 1.3x", "SKIP");
   };
   const setup = setupHosts();
   let timer: ReturnType<typeof setTimeout> | undefined;
@@ -1259,7 +1358,9 @@ async function benchHosts(): Promise<void> {
   }
   hostsUp = true;
   try {
-    if (wanted(9)) await benchSshBoot(hosts);
+    await using tap = new SshTap();
+    if (wanted(9)) await benchSshBoot(hosts, tap);
+    if (wanted(19) || wanted(20)) await benchSshRtt(hosts, tap);
     if (wanted(10)) await benchTree(hosts);
     if (wanted(13)) await benchPutHops(hosts);
     if (wanted(14)) await benchRsync(hosts);
@@ -1313,57 +1414,120 @@ async function main(): Promise<number> {
     [[13], benchPutLocal],
     [[15, 16], benchSessions],
     [[17], benchCli],
-    [[9, 10, 13, 14], benchHosts],
+    [[9, 10, 13, 14, 19, 20], benchHosts],
   ];
   for (const [nums, run] of suite) if (nums.some(wanted)) await run();
   console.log("");
   console.log("raw references, measured in this run:");
-  detail(`1: one byte ping-pong over stdin/stdout with a ${kind} child echoing each byte`);
-  detail(
-    `2: spawn of \`${kind === "node" ? "node -e ''" : "deno eval --no-config ''"}\` to its exit (mitogen: new Router, local(), one call, shutdown, child exited)`,
-  );
-  detail(`3: one 64 MiB block written to a ${kind} child echoing stdin to stdout, until all of it is back (MB = 10^6 bytes)`);
-  detail(`4: (3 hops - 1 hop) / 2; raw: one byte through a chain of ${kind} processes relaying on stdio`);
-  detail(
-    `5: ${FLEET} x \`${kind === "node" ? "node -e ''" : "deno eval --no-config ''"}\` spawn-to-exit; mitogen: local() + one call + shutdown + child exited, each`,
-  );
-  detail(
-    `7: the same ${BIG_CHILDREN} children (all via one parent) each get the module's TypeScript source as the argument of one ctx.call (the bytes shipped ${BIG_CHILDREN} times);`,
-  );
-  detail(
-    `   mitogen: ctx.import of a freshly generated ~${BIG_MODULE_BYTES / 1024} KiB module in all ${BIG_CHILDREN} (esbuild, fetch, evaluate) + one call of its export in each; ` +
-      "verdict: router.stats.modulesSent delta == 1 in every round",
-  );
-  detail("8: not raw: a plain ctx.call(() => 0) on the same child, interleaved with `await mod.zero()` of an imported module");
-  detail(
-    `11: a ${kind} child writes ${STREAM_BLOCKS} x 16 MiB to its stdout, read here until all of it is in; ` +
-      "mitogen: the child sends the same blocks through a Sender (`await s.send(block)`) to a Receiver here that unpickles each",
-  );
-  detail("12: spawn to exit of the same binary evaluating nothing, per runtime (mitogen: as line 2, on that runtime)");
-  detail(`9: \`${rawSshArgvText()}\` spawn to exit (-C on the main line, without -C in the compression-off detail);`);
-  detail(
-    "   mitogen: new Router, ssh() with -F <config> (its own options: -T, ConnectTimeout, ServerAliveInterval, BatchMode, -C), one call, shutdown, ssh and remote child exited",
-  );
-  detail(
-    `13: \`cat <256 MiB file> | ${kind === "node" ? "node -e" : "deno eval"} '<stdin to a file, then fsync>'\` to its exit; two hops: \`cat <file> | ssh bastion ssh <inner> 'cat > dst && sync dst'\`;`,
-  );
-  detail("   mitogen: ctx.putFile of the same file (temporary file, sha256 on both ends, fsync, rename) to a local context, and to inner via bastion");
-  detail(
-    "10: not raw: ctx.call(() => 0) round trip to a local child of the same master; mitogen: the same call to root on inner, master -> ssh bastion -> ssh inner -> sudo root",
-  );
-  detail(
-    `17: ${CLI_TARGETS} x \`${kind === "node" ? "node -e ''" : "deno eval --no-config ''"}\` spawn-to-exit, ${CLI_FORKS} at a time; mitogen: \`mitogen run <${CLI_TARGETS} x local> --forks ${CLI_FORKS} --json -- true\` to its exit (the command's own start included)`,
-  );
-  detail(
-    `15: not raw: router.local() + one call + shutdown({ wait: true }) of a fresh ${kind} child; mitogen: connect() to a unix listener in a ${kind} child of this master + one call to it + close()`,
-  );
-  detail(
-    "16: not raw: ctx.call(() => 0) from this master to the listening child over its pipe; mitogen: the same call from a session attached over TCP (sealed frames) to that child",
-  );
-  detail(
-    `14: \`rsync -a -e 'ssh -T -o BatchMode=yes -F <config>' tree/ bastion:dst/\` of ${RSYNC_FILES} files (2 to 5 KiB, 20 dirs) into an empty dst, spawn to exit;`,
-  );
-  detail("    mitogen: the same rsync through fakessh.run to a context on bastion connected once before the rounds");
+  const bare = kind === "node" ? "node -e ''" : "deno eval --no-config ''";
+  const legend: [number, string[]][] = [
+    [
+      1,
+      [
+        `one byte ping-pong over stdin/stdout with a ${kind} child echoing each byte; mitogen: ctx.call(() => 0) on a ${kind} child;`,
+        "fork IPC: `process.send(0)` to a node `child_process.fork` child sending every message back" +
+          (kind === "node" ? "" : " (a node child under --runtime deno too)"),
+      ],
+    ],
+    [2, [`spawn of \`${bare}\` to its exit (mitogen: new Router, local(), one call, shutdown, child exited)`]],
+    [
+      3,
+      [
+        `one 16 MiB, and one 64 MiB, block written to a ${kind} child echoing stdin to stdout as it arrives, until all of it is back (MB = 10^6 bytes);`,
+        "mitogen: ctx.call(echo, block) returning the block; the verdict is on the worst round",
+      ],
+    ],
+    [4, [`(3 hops - 1 hop) / 2; raw: one byte through a chain of ${kind} processes relaying on stdio; mitogen: local() via local() via local()`]],
+    [5, [`${FLEET} x \`${bare}\` spawn-to-exit; mitogen: local() + one call + shutdown + child exited, each`]],
+    [
+      7,
+      [
+        `the same ${BIG_CHILDREN} children (all via one parent) each get the module's TypeScript source as the argument of one ctx.call (the bytes shipped ${BIG_CHILDREN} times);`,
+        `mitogen: ctx.import of a freshly generated ~${BIG_MODULE_BYTES / 1024} KiB module in all ${BIG_CHILDREN} (esbuild, fetch, evaluate) + one call of its export in each; ` +
+          "verdict: router.stats.modulesSent delta == 1 in every round",
+      ],
+    ],
+    [8, ["not raw: a plain ctx.call(() => 0) on the same child, interleaved with `await mod.zero()` of an imported module"]],
+    [
+      9,
+      [
+        `\`${sshBootShown || "ssh <the options mitogen's ssh() passed> -- bastion"} ${shellQuote(hostEval)}\` spawn to exit;`,
+        "the options are those mitogen's ssh() ran (recorded by an sshPath wrapper), by default on the main line and with compression: true in the detail;",
+        "mitogen: new Router, ssh() with -F <config>, one call, shutdown, ssh and remote child exited",
+      ],
+    ],
+    [
+      10,
+      [
+        "not raw: ctx.call(() => 0) round trip to a local child of the same master; mitogen: the same call to root on inner, master -> ssh bastion -> ssh inner -> sudo root",
+      ],
+    ],
+    [
+      11,
+      [
+        `a ${kind} child writes ${STREAM_BLOCKS} x 16 MiB to its stdout, read here until all of it is in; ` +
+          "mitogen: the child sends the same blocks through a Sender (`await s.send(block)`) to a Receiver here that unpickles each",
+      ],
+    ],
+    [12, ["spawn to exit of the same binary evaluating nothing, per runtime (mitogen: as line 2, on that runtime)"]],
+    [
+      13,
+      [
+        `\`cat <256 MiB file> | ${kind === "node" ? "node -e" : "deno eval"} '<stdin to a file, then fsync>'\` to its exit; two hops: \`cat <file> | ssh bastion ssh <inner> 'cat > dst && sync dst'\`;`,
+        "mitogen: ctx.putFile of the same file (temporary file, sha256 on both ends, fsync, rename) to a local context, and to inner via bastion",
+      ],
+    ],
+    [
+      14,
+      [
+        `\`rsync -a -e 'ssh -T -o BatchMode=yes -F <config>' tree/ bastion:dst/\` of ${RSYNC_FILES} files (2 to 5 KiB, 20 dirs) into an empty dst, spawn to exit;`,
+        "mitogen: the same rsync through fakessh.run to a context on bastion connected once before the rounds",
+      ],
+    ],
+    [
+      15,
+      [
+        `not raw: router.local() + one call + shutdown({ wait: true }) of a fresh ${kind} child; mitogen: connect() to a unix listener in a ${kind} child of this master + one call to it + close()`,
+      ],
+    ],
+    [
+      16,
+      [
+        "not raw: ctx.call(() => 0) from this master to the listening child over its pipe; mitogen: the same call from a session attached over TCP (sealed frames) to that child",
+      ],
+    ],
+    [
+      17,
+      [
+        `${CLI_TARGETS} x \`${bare}\` spawn-to-exit, ${CLI_FORKS} at a time; mitogen: \`mitogen run <${CLI_TARGETS} x local> --forks ${CLI_FORKS} --json -- true\` to its exit (the command's own start included)`,
+      ],
+    ],
+    [
+      18,
+      [
+        `${CONCURRENT} messages of ${CONCURRENT_MSG} bytes, each its own write, to a ${kind} child echoing stdin to stdout, until all are back, per second;`,
+        `mitogen: Promise.all of ${CONCURRENT} ctx.call(() => 0) started at once on one ${kind} child, per second`,
+      ],
+    ],
+    [
+      19,
+      [
+        `one byte ping-pong with \`${sshRttShown.one || "ssh <the options mitogen's ssh() passed> -- bastion"} <echo>\` (the options recorded as for line 9),`,
+        `<echo> being \`${remoteEcho(rt.kind, hostRuntime)}\`; mitogen: ctx.call(() => 0) on a context started by ssh() to bastion`,
+      ],
+    ],
+    [
+      20,
+      [
+        `one byte ping-pong with \`${sshRttShown.two || 'ssh ... -- bastion "ssh <the options bastion\'s ssh() passed> -- <inner> <echo>"'}\`: nested ssh, bastion's shell`,
+        "runs the inner ssh client with the options the inner ssh() ran there; mitogen: ctx.call(() => 0) on ssh() to inner via bastion's context",
+      ],
+    ],
+  ];
+  for (const [line, text] of legend) {
+    if (!wanted(line)) continue;
+    for (const [i, t] of text.entries()) detail(`${i ? " ".repeat(String(line).length + 2) : `${line}: `}${t}`);
+  }
   if (logged.length) {
     console.log("");
     console.log(`library log (${logged.length} records; first 10):`);
