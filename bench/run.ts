@@ -7,7 +7,10 @@
  *   node --import tsx bench/run.ts [--runtime node|deno] [--quick] [--only 1,3,11]
  *
  * Line 12 runs once per runtime of the matrix (tests/matrix.ts) that is
- * installed (`bash .ci/install-runtimes`).
+ * installed (`bash .ci/install-runtimes`). Lines 9, 10, 13 (two hops), 14, 19
+ * and 20 run on the netns hosts of tests/hosts.ts (root and sshd), or say why
+ * they skip. The footer explains each line's raw reference. For CPU profiles
+ * of the call path, see bench/profile.ts.
  *
  * @module
  */
@@ -36,7 +39,8 @@ const { values } = parseArgs({
   },
 });
 if (values.help) {
-  console.log("usage: node --import tsx bench/run.ts [--runtime node|deno] [--quick] [--only 1,3,11,14]");
+  console.log("usage: node --import tsx bench/run.ts [--runtime node|deno] [--quick] [--only 1,3,11,19]");
+  console.log("lines: 1-8, 11, 12, 15-18 local; 9, 10, 13 (two hops), 14, 19, 20 on the test hosts (root); profiles: bench/profile.ts");
   process.exit(0);
 }
 const kind = values.runtime;
@@ -1395,7 +1399,7 @@ async function main(): Promise<number> {
   console.log(`mitogen bench on ${machine()}`);
   console.log(
     `children: ${kind}; ${quick ? "quick; " : ""}median [min..max] of ${P.rounds} rounds (line 3: ${P.echoRounds}, line 5: ${P.fleetRounds}, line 9: ${P.sshRounds}); ` +
-      "ratio = mitogen / raw, paired per round; verdict on the median",
+      "ratio = mitogen / raw, paired per round; verdict on the median (line 3: on the worst round)",
   );
   console.log("");
   row("measure", "mitogen", "raw reference", "ratio", "goal", "");
