@@ -177,11 +177,12 @@ async function main(): Promise<void> {
   writeFileSync(masterFile, JSON.stringify(masterProfile));
   print("master", masterFile, summarise(masterProfile, window.from, window.to, "(eval)"), done);
 
-  // The child's profile appears once it has exited; wait a little for it.
+  // The child's profiles appear once it has exited; wait a little for them. Node names them
+  // CPU.<date>.<time>.<pid>.<thread>.<seq>.cpuprofile: thread 0 is the main thread (others: its watchdog's worker).
   const limit = performance.now() + 10_000;
   let childFile: string | undefined;
   while (!childFile && performance.now() < limit) {
-    childFile = readdirSync(childDir).find((f) => f.endsWith(".cpuprofile") && !before.has(f));
+    childFile = readdirSync(childDir).find((f) => /^CPU\.\d+\.\d+\.\d+\.0\.\d+\.cpuprofile$/.test(f) && !before.has(f));
     if (!childFile) await new Promise((r) => setTimeout(r, 50));
   }
   if (!childFile) {
