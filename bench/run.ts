@@ -60,7 +60,10 @@ const rt: Runtime = kind === "node" ? { kind, exe: process.execPath } : { kind, 
 /** What `router.local({ runtime })` gets: "node" means this very node binary, a deno path is taken as is. */
 const runtime = kind === "node" ? "node" : denoExe;
 
-/** Rounds and per-round budgets. Everything is bounded by count and by time. */
+/**
+ * Rounds and per-round budgets. Everything is bounded by count and by time.
+ * burst*: line 18's bursts per round; bulkRounds: lines 11 and 13 (1 GiB and 256 MiB transfers).
+ */
 const P = quick
   ? {
       rounds: 3,
@@ -75,6 +78,7 @@ const P = quick
       sshRounds: 4,
       burstOps: 10,
       burstMs: 250,
+      bulkRounds: 2,
       budget: 0.5,
     }
   : {
@@ -90,6 +94,7 @@ const P = quick
       sshRounds: 8,
       burstOps: 30,
       burstMs: 400,
+      bulkRounds: 3,
       budget: 1,
     };
 const FLEET = 100;
@@ -451,7 +456,7 @@ async function benchStream(): Promise<void> {
           peaks.rawMaster = Math.max(peaks.rawMaster, peak - start);
         }
       };
-      const out = await rounds(Math.min(P.echoRounds, 3), 60_000 * P.budget, viaMitogen, viaPipe);
+      const out = await rounds(P.bulkRounds, 60_000 * P.budget, viaMitogen, viaPipe);
       // The same pipe, each block gathered into a fresh buffer as any receiver of whole values must.
       const copied: number[] = [];
       for (let i = 0; i < out.raw.length; i++) copied.push(total / 1e6 / ((await streamFrom(rt, STREAM_BLOCKS, STREAM_BLOCK, true)).ms / 1000));
@@ -938,7 +943,7 @@ async function benchPutLocal(): Promise<void> {
       const exe = shellQuote(rt.exe);
       const reader = kind === "node" ? `${exe} -e` : `${exe} eval --no-config`;
       const raw = async () => PUT_BYTES / 1e6 / ((await shellMs(`cat ${shellQuote(src)} | ${reader} ${shellQuote(stdinToFile(join(dir, "raw.bin")))}`)) / 1000);
-      return rounds(Math.min(P.echoRounds, 3), 60_000 * P.budget, mito, raw);
+      return rounds(P.bulkRounds, 60_000 * P.budget, mito, raw);
     });
     const q = ratios(r.mito, r.raw);
     const pct: Stats = { median: q.median * 100, min: q.min * 100, max: q.max * 100, n: q.n };
@@ -969,7 +974,7 @@ async function benchPutHops(hosts: TestHosts): Promise<void> {
       const remote = shellQuote(`ssh -T -o BatchMode=yes ${hosts.inner.address} ${shellQuote(`cat > ${dst} && sync ${dst}`)}`);
       const raw = async () =>
         PUT_BYTES / 1e6 / ((await shellMs(`cat ${shellQuote(src)} | ssh -T -F ${shellQuote(hosts.sshConfigFile)} bastion ${remote}`)) / 1000);
-      return rounds(Math.min(P.echoRounds, 3), 60_000 * P.budget, mito, raw);
+      return rounds(P.bulkRounds, 60_000 * P.budget, mito, raw);
     });
     const q = ratios(r.mito, r.raw);
     const pct: Stats = { median: q.median * 100, min: q.min * 100, max: q.max * 100, n: q.n };
@@ -1406,7 +1411,7 @@ async function main(): Promise<number> {
   const t0 = performance.now();
   console.log(`mitogen bench on ${machine()}`);
   console.log(
-    `children: ${kind}; ${quick ? "quick; " : ""}median [min..max] of ${P.rounds} rounds (line 3: ${P.echoRounds}, line 5: ${P.fleetRounds}, line 9: ${P.sshRounds}); ` +
+    `children: ${kind}; ${quick ? "quick; " : ""}median [min..max] of ${P.rounds} rounds (line 3: ${P.echoRounds}, line 5: ${P.fleetRounds}, line 9: ${P.sshRounds}, lines 11 and 13: ${P.bulkRounds}); ` +
       "ratio = mitogen / raw, paired per round; verdict on the median (line 3: on the worst round)",
   );
   console.log("");
