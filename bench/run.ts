@@ -1468,7 +1468,7 @@ async function main(): Promise<number> {
     [
       9,
       [
-        `\`${sshBootShown || "ssh <the options mitogen's ssh() passed> -- bastion"} ${shellQuote(hostEval)}\` spawn to exit;`,
+        `\`${sshBootShown || "ssh <the options mitogen's ssh() passed> -- bastion"} ${JSON.stringify(hostEval)}\` spawn to exit;`,
         "the options are those mitogen's ssh() ran (recorded by an sshPath wrapper), by default on the main line and with compression: true in the detail;",
         "mitogen: new Router, ssh() with -F <config>, one call, shutdown, ssh and remote child exited",
       ],
