@@ -48,6 +48,14 @@ const common: esbuild.BuildOptions = {
   logLevel: "error",
 };
 
+/**
+ * `MITOGEN_READABLE_PAYLOAD=1`: the payloads (not dist's own code) keep their identifiers (for profiles,
+ * e.g. bench/profile.ts); esbuild ignores `minifyIdentifiers: false` under
+ * `minify: true`, so the other two minifications are asked for one by one.
+ */
+const readable = (): esbuild.BuildOptions =>
+  process.env.MITOGEN_READABLE_PAYLOAD === "1" ? { minify: false, minifySyntax: true, minifyWhitespace: true } : {};
+
 async function script(options: esbuild.BuildOptions): Promise<string> {
   const out = await esbuild.build({ ...common, ...options });
   const file = out.outputFiles?.[0];
@@ -62,7 +70,7 @@ const OLDEST_TARGET = "node12";
 export async function buildPayloads(): Promise<Payloads> {
   // Each core tells childMain which one it is, so that context can hand it on to children of its own.
   const core = async (target: string, name: string) =>
-    `${await script({ entryPoints: ["core.ts"], format: "iife", globalName: "M", target })}M.childMain(B,M,${JSON.stringify(name)});`;
+    `${await script({ entryPoints: ["core.ts"], format: "iife", globalName: "M", target, ...readable() })}M.childMain(B,M,${JSON.stringify(name)});`;
   const modern = await core("es2022", CORE.MODERN);
   const lowered = await core(OLDEST_TARGET, CORE.LOWERED);
   // Shipped modules like any other (see evaluateModule in core.ts): their imports of the core are the running core.
@@ -71,6 +79,7 @@ export async function buildPayloads(): Promise<Payloads> {
       entryPoints: [source],
       format: "cjs",
       target: OLDEST_TARGET,
+      ...readable(),
       // tweetnacl asks for Node's `crypto` where it has no Web Crypto: the running core's require gives the builtin
       external: ["crypto"],
       plugins: [

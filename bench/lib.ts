@@ -57,6 +57,9 @@ export async function pool(count: number, concurrency: number, deadline: number,
   await Promise.all(Array.from({ length: Math.min(concurrency, count) }, worker));
 }
 
+/** How long a {@link Scope} waits for one item to end. */
+const DISPOSE_LIMIT_MS = 10_000;
+
 /**
  * Collects what a section starts and ends it in reverse order on dispose.
  * After disposal, anything added is ended at once and the add throws, so a
@@ -76,13 +79,17 @@ export class Scope implements AsyncDisposable {
     return item;
   }
 
+  /** Ends each item in reverse order, giving each at most {@link DISPOSE_LIMIT_MS} (an ending that hangs must not hold up the rest). */
   async [Symbol.asyncDispose](): Promise<void> {
     this.#disposed = true;
     for (const item of this.#items.splice(0).reverse()) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
       try {
-        await item[Symbol.asyncDispose]();
+        await Promise.race([item[Symbol.asyncDispose](), new Promise((resolve) => (timer = setTimeout(resolve, DISPOSE_LIMIT_MS)))]);
       } catch {
         // keep ending the rest
+      } finally {
+        clearTimeout(timer);
       }
     }
   }
@@ -116,7 +123,7 @@ export function spread(s: Stats, digits: number, unit = ""): string {
   return `${num(s.median, digits)}${unit} [${num(s.min, digits)}..${num(s.max, digits)}]`;
 }
 
-/** Pad or cut `text` to `width`. */
+/** Pad `text` to `width`; a longer text keeps one space after it, so columns never run together. */
 export function cell(text: string, width: number): string {
-  return text.length >= width ? text : text + " ".repeat(width - text.length);
+  return text.length >= width ? `${text} ` : text + " ".repeat(width - text.length);
 }

@@ -5,7 +5,8 @@
  *
  * @module
  */
-import { type ChildProcess, spawn } from "node:child_process";
+import { type ChildProcess, fork, spawn } from "node:child_process";
+import { shellQuote } from "../parent.ts";
 
 /** Which runtime a raw child runs on, and the executable. */
 export interface Runtime {
@@ -65,8 +66,9 @@ export class RawPeer implements AsyncDisposable {
   #waiter: { resolve: () => void; reject: (e: Error) => void } | null = null;
   #gone: Error | null = null;
 
-  private constructor(rt: Runtime, src: string, env: Record<string, string | undefined>) {
-    this.proc = spawn(rt.exe, evalArgs(rt, src), { stdio: ["pipe", "pipe", "inherit"], env });
+  private constructor(argv: readonly string[], env: Record<string, string | undefined>, what: string) {
+    const [exe = "", ...args] = argv;
+    this.proc = spawn(exe, args, { stdio: ["pipe", "pipe", "inherit"], env });
     live.add(this.proc);
     this.#exited = new Promise((resolve) =>
       this.proc.once("close", () => {
@@ -75,7 +77,7 @@ export class RawPeer implements AsyncDisposable {
       }),
     );
     const fail = (why: string) => {
-      this.#gone ??= new Error(`raw ${rt.kind} child ${why}`);
+      this.#gone ??= new Error(`raw ${what} ${why}`);
       const w = this.#waiter;
       this.#waiter = null;
       w?.reject(this.#gone);
@@ -94,27 +96,99 @@ export class RawPeer implements AsyncDisposable {
 
   /** A child echoing stdin to stdout. */
   static echo(rt: Runtime): RawPeer {
-    return new RawPeer(rt, ECHO[rt.kind], ENV);
+    return new RawPeer([rt.exe, ...evalArgs(rt, ECHO[rt.kind])], ENV, `${rt.kind} child`);
   }
 
   /** The head of a relay chain `depth` processes long. */
   static relay(rt: Runtime, depth: number): RawPeer {
-    return new RawPeer(rt, RELAY, { ...ENV, RELAY_SRC: RELAY, RELAY_DEPTH: String(depth) });
+    return new RawPeer([rt.exe, ...evalArgs(rt, RELAY)], { ...ENV, RELAY_SRC: RELAY, RELAY_DEPTH: String(depth) }, `${rt.kind} relay chain`);
+  }
+
+  /** An ssh client (or any command) whose far end echoes stdin to stdout: `argv` in full, remote command included (see {@link remoteEcho}). */
+  static command(argv: readonly string[]): RawPeer {
+    return new RawPeer(argv, ENV, JSON.stringify(argv[0] ?? ""));
   }
 
   /** Write `bytes`; resolve once the same number of bytes has come back. */
   roundTrip(bytes: Uint8Array): Promise<void> {
+    return this.roundTripMany([bytes]);
+  }
+
+  /** Write each of `chunks` with a write of its own (all at once); resolve once as many bytes have come back. */
+  roundTripMany(chunks: readonly Uint8Array[]): Promise<void> {
     if (this.#gone) return Promise.reject(this.#gone);
-    this.#want += bytes.byteLength;
+    for (const c of chunks) this.#want += c.byteLength;
     return new Promise((resolve, reject) => {
       this.#waiter = { resolve, reject };
-      this.proc.stdin?.write(bytes);
+      for (const c of chunks) this.proc.stdin?.write(c);
     });
   }
 
   /** Close stdin (the chain then ends level by level); SIGKILL after 3 s. */
   async [Symbol.asyncDispose](): Promise<void> {
     this.proc.stdin?.end();
+    const timer = setTimeout(() => this.proc.kill("SIGKILL"), 3000);
+    await this.#exited;
+    clearTimeout(timer);
+  }
+}
+
+/** The remote shell command of an ssh echo: `node -e '<echo>'`, or deno by absolute path without its update check. */
+export function remoteEcho(kind: Runtime["kind"], exe: string): string {
+  return kind === "node"
+    ? `${shellQuote(exe)} -e ${shellQuote(ECHO.node)}`
+    : `DENO_NO_UPDATE_CHECK=1 exec ${shellQuote(exe)} eval --no-config ${shellQuote(ECHO.deno)}`;
+}
+
+/**
+ * Node's own IPC: a `child_process.fork` child (always node, whatever the
+ * bench's --runtime) sending every message back; `roundTrip(msg)` sends one
+ * and resolves when it is back.
+ */
+export class ForkPeer implements AsyncDisposable {
+  readonly proc: ChildProcess;
+  readonly #exited: Promise<void>;
+  #waiter: { resolve: () => void; reject: (e: Error) => void } | null = null;
+  #gone: Error | null = null;
+
+  constructor() {
+    const script = new URL("./fixtures/ipc-echo.cjs", import.meta.url);
+    this.proc = fork(script, [], { execPath: process.execPath, execArgv: [], stdio: ["ignore", "ignore", "inherit", "ipc"], env: ENV });
+    live.add(this.proc);
+    // "exit", not "close": a child with an IPC channel and no stdio pipes may never emit "close".
+    this.#exited = new Promise((resolve) =>
+      this.proc.once("exit", () => {
+        live.delete(this.proc);
+        resolve();
+      }),
+    );
+    const fail = (why: string) => {
+      this.#gone ??= new Error(`fork child ${why}`);
+      const w = this.#waiter;
+      this.#waiter = null;
+      w?.reject(this.#gone);
+    };
+    this.proc.once("error", (err) => fail(`failed: ${err.message}`));
+    this.proc.once("exit", (code, signal) => fail(`exited (${signal ?? code})`));
+    this.proc.on("message", () => {
+      const w = this.#waiter;
+      this.#waiter = null;
+      w?.resolve();
+    });
+  }
+
+  /** Send `msg`; resolve when the child has sent it back. */
+  roundTrip(msg: number): Promise<void> {
+    if (this.#gone) return Promise.reject(this.#gone);
+    return new Promise((resolve, reject) => {
+      this.#waiter = { resolve, reject };
+      this.proc.send(msg);
+    });
+  }
+
+  /** Disconnect the channel (the child then exits); SIGKILL after 3 s. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    if (this.proc.connected) this.proc.disconnect();
     const timer = setTimeout(() => this.proc.kill("SIGKILL"), 3000);
     await this.#exited;
     clearTimeout(timer);
