@@ -7,7 +7,7 @@
  */
 import { CallError, ChannelError, MitogenError, StreamError } from "./errors.ts";
 import { decodeValue, encodeValue } from "./codec.ts";
-import { allocBytes, joinParts, type Transport, view } from "./runtime.ts";
+import { allocBytes, allocFilled, joinParts, type Transport, view } from "./runtime.ts";
 import type { Receiver } from "./select.ts";
 import type { Router } from "./core.ts";
 
@@ -659,7 +659,8 @@ export class Stream {
           if (length > SMALL_FRAME) {
             this.#normalize();
             this.#filled = this.#buffered;
-            this.#frame = this.#buffered ? joinParts(this.#chunks, this.#buffered, length) : new Uint8Array(length);
+            // Not zeroed first: it is filled to its last byte before it is read (see allocFilled).
+            this.#frame = joinParts(this.#chunks, this.#buffered, length, allocFilled(length));
             this.#chunks = [];
             this.#buffered = 0;
           }
