@@ -34,7 +34,7 @@
  */
 import { Decoder, Encoder, ExtData, ExtensionCodec, encodeTimestampExtension } from "@msgpack/msgpack";
 import { AbortError, CallError, ChannelError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
-import { allocBytes, hasOwn } from "./runtime.ts";
+import { allocBytes, hasOwn, view } from "./runtime.ts";
 
 /** Extension type numbers. */
 export const EXT = {
@@ -110,6 +110,8 @@ export interface Encoded {
   parts: Uint8Array[];
   length: number;
   blobs: boolean;
+  /** With `headroom`, and no blobs: the body with that many free bytes in front (`parts[0]` is a view of its end). */
+  framed?: Uint8Array;
 }
 
 interface EncodeState {
@@ -242,20 +244,23 @@ function errorFields(err: Error): Record<string, unknown> {
  * Encode `value`. On a value that cannot travel, throws a MitogenError naming
  * its path below `root` (e.g. `args[1].opts.cb: a function (cb)`).
  */
-export function encodeValue(value: unknown, root = "value", pathFrom: unknown = value): Encoded {
+export function encodeValue(value: unknown, root = "value", pathFrom: unknown = value, headroom = 0): Encoded {
   // One encoder serves every top-level call (its buffer is reused); nested or
   // re-entrant calls get their own.
   const reuse = !topBusy;
   const state: EncodeState = reuse ? topState : { blobs: [], depth: 0 };
   state.blobs = [];
   let body: Uint8Array;
+  let framed: Uint8Array | undefined;
   try {
     topBusy = true;
     if (reuse) {
-      // The shared encoder's buffer is reused: copy out exactly what it wrote (a slab view when small).
+      // The shared encoder's buffer is reused: copy out exactly what it wrote (a slab view when small),
+      // after `headroom` bytes left for a frame header.
       const ref = topEncoder.encodeSharedRef(value);
-      body = allocBytes(ref.byteLength);
-      body.set(ref);
+      framed = allocBytes(headroom + ref.byteLength);
+      framed.set(ref, headroom);
+      body = headroom ? view(framed, headroom) : framed;
     } else body = newEncoder(state).encode(value);
   } catch (err) {
     if (err instanceof BadValue) {
@@ -268,7 +273,8 @@ export function encodeValue(value: unknown, root = "value", pathFrom: unknown = 
   } finally {
     if (reuse) topBusy = false;
   }
-  if (state.blobs.length === 0) return { parts: [body], length: body.byteLength, blobs: false };
+  if (state.blobs.length === 0)
+    return framed && headroom ? { parts: [body], length: body.byteLength, blobs: false, framed } : { parts: [body], length: body.byteLength, blobs: false };
   const prefix = new Uint8Array(4);
   new DataView(prefix.buffer).setUint32(0, body.byteLength);
   let length = 4 + body.byteLength;

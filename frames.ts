@@ -111,6 +111,8 @@ export class Message {
   receiver: Receiver | null = null;
   /** @internal The whole frame as a relaying Stream read it (header included), to pass on without a copy. */
   _wire: Uint8Array | null = null;
+  /** @internal The data with room for the header in front (from {@link Message.encoded}): the first send writes the header there. */
+  _framed: Uint8Array | null = null;
   #parts: readonly Uint8Array[];
   #length: number;
 
@@ -133,9 +135,10 @@ export class Message {
 
   /** A message whose data is `value`, encoded; `root` names the value in errors. */
   static encoded(value: unknown, fields?: MessageFields, root = "value", pathFrom: unknown = value): Message {
-    const enc = encodeValue(value, root, pathFrom);
+    const enc = encodeValue(value, root, pathFrom, FRAME.HEADER_SIZE);
     const msg = new Message(fields, enc.parts, enc.length);
     if (enc.blobs) msg.flags |= FRAME.FLAG_BLOBS;
+    if (enc.framed) msg._framed = enc.framed;
     return msg;
   }
 
@@ -434,7 +437,14 @@ export class Stream {
       return;
     }
     let frame = msg._wire;
-    if (!frame || !sameHeader(msg, frame)) {
+    const framed = msg._framed;
+    if (frame && sameHeader(msg, frame)) {
+      // relayed as it arrived
+    } else if (framed && framed.byteLength === size) {
+      // Once only: a second send of the same message (other fields, maybe) must not rewrite a header still queued.
+      msg._framed = null;
+      frame = writeHeader(msg, framed);
+    } else {
       frame = allocBytes(size);
       writeHeader(msg, frame);
       let off = FRAME.HEADER_SIZE;

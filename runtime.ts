@@ -307,7 +307,7 @@ export function allocFilled(n: number): Uint8Array {
 /** Arrays up to this size are cut from a shared slab by {@link allocBytes}. */
 const SLAB_MAX = 4096;
 const SLAB_SIZE = 64 * 1024;
-let slab = new Uint8Array(0);
+let slab = new ArrayBuffer(0);
 let slabUsed = 0;
 
 /**
@@ -318,10 +318,10 @@ let slabUsed = 0;
 export function allocBytes(n: number): Uint8Array {
   if (n > SLAB_MAX) return new Uint8Array(n);
   if (slabUsed + n > slab.byteLength) {
-    slab = new Uint8Array(SLAB_SIZE);
+    slab = new ArrayBuffer(SLAB_SIZE);
     slabUsed = 0;
   }
-  const out = new Uint8Array(slab.buffer, slabUsed, n);
+  const out = new Uint8Array(slab, slabUsed, n);
   slabUsed = (slabUsed + n + 7) & ~7;
   return out;
 }
