@@ -1563,8 +1563,8 @@ export function childMain(boot: Boot, core: Record<string, unknown>, payloadName
     router.debug = cfg.debug;
     setTitle(`mitogen:${cfg.name}`);
     router.setParent(stream);
-    // Die with the parent even while user code blocks the event loop (see ARCHITECTURE.md, "Deaths").
-    watchParent(cfg.parentPid);
+    // Die with the parent even while user code blocks the event loop (see ARCHITECTURE.md, "The watchdog").
+    router.log("debug", `watchdog: ${watchParent(cfg.parentPid)}`);
   };
   // Parent gone: nothing left to say to it, and our children see EOF when we exit.
   stream.onClose = () => exitProcess(0);

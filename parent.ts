@@ -24,6 +24,7 @@ import {
   MARKER,
   Message,
   nodeProcess,
+  PDEATHSIG_ENV,
   type Router,
   Stream,
   StreamError,
@@ -218,6 +219,8 @@ function forwardLines(
 interface Launch {
   exe: string;
   args: string[];
+  /** Words run in front of `exe` (`setpriv --pdeathsig KILL --`); messages still name `exe`. */
+  prefix?: string[];
   env: Record<string, string | undefined>;
   cwd?: string;
   /** "fd3": a local node child's socket; "stdio": the child's stdin/stdout. */
@@ -281,6 +284,42 @@ function notRuntime(exe: string, said: string): string {
   return `${exe} is not node or deno (${said ? `its --version says ${JSON.stringify(said.slice(0, 100))}` : "it prints no --version"}): ${SUPPORTED}`;
 }
 
+let setpriv: Promise<string | null> | undefined;
+
+/**
+ * util-linux's `setpriv` where it has `--pdeathsig` (2.33 and later), found on PATH and tried once
+ * per process; null elsewhere (not Linux, or a Deno context, which runs children through a shell).
+ */
+function pdeathsigTool(): Promise<string | null> {
+  setpriv ??= new Promise((resolve) => {
+    const proc = nodeProcess();
+    if (isDeno || proc.platform !== "linux") return resolve(null);
+    const fs = builtin("node:fs");
+    const usable = (f: string) => {
+      try {
+        fs.accessSync(f, fs.constants.X_OK);
+        return true;
+      } catch {
+        return false;
+      }
+    };
+    const found = (proc.env.PATH ?? "/usr/bin:/bin")
+      .split(":")
+      .filter((d) => d.startsWith("/"))
+      .map((d) => `${d}/setpriv`)
+      .find(usable);
+    if (!found) return resolve(null);
+    builtin("node:child_process").execFile(found, ["--pdeathsig", "KILL", "true"], { timeout: 5000 }, (err) => resolve(err ? null : found));
+  });
+  return setpriv;
+}
+
+/** setpriv's complaint that it could not run `exe` (it exits 127 or 126), as a start that failed. */
+function failedExec(line: string, exe: string): StreamError | undefined {
+  const said = `setpriv: failed to execute ${exe}: `;
+  return line.startsWith(said) ? new StreamError(`cannot start ${exe}: ${line.slice(said.length)}`) : undefined;
+}
+
 async function localLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "local" }>): Promise<Launch> {
   // Default: the runtime of the context doing the starting (decided here, not where the request came from).
   const runtime = m.runtime ?? (isDeno ? "deno" : "node");
@@ -297,13 +336,16 @@ async function localLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "local"
       ...(m.cwd === undefined ? {} : { cwd: m.cwd }),
       streamOn: "stdio",
       stdoutIsOutput: false,
-      watch: (line) => (line.includes(`${cmd.exe}: not found`) ? new StreamError(`cannot start ${cmd.exe}: not found (ENOENT)`) : undefined),
+      watch: (line) => (line.includes(`${cmd.exe}: not found`) ? new StreamError(`cannot start ${cmd.exe}: not found (ENOENT)`) : failedExec(line, cmd.exe)),
     };
   }
+  // The kernel kills a node child when this process dies (see watchParent in runtime.ts); Deno does it itself.
+  const tool = cmd.kind === "node" ? await pdeathsigTool() : null;
   return {
     exe: cmd.exe,
     args: cmd.kind === "node" ? ["-e", stage, spec.name] : ["eval", "--no-config", stage, spec.name],
-    env,
+    ...(tool ? { prefix: [tool, "--pdeathsig", "KILL", "--"], watch: (line: string) => failedExec(line, cmd.exe) } : {}),
+    env: tool ? { ...env, [PDEATHSIG_ENV]: String(nodeProcess().pid) } : env,
     ...(m.cwd === undefined ? {} : { cwd: m.cwd }),
     streamOn: cmd.kind === "node" ? "fd3" : "stdio",
     stdoutIsOutput: cmd.kind === "node",
@@ -325,11 +367,17 @@ export function shellQuote(word: string): string {
  * or `deno` when neither is there or the newest is older than Node 12. A
  * runtime named neither node nor deno is asked `--version` first, and runs
  * as what it says it is.
+ *
+ * With `pdeathsig` (not for sudo and the terminal methods, whose child
+ * watches the parent context's pid anyway), node runs under `setpriv
+ * --pdeathsig KILL` where the target has one that can, and is told so
+ * (see watchParent in runtime.ts).
  */
-export function remoteCommand(runtime: string, name: string, terminal = false): string {
+export function remoteCommand(runtime: string, name: string, terminal = false, pdeathsig = !terminal): string {
   // Behind a terminal stdout and stderr are the stream's own device: what the child prints is dropped.
   const out = terminal ? ">/dev/null 2>&1" : "1>&2";
-  const node = (exe: string) => `exec ${exe} -e '${firstStage("node", terminal ? "tty" : "split")}' ${shellQuote(name)} 3<&0 4>&1 </dev/null ${out}`;
+  const tool = pdeathsig ? `P=;setpriv --pdeathsig KILL true 2>/dev/null&&P="setpriv --pdeathsig KILL --"&&export ${PDEATHSIG_ENV}=$PPID;exec $P ` : "exec ";
+  const node = (exe: string) => `${tool}${exe} -e '${firstStage("node", terminal ? "tty" : "split")}' ${shellQuote(name)} 3<&0 4>&1 </dev/null ${out}`;
   const deno = (exe: string) =>
     `DENO_NO_UPDATE_CHECK=1 exec ${exe} eval --no-config '${firstStage("deno")}' ${shellQuote(name)}${terminal ? " 2>/dev/null" : ""}`;
   if (runtime === "auto") {
@@ -446,7 +494,7 @@ function sudoLaunch(spec: ConnectSpec, m: SudoSpec): Launch {
   // A prompt nobody else prints: answered once; a second one means the password was wrong.
   const prompt = `mitogen-sudo-${spec.id}-password:`;
   const runtime = m.runtime ?? ownRuntime();
-  const args = ["-S", "-p", prompt, "-H", "-u", m.username, ...m.sudoArgs, "--", "/bin/sh", "-c", remoteCommand(runtime, spec.name)];
+  const args = ["-S", "-p", prompt, "-H", "-u", m.username, ...m.sudoArgs, "--", "/bin/sh", "-c", remoteCommand(runtime, spec.name, false, false)];
   let prompts = 0;
   const fail = (what: string) => new StreamError(`sudo to ${m.username}: ${what}`);
   return {
@@ -561,7 +609,8 @@ export interface Spawned {
 async function spawnLaunch(launch: Launch): Promise<Spawned> {
   if (isDeno) return denoLaunch(launch);
   const { spawn } = builtin("node:child_process");
-  const proc = spawn(launch.exe, launch.args, {
+  const [tool, ...words] = launch.prefix ?? [];
+  const proc = spawn(tool ?? launch.exe, tool ? [...words, launch.exe, ...launch.args] : launch.args, {
     stdio: launch.streamOn === "fd3" ? ["ignore", "pipe", "pipe", "pipe"] : ["pipe", "pipe", "pipe"],
     env: launch.env,
     detached: true,

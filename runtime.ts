@@ -507,15 +507,38 @@ export function runtimeCommand(runtime: string): RuntimeCommand {
 }
 
 /**
- * Kill this process (SIGKILL) once its parent is gone, even while user code
- * blocks the event loop. Deno on Linux: the kernel does it when the parent
- * process dies (`prctl(PR_SET_PDEATHSIG)` through FFI). Otherwise a worker
- * thread checks every 200 ms whether the parent process changed (getppid).
- * `pid` is the parent context, when it runs on this machine but is not the
- * parent process (sudo, su, doas, a wrapper script between them): the worker
- * also ends this process when `pid` has gone.
+ * The environment variable a parent sets, with the pid of the process whose death kills the child,
+ * when it starts a Node child under `setpriv --pdeathsig KILL` (see ARCHITECTURE.md, "The watchdog").
  */
-export function watchParent(pid = 0): void {
+export const PDEATHSIG_ENV = "MITOGEN_PDEATHSIG";
+
+/** Did this process start with AT_SECURE (setuid, setgid, file capabilities), which clears the parent-death signal? Unknown: true. */
+function secureExec(): boolean {
+  try {
+    const a = (builtin("node:fs") as typeof import("node:fs")).readFileSync("/proc/self/auxv");
+    const w = /64/.test(process.arch) ? 8 : 4;
+    const le = (builtin("node:os") as typeof import("node:os")).endianness() === "LE";
+    const at = (i: number) => (le ? a.readUInt32LE(i) : a.readUInt32BE(i + w - 4));
+    for (let i = 0; i + 2 * w <= a.length; i += 2 * w) if (at(i) === 23) return at(i + w) !== 0; // AT_SECURE
+  } catch {
+    // no /proc: nothing is known
+  }
+  return true;
+}
+
+/**
+ * Kill this process (SIGKILL) once its parent is gone, even while user code
+ * blocks the event loop, and say how: `kernel` when the parent started this
+ * Node process under `setpriv --pdeathsig KILL` (it sets {@link PDEATHSIG_ENV}
+ * to its own pid, which must be our parent's) or, on Linux, a Deno process
+ * (`prctl(PR_SET_PDEATHSIG)` through FFI): the kernel does it when the parent
+ * process dies. Otherwise `worker`: a worker thread checks every 200 ms
+ * whether the parent process changed (getppid). `pid` is the parent context,
+ * when it runs on this machine but is not the parent process (sudo, su, doas,
+ * a wrapper script between them): the worker also ends this process when
+ * `pid` has gone.
+ */
+export function watchParent(pid = 0): "kernel" | "worker" {
   const ppid = deno ? deno.ppid : process.ppid;
   pid = pid === ppid ? 0 : pid | 0;
   const src = (d: string) =>
@@ -525,15 +548,22 @@ export function watchParent(pid = 0): void {
     try {
       // PR_SET_PDEATHSIG (1), SIGKILL (9)
       if (deno.build.os === "linux" && deno.dlopen("libc.so.6", { prctl: { parameters: ["i32", "i32"], result: "i32" } }).symbols.prctl?.(1, 9) === 0 && !pid)
-        return;
+        return "kernel";
     } catch {
       // no FFI here: the worker watches the parent too
     }
     new (globalThis as unknown as { Worker: new (url: string, o: object) => unknown }).Worker(`data:text/javascript,${encodeURIComponent(src("Deno"))}`, {
       type: "module",
     });
-    return;
+    return "worker";
   }
-  // A failing watchdog must not take the process with it.
-  new (builtin("node:worker_threads").Worker)(src("process"), { eval: true }).on("error", () => {}).unref();
+  // Set for this process only: user code and the children it starts do not see it.
+  const by = process.env[PDEATHSIG_ENV];
+  delete process.env[PDEATHSIG_ENV];
+  if (!pid && by === String(ppid) && !secureExec()) return "kernel";
+  // A failing watchdog must not take the process with it. Its own stdio (not piped to ours) and a shared
+  // environment make it cheaper to start.
+  const wt = builtin("node:worker_threads");
+  new wt.Worker(src("process"), { eval: true, stdout: true, stderr: true, env: wt.SHARE_ENV }).on("error", () => {}).unref();
+  return "worker";
 }
