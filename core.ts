@@ -1538,8 +1538,11 @@ export function childMain(boot: Boot, core: Record<string, unknown>, payloadName
   const transport = childTransport(boot);
   const router = new Router();
   setActiveRouter(router, true);
-  router.payload = boot.payload;
-  router.moduleCode.set(payloadName, boot.payload);
+  // A plain (undeflated) core is not kept: a first grandchild fetches the compressed one (GET_MODULE).
+  if (boot.payload) {
+    router.payload = boot.payload;
+    router.moduleCode.set(payloadName, boot.payload);
+  }
   router.name = boot.name;
   const stream = new Stream("parent", transport);
   setTitle(`mitogen:${boot.name}`);

@@ -100,16 +100,19 @@ export interface SshSpec {
  * The first stage, as evaluated by `node -e` or `deno eval` with argv
  * `<name>`. It writes the READY line (`MITO000 <runtime> <version>`), reads
  * the payload's length (u32, big-endian) and then exactly the payload,
- * inflates it and runs it; on EOF or garbage it says why on stderr and exits
- * 1. No single quotes, so it is safe inside '...' in any POSIX shell. It
- * parses on every runtime that can report itself, so one too old to run the
- * core is still named (see {@link childRuntime}).
+ * inflates it (unless `plain`: the parent sends the script itself) and runs
+ * it; on EOF or garbage it says why on stderr and exits 1. No single quotes,
+ * so it is safe inside '...' in any POSIX shell. It parses on every runtime
+ * that can report itself, so one too old to run the core is still named
+ * (see {@link childRuntime}).
  *
  * Node reads its stream from fd 3 (see runtime.ts); Deno from fds 0/1. The
  * Node core gets `require` (`node -e` has it on every version) for builtins
  * where `process.getBuiltinModule` is missing (see `builtin` in runtime.ts).
+ * The core gets the compressed payload too, to start children with; a plain
+ * one it does not keep (see `childMain`).
  */
-export function firstStage(kind: "node" | "deno", fds: "socket" | "split" | "tty" = "socket"): string {
+export function firstStage(kind: "node" | "deno", fds: "socket" | "split" | "tty" = "socket", plain = true): string {
   const ready = (version: string) => `"${MARKER.READY}${kind} "+${version}+"\\n"`;
   const fail = (exit: string) => `e=m=>{console.error("mitogen("+N+"): "+m);${exit}(1)}`;
   const run = (inflate: string, boot: string) => `try{new Function("B",${inflate}+"")(${boot})}catch(x){e("bad payload: "+x)}`;
@@ -119,7 +122,9 @@ export function firstStage(kind: "node" | "deno", fds: "socket" | "split" | "tty
       `r=async n=>{const b=new Uint8Array(n);for(let o=0,k;o<n;o+=k)if(!(k=await Deno.stdin.read(b.subarray(o))))e("EOF before payload");return b};` +
       `Deno.stdout.writeSync(new TextEncoder().encode(${ready("Deno.version.deno")}));` +
       `const b=await r(new DataView((await r(4)).buffer).getUint32(0));` +
-      run(`await new Response(new Response(b).body.pipeThrough(new DecompressionStream("deflate-raw"))).text()`, "{name:N,payload:b}")
+      (plain
+        ? run("new TextDecoder().decode(b)", "{name:N}")
+        : run(`await new Response(new Response(b).body.pipeThrough(new DecompressionStream("deflate-raw"))).text()`, "{name:N,payload:b}"))
     );
   }
   // Locally fd 3 is one socket both ways; through a shell (ssh) fd 3 reads and fd 4 writes.
@@ -133,7 +138,8 @@ export function firstStage(kind: "node" | "deno", fds: "socket" | "split" | "tty
     `const g=require,N=process.argv.pop(),${sockets},${fail("process.exit")},` +
     `f=d=>{b=b?Buffer.concat([b,d]):d;if(b.length<4||b.length<(n=b.readUInt32BE(0)+4))return;s.pause().off("data",f).off("end",h);` +
     `const p=b.subarray(4,n);b.length>n&&s.unshift(b.subarray(n));` +
-    `${run(`g("zlib").inflateRawSync(p)`, "{socket:s,out:w,name:N,payload:p,require:g}")}},h=()=>e("EOF before payload");` +
+    `${plain ? run("p", "{socket:s,out:w,name:N,require:g}") : run(`g("zlib").inflateRawSync(p)`, "{socket:s,out:w,name:N,payload:p,require:g}")}},` +
+    `h=()=>e("EOF before payload");` +
     `let b,n;s.on("data",f).on("end",h);w.write(${ready("process.version")})`
   );
 }
@@ -178,7 +184,10 @@ let stages: string[] | null = null;
 /** `line` with any first stage in it replaced by `<first stage>`: a program that is no runtime may echo its argv. */
 function withoutStages(line: string): string {
   if (!/const (g=require|N=Deno)/.test(line)) return line;
-  stages ??= [firstStage("node"), firstStage("node", "split"), firstStage("node", "tty"), firstStage("deno")];
+  stages ??= [true, false].flatMap((plain) => [
+    ...(["socket", "split", "tty"] as const).map((fds) => firstStage("node", fds, plain)),
+    firstStage("deno", "socket", plain),
+  ]);
   for (const stage of stages) line = line.split(stage).join("<first stage>");
   return line;
 }
@@ -225,6 +234,8 @@ interface Launch {
   cwd?: string;
   /** "fd3": a local node child's socket; "stdio": the child's stdin/stdout. */
   streamOn: "fd3" | "stdio";
+  /** The first stage takes the core as it is, not deflated: the link is on this machine, or compressed by ssh. */
+  plain?: boolean;
   /** The child's stdout is user output (only when the stream is elsewhere). */
   stdoutIsOutput: boolean;
   /**
@@ -331,10 +342,11 @@ async function localLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "local"
     // to fds 3 and 4 by a shell, as behind ssh, and what it prints arrives as stderr.
     return {
       exe: "/bin/sh",
-      args: ["-c", remoteCommand(cmd.exe, spec.name)],
+      args: ["-c", remoteCommand(cmd.exe, spec.name, false, true, true)],
       env,
       ...(m.cwd === undefined ? {} : { cwd: m.cwd }),
       streamOn: "stdio",
+      plain: true,
       stdoutIsOutput: false,
       watch: (line) => (line.includes(`${cmd.exe}: not found`) ? new StreamError(`cannot start ${cmd.exe}: not found (ENOENT)`) : failedExec(line, cmd.exe)),
     };
@@ -349,6 +361,7 @@ async function localLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "local"
     ...(m.cwd === undefined ? {} : { cwd: m.cwd }),
     streamOn: cmd.kind === "node" ? "fd3" : "stdio",
     stdoutIsOutput: cmd.kind === "node",
+    plain: true,
   };
 }
 
@@ -371,15 +384,16 @@ export function shellQuote(word: string): string {
  * With `pdeathsig` (not for sudo and the terminal methods, whose child
  * watches the parent context's pid anyway), node runs under `setpriv
  * --pdeathsig KILL` where the target has one that can, and is told so
- * (see watchParent in runtime.ts).
+ * (see watchParent in runtime.ts). With `plain` the first stage takes the
+ * core undeflated (see {@link firstStage}).
  */
-export function remoteCommand(runtime: string, name: string, terminal = false, pdeathsig = !terminal): string {
+export function remoteCommand(runtime: string, name: string, terminal = false, pdeathsig = !terminal, plain = false): string {
   // Behind a terminal stdout and stderr are the stream's own device: what the child prints is dropped.
   const out = terminal ? ">/dev/null 2>&1" : "1>&2";
   const tool = pdeathsig ? `P=;setpriv --pdeathsig KILL true 2>/dev/null&&P="setpriv --pdeathsig KILL --"&&export ${PDEATHSIG_ENV}=$PPID;exec $P ` : "exec ";
-  const node = (exe: string) => `${tool}${exe} -e '${firstStage("node", terminal ? "tty" : "split")}' ${shellQuote(name)} 3<&0 4>&1 </dev/null ${out}`;
+  const node = (exe: string) => `${tool}${exe} -e '${firstStage("node", terminal ? "tty" : "split", plain)}' ${shellQuote(name)} 3<&0 4>&1 </dev/null ${out}`;
   const deno = (exe: string) =>
-    `DENO_NO_UPDATE_CHECK=1 exec ${exe} eval --no-config '${firstStage("deno")}' ${shellQuote(name)}${terminal ? " 2>/dev/null" : ""}`;
+    `DENO_NO_UPDATE_CHECK=1 exec ${exe} eval --no-config '${firstStage("deno", "socket", plain)}' ${shellQuote(name)}${terminal ? " 2>/dev/null" : ""}`;
   if (runtime === "auto") {
     const [major, minor] = OLDEST.node;
     // p: the newest node found, q: its major * 1000 + minor (a --version that is not a version counts as 0).
@@ -442,7 +456,8 @@ function sshLaunch(spec: ConnectSpec, m: SshSpec): Launch {
     Object.assign(env, { SSH_ASKPASS: askpassProgram(), SSH_ASKPASS_REQUIRE: "force", DISPLAY: env.DISPLAY ?? ":0", MITOGEN_SSH_PASSWORD: password });
   }
   if (m.compression) args.push("-C");
-  args.push(...m.sshArgs, "--", m.hostname, remoteCommand(m.runtime, spec.name));
+  // With -C ssh compresses the core (in C, on both ends): the child is spared inflating it.
+  args.push(...m.sshArgs, "--", m.hostname, remoteCommand(m.runtime, spec.name, false, true, m.compression));
   let prompts = 0;
   let changed = false;
   const fail = (what: string) => new StreamError(`ssh to ${host}: ${what}`);
@@ -452,6 +467,7 @@ function sshLaunch(spec: ConnectSpec, m: SshSpec): Launch {
     env,
     streamOn: "stdio",
     stdoutIsOutput: false,
+    plain: m.compression,
     watch(line) {
       if (line.startsWith(ASKPASS_MARK)) {
         prompts++;
@@ -720,7 +736,7 @@ export async function bootstrap(
   router: Router,
   spec: ConnectSpec,
   child: Spawned,
-  hooks: Pick<Launch, "watch" | "prompt" | "cleanup" | "terminal">,
+  hooks: Pick<Launch, "watch" | "prompt" | "cleanup" | "terminal" | "plain">,
   t0: number = Date.now(),
 ): Promise<Context> {
   const stream = new Stream(spec.name, nodeTransport(child.reader, child.writer), router.maxMessageSize);
@@ -804,7 +820,8 @@ export async function bootstrap(
     const runtime = childRuntime(await Promise.race([settle(ready), failure]), spec.name);
     step(router, spec, t0, "ready", `first stage READY (${runtime.text})`);
     link.runtime = runtime.text;
-    const payload = await Promise.race([router.fetchModuleCode(runtime.core), failure]);
+    const core = await Promise.race([router.fetchModuleCode(runtime.core), failure]);
+    const payload = hooks.plain ? plainCore(core) : core;
     const length = new Uint8Array(4);
     new DataView(length.buffer).setUint32(0, payload.byteLength);
     stream.writeRaw(length);
@@ -840,6 +857,15 @@ export async function bootstrap(
   for (const msg of early.splice(0)) stream.onMessage(msg);
   step(router, spec, t0, "adopted", `connected as context ${spec.id}`);
   return ctx;
+}
+
+const plainCores = new WeakMap<Uint8Array, Uint8Array>();
+
+/** The script of a compressed core payload, inflated once. */
+function plainCore(core: Uint8Array): Uint8Array {
+  let plain = plainCores.get(core);
+  if (!plain) plainCores.set(core, (plain = new Uint8Array(builtin("node:zlib").inflateRawSync(core))));
+  return plain;
 }
 
 /** What `proxyConnect` needs: a spec whose id (and default name) the `via` context makes. */

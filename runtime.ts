@@ -288,8 +288,8 @@ export function joinParts(parts: readonly Uint8Array[], size: number, capacity: 
 export interface Boot {
   /** Name given on the command line. */
   name: string;
-  /** The compressed core payload, kept so this context can start children. */
-  payload: Uint8Array;
+  /** The compressed core payload, kept so this context can start children; none when the parent sent the script itself. */
+  payload?: Uint8Array;
   /** Node: the socket the first stage read the payload from (fd 3). */
   socket?: NodeReadable & NodeWritable;
   /** Node: the socket to write to, when not `socket` (fd 4, through a shell). */

@@ -6,6 +6,7 @@
 import assert from "node:assert/strict";
 import { type ChildProcess, spawn } from "node:child_process";
 import { describe, test } from "node:test";
+import { inflateRawSync } from "node:zlib";
 import { CORE, HANDLE, MARKER, Message, runtimeCommand, Stream, writeHeader } from "../core.ts";
 import { childRuntime, firstStage } from "../parent.ts";
 import { payloads } from "../payload.ts";
@@ -15,10 +16,10 @@ checkLeaks();
 
 type Io = { write(b: Uint8Array): void; end(): void; read: () => Promise<string>; exited: Promise<{ code: number | null; stderr: string }> };
 
-/** Start the first stage under `kind`, optionally through /bin/sh with the stage in single quotes. */
-function start(kind: "node" | "deno", viaShell = false): { proc: ChildProcess; io: Io } {
+/** Start the first stage under `kind` (the local one, or the one that inflates), optionally through /bin/sh with the stage in single quotes. */
+function start(kind: "node" | "deno", viaShell = false, plain = true): { proc: ChildProcess; io: Io } {
   const { exe } = runtimeCommand(kind);
-  const stage = firstStage(kind);
+  const stage = firstStage(kind, "socket", plain);
   const words = kind === "node" ? [exe, "-e", stage, "boot-test"] : [exe, "eval", "--no-config", stage, "boot-test"];
   const stdio: ("pipe" | "ignore")[] = kind === "node" ? ["ignore", "pipe", "pipe", "pipe"] : ["pipe", "pipe", "pipe"];
   const env = { ...process.env, DENO_NO_UPDATE_CHECK: "1" };
@@ -84,10 +85,12 @@ function configFrame(): Uint8Array[] {
 for (const kind of RUNTIMES) {
   describe(`${kind} first stage`, () => {
     test("argv is short and shell-safe", () => {
-      const stage = firstStage(kind);
-      assert.ok(!stage.includes("'"), "no single quote");
-      const argv = (kind === "node" ? [kind, "-e", stage, "name"] : [kind, "eval", "--no-config", stage, "name"]).join(" ");
-      assert.ok(argv.length <= 600, `argv is ${argv.length} characters`);
+      for (const plain of [true, false]) {
+        const stage = firstStage(kind, "socket", plain);
+        assert.ok(!stage.includes("'"), "no single quote");
+        const argv = (kind === "node" ? [kind, "-e", stage, "name"] : [kind, "eval", "--no-config", stage, "name"]).join(" ");
+        assert.ok(argv.length <= 600, `argv is ${argv.length} characters`);
+      }
     });
 
     test("EOF before the payload exits at once with a clear message", async () => {
@@ -101,32 +104,36 @@ for (const kind of RUNTIMES) {
       assert.match(stderr, /mitogen\(boot-test\): EOF before payload/);
     });
 
-    test("garbage instead of the payload exits with a clear message", async () => {
-      const garbage = new Uint8Array(500).map((_, i) => (i * 7919) % 256);
-      const { io } = start(kind);
-      assert.match(await io.read(), ready(kind));
-      io.write(lengthOf(garbage.length));
-      io.write(garbage);
-      const { code, stderr } = await io.exited;
-      assert.equal(code, 1);
-      assert.match(stderr, /mitogen\(boot-test\): bad payload/);
-    });
+    for (const plain of [true, false]) {
+      const form = plain ? "plain" : "deflated";
+      test(`garbage instead of the payload exits with a clear message (${form})`, async () => {
+        const garbage = new Uint8Array(500).map((_, i) => (i * 7919) % 256);
+        const { io } = start(kind, false, plain);
+        assert.match(await io.read(), ready(kind));
+        io.write(lengthOf(garbage.length));
+        io.write(garbage);
+        const { code, stderr } = await io.exited;
+        assert.equal(code, 1);
+        assert.match(stderr, /mitogen\(boot-test\): bad payload/);
+      });
 
-    test("a payload delivered one byte at a time boots, through sh -c with single quotes", async () => {
-      const { core } = await payloads();
-      const { io } = start(kind, true);
-      assert.match(await io.read(), ready(kind));
-      const bytes = new Uint8Array([...lengthOf(core.byteLength), ...core]);
-      for (let i = 0; i < bytes.byteLength; i++) {
-        io.write(bytes.subarray(i, i + 1));
-        if (i % 64 === 0) await new Promise((r) => setImmediate(r));
-      }
-      for (const part of configFrame()) io.write(part);
-      assert.equal(await io.read(), MARKER.CONNECTED);
-      io.end(); // parent gone: the child exits by itself
-      const { code } = await io.exited;
-      assert.equal(code, 0);
-    });
+      test(`a ${form} payload delivered one byte at a time boots, through sh -c with single quotes`, async () => {
+        const { core } = await payloads();
+        const payload = plain ? new Uint8Array(inflateRawSync(core)) : core;
+        const { io } = start(kind, true, plain);
+        assert.match(await io.read(), ready(kind));
+        const bytes = new Uint8Array([...lengthOf(payload.byteLength), ...payload]);
+        for (let i = 0; i < bytes.byteLength; i++) {
+          io.write(bytes.subarray(i, i + 1));
+          if (i % 64 === 0) await new Promise((r) => setImmediate(r));
+        }
+        for (const part of configFrame()) io.write(part);
+        assert.equal(await io.read(), MARKER.CONNECTED);
+        io.end(); // parent gone: the child exits by itself
+        const { code } = await io.exited;
+        assert.equal(code, 0);
+      });
+    }
   });
 }
 
