@@ -357,7 +357,7 @@ async function localLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "local"
     exe: cmd.exe,
     args: cmd.kind === "node" ? ["-e", stage, spec.name] : ["eval", "--no-config", stage, spec.name],
     ...(tool ? { prefix: [tool, "--pdeathsig", "KILL", "--"], watch: (line: string) => failedExec(line, cmd.exe) } : {}),
-    env: tool ? { ...env, [PDEATHSIG_ENV]: String(nodeProcess().pid) } : env,
+    env: tool ? { ...env, [PDEATHSIG_ENV]: `${nodeProcess().pid}:${nodeProcess().geteuid?.()}` } : env,
     ...(m.cwd === undefined ? {} : { cwd: m.cwd }),
     streamOn: cmd.kind === "node" ? "fd3" : "stdio",
     stdoutIsOutput: cmd.kind === "node",
@@ -390,7 +390,9 @@ export function shellQuote(word: string): string {
 export function remoteCommand(runtime: string, name: string, terminal = false, pdeathsig = !terminal, plain = false): string {
   // Behind a terminal stdout and stderr are the stream's own device: what the child prints is dropped.
   const out = terminal ? ">/dev/null 2>&1" : "1>&2";
-  const tool = pdeathsig ? `P=;setpriv --pdeathsig KILL true 2>/dev/null&&P="setpriv --pdeathsig KILL --"&&export ${PDEATHSIG_ENV}=$PPID;exec $P ` : "exec ";
+  const tool = pdeathsig
+    ? `P=;setpriv --pdeathsig KILL true 2>/dev/null&&P="setpriv --pdeathsig KILL --"&&export ${PDEATHSIG_ENV}=$PPID:\${EUID:-$(id -u)};exec $P `
+    : "exec ";
   const node = (exe: string) => `${tool}${exe} -e '${firstStage("node", terminal ? "tty" : "split", plain)}' ${shellQuote(name)} 3<&0 4>&1 </dev/null ${out}`;
   const deno = (exe: string) =>
     `DENO_NO_UPDATE_CHECK=1 exec ${exe} eval --no-config '${firstStage("deno", "socket", plain)}' ${shellQuote(name)}${terminal ? " 2>/dev/null" : ""}`;

@@ -6,7 +6,7 @@
  */
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, copyFileSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -41,6 +41,8 @@ async function failsWith(call: Promise<unknown>, text: string): Promise<void> {
 
 /** util-linux's setpriv can set a parent-death signal here: local node children run under it. */
 const SETPRIV = process.platform === "linux" && spawnSync("setpriv", ["--pdeathsig", "KILL", "true"]).status === 0;
+/** Root, with setpriv and setcap: a child can be made to run as nobody, and a node copy to carry a file capability. */
+const CAN_CHANGE_USER = SETPRIV && process.getuid?.() === 0 && spawnSync("setcap", ["-v", "cap_net_bind_service+ep", "/dev/null"]).error === undefined;
 
 const pidOf = (ctx: Context) => ctx.call(() => process.pid) as Promise<number>;
 const forever = () => new Promise(() => {});
@@ -95,6 +97,36 @@ for (const runtime of RUNTIMES) {
         await waitFor(() => !alive(bPid) && !alive(cPid), 5000, "the busy child and its child to be gone");
       });
     }
+
+    // The kernel's signal is cleared by a change of user after setpriv, and by an exec with AT_SECURE (file
+    // capabilities, setuid): the child sees either and starts the worker instead.
+    test("a node child whose user changed after setpriv, or that runs with file capabilities, is watched by the worker", {
+      skip: runtime !== "node" ? "node children only" : CAN_CHANGE_USER ? false : "needs root, setpriv and setcap",
+    }, async () => {
+      const logs = captureLogs();
+      await using router = new Router({ log: logs.log, debug: true });
+      const node = runtimeCommand("node").exe;
+      const shared = mkdtempSync(join(tmpdir(), "mitogen-deaths-caps-"));
+      try {
+        chmodSync(shared, 0o755);
+        const capped = join(shared, "node-capped");
+        copyFileSync(node, capped);
+        assert.equal(spawnSync("setcap", ["cap_net_bind_service+ep", capped]).status, 0);
+        const asNobody = wrapper("node", "as-nobody", `exec setpriv --reuid=nobody --regid=nogroup --clear-groups $RT "$@"`);
+        const a = await router.local({ runtime: asNobody, name: "nobody" });
+        const b = await router.local({ runtime: capped, name: "capped", via: a });
+        for (const ctx of [a, b]) {
+          assert.notEqual(await ctx.call(() => process.geteuid?.()), 0, `${ctx.name} runs as nobody`);
+          assert.deepEqual(
+            logs.lines(ctx.name).filter((l) => l.startsWith("watchdog:")),
+            ["watchdog: worker"],
+            ctx.name,
+          );
+        }
+      } finally {
+        rmSync(shared, { recursive: true, force: true });
+      }
+    });
 
     test("killing the middle of a chain ends the context below it and says who died", async () => {
       await using router = new Router({ log: captureLogs().log });
