@@ -130,17 +130,19 @@ export function firstStage(kind: "node" | "deno", fds: "socket" | "split" | "tty
   // Locally fd 3 is one socket both ways; through a shell (ssh) fd 3 reads and fd 4 writes.
   // Behind a terminal (su, doas) fds 3 and 4 are the pty, which only tty streams can use.
   const sockets = {
-    socket: `s=new(g("net").Socket)({fd:3,readable:1,writable:1}),w=s`,
+    socket: `s=new(g("net").Socket)({fd:3,readable:1,writable:1})`,
     split: `S=g("net").Socket,s=new S({fd:3,readable:1,writable:!1}),w=new S({fd:4,readable:!1,writable:1})`,
     tty: `T=g("tty"),s=new T.ReadStream(3),w=new T.WriteStream(4)`,
   }[fds];
+  // READY goes out first, written at once: the parent sends the payload while this runtime loads `net` (~5 ms).
   return (
-    `const g=require,N=process.argv.pop(),${sockets},${fail("process.exit")},` +
-    `f=d=>{b=b?Buffer.concat([b,d]):d;if(b.length<4||b.length<(n=b.readUInt32BE(0)+4))return;s.pause().off("data",f).off("end",h);` +
+    `const g=require;g("fs").writeSync(${fds === "socket" ? 3 : 4},${ready("process.version")});` +
+    `const N=process.argv.pop(),${sockets},${fail("process.exit")},` +
+    `f=d=>{b=b?Buffer.concat([b,d]):d;if(b.length<4||b.length<(n=b.readUInt32BE()+4))return;s.pause().off("data",f).off("end",h);` +
     `const p=b.subarray(4,n);b.length>n&&s.unshift(b.subarray(n));` +
-    `${plain ? run("p", "{socket:s,out:w,name:N,require:g}") : run(`g("zlib").inflateRawSync(p)`, "{socket:s,out:w,name:N,payload:p,require:g}")}},` +
+    `${run(plain ? "p" : `g("zlib").inflateRawSync(p)`, `{socket:s,${fds === "socket" ? "" : "out:w,"}name:N,${plain ? "" : "payload:p,"}require:g}`)}},` +
     `h=()=>e("EOF before payload");` +
-    `let b,n;s.on("data",f).on("end",h);w.write(${ready("process.version")})`
+    `let b,n;s.on("data",f).on("end",h)`
   );
 }
 
