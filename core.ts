@@ -1530,6 +1530,8 @@ export interface ChildConfig {
   path: string[];
   /** The parent context's pid, when it runs on the same machine (local, sudo, su, doas). */
   parentPid?: number;
+  /** A handle of the parent's: send it V8's code cache of the core (only a core compiled by the parent's loader can). */
+  codeCache?: number;
 }
 
 /** Entry point of the payload: the first stage calls this with what it read. */
@@ -1566,6 +1568,10 @@ export function childMain(boot: Boot, core: Record<string, unknown>, payloadName
     router.debug = cfg.debug;
     setTitle(`mitogen:${cfg.name}`);
     router.setParent(stream);
+    // The code cache its parent asked for (see codeCached in parent.ts), made before any call has run here.
+    const script = boot.script;
+    if (cfg.codeCache && script) router.route(Message.encoded(script.createCachedData(), { dst: parentId ?? 0, handle: cfg.codeCache }));
+    if (script?.cachedDataRejected !== undefined) router.log("debug", `code cache ${script.cachedDataRejected ? "rejected" : "used"}`);
     // Die with the parent even while user code blocks the event loop (see ARCHITECTURE.md, "The watchdog").
     router.log("debug", `watchdog: ${watchParent(cfg.parentPid)}`);
   };

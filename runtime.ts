@@ -298,6 +298,8 @@ export interface Boot {
   rest?: Uint8Array;
   /** Node: the first stage's `require`, for builtins where `process.getBuiltinModule` is missing (Node < 20.16). */
   require?: (id: string) => unknown;
+  /** Node: the core's `vm.Script`, when the parent's loader compiled it (with or without a code cache). */
+  script?: { createCachedData(): Uint8Array; cachedDataRejected?: boolean };
 }
 
 /**

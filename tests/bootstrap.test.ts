@@ -1,7 +1,7 @@
 /**
  * The first stage on its own, driven by hand: the READY line, EOF before the
  * payload, a payload (and its length) one byte at a time, garbage, and shell
- * safety.
+ * safety; and the code cache local node children compile the core with.
  */
 import assert from "node:assert/strict";
 import { type ChildProcess, spawn } from "node:child_process";
@@ -10,7 +10,8 @@ import { inflateRawSync } from "node:zlib";
 import { CORE, HANDLE, MARKER, Message, runtimeCommand, Stream, writeHeader } from "../core.ts";
 import { childRuntime, firstStage } from "../parent.ts";
 import { payloads } from "../payload.ts";
-import { checkLeaks, RUNTIMES, transportPair } from "./helpers.ts";
+import { Router } from "../mod.ts";
+import { captureLogs, checkLeaks, RUNTIMES, transportPair } from "./helpers.ts";
 
 checkLeaks();
 
@@ -179,5 +180,22 @@ describe("the READY line", () => {
     assert.throws(() => childRuntime("node v10.24.1", "t"), new RegExp(`^StreamError: t: node 10\\.24\\.1 is too old: ${range}$`));
     assert.throws(() => childRuntime("deno 1.45.5", "t"), new RegExp(`t: deno 1\\.45\\.5 is too old: ${range}`));
     assert.throws(() => childRuntime("bun 1.2.3", "t"), /t: the first stage reported "bun 1\.2\.3", not a runtime and version/);
+  });
+});
+
+describe("V8's code cache of the core", () => {
+  test("the first local node child of a runtime makes it, the next ones compile the core with it", async () => {
+    const logs = captureLogs();
+    await using router = new Router({ log: logs.log, debug: true });
+    // NODE_OPTIONS is part of what a cache is kept under: this value gives the test a runtime of its own.
+    const env = { NODE_OPTIONS: "--no-deprecation" };
+    const names = ["cache-first", "cache-second", "cache-third"];
+    for (const name of names) {
+      const ctx = await router.local({ runtime: "node", name, env });
+      assert.equal(await ctx.call((x: number) => x + 1, 41), 42);
+    }
+    // A call after the first child's CONFIGURE: its cache has reached the parent by then.
+    const said = names.map((name) => logs.lines(name).filter((l) => l.startsWith("code cache")));
+    assert.deepEqual(said, [[], ["code cache used"], ["code cache used"]]);
   });
 });

@@ -6,7 +6,7 @@
  */
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { chmodSync, copyFileSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, copyFileSync, mkdtempSync, realpathSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -105,7 +105,12 @@ for (const runtime of RUNTIMES) {
     }, async () => {
       const logs = captureLogs();
       await using router = new Router({ log: logs.log, debug: true });
-      const node = runtimeCommand("node").exe;
+      // The binary itself: under Deno "node" is a name on PATH.
+      const node = realpathSync(
+        spawnSync("sh", ["-c", `command -v ${runtimeCommand("node").exe}`])
+          .stdout.toString()
+          .trim(),
+      );
       const shared = mkdtempSync(join(tmpdir(), "mitogen-deaths-caps-"));
       try {
         chmodSync(shared, 0o755);
