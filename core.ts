@@ -1570,20 +1570,26 @@ export function childMain(boot: Boot, core: Record<string, unknown>, payloadName
     router.setParent(stream);
     // The code cache its parent asked for (see codeCached in parent.ts), made before any call has run here.
     const script = boot.script;
-    if (cfg.codeCache && script) router.route(Message.encoded(script.createCachedData(), { dst: parentId ?? 0, handle: cfg.codeCache }));
+    if (cfg.codeCache && script) {
+      // A value of each common kind encoded first, so that the cache holds the encoder too.
+      Message.encoded([0, "", [null, true, 1.5, -1, 1 << 20], { a: [] }, new Uint8Array(1)], {});
+      router.route(Message.encoded(script.createCachedData(), { dst: parentId ?? 0, handle: cfg.codeCache }));
+    }
     if (script?.cachedDataRejected !== undefined) router.log("debug", `code cache ${script.cachedDataRejected ? "rejected" : "used"}`);
     // Die with the parent even while user code blocks the event loop (see ARCHITECTURE.md, "The watchdog").
     router.log("debug", `watchdog: ${watchParent(cfg.parentPid)}`);
   };
   // Parent gone: nothing left to say to it, and our children see EOF when we exit.
   stream.onClose = () => exitProcess(0);
-  // SHUTDOWN: stop our children first (bounded), let the last writes out, then exit.
+  // SHUTDOWN: stop our children first (bounded), let the last writes out, then exit. Without children, no
+  // timers: the first one costs a new child about 1 ms, and the parent kills a child that does not go.
   let exiting = false;
   const exit = (code: number) => {
     if (exiting) return;
     exiting = true;
-    const timer = setTimeout(() => exitProcess(code), 2000);
-    void Promise.race([router.shutdown(), new Promise((r) => setTimeout(r, 1500))])
+    const bounded = router.children.length > 0;
+    const timer = bounded ? setTimeout(() => exitProcess(code), 2000) : undefined;
+    void (bounded ? Promise.race([router.shutdown(), new Promise((r) => setTimeout(r, 1500))]) : router.shutdown())
       .then(() => stream.flush())
       .finally(() => {
         clearTimeout(timer);
