@@ -930,7 +930,12 @@ function codeCached(router: Router, key: string, core: Uint8Array, id: number): 
   };
   reply = router.addHandler(
     (msg) => {
-      const cache = msg.src === id && !msg.isDead ? msg.unpickle() : null;
+      let cache: unknown = null;
+      try {
+        cache = msg.src === id && !msg.isDead ? msg.unpickle() : null;
+      } catch {
+        // not a value: no cache
+      }
       if (cache instanceof Uint8Array && cache.byteLength <= 8 * 1024 * 1024) codeCaches.set(key, { rest: rest(new Uint8Array(cache)) });
       else drop();
     },
