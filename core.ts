@@ -1552,7 +1552,7 @@ export function installDispatcher(router: Router): void {
       fail(msg, err, kind);
       return;
     } finally {
-      clearTimeout(deadline);
+      if (deadline !== undefined) clearTimeout(deadline);
       running.delete(key);
     }
     done(msg, result);
@@ -1618,6 +1618,8 @@ export interface ChildConfig {
   path: string[];
   /** The parent context's pid, when it runs on the same machine (local, sudo, su, doas). */
   parentPid?: number;
+  /** A handle of the parent's: send it V8's code cache of the core (only a core compiled by the parent's loader can). */
+  codeCache?: number;
 }
 
 /** Entry point of the payload: the first stage calls this with what it read. */
@@ -1626,8 +1628,11 @@ export function childMain(boot: Boot, core: Record<string, unknown>, payloadName
   const transport = childTransport(boot);
   const router = new Router();
   setActiveRouter(router, true);
-  router.payload = boot.payload;
-  router.moduleCode.set(payloadName, boot.payload);
+  // A plain (undeflated) core is not kept: a first grandchild fetches the compressed one (GET_MODULE).
+  if (boot.payload) {
+    router.payload = boot.payload;
+    router.moduleCode.set(payloadName, boot.payload);
+  }
   router.name = boot.name;
   const stream = new Stream("parent", transport);
   setTitle(`mitogen:${boot.name}`);
@@ -1651,21 +1656,32 @@ export function childMain(boot: Boot, core: Record<string, unknown>, payloadName
     router.debug = cfg.debug;
     setTitle(`mitogen:${cfg.name}`);
     router.setParent(stream);
-    // Die with the parent even while user code blocks the event loop (see ARCHITECTURE.md, "Deaths").
-    watchParent(cfg.parentPid);
+    // The code cache its parent asked for (see codeCached in parent.ts), made before any call has run here.
+    const script = boot.script;
+    if (cfg.codeCache && script) {
+      // A value of each common kind encoded first, so that the cache holds the encoder too.
+      Message.encoded([0, "", [null, true, 1.5, -1, 1 << 20], { a: [] }, new Uint8Array(1)], {});
+      router.route(Message.encoded(script.createCachedData(), { dst: parentId ?? 0, handle: cfg.codeCache }));
+    }
+    if (script?.cachedDataRejected !== undefined) router.log("debug", `code cache ${script.cachedDataRejected ? "rejected" : "used"}`);
+    // Die with the parent even while user code blocks the event loop (see ARCHITECTURE.md, "The watchdog").
+    router.log("debug", `watchdog: ${watchParent(cfg.parentPid)}`);
   };
   // Parent gone: nothing left to say to it, and our children see EOF when we exit.
   stream.onClose = () => exitProcess(0);
-  // SHUTDOWN: stop our children first (bounded), let the last writes out, then exit.
+  // SHUTDOWN: stop our children first (bounded), let the last writes out, then exit. Without children, no
+  // timers: the first one costs a new child about 1 ms, and the parent kills a child that does not go.
   let exiting = false;
   const exit = (code: number) => {
     if (exiting) return;
     exiting = true;
-    const timer = setTimeout(() => exitProcess(code), 2000);
-    void Promise.race([router.shutdown(), new Promise((r) => setTimeout(r, 1500))])
+    const bounded = router.children.length > 0;
+    const timer = bounded ? setTimeout(() => exitProcess(code), 2000) : undefined;
+    void (bounded ? Promise.race([router.shutdown(), new Promise((r) => setTimeout(r, 1500))]) : router.shutdown())
       .then(() => stream.flush())
       .finally(() => {
-        clearTimeout(timer);
+        // Not clearTimeout(undefined): Deno 2 loads its Node timers for that (15 to 20 ms in a new child).
+        if (timer !== undefined) clearTimeout(timer);
         exitProcess(code);
       });
   };

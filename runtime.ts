@@ -330,8 +330,8 @@ export function allocBytes(n: number): Uint8Array {
 export interface Boot {
   /** Name given on the command line. */
   name: string;
-  /** The compressed core payload, kept so this context can start children. */
-  payload: Uint8Array;
+  /** The compressed core payload, kept so this context can start children; none when the parent sent the script itself. */
+  payload?: Uint8Array;
   /** Node: the socket the first stage read the payload from (fd 3). */
   socket?: NodeReadable & NodeWritable;
   /** Node: the socket to write to, when not `socket` (fd 4, through a shell). */
@@ -340,6 +340,8 @@ export interface Boot {
   rest?: Uint8Array;
   /** Node: the first stage's `require`, for builtins where `process.getBuiltinModule` is missing (Node < 20.16). */
   require?: (id: string) => unknown;
+  /** Node: the core's `vm.Script`, when the parent's loader compiled it (with or without a code cache). */
+  script?: { createCachedData(): Uint8Array; cachedDataRejected?: boolean };
 }
 
 /**
@@ -549,15 +551,46 @@ export function runtimeCommand(runtime: string): RuntimeCommand {
 }
 
 /**
- * Kill this process (SIGKILL) once its parent is gone, even while user code
- * blocks the event loop. Deno on Linux: the kernel does it when the parent
- * process dies (`prctl(PR_SET_PDEATHSIG)` through FFI). Otherwise a worker
- * thread checks every 200 ms whether the parent process changed (getppid).
- * `pid` is the parent context, when it runs on this machine but is not the
- * parent process (sudo, su, doas, a wrapper script between them): the worker
- * also ends this process when `pid` has gone.
+ * The environment variable a parent sets when it starts a Node child under `setpriv --pdeathsig KILL`
+ * (see ARCHITECTURE.md, "The watchdog"): `<pid>:<euid>`, the process whose death kills the child and the
+ * effective uid it was set under (a change of credentials clears the signal).
  */
-export function watchParent(pid = 0): void {
+export const PDEATHSIG_ENV = "MITOGEN_PDEATHSIG";
+
+/** Did this process start with AT_SECURE (setuid, setgid, file capabilities), which clears the parent-death signal? Unknown: true. */
+function secureExec(): boolean {
+  try {
+    // openSync and readSync: readFileSync costs a first caller twice as much (1 to 2 ms).
+    const fs = builtin("node:fs") as typeof import("node:fs");
+    const fd = fs.openSync("/proc/self/auxv", "r");
+    const a = Buffer.alloc(4096);
+    const n = fs.readSync(fd, a, 0, a.length, 0);
+    fs.closeSync(fd);
+    const w = /64/.test(process.arch) ? 8 : 4;
+    const le = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+    const at = (i: number) => (le ? a.readUInt32LE(i) : a.readUInt32BE(i + w - 4));
+    for (let i = 0; i + 2 * w <= n; i += 2 * w) if (at(i) === 23) return at(i + w) !== 0; // AT_SECURE
+  } catch {
+    // no /proc: nothing is known
+  }
+  return true;
+}
+
+/**
+ * Kill this process (SIGKILL) once its parent is gone, even while user code
+ * blocks the event loop, and say how: `kernel` when the parent started this
+ * Node process under `setpriv --pdeathsig KILL` (it sets {@link PDEATHSIG_ENV}
+ * to its own pid, which must be our parent's) or, on Linux, a Deno process
+ * (`prctl(PR_SET_PDEATHSIG)` through FFI): the kernel does it when the parent
+ * process dies; not if a wrapper in between forked (another parent) or
+ * changed user (another euid), or if the runtime started with AT_SECURE.
+ * Otherwise `worker`: a worker thread checks every 200 ms
+ * whether the parent process changed (getppid). `pid` is the parent context,
+ * when it runs on this machine but is not the parent process (sudo, su, doas,
+ * a wrapper script between them): the worker also ends this process when
+ * `pid` has gone.
+ */
+export function watchParent(pid = 0): "kernel" | "worker" {
   const ppid = deno ? deno.ppid : process.ppid;
   pid = pid === ppid ? 0 : pid | 0;
   const src = (d: string) =>
@@ -567,15 +600,22 @@ export function watchParent(pid = 0): void {
     try {
       // PR_SET_PDEATHSIG (1), SIGKILL (9)
       if (deno.build.os === "linux" && deno.dlopen("libc.so.6", { prctl: { parameters: ["i32", "i32"], result: "i32" } }).symbols.prctl?.(1, 9) === 0 && !pid)
-        return;
+        return "kernel";
     } catch {
       // no FFI here: the worker watches the parent too
     }
     new (globalThis as unknown as { Worker: new (url: string, o: object) => unknown }).Worker(`data:text/javascript,${encodeURIComponent(src("Deno"))}`, {
       type: "module",
     });
-    return;
+    return "worker";
   }
-  // A failing watchdog must not take the process with it.
-  new (builtin("node:worker_threads").Worker)(src("process"), { eval: true }).on("error", () => {}).unref();
+  // Set for this process only: user code and the children it starts do not see it.
+  const by = process.env[PDEATHSIG_ENV];
+  delete process.env[PDEATHSIG_ENV];
+  if (!pid && by === `${ppid}:${process.geteuid?.()}` && !secureExec()) return "kernel";
+  // A failing watchdog must not take the process with it. Its own stdio (not piped to ours) and a shared
+  // environment make it cheaper to start.
+  const wt = builtin("node:worker_threads");
+  new wt.Worker(src("process"), { eval: true, stdout: true, stderr: true, env: wt.SHARE_ENV }).on("error", () => {}).unref();
+  return "worker";
 }

@@ -1,24 +1,26 @@
 /**
  * The first stage on its own, driven by hand: the READY line, EOF before the
  * payload, a payload (and its length) one byte at a time, garbage, and shell
- * safety.
+ * safety; and the code cache local node children compile the core with.
  */
 import assert from "node:assert/strict";
 import { type ChildProcess, spawn } from "node:child_process";
 import { describe, test } from "node:test";
+import { inflateRawSync } from "node:zlib";
 import { CORE, HANDLE, MARKER, Message, runtimeCommand, Stream, writeHeader } from "../core.ts";
 import { childRuntime, firstStage } from "../parent.ts";
 import { payloads } from "../payload.ts";
-import { checkLeaks, RUNTIMES, transportPair } from "./helpers.ts";
+import { Router } from "../mod.ts";
+import { captureLogs, checkLeaks, RUNTIMES, transportPair } from "./helpers.ts";
 
 checkLeaks();
 
 type Io = { write(b: Uint8Array): void; end(): void; read: () => Promise<string>; exited: Promise<{ code: number | null; stderr: string }> };
 
-/** Start the first stage under `kind`, optionally through /bin/sh with the stage in single quotes. */
-function start(kind: "node" | "deno", viaShell = false): { proc: ChildProcess; io: Io } {
+/** Start the first stage under `kind` (the local one, or the one that inflates), optionally through /bin/sh with the stage in single quotes. */
+function start(kind: "node" | "deno", viaShell = false, plain = true): { proc: ChildProcess; io: Io } {
   const { exe } = runtimeCommand(kind);
-  const stage = firstStage(kind);
+  const stage = firstStage(kind, "socket", plain);
   const words = kind === "node" ? [exe, "-e", stage, "boot-test"] : [exe, "eval", "--no-config", stage, "boot-test"];
   const stdio: ("pipe" | "ignore")[] = kind === "node" ? ["ignore", "pipe", "pipe", "pipe"] : ["pipe", "pipe", "pipe"];
   const env = { ...process.env, DENO_NO_UPDATE_CHECK: "1" };
@@ -84,10 +86,12 @@ function configFrame(): Uint8Array[] {
 for (const kind of RUNTIMES) {
   describe(`${kind} first stage`, () => {
     test("argv is short and shell-safe", () => {
-      const stage = firstStage(kind);
-      assert.ok(!stage.includes("'"), "no single quote");
-      const argv = (kind === "node" ? [kind, "-e", stage, "name"] : [kind, "eval", "--no-config", stage, "name"]).join(" ");
-      assert.ok(argv.length <= 600, `argv is ${argv.length} characters`);
+      for (const plain of [true, false]) {
+        const stage = firstStage(kind, "socket", plain);
+        assert.ok(!stage.includes("'"), "no single quote");
+        const argv = (kind === "node" ? [kind, "-e", stage, "name"] : [kind, "eval", "--no-config", stage, "name"]).join(" ");
+        assert.ok(argv.length <= 600, `argv is ${argv.length} characters`);
+      }
     });
 
     test("EOF before the payload exits at once with a clear message", async () => {
@@ -101,32 +105,36 @@ for (const kind of RUNTIMES) {
       assert.match(stderr, /mitogen\(boot-test\): EOF before payload/);
     });
 
-    test("garbage instead of the payload exits with a clear message", async () => {
-      const garbage = new Uint8Array(500).map((_, i) => (i * 7919) % 256);
-      const { io } = start(kind);
-      assert.match(await io.read(), ready(kind));
-      io.write(lengthOf(garbage.length));
-      io.write(garbage);
-      const { code, stderr } = await io.exited;
-      assert.equal(code, 1);
-      assert.match(stderr, /mitogen\(boot-test\): bad payload/);
-    });
+    for (const plain of [true, false]) {
+      const form = plain ? "plain" : "deflated";
+      test(`garbage instead of the payload exits with a clear message (${form})`, async () => {
+        const garbage = new Uint8Array(500).map((_, i) => (i * 7919) % 256);
+        const { io } = start(kind, false, plain);
+        assert.match(await io.read(), ready(kind));
+        io.write(lengthOf(garbage.length));
+        io.write(garbage);
+        const { code, stderr } = await io.exited;
+        assert.equal(code, 1);
+        assert.match(stderr, /mitogen\(boot-test\): bad payload/);
+      });
 
-    test("a payload delivered one byte at a time boots, through sh -c with single quotes", async () => {
-      const { core } = await payloads();
-      const { io } = start(kind, true);
-      assert.match(await io.read(), ready(kind));
-      const bytes = new Uint8Array([...lengthOf(core.byteLength), ...core]);
-      for (let i = 0; i < bytes.byteLength; i++) {
-        io.write(bytes.subarray(i, i + 1));
-        if (i % 64 === 0) await new Promise((r) => setImmediate(r));
-      }
-      for (const part of configFrame()) io.write(part);
-      assert.equal(await io.read(), MARKER.CONNECTED);
-      io.end(); // parent gone: the child exits by itself
-      const { code } = await io.exited;
-      assert.equal(code, 0);
-    });
+      test(`a ${form} payload delivered one byte at a time boots, through sh -c with single quotes`, async () => {
+        const { core } = await payloads();
+        const payload = plain ? new Uint8Array(inflateRawSync(core)) : core;
+        const { io } = start(kind, true, plain);
+        assert.match(await io.read(), ready(kind));
+        const bytes = new Uint8Array([...lengthOf(payload.byteLength), ...payload]);
+        for (let i = 0; i < bytes.byteLength; i++) {
+          io.write(bytes.subarray(i, i + 1));
+          if (i % 64 === 0) await new Promise((r) => setImmediate(r));
+        }
+        for (const part of configFrame()) io.write(part);
+        assert.equal(await io.read(), MARKER.CONNECTED);
+        io.end(); // parent gone: the child exits by itself
+        const { code } = await io.exited;
+        assert.equal(code, 0);
+      });
+    }
   });
 }
 
@@ -172,5 +180,22 @@ describe("the READY line", () => {
     assert.throws(() => childRuntime("node v10.24.1", "t"), new RegExp(`^StreamError: t: node 10\\.24\\.1 is too old: ${range}$`));
     assert.throws(() => childRuntime("deno 1.45.5", "t"), new RegExp(`t: deno 1\\.45\\.5 is too old: ${range}`));
     assert.throws(() => childRuntime("bun 1.2.3", "t"), /t: the first stage reported "bun 1\.2\.3", not a runtime and version/);
+  });
+});
+
+describe("V8's code cache of the core", () => {
+  test("the first local node child of a runtime makes it, the next ones compile the core with it", async () => {
+    const logs = captureLogs();
+    await using router = new Router({ log: logs.log, debug: true });
+    // NODE_OPTIONS is part of what a cache is kept under: this value gives the test a runtime of its own.
+    const env = { NODE_OPTIONS: "--no-deprecation" };
+    const names = ["cache-first", "cache-second", "cache-third"];
+    for (const name of names) {
+      const ctx = await router.local({ runtime: "node", name, env });
+      assert.equal(await ctx.call((x: number) => x + 1, 41), 42);
+    }
+    // A call after the first child's CONFIGURE: its cache has reached the parent by then.
+    const said = names.map((name) => logs.lines(name).filter((l) => l.startsWith("code cache")));
+    assert.deepEqual(said, [[], ["code cache used"], ["code cache used"]]);
   });
 });

@@ -5,7 +5,8 @@
  * and `disconnected()` say about a context that is gone.
  */
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { spawnSync } from "node:child_process";
+import { chmodSync, copyFileSync, mkdtempSync, realpathSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -38,6 +39,11 @@ async function failsWith(call: Promise<unknown>, text: string): Promise<void> {
   assert.equal(err.message, text);
 }
 
+/** util-linux's setpriv can set a parent-death signal here: local node children run under it. */
+const SETPRIV = process.platform === "linux" && spawnSync("setpriv", ["--pdeathsig", "KILL", "true"]).status === 0;
+/** Root, with setpriv and setcap: a child can be made to run as nobody, and a node copy to carry a file capability. */
+const CAN_CHANGE_USER = SETPRIV && process.getuid?.() === 0 && spawnSync("setcap", ["-v", "cap_net_bind_service+ep", "/dev/null"]).error === undefined;
+
 const pidOf = (ctx: Context) => ctx.call(() => process.pid) as Promise<number>;
 const forever = () => new Promise(() => {});
 
@@ -63,23 +69,68 @@ for (const runtime of RUNTIMES) {
       await waitFor(() => leakedProcesses().length === 0, 3000, "the wrapper's sleep to end");
     });
 
-    test("a child whose parent is killed while user code blocks its event loop is gone within a second, and so is the tree below it", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
-      const a = await router.local({ runtime, name: "parent" });
-      const b = await router.local({ runtime, name: "busy", via: a });
-      const c = await router.local({ runtime, name: "below", via: b });
-      const [aPid, bPid, cPid] = await Promise.all([pidOf(a), pidOf(b), pidOf(c)]);
-      b.callNoReply(() => {
-        console.error("looping");
-        const end = Date.now() + 30_000;
-        while (Date.now() < end);
+    // Directly below a local parent the kernel ends the child (setpriv --pdeathsig, Deno's prctl); behind a
+    // wrapper that does not exec, a worker thread watches the parent process and the parent context's pid.
+    for (const wrapped of [false, true]) {
+      const watchdog = wrapped || !(runtime === "deno" || SETPRIV) ? "worker" : "kernel";
+      test(`a child whose parent is killed while user code blocks its event loop is gone within a second, and so is the tree below it (${watchdog}${wrapped ? ", behind a wrapper that does not exec" : ""})`, async () => {
+        const logs = captureLogs();
+        await using router = new Router({ log: logs.log, debug: true });
+        const a = await router.local({ runtime, name: "parent" });
+        const b = await router.local({ runtime: wrapped ? wrapper(runtime, "fork", `$RT "$@"`) : runtime, name: "busy", via: a });
+        const c = await router.local({ runtime, name: "below", via: b });
+        const [aPid, bPid, cPid] = await Promise.all([pidOf(a), pidOf(b), pidOf(c)]);
+        assert.deepEqual(
+          logs.lines("busy").filter((l) => l.startsWith("watchdog:")),
+          [`watchdog: ${watchdog}`],
+        );
+        if (runtime === "node") assert.equal(await b.call(() => process.env.MITOGEN_PDEATHSIG ?? "unset"), "unset", "user code does not see it");
+        b.callNoReply(() => {
+          console.error("looping");
+          const end = Date.now() + 30_000;
+          while (Date.now() < end);
+        });
+        // Printed from inside the call, just before the loop: once it is here, b is blocked.
+        await waitFor(() => logs.lines("busy").includes("looping"), 10_000, "the loop to start");
+        process.kill(aPid, "SIGKILL");
+        // Without a watchdog b would run for 30 s; c goes when b does.
+        await waitFor(() => !alive(bPid) && !alive(cPid), 5000, "the busy child and its child to be gone");
       });
-      // Printed from inside the call, just before the loop: once it is here, b is blocked.
-      await waitFor(() => logs.lines("busy").includes("looping"), 10_000, "the loop to start");
-      process.kill(aPid, "SIGKILL");
-      // Without a watchdog b would run for 30 s; c goes when b does (EOF on its stream).
-      await waitFor(() => !alive(bPid) && !alive(cPid), 5000, "the busy child and its child to be gone");
+    }
+
+    // The kernel's signal is cleared by a change of user after setpriv, and by an exec with AT_SECURE (file
+    // capabilities, setuid): the child sees either and starts the worker instead.
+    test("a node child whose user changed after setpriv, or that runs with file capabilities, is watched by the worker", {
+      skip: runtime !== "node" ? "node children only" : CAN_CHANGE_USER ? false : "needs root, setpriv and setcap",
+    }, async () => {
+      const logs = captureLogs();
+      await using router = new Router({ log: logs.log, debug: true });
+      // The binary itself: under Deno "node" is a name on PATH.
+      const node = realpathSync(
+        spawnSync("sh", ["-c", `command -v ${runtimeCommand("node").exe}`])
+          .stdout.toString()
+          .trim(),
+      );
+      const shared = mkdtempSync(join(tmpdir(), "mitogen-deaths-caps-"));
+      try {
+        chmodSync(shared, 0o755);
+        const capped = join(shared, "node-capped");
+        copyFileSync(node, capped);
+        assert.equal(spawnSync("setcap", ["cap_net_bind_service+ep", capped]).status, 0);
+        const asNobody = wrapper("node", "as-nobody", `exec setpriv --reuid=nobody --regid=nogroup --clear-groups $RT "$@"`);
+        const a = await router.local({ runtime: asNobody, name: "nobody" });
+        const b = await router.local({ runtime: capped, name: "capped", via: a });
+        for (const ctx of [a, b]) {
+          assert.notEqual(await ctx.call(() => process.geteuid?.()), 0, `${ctx.name} runs as nobody`);
+          assert.deepEqual(
+            logs.lines(ctx.name).filter((l) => l.startsWith("watchdog:")),
+            ["watchdog: worker"],
+            ctx.name,
+          );
+        }
+      } finally {
+        rmSync(shared, { recursive: true, force: true });
+      }
     });
 
     test("killing the middle of a chain ends the context below it and says who died", async () => {
