@@ -99,7 +99,8 @@ function summarise(p: CpuProfile, from: number, to: number, payloadLabel: string
       idle += ms;
       continue;
     }
-    const file = frame.url ? basename(frame.url.replace(/^file:\/\//, "")) : payloadLabel;
+    // The core runs from eval (no url) or, compiled with a code cache, from vm.Script ("evalmachine.<anonymous>").
+    const file = frame.url && !frame.url.startsWith("evalmachine.") ? basename(frame.url.replace(/^file:\/\//, "")) : payloadLabel;
     const where = frame.url || frame.lineNumber >= 0 ? `${file}:${frame.lineNumber + 1}:${frame.columnNumber + 1}` : "";
     const name = frame.functionName || "(anonymous)";
     const key = `${name}\0${where}`;

@@ -36,7 +36,7 @@ test("bench/profile.ts profiles the master and a child with a readable payload",
     const profile = JSON.parse(readFileSync(join(out, "child", child[0] as string), "utf8")) as { nodes: { callFrame: { functionName: string } }[] };
     const names = new Set(profile.nodes.map((n) => n.callFrame.functionName));
     // Functions of the core keep their names in the child (minified, they would be one or two letters).
-    for (const name of ["childMain", "writeHeader", "readHeader"]) assert.ok(names.has(name), `the child's profile names ${name}`);
+    for (const name of ["childMain", "writeHeader", "headerAt"]) assert.ok(names.has(name), `the child's profile names ${name}`);
     const childPart = stdout.slice(stdout.indexOf("\nchild:"));
     assert.match(childPart, /^child: .*busy [\d.]+ us per call$/m);
     assert.match(childPart, /\(\(payload\):\d+:\d+\)/, "the summary lists payload functions");
