@@ -1491,10 +1491,11 @@ export function installDispatcher(router: Router): void {
         const body = msg.unpickle() as [number, string, unknown[], number?, CallLimits?];
         kind = body[0];
         const [, target, args, flags = 0, lim] = body;
-        // The common case, a plain call of shipped source: no deadline, no CallContext, answered in this tick when it is synchronous.
-        if (kind === CALL.SOURCE && !lim && !(flags & CALL.TAKES_ROUTER)) {
-          const fn = compile(target);
-          if (!isTakesRouter(fn)) {
+        // The common case, a plain call of shipped source or of a module already loaded here: no deadline, no
+        // CallContext, answered in this tick when it is synchronous. Anything else (loading, errors) goes to runCall.
+        if (!lim && !(flags & CALL.TAKES_ROUTER) && (kind === CALL.SOURCE || kind === CALL.MODULE)) {
+          const fn = kind === CALL.SOURCE ? compile(target) : loadedExport(router, target);
+          if (fn && !isTakesRouter(fn)) {
             const result = fn(...(Array.isArray(args) ? args : []));
             if (isThenable(result))
               result.then(
@@ -1557,6 +1558,14 @@ export function installDispatcher(router: Router): void {
     }
     done(msg, result);
   };
+}
+
+/** The function `module#name` of a module evaluated here already, if it exports one by that name. */
+function loadedExport(router: Router, target: string): Shippable | undefined {
+  const hash = target.lastIndexOf("#");
+  const m = router.modules.get(target.slice(0, hash));
+  const f = m && hasOwn(m, target.slice(hash + 1)) ? m[target.slice(hash + 1)] : undefined;
+  return typeof f === "function" ? (f as Shippable) : undefined;
 }
 
 function isThenable(v: unknown): v is PromiseLike<unknown> {
