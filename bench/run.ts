@@ -188,6 +188,12 @@ async function roundsOf(n: number, budgetMs: number, sides: readonly (() => Prom
   return out;
 }
 
+/** A row of mitogen against raw (values with `digits` and `unit`), ratios paired per round, PASS at a median ratio <= `goal`. */
+function ratioRow(name: string, r: Rounds, digits: number, unit: string, goal: number, label: string): void {
+  const q = ratios(r.mito, r.raw);
+  row(name, spread(stats(r.mito), digits, unit), spread(stats(r.raw), digits, unit), ratioCell(r, q, 2, "x"), label, q.median <= goal ? "PASS" : "MISS");
+}
+
 /** The ratio column: paired ratios, and the round count when fewer ran than planned. */
 function ratioCell(r: Rounds, q: Stats, digits: number, unit: string): string {
   return spread(q, digits, unit) + (r.mito.length < r.planned ? ` n=${r.mito.length}` : "");
@@ -278,8 +284,7 @@ async function benchBoot(): Promise<void> {
         () => avg(() => spawnToExit(rt)),
       );
     });
-    const q = ratios(r.mito, r.raw);
-    row(name, spread(stats(r.mito), 1, " ms"), spread(stats(r.raw), 1, " ms"), ratioCell(r, q, 2, "x"), "<= 1.1x", q.median <= 1.1 ? "PASS" : "MISS");
+    ratioRow(name, r, 1, " ms", 1.1, "<= 1.1x");
   } catch (err) {
     failed(name, err);
   }
@@ -314,8 +319,7 @@ async function benchMatrix(): Promise<void> {
           () => avg(() => spawnToExit(own)),
         );
       });
-      const q = ratios(r.mito, r.raw);
-      row(name, spread(stats(r.mito), 1, " ms"), spread(stats(r.raw), 1, " ms"), ratioCell(r, q, 2, "x"), "<= 1.3x", q.median <= 1.3 ? "PASS" : "MISS");
+      ratioRow(name, r, 1, " ms", 1.3, "<= 1.3x");
     } catch (err) {
       failed(name, err);
     }
@@ -531,24 +535,8 @@ async function benchSessions(): Promise<void> {
       );
       return { attach, rtt };
     });
-    const qa = ratios(r.attach.mito, r.attach.raw);
-    row(
-      ATTACH_NAME,
-      spread(stats(r.attach.mito), 1, " ms"),
-      spread(stats(r.attach.raw), 1, " ms"),
-      ratioCell(r.attach, qa, 2, "x"),
-      "<= 0.2x",
-      qa.median <= 0.2 ? "PASS" : "MISS",
-    );
-    const qr = ratios(r.rtt.mito, r.rtt.raw);
-    row(
-      SESSION_RTT_NAME,
-      spread(stats(r.rtt.mito), 1, " us"),
-      spread(stats(r.rtt.raw), 1, " us"),
-      ratioCell(r.rtt, qr, 2, "x"),
-      "<= 1.3x",
-      qr.median <= 1.3 ? "PASS" : "MISS",
-    );
+    ratioRow(ATTACH_NAME, r.attach, 1, " ms", 0.2, "<= 0.2x");
+    ratioRow(SESSION_RTT_NAME, r.rtt, 1, " us", 1.3, "<= 1.3x");
   } catch (err) {
     failed(`${ATTACH_NAME} / ${SESSION_RTT_NAME}`, err);
   } finally {
@@ -576,8 +564,7 @@ async function benchCli(): Promise<void> {
       await raw();
       return rounds(P.fleetRounds, 60_000 * P.budget, mito, raw);
     });
-    const q = ratios(r.mito, r.raw);
-    row(CLI_NAME, spread(stats(r.mito), 0, " ms"), spread(stats(r.raw), 0, " ms"), ratioCell(r, q, 2, "x"), "<= 1.3x", q.median <= 1.3 ? "PASS" : "MISS");
+    ratioRow(CLI_NAME, r, 0, " ms", 1.3, "<= 1.3x");
   } catch (err) {
     failed(CLI_NAME, err);
   }
@@ -705,8 +692,7 @@ async function benchFleet(): Promise<void> {
         () => raw(FLEET),
       );
     });
-    const q = ratios(r.mito, r.raw);
-    row(name, spread(stats(r.mito), 2, " s"), spread(stats(r.raw), 2, " s"), ratioCell(r, q, 2, "x"), "<= 1.1x", q.median <= 1.1 ? "PASS" : "MISS");
+    ratioRow(name, r, 2, " s", 1.1, "<= 1.1x");
   } catch (err) {
     failed(name, err);
   }
@@ -889,8 +875,7 @@ async function benchModuleCall(): Promise<void> {
         () => perOpMicros(viaCall, P.rttOps, P.rttMs),
       );
     });
-    const q = ratios(r.mito, r.raw);
-    row(name, spread(stats(r.mito), 1, " us"), spread(stats(r.raw), 1, " us"), ratioCell(r, q, 2, "x"), "<= 1.10x", q.median <= 1.1 ? "PASS" : "MISS");
+    ratioRow(name, r, 1, " us", 1.1, "<= 1.10x");
   } catch (err) {
     failed(name, err);
   }
@@ -1130,15 +1115,7 @@ async function benchSshBoot(hosts: TestHosts, tap: SshTap): Promise<void> {
       );
       return { main, alt, split, compressedByDefault: argv.def.includes("-C") };
     });
-    const q = ratios(r.main.mito, r.main.raw);
-    row(
-      SSH_NAME,
-      spread(stats(r.main.mito), 0, " ms"),
-      spread(stats(r.main.raw), 0, " ms"),
-      ratioCell(r.main, q, 2, "x"),
-      "<= 1.05x",
-      q.median <= 1.05 ? "PASS" : "MISS",
-    );
+    ratioRow(SSH_NAME, r.main, 0, " ms", 1.05, "<= 1.05x");
     const qAlt = ratios(r.alt.mito, r.alt.raw);
     detail(
       `with compression: true (ssh -C on both sides): mitogen ${spread(stats(r.alt.mito), 0, " ms")}, ` +
@@ -1220,15 +1197,7 @@ async function benchSshRtt(hosts: TestHosts, tap: SshTap): Promise<void> {
       [SSH_RTT2_NAME, r.two, 1.3],
     ] as const) {
       if (!hop) continue;
-      const q = ratios(hop.mito, hop.raw);
-      row(
-        name,
-        spread(stats(hop.mito), 0, " us"),
-        spread(stats(hop.raw), 0, " us"),
-        ratioCell(hop, q, 2, "x"),
-        `<= ${goal}x`,
-        q.median <= goal ? "PASS" : "MISS",
-      );
+      ratioRow(name, hop, 0, " us", goal, `<= ${goal}x`);
     }
     if (r.one && r.two) {
       const { one, two } = r;
@@ -1332,8 +1301,7 @@ async function benchRsync(hosts: TestHosts): Promise<void> {
       await raw();
       return rounds(P.sshRounds, 30_000 * P.budget, mito, raw);
     });
-    const q = ratios(r.mito, r.raw);
-    row(RSYNC_NAME, spread(stats(r.mito), 0, " ms"), spread(stats(r.raw), 0, " ms"), ratioCell(r, q, 2, "x"), "<= 1.2x", q.median <= 1.2 ? "PASS" : "MISS");
+    ratioRow(RSYNC_NAME, r, 0, " ms", 1.2, "<= 1.2x");
   } catch (err) {
     failed(RSYNC_NAME, err);
   } finally {
