@@ -39,7 +39,7 @@ export const HANDLE = {
 /** First handle handed out to receivers. */
 export const FIRST_DYNAMIC_HANDLE = 1000;
 
-/** Frame header constants; the layout is documented beside {@link readHeader}. */
+/** Frame header constants; the layout is documented beside {@link writeHeader}. */
 export const FRAME = {
   MAGIC: 0x4d47,
   VERSION: 1,
@@ -245,13 +245,6 @@ export function writeHeader(msg: Message, h: Uint8Array = new Uint8Array(FRAME.H
   put32(h, at + 20, msg.replyTo);
   put32(h, at + 24, msg.length);
   return h;
-}
-
-/** Parse a header (layout above). Throws StreamError on a bad one. */
-export function readHeader(h: Uint8Array, maxMessageSize: number): { fields: MessageFields; length: number } {
-  const length = checkHeader(h, 0, maxMessageSize);
-  const m = headerAt(h, 0);
-  return { fields: { flags: m.flags, dst: m.dst, src: m.src, auth: m.auth, handle: m.handle, replyTo: m.replyTo }, length };
 }
 
 /** The data length of the header at `h[at]`, once magic, version and length are checked. Throws StreamError. */
