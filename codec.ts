@@ -245,6 +245,13 @@ function errorFields(err: Error): Record<string, unknown> {
  * its path below `root` (e.g. `args[1].opts.cb: a function (cb)`).
  */
 export function encodeValue(value: unknown, root = "value", pathFrom: unknown = value, headroom = 0): Encoded {
+  // The commonest replies are one byte (see decodeValue): written without the encoder.
+  const tiny = tinyByte(value);
+  if (tiny >= 0) {
+    const framed = allocBytes(headroom + 1);
+    framed[headroom] = tiny;
+    return headroom ? { parts: [view(framed, headroom)], length: 1, blobs: false, framed } : { parts: [framed], length: 1, blobs: false };
+  }
   // One encoder serves every top-level call (its buffer is reused); nested or
   // re-entrant calls get their own.
   const reuse = !topBusy;
@@ -280,6 +287,15 @@ export function encodeValue(value: unknown, root = "value", pathFrom: unknown = 
   let length = 4 + body.byteLength;
   for (const b of state.blobs) length += b.byteLength;
   return { parts: [prefix, body, ...state.blobs], length, blobs: true };
+}
+
+/** The one-byte msgpack of `value` (an integer from -32 to 127, null or a boolean), else -1. */
+function tinyByte(value: unknown): number {
+  if (typeof value === "number") return Number.isInteger(value) && value >= -32 && value < 128 && !Object.is(value, -0) ? value & 0xff : -1;
+  if (value === null) return 0xc0;
+  if (value === false) return 0xc2;
+  if (value === true) return 0xc3;
+  return -1;
 }
 
 /** Where below `root` the value `bad` sits, as `args[1].opts.cb`; null if not found. */

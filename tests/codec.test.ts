@@ -1,6 +1,7 @@
 /** The value codec: round trips, bad values on send, and safe decoding of hostile input. */
 import assert from "node:assert/strict";
 import { inspect } from "node:util";
+import { encode } from "@msgpack/msgpack";
 import { describe, test } from "node:test";
 import {
   BLOB_MIN,
@@ -65,6 +66,22 @@ describe("round trip", () => {
   for (const [name, value] of cases) {
     test(name, () => assert.deepEqual(roundTrip(value), value));
   }
+
+  test("a top-level small value is the encoder's one byte, with or without headroom for a header", () => {
+    const values: unknown[] = [null, true, false, -0, 0.5, Number.NaN, 2 ** 53, "a", undefined];
+    for (let i = -40; i <= 140; i++) values.push(i);
+    for (const value of values) {
+      const reference = encode(value);
+      for (const headroom of [0, 28]) {
+        const enc = encodeValue(value, "value", value, headroom);
+        const bytes = Buffer.concat(enc.parts);
+        if (typeof value === "number" && Object.is(value, -0)) assert.equal(bytes[0], 0xcb, "-0 stays a float");
+        else if (value !== undefined) assert.deepEqual(new Uint8Array(bytes), reference, `${inspect(value)} with headroom ${headroom}`);
+        if (headroom && enc.framed) assert.equal(enc.framed.byteLength, headroom + enc.length, "room for the header in front");
+        assert.ok(Object.is(decodeValue(new Uint8Array(bytes), enc.blobs, binder), value), inspect(value));
+      }
+    }
+  });
 
   test("-0 and NaN", () => {
     assert.ok(Object.is(roundTrip(-0), -0));
