@@ -98,6 +98,15 @@ export interface SshSpec {
 }
 
 /**
+ * How a Deno child runs its first stage. Deno 2 gives every Error a detailed
+ * stack trace when it is made, and V8 then re-parses each function on the
+ * stack for its source positions: the core's top level (where the codec
+ * library makes two Errors as it loads) cost 8-13 ms that way. Positions are
+ * therefore recorded at compile time.
+ */
+const DENO_EVAL = ["eval", "--no-config", "--v8-flags=--no-enable-lazy-source-positions"] as const;
+
+/**
  * The first stage, as evaluated by `node -e` or `deno eval` with argv
  * `<name>`. It writes the READY line (`MITO000 <runtime> <version>`), reads
  * the payload's length (u32, big-endian) and then exactly the payload,
@@ -361,7 +370,7 @@ async function localLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "local"
   const tool = cmd.kind === "node" ? await pdeathsigTool() : null;
   return {
     exe: cmd.exe,
-    args: cmd.kind === "node" ? ["-e", stage, spec.name] : ["eval", "--no-config", stage, spec.name],
+    args: cmd.kind === "node" ? ["-e", stage, spec.name] : [...DENO_EVAL, stage, spec.name],
     ...(tool ? { prefix: [tool, "--pdeathsig", "KILL", "--"], watch: (line: string) => failedExec(line, cmd.exe) } : {}),
     env: tool ? { ...env, [PDEATHSIG_ENV]: `${nodeProcess().pid}:${nodeProcess().geteuid?.()}` } : env,
     ...(m.cwd === undefined ? {} : { cwd: m.cwd }),
@@ -402,7 +411,7 @@ export function remoteCommand(runtime: string, name: string, terminal = false, p
     : "exec ";
   const node = (exe: string) => `${tool}${exe} -e '${firstStage("node", terminal ? "tty" : "split", plain)}' ${shellQuote(name)} 3<&0 4>&1 </dev/null ${out}`;
   const deno = (exe: string) =>
-    `DENO_NO_UPDATE_CHECK=1 exec ${exe} eval --no-config '${firstStage("deno", "socket", plain)}' ${shellQuote(name)}${terminal ? " 2>/dev/null" : ""}`;
+    `DENO_NO_UPDATE_CHECK=1 exec ${exe} ${DENO_EVAL.join(" ")} '${firstStage("deno", "socket", plain)}' ${shellQuote(name)}${terminal ? " 2>/dev/null" : ""}`;
   if (runtime === "auto") {
     const [major, minor] = OLDEST.node;
     // p: the newest node found, q: its major * 1000 + minor (a --version that is not a version counts as 0).
