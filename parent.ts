@@ -98,13 +98,16 @@ export interface SshSpec {
 }
 
 /**
- * How a Deno child runs its first stage. Deno 2 gives every Error a detailed
- * stack trace when it is made, and V8 then re-parses each function on the
- * stack for its source positions: the core's top level (where the codec
- * library makes two Errors as it loads) cost 8-13 ms that way. Positions are
- * therefore recorded at compile time.
+ * How a Deno child runs its first stage. `--unstable-ffi`: Deno 1.46 has
+ * `Deno.dlopen` (for the parent-death signal, see `watchParent`) only with it,
+ * and would start the watchdog worker instead (20 to 35 ms); Deno 2 accepts
+ * the flag. The V8 flag: Deno 2 gives every Error a detailed stack trace when
+ * it is made, and V8 then re-parses each function on the stack for its source
+ * positions; the core's top level (where the codec library makes two Errors
+ * as it loads) cost 9 to 15 ms that way. Positions are recorded at compile
+ * time instead.
  */
-const DENO_EVAL = ["eval", "--no-config", "--v8-flags=--no-enable-lazy-source-positions"] as const;
+const DENO_EVAL = ["eval", "--no-config", "--unstable-ffi", "--v8-flags=--no-enable-lazy-source-positions"] as const;
 
 /**
  * The first stage, as evaluated by `node -e` or `deno eval` with argv

@@ -66,6 +66,12 @@ async function scenario(
   assert.equal(ctx.runtime, runtime, "the runtime its first stage reported");
   assert.equal(await ctx.call(selfReport), runtime);
   assert.equal(await ctx.call((x: number) => x * 2, 21), 42);
+  // Deno 1.46 and 2 alike set their parent-death signal through FFI (Deno 1.46 only has it with --unstable-ffi).
+  if (runtime.startsWith("deno"))
+    assert.deepEqual(
+      logs.lines(name).filter((l) => l.startsWith("watchdog:")),
+      ["watchdog: kernel"],
+    );
   // Node before 16.11 runs the core lowered for Node 12; everything else the ES2022 one. A local child gets the
   // core as a plain script and keeps none: it fetches the compressed one a child of its own needs (below).
   const coreOf = (runtime: string) => {
@@ -132,7 +138,7 @@ test("every runtime of the matrix runs the scenario, with a grandchild of the ne
   const results = await Promise.allSettled(
     ALL.map(async (r, i) => {
       const below = ALL[(i + 1) % ALL.length] as (typeof ALL)[number];
-      await using router = new Router({ log: logs.log });
+      await using router = new Router({ log: logs.log, debug: true });
       await scenario(router, logs, `m.${r.name}`, r.exe, r.runtime as string, { exe: below.exe, runtime: below.runtime as string });
     }),
   );
