@@ -107,7 +107,7 @@ export interface SshSpec {
  * as it loads) cost 9 to 15 ms that way. Positions are recorded at compile
  * time instead.
  */
-const DENO_EVAL = ["eval", "--no-config", "--unstable-ffi", "--v8-flags=--no-enable-lazy-source-positions"] as const;
+export const DENO_EVAL: readonly string[] = ["eval", "--no-config", "--unstable-ffi", "--v8-flags=--no-enable-lazy-source-positions"];
 
 /**
  * The first stage, as evaluated by `node -e` or `deno eval` with argv
@@ -133,7 +133,7 @@ export function firstStage(kind: "node" | "deno", fds: "socket" | "split" | "tty
     return (
       `const N=Deno.args[0],${fail("Deno.exit")},` +
       `r=async n=>{const b=new Uint8Array(n);for(let o=0,k;o<n;o+=k)if(!(k=await Deno.stdin.read(b.subarray(o))))e("EOF before payload");return b};` +
-      `Deno.stdout.writeSync(new TextEncoder().encode(${ready("Deno.version.deno")}));` +
+      `console.log("${MARKER.READY}deno "+Deno.version.deno);` +
       `const b=await r(new DataView((await r(4)).buffer).getUint32(0));` +
       (plain
         ? run("new TextDecoder().decode(b)", "{name:N}")

@@ -23,7 +23,7 @@ import { fileURLToPath, pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { bundle } from "../bundler.ts";
 import { type CallContext, type Context, connect, fakessh, generateKeyPair, type LogRecord, Receiver, Router, type Sender, takesRouter } from "../mod.ts";
-import { firstStage, shellQuote } from "../parent.ts";
+import { DENO_EVAL, firstStage, shellQuote } from "../parent.ts";
 import { payloads } from "../payload.ts";
 import { bounded, cell, num, perOpMicros, pool, type Scope, type Stats, spread, stats, timeMs } from "./lib.ts";
 import { setupHosts, type TestHosts, teardownHosts } from "../tests/hosts.ts";
@@ -704,9 +704,9 @@ async function benchFleet(): Promise<void> {
 async function benchSizes(): Promise<void> {
   try {
     const built = await payloads();
-    // What the parent runs: `<node> -e <first stage> <name>`, `<deno> eval --no-config <first stage> <name>`.
+    // What the parent runs: `<node> -e <first stage> <name>`, `<deno> eval --no-config <flags> <first stage> <name>`.
     for (const k of ["node", "deno"] as const) {
-      const argv = k === "node" ? [k, "-e", firstStage(k), "local.1"] : [k, "eval", "--no-config", firstStage(k), "local.1"];
+      const argv = k === "node" ? [k, "-e", firstStage(k), "local.1"] : [k, ...DENO_EVAL, firstStage(k), "local.1"];
       const chars = argv.join(" ").length;
       row(`6 first-stage argv (${k})`, `${chars} chars`, "", "", "<= 600 chars", chars <= 600 ? "PASS" : "MISS");
     }

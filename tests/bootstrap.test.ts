@@ -8,7 +8,7 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { describe, test } from "node:test";
 import { inflateRawSync } from "node:zlib";
 import { CORE, HANDLE, MARKER, Message, runtimeCommand, Stream, writeHeader } from "../core.ts";
-import { childRuntime, firstStage } from "../parent.ts";
+import { childRuntime, DENO_EVAL, firstStage } from "../parent.ts";
 import { payloads } from "../payload.ts";
 import { Router } from "../mod.ts";
 import { captureLogs, checkLeaks, RUNTIMES, transportPair } from "./helpers.ts";
@@ -21,7 +21,7 @@ type Io = { write(b: Uint8Array): void; end(): void; read: () => Promise<string>
 function start(kind: "node" | "deno", viaShell = false, plain = true): { proc: ChildProcess; io: Io } {
   const { exe } = runtimeCommand(kind);
   const stage = firstStage(kind, "socket", plain);
-  const words = kind === "node" ? [exe, "-e", stage, "boot-test"] : [exe, "eval", "--no-config", stage, "boot-test"];
+  const words = kind === "node" ? [exe, "-e", stage, "boot-test"] : [exe, ...DENO_EVAL, stage, "boot-test"];
   const stdio: ("pipe" | "ignore")[] = kind === "node" ? ["ignore", "pipe", "pipe", "pipe"] : ["pipe", "pipe", "pipe"];
   const env = { ...process.env, DENO_NO_UPDATE_CHECK: "1" };
   const proc = viaShell
@@ -89,7 +89,7 @@ for (const kind of RUNTIMES) {
       for (const plain of [true, false]) {
         const stage = firstStage(kind, "socket", plain);
         assert.ok(!stage.includes("'"), "no single quote");
-        const argv = (kind === "node" ? [kind, "-e", stage, "name"] : [kind, "eval", "--no-config", stage, "name"]).join(" ");
+        const argv = (kind === "node" ? [kind, "-e", stage, "name"] : [kind, ...DENO_EVAL, stage, "name"]).join(" ");
         assert.ok(argv.length <= 600, `argv is ${argv.length} characters`);
       }
     });
