@@ -351,7 +351,10 @@ export interface Boot {
 export function childTransport(boot: Boot): Transport {
   // Builtins: process.getBuiltinModule where the runtime has it, else the first stage's require.
   if (boot.require && !("process" in globalThis && process.getBuiltinModule)) loader = boot.require;
-  if (boot.socket) return nodeTransport(boot.socket, boot.out ?? boot.socket);
+  if (boot.socket) {
+    blockingOutput();
+    return nodeTransport(boot.socket, boot.out ?? boot.socket);
+  }
   if (!deno) throw new Error("mitogen: no stream handed to the core");
   const out = deno.stdout;
   const writeSync = out.writeSync.bind(out);
@@ -393,6 +396,28 @@ export function childTransport(boot: Boot): Transport {
   const con = console as unknown as Record<string, unknown>;
   for (const m of ["log", "info", "debug", "dir", "dirxml", "table"]) con[m] = console.error.bind(console);
   return denoTransport(read, writeSync, boot.rest ?? null);
+}
+
+/**
+ * Node: `process.stdout` and `process.stderr` write synchronously (blocking), as Deno's console does.
+ * Behind a shell (a Deno parent, ssh) they are one pipe (`1>&2`), and Node's writes queued on each
+ * while it is full would go out in turns and cut each other's lines. Set on first use (creating the
+ * streams costs ~2 ms at boot); console.* reads them through the same getters.
+ */
+function blockingOutput(): void {
+  for (const name of ["stdout", "stderr"]) {
+    const desc = Object.getOwnPropertyDescriptor(process, name);
+    const get = desc?.get;
+    if (!get || !desc.configurable) continue;
+    // Once set, the runtime's own getter goes back.
+    const once = (): unknown => {
+      Object.defineProperty(process, name, desc);
+      const s = get.call(process) as { _handle?: { setBlocking?(on: boolean): unknown } };
+      s._handle?.setBlocking?.(true);
+      return s;
+    };
+    Object.defineProperty(process, name, { ...desc, get: once });
+  }
 }
 
 /**

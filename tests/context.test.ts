@@ -118,7 +118,8 @@ for (const runtime of RUNTIMES) {
       assert.equal(total, 1024 * 1024);
       assert.equal(await ctx.call(() => "stream intact"), "stream intact");
       await waitFor(() => logs.lines("printer").filter((l) => l.length === 1023).length === 1024, 5000, "all printed lines");
-      assert.ok(logs.lines("printer").includes("to stderr"));
+      // A local node child's stderr is a pipe of its own, read apart from its stdout.
+      await waitFor(() => logs.lines("printer").includes("to stderr"), 5000, "the stderr line");
       await waitFor(
         () =>
           logs
@@ -132,6 +133,35 @@ for (const runtime of RUNTIMES) {
         logs.lines("printer").every((l) => l.length <= 64 * 1024),
         "long lines are cut at 64 KiB",
       );
+    });
+
+    test("lines printed to stdout and stderr in turn reach the log whole and in order", async () => {
+      // Behind a shell (a Deno parent, ssh) a node child's stdout and stderr are one pipe: writes
+      // that queue while it is full must not cut each other's lines.
+      const logs = captureLogs();
+      await using router = new Router({ log: logs.log });
+      const ctx = await router.local({ runtime, name: "mixed" });
+      await ctx.call(() => {
+        for (let i = 0; i < 2000; i++) {
+          process.stdout.write(`out ${i} ${"o".repeat(700)}\n`);
+          process.stderr.write(`err ${i} ${"e".repeat(300)}\n`);
+        }
+      });
+      await waitFor(() => logs.lines("mixed").length >= 4000, 30_000, "4000 lines");
+      const lines = logs.lines("mixed");
+      assert.deepEqual(
+        lines.filter((l) => !/^(out \d+ o{700}|err \d+ e{300})$/.test(l)).map((l) => l.slice(0, 80)),
+        [],
+        "cut lines",
+      );
+      for (const kind of ["out", "err"]) {
+        const seen = lines.filter((l) => l.startsWith(kind)).map((l) => Number(l.split(" ")[1]));
+        assert.deepEqual(
+          seen,
+          Array.from({ length: 2000 }, (_, i) => i),
+          `${kind} lines in order`,
+        );
+      }
     });
 
     test("every way user code prints is forwarded, and stdin reads as empty", async () => {
