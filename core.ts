@@ -1665,7 +1665,10 @@ export function childMain(boot: Boot, core: Record<string, unknown>, payloadName
     router.debug = cfg.debug;
     setTitle(`mitogen:${cfg.name}`);
     router.setParent(stream);
-    // The code cache its parent asked for (see codeCached in parent.ts), made before any call has run here.
+    // Die with the parent even while user code blocks the event loop (see ARCHITECTURE.md, "The watchdog").
+    router.log("debug", `watchdog: ${watchParent(cfg.parentPid)}`);
+    // The code cache its parent asked for (see codeCached in parent.ts), made before any call has run here, and
+    // after the watchdog and a log record, so that what they ran starts compiled in the next child too.
     const script = boot.script;
     if (cfg.codeCache && script) {
       // A value of each common kind encoded first, so that the cache holds the encoder too.
@@ -1673,8 +1676,6 @@ export function childMain(boot: Boot, core: Record<string, unknown>, payloadName
       router.route(Message.encoded(script.createCachedData(), { dst: parentId ?? 0, handle: cfg.codeCache }));
     }
     if (script?.cachedDataRejected !== undefined) router.log("debug", `code cache ${script.cachedDataRejected ? "rejected" : "used"}`);
-    // Die with the parent even while user code blocks the event loop (see ARCHITECTURE.md, "The watchdog").
-    router.log("debug", `watchdog: ${watchParent(cfg.parentPid)}`);
   };
   // Parent gone: nothing left to say to it, and our children see EOF when we exit.
   stream.onClose = () => exitProcess(0);
