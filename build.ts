@@ -63,6 +63,36 @@ async function script(options: esbuild.BuildOptions): Promise<string> {
   return file.text;
 }
 
+/**
+ * The child payload leaves out the stream decoding of `@msgpack/msgpack`'s Decoder (`decodeAsync`,
+ * `decodeStream` and the rest, about 340 bytes compressed): the codec decodes whole frames only. Each
+ * method goes from its header to the closing brace at the same indent; a version of the library
+ * without one of them fails the build, naming it.
+ */
+const STREAM_DECODING = [
+  "appendBuffer(buffer)",
+  "*decodeMulti(buffer)",
+  "async decodeAsync(stream)",
+  "decodeArrayStream(stream)",
+  "decodeStream(stream)",
+  "async *decodeMultiAsync(stream, isArray)",
+];
+const withoutStreamDecoding: esbuild.Plugin = {
+  name: "without-stream-decoding",
+  setup(build) {
+    build.onLoad({ filter: /@msgpack[\\/]msgpack[\\/]dist\.esm[\\/]Decoder\.mjs$/ }, (args) => {
+      let src = readFileSync(args.path, "utf8");
+      for (const method of STREAM_DECODING) {
+        const start = src.indexOf(`\n    ${method} {\n`);
+        const end = start < 0 ? -1 : src.indexOf("\n    }\n", start);
+        if (end < 0) throw new Error(`build.ts: @msgpack/msgpack's Decoder has no method ${method} to leave out; update STREAM_DECODING`);
+        src = src.slice(0, start) + src.slice(end + "\n    }".length);
+      }
+      return { contents: src, loader: "js" };
+    });
+  },
+};
+
 /** The oldest runtime a child runs on, for esbuild. */
 const OLDEST_TARGET = "node12";
 
@@ -70,7 +100,15 @@ const OLDEST_TARGET = "node12";
 export async function buildPayloads(): Promise<Payloads> {
   // Each core tells childMain which one it is, so that context can hand it on to children of its own.
   const core = async (target: string, name: string) =>
-    `${await script({ entryPoints: ["core.ts"], format: "iife", globalName: "M", target, ...readable() })}M.childMain(B,M,${JSON.stringify(name)});`;
+    `${await script({
+      entryPoints: ["core.ts"],
+      format: "iife",
+      globalName: "M",
+      target,
+      define: { "globalThis.MITOGEN_MODERN_CORE": String(name === CORE.MODERN) },
+      plugins: [withoutStreamDecoding],
+      ...readable(),
+    })}M.childMain(B,M,${JSON.stringify(name)});`;
   const modern = await core("es2022", CORE.MODERN);
   const lowered = await core(OLDEST_TARGET, CORE.LOWERED);
   // Shipped modules like any other (see evaluateModule in core.ts): their imports of the core are the running core.

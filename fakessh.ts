@@ -32,7 +32,8 @@ import { basename, delimiter, dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { spawn } from "node:child_process";
 import nacl from "tweetnacl";
-import { type Context, isDeno, MitogenError, nodeTransport, Receiver, type Router, type Sender, stdinSource, stdioSink, type Transport } from "./core.ts";
+import { type Context, isDeno, MitogenError, nodeTransport, Receiver, type Router, type Sender, type Transport } from "./core.ts";
+import { stdinSource, stdioSink } from "./stdio.ts";
 import { acceptWithKey, connectWithKey } from "./handshake.ts";
 import type { ExecResult, ExecSpec } from "./tunnel.ts";
 
