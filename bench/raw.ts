@@ -195,10 +195,12 @@ export class ForkPeer implements AsyncDisposable {
   }
 }
 
-/** Spawn `exe -e ''` (or `deno eval ''`) and resolve when it has exited; SIGKILL after `limitMs`. */
-export function spawnToExit(rt: Runtime, limitMs = 20_000): Promise<void> {
+/** Spawn `exe -e ''` (or `deno eval ''`) and resolve when it has exited; SIGKILL after `limitMs`. `without`: variables left out of its environment. */
+export function spawnToExit(rt: Runtime, limitMs = 20_000, without: readonly string[] = []): Promise<void> {
+  const env: Record<string, string | undefined> = { ...ENV };
+  for (const name of without) delete env[name];
   return new Promise((resolve, reject) => {
-    const proc = spawn(rt.exe, evalArgs(rt, ""), { stdio: "ignore", env: ENV });
+    const proc = spawn(rt.exe, evalArgs(rt, ""), { stdio: "ignore", env });
     live.add(proc);
     const timer = setTimeout(() => proc.kill("SIGKILL"), limitMs);
     proc.once("error", (err) => {
