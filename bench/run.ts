@@ -22,7 +22,19 @@ import { join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { bundle } from "../bundler.ts";
-import { type CallContext, type Context, connect, fakessh, generateKeyPair, type LogRecord, Receiver, Router, type Sender, takesRouter } from "../mod.ts";
+import {
+  type CallContext,
+  type Context,
+  connect,
+  fakessh,
+  generateKeyPair,
+  type LogRecord,
+  Receiver,
+  Router,
+  type Sender,
+  type SshOptions,
+  takesRouter,
+} from "../mod.ts";
 import { DENO_EVAL, firstStage, shellQuote } from "../parent.ts";
 import { payloads } from "../payload.ts";
 import { bounded, cell, num, perOpMicros, pool, type Scope, type Stats, spread, stats, timeMs } from "./lib.ts";
@@ -971,13 +983,7 @@ async function benchPutHops(hosts: TestHosts): Promise<void> {
   try {
     const r = await bounded(240_000, async (scope) => {
       const router = scope.add(newRouter());
-      const bastion = await router.ssh({
-        hostname: "bastion",
-        sshArgs: ["-F", hosts.sshConfigFile],
-        name: "bastion",
-        connectTimeout: SSH_CONNECT_MS,
-        runtime: hostRuntime,
-      });
+      const bastion = await router.ssh(bastionOptions(hosts));
       const inner = await router.ssh({ hostname: hosts.inner.address, via: bastion, name: "inner", connectTimeout: SSH_CONNECT_MS, runtime: hostRuntime });
       const mito = async () => PUT_BYTES / 1e6 / ((await timeMs(() => inner.putFile(src, join(dir, "mito.bin")))) / 1000);
       const dst = shellQuote(join(dir, "raw.bin"));
@@ -1011,6 +1017,16 @@ const TREE_NAME = "10 call to root on inner";
 /** Setup is well under a second; longer means another process holds the hosts' lock (setup would wait up to 300 s). */
 const HOSTS_SETUP_MS = 20_000;
 const SSH_CONNECT_MS = 20_000;
+
+/** ssh() to bastion as every ssh line starts it: the harness's ssh_config, the hosts' runtime; `extra` on top. */
+const bastionOptions = (hosts: TestHosts, extra: Partial<SshOptions> = {}): SshOptions => ({
+  hostname: "bastion",
+  sshArgs: ["-F", hosts.sshConfigFile],
+  name: "bastion",
+  connectTimeout: SSH_CONNECT_MS,
+  runtime: hostRuntime,
+  ...extra,
+});
 
 /**
  * The runtime on the hosts. They share this machine's filesystem but not the
@@ -1086,14 +1102,7 @@ async function sshBootOnce(scope: Scope, hosts: TestHosts, extra: { compression?
   let t2 = t0;
   {
     await using router = scope.add(newRouter());
-    const ctx = await router.ssh({
-      hostname: "bastion",
-      sshArgs: ["-F", hosts.sshConfigFile],
-      connectTimeout: SSH_CONNECT_MS,
-      runtime: hostRuntime,
-      name: "bastion",
-      ...extra,
-    });
+    const ctx = await router.ssh(bastionOptions(hosts, extra));
     t1 = performance.now();
     pid = await ctx.call(pidOf);
     t2 = performance.now();
@@ -1167,14 +1176,7 @@ async function benchSshRtt(hosts: TestHosts, tap: SshTap): Promise<void> {
     const r = await bounded(90_000, async (scope) => {
       const router = scope.add(newRouter());
       // Through the wrappers, which exec ssh: the same processes and pipes as without them.
-      const bastion = await router.ssh({
-        hostname: "bastion",
-        sshArgs: ["-F", hosts.sshConfigFile],
-        name: "bastion",
-        connectTimeout: SSH_CONNECT_MS,
-        runtime: hostRuntime,
-        sshPath: tap.path("rtt-bastion"),
-      });
+      const bastion = await router.ssh(bastionOptions(hosts, { sshPath: tap.path("rtt-bastion") }));
       const outer = tap.prefix("rtt-bastion");
       const echoCommand = remoteEcho(rt.kind, hostRuntime);
       sshRttShown.one = shown(outer, hosts.sshConfigFile);
@@ -1241,13 +1243,7 @@ async function benchTree(hosts: TestHosts): Promise<void> {
     const r = await bounded(60_000, async (scope) => {
       const router = scope.add(newRouter());
       const t0 = performance.now();
-      const bastion = await router.ssh({
-        hostname: "bastion",
-        sshArgs: ["-F", hosts.sshConfigFile],
-        name: "bastion",
-        connectTimeout: SSH_CONNECT_MS,
-        runtime: hostRuntime,
-      });
+      const bastion = await router.ssh(bastionOptions(hosts));
       const t1 = performance.now();
       const inner = await router.ssh({ hostname: hosts.inner.address, via: bastion, name: "inner", connectTimeout: SSH_CONNECT_MS, runtime: hostRuntime });
       const t2 = performance.now();
@@ -1303,13 +1299,7 @@ async function benchRsync(hosts: TestHosts): Promise<void> {
     }
     const r = await bounded(120_000, async (scope) => {
       const router = scope.add(newRouter());
-      const bastion = await router.ssh({
-        hostname: "bastion",
-        sshArgs: ["-F", hosts.sshConfigFile],
-        name: "bastion",
-        connectTimeout: SSH_CONNECT_MS,
-        runtime: hostRuntime,
-      });
+      const bastion = await router.ssh(bastionOptions(hosts));
       const mito = () =>
         timeMs(async () => {
           fresh("mito");
