@@ -10,7 +10,7 @@ import { basename, join, resolve } from "node:path";
 import { ReadStream } from "node:tty";
 import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
-import { createLogUpdate } from "log-update";
+import type { createLogUpdate } from "log-update";
 import { type Context, type LogRecord, Receiver, Router, type Sender } from "./mod.ts";
 import { joinParts } from "./runtime.ts";
 import type { ExecResult } from "./tunnel.ts";
@@ -328,7 +328,7 @@ type State = "queued" | "connecting" | "running" | "ok" | "failed";
 
 const SPINNER = ["⠋", "⠙", "⠹", "⠸", "⠼", "⠴", "⠦", "⠧", "⠇", "⠏"];
 
-/** The terminal's live list: one line per host, redrawn in place (log-update). */
+/** The terminal's live list: one line per host, redrawn in place (log-update, loaded only for it). */
 class LiveList {
   readonly #rows: { label: string; state: State; t0: number; ms?: number; note?: string }[];
   #frame = 0;
@@ -336,7 +336,12 @@ class LiveList {
   readonly #width: number;
   readonly #update: ReturnType<typeof createLogUpdate>;
 
-  constructor(targets: Target[]) {
+  /** Load log-update (its string-width makes an `Intl.Segmenter` as it loads, 10-15 ms) and draw the list. */
+  static async open(targets: Target[]): Promise<LiveList> {
+    return new LiveList(targets, (await import("log-update")).createLogUpdate);
+  }
+
+  private constructor(targets: Target[], create: typeof createLogUpdate) {
     // A terminal that reports no size (0 rows, as under `script`) still gets the whole list.
     const out = process.stdout;
     const sized = new Proxy(out, {
@@ -347,7 +352,7 @@ class LiveList {
         return typeof v === "function" ? (v as (...a: unknown[]) => unknown).bind(target) : v;
       },
     });
-    this.#update = createLogUpdate(sized);
+    this.#update = create(sized);
     this.#rows = targets.map((t) => ({ label: t.label, state: "queued" as State, t0: 0 }));
     this.#width = Math.max(...targets.map((t) => t.label.length), 4);
     this.#timer = setInterval(() => this.draw(), 80);
@@ -414,7 +419,7 @@ export async function runCommand(command: string, argv: string[]): Promise<numbe
   }
   const logs: LogRecord[] = [];
   await using router = new Router({ log: (r) => void logs.push(r) });
-  const live = opts.json ? null : new LiveList(opts.targets);
+  const live = opts.json ? null : await LiveList.open(opts.targets);
   const results: HostResult[] = new Array(opts.targets.length);
   const sshOptions = (t: Target, via: Context | undefined) => ({
     hostname: t.host,
