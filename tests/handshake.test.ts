@@ -11,12 +11,15 @@ import { nodeTransport, StreamError, type Transport } from "../core.ts";
 import {
   acceptSealed,
   acceptWithKey,
+  BOX_AT,
   connectSealed,
   connectWithKey,
   generateKeyPair,
   HANDSHAKE_FAILURE,
   type HandshakeError,
   type HandshakeFailure,
+  openInPlace,
+  sealFrame,
 } from "../handshake.ts";
 import { checkLeaks, waitFor } from "./helpers.ts";
 
@@ -295,6 +298,31 @@ describe("sealed frames", () => {
       }
     });
   }
+
+  test("a frame sealed in place is `length u32 BE | nacl.secretbox(...)`; opened in place, only an untouched box opens", () => {
+    fc.assert(
+      fc.property(
+        fc.uint8Array({ maxLength: 3000 }),
+        fc.uint8Array({ minLength: 24, maxLength: 24 }),
+        fc.uint8Array({ minLength: 32, maxLength: 32 }),
+        fc.nat(),
+        (plain, nonce, k, flip) => {
+          const frame = sealFrame(plain, nonce, k);
+          const box = nacl.secretbox(plain, nonce, k);
+          assert.equal(frame.byteLength, 4 + box.byteLength);
+          assert.equal(new DataView(frame.buffer, frame.byteOffset).getUint32(0), box.byteLength);
+          assert.deepEqual(frame.subarray(4), box);
+          const read = new Uint8Array(BOX_AT + box.byteLength);
+          read.set(box, BOX_AT);
+          const bad = read.slice();
+          bad[BOX_AT + (flip % box.byteLength)] = (bad[BOX_AT + (flip % box.byteLength)] as number) ^ 1;
+          assert.deepEqual(openInPlace(read, nonce, k), plain);
+          assert.equal(openInPlace(bad, nonce, k), null);
+        },
+      ),
+      { numRuns: 300 },
+    );
+  });
 
   test("a frame claiming more than the cap ends the transport (nothing allocated by it)", async () => {
     const { a, client: c, server: s, cleanup } = await sealedPair();
