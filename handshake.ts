@@ -499,13 +499,19 @@ const ZEROS = 32;
 /** @internal Where a box read off the wire goes in its buffer: after the zero bytes that `crypto_secretbox_open` wants. */
 export const BOX_AT: number = ZEROS - HANDSHAKE.TAG;
 
-/** @internal The sealed frame of `chunk`, `length u32 BE | nacl.secretbox(chunk, nonce, key)`, in one buffer sealed in place. */
-export function sealFrame(chunk: Uint8Array, nonce: Uint8Array, key: Uint8Array): Uint8Array {
-  const buf = new Uint8Array(ZEROS + chunk.byteLength);
-  buf.set(chunk, ZEROS);
+/** @internal The sealed frame of `parts` (their bytes in order), `length u32 BE | nacl.secretbox(bytes, nonce, key)`: one buffer, sealed in place. */
+export function sealFrame(parts: readonly Uint8Array[], nonce: Uint8Array, key: Uint8Array): Uint8Array {
+  let at = ZEROS;
+  for (const p of parts) at += p.byteLength;
+  const buf = new Uint8Array(at);
+  at = ZEROS;
+  for (const p of parts) {
+    buf.set(p, at);
+    at += p.byteLength;
+  }
   secretboxInPlace.crypto_secretbox(buf, buf, buf.byteLength, nonce, key);
   // The length goes in the last 4 of the 16 zero bytes before the tag.
-  writeU32(buf, BOX_AT - 4, HANDSHAKE.TAG + chunk.byteLength);
+  writeU32(buf, BOX_AT - 4, buf.byteLength - BOX_AT);
   return buf.subarray(BOX_AT - 4);
 }
 
@@ -534,17 +540,32 @@ function sealed(wire: Wire, sendKey: Uint8Array, receiveKey: Uint8Array): Transp
   const sendNonce = new Uint8Array(HANDSHAKE.NONCE);
   const receiveNonce = new Uint8Array(HANDSHAKE.NONCE);
   let broken = false;
-  const seal = (chunk: Uint8Array): void => raw.write([sealFrame(chunk, counterNonce(sendNonce, sent++), sendKey)]);
+  // A write becomes frames of up to MAX_CHUNK bytes, small parts joined: each byte is copied once, into its frame.
   const after = new After(raw, (parts) => {
     if (broken) return;
-    let total = 0;
-    for (const p of parts) total += p.byteLength;
-    if (parts.length === 1 && total <= HANDSHAKE.MAX_CHUNK) {
-      if (total) seal(parts[0] as Uint8Array);
-      return;
+    const frames: Uint8Array[] = [];
+    let group: Uint8Array[] = [];
+    let size = 0;
+    const seal = (): void => {
+      if (size) frames.push(sealFrame(group, counterNonce(sendNonce, sent++), sendKey));
+      group = [];
+      size = 0;
+    };
+    for (let p of parts) {
+      while (size + p.byteLength > HANDSHAKE.MAX_CHUNK) {
+        const take = HANDSHAKE.MAX_CHUNK - size;
+        group.push(p.subarray(0, take));
+        size += take;
+        seal();
+        p = p.subarray(take);
+      }
+      if (p.byteLength) {
+        group.push(p);
+        size += p.byteLength;
+      }
     }
-    const all = concat(parts);
-    for (let at = 0; at < total; at += HANDSHAKE.MAX_CHUNK) seal(all.subarray(at, at + HANDSHAKE.MAX_CHUNK));
+    seal();
+    if (frames.length) raw.write(frames);
   });
   // The frame being read: its 4-byte length, then its box, filled in and opened in place (see openInPlace).
   const head = new Uint8Array(4);

@@ -299,15 +299,18 @@ describe("sealed frames", () => {
     });
   }
 
-  test("a frame sealed in place is `length u32 BE | nacl.secretbox(...)`; opened in place, only an untouched box opens", () => {
+  test("a frame sealed in place from one part or two is `length u32 BE | nacl.secretbox(...)`; opened in place, only an untouched box opens", () => {
     fc.assert(
       fc.property(
         fc.uint8Array({ maxLength: 3000 }),
         fc.uint8Array({ minLength: 24, maxLength: 24 }),
         fc.uint8Array({ minLength: 32, maxLength: 32 }),
         fc.nat(),
-        (plain, nonce, k, flip) => {
-          const frame = sealFrame(plain, nonce, k);
+        fc.nat(),
+        (plain, nonce, k, flip, cut) => {
+          // The plaintext as one part, or cut in two (a part may be empty).
+          const at = cut % (plain.byteLength + 1);
+          const frame = sealFrame(cut % 2 ? [plain] : [plain.subarray(0, at), plain.subarray(at)], nonce, k);
           const box = nacl.secretbox(plain, nonce, k);
           assert.equal(frame.byteLength, 4 + box.byteLength);
           assert.equal(new DataView(frame.buffer, frame.byteOffset).getUint32(0), box.byteLength);
