@@ -471,6 +471,7 @@ function counterNonce(nonce: Uint8Array, n: number): Uint8Array {
   return nonce;
 }
 
+/** Write `v` at `at`, 4 bytes big-endian. */
 function writeU32(b: Uint8Array, at: number, v: number): void {
   b[at] = v >>> 24;
   b[at + 1] = (v >>> 16) & 0xff;
