@@ -283,14 +283,16 @@ function sameHeader(msg: Message, wire: Uint8Array): boolean {
   );
 }
 
-function put32(h: Uint8Array, at: number, v: number): void {
+/** @internal Write `v` at `h[at]`, 4 bytes big-endian (headers here, sealed frames in handshake.ts). */
+export function put32(h: Uint8Array, at: number, v: number): void {
   h[at] = v >>> 24;
   h[at + 1] = v >>> 16;
   h[at + 2] = v >>> 8;
   h[at + 3] = v;
 }
 
-function get32(h: Uint8Array, at: number): number {
+/** @internal The 4 bytes at `h[at]`, big-endian, as an unsigned integer. */
+export function get32(h: Uint8Array, at: number): number {
   return (((h[at] as number) << 24) | ((h[at + 1] as number) << 16) | ((h[at + 2] as number) << 8) | (h[at + 3] as number)) >>> 0;
 }
 

@@ -17,7 +17,7 @@
  * @module
  */
 import nacl from "tweetnacl";
-import { MitogenError, StreamError, type Transport } from "./core.ts";
+import { get32, MitogenError, put32, StreamError, type Transport } from "./core.ts";
 
 /** Sizes and versions of the handshakes (see PROTOCOL.md). */
 export const HANDSHAKE = {
@@ -466,17 +466,9 @@ function directionKey(s: Session, label: string): Uint8Array {
 
 /** Set `nonce` to a sealed frame's nonce: the frame's counter, 24 bytes big-endian. */
 function counterNonce(nonce: Uint8Array, n: number): Uint8Array {
-  writeU32(nonce, 16, Math.floor(n / 2 ** 32));
-  writeU32(nonce, 20, n >>> 0);
+  put32(nonce, 16, Math.floor(n / 2 ** 32));
+  put32(nonce, 20, n >>> 0);
   return nonce;
-}
-
-/** Write `v` at `at`, 4 bytes big-endian. */
-function writeU32(b: Uint8Array, at: number, v: number): void {
-  b[at] = v >>> 24;
-  b[at + 1] = (v >>> 16) & 0xff;
-  b[at + 2] = (v >>> 8) & 0xff;
-  b[at + 3] = v & 0xff;
 }
 
 /**
@@ -512,7 +504,7 @@ export function sealFrame(parts: readonly Uint8Array[], nonce: Uint8Array, key: 
   }
   secretboxInPlace.crypto_secretbox(buf, buf, buf.byteLength, nonce, key);
   // The length goes in the last 4 of the 16 zero bytes before the tag.
-  writeU32(buf, BOX_AT - 4, buf.byteLength - BOX_AT);
+  put32(buf, BOX_AT - 4, buf.byteLength - BOX_AT);
   return buf.subarray(BOX_AT - 4);
 }
 
@@ -585,7 +577,7 @@ function sealed(wire: Wire, sendKey: Uint8Array, receiveKey: Uint8Array): Transp
         while (headFill < 4 && at < chunk.byteLength) head[headFill++] = chunk[at++] as number;
         if (headFill < 4) return;
         headFill = 0;
-        const length = (((head[0] as number) << 24) | ((head[1] as number) << 16) | ((head[2] as number) << 8) | (head[3] as number)) >>> 0;
+        const length = get32(head, 0);
         if (length > MAX_BOX || length <= HANDSHAKE.TAG) {
           breakWith(`a frame of ${length} bytes is outside 17..${MAX_BOX}`);
           return;
