@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { readdirSync, readFileSync } from "node:fs";
 import { afterEach, beforeEach } from "node:test";
 import type { Transport } from "../core.ts";
-import type { LogRecord } from "../mod.ts";
+import { type CallContext, type LogRecord, takesRouter } from "../mod.ts";
 
 /** Every process this test file starts inherits this variable, so leaks are found even when orphaned. */
 export const TOKEN = `MITOGEN_TEST_TOKEN=${process.pid}-${Date.now()}`;
@@ -151,3 +151,8 @@ export function transportPair(): [Transport & { inject(bytes: Uint8Array): void;
     side(b, a),
   ];
 }
+
+/** Shipped to a context: the names of the core payloads it keeps, to start children with. */
+export const coresKept: (call: CallContext) => string[] = takesRouter((call: CallContext) =>
+  [...call.router.moduleCode.keys()].filter((k) => k.startsWith("mitogen:core")),
+);
