@@ -206,6 +206,11 @@ function ratioRow(name: string, r: Rounds, digits: number, unit: string, goal: n
   row(name, spread(stats(r.mito), digits, unit), spread(stats(r.raw), digits, unit), ratioCell(r, q, 2, "x"), label, q.median <= goal ? "PASS" : "MISS");
 }
 
+/** A detail line's figures: `mitogen <spread>, raw <spread>, ratio <paired ratios>`. */
+function pairText(r: Pick<Rounds, "mito" | "raw">, digits: number, unit: string): string {
+  return `mitogen ${spread(stats(r.mito), digits, unit)}, raw ${spread(stats(r.raw), digits, unit)}, ratio ${spread(ratios(r.mito, r.raw), 2, "x")}`;
+}
+
 /** The ratio column: paired ratios, and the round count when fewer ran than planned. */
 function ratioCell(r: Rounds, q: Stats, digits: number, unit: string): string {
   return spread(q, digits, unit) + (r.mito.length < r.planned ? ` n=${r.mito.length}` : "");
@@ -316,12 +321,7 @@ async function benchBoot(): Promise<void> {
       }
     });
     ratioRow(name, r.main, 1, " ms", 1.1, "<= 1.1x");
-    if (r.clean) {
-      const q = ratios(r.clean.mito, r.clean.raw);
-      detail(
-        `${CA_CERTS} is set here; without it on both sides: mitogen ${spread(stats(r.clean.mito), 1, " ms")}, raw ${spread(stats(r.clean.raw), 1, " ms")}, ratio ${spread(q, 2, "x")}`,
-      );
-    }
+    if (r.clean) detail(`${CA_CERTS} is set here; without it on both sides: ${pairText(r.clean, 1, " ms")}`);
   } catch (err) {
     failed(name, err);
   }
@@ -1150,11 +1150,7 @@ async function benchSshBoot(hosts: TestHosts, tap: SshTap): Promise<void> {
       return { main, alt, split, compressedByDefault: argv.def.includes("-C") };
     });
     ratioRow(SSH_NAME, r.main, 0, " ms", 1.05, "<= 1.05x");
-    const qAlt = ratios(r.alt.mito, r.alt.raw);
-    detail(
-      `with compression: true (ssh -C on both sides): mitogen ${spread(stats(r.alt.mito), 0, " ms")}, ` +
-        `raw ${spread(stats(r.alt.raw), 0, " ms")}, ratio ${spread(qAlt, 2, "x")}${r.compressedByDefault ? " (the default is -C already)" : ""}`,
-    );
+    detail(`with compression: true (ssh -C on both sides): ${pairText(r.alt, 0, " ms")}${r.compressedByDefault ? " (the default is -C already)" : ""}`);
     const part = (k: keyof SshSplit) => spread(stats(r.split.map((s) => s[k])), 1, " ms");
     detail(`mitogen (default) split: ssh() to connected ${part("connect")}, first call ${part("call")}, shutdown to both exits ${part("shutdown")}`);
   } catch (err) {
