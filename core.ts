@@ -9,7 +9,20 @@
 import type { Listener, ListenOptions } from "./listen.ts";
 import { AbortError, CallError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
 import { type Binder, type Secret, WIRE_REF, type WireRef } from "./codec.ts";
-import { Abort, asyncDispose, type Boot, builtin, builtinsReady, childTransport, exitProcess, hasOwn, onUncaught, setTitle, watchParent } from "./runtime.ts";
+import {
+  Abort,
+  asyncDispose,
+  type Boot,
+  builtin,
+  builtinsReady,
+  childTransport,
+  compileShipped,
+  exitProcess,
+  hasOwn,
+  onUncaught,
+  setTitle,
+  watchParent,
+} from "./runtime.ts";
 import { CORE, DEFAULT_MAX_MESSAGE_SIZE, FIRST_DYNAMIC_HANDLE, HANDLE, type LinkCounts, MARKER, Message, Stream } from "./frames.ts";
 import { type GetOptions, Receiver, Sender } from "./select.ts";
 import { FlowControl } from "./flow.ts";
@@ -1414,7 +1427,7 @@ function compile(src: string): Shippable {
     // Method shorthand (`foo() {}`) is not an expression; make it one.
     const expr = /^(async\s+)?(function\b|\(|[\w$]+\s*=>|async\s*[\w$(])/.test(src) ? src : src.replace(/^(async\s+)?(\*?)\s*/, "$1function$2 ");
     // `__name` is what esbuild's keepNames (tsx, bundlers) wraps functions in.
-    fn = new Function("__name", `"use strict";return (${expr}\n);`)(keepName) as Shippable;
+    fn = compileShipped.fn("__name", `"use strict";return (${expr}\n);`)(keepName) as Shippable;
     compiled.set(src, fn);
   }
   return fn;
@@ -1438,9 +1451,7 @@ export function evaluateModule(src: string, name: string): Record<string, unknow
   };
   // Indirect eval of a wrapper, not `new Function`: the lines `new Function` adds before the body differ
   // between V8 versions (none on Node 12, two later), and shipped modules' stacks are mapped by line.
-  // biome-ignore lint/security/noGlobalEval: running shipped code is the point; indirect, so in global scope.
-  const evaluate: (code: string) => unknown = globalThis.eval;
-  const wrapped = evaluate(`(function (module, exports, require, __name) {\n${src}\n})`) as (...args: unknown[]) => void;
+  const wrapped = compileShipped.eval(`(function (module, exports, require, __name) {\n${src}\n})`) as (...args: unknown[]) => void;
   wrapped(module, module.exports, require, keepName);
   return module.exports;
 }

@@ -344,7 +344,32 @@ export interface Boot {
   require?: (id: string) => unknown;
   /** Node: the core's `vm.Script`, when the parent's loader compiled it (with or without a code cache). */
   script?: { createCachedData(): Uint8Array; cachedDataRejected?: boolean };
+  /** Node, with `script`: compilers made outside that script, for shipped code (see {@link compileShipped}). */
+  compilers?: Compilers;
 }
+
+/** `new Function(...args)` and indirect `eval`, as made by one script. */
+export interface Compilers {
+  fn: (...args: string[]) => (...a: unknown[]) => unknown;
+  eval: (code: string) => unknown;
+}
+
+/**
+ * The compilers for shipped code (calls and modules). On Node, `import()` in code made by `new Function` or
+ * `eval` loads through the script whose code called them; a core compiled by `vm.Script` (the code-cache loader,
+ * see parent.ts) has no loader ("A dynamic import callback was not specified"), and vm.Script's
+ * `importModuleDynamically` needs a flag on Node 18 and warns on 22-24. So that loader, itself run from the
+ * first stage's `node -e` script, hands in compilers of its own ({@link Boot.compilers}); elsewhere the core's
+ * own do.
+ */
+export const compileShipped: Compilers = {
+  fn: (...args) => new Function(...args) as (...a: unknown[]) => unknown,
+  eval: (code) => {
+    // biome-ignore lint/security/noGlobalEval: running shipped code is the point; indirect, so in global scope.
+    const evaluate: (code: string) => unknown = globalThis.eval;
+    return evaluate(code);
+  },
+};
 
 /**
  * The child's stream to its parent. Under Deno this also moves user output
@@ -353,6 +378,7 @@ export interface Boot {
 export function childTransport(boot: Boot): Transport {
   // Builtins: process.getBuiltinModule where the runtime has it, else the first stage's require.
   if (boot.require && !("process" in globalThis && process.getBuiltinModule)) loader = boot.require;
+  if (boot.compilers) Object.assign(compileShipped, boot.compilers);
   if (boot.socket) {
     blockingOutput();
     return nodeTransport(boot.socket, boot.out ?? boot.socket);
