@@ -16,7 +16,7 @@ import {
   builtin,
   builtinsReady,
   childTransport,
-  compileShipped,
+  compilersForShipped,
   exitProcess,
   hasOwn,
   onUncaught,
@@ -1427,7 +1427,7 @@ function compile(src: string): Shippable {
     // Method shorthand (`foo() {}`) is not an expression; make it one.
     const expr = /^(async\s+)?(function\b|\(|[\w$]+\s*=>|async\s*[\w$(])/.test(src) ? src : src.replace(/^(async\s+)?(\*?)\s*/, "$1function$2 ");
     // `__name` is what esbuild's keepNames (tsx, bundlers) wraps functions in.
-    fn = compileShipped.fn("__name", `"use strict";return (${expr}\n);`)(keepName) as Shippable;
+    fn = compilersForShipped().fn("__name", `"use strict";return (${expr}\n);`)(keepName) as Shippable;
     compiled.set(src, fn);
   }
   return fn;
@@ -1451,7 +1451,7 @@ export function evaluateModule(src: string, name: string): Record<string, unknow
   };
   // Indirect eval of a wrapper, not `new Function`: the lines `new Function` adds before the body differ
   // between V8 versions (none on Node 12, two later), and shipped modules' stacks are mapped by line.
-  const wrapped = compileShipped.eval(`(function (module, exports, require, __name) {\n${src}\n})`) as (...args: unknown[]) => void;
+  const wrapped = compilersForShipped().eval(`(function (module, exports, require, __name) {\n${src}\n})`) as (...args: unknown[]) => void;
   wrapped(module, module.exports, require, keepName);
   return module.exports;
 }

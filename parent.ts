@@ -905,7 +905,7 @@ const codeCaches = new Map<string, { rest: Uint8Array } | "asked">();
  */
 const LOADER = new TextEncoder().encode(
   'const s=B.socket,f=d=>{b=b?Buffer.concat([b,d]):d;if(b.length<8)return;const n=b.readUInt32BE(),m=b.readUInt32BE(4),e=8+n+m;if(b.length<e)return;s.pause().off("data",f);b.length>e&&s.unshift(b.subarray(e));' +
-    'const c=new(B.require("vm").Script)(b.toString("latin1",8,8+n),m?{cachedData:b.subarray(8+n,e)}:{});c.runInThisContext()(Object.assign(B,{script:c,compilers:{fn:(...a)=>new Function(...a),eval:x=>(0,eval)(x)}}))};' +
+    'const c=new(B.require("vm").Script)(b.toString("latin1",8,8+n),m?{cachedData:b.subarray(8+n,e)}:{});c.runInThisContext()(Object.assign(B,{script:c}))};' +
     'let b;s.on("data",f).resume()',
 );
 

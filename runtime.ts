@@ -344,32 +344,39 @@ export interface Boot {
   require?: (id: string) => unknown;
   /** Node: the core's `vm.Script`, when the parent's loader compiled it (with or without a code cache). */
   script?: { createCachedData(): Uint8Array; cachedDataRejected?: boolean };
-  /** Node, with `script`: compilers made outside that script, for shipped code (see {@link compileShipped}). */
-  compilers?: Compilers;
 }
 
-/** `new Function(...args)` and indirect `eval`, as made by one script. */
+/** `new Function(...args)` and indirect `eval`, as made by one script: what shipped code is compiled with. */
 export interface Compilers {
   fn: (...args: string[]) => (...a: unknown[]) => unknown;
   eval: (code: string) => unknown;
 }
 
+const COMPILERS = "module.exports={fn:(...a)=>new Function(...a),eval:c=>(0,eval)(c)}";
+let compilers: Compilers | undefined;
+
 /**
- * The compilers for shipped code (calls and modules). On Node, `import()` in code made by `new Function` or
- * `eval` loads through the script whose code called them; a core compiled by `vm.Script` (the code-cache loader,
- * see parent.ts) has no loader ("A dynamic import callback was not specified"), and vm.Script's
- * `importModuleDynamically` needs a flag on Node 18 and warns on 22-24. So that loader, itself run from the
- * first stage's `node -e` script, hands in compilers of its own ({@link Boot.compilers}); elsewhere the core's
- * own do.
+ * The compilers for shipped code (calls and modules), made on first use. On Node, `import()` in code made by
+ * `new Function` or `eval` loads through the script whose code called them. The core's own script has no
+ * loader when `vm.Script` compiled it (the code-cache loader: "A dynamic import callback was not specified"),
+ * and on Node 12-16 the `node -e` script's loader is freed with that script, after which `import()` crashes the
+ * process. So on Node they come from a CommonJS module compiled as Node compiles files (`Module#_compile`, whose
+ * loader lives as long as the module), named as if in the working directory, as `node -e` is; Deno's loader
+ * works from any script.
  */
-export const compileShipped: Compilers = {
-  fn: (...args) => new Function(...args) as (...a: unknown[]) => unknown,
-  eval: (code) => {
+export function compilersForShipped(): Compilers {
+  if (compilers) return compilers;
+  if (deno) {
     // biome-ignore lint/security/noGlobalEval: running shipped code is the point; indirect, so in global scope.
     const evaluate: (code: string) => unknown = globalThis.eval;
-    return evaluate(code);
-  },
-};
+    return (compilers = { fn: (...args) => new Function(...args) as (...a: unknown[]) => unknown, eval: (code) => evaluate(code) });
+  }
+  type CjsModule = { exports: Compilers; _compile(code: string, filename: string): void };
+  const Module = builtin("node:module") as unknown as new (id: string) => CjsModule;
+  const module = new Module("[mitogen shipped code]");
+  module._compile(COMPILERS, `${nodeProcess().cwd()}/[mitogen shipped code]`);
+  return (compilers = module.exports);
+}
 
 /**
  * The child's stream to its parent. Under Deno this also moves user output
@@ -378,7 +385,6 @@ export const compileShipped: Compilers = {
 export function childTransport(boot: Boot): Transport {
   // Builtins: process.getBuiltinModule where the runtime has it, else the first stage's require.
   if (boot.require && !("process" in globalThis && process.getBuiltinModule)) loader = boot.require;
-  if (boot.compilers) Object.assign(compileShipped, boot.compilers);
   if (boot.socket) {
     blockingOutput();
     return nodeTransport(boot.socket, boot.out ?? boot.socket);

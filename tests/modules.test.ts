@@ -43,6 +43,19 @@ for (const runtime of RUNTIMES) {
       assert.equal((caused.cause as Error).message, "inner");
     });
 
+    test("shipped code may use import(): a builtin in a call, a builtin and a bundled npm dependency in a module, child and grandchild", async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const a = await router.local({ runtime, name: "importer" });
+      const b = await router.local({ runtime, name: "importer-below", via: a });
+      for (const ctx of [a, b]) {
+        // A Node child whose core was compiled by the code-cache loader (vm.Script) had no loader for import().
+        assert.equal(await ctx.call(async () => (await import("node:os")).platform()), process.platform, ctx.name);
+        assert.equal(await ctx.call(async (p: string) => (await import(p)).sep, "node:path"), "/", `${ctx.name}: a specifier from an argument`);
+        const tasks = await ctx.import<Tasks>(TASKS);
+        assert.deepEqual(await tasks.dynamicImports(), { platform: process.platform, same: true, sep: "/" }, ctx.name);
+      }
+    });
+
     test("shipped code logging reaches the master with the context name and hop path", async () => {
       const logs = captureLogs();
       await using router = new Router({ log: logs.log });

@@ -2,7 +2,8 @@
  * The runtime matrix: children on Node 12, 14, 16, 18, 20, 22, 24, 26 and
  * Deno 1.46 and 2 each run the same short scenario (bootstrap, calls, a
  * Sender stream, a Select, a shipped module with an npm dependency, log
- * forwarding, a deadline, a remote throw mapped to its source, a grandchild
+ * forwarding, a deadline, a remote throw mapped to its source, `import()` in
+ * shipped code, a grandchild
  * of the next runtime below it, orderly shutdown), all at once. Then the
  * runtimes that must be refused (Node 10, python, cat), locally and behind a
  * shell, and `runtime: "auto"` choosing among node, nodejs and deno.
@@ -82,6 +83,10 @@ async function scenario(
 
   const tasks = await ctx.import<Tasks>(TASKS);
   assert.equal(await tasks.same({ a: [1, { b: 2 }] }, { a: [1, { b: 2 }] }), true, "the npm dependency (dequal)");
+  // import() in shipped code: a builtin in a call; a builtin and a bundled npm dependency in a module.
+  const platform = process.platform;
+  assert.equal(await ctx.call(async () => (await import("node:os")).platform()), platform, "import() in a call");
+  assert.deepEqual(await tasks.dynamicImports(), { platform, same: true, sep: "/" }, "import() in a module");
 
   // A Sender stream into the master, and a Select over two calls.
   const inbox = new Receiver(router);
@@ -124,6 +129,8 @@ async function scenario(
   assert.equal(await grandchild.call(selfReport), below.runtime);
   const deeper = await grandchild.import<Tasks>(TASKS);
   assert.equal(await deeper.add(40, 2), 42);
+  assert.equal(await grandchild.call(async () => (await import("node:os")).platform()), platform, "import() in a call, grandchild");
+  assert.deepEqual(await deeper.dynamicImports(), { platform, same: true, sep: "/" }, "import() in a module, grandchild");
 
   await grandchild.shutdown({ wait: true });
   await ctx.shutdown({ wait: true });

@@ -81,6 +81,8 @@ test("inner through bastion: a context on bastion starts one on inner", { skip }
   assert.ok(((await b.call(inNamespace)) as string[]).includes(hosts.inner.address));
   const c = await router.local({ via: b, name: "inner-local" });
   assert.equal(await c.call(() => "three hops down"), "three hops down");
+  // import() in shipped code, over ssh and on a local child of an ssh context (whose core the code-cache loader compiles).
+  for (const ctx of [a, b, c]) assert.equal(await ctx.call(async () => (await import("node:os")).platform()), "linux", `import() on ${ctx.name}`);
   await b.shutdown({ wait: true });
   await assert.rejects(
     c.call(() => 1),
