@@ -171,8 +171,11 @@ function invokedDirectly(): boolean {
 
 if (invokedDirectly()) {
   // Started as `ssh` (by fakessh.run), the file is the ssh stand-in; otherwise the CLI.
-  (isStandIn() ? sshMain : runCli)(process.argv.slice(2)).then(
-    (code) => process.exit(code),
+  const standIn = isStandIn();
+  // The CLI exits once what it wrote has gone: a pipe takes a large record in more than one write.
+  const exit = (code: number) => (standIn ? process.exit(code) : process.stdout.write("", () => process.stderr.write("", () => process.exit(code))));
+  (standIn ? sshMain : runCli)(process.argv.slice(2)).then(
+    (code) => exit(code),
     (err) => {
       process.stderr.write(`mitogen: ${err instanceof Error ? err.message : String(err)}\n`);
       process.exit(1);

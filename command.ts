@@ -5,13 +5,14 @@
  *
  * @module
  */
-import { mkdirSync, openSync, readFileSync } from "node:fs";
+import { closeSync, constants, fstatSync, mkdirSync, openSync, readSync } from "node:fs";
 import { basename, join, resolve } from "node:path";
 import { ReadStream } from "node:tty";
 import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import type { createLogUpdate } from "log-update";
-import { type Context, type LogRecord, Receiver, Router, type Sender } from "./mod.ts";
+import { levelFromEnv } from "./logs.ts";
+import { type Context, type LogRecord, Receiver, Router, type Sender, TimeoutError } from "./mod.ts";
 import { joinParts } from "./runtime.ts";
 import type { ExecResult } from "./tunnel.ts";
 
@@ -33,6 +34,10 @@ export interface HostResult {
   stderr?: string;
   result?: unknown;
   error?: string;
+  /** Stopped by a signal to the CLI (SIGINT, SIGTERM, SIGHUP) before it finished. */
+  interrupted?: boolean;
+  /** What the host's contexts printed and logged (console output of call and eval, warnings), to {@link OUTPUT_CAP} bytes. */
+  output?: string;
   ms: number;
 }
 
@@ -92,28 +97,85 @@ export function usage(command: string): string {
   return c ? `usage: mitogen ${command} ${c.args}\n\n${c.summary}\n\n${COMMON_HELP}\n` : "";
 }
 
-/** Parse a target list: commas, `@file` lines, `local`, `[user@]host[:port]` (IPv6 in brackets). */
-export function parseTargets(spec: string, readFile: (path: string) => string = (p) => readFileSync(p, "utf8")): Target[] {
-  const out: Target[] = [];
-  for (const item of spec.split(",").map((s) => s.trim())) {
-    if (!item) continue;
-    if (item.startsWith("@")) {
-      const text = readFile(item.slice(1));
-      for (const line of text.split("\n")) {
-        const t = line.replace(/#.*/, "").trim();
-        if (t) out.push(...parseTargets(t, readFile));
-      }
-      continue;
-    }
-    if (item === "local") {
-      out.push({ label: "local", local: true, host: "local" });
-      continue;
-    }
-    const m = /^(?:([^@]+)@)?(\[[^\]]+\]|[^:@]+)(?::(\d+))?$/.exec(item);
-    if (!m) throw new UsageError(`bad target ${JSON.stringify(item)}: expected [user@]host[:port], @FILE or local`);
-    const host = (m[2] as string).replace(/^\[(.*)\]$/, "$1");
-    out.push({ label: item, local: false, host, ...(m[1] ? { user: m[1] } : {}), ...(m[3] ? { port: Number(m[3]) } : {}) });
+/** The largest targets file read (`@FILE`): a host list, not a disk. */
+export const MAX_TARGETS_FILE: number = 1024 * 1024;
+/** How deep `@FILE` lines may include other files. */
+const MAX_TARGETS_DEPTH = 16;
+
+/**
+ * Read a targets file: a regular file (or one /proc-like, read to its end) of at most
+ * {@link MAX_TARGETS_FILE} bytes; a UsageError naming the file and what is wrong otherwise.
+ */
+export function readTargetsFile(path: string): string {
+  let fd: number;
+  try {
+    // O_NONBLOCK: a FIFO opens at once (and is refused below) instead of waiting for a writer.
+    fd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);
+  } catch (err) {
+    throw new UsageError(`cannot read targets file ${path}: ${(err as NodeJS.ErrnoException).code ?? reason(err)}`);
   }
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile()) throw new UsageError(`targets file ${path} is not a regular file`);
+    if (st.size > MAX_TARGETS_FILE) throw new UsageError(`targets file ${path} is over ${MAX_TARGETS_FILE} bytes (${st.size}): is it a host list?`);
+    const buf = Buffer.alloc(MAX_TARGETS_FILE + 1);
+    let n = 0;
+    for (let got = -1; got !== 0 && n < buf.length; n += got) got = readSync(fd, buf, n, buf.length - n, null);
+    if (n > MAX_TARGETS_FILE) throw new UsageError(`targets file ${path} is over ${MAX_TARGETS_FILE} bytes: is it a host list?`);
+    return buf.subarray(0, n).toString("utf8");
+  } catch (err) {
+    if (err instanceof UsageError) throw err;
+    throw new UsageError(`cannot read targets file ${path}: ${(err as NodeJS.ErrnoException).code ?? reason(err)}`);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+const TARGET = /^(?:([^@]+)@)?(\[[^\]]+\]|[^:@]+)(?::(\d+))?$/;
+
+/**
+ * Parse a target list: commas, `@file` lines, `local`, `[user@]host[:port]` (IPv6 in brackets).
+ * A file that includes itself (directly or not), one too large, missing or not a regular file, and
+ * a bad line (named by its number, its text not shown: the file may not be a host list) are UsageErrors.
+ */
+export function parseTargets(spec: string, readFile: (path: string) => string = readTargetsFile): Target[] {
+  const out: Target[] = [];
+  const walk = (list: string, within: { path: string; key: string; line: number }[]) => {
+    for (const item of list.split(",").map((s) => s.trim())) {
+      if (!item) continue;
+      const where = within.at(-1);
+      if (item.startsWith("@")) {
+        const path = item.slice(1);
+        const key = resolve(path);
+        const cycle = within.findIndex((f) => f.key === key);
+        if (cycle >= 0) throw new UsageError(`targets file ${path} includes itself: ${[...within.slice(cycle).map((f) => f.path), path].join(" -> ")}`);
+        if (within.length >= MAX_TARGETS_DEPTH) throw new UsageError(`targets files nest deeper than ${MAX_TARGETS_DEPTH} at ${path}`);
+        const text = readFile(path);
+        if (text.length > MAX_TARGETS_FILE) throw new UsageError(`targets file ${path} is over ${MAX_TARGETS_FILE} bytes: is it a host list?`);
+        const lines = text.split("\n");
+        for (let i = 0; i < lines.length; i++) {
+          const t = (lines[i] as string).replace(/#.*/, "").trim();
+          if (t) walk(t, [...within, { path, key, line: i + 1 }]);
+        }
+        continue;
+      }
+      if (item === "local") {
+        out.push({ label: "local", local: true, host: "local" });
+        continue;
+      }
+      const m = TARGET.exec(item);
+      if (!m) {
+        if (where)
+          throw new UsageError(
+            `line ${where.line} of targets file ${where.path} is not a target list: expected [user@]host[:port], @FILE or local, comma-separated`,
+          );
+        throw new UsageError(`bad target ${JSON.stringify(item)}: expected [user@]host[:port], @FILE or local`);
+      }
+      const host = (m[2] as string).replace(/^\[(.*)\]$/, "$1");
+      out.push({ label: item, local: false, host, ...(m[1] ? { user: m[1] } : {}), ...(m[3] ? { port: Number(m[3]) } : {}) });
+    }
+  };
+  walk(spec, []);
   // the same label twice is two lines of output that say the same: number them
   const seen = new Map<string, number>();
   for (const t of out) {
@@ -227,42 +289,98 @@ function askPassword(prompt: string): Promise<string> {
   });
 }
 
-const OUTPUT_CAP = 1024 * 1024;
-const text = new TextDecoder();
+/** Most bytes kept of each stream a host prints (its command's stdout, stderr, and its contexts' output); the rest is counted. */
+export const OUTPUT_CAP: number = 1024 * 1024;
+/** How long a stopped command (a timeout, a signal) has to end, its output read to the end, before its host's record is written. */
+const STOP_GRACE = 5000;
+/** Exit status for each signal that stops the command: 128 + its number. */
+const SIGNALS = { SIGINT: 130, SIGTERM: 143, SIGHUP: 129 } as const;
+type StopSignal = keyof typeof SIGNALS;
 
-/** Collect what a Receiver of raw chunks gets, up to the cap. */
-async function collect(recv: Receiver): Promise<string> {
-  const parts: Uint8Array[] = [];
-  let size = 0;
-  let cut = false;
-  for await (const msg of recv) {
-    const chunk = msg.unpickle();
-    if (!(chunk instanceof Uint8Array)) continue;
-    if (size + chunk.byteLength > OUTPUT_CAP) cut = true;
+/** Text kept up to {@link OUTPUT_CAP} bytes, the rest counted; `text()` ends with a note of how much was cut. */
+class Capped {
+  readonly #parts: Uint8Array[] = [];
+  #size = 0;
+  #cut = 0;
+  #lastByte = 10;
+  static readonly #encoder = new TextEncoder();
+  static readonly #decoder = new TextDecoder();
+
+  add(chunk: Uint8Array | string): void {
+    const bytes = typeof chunk === "string" ? Capped.#encoder.encode(chunk) : chunk;
+    if (this.#cut || this.#size + bytes.byteLength > OUTPUT_CAP) this.#cut += bytes.byteLength;
     else {
-      parts.push(chunk);
-      size += chunk.byteLength;
+      this.#parts.push(bytes);
+      this.#size += bytes.byteLength;
+      if (bytes.byteLength) this.#lastByte = bytes[bytes.byteLength - 1] as number;
     }
   }
-  return text.decode(joinParts(parts, size)) + (cut ? `\n[mitogen: output cut at ${OUTPUT_CAP} bytes]\n` : "");
+
+  get empty(): boolean {
+    return this.#size === 0 && this.#cut === 0;
+  }
+
+  text(): string {
+    const note = this.#cut ? `${this.#lastByte === 10 ? "" : "\n"}[mitogen: ${this.#cut} more bytes cut; ${OUTPUT_CAP} kept]\n` : "";
+    return Capped.#decoder.decode(joinParts(this.#parts, this.#size)) + note;
+  }
 }
 
-/** Run `command` in `ctx` through mitogen:tunnel, with no input; its status and output. */
-async function runIn(router: Router, ctx: Context, command: string, timeout: number): Promise<{ exitCode: number | null; stdout: string; stderr: string }> {
+/** Read a Receiver of raw chunks to its end into `into`. */
+async function collect(recv: Receiver, into: Capped): Promise<void> {
+  for await (const msg of recv) {
+    const chunk = msg.unpickle();
+    if (chunk instanceof Uint8Array) into.add(chunk);
+  }
+}
+
+/** Resolves after `ms`, or at once when `signal` aborts; its timer goes either way. */
+function pause(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    signal?.addEventListener("abort", done, { once: true });
+  });
+}
+
+/** What one host's action gives back (its record, less the host and time). */
+type Outcome = Omit<HostResult, "host" | "ms">;
+
+/**
+ * Run `command` in `ctx` through mitogen:tunnel, with no input; its status and output. When
+ * `signal` aborts (a timeout, an interrupt) the call is cancelled, which kills the command's
+ * process group there; this waits (up to {@link STOP_GRACE}) for its output to end, so what it
+ * printed so far is kept, then rejects with the signal's reason carrying that output.
+ */
+async function runIn(router: Router, ctx: Context, command: string, timeout: number, signal: AbortSignal): Promise<Outcome> {
   const out = new Receiver(router, { respondent: ctx });
   const err = new Receiver(router, { respondent: ctx });
   const ctl = new Receiver(router, { respondent: ctx });
+  const stdout = new Capped();
+  const stderr = new Capped();
+  const output = Promise.all([collect(out, stdout), collect(err, stderr)]);
+  output.catch(() => {});
   try {
     const call = ctx
-      .with({ timeout })
+      .with({ timeout, signal })
       .callModule("mitogen:tunnel", "exec", { command, ctl: ctl.toSender(), stdout: out.toSender(), stderr: err.toSender() }) as Promise<ExecResult>;
-    call.catch(() => {});
     void ctl.getData().then(
       (ready) => (ready as { ready: Sender }).ready.close(),
       () => {},
     );
-    const [result, stdout, stderr] = await Promise.all([call, collect(out), collect(err)]);
-    return { exitCode: result.code ?? (result.signal ? 128 : null), stdout, stderr };
+    try {
+      const [result] = await Promise.all([call, output]);
+      return { ok: result.code === 0, exitCode: result.code ?? (result.signal ? 128 : null), stdout: stdout.text(), stderr: stderr.text() };
+    } catch (e) {
+      if (!signal.aborted) throw e;
+      // Cancelled: the command's group is being killed there; its pipes close once it has gone.
+      await Promise.race([output, pause(STOP_GRACE)]);
+      throw new Stopped(signal.reason, { exitCode: null, stdout: stdout.text(), stderr: stderr.text() });
+    }
   } finally {
     out.close();
     err.close();
@@ -270,17 +388,34 @@ async function runIn(router: Router, ctx: Context, command: string, timeout: num
   }
 }
 
-type Action = (router: Router, ctx: Context, target: Target) => Promise<Omit<HostResult, "host" | "ms">>;
+/** An action ended by its host's timeout or an interrupt, with what it had printed. */
+class Stopped extends Error {
+  override name = "Stopped";
+  readonly outcome: Partial<Outcome>;
+  constructor(cause: unknown, outcome: Partial<Outcome>) {
+    super(reason(cause), { cause });
+    this.outcome = outcome;
+  }
+}
+
+/** Why a host was stopped: its `--timeout`, or a signal to the CLI. */
+class Interrupted extends Error {
+  override name = "Interrupted";
+  readonly signal: StopSignal;
+  constructor(signal: StopSignal) {
+    super(`interrupted (${signal})`);
+    this.signal = signal;
+  }
+}
+
+type Action = (router: Router, ctx: Context, target: Target, signal: AbortSignal) => Promise<Outcome>;
 
 function action(command: string, p: Parsed): Action {
   const [a, b] = p.rest;
   switch (command) {
     case "run": {
       const line = p.rest.join(" ");
-      return async (router, ctx) => {
-        const r = await runIn(router, ctx, line, p.timeout);
-        return { ok: r.exitCode === 0, ...r };
-      };
+      return (router, ctx, _t, signal) => runIn(router, ctx, line, p.timeout, signal);
     }
     case "call": {
       const [file, name] = (a as string).split("#");
@@ -295,28 +430,31 @@ function action(command: string, p: Parsed): Action {
         }
       }
       const url = pathToFileURL(resolve(file));
-      return async (_router, ctx) => {
-        const mod = (await ctx.with({ timeout: p.timeout }).import<Record<string, (...x: unknown[]) => Promise<unknown>>>(url)) as Record<string, unknown>;
+      return async (_router, ctx, _t, signal) => {
+        const mod = (await ctx.with({ timeout: p.timeout, signal }).import<Record<string, (...x: unknown[]) => Promise<unknown>>>(url)) as Record<
+          string,
+          unknown
+        >;
         const fn = mod[name];
         if (typeof fn !== "function") throw new Error(`${file} has no exported function ${name}`);
         return { ok: true, result: await (fn as (...x: unknown[]) => Promise<unknown>)(...args) };
       };
     }
     case "eval":
-      return async (_router, ctx) => ({
+      return async (_router, ctx, _t, signal) => ({
         ok: true,
-        result: await ctx.with({ timeout: p.timeout }).call((code: string) => new Function(`return (${code}\n)`)(), a as string),
+        result: await ctx.with({ timeout: p.timeout, signal }).call((code: string) => new Function(`return (${code}\n)`)(), a as string),
       });
     case "put":
-      return async (_router, ctx) => {
-        const r = await ctx.putFile(a as string, b as string);
+      return async (_router, ctx, _t, signal) => {
+        const r = await ctx.putFile(a as string, b as string, { signal });
         return { ok: true, result: { bytes: r.bytes, sha256: r.sha256 } };
       };
     case "get":
-      return async (_router, ctx, target) => {
+      return async (_router, ctx, target, signal) => {
         const dir = join(b as string, target.label.replace(/[/\\]/g, "_"));
         mkdirSync(dir, { recursive: true });
-        const r = await ctx.getFile(a as string, join(dir, basename(a as string)));
+        const r = await ctx.getFile(a as string, join(dir, basename(a as string)), { signal });
         return { ok: true, result: { bytes: r.bytes, sha256: r.sha256, path: join(dir, basename(a as string)) } };
       };
     default:
@@ -324,7 +462,7 @@ function action(command: string, p: Parsed): Action {
   }
 }
 
-type State = "queued" | "connecting" | "running" | "ok" | "failed";
+type State = "queued" | "connecting" | "running" | "ok" | "failed" | "interrupted";
 
 const SPINNER = ["⠋", "⠙", "⠹", "⠸", "⠼", "⠴", "⠦", "⠧", "⠇", "⠏"];
 
@@ -363,7 +501,7 @@ class LiveList {
     const row = this.#rows[i];
     if (!row) return;
     if (state === "connecting") row.t0 = performance.now();
-    if (state === "ok" || state === "failed") row.ms = performance.now() - row.t0;
+    if (state === "ok" || state === "failed" || state === "interrupted") row.ms = row.t0 ? performance.now() - row.t0 : 0;
     row.state = state;
     if (note !== undefined) row.note = note;
     this.draw();
@@ -372,10 +510,10 @@ class LiveList {
   draw(): void {
     this.#frame = (this.#frame + 1) % SPINNER.length;
     const lines = this.#rows.map((r) => {
-      const mark = r.state === "ok" ? "✔" : r.state === "failed" ? "✖" : r.state === "queued" ? " " : SPINNER[this.#frame];
+      const mark = r.state === "ok" ? "✔" : r.state === "failed" || r.state === "interrupted" ? "✖" : r.state === "queued" ? " " : SPINNER[this.#frame];
       const secs = r.state === "queued" ? "" : `${(((r.ms ?? performance.now() - r.t0) as number) / 1000).toFixed(1)}s`;
       const note = r.note ? `  ${r.note.split("\n")[0]?.slice(0, 100)}` : "";
-      return `${mark} ${r.label.padEnd(this.#width)}  ${r.state.padEnd(10)} ${secs.padStart(6)}${note}`;
+      return `${mark} ${r.label.padEnd(this.#width)}  ${r.state.padEnd(11)} ${secs.padStart(6)}${note}`;
     });
     this.#update(lines.join("\n"));
   }
@@ -390,6 +528,92 @@ class LiveList {
 /** The message of a failure, as the library words it. */
 function reason(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
+}
+
+/** The most bytes a --password-file may hold. */
+const MAX_PASSWORD_FILE = 64 * 1024;
+
+/** The password in `path` (its last newline dropped): a regular file no group or other may read or write, as ssh wants of a key. */
+function readPasswordFile(path: string): string {
+  let fd: number;
+  try {
+    fd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);
+  } catch (err) {
+    throw new UsageError(`cannot read --password-file ${path}: ${(err as NodeJS.ErrnoException).code ?? reason(err)}`);
+  }
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile()) throw new UsageError(`--password-file ${path} is not a regular file`);
+    if (st.mode & 0o077)
+      throw new UsageError(
+        `--password-file ${path} is open to group or others (mode ${(st.mode & 0o777).toString(8).padStart(4, "0")}): a password file must be for its owner only (chmod 600 ${path})`,
+      );
+    if (st.size > MAX_PASSWORD_FILE) throw new UsageError(`--password-file ${path} is over ${MAX_PASSWORD_FILE} bytes: is it a password?`);
+    const buf = Buffer.alloc(MAX_PASSWORD_FILE + 1);
+    let n = 0;
+    for (let got = -1; got !== 0 && n < buf.length; n += got) got = readSync(fd, buf, n, buf.length - n, null);
+    if (n > MAX_PASSWORD_FILE) throw new UsageError(`--password-file ${path} is over ${MAX_PASSWORD_FILE} bytes: is it a password?`);
+    return buf
+      .subarray(0, n)
+      .toString("utf8")
+      .replace(/\r?\n$/, "");
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * Where the log records of the run go: each to the host whose context (or one below it) made it,
+ * kept to {@link OUTPUT_CAP} bytes per host; a record of no host still running (a `--via` hop, a
+ * host already written) to stderr, to {@link OUTPUT_CAP} bytes in all. Debug records only with
+ * MITOGEN_LOG=debug. Nothing is kept beyond those bounds, however much a target prints.
+ */
+class HostLogs {
+  readonly #byName = new Map<string, number>();
+  readonly #open: (Capped | null)[];
+  #stray = 0;
+  #strayCut = 0;
+  readonly #debug = levelFromEnv() === "debug";
+
+  constructor(targets: Target[]) {
+    targets.forEach((t, i) => {
+      this.#byName.set(t.label, i);
+      this.#byName.set(`${t.label}:sudo`, i);
+    });
+    this.#open = targets.map(() => new Capped());
+  }
+
+  readonly sink = (r: LogRecord): void => {
+    if (r.level === "debug" && !this.#debug) return;
+    const path = Array.isArray(r.path) ? r.path : [];
+    let host: number | undefined;
+    for (let j = path.length - 1; j >= 0 && host === undefined; j--) host = this.#byName.get(path[j] as string);
+    const line = r.source === "stdout" || r.source === "stderr" ? `${r.message}\n` : `[${r.level}] ${r.message}\n`;
+    const into = host === undefined ? null : this.#open[host];
+    if (into) {
+      into.add(line);
+      return;
+    }
+    // No host is collecting it: straight to stderr, bounded.
+    const text = `mitogen: ${path.slice(1).join(" -> ") || r.name}: ${line}`;
+    if (this.#stray + text.length > OUTPUT_CAP) this.#strayCut += text.length;
+    else {
+      this.#stray += text.length;
+      process.stderr.write(text);
+    }
+  };
+
+  /** Host `i`'s output so far, its buffer released; later records of it go to stderr. */
+  take(i: number): string | undefined {
+    const c = this.#open[i];
+    this.#open[i] = null;
+    return c && !c.empty ? c.text() : undefined;
+  }
+
+  /** Say how much stderr output was cut, if any. */
+  end(): void {
+    if (this.#strayCut) process.stderr.write(`mitogen: ${this.#strayCut} more bytes of log output cut\n`);
+  }
 }
 
 /** Run `mitogen <command> ...argv`; resolves with the exit status. */
@@ -411,15 +635,43 @@ export async function runCommand(command: string, argv: string[]): Promise<numbe
   const opts = p;
   let password: string | undefined;
   try {
-    if (opts.passwordFile) password = readFileSync(opts.passwordFile, "utf8").replace(/\r?\n$/, "");
+    if (opts.passwordFile) password = readPasswordFile(opts.passwordFile);
     else if (opts.passwordPrompt) password = await askPassword("password: ");
   } catch (err) {
     process.stderr.write(`mitogen ${command}: ${reason(err)}\n`);
     return 2;
   }
-  const logs: LogRecord[] = [];
-  await using router = new Router({ log: (r) => void logs.push(r) });
+  // SIGINT, SIGTERM, SIGHUP: stop every host's command (its process group is killed there), write a
+  // record for each host, exit 128 + the signal's number. A second one exits at once.
+  const stop = new AbortController();
+  let stoppedBy: StopSignal | null = null;
+  let hard: ReturnType<typeof setTimeout> | undefined;
+  const onSignal = (sig: StopSignal) => {
+    if (stoppedBy) process.exit(SIGNALS[stoppedBy]);
+    stoppedBy = sig;
+    stop.abort(new Interrupted(sig));
+    // Whatever happens, this process ends: the hosts had their grace, shutting down has its own bound.
+    hard = setTimeout(() => process.exit(SIGNALS[sig]), STOP_GRACE + 10_000);
+    hard.unref?.();
+  };
+  const handlers = Object.keys(SIGNALS).map((sig) => [sig, () => onSignal(sig as StopSignal)] as const);
+  for (const [sig, h] of handlers) process.on(sig, h);
+  try {
+    const failed = await runHosts(command, opts, act, password, stop.signal);
+    if (stoppedBy) return SIGNALS[stoppedBy];
+    return failed ? 1 : 0;
+  } finally {
+    for (const [sig, h] of handlers) process.off(sig, h);
+    clearTimeout(hard);
+  }
+}
+
+/** Run `act` on every target, `forks` at a time, writing each host's record; resolves with how many failed. */
+async function runHosts(command: string, opts: Parsed, act: Action, password: string | undefined, stop: AbortSignal): Promise<number> {
+  const logs = new HostLogs(opts.targets);
+  await using router = new Router({ log: logs.sink });
   const live = opts.json ? null : await LiveList.open(opts.targets);
+  // With --json a record is written as it comes and only what the summary needs is kept.
   const results: HostResult[] = new Array(opts.targets.length);
   const sshOptions = (t: Target, via: Context | undefined) => ({
     hostname: t.host,
@@ -442,65 +694,105 @@ export async function runCommand(command: string, argv: string[]): Promise<numbe
   for (const hop of opts.via) via = via.then((prev) => connect(hop, prev));
   via.catch(() => {});
   let next = 0;
+  const one = async (i: number, t: Target): Promise<HostResult> => {
+    const t0 = performance.now();
+    const ms = () => Math.round(performance.now() - t0);
+    if (stop.aborted) return { host: t.label, ok: false, interrupted: true, error: `${reason(stop.reason)} before it started`, ms: 0 };
+    live?.set(i, "connecting");
+    // This host's stop: its timeout (connecting included), or the CLI's.
+    const mine = new AbortController();
+    const onStop = () => mine.abort(stop.reason);
+    stop.addEventListener("abort", onStop, { once: true });
+    const timer = setTimeout(() => mine.abort(new TimeoutError(`timed out after ${opts.timeout} ms`)), opts.timeout);
+    let ctx: Context | undefined;
+    let acting = false;
+    try {
+      const job = (async () => {
+        const hop = await via.catch((err: unknown) => {
+          throw new Error(`via ${opts.via.map((v) => v.label).join(",")}: ${reason(err)}`);
+        });
+        let c = await connect(t, hop);
+        ctx = c;
+        if (opts.sudo)
+          c = await router.sudo({
+            username: opts.sudo,
+            via: c,
+            name: `${t.label}:sudo`,
+            connectTimeout: opts.timeout,
+            ...(password !== undefined ? { password } : {}),
+          });
+        if (mine.signal.aborted) throw mine.signal.reason;
+        live?.set(i, "running");
+        acting = true;
+        return act(router, c, t, mine.signal);
+      })();
+      job.catch(() => {});
+      // Connecting is left behind at once when stopped (shutting the router down ends it); `run` ends its command first.
+      const stopped = new Promise<never>((_, reject) => {
+        const go = () => {
+          if (!(acting && command === "run")) reject(mine.signal.reason);
+        };
+        if (mine.signal.aborted) go();
+        else mine.signal.addEventListener("abort", go, { once: true });
+      });
+      stopped.catch(() => {});
+      const r = await Promise.race([job, stopped]);
+      return { host: t.label, ...r, ms: ms() };
+    } catch (err) {
+      const why = err instanceof Stopped ? err.cause : mine.signal.aborted ? mine.signal.reason : err;
+      return {
+        host: t.label,
+        ok: false,
+        ...(err instanceof Stopped ? err.outcome : {}),
+        ...(why instanceof Interrupted ? { interrupted: true } : {}),
+        error: reason(why),
+        ms: ms(),
+      };
+    } finally {
+      clearTimeout(timer);
+      stop.removeEventListener("abort", onStop);
+      // Its context goes now, so that everything it printed has arrived (its pipes are read to the end) before its record is written.
+      if (ctx) await Promise.race([ctx.shutdown({ wait: true }).catch(() => {}), pause(STOP_GRACE)]);
+    }
+  };
+  let failed = 0;
+  let interrupted = 0;
+  let slowest: { host: string; ms: number } | null = null;
   const worker = async () => {
     for (;;) {
       const i = next++;
       const t = opts.targets[i];
       if (!t) return;
-      const t0 = performance.now();
-      live?.set(i, "connecting");
-      let result: HostResult;
-      let timer: ReturnType<typeof setTimeout> | undefined;
-      try {
-        const job = (async () => {
-          const hop = await via.catch((err: unknown) => {
-            throw new Error(`via ${opts.via.map((v) => v.label).join(",")}: ${reason(err)}`);
-          });
-          let ctx = await connect(t, hop);
-          if (opts.sudo)
-            ctx = await router.sudo({
-              username: opts.sudo,
-              via: ctx,
-              name: `${t.label}:sudo`,
-              connectTimeout: opts.timeout,
-              ...(password !== undefined ? { password } : {}),
-            });
-          live?.set(i, "running");
-          return act(router, ctx, t);
-        })();
-        const late = new Promise<never>((_, reject) => {
-          timer = setTimeout(() => reject(new Error(`timed out after ${opts.timeout} ms`)), opts.timeout);
-        });
-        job.catch(() => {});
-        const r = await Promise.race([job, late]);
-        result = { host: t.label, ...r, ms: Math.round(performance.now() - t0) };
-      } catch (err) {
-        result = { host: t.label, ok: false, error: reason(err), ms: Math.round(performance.now() - t0) };
-      } finally {
-        clearTimeout(timer);
-      }
-      results[i] = result;
+      const result = await one(i, t);
+      const output = logs.take(i);
+      if (output !== undefined) result.output = output;
+      if (!result.ok) failed++;
+      if (result.interrupted) interrupted++;
+      if (!slowest || result.ms > slowest.ms) slowest = { host: result.host, ms: result.ms };
       live?.set(
         i,
-        result.ok ? "ok" : "failed",
+        result.interrupted ? "interrupted" : result.ok ? "ok" : "failed",
         result.ok ? (result.exitCode !== undefined ? `exit ${result.exitCode}` : "") : (result.error ?? `exit ${result.exitCode}`),
       );
       if (opts.json) process.stdout.write(`${JSON.stringify(result)}\n`);
+      else results[i] = result;
     }
   };
   await Promise.all(Array.from({ length: Math.min(opts.forks, opts.targets.length) }, worker));
   live?.done();
-  const failed = results.filter((r) => !r.ok);
   if (!opts.json) {
     const prefixed = (out: string, prefix: string) => `${out.replace(/\n$/, "").replace(/^/gm, prefix)}\n`;
     for (const r of results) {
+      if (r.output) process.stdout.write(prefixed(r.output, `${r.host} (output): `));
       if (r.stdout) process.stdout.write(prefixed(r.stdout, `${r.host}: `));
       if (r.stderr) process.stdout.write(prefixed(r.stderr, `${r.host} (stderr): `));
       if (r.result !== undefined) process.stdout.write(`${r.host}: ${JSON.stringify(r.result)}\n`);
-      if (r.error) process.stdout.write(`${r.host}: error: ${r.error}\n`);
+      if (r.error) process.stdout.write(`${r.host}: ${r.interrupted ? "" : "error: "}${r.error}\n`);
     }
-    const slowest = results.reduce((a, b) => (b.ms > a.ms ? b : a));
-    process.stdout.write(`\n${results.length - failed.length} ok, ${failed.length} failed; slowest ${slowest.host} (${(slowest.ms / 1000).toFixed(1)} s)\n`);
+    const s = slowest as { host: string; ms: number } | null;
+    const parts = [`${opts.targets.length - failed} ok`, `${failed - interrupted} failed`, ...(interrupted ? [`${interrupted} interrupted`] : [])];
+    process.stdout.write(`\n${parts.join(", ")}${s ? `; slowest ${s.host} (${(s.ms / 1000).toFixed(1)} s)` : ""}\n`);
   }
-  return failed.length ? 1 : 0;
+  logs.end();
+  return failed;
 }

@@ -1558,6 +1558,8 @@ export function installDispatcher(router: Router): void {
           flags & CALL.TAKES_ROUTER || isTakesRouter(fn)
             ? [{ router, econtext: router, msg, signal: (controller ??= new Abort()).signal } satisfies CallContext]
             : [];
+        // Cancelled (or past its deadline) while its module loaded: it does not start.
+        if (controller?.signal.aborted) throw controller.signal.reason;
         result = await fn(...(Array.isArray(args) ? args : []), ...extra);
       }
     } catch (err) {

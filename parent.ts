@@ -275,6 +275,8 @@ interface Launch {
 /** Start a child by `spec.method` and bootstrap it. */
 export async function connect(router: Router, spec: ConnectSpec): Promise<Context> {
   const m = spec.method;
+  // connectTimeout counts from here: a runtime's --version probe included.
+  const t0 = Date.now();
   const launch =
     m.kind === "ssh"
       ? sshLaunch(spec, m)
@@ -284,8 +286,8 @@ export async function connect(router: Router, spec: ConnectSpec): Promise<Contex
           ? wrapLaunch(spec, m)
           : m.kind === "su" || m.kind === "doas"
             ? terminalLaunch(spec, m)
-            : await localLaunch(spec, m);
-  return spawnAndBootstrap(router, spec, launch);
+            : await localLaunch(spec, m, t0);
+  return spawnAndBootstrap(router, spec, launch, t0);
 }
 
 /** A runtime named neither node nor deno: is it one? Its `--version` says (`v12.22.12`, `deno 2.9.6 (...)`). */
@@ -293,15 +295,67 @@ function oddName(runtime: string): boolean {
   return !/node|deno/.test(runtime.slice(runtime.lastIndexOf("/") + 1));
 }
 
-/** Ask `exe --version` what it is; a StreamError when it is neither node nor deno. */
-async function probeRuntime(exe: string, who: string): Promise<"node" | "deno"> {
-  const { execFile } = builtin("node:child_process");
-  const said = await new Promise<string>((resolve, reject) =>
-    execFile(exe, ["--version"], { timeout: 5000 }, (err, stdout, stderr) => {
-      if (err && (err as { code?: unknown }).code === "ENOENT") reject(new StreamError(`cannot start ${exe}: ${err.message}`, { cause: err }));
-      else resolve(`${stdout}${stderr}`.trim().split("\n")[0] ?? "");
-    }),
-  );
+/**
+ * Ask `exe --version` what it is; a StreamError when it is neither node nor deno. It runs in a
+ * process group of its own, killed whole once it exits or at `deadline` (the start's
+ * connectTimeout), with a TimeoutError then: a wrapper script and what it started go together.
+ */
+async function probeRuntime(exe: string, who: string, deadline: number, connectTimeout: number): Promise<"node" | "deno"> {
+  const said = await new Promise<string>((resolve, reject) => {
+    let text = "";
+    const add = (d: Uint8Array | string) => {
+      if (text.length < 4096) text += typeof d === "string" ? d : new TextDecoder().decode(d);
+    };
+    let pid = 0;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    let settled = false;
+    let exited: () => void = () => {};
+    const exit = new Promise<void>((resolve) => (exited = resolve));
+    const settle = (err: Error | null) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      killGroup(pid); // what it left in its group goes with it
+      if (!err) return resolve(text.trim().split("\n")[0] ?? "");
+      // Rejected once it has gone (or 1 s on): a caller that looks finds nothing of it running.
+      let late: ReturnType<typeof setTimeout> | undefined;
+      void Promise.race([exit, new Promise<void>((r) => (late = setTimeout(r, 1000)))]).then(() => {
+        clearTimeout(late);
+        reject(err);
+      });
+    };
+    const cannot = (err: Error) => new StreamError(`cannot start ${exe}: ${err.message}`, { cause: err });
+    if (isDeno) {
+      try {
+        const p = denoSpawn(exe, ["--version"], nodeProcess().env, undefined, () => {});
+        pid = p.pid;
+        p.stdin.end();
+        p.stdout.on("data", add);
+        p.stderr.on("data", add);
+        void p.gone.then(() => {
+          exited();
+          settle(null);
+        });
+      } catch (err) {
+        return reject(cannot(err as Error));
+      }
+    } else {
+      const proc = builtin("node:child_process").spawn(exe, ["--version"], { detached: true, stdio: ["ignore", "pipe", "pipe"] });
+      pid = proc.pid ?? 0;
+      proc.stdout?.on("data", add);
+      proc.stderr?.on("data", add);
+      proc.once("error", (err) => settle((err as { code?: unknown }).code === "ENOENT" ? cannot(err) : null));
+      proc.once("exit", () => {
+        killGroup(pid);
+        exited();
+      });
+      proc.once("close", () => settle(null));
+    }
+    timer = setTimeout(
+      () => settle(new TimeoutError(`${who}: not connected within ${connectTimeout} ms (${exe} --version did not answer)`)),
+      Math.max(0, deadline - Date.now()),
+    );
+  });
   if (/^v\d+\./.test(said)) return "node";
   if (/^deno \d+\./.test(said)) return "deno";
   throw new StreamError(`${who}: ${notRuntime(exe, said)}`);
@@ -348,10 +402,12 @@ function failedExec(line: string, exe: string): StreamError | undefined {
   return line.startsWith(said) ? new StreamError(`cannot start ${exe}: ${line.slice(said.length)}`) : undefined;
 }
 
-async function localLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "local" }>): Promise<Launch> {
+async function localLaunch(spec: ConnectSpec, m: Extract<Method, { kind: "local" }>, t0: number): Promise<Launch> {
   // Default: the runtime of the context doing the starting (decided here, not where the request came from).
   const runtime = m.runtime ?? (isDeno ? "deno" : "node");
-  const cmd = oddName(runtime) ? { kind: await probeRuntime(runtime, spec.name), exe: runtime } : runtimeCommand(runtime);
+  const cmd = oddName(runtime)
+    ? { kind: await probeRuntime(runtime, spec.name, t0 + spec.connectTimeout, spec.connectTimeout), exe: runtime }
+    : runtimeCommand(runtime);
   const stage = firstStage(cmd.kind);
   const env: Record<string, string | undefined> = { ...nodeProcess().env, DENO_NO_UPDATE_CHECK: "1", DENO_NO_PROMPT: "1", ...m.env };
   if (isDeno && cmd.kind === "node") {
@@ -727,8 +783,7 @@ function denoLaunch(launch: Launch): Spawned {
 }
 
 /** Start `launch` and bootstrap the child. */
-async function spawnAndBootstrap(router: Router, spec: ConnectSpec, launch: Launch): Promise<Context> {
-  const t0 = Date.now();
+async function spawnAndBootstrap(router: Router, spec: ConnectSpec, launch: Launch, t0: number): Promise<Context> {
   let child: Spawned;
   try {
     child = await spawnLaunch(launch);
@@ -819,7 +874,10 @@ export async function bootstrap(
   };
   // Report an exit once the last stderr lines are in.
   void child.gone.then(() => failed(exitError()));
-  const timer = setTimeout(() => failed(new TimeoutError(`${spec.name}: not connected within ${spec.connectTimeout} ms`)), spec.connectTimeout);
+  const timer = setTimeout(
+    () => failed(new TimeoutError(`${spec.name}: not connected within ${spec.connectTimeout} ms`)),
+    Math.max(0, spec.connectTimeout - (Date.now() - t0)),
+  );
   let cached: ReturnType<typeof codeCached> | null = null;
 
   try {

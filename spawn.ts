@@ -12,8 +12,9 @@ import { nodeProcess } from "./core.ts";
 
 type Listener = (...args: never[]) => void;
 
-/** SIGKILL the process group `pid` leads (each start has a session of its own). */
+/** SIGKILL the process group `pid` leads (each start has a session of its own); nothing for no pid (0 would be our own group). */
 export function killGroup(pid: number): void {
+  if (!(pid > 0)) return;
   try {
     nodeProcess().kill(-pid, "SIGKILL");
   } catch {

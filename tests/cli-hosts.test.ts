@@ -4,14 +4,14 @@
  * unreachable host and a wrong password, each on its own line.
  */
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { execFile, spawn } from "node:child_process";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { after, test } from "node:test";
 import { DIST, NODE, mitogen as run } from "./command-runner.ts";
-import { checkLeaks } from "./helpers.ts";
+import { checkLeaks, waitFor } from "./helpers.ts";
 import { findProgram, type TestHosts, useTestHosts } from "./hosts.ts";
 
 checkLeaks();
@@ -101,4 +101,99 @@ test("a wrong sudo password is that host's error; call a module on inner through
   const call = await mitogen(["call", hosts.inner.address, "--via", "bastion", "-F", hosts.sshConfigFile, "--json", `${tasks}#add`, "[20, 22]"]);
   assert.equal(call.code, 0, call.stdout + call.stderr);
   assert.equal(byHost(call.stdout)[hosts.inner.address]?.result, 42);
+});
+
+/**
+ * Processes whose command line starts with `prefix`, any user's: the hosts share this machine's
+ * processes, and a hop's ssh (bastion to inner) does not send the leak check's token.
+ */
+function running(prefix: string): { pid: number; cmd: string }[] {
+  const out: { pid: number; cmd: string }[] = [];
+  for (const entry of readdirSync("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const cmd = readFileSync(`/proc/${entry}/cmdline`, "latin1").replaceAll("\0", " ");
+      if (cmd.startsWith(prefix) && !/\) Z /.test(readFileSync(`/proc/${entry}/stat`, "latin1"))) out.push({ pid: Number(entry), cmd });
+    } catch {
+      // gone
+    }
+  }
+  return out;
+}
+
+/** A `sleep` no other test runs (GNU sleep takes a fraction), so that finding it finds ours. */
+const uniqueSleep = () => `sleep 600.${process.pid}${Math.floor(Math.random() * 1e6)}`;
+
+/** Sleeps running `marker` (`sleep N`) and their shells, on any host. */
+const sleeping = (marker: string) => [...running(marker), ...running(`/bin/sh -c echo started; ${marker}`)];
+
+/** Run `mitogen ...args` until `count` sleeps of `marker` run, then send `signal`; its exit code and records by host. */
+async function interrupt(
+  args: string[],
+  marker: string,
+  count: number,
+  signal: NodeJS.Signals,
+): Promise<{ code: number | null; got: Record<string, Record<string, unknown>> }> {
+  const child = spawn(NODE, [DIST, ...args], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "1" } });
+  let stdout = "";
+  let stderr = "";
+  child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
+  child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+  const exit = new Promise<number | null>((resolve) => child.on("close", resolve));
+  const limit = setTimeout(() => child.kill("SIGKILL"), 90_000);
+  try {
+    await waitFor(() => running(marker).length === count, 60_000, `${count} × ${marker} to run`).catch((err: Error) => {
+      throw new Error(`${err.message}; mitogen wrote ${JSON.stringify(stdout + stderr)}`);
+    });
+    process.kill(child.pid as number, signal); // not child.kill(): Deno then reports that signal, not the exit code
+    const code = await exit;
+    assert.ok(stdout, stderr);
+    return { code, got: byHost(stdout) };
+  } finally {
+    clearTimeout(limit);
+    child.kill("SIGKILL");
+  }
+}
+
+test("a signal to mitogen run stops the command on ssh, sudo and via targets: every record says interrupted, nothing is left on any host", {
+  skip,
+}, async () => {
+  const one = uniqueSleep();
+  const direct = await interrupt(["run", "bastion,local", "-F", hosts.sshConfigFile, "--json", "--", `echo started; ${one}`], one, 2, "SIGINT");
+  assert.equal(direct.code, 130);
+  for (const h of ["bastion", "local"])
+    assert.deepEqual([direct.got[h]?.interrupted, direct.got[h]?.error, direct.got[h]?.stdout], [true, "interrupted (SIGINT)", "started\n"], h);
+  assert.deepEqual(sleeping(one), [], "nothing left on bastion or here");
+  const two = uniqueSleep();
+  const deep = await interrupt(
+    [
+      "run",
+      hosts.inner.address,
+      "--via",
+      "bastion",
+      "-F",
+      hosts.sshConfigFile,
+      "--sudo",
+      "--password-file",
+      join(scratch, "good"),
+      "--json",
+      "--",
+      `echo started; ${two}`,
+    ],
+    two,
+    1,
+    "SIGTERM",
+  );
+  assert.equal(deep.code, 143);
+  const inner = deep.got[hosts.inner.address];
+  assert.deepEqual([inner?.interrupted, inner?.error, inner?.stdout], [true, "interrupted (SIGTERM)", "started\n"]);
+  assert.deepEqual(sleeping(two), [], "nothing left on inner (run as root through sudo, via bastion)");
+});
+
+test("--timeout stops the command on an ssh target: nothing is left there", { skip }, async () => {
+  const three = uniqueSleep();
+  const r = await mitogen(["run", "bastion", "-F", hosts.sshConfigFile, "--timeout", "8000", "--json", "--", `echo started; ${three}`]);
+  assert.equal(r.code, 1);
+  assert.deepEqual([byHost(r.stdout).bastion?.error, byHost(r.stdout).bastion?.stdout], ["timed out after 8000 ms", "started\n"]);
+  assert.deepEqual(sleeping(three), [], "nothing left on bastion");
 });

@@ -4,15 +4,15 @@
  * help, and the live list under a pty. Over ssh: cli-hosts.test.ts.
  */
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { type ChildProcess, execFile, spawn } from "node:child_process";
+import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { after, test } from "node:test";
 import { COMMANDS, parseTargets } from "../command.ts";
 import { DIST, mitogen as run, NODE as node } from "./command-runner.ts";
-import { checkLeaks } from "./helpers.ts";
+import { checkLeaks, leakedProcesses, waitFor } from "./helpers.ts";
 import { findProgram } from "./hosts.ts";
 
 checkLeaks();
@@ -158,4 +158,193 @@ test("a missing runtime is that host's error, in the library's words; the others
   const got = lines(r.stdout);
   assert.equal(got.length, 2);
   for (const l of got) assert.match(String(l.error), /no\/such\/node/);
+});
+
+test("targets files: a cycle is named, a huge or non-regular file refused, a bad line named by number and not shown, a missing file is a usage error", async () => {
+  const a = join(scratch, "cycle-a.txt");
+  const b = join(scratch, "cycle-b.txt");
+  writeFileSync(a, `web1\n@${b}\n`);
+  writeFileSync(b, `web2\n@${a}\n`);
+  assert.throws(() => parseTargets(`@${a}`), { name: "UsageError", message: `targets file ${a} includes itself: ${a} -> ${b} -> ${a}` });
+  const self = join(scratch, "self.txt");
+  writeFileSync(self, `@${self}\n`);
+  assert.throws(() => parseTargets(`@${self}`), { name: "UsageError", message: `targets file ${self} includes itself: ${self} -> ${self}` });
+  // the same file twice side by side is no cycle
+  assert.deepEqual(
+    parseTargets(`@${b.replace("cycle-b", "plain")},@${b.replace("cycle-b", "plain")}`, () => "h1\n").map((t) => t.label),
+    ["h1", "h1#2"],
+  );
+  assert.throws(() => parseTargets("@/dev/zero"), { name: "UsageError", message: "targets file /dev/zero is not a regular file" });
+  const huge = join(scratch, "huge.txt");
+  writeFileSync(huge, "h\n".repeat(600 * 1024));
+  assert.throws(() => parseTargets(`@${huge}`), { name: "UsageError", message: /^targets file .*huge\.txt is over 1048576 bytes/ });
+  const secret = join(scratch, "not-hosts.txt");
+  writeFileSync(secret, "web1\nroot:$6$s3cr3t-hash$:19000:0:99999:7:::\n");
+  assert.throws(
+    () => parseTargets(`@${secret}`),
+    (err: Error) =>
+      err.name === "UsageError" && err.message.startsWith(`line 2 of targets file ${secret} is not a target list`) && !err.message.includes("s3cr3t"),
+  );
+  const missing = await mitogen(["run", `@${join(scratch, "no-such-hosts.txt")}`, "--", "true"]);
+  assert.equal(missing.code, 2, missing.stderr);
+  assert.match(missing.stderr, /cannot read targets file .*no-such-hosts\.txt: ENOENT/);
+  const shadow = await mitogen(["run", `@${secret}`, "--", "true"]);
+  assert.equal(shadow.code, 2);
+  assert.ok(!shadow.stderr.includes("s3cr3t"), shadow.stderr);
+});
+
+test("a --password-file open to group or others is refused, as ssh refuses such a key", async () => {
+  const pw = join(scratch, "password");
+  writeFileSync(pw, "hunter2\n", { mode: 0o644 });
+  const r = await mitogen(["run", "local", "--password-file", pw, "--json", "--", "true"]);
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /--password-file .*password is open to group or others \(mode 0644\).*chmod 600/);
+  assert.equal(r.stdout, "");
+  chmodSync(pw, 0o600);
+  const ok = await mitogen(["run", "local", "--password-file", pw, "--json", "--", "true"]);
+  assert.equal(ok.code, 0, ok.stderr);
+});
+
+/** Start `mitogen ...args`, sampling its RSS (from /proc) every 20 ms; its exit code, stdout and highest RSS in bytes. */
+function sampled(args: string[]): Promise<{ code: number | null; stdout: string; maxRss: number }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(node, [DIST, ...args], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "1" } });
+    let stdout = "";
+    child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
+    child.stderr.resume();
+    let maxRss = 0;
+    const poll = setInterval(() => {
+      try {
+        const kb = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${child.pid}/status`, "latin1"))?.[1] ?? 0);
+        maxRss = Math.max(maxRss, kb * 1024);
+      } catch {
+        // exited
+      }
+    }, 20);
+    const limit = setTimeout(() => child.kill("SIGKILL"), 120_000);
+    child.on("error", reject);
+    child.on("close", (code) => {
+      clearInterval(poll);
+      clearTimeout(limit);
+      resolve({ code, stdout, maxRss });
+    });
+  });
+}
+
+test("what a target prints through eval and call is in its record, cut to a bound with a note; the CLI's memory stays bounded while it prints 200 MiB", async () => {
+  const base = await sampled(["eval", "local", "--json", "1"]);
+  assert.equal(base.code, 0);
+  const flood = `(() => { const b = ("y".repeat(1023) + "\\n").repeat(1024); for (let i = 0; i < 200; i++) process.stdout.write(b); console.error("the end"); return 7 })()`;
+  const big = await sampled(["eval", "local", "--json", flood]);
+  assert.equal(big.code, 0);
+  const [rec] = lines(big.stdout);
+  assert.equal(rec?.result, 7);
+  const output = String(rec?.output);
+  assert.ok(output.startsWith("y".repeat(1023)), "the first lines are shown");
+  assert.match(output, /\[mitogen: \d+ more bytes cut; 1048576 kept\]\n$/);
+  assert.ok(output.length < 1.1 * 1024 * 1024, `output of ${output.length} bytes`);
+  const grew = (big.maxRss - base.maxRss) / 2 ** 20;
+  assert.ok(grew < 150, `the CLI grew by ${grew.toFixed(0)} MiB (from ${(base.maxRss / 2 ** 20).toFixed(0)} MiB)`);
+  const small = await mitogen(["eval", "local,local", "--json", `(console.log("said"), console.error("warned"), 1)`]);
+  assert.deepEqual(
+    lines(small.stdout).map((l) => l.output),
+    ["said\nwarned\n", "said\nwarned\n"],
+  );
+  const tasks = fileURLToPath(new URL("./fixtures/tasks.ts", import.meta.url));
+  const call = await mitogen(["call", "local", `${tasks}#add`, "[2, 3]"]);
+  assert.equal(lines(call.stdout)[0]?.result, 5);
+});
+
+/** Start `mitogen ...args`; resolves once `ready()` holds (polled), with the child and its exit. */
+async function started(args: string[], ready: () => boolean): Promise<{ child: ChildProcess; exit: Promise<{ code: number | null; stdout: string }> }> {
+  const child = spawn(node, [DIST, ...args], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "1" } });
+  let stdout = "";
+  child.stdout?.on("data", (d: Buffer) => (stdout += d.toString()));
+  child.stderr?.resume();
+  const exit = new Promise<{ code: number | null; stdout: string }>((resolve) => child.on("close", (code) => resolve({ code, stdout })));
+  try {
+    await waitFor(ready, 30_000, `mitogen ${args.join(" ")} to get going`);
+  } catch (err) {
+    child.kill("SIGKILL");
+    await exit;
+    throw err;
+  }
+  return { child, exit };
+}
+
+/** The processes of commands running `marker` (a `sleep N`): the sleeps themselves and their shells. */
+const sleeping = (marker: string) => leakedProcesses().filter((p) => p.cmd.startsWith(marker) || p.cmd.startsWith(`/bin/sh -c echo started; ${marker}`));
+/** How many `marker` sleeps run. */
+const asleep = (marker: string) => leakedProcesses().filter((p) => p.cmd.startsWith(marker)).length;
+
+for (const [signal, code] of [
+  ["SIGTERM", 143],
+  ["SIGHUP", 129],
+  ["SIGINT", 130],
+] as const) {
+  test(`${signal} stops the command on every host (its process group is killed), writes a record for each, interrupted, and exits ${code}`, async () => {
+    const marker = `sleep 6${code}`;
+    const { child, exit } = await started(
+      ["run", "local,local,local", "--forks", "2", "--json", "--", `echo started; ${marker}; echo never`],
+      () => asleep(marker) === 2,
+    );
+    process.kill(child.pid as number, signal); // not child.kill(): Deno then reports that signal, not the exit code
+    const r = await exit;
+    assert.equal(r.code, code);
+    const got = lines(r.stdout).sort((x, y) => String(x.host).localeCompare(String(y.host)));
+    assert.deepEqual(
+      got.map((l) => [l.host, l.ok, l.interrupted, l.error]),
+      [
+        ["local", false, true, `interrupted (${signal})`],
+        ["local#2", false, true, `interrupted (${signal})`],
+        ["local#3", false, true, `interrupted (${signal}) before it started`],
+      ],
+    );
+    assert.deepEqual(
+      got.slice(0, 2).map((l) => l.stdout),
+      ["started\n", "started\n"],
+    );
+    assert.deepEqual(sleeping(marker), [], "no command left running");
+  });
+}
+
+test("--timeout stops a command that runs too long: its process group is killed, its output so far kept", async () => {
+  const r = await mitogen(["run", "local", "--timeout", "3000", "--json", "--", "echo started; sleep 677; echo never"]);
+  assert.equal(r.code, 1);
+  assert.deepEqual(
+    lines(r.stdout).map((l) => [l.ok, l.error, l.stdout, l.interrupted]),
+    [[false, "timed out after 3000 ms", "started\n", undefined]],
+  );
+  assert.deepEqual(sleeping("sleep 677"), [], "no command left running");
+});
+
+test("Ctrl-C on a terminal stops every host's command: the live list and summary say interrupted, exit 130", {
+  skip: findProgram("script") ? false : "needs script (util-linux)",
+}, async () => {
+  const marker = "sleep 699";
+  const cmd = `${node} ${DIST} run local,local -- 'echo started; ${marker}'`;
+  const { out, code } = await new Promise<{ out: string; code: number | null }>((resolve) => {
+    const child = spawn("script", ["-qfec", cmd, "/dev/null"], { env: { ...process.env, NO_COLOR: "1" }, stdio: ["pipe", "pipe", "pipe"] });
+    let out = "";
+    child.stdout.on("data", (d: Buffer) => (out += d.toString()));
+    child.stderr.resume();
+    const limit = setTimeout(() => child.kill("SIGKILL"), 60_000);
+    child.on("close", (c) => {
+      clearTimeout(limit);
+      resolve({ out, code: c });
+    });
+    void waitFor(() => asleep(marker) === 2, 30_000, "both commands to run").then(
+      () => child.stdin.write("\x03"),
+      () => child.kill("SIGKILL"),
+    );
+  });
+  const escapes = new RegExp(`${String.fromCharCode(27)}\\[[0-9;?]*[A-Za-z]`, "g");
+  const plain = out.replace(escapes, "").replace(/\r/g, "");
+  assert.equal(code, 130, plain);
+  assert.match(plain, /✖ local\s+interrupted/);
+  assert.match(plain, /✖ local#2\s+interrupted/);
+  assert.match(plain, /^local: started$/m);
+  assert.match(plain, /^local: interrupted \(SIGINT\)$/m);
+  assert.match(plain, /0 ok, 0 failed, 2 interrupted/);
+  assert.deepEqual(sleeping(marker), [], "no command left running");
 });

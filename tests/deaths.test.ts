@@ -47,6 +47,21 @@ const CAN_CHANGE_USER = SETPRIV && process.getuid?.() === 0 && spawnSync("setcap
 const pidOf = (ctx: Context) => ctx.call(() => process.pid) as Promise<number>;
 const forever = () => new Promise(() => {});
 
+test("connectTimeout bounds a runtime's --version probe too, and the probe's whole process group is killed", async () => {
+  await using router = new Router({ log: captureLogs().log });
+  // Named neither node nor deno, so it is asked --version first; it answers late, after a child of its own.
+  const slow = join(dir, "slow-runtime");
+  writeFileSync(slow, "#!/bin/sh\nsleep 30\necho v20.0.0\n", { mode: 0o755 });
+  const t0 = Date.now();
+  await assert.rejects(router.local({ runtime: slow, connectTimeout: 1000 }), {
+    name: "TimeoutError",
+    message: `local.1: not connected within 1000 ms (${slow} --version did not answer)`,
+  });
+  assert.ok(Date.now() - t0 < 4000, `rejected after ${Date.now() - t0} ms`);
+  // Killed before the rejection; the kernel may take a moment to finish them on a busy machine.
+  await waitFor(() => leakedProcesses().length === 0, 2000, "the probe and its sleep to be gone");
+});
+
 for (const runtime of RUNTIMES) {
   describe(`${runtime} children`, () => {
     test("connectTimeout bounds a start through a wrapper that does not exec, and kills what the wrapper started", async () => {
