@@ -1,0 +1,160 @@
+/**
+ * What unauthenticated clients of a TCP listener cost: connections before the
+ * handshake are capped (in all and per address, the newcomer from a source
+ * holding fewer taking the place of the oldest of the source holding most),
+ * a HELLO costs one scalar multiplication at most, and refusals are logged
+ * once, then counted. The listening context runs with a lowered descriptor
+ * limit (prlimit), so 2000 connections would exhaust it if they were kept.
+ */
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { chmodSync, mkdtempSync, rmSync } from "node:fs";
+import type { Socket } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, test } from "node:test";
+import { type CallContext, connect, type Context, generateKeyPair, type KeyPair, type ListenOptions, Router, takesRouter } from "../mod.ts";
+import { captureLogs, checkLeaks } from "./helpers.ts";
+
+checkLeaks();
+
+const scratch = mkdtempSync(join(tmpdir(), "mitogen-listen-load-"));
+chmodSync(scratch, 0o700);
+after(() => rmSync(scratch, { recursive: true, force: true }));
+
+/** Start listening in the context it runs in; the listener kept in a global. */
+const startListening = takesRouter(async (options: ListenOptions, call: CallContext) => {
+  const l = await call.router.listen(options);
+  (globalThis as unknown as { listener?: unknown }).listener = l;
+  return l.port;
+});
+const stopListening = async () => {
+  const g = globalThis as unknown as { listener?: { close(): Promise<void> } };
+  await g.listener?.close();
+  delete g.listener;
+};
+
+/**
+ * The attacker (runs in a context of its own): `n` connections that never speak, from
+ * 127.0.0.2.. (`sources` addresses), each opened again a second after the listener closes
+ * it; and `floods` loops sending a HELLO with an authorized (public) key, closing at the answer.
+ */
+const attack = async (port: number, n: number, sources: number, floods: number, publicKey: string) => {
+  const net = process.getBuiltinModule("node:net");
+  const g = globalThis as unknown as { attack?: { stop: boolean; connected: number; welcomes: number; closes: number; sockets: Set<Socket> } };
+  const state = { stop: false, connected: 0, welcomes: 0, closes: 0, sockets: new Set<Socket>() };
+  g.attack = state;
+  const open = (localAddress: string, hello: Uint8Array | null): Promise<void> =>
+    new Promise((resolve) => {
+      const s = net.connect({ port, host: "127.0.0.1", localAddress });
+      state.sockets.add(s);
+      s.on("error", () => {});
+      s.once("connect", () => {
+        state.connected++;
+        if (hello) s.write(hello);
+        resolve();
+      });
+      s.on("data", () => {
+        state.welcomes++;
+        s.destroy();
+      });
+      s.once("close", () => {
+        state.closes++;
+        state.sockets.delete(s);
+        resolve();
+        if (!state.stop) setTimeout(() => void open(localAddress, hello), hello ? 0 : 1000);
+      });
+    });
+  const half = Array.from({ length: n }, (_, i) => open(`127.0.0.${2 + (i % sources)}`, null));
+  const key = Buffer.from(publicKey, "base64");
+  for (let i = 0; i < floods; i++) {
+    const hello = new Uint8Array(65);
+    hello[0] = 1;
+    hello.set(process.getBuiltinModule("node:crypto").randomBytes(32), 1);
+    hello.set(key, 33);
+    void open(`127.0.0.${200 + i}`, hello);
+  }
+  // Every connection connected or closed (bounded: a listener that stopped accepting leaves SYNs unanswered).
+  await Promise.race([Promise.all(half), new Promise((r) => setTimeout(r, 10_000))]);
+  return { connected: state.connected, closes: state.closes };
+};
+const attackState = () => {
+  const s = (globalThis as unknown as { attack: { connected: number; welcomes: number; closes: number; sockets: Set<{ destroy(): void }> } }).attack;
+  return { connected: s.connected, welcomes: s.welcomes, closes: s.closes, open: s.sockets.size };
+};
+const stopAttack = () => {
+  const s = (globalThis as unknown as { attack?: { stop: boolean; sockets: Set<{ destroy(): void }> } }).attack;
+  if (!s) return;
+  s.stop = true;
+  for (const sock of s.sockets) sock.destroy();
+};
+
+/** What the listening context can still do: write and read a file, run a program, start a child. */
+async function stillWorks(router: Router, a: Context, dir: string): Promise<void> {
+  const file = join(dir, "still-works");
+  const read = await a.call((f: string) => {
+    const fs = process.getBuiltinModule("node:fs");
+    fs.writeFileSync(f, "fs works");
+    return fs.readFileSync(f, "utf8");
+  }, file);
+  assert.equal(read, "fs works");
+  assert.equal(await a.call(() => process.getBuiltinModule("node:child_process").execFileSync("echo", ["spawn works"]).toString().trim()), "spawn works");
+  const child = await router.local({ name: "c", via: a });
+  assert.equal(await child.call(() => "child works"), "child works");
+}
+
+test("under 2000 half-open connections and a HELLO flood, a session attaches within 1 s and the listening context's fs, spawn and children work", async () => {
+  const logs = captureLogs();
+  await using router = new Router({ log: logs.log });
+  const a = await router.local({ name: "a" });
+  const pid = (await a.call(() => process.pid)) as number;
+  execFileSync("prlimit", [`--pid=${pid}`, "--nofile=256:256"]);
+  assert.equal(
+    await a.call(
+      () =>
+        process
+          .getBuiltinModule("node:fs")
+          .readFileSync("/proc/self/limits", "utf8")
+          .match(/Max open files\s+(\d+)/)?.[1],
+    ),
+    "256",
+  );
+  const server = generateKeyPair();
+  const client: KeyPair = generateKeyPair();
+  // A long handshake deadline: the attacker's connections stay pending as long as the listener lets them.
+  const port = (await a.call(startListening, {
+    host: "127.0.0.1",
+    port: 0,
+    keyPair: server,
+    authorizedKeys: [client.publicKey],
+    handshakeTimeout: 60_000,
+  })) as number;
+  const x = await router.local({ name: "attacker" });
+  execFileSync("prlimit", [`--pid=${(await x.call(() => process.pid)) as number}`, "--nofile=8192:8192"]);
+  try {
+    const wave = (await x.call(attack, port, 2000, 20, 8, client.publicKey)) as { connected: number; closes: number };
+    assert.ok(wave.connected >= 1900, `the attacker's connections were made: ${JSON.stringify(wave)}`);
+    const times: number[] = [];
+    for (let i = 0; i < 3; i++) {
+      const t0 = Date.now();
+      await using session = await connect({ host: "127.0.0.1", port, keyPair: client, serverKey: server.publicKey, timeout: 5000, log: () => {} });
+      times.push(Date.now() - t0);
+      assert.equal(await session.context.call(() => "attached"), "attached");
+    }
+    const during = (await x.call(attackState)) as { welcomes: number; closes: number };
+    assert.ok(during.welcomes > 0, `the HELLO flood was answered meanwhile: ${JSON.stringify(during)}`);
+    assert.ok(Math.min(...times) < 1000, `a session attached within 1 s (took ${times.join(", ")} ms)`);
+    await stillWorks(router, a, scratch);
+    // The attacker's connections cost the listener a bounded number of descriptors.
+    const fds = (await a.call(() => process.getBuiltinModule("node:fs").readdirSync("/proc/self/fd").length)) as number;
+    assert.ok(fds < 150, `the listening context holds ${fds} descriptors`);
+    const refusals = logs.lines("a").filter((l) => /listener .*refused/.test(l));
+    console.log("DEBUG", JSON.stringify({ wave, during, times, fds }), refusals);
+    assert.ok(refusals.length <= 10, `refusals are logged once, then counted: ${refusals.length} lines`);
+  } finally {
+    await x.call(stopAttack);
+    await a.call(stopListening);
+  }
+  const counted = logs.lines("a").filter((l) => /refused \d+ connections in the last 10 s/.test(l));
+  assert.ok(counted.length > 0, "the count of refusals is logged");
+});
