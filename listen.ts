@@ -222,9 +222,10 @@ function count(value: number | undefined, name: string, fallback: number): numbe
 }
 
 /** Refusals of connections, logged once, then counted per reason: one line per reason per window. */
-function refusalLog(router: Router, where: () => string): { refused(reason: string, detail: string): void; flush(): void } {
+function refusalLog(router: Router, where: () => string): { refused(reason: string, detail: string): void; close(): void } {
   const counts = new Map<string, number>();
   let timer: ReturnType<typeof setTimeout> | null = null;
+  let closed = false;
   const flush = (): void => {
     if (timer !== null) clearTimeout(timer);
     timer = null;
@@ -238,12 +239,15 @@ function refusalLog(router: Router, where: () => string): { refused(reason: stri
   };
   return {
     refused(reason, detail) {
+      if (closed) return;
       if (timer === null) {
         router.log("warn", `listener ${where()}: refused a connection: ${detail} (more in the next ${REFUSAL_WINDOW_MS / 1000} s are counted)`);
         timer = setTimeout(flush, REFUSAL_WINDOW_MS);
       } else counts.set(reason, (counts.get(reason) ?? 0) + 1);
     },
-    flush() {
+    /** Log what was counted; no timer is left. */
+    close() {
+      closed = true;
       flush();
       if (timer !== null) clearTimeout(timer);
       timer = null;
@@ -358,7 +362,11 @@ export async function listen(router: Router, options: ListenOptions): Promise<Li
   const server = net.createServer((socket: import("node:net").Socket) => {
     const source = path !== null ? "unix" : (socket.remoteAddress ?? "unknown");
     socket.on("error", () => {}); // a reset before the handshake ends is the handshake's failure
-    const full = closing ? "the listener is closing" : room(source);
+    if (closing) {
+      socket.destroy();
+      return;
+    }
+    const full = room(source);
     if (full) {
       refusals.refused(full, `from ${source}: ${full}`);
       socket.destroy();
@@ -377,9 +385,10 @@ export async function listen(router: Router, options: ListenOptions): Promise<Li
       () => settle(source, socket),
       (err: unknown) => {
         settle(source, socket);
+        socket.destroy();
+        if (closing) return; // ended by close(), not refused
         const reason = err instanceof HandshakeError ? `handshake failed: ${err.reason}` : err instanceof Error ? err.message : String(err);
         refusals.refused(reason, `from ${source}: ${err instanceof Error ? err.message : String(err)}`);
-        socket.destroy();
       },
     );
   });
@@ -433,7 +442,9 @@ export async function listen(router: Router, options: ListenOptions): Promise<Li
     else server.listen(options.port ?? 0, options.host, done);
   });
   // An accept that fails (EMFILE) must not end the process: it is a refusal like any other.
-  server.on("error", (err: Error) => refusals.refused(`accept failed: ${err.message}`, `accept failed: ${err.message}`));
+  server.on("error", (err: Error) => {
+    if (!closing) refusals.refused(`accept failed: ${err.message}`, `accept failed: ${err.message}`);
+  });
   if (path !== null) fs.chmodSync(path, 0o600);
   const address = server.address();
   const port = path === null && address && typeof address === "object" ? address.port : null;
@@ -449,12 +460,11 @@ export async function listen(router: Router, options: ListenOptions): Promise<Li
     close() {
       closed ??= (async () => {
         closing = true;
-        refusals.flush();
         const stopped = new Promise<void>((resolve) => server.close(() => resolve()));
         for (const s of live) s.close();
         for (const s of sockets) s.destroy();
         await stopped;
-        refusals.flush();
+        refusals.close();
         for (const f of [path, keyFile]) {
           if (f === null) continue;
           try {

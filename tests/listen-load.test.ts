@@ -9,12 +9,12 @@
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { chmodSync, mkdtempSync, rmSync } from "node:fs";
-import type { Socket } from "node:net";
+import { connect as netConnect, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
 import { type CallContext, connect, type Context, generateKeyPair, type KeyPair, type ListenOptions, Router, takesRouter } from "../mod.ts";
-import { captureLogs, checkLeaks } from "./helpers.ts";
+import { captureLogs, checkLeaks, waitFor } from "./helpers.ts";
 
 checkLeaks();
 
@@ -149,7 +149,6 @@ test("under 2000 half-open connections and a HELLO flood, a session attaches wit
     const fds = (await a.call(() => process.getBuiltinModule("node:fs").readdirSync("/proc/self/fd").length)) as number;
     assert.ok(fds < 150, `the listening context holds ${fds} descriptors`);
     const refusals = logs.lines("a").filter((l) => /listener .*refused/.test(l));
-    console.log("DEBUG", JSON.stringify({ wave, during, times, fds }), refusals);
     assert.ok(refusals.length <= 10, `refusals are logged once, then counted: ${refusals.length} lines`);
   } finally {
     await x.call(stopAttack);
@@ -157,4 +156,100 @@ test("under 2000 half-open connections and a HELLO flood, a session attaches wit
   }
   const counted = logs.lines("a").filter((l) => /refused \d+ connections in the last 10 s/.test(l));
   assert.ok(counted.length > 0, "the count of refusals is logged");
+});
+
+/** A connection from `localAddress` that says nothing; `closed` is set when the listener closes it. */
+async function silent(port: number, localAddress: string): Promise<{ socket: Socket; closed: () => boolean }> {
+  const socket = netConnect({ port, host: "127.0.0.1", localAddress });
+  let closed = false;
+  socket.on("error", () => {});
+  socket.once("close", () => {
+    closed = true;
+  });
+  socket.resume();
+  await new Promise<void>((resolve) => {
+    socket.once("connect", () => resolve());
+    socket.once("close", () => resolve());
+  });
+  return { socket, closed: () => closed };
+}
+
+test("connections in their handshake are capped in all and per address; a newcomer from an address holding fewer takes the place of the oldest of the one holding most", async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const server = generateKeyPair();
+  const client = generateKeyPair();
+  await using listener = await router.listen({
+    host: "127.0.0.1",
+    port: 0,
+    keyPair: server,
+    authorizedKeys: [client.publicKey],
+    maxPending: 4,
+    maxPendingPerSource: 2,
+    handshakeTimeout: 60_000,
+  });
+  const port = listener.port as number;
+  const held: { socket: Socket; closed: () => boolean }[] = [];
+  try {
+    const settle = () => new Promise((r) => setTimeout(r, 200));
+    // 127.0.0.2 may hold two; its third is closed at once.
+    held.push(await silent(port, "127.0.0.2"), await silent(port, "127.0.0.2"));
+    const third = await silent(port, "127.0.0.2");
+    held.push(third);
+    await waitFor(third.closed, 5000, "the third from 127.0.0.2 closed");
+    await settle();
+    assert.deepEqual(
+      held.slice(0, 2).map((h) => h.closed()),
+      [false, false],
+      "the first two stay",
+    );
+    // 127.0.0.3 takes the last two places; then 127.0.0.4 (holding none) takes the place of the oldest of 127.0.0.2.
+    held.push(await silent(port, "127.0.0.3"), await silent(port, "127.0.0.3"));
+    await settle();
+    assert.ok(!held[3]?.closed() && !held[4]?.closed(), "127.0.0.3's two stay: 4 in all");
+    const fourth = await silent(port, "127.0.0.4");
+    held.push(fourth);
+    await waitFor(() => held[0]?.closed() === true, 5000, "the oldest of 127.0.0.2 dropped");
+    assert.equal(fourth.closed(), false, "the newcomer stays");
+    // A legitimate client (127.0.0.1, holding none) attaches though every place is taken.
+    await using session = await connect({ host: "127.0.0.1", port, keyPair: client, serverKey: server.publicKey, timeout: 5000, log: () => {} });
+    assert.equal(await session.context.call(() => 42), 42);
+  } finally {
+    for (const h of held) h.socket.destroy();
+  }
+});
+
+test("refused connections are logged once, then counted: one line per reason per 10 s", async () => {
+  const logs = captureLogs();
+  const server = generateKeyPair();
+  const N = 300;
+  {
+    await using router = new Router({ log: logs.log });
+    await using listener = await router.listen({ host: "127.0.0.1", port: 0, keyPair: server, authorizedKeys: [generateKeyPair().publicKey] });
+    const port = listener.port as number;
+    // Each sends a HELLO of an unauthorized key: refused after reading it.
+    const hello = new Uint8Array(65).fill(7);
+    hello[0] = 1;
+    for (let done = 0; done < N; done += 20) {
+      await Promise.all(
+        Array.from(
+          { length: 20 },
+          () =>
+            new Promise<void>((resolve) => {
+              const s = netConnect(port, "127.0.0.1");
+              s.on("error", () => {});
+              s.once("connect", () => s.write(hello));
+              s.resume();
+              s.once("close", () => resolve());
+            }),
+        ),
+      );
+    }
+    const lines = logs.lines().filter((l) => /refused/.test(l));
+    assert.ok(lines.length <= 2, `${N} refusals, ${lines.length} lines: ${lines.slice(0, 3).join(" | ")}`);
+    assert.match(lines[0] ?? "", /refused a connection: .*client key not authorized/);
+  }
+  // Closing the listener logs what was counted.
+  const counted = logs.lines().filter((l) => /refused \d+ connections in the last 10 s/.test(l));
+  assert.equal(counted.length, 1, counted.join(" | "));
+  assert.match(counted[0] as string, new RegExp(`refused ${N - 1} connections in the last 10 s: handshake failed: client key not authorized`));
 });
