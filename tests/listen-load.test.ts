@@ -253,3 +253,53 @@ test("refused connections are logged once, then counted: one line per reason per
   assert.equal(counted.length, 1, counted.join(" | "));
   assert.match(counted[0] as string, new RegExp(`refused ${N - 1} connections in the last 10 s: handshake failed: client key not authorized`));
 });
+
+/** Send `n` HELLOs carrying `key`, `parallel` at a time (under maxPendingPerSource); each connection closes at the answer or refusal. */
+async function hellos(port: number, key: Uint8Array, n: number, parallel: number): Promise<void> {
+  let left = n;
+  const hello = new Uint8Array(65);
+  hello[0] = 1;
+  hello.set(key, 33);
+  const one = (): Promise<void> =>
+    new Promise((resolve) => {
+      const s = netConnect(port, "127.0.0.1");
+      s.on("error", () => {});
+      s.once("connect", () => s.write(hello));
+      s.on("data", () => s.destroy());
+      s.once("close", () => resolve());
+    });
+  await Promise.all(
+    Array.from({ length: parallel }, async () => {
+      while (left-- > 0) await one();
+    }),
+  );
+}
+
+test("a HELLO costs the listener no key derivation if its key is not authorized, one scalar multiplication if it is (key material derived once per listen)", async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const a = await router.local({ name: "a", runtime: "node" });
+  const server = generateKeyPair();
+  const client = generateKeyPair();
+  const authorizedKeys = [client.publicKey, ...Array.from({ length: 20 }, () => generateKeyPair().publicKey)];
+  const port = (await a.call(startListening, { host: "127.0.0.1", port: 0, keyPair: server, authorizedKeys })) as number;
+  try {
+    const cost = await a.import<typeof import("./fixtures/nacl-cost.ts")>(new URL("./fixtures/nacl-cost.ts", import.meta.url));
+    const cpu = () => a.call(() => process.cpuUsage().user + process.cpuUsage().system) as Promise<number>;
+    /** Microseconds of the listener's CPU per HELLO with `key`. */
+    const perHello = async (key: Uint8Array, n: number): Promise<number> => {
+      await hellos(port, key, 20, 4); // warm up
+      const c0 = await cpu();
+      await hellos(port, key, n, 4);
+      return ((await cpu()) - c0) / n;
+    };
+    const scalarMult = await cost.keyPairMicros(200);
+    const garbage = await perHello(new Uint8Array(32).fill(9), 300);
+    const authorized = await perHello(new Uint8Array(Buffer.from(client.publicKey, "base64")), 300);
+    const ratios = `a scalar multiplication ${scalarMult.toFixed(0)} us; a HELLO: unauthorized ${garbage.toFixed(0)} us, authorized ${authorized.toFixed(0)} us`;
+    // Loose bounds (CPU time of the listening process, not wall time): before, 1.1 and 3.6 scalar multiplications.
+    assert.ok(garbage < 0.6 * scalarMult, `an unauthorized HELLO costs less than a scalar multiplication: ${ratios}`);
+    assert.ok(authorized < 2.3 * scalarMult, `an authorized HELLO costs about one scalar multiplication: ${ratios}`);
+  } finally {
+    await a.call(stopListening);
+  }
+});
