@@ -205,9 +205,9 @@ function writeKeyFile(file: string, key: Uint8Array): void {
     fs.unlinkSync(file);
   }
   const c = fs.constants;
+  // Mode 0600 at creation (a umask only takes bits away); Deno 1.46 has no fchmodSync.
   const fd = fs.openSync(file, c.O_WRONLY | c.O_CREAT | c.O_EXCL | (c.O_NOFOLLOW ?? 0), 0o600);
   try {
-    fs.fchmodSync(fd, 0o600);
     fs.writeSync(fd, builtin("node:buffer").Buffer.from(key).toString("base64"));
   } finally {
     fs.closeSync(fd);
