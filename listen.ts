@@ -460,10 +460,17 @@ export async function listen(router: Router, options: ListenOptions): Promise<Li
     close() {
       closed ??= (async () => {
         closing = true;
-        const stopped = new Promise<void>((resolve) => server.close(() => resolve()));
+        // close()'s callback waits for every connection, all destroyed here; Deno 1.46 never calls
+        // it once one was accepted, so wait for it at most a second (the socket is closed already).
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        const stopped = new Promise<void>((resolve) => {
+          server.close(() => resolve());
+          timer = setTimeout(resolve, 1000);
+        });
         for (const s of live) s.close();
         for (const s of sockets) s.destroy();
         await stopped;
+        clearTimeout(timer);
         refusals.close();
         for (const f of [path, keyFile]) {
           if (f === null) continue;
