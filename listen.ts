@@ -51,7 +51,7 @@ export type ListenRoute = "below" | "listener";
 export type ListenAllow = "call" | "listener";
 
 /** The runtime a session's context has in the tree (ADD_ROUTE), so listeners above know it is one. */
-export const SESSION_RUNTIME = "session";
+const SESSION_RUNTIME = "session";
 /** Default of {@link ListenOptions.maxPending}. */
 const MAX_PENDING = 64;
 /** Default of {@link ListenOptions.maxPendingPerSource}. */
