@@ -443,6 +443,9 @@ interface Session {
   ephemerals: Uint8Array;
 }
 
+/** h = SHA-512("mitogen sealed v1" | ce | cs | se | ss). */
+const transcript = (ce: Uint8Array, cs: Uint8Array, se: Uint8Array, ss: Uint8Array): Uint8Array => nacl.hash(concat([ascii(LABEL.SEALED), ce, cs, se, ss]));
+
 function session(
   ce: Uint8Array,
   cs: Uint8Array,
@@ -453,7 +456,7 @@ function session(
   mine: { e: Uint8Array; s: Uint8Array },
 ): Session {
   return {
-    h: nacl.hash(concat([ascii(LABEL.SEALED), ce, cs, se, ss])),
+    h: transcript(ce, cs, se, ss),
     statics: nacl.box.before(peerStatic, mine.s),
     ephemerals: nacl.box.before(peerEphemeral, mine.e),
   };
@@ -607,30 +610,75 @@ function sealed(wire: Wire, sendKey: Uint8Array, receiveKey: Uint8Array): Transp
 }
 
 /**
+ * The listener's key material, checked and derived once: its static pair
+ * (the public key checked against the secret's) and the authorized keys,
+ * each decoded once, its static box.before computed on first use and kept.
+ */
+export interface SealedServer {
+  /** The listener's side of the key-pair handshake over `raw` (see {@link acceptSealed}). */
+  accept(raw: Transport, timeoutMs?: number): Promise<{ transport: Transport; clientKey: string }>;
+}
+
+/**
+ * Check `options` (a HandshakeError naming the bad value, at once) and keep
+ * what every handshake would otherwise derive again: a HELLO then costs a map
+ * lookup if its key is not authorized, one scalar multiplication (the fresh
+ * ephemeral pair) if it is; the ephemeral box.before waits for the client's proof.
+ */
+export function sealedServer(options: Omit<AcceptSealedOptions, "timeoutMs">): SealedServer {
+  const me = staticPair(options.keyPair);
+  if (!Array.isArray(options.authorizedKeys)) throw new HandshakeError(HANDSHAKE_FAILURE.MALFORMED, "authorizedKeys is not an array of base64 keys");
+  /** Each authorized key (base64) and, once a client used it, S = box.before(it, my static secret). */
+  const authorized = new Map<string, Uint8Array | null>();
+  options.authorizedKeys.forEach((k, i) => {
+    key32(k, `authorizedKeys[${i}] (${JSON.stringify(String(k).slice(0, 60))})`);
+    authorized.set(k, null);
+  });
+  const staticsOf = (clientKey: string, cs: Uint8Array): Uint8Array => {
+    let s = authorized.get(clientKey);
+    if (!s) authorized.set(clientKey, (s = nacl.box.before(cs, me.secretKey)));
+    return s;
+  };
+  return {
+    accept(raw, timeoutMs) {
+      const wire = new Wire(raw, timeoutMs, "the client closed the connection during the handshake");
+      return run(wire, async () => {
+        const hello = await wire.read(SEALED.HELLO);
+        checkVersion(hello[0], "the client");
+        const ce = hello.slice(1, 33);
+        const cs = hello.slice(33, 65);
+        const clientKey = toBase64(cs);
+        if (!authorized.has(clientKey)) throw new HandshakeError(HANDSHAKE_FAILURE.UNAUTHORIZED, clientKey);
+        const eph = nacl.box.keyPair();
+        const h = transcript(ce, cs, eph.publicKey, me.publicKey);
+        const statics = staticsOf(clientKey, cs);
+        const proof = nacl.secretbox(h, h.subarray(0, HANDSHAKE.NONCE), statics);
+        raw.write([new Uint8Array([HANDSHAKE.VERSION]), eph.publicKey, me.publicKey, proof]);
+        const answer = await wire.read(SEALED.PROOF);
+        const opened = nacl.secretbox.open(answer, h.subarray(HANDSHAKE.NONCE, 2 * HANDSHAKE.NONCE), statics);
+        if (!opened || !nacl.verify(opened, h)) throw new HandshakeError(HANDSHAKE_FAILURE.WRONG_KEY, `the client's proof for ${clientKey} does not open`);
+        const s: Session = { h, statics, ephemerals: nacl.box.before(ce, eph.secretKey) };
+        return { transport: sealed(wire, directionKey(s, LABEL.SEALED_S2C), directionKey(s, LABEL.SEALED_C2S)), clientKey };
+      });
+    },
+  };
+}
+
+/**
  * The listener's side of the key-pair handshake: resolves with the sealed
  * transport and the client's public key (base64), once the client proved it
- * holds the secret key of one of `authorizedKeys`.
+ * holds the secret key of one of `authorizedKeys`. A listener that accepts
+ * many connections makes one {@link sealedServer} instead.
  */
 export async function acceptSealed(raw: Transport, options: AcceptSealedOptions): Promise<{ transport: Transport; clientKey: string }> {
-  const wire = new Wire(raw, options.timeoutMs, "the client closed the connection during the handshake");
-  return run(wire, async () => {
-    const me = staticPair(options.keyPair);
-    const authorized = (options.authorizedKeys ?? []).map((k, i) => key32(k, `authorizedKeys[${i}]`));
-    const hello = await wire.read(SEALED.HELLO);
-    checkVersion(hello[0], "the client");
-    const ce = hello.slice(1, 33);
-    const cs = hello.slice(33, 65);
-    const clientKey = toBase64(cs);
-    if (!authorized.some((k) => nacl.verify(k, cs))) throw new HandshakeError(HANDSHAKE_FAILURE.UNAUTHORIZED, clientKey);
-    const eph = nacl.box.keyPair();
-    const s = session(ce, cs, eph.publicKey, me.publicKey, ce, cs, { e: eph.secretKey, s: me.secretKey });
-    const proof = nacl.secretbox(s.h, s.h.subarray(0, HANDSHAKE.NONCE), s.statics);
-    raw.write([new Uint8Array([HANDSHAKE.VERSION]), eph.publicKey, me.publicKey, proof]);
-    const answer = await wire.read(SEALED.PROOF);
-    const opened = nacl.secretbox.open(answer, s.h.subarray(HANDSHAKE.NONCE, 2 * HANDSHAKE.NONCE), s.statics);
-    if (!opened || !nacl.verify(opened, s.h)) throw new HandshakeError(HANDSHAKE_FAILURE.WRONG_KEY, `the client's proof for ${clientKey} does not open`);
-    return { transport: sealed(wire, directionKey(s, LABEL.SEALED_S2C), directionKey(s, LABEL.SEALED_C2S)), clientKey };
-  });
+  let server: SealedServer;
+  try {
+    server = sealedServer(options);
+  } catch (err) {
+    raw.close();
+    throw err;
+  }
+  return server.accept(raw, options.timeoutMs);
 }
 
 /**

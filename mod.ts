@@ -74,6 +74,6 @@ export { main, runWithRouter, withRouter } from "./utils.ts";
 export type { MainOptions } from "./utils.ts";
 export { connect } from "./session.ts";
 export type { ConnectOptions, Session } from "./session.ts";
-export type { Listener, ListenAllow, ListenOptions } from "./listen.ts";
+export type { Listener, ListenAllow, ListenOptions, ListenRoute } from "./listen.ts";
 export { generateKeyPair, HandshakeError } from "./handshake.ts";
 export type { KeyPair } from "./handshake.ts";

@@ -1,6 +1,6 @@
 /** handshake.ts over real sockets: shared-key and key-pair handshakes, sealed frames, garbage. */
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { createConnection, createServer, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -245,6 +245,42 @@ for (const hs of HANDSHAKES) {
   });
 }
 
+test("PROTOCOL.md's handshake messages are the sizes each side sends (WELCOME is 145 bytes)", async () => {
+  const doc = readFileSync(new URL("../PROTOCOL.md", import.meta.url), "utf8");
+  const section = doc.slice(doc.indexOf("## Listeners: handshake and sealed frames"));
+  /** The documented messages of the diagram after `heading`: [from, to, bytes]. */
+  const documented = (heading: string): [string, string, number][] => {
+    const block = section.slice(section.indexOf(heading)).split("\n\n")[1] ?? "";
+    return [...block.matchAll(/^\s+(\w+)\s+->\s+(\w+)\s.*?(\d+) bytes$/gm)].map((m) => [m[1] as string, m[2] as string, Number(m[3])]);
+  };
+  for (const [hs, heading, names] of [
+    [HANDSHAKES[0] as Handshake, "**Shared key**", ["listener", "connector"]],
+    [HANDSHAKES[1] as Handshake, "**Key pairs**", ["server", "client"]],
+  ] as const) {
+    const { server: s, client: c, cleanup } = await socketPair(hs.kind);
+    try {
+      // Each handshake message is one write; record them in the order they are made.
+      const sent: [string, string, number][] = [];
+      const record = (raw: Transport, from: string, to: string): Transport =>
+        tampered(raw, (parts) => {
+          sent.push([from, to, parts.reduce((n, p) => n + p.byteLength, 0)]);
+          return parts;
+        });
+      const [a, b] = await Promise.all([
+        hs.accept(record(nodeTransport(s, s), names[0], names[1])),
+        hs.connect(record(nodeTransport(c, c), names[1], names[0])),
+      ]);
+      const expected = documented(heading);
+      assert.equal(expected.length, 3, `${heading}: three messages documented`);
+      assert.deepEqual(sent, expected, `${heading}: the bytes sent are the ones documented`);
+      a.close();
+      b.close();
+    } finally {
+      cleanup();
+    }
+  }
+});
+
 describe("sealed frames", () => {
   async function sealedPair(edit?: (parts: readonly Uint8Array[], call: number) => readonly Uint8Array[]) {
     const pair = await socketPair("tcp");
@@ -476,7 +512,7 @@ describe("property: garbage and truncated handshakes", () => {
       kind: "tcp",
       run: (raw) => connectSealed(raw, { keyPair: client, serverKey: server.publicKey, timeoutMs: TIMEOUT }),
       connector: async (raw) => (await acceptSealed(raw, { keyPair: server, authorizedKeys: [client.publicKey], timeoutMs: TIMEOUT })).transport,
-      size: 113,
+      size: 145,
     },
   ];
 

@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { type ChildProcess, spawn } from "node:child_process";
-import { chmodSync, existsSync, mkdtempSync, rmSync, statSync } from "node:fs";
+import { chmodSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { connect as netConnect, createServer, type Server, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -18,6 +18,7 @@ import {
   type Context,
   generateKeyPair,
   type ListenOptions,
+  Message,
   Receiver,
   Router,
   type Sender,
@@ -142,6 +143,86 @@ for (const runtime of RUNTIMES) {
           /admits messages to a only/,
         );
       } finally {
+        await a.call(stopListening);
+      }
+    });
+
+    test('route: "listener" addresses the listening context only (allow: "listener" its deprecated name); not a sandbox: a takesRouter call there reaches below', async () => {
+      await using router = new Router({ log: captureLogs().log });
+      const { a, b } = await tree(router, runtime);
+      for (const options of [{ route: "listener" }, { allow: "listener" }] as const) {
+        const path = sockPath();
+        await a.call(startListening, { path, ...options });
+        try {
+          await using session = await connect({ path, log: () => {} });
+          await assert.rejects(
+            session.router.contextById(b.contextId).call(() => 1),
+            /admits messages to a only/,
+            JSON.stringify(options),
+          );
+          // What the docs say: a call runs as the listening context, which reaches b.
+          const viaListener = takesRouter((id: number, call: CallContext) => call.router.contextById(id).call(() => "reached b"));
+          assert.equal(await session.context.call(viaListener, b.contextId), "reached b");
+        } finally {
+          await a.call(stopListening);
+        }
+      }
+      await assert.rejects(
+        a.call(startListening, { path: sockPath(), route: "everywhere" as "below" }),
+        /route must be "below" or "listener", not "everywhere"/,
+      );
+      await assert.rejects(a.call(startListening, { path: sockPath(), route: "below", allow: "listener" }), /contradicts route/);
+    });
+
+    test("a session cannot reach a session of another listener further down; the refusal comes back at once as a dead reply", async () => {
+      const logs = captureLogs();
+      await using router = new Router({ log: logs.log });
+      const { a, b } = await tree(router, runtime);
+      const pathA = sockPath();
+      const pathB = sockPath();
+      await a.call(startListening, { path: pathA });
+      await b.call(startListening, { path: pathB });
+      try {
+        await using s1 = await connect({ path: pathA, log: () => {} });
+        await using s2 = await connect({ path: pathB, log: () => {} });
+        const s2id = s2.router.myId;
+        // a learns of s2 by b's ADD_ROUTE, which may arrive after s2 is attached: wait for it.
+        const knows = takesRouter((id: number, call: CallContext) => call.router.routeTo(id) !== undefined);
+        for (let i = 0; i < 100 && !(await a.call(knows, s2id)); i++) await new Promise((r) => setTimeout(r, 20));
+        assert.ok(await a.call(knows, s2id), "a routes to s2");
+        // A call and a message to a dynamic handle of s2 (a Receiver's): each refused by a, its dead reply at once.
+        const t0 = Date.now();
+        await assert.rejects(
+          s1.router
+            .contextById(s2id)
+            .with({ timeout: 4000 })
+            .call(() => 1),
+          /context \d+ is an attached session: sessions cannot reach each other/,
+        );
+        await using recv = new Receiver(s2.router);
+        const handle = recv.handle;
+        assert.ok(handle >= 1000, "a dynamic handle");
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        const sent = s1.router.contextById(s2id).sendAwait(Message.encoded("from s1", { handle }));
+        const late = new Promise((_, reject) => {
+          timer = setTimeout(() => reject(new Error("no dead reply within 4 s")), 4000);
+        });
+        try {
+          await assert.rejects(Promise.race([sent, late]), /is an attached session/);
+        } finally {
+          clearTimeout(timer);
+        }
+        assert.ok(Date.now() - t0 < 4000, "refused at once, not timed out");
+        assert.equal(recv.size(), 0, "nothing from s1 reached s2's Receiver");
+        // s2 still works, and so do calls from s1 below a that are not to a session
+        assert.equal(await s2.context.call(() => "s2 fine"), "s2 fine");
+        assert.equal(await s1.router.contextById(b.contextId).call(() => "b fine"), "b fine");
+        assert.ok(
+          logs.lines("a").some((l) => /is an attached session/.test(l)),
+          logs.lines().join("\n"),
+        );
+      } finally {
+        await b.call(stopListening);
         await a.call(stopListening);
       }
     });
@@ -285,4 +366,88 @@ test("a router's shutdown closes its listeners and removes their sockets", async
     assert.ok(existsSync(path));
   }
   assert.ok(!existsSync(path) && !existsSync(`${path}.key`));
+});
+
+test("listen() refuses at once, naming the bad value: a malformed authorizedKeys entry, a garbage or mismatched key pair, a handshakeTimeout that is not a positive finite number", async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const server = generateKeyPair();
+  const client = generateKeyPair();
+  const tcp = { host: "127.0.0.1", port: 0 };
+  const bad: [string, ListenOptions, RegExp][] = [
+    ["a malformed entry", { ...tcp, keyPair: server, authorizedKeys: [client.publicKey, "bm90IGEga2V5"] }, /authorizedKeys\[1\].*"bm90IGEga2V5"/],
+    ["an entry of 31 bytes", { ...tcp, keyPair: server, authorizedKeys: [Buffer.alloc(31, 1).toString("base64")] }, /authorizedKeys\[0\]/],
+    ["a garbage public key", { ...tcp, keyPair: { publicKey: "garbage", secretKey: server.secretKey }, authorizedKeys: [] }, /keyPair\.publicKey/],
+    ["a garbage secret key", { ...tcp, keyPair: { publicKey: server.publicKey, secretKey: "x".repeat(44) }, authorizedKeys: [] }, /keyPair\.secretKey/],
+    [
+      "a mismatched pair",
+      { ...tcp, keyPair: { publicKey: client.publicKey, secretKey: server.secretKey }, authorizedKeys: [] },
+      /keyPair\.publicKey is not the public key of keyPair\.secretKey/,
+    ],
+  ];
+  for (const t of [Number.NaN, 0, -5, Number.POSITIVE_INFINITY, "5000" as unknown as number]) {
+    bad.push([
+      `handshakeTimeout ${String(t)}`,
+      { path: sockPath(), handshakeTimeout: t },
+      new RegExp(`handshakeTimeout must be a positive finite number.*not ${String(t)}$`),
+    ]);
+    bad.push([`TCP handshakeTimeout ${String(t)}`, { ...tcp, keyPair: server, authorizedKeys: [], handshakeTimeout: t }, /handshakeTimeout must be/]);
+  }
+  for (const [what, options, message] of bad) {
+    await assert.rejects(router.listen(options), (err: Error) => {
+      assert.match(err.message, /^listen: /, what);
+      assert.match(err.message, message, what);
+      assert.ok(!err.message.includes(server.secretKey), `${what}: no secret in the message`);
+      return true;
+    });
+  }
+  // a good pair still listens
+  await using ok = await router.listen({ ...tcp, keyPair: server, authorizedKeys: [client.publicKey], handshakeTimeout: 1500 });
+  assert.ok((ok.port ?? 0) > 0);
+});
+
+test("the key file is created O_EXCL|O_NOFOLLOW: a symlink at <path>.key is refused and its target untouched; a stale key file is replaced", async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const path = sockPath();
+  const target = join(scratch, `precious-${n}`);
+  writeFileSync(target, "precious\n", { mode: 0o644 });
+  symlinkSync(target, `${path}.key`);
+  const outcome = await router.listen({ path }).then(
+    async (l) => {
+      await l.close();
+      return "listened";
+    },
+    (err: Error) => err.message,
+  );
+  assert.equal(readFileSync(target, "utf8"), "precious\n", "the link's target is not written");
+  assert.equal(statSync(target).mode & 0o777, 0o644, "nor chmodded");
+  assert.match(outcome, /\.key exists and is not a key file/);
+  assert.ok(lstatSync(`${path}.key`).isSymbolicLink(), "the link is left for its owner to see");
+  rmSync(`${path}.key`);
+  // A key file left by a listener that died is replaced, 0600 and fresh.
+  writeFileSync(`${path}.key`, "stale", { mode: 0o644 });
+  {
+    await using listener = await router.listen({ path });
+    assert.equal(statSync(`${path}.key`).mode & 0o777, 0o600);
+    assert.notEqual(readFileSync(`${path}.key`, "utf8"), "stale");
+    await using session = await connect({ path: listener.path as string, log: () => {} });
+    assert.equal(await session.context.call(() => 1), 1);
+  }
+  rmSync(target);
+});
+
+test("the socket directory's parents are checked: a 0700 directory inside a 0777 non-sticky one is refused; inside a sticky one it is not", async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const open = mkdtempSync(join(scratch, "open-"));
+  chmodSync(open, 0o777);
+  mkdirSync(join(open, "inner"), { mode: 0o700 });
+  await assert.rejects(router.listen({ path: join(open, "inner", "x.sock") }), (err: Error) => {
+    assert.match(err.message, /inside .*open-\w+ \(mode 777, owner uid \d+\), which others can change/);
+    return true;
+  });
+  assert.ok(!existsSync(join(open, "inner", "x.sock")) && !existsSync(join(open, "inner", "x.sock.key")), "nothing created");
+  const sticky = mkdtempSync(join(scratch, "sticky-"));
+  chmodSync(sticky, 0o1777);
+  mkdirSync(join(sticky, "inner"), { mode: 0o700 });
+  await using listener = await router.listen({ path: join(sticky, "inner", "x.sock") });
+  assert.ok(existsSync(listener.path as string));
 });
