@@ -37,7 +37,7 @@ const MiB = 1024 * 1024;
 const run = promisify(execFile);
 const isRoot = process.getuid?.() === 0;
 const sha = (file: string) => createHash("sha256").update(readFileSync(file)).digest("hex");
-const temps = (dir: string) => readdirSync(dir).filter((f) => f.endsWith(".mitogen-tmp"));
+const temps = (dir: string) => readdirSync(dir).filter((f) => f.startsWith(".mitogen-tmp."));
 
 /** A file of `size` bytes that differ along it. */
 function makeFile(file: string, size: number): string {
