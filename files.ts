@@ -201,8 +201,8 @@ async function sweep(dir: string, uid: number, start: number): Promise<void> {
     const m = TEMP_NAME.exec(name);
     if (!m || m[1] !== ns || m[2] === me) continue;
     try {
-      await call(fs().stat, `/proc/${m[2]}`);
-      continue; // its writer may still be running
+      const stat = await call<string>(fs().readFile, `/proc/${m[2]}/stat`, "latin1");
+      if (!/\) [ZX] /.test(stat)) continue; // its writer may still be running (a zombie is not)
     } catch {
       // no such process: a leftover
     }
