@@ -647,14 +647,22 @@ export const send: (spec: { path: string; data: Sender }, call: CallContext) => 
 // ---------------------------------------------------------------------------
 // Reading
 
-/** What a file that is not a regular one is, for errors. */
+/** What a file that is not a regular one is, for errors: from the type bits of its mode (Deno 1.x's isFIFO() and the like say false). */
 function kind(st: import("node:fs").Stats): string {
-  if (st.isDirectory()) return "a directory";
-  if (st.isFIFO()) return "a FIFO (named pipe)";
-  if (st.isSocket()) return "a socket";
-  if (st.isCharacterDevice()) return "a character device";
-  if (st.isBlockDevice()) return "a block device";
-  return "not a file";
+  switch (st.mode & 0o170000) {
+    case 0o040000:
+      return "a directory";
+    case 0o010000:
+      return "a FIFO (named pipe)";
+    case 0o140000:
+      return "a socket";
+    case 0o020000:
+      return "a character device";
+    case 0o060000:
+      return "a block device";
+    default:
+      return "of an unknown type";
+  }
 }
 
 /**
