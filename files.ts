@@ -6,10 +6,11 @@
  *
  * A transfer streams the file in chunks of {@link CHUNK} bytes through
  * flow-controlled Senders, so no process on the way holds more than a window
- * of it. Each target writes to a temporary name in the target directory
- * (`.<name>.<random>.mitogen-tmp`, mode 0600), checks the byte count and the
- * sha256 the sender computed, then sets the mode (and mtime), fsyncs and
- * renames over the destination. A fan-out is planned as the tree of the
+ * of it. Each target creates a temporary file in the target directory
+ * (`.mitogen-tmp.<pidns>.<pid>.<random>`, O_EXCL|O_NOFOLLOW, mode 0600), checks
+ * the byte count and the sha256 the sender computed, sets the mode (and mtime)
+ * and fsyncs through the descriptor, and renames over the destination if the
+ * temporary name is still the file written. Only regular files are sent. A fan-out is planned as the tree of the
  * targets below the sender: each context on the way gets the bytes once and
  * relays them to its part of the tree (see ARCHITECTURE.md, "Files").
  *
@@ -44,8 +45,13 @@ const REPORT_MS = 100;
 
 /** Options of {@link Context.putFile}, {@link Context.getFile} and {@link Router.putFile}. */
 export interface FileOptions {
-  /** Mode of the written file (default: the source's). */
+  /**
+   * Mode of the written file (default: the source's permission bits, without setuid, setgid and
+   * sticky unless {@link keepSetuid}). A mode given here is set as given.
+   */
   mode?: number;
+  /** With the source's mode, keep its setuid, setgid and sticky bits too (default: they are cleared). */
+  keepSetuid?: boolean;
   /** Keep the source's mtime. */
   preserveTimes?: boolean;
   /** Aborting it cancels the transfer; the destination is left as it was. */
@@ -134,18 +140,29 @@ function text(err: Error): string {
 // ---------------------------------------------------------------------------
 // Writing: a temporary file in the target directory, renamed at the end
 
-/** Temporary files not yet renamed or removed; removed if the process exits first. */
-const temps = new Set<string>();
+/**
+ * Temporary files: `.mitogen-tmp.<pid namespace>.<pid>.<random>`, of a fixed length whatever the
+ * destination's name (a name of 255 bytes still has room), and naming the process that writes it,
+ * so that a later transfer to the directory can tell a dead process's leftover from a live one.
+ */
+const TEMP_NAME = /^\.mitogen-tmp\.(\d+)\.(\d+)\.[0-9a-f]{12}$/;
+
+/** Temporary files not yet renamed or removed, and the file each name was created as; removed if the process exits first. */
+const temps = new Map<string, { dev: number; ino: number }>();
 let cleanupInstalled = false;
 
-function removeTemps(): void {
-  for (const t of temps) {
-    try {
-      fs().unlinkSync(t);
-    } catch {
-      // gone already
-    }
+/** Unlink `name` if it is still the file `id` (never a file that another user put in its place). */
+function unlinkIfSame(name: string, id: { dev: number; ino: number }): void {
+  try {
+    const st = fs().lstatSync(name);
+    if (st.dev === id.dev && st.ino === id.ino) fs().unlinkSync(name);
+  } catch {
+    // gone already
   }
+}
+
+function removeTemps(): void {
+  for (const [t, id] of temps) unlinkIfSame(t, id);
   temps.clear();
 }
 
@@ -158,16 +175,80 @@ function onExit(): void {
   else nodeProcess().on("exit", removeTemps);
 }
 
+/** This process's pid namespace (the inode of /proc/self/ns/pid), or "" where /proc cannot tell. */
+let pidNamespace: Promise<string> | null = null;
+function ownNamespace(): Promise<string> {
+  pidNamespace ??= call<string>(fs().readlink, "/proc/self/ns/pid").then(
+    (link) => /^pid:\[(\d+)\]$/.exec(link)?.[1] ?? "",
+    () => "",
+  );
+  return pidNamespace;
+}
+
+/**
+ * Remove the temporary files that a writer killed before its cleanup left in `dir` (a master
+ * SIGKILLed mid-transfer, whose child died with it): only names of {@link TEMP_NAME} from this pid
+ * namespace whose process is gone, regular files of `uid` with one link, last written before
+ * `start`. unlink() removes the name, never what a symbolic link points to. Errors are ignored:
+ * this is housekeeping, not the transfer.
+ */
+async function sweep(dir: string, uid: number, start: number): Promise<void> {
+  const ns = await ownNamespace();
+  if (!ns) return;
+  const me = String(nodeProcess().pid);
+  const names = await call<string[]>(fs().readdir, dir);
+  for (const name of names) {
+    const m = TEMP_NAME.exec(name);
+    if (!m || m[1] !== ns || m[2] === me) continue;
+    try {
+      const stat = await call<string>(fs().readFile, `/proc/${m[2]}/stat`, "latin1");
+      if (!/\) [ZX] /.test(stat)) continue; // its writer may still be running (a zombie is not)
+    } catch {
+      // no such process: a leftover
+    }
+    const file = path().join(dir, name);
+    try {
+      const st = await call<import("node:fs").Stats>(fs().lstat, file);
+      if (st.isFile() && st.uid === uid && st.nlink === 1 && st.mtimeMs < start) await call(fs().unlink, file);
+    } catch {
+      // gone, or not ours to remove
+    }
+  }
+}
+
+/** `fchmod`; Deno 1.x's node:fs has none, so there the file's /proc/self/fd link, which names the open file, not a path. */
+async function fchmod(fd: number, id: { dev: number; ino: number }, mode: number): Promise<void> {
+  const f = fs();
+  if (typeof f.fchmod === "function") return call(f.fchmod, fd, mode);
+  // Deno 1.x's fd is a resource id: find the descriptor of the same file among this process's own.
+  for (const n of await call<string[]>(f.readdir, "/proc/self/fd")) {
+    const link = `/proc/self/fd/${n}`;
+    try {
+      const st = await call<import("node:fs").Stats>(f.stat, link);
+      if (st.dev === id.dev && st.ino === id.ino) return call(f.chmod, link, mode);
+    } catch {
+      // closed meanwhile
+    }
+  }
+  throw new MitogenError("cannot set the mode: the open file is not in /proc/self/fd");
+}
+
 /** Bytes between the flushes a Writer starts while it writes. */
 const SYNC_EVERY = 32 * 1024 * 1024;
 /** Chunks a Writer writes at once (positional writes, so their order does not matter; one where they seek). */
 const WRITES_IN_FLIGHT = positionalIo ? 4 : 1;
 
-/** Writes one file under a temporary name and renames it at the end (or removes it). */
+/**
+ * Writes one file under a temporary name and renames it at the end (or removes it). Everything after
+ * the create goes through the descriptor (write, fchmod, futimes, fsync), and the rename only happens
+ * if the temporary name is still the file written: in a directory that others may write, nothing
+ * they swap in for the temporary name is chmodded, touched or renamed over the destination.
+ */
 class Writer {
   readonly dst: string;
   readonly where: string;
   readonly #tmp: string;
+  readonly #id: { dev: number; ino: number };
   #fd: number | null;
   readonly #hash = sha256();
   /** Writes in flight, and the first that failed. */
@@ -176,39 +257,55 @@ class Writer {
   /** A flush in flight, and the bytes written when it started. */
   #syncing: Promise<void> | null = null;
   #synced = 0;
+  /** Removing the leftovers of dead writers in the directory. */
+  readonly #sweep: Promise<void>;
   /** Bytes taken (and hashed) so far. */
   bytes = 0;
 
-  private constructor(dst: string, where: string, tmp: string, fd: number) {
+  private constructor(dst: string, where: string, tmp: string, fd: number, st: import("node:fs").Stats, start: number) {
     this.dst = dst;
     this.where = where;
     this.#tmp = tmp;
     this.#fd = fd;
+    this.#id = { dev: st.dev, ino: st.ino };
+    this.#sweep = sweep(path().dirname(tmp), st.uid, start).catch(() => {});
   }
 
-  /** Check the directory and open the temporary file; `where` names this context in errors. */
+  /** Check the directory and create the temporary file; `where` names this context in errors. */
   static async open(dst: string, where: string): Promise<Writer> {
+    const start = Date.now();
     const p = path();
+    const f = fs();
     const what = `cannot write ${dst} in ${where}`;
     const dir = p.dirname(dst);
     let st: import("node:fs").Stats;
     try {
-      st = await call(fs().stat, dir);
+      st = await call(f.stat, dir);
     } catch (err) {
       if ((err as { code?: unknown }).code === "ENOENT") throw new FileTransferError(`${what}: its directory ${dir} does not exist`, [], [], { cause: err });
       throw fsError(err, what);
     }
     if (!st.isDirectory()) throw new FileTransferError(`${what}: ${dir} is not a directory`);
-    const tmp = p.join(dir, `.${p.basename(dst)}.${builtin("node:crypto").randomBytes(6).toString("hex")}.mitogen-tmp`);
+    const ns = (await ownNamespace()) || "0";
+    const tmp = p.join(dir, `.mitogen-tmp.${ns}.${nodeProcess().pid}.${builtin("node:crypto").randomBytes(6).toString("hex")}`);
+    // A new file (O_EXCL: never one that exists, nor a symbolic link's target), 0600 until the commit.
+    const c = f.constants;
     let fd: number;
     try {
-      fd = await call(fs().open, tmp, "wx", 0o600);
+      fd = await call(f.open, tmp, c.O_WRONLY | c.O_CREAT | c.O_EXCL | c.O_NOFOLLOW, 0o600);
     } catch (err) {
       throw fsError(err, `${what}: cannot create a file in ${dir}`);
     }
+    let created: import("node:fs").Stats;
+    try {
+      created = await call(f.fstat, fd);
+    } catch (err) {
+      f.closeSync(fd);
+      throw fsError(err, what);
+    }
     onExit();
-    temps.add(tmp);
-    return new Writer(dst, where, tmp, fd);
+    temps.set(tmp, { dev: created.dev, ino: created.ino });
+    return new Writer(dst, where, tmp, fd, created, start);
   }
 
   /**
@@ -260,10 +357,14 @@ class Writer {
     if (this.#error) throw this.#error;
   }
 
-  /** Check what was written against the sender's count and hash, set mode and mtime, and rename. */
+  /**
+   * Check what was written against the sender's count and hash; set mode and mtime and fsync, all
+   * through the descriptor; rename only if the temporary name is still the file written.
+   */
   async commit(bytes: number, hash: string, mode: number, mtime?: number): Promise<string> {
     const what = `cannot write ${this.dst} in ${this.where}`;
     await this.#settle();
+    await this.#sweep;
     const fd = this.#fd;
     if (fd === null) throw new FileTransferError(`${what}: the file was closed`);
     const mine = this.#hash.digest("hex");
@@ -271,31 +372,45 @@ class Writer {
     if (mine !== hash) throw new FileTransferError(`${what}: sha256 mismatch (${mine} written, ${hash} sent)`);
     const f = fs();
     try {
+      await fchmod(fd, this.#id, mode);
+      if (mtime !== undefined) await call(f.futimes, fd, Date.now() / 1000, mtime);
       await call(f.fsync, fd);
-      this.#fd = null;
-      await call(f.close, fd);
-      await call(f.chmod, this.#tmp, mode);
-      if (mtime !== undefined) await call(f.utimes, this.#tmp, Date.now() / 1000, mtime);
+    } catch (err) {
+      throw fsError(err, what);
+    }
+    let now: import("node:fs").Stats | null = null;
+    try {
+      now = await call<import("node:fs").Stats>(f.lstat, this.#tmp);
+    } catch {
+      // gone: below
+    }
+    if (!now || now.dev !== this.#id.dev || now.ino !== this.#id.ino) {
+      temps.delete(this.#tmp); // not ours any more: discard() leaves that name alone
+      throw new FileTransferError(
+        `${what}: its temporary file ${this.#tmp} was ${now ? "replaced" : "removed"} while it was written (a race with another user who can write ${path().dirname(this.#tmp)}?); ${this.dst} was left as it was`,
+      );
+    }
+    try {
       await call(f.rename, this.#tmp, this.dst);
     } catch (err) {
       throw fsError(err, what);
     }
     temps.delete(this.#tmp);
+    this.#fd = null;
+    try {
+      await call(f.close, fd);
+    } catch {
+      // written, synced and renamed: the file is complete
+    }
     return mine;
   }
 
-  /** Remove the temporary file (the destination is untouched); its fd is closed once no write is in flight. */
+  /** Remove the temporary file if it is still ours (the destination is untouched); its fd is closed once no write is in flight. */
   discard(): void {
     const f = fs();
     const fd = this.#fd;
     this.#fd = null;
-    if (temps.delete(this.#tmp)) {
-      try {
-        f.unlinkSync(this.#tmp);
-      } catch {
-        // gone already
-      }
-    }
+    if (temps.delete(this.#tmp)) unlinkIfSame(this.#tmp, this.#id);
     if (fd === null) return;
     const close = () => {
       try {
@@ -532,7 +647,28 @@ export const send: (spec: { path: string; data: Sender }, call: CallContext) => 
 // ---------------------------------------------------------------------------
 // Reading
 
-/** A file read in chunks of {@link CHUNK}, exactly as many bytes as it had when opened. */
+/** What a file that is not a regular one is, for errors: from the type bits of its mode (Deno 1.x's isFIFO() and the like say false). */
+function kind(st: import("node:fs").Stats): string {
+  switch (st.mode & 0o170000) {
+    case 0o040000:
+      return "a directory";
+    case 0o010000:
+      return "a FIFO (named pipe)";
+    case 0o140000:
+      return "a socket";
+    case 0o020000:
+      return "a character device";
+    case 0o060000:
+      return "a block device";
+    default:
+      return "of an unknown type";
+  }
+}
+
+/**
+ * A file read in chunks of {@link CHUNK}, exactly as many bytes as it had when opened; one whose size
+ * is 0 (`/proc/self/status`, say: the kernel makes its content as it is read) is read to its end.
+ */
 class Source {
   readonly path: string;
   readonly where: string;
@@ -543,30 +679,42 @@ class Source {
   #fd: number | null;
   #ahead: Promise<Uint8Array | null> | null = null;
   readonly #hash = sha256();
+  /** No size to go by: read until a read returns nothing. */
+  readonly #toEnd: boolean;
 
   private constructor(path: string, where: string, fd: number, st: import("node:fs").Stats) {
     this.path = path;
     this.where = where;
     this.#fd = fd;
     this.size = st.size;
+    this.#toEnd = st.size === 0;
     this.mode = st.mode & 0o7777;
     this.mtime = st.mtimeMs / 1000;
   }
 
+  /**
+   * Only a regular file: the type is checked before the open (opening a FIFO blocks until a writer
+   * comes, and a blocked open holds a thread of the pool for good), the open is non-blocking (a
+   * FIFO swapped in meanwhile opens at once) and the type is checked again on the descriptor.
+   */
   static async open(file: string, where: string): Promise<Source> {
     const what = `cannot read ${file} in ${where}`;
+    const f = fs();
+    const refuse = (st: import("node:fs").Stats) => new FileTransferError(`${what}: not a regular file but ${kind(st)}; only regular files can be sent`);
     let fd: number;
     try {
-      fd = await call(fs().open, file, "r");
+      const st = await call<import("node:fs").Stats>(f.stat, file);
+      if (!st.isFile()) throw refuse(st);
+      fd = await call(f.open, file, f.constants.O_RDONLY | f.constants.O_NONBLOCK);
     } catch (err) {
       throw fsError(err, what);
     }
     try {
-      const st = await call<import("node:fs").Stats>(fs().fstat, fd);
-      if (!st.isFile()) throw new FileTransferError(`${what}: not a regular file`);
+      const st = await call<import("node:fs").Stats>(f.fstat, fd);
+      if (!st.isFile()) throw refuse(st);
       return new Source(file, where, fd, st);
     } catch (err) {
-      fs().closeSync(fd);
+      f.closeSync(fd);
       throw fsError(err, what);
     }
   }
@@ -589,7 +737,7 @@ class Source {
   }
 
   async #read(at: number): Promise<Uint8Array | null> {
-    const left = this.size - at;
+    const left = this.#toEnd ? CHUNK : this.size - at;
     const fd = this.#fd;
     if (left <= 0 || fd === null) return null;
     const buf = new Uint8Array(Math.min(CHUNK, left));
@@ -599,6 +747,7 @@ class Source {
     } catch (err) {
       throw fsError(err, `cannot read ${this.path} in ${this.where}`);
     }
+    if (this.#toEnd) return n === 0 ? null : n < buf.byteLength ? buf.slice(0, n) : buf;
     if (n < buf.byteLength)
       throw new FileTransferError(`source ${this.path} in ${this.where} shrank while being sent: it had ${this.size} bytes, ${at + n} could be read`);
     return buf;
@@ -665,6 +814,9 @@ function progressReporter(router: Router, targets: Context[], total: number, onP
   };
 }
 
+/** The mode a copy gets by default: the source's, its setuid, setgid and sticky bits only if asked for. */
+const sourceMode = (mode: number, options: FileOptions): number => mode & (options.keepSetuid ? 0o7777 : 0o777);
+
 /**
  * {@link Router.putFile}: send local file `src` to `dst` in each of `targets`, once over each link of
  * the tree below `router`.
@@ -686,7 +838,7 @@ export async function putFile(router: Router, targets: Context[], src: string, d
   let final: Map<number, number> | null = null;
   try {
     const leaf: Omit<ReceiveSpec, "id" | "children" | "path"> = {
-      mode: options.mode ?? source.mode,
+      mode: options.mode ?? sourceMode(source.mode, options),
       total: source.size,
       ...(options.preserveTimes ? { mtime: source.mtime } : {}),
       ...(progress.sender ? { progress: progress.sender } : {}),
@@ -779,8 +931,9 @@ export async function getFile(router: Router, ctx: Context, src: string, dst: st
         progress.set(ctx.contextId, writer.bytes);
       } else if (isEnd(value)) end = value;
     }
-    if (end.bytes !== head.size) throw new FileTransferError(`getFile of ${src} from ${ctx.name}: ${end.bytes} bytes sent, the file had ${head.size}`);
-    const hash = await writer.commit(end.bytes, end.end, options.mode ?? head.mode, options.preserveTimes ? head.mtime : undefined);
+    if (head.size > 0 && end.bytes !== head.size)
+      throw new FileTransferError(`getFile of ${src} from ${ctx.name}: ${end.bytes} bytes sent, the file had ${head.size}`);
+    const hash = await writer.commit(end.bytes, end.end, options.mode ?? sourceMode(head.mode, options), options.preserveTimes ? head.mtime : undefined);
     await remote;
     final = new Map([[ctx.contextId, writer.bytes]]);
     return { context: ctx, bytes: writer.bytes, sha256: hash };

@@ -5,10 +5,11 @@
  */
 import assert from "node:assert/strict";
 import { type ChildProcess, execFile, spawn } from "node:child_process";
-import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
 import { after, test } from "node:test";
 import { COMMANDS, parseTargets } from "../command.ts";
 import { DIST, mitogen as run, NODE as node } from "./command-runner.ts";
@@ -85,6 +86,21 @@ test("call, eval, put and get", async () => {
   const get = await mitogen(["get", "local", src, join(scratch, "got")]);
   assert.equal(get.code, 0, get.stderr);
   assert.equal(readFileSync(join(scratch, "got", "local", "payload.bin"), "utf8"), "some bytes\n");
+});
+
+test("put of a FIFO: a clear error for the host, exit 1, at once (no timeout, no hang)", async () => {
+  const fifo = join(scratch, "fifo");
+  await promisify(execFile)("mkfifo", [fifo]);
+  const t0 = Date.now();
+  // --timeout 20000: what a hang would print first; the run itself is bounded at 60 s.
+  const r = await mitogen(["put", "local", fifo, join(scratch, "from-fifo"), "--timeout", "20000"]);
+  assert.equal(r.code, 1, `exit 1, not killed: ${r.stdout}${r.stderr}`);
+  const [line] = lines(r.stdout);
+  assert.deepEqual([line?.host, line?.ok], ["local", false]);
+  assert.equal(line?.error, `cannot read ${fifo} in master: not a regular file but a FIFO (named pipe); only regular files can be sent`);
+  assert.doesNotMatch(r.stdout, /timed out/);
+  assert.ok(Date.now() - t0 < 20_000, `done in ${Date.now() - t0} ms, before --timeout`);
+  assert.equal(existsSync(join(scratch, "from-fifo")), false);
 });
 
 test("--forks 1 runs the hosts one after another, --forks 10 at once", async () => {

@@ -37,7 +37,8 @@ const MiB = 1024 * 1024;
 const run = promisify(execFile);
 const isRoot = process.getuid?.() === 0;
 const sha = (file: string) => createHash("sha256").update(readFileSync(file)).digest("hex");
-const temps = (dir: string) => readdirSync(dir).filter((f) => f.endsWith(".mitogen-tmp"));
+/** Temporary files in `dir` (of any naming this project has used: `.mitogen-tmp.*`, and `.<name>.*.mitogen-tmp` before). */
+const temps = (dir: string) => readdirSync(dir).filter((f) => f.includes("mitogen-tmp"));
 
 /** A file of `size` bytes that differ along it. */
 function makeFile(file: string, size: number): string {
@@ -360,6 +361,15 @@ test("the oldest child runtimes (Node 12, Deno 1.46) send, relay, receive and fa
       );
       assert.equal(own, 3 * MiB + 5);
       await assert.rejects(b.putFile(src, join(d, "nope", "x")), /cannot write .*nope\/x in b: its directory .*nope does not exist/);
+      // a name of 255 bytes, a setuid source, a FIFO and a file of stat size 0 with content
+      const long = join(d, "n".repeat(255));
+      chmodSync(src, 0o4755);
+      assert.equal((await b.putFile(src, long)).sha256, sha(src));
+      assert.equal(statSync(long).mode & 0o7777, 0o755);
+      await run("mkfifo", [join(d, "fifo")]);
+      await assert.rejects(b.getFile(join(d, "fifo"), join(d, "x")), /in b: not a regular file but a FIFO \(named pipe\); only regular files can be sent$/);
+      const status = await b.getFile("/proc/self/status", join(d, "status"));
+      assert.ok(status.bytes > 100 && readFileSync(join(d, "status"), "utf8").endsWith("\n"), `${status.bytes} bytes of /proc/self/status`);
       assert.deepEqual(temps(d), []);
     });
   }
