@@ -62,6 +62,8 @@ const MAX_REQUEST = 64 * 1024;
 const NONCE = nacl.secretbox.nonceLength;
 /** A stand-in that has not proven the key by then is dropped. */
 const HANDSHAKE_MS = 10_000;
+/** How long the run side waits, after EXIT, for the stand-in to close its end. */
+const CLOSE_MS = 30_000;
 /** The exit status of ssh itself failing (OpenSSH's). */
 const SSH_FAILED = 255;
 
@@ -300,6 +302,11 @@ class Session {
   readonly done: Promise<void>;
   readonly #socket: Socket;
   readonly #abort = new AbortController();
+  #frames: FrameSource | null = null;
+  /** EXIT was sent: nothing more is written. */
+  #exited = false;
+  /** The remote command, once the request opened. */
+  #command: string | null = null;
 
   constructor(socket: Socket, key: Uint8Array, dest: FakesshDest, router: Router) {
     this.#socket = socket;
@@ -308,13 +315,22 @@ class Session {
       this.#send(FAKESSH.ERROR, text.encode(err instanceof Error ? err.message : String(err)));
       this.#exit(SSH_FAILED);
     });
-    // Done once the socket itself is closed (its last frames written), at most 2 s after serving ended.
+    // Done once the stand-in closed its end after EXIT (the close handshake), or at most CLOSE_MS later.
     this.done = served.then(() => {
-      const late = setTimeout(() => socket.destroy(), 2000);
+      const late = setTimeout(() => {
+        if (!socket.destroyed) router.log("warn", `fakessh: a stand-in did not close its connection within ${CLOSE_MS / 1000} s of its exit status; dropped`);
+        socket.destroy();
+      }, CLOSE_MS);
       return closed.finally(() => clearTimeout(late));
     });
-    socket.on("close", () => this.abort());
-    socket.on("error", () => {});
+    socket.on("close", () => {
+      if (!this.#exited && !this.#abort.signal.aborted && this.#command !== null)
+        router.log("info", `fakessh: the stand-in running ${JSON.stringify(this.#command.slice(0, 200))} went away first; stopping that command`);
+      this.abort();
+    });
+    socket.on("error", (err) => {
+      if (!this.#exited) router.log("warn", `fakessh: the connection to a stand-in failed: ${err.message}`);
+    });
   }
 
   abort(): void {
@@ -323,14 +339,25 @@ class Session {
   }
 
   #send(type: number, body?: Uint8Array): boolean {
-    return this.#socket.destroyed ? true : this.#socket.write(frame(type, body));
+    return this.#socket.destroyed || this.#exited ? true : this.#socket.write(frame(type, body));
   }
 
+  /**
+   * The last frame: EXIT, after all output. Then the close handshake: this side ends its half and
+   * reads on (dropping what comes) until the stand-in, which closes its end on EXIT, has closed it.
+   * Closing here first could reset the connection before the stand-in read EXIT.
+   */
   #exit(code: number): void {
+    if (this.#exited) return;
     const body = new Uint8Array(4);
     new DataView(body.buffer).setUint32(0, code);
     this.#send(FAKESSH.EXIT, body);
-    this.#socket.end(() => this.#socket.destroy()); // nothing it sends after this matters
+    this.#exited = true;
+    this.#frames?.discard();
+    if (!this.#socket.destroyed) {
+      this.#socket.resume();
+      this.#socket.end();
+    }
   }
 
   async #serve(key: Uint8Array, dest: FakesshDest, router: Router): Promise<void> {
@@ -342,6 +369,8 @@ class Session {
       return;
     }
     const { request, frames } = opened;
+    this.#frames = frames;
+    this.#command = request.command;
     const ctx = typeof dest === "function" ? await dest(request.host, request) : dest;
     const stdout = new Receiver(router, { respondent: ctx });
     const stderr = new Receiver(router, { respondent: ctx });
@@ -398,12 +427,14 @@ class FrameSource {
   readonly #frames: { type: number; body: Uint8Array }[] = [];
   readonly #socket: Socket;
   #ended = false;
+  #discarding = false;
   #wake: (() => void) | null = null;
 
   constructor(transport: Transport, socket: Socket) {
     this.#socket = socket;
     transport.start(
       (chunk) => {
+        if (this.#discarding) return;
         try {
           this.#frames.push(...this.#reader.push(chunk));
         } catch {
@@ -417,6 +448,15 @@ class FrameSource {
         this.#wake?.();
       },
     );
+  }
+
+  /** From now on, read to the end and drop what comes: next() returns null. */
+  discard(): void {
+    this.#discarding = true;
+    this.#ended = true;
+    this.#frames.length = 0;
+    this.#socket.resume();
+    this.#wake?.();
   }
 
   /** The next frame; null at the end, or after `timeoutMs` without one. */
@@ -581,20 +621,23 @@ export async function sshMain(argv: string[]): Promise<number> {
   return new Promise<number>((resolve) => {
     let code = SSH_FAILED;
     let reported = false;
+    /** EXIT came: this side has closed its end (the close handshake); nothing more is written. */
+    let exited = false;
     const reader = new FrameReader(MAX_FRAME + 5);
     let input: { stop(): void } | null = null;
+    const send = (type: number, body?: Uint8Array): boolean => (exited || socket.destroyed ? true : socket.write(frame(type, body)));
     const sendInput = () => {
       if (request.noStdin) {
-        socket.write(frame(FAKESSH.EOF));
+        send(FAKESSH.EOF);
         return;
       }
       input = stdinSource(
         async (chunk) => {
-          for (let at = 0; at < chunk.byteLength; at += MAX_FRAME) {
-            if (!socket.write(frame(FAKESSH.STDIN, chunk.subarray(at, at + MAX_FRAME)))) await waitDrain(socket);
+          for (let at = 0; at < chunk.byteLength && !exited; at += MAX_FRAME) {
+            if (!send(FAKESSH.STDIN, chunk.subarray(at, at + MAX_FRAME))) await waitDrain(socket);
           }
         },
-        () => socket.write(frame(FAKESSH.EOF)),
+        () => send(FAKESSH.EOF),
       );
     };
     // Output goes out in order; the socket is read no faster than stdout takes it.
@@ -615,7 +658,13 @@ export async function sshMain(argv: string[]): Promise<number> {
       if (type === FAKESSH.STDOUT) output(stdout, body);
       else if (type === FAKESSH.STDERR) output(stderr, body);
       else if (type === FAKESSH.ERROR) output(stderr, text.encode(`ssh: ${untext.decode(body)}\n`));
-      else if (type === FAKESSH.EXIT && body.byteLength === 4) code = new DataView(body.buffer, body.byteOffset, 4).getUint32(0);
+      else if (type === FAKESSH.EXIT && body.byteLength === 4 && !exited) {
+        code = new DataView(body.buffer, body.byteOffset, 4).getUint32(0);
+        // The run side reads on until this end closes: stop the input and close it.
+        exited = true;
+        input?.stop();
+        socket.end();
+      }
     };
     const onData = (chunk: Uint8Array) => {
       try {
@@ -633,15 +682,22 @@ export async function sshMain(argv: string[]): Promise<number> {
         const body = new Uint8Array(NONCE + sealed.byteLength);
         body.set(nonce);
         body.set(sealed, NONCE);
-        socket.write(frame(FAKESSH.REQUEST, body));
+        send(FAKESSH.REQUEST, body);
         sendInput();
-        transport.start(onData, () => {});
+        transport.start(onData, () => {
+          if (!exited && !reported) {
+            reported = true;
+            process.stderr.write("ssh: fakessh.run closed the connection before the remote command's exit status\n");
+          }
+        });
       },
       (err: Error) => {
         if (!reported) process.stderr.write(`ssh: fakessh.run at ${socketPath} did not accept this stand-in: ${err.message}\n`);
+        reported = true;
       },
     );
     socket.on("error", (err) => {
+      if (exited || reported) return; // the exit status is in: nothing was lost
       reported = true;
       process.stderr.write(`ssh: cannot reach fakessh.run at ${socketPath}: ${err.message}\n`);
     });
