@@ -25,7 +25,7 @@
  *
  * @module
  */
-import { chmodSync, existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, lstatSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { createConnection, createServer, type Server, type Socket } from "node:net";
 import { constants, tmpdir } from "node:os";
 import { basename, delimiter, dirname, join } from "node:path";
@@ -212,7 +212,8 @@ export async function run(dest: FakesshDest, router: Router, argv: string[], opt
   if (!program) throw new MitogenError("fakessh.run needs a program to run");
   options.signal?.throwIfAborted();
   const script = options.script ?? selfScript();
-  const dir = mkdtempSync(join(tmpdir(), "mitogen-fakessh-"));
+  removeStale(router);
+  const dir = mkdtempSync(join(tmpdir(), `${DIR_PREFIX}${process.pid}-`));
   const sessions = new Set<Session>();
   let server: Server | null = null;
   try {
@@ -220,7 +221,7 @@ export async function run(dest: FakesshDest, router: Router, argv: string[], opt
     const key = nacl.randomBytes(nacl.secretbox.keyLength);
     const socketPath = join(dir, "s");
     server = createServer((socket) => {
-      const session = new Session(socket, key, dest, router);
+      const session = new Session(socket, key, dir, dest, router);
       sessions.add(session);
       void session.done.finally(() => sessions.delete(session));
     });
@@ -268,6 +269,50 @@ export async function run(dest: FakesshDest, router: Router, argv: string[], opt
   }
 }
 
+/** A run's private directory: `<tmpdir>/mitogen-fakessh-<pid of the run's process>-XXXXXX`. */
+const DIR_PREFIX = "mitogen-fakessh-";
+const DIR_NAME = /^mitogen-fakessh-(\d+)-[A-Za-z0-9]{6}$/;
+
+/**
+ * Remove the private directories that runs of processes now gone left behind
+ * (a SIGKILLed master cannot clean up): only of that naming, real directories
+ * (lstat: a symlink is not followed), owned by this user, whose process is
+ * gone. Their contents are the stand-in script and the socket.
+ */
+function removeStale(router: Router): void {
+  const uid = process.getuid?.();
+  let names: string[];
+  try {
+    names = readdirSync(tmpdir());
+  } catch {
+    return;
+  }
+  for (const name of names) {
+    const pid = Number(DIR_NAME.exec(name)?.[1]);
+    if (!pid || pid === process.pid || processAlive(pid)) continue;
+    const path = join(tmpdir(), name);
+    try {
+      const st = lstatSync(path);
+      if (!st.isDirectory() || (uid !== undefined && st.uid !== uid)) continue;
+      rmSync(path, { recursive: true, force: true });
+      router.log("debug", `fakessh: removed ${path}, left by process ${pid}, which is gone`);
+    } catch {
+      // gone meanwhile, or not ours to remove
+    }
+  }
+}
+
+/** Is process `pid` there (ESRCH: it is not; EPERM: it is, someone else's)? */
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    const e = err as { code?: string; name?: string };
+    return !/ESRCH|NotFound/.test(`${e.code} ${e.name}`);
+  }
+}
+
 /** The public face of this module: `fakessh.run` (the stand-in's half is for `cli.ts`). */
 export const fakessh: { readonly run: typeof run } = Object.freeze({ run });
 
@@ -308,10 +353,10 @@ class Session {
   /** The remote command, once the request opened. */
   #command: string | null = null;
 
-  constructor(socket: Socket, key: Uint8Array, dest: FakesshDest, router: Router) {
+  constructor(socket: Socket, key: Uint8Array, dir: string, dest: FakesshDest, router: Router) {
     this.#socket = socket;
     const closed = new Promise<void>((resolve) => socket.once("close", () => resolve()));
-    const served = this.#serve(key, dest, router).catch((err: unknown) => {
+    const served = this.#serve(key, dir, dest, router).catch((err: unknown) => {
       this.#send(FAKESSH.ERROR, text.encode(err instanceof Error ? err.message : String(err)));
       this.#exit(SSH_FAILED);
     });
@@ -360,9 +405,9 @@ class Session {
     }
   }
 
-  async #serve(key: Uint8Array, dest: FakesshDest, router: Router): Promise<void> {
+  async #serve(key: Uint8Array, dir: string, dest: FakesshDest, router: Router): Promise<void> {
     const socket = this.#socket;
-    const opened = await handshake(socket, key);
+    const opened = await handshake(socket, key, dir);
     if (opened === null) {
       router.log("warn", "fakessh: a connection to the stand-in's socket did not prove the run's key; dropped");
       socket.destroy();
@@ -482,7 +527,7 @@ class FrameSource {
 }
 
 /** The listener's side of the handshake: the request and the frames after it, or null if the key was not proven. */
-async function handshake(socket: Socket, key: Uint8Array): Promise<{ request: FakesshRequest; frames: FrameSource } | null> {
+async function handshake(socket: Socket, key: Uint8Array, dir: string): Promise<{ request: FakesshRequest; frames: FrameSource } | null> {
   const started = Date.now();
   let transport: Transport;
   try {
@@ -499,7 +544,9 @@ async function handshake(socket: Socket, key: Uint8Array): Promise<{ request: Fa
     const r = JSON.parse(untext.decode(opened)) as FakesshRequest;
     if (typeof r.host !== "string" || typeof r.command !== "string") return null;
     const env: Record<string, string> = {};
-    for (const [k, v] of Object.entries(r.env ?? {})) if (typeof v === "string") env[k] = v;
+    // The run's key and where its socket is stay here, under any name.
+    const key64 = Buffer.from(key).toString("base64");
+    for (const [k, v] of Object.entries(r.env ?? {})) if (typeof v === "string" && !isPrivate(k) && !v.includes(key64) && !v.includes(dir)) env[k] = v;
     return {
       request: { host: r.host, user: typeof r.user === "string" ? r.user : null, port: typeof r.port === "number" ? r.port : null, command: r.command, env },
       frames,
@@ -526,13 +573,17 @@ const REFUSED = new Set("DLRWfMNOw");
 const SFTP_SERVER =
   'for p in /usr/lib/openssh/sftp-server /usr/libexec/openssh/sftp-server /usr/lib/ssh/sftp-server /usr/libexec/sftp-server /usr/lib/sftp-server; do [ -x "$p" ] && exec "$p"; done; echo "fakessh: no sftp-server on this host" >&2; exit 127';
 
-/** ssh's command line, as far as a stand-in needs it. */
+/** Variables of the run itself (its key, its socket, the stand-in's role): never sent to a remote command. */
+const isPrivate = (name: string): boolean => name.startsWith("MITOGEN_FAKESSH") || name === "MITOGEN_ROLE";
+
+/** ssh's command line, as far as a stand-in needs it; `-o SendEnv=` and `-o SetEnv=` never pass on the run's own variables. */
 export function parseSshArgs(argv: readonly string[], env: Record<string, string | undefined> = {}): FakesshRequest & { noStdin: boolean } {
   let user: string | null = null;
   let port: number | null = null;
   let noStdin = false;
   let subsystem = false;
   const sendEnv: string[] = [];
+  const setEnv: Record<string, string> = {};
   const option = (raw: string) => {
     const m = /^\s*(\w+)\s*(?:=|\s)\s*(.*)$/.exec(raw);
     if (!m) return;
@@ -541,6 +592,11 @@ export function parseSshArgs(argv: readonly string[], env: Record<string, string
     if (name === "user") user = value;
     else if (name === "port") port = Number(value);
     else if (name === "sendenv") sendEnv.push(...value.split(/\s+/));
+    else if (name === "setenv")
+      for (const pair of value.split(/\s+/)) {
+        const eq = pair.indexOf("=");
+        if (eq > 0) setEnv[pair.slice(0, eq)] = pair.slice(eq + 1);
+      }
   };
   let i = 0;
   for (; i < argv.length; i++) {
@@ -592,6 +648,8 @@ export function parseSshArgs(argv: readonly string[], env: Record<string, string
     );
     for (const [k, v] of Object.entries(env)) if (v !== undefined && re.test(k)) forwarded[k] = v;
   }
+  Object.assign(forwarded, setEnv);
+  for (const k of Object.keys(forwarded)) if (isPrivate(k)) delete forwarded[k];
   let command = words.join(" ");
   if (subsystem) {
     if (command !== "sftp") throw new MitogenError(`fakessh: ssh subsystem ${JSON.stringify(command)} is not supported (only sftp)`);
