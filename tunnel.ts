@@ -54,57 +54,39 @@ interface Proc {
 }
 
 /**
- * The guard of this context's commands: one `sh`, started with the first, told
- * the process group of each (`+ pgid`, `- pgid` lines). Its stdin is a pipe
- * only this process holds (close-on-exec), so it reads EOF when this context
- * ends, however it ends (shutdown, its parent gone, SIGKILL), and then stops
- * the groups still listed: SIGTERM, then SIGKILL after the grace period.
+ * A command's guard: a `sh` started with it, given its process group, reading
+ * a pipe only this process holds (close-on-exec). It reads EOF when this
+ * context ends, however it ends (shutdown, its parent gone, SIGKILL), and then
+ * stops the group as a hang-up does: SIGTERM, then SIGKILL after the grace
+ * period. Once the command is done with, it is killed.
  */
-const GUARD = `trap '' HUP INT TERM PIPE
-g=' '
-while read -r op p; do case $op in +) g="$g$p ";; -) case $g in *" $p "*) g="\${g%% $p *} \${g#* $p }";; esac;; esac; done
-case $g in *[0-9]*) ;; *) exit 0;; esac
-for p in $g; do kill -s TERM -- -$p; done 2>/dev/null
-sleep ${GRACE_MS / 1000}
-for p in $g; do kill -s KILL -- -$p; done 2>/dev/null`;
+const GUARD = `trap '' HUP INT TERM PIPE; read -r _; kill -s TERM -- -$0 2>/dev/null && sleep ${GRACE_MS / 1000} && kill -s KILL -- -$0 2>/dev/null`;
 
-let guardLine: ((line: string) => void) | null = null;
-
-/** Tell the guard (started on first use) that process group `pgid` starts (`+`) or is gone (`-`). */
-function guard(op: "+" | "-", pgid: number): void {
+/** Start the guard of process group `pgid`; returns what ends it. Without one (it cannot start), nothing. */
+function guard(pgid: number): () => void {
   try {
-    guardLine ??= startGuard();
-    guardLine(`${op} ${pgid}\n`);
-  } catch {
-    guardLine = null; // it could not start, or is gone: the next command starts another
-  }
-}
-
-function startGuard(): (line: string) => void {
-  const bytes = (line: string) => new TextEncoder().encode(line);
-  if (isDeno) {
-    type DenoGuard = { stdin: WritableStream<Uint8Array>; unref(): void };
-    const Command = (globalThis as unknown as { Deno: { Command: new (exe: string, o: object) => { spawn(): DenoGuard } } }).Deno.Command;
-    const child = new Command("/bin/sh", { args: ["-c", GUARD], stdin: "piped", stdout: "null", stderr: "null", detached: true }).spawn();
+    if (isDeno) {
+      type DenoGuard = { pid: number; unref(): void; kill(signal: string): void; status: Promise<unknown> };
+      const Command = (globalThis as unknown as { Deno: { Command: new (exe: string, o: object) => { spawn(): DenoGuard } } }).Deno.Command;
+      const child = new Command("/bin/sh", { args: ["-c", GUARD, String(pgid)], stdin: "piped", stdout: "null", stderr: "null", detached: true }).spawn();
+      child.unref();
+      child.status.catch(() => {});
+      return () => {
+        try {
+          child.kill("SIGKILL");
+        } catch {
+          // gone
+        }
+      };
+    }
+    const child = builtin("node:child_process").spawn("/bin/sh", ["-c", GUARD, String(pgid)], { stdio: ["pipe", "ignore", "ignore"], detached: true });
+    child.on("error", () => {});
+    child.stdin?.on("error", () => {});
     child.unref();
-    const w = child.stdin.getWriter();
-    return (line) => {
-      w.write(bytes(line)).catch(() => {
-        guardLine = null;
-      });
-    };
+    return () => child.kill("SIGKILL");
+  } catch {
+    return () => {};
   }
-  const child = builtin("node:child_process").spawn("/bin/sh", ["-c", GUARD], { stdio: ["pipe", "ignore", "ignore"], detached: true });
-  child.on("error", () => {
-    guardLine = null;
-  });
-  child.stdin?.on("error", () => {
-    guardLine = null;
-  });
-  child.unref();
-  return (line) => {
-    child.stdin?.write(line);
-  };
 }
 
 function signalGroup(pgid: number, signal: "SIGTERM" | "SIGKILL"): void {
@@ -126,12 +108,13 @@ function start(spec: ExecSpec): Proc {
   let pid = 0;
   let stopping = false;
   let finished = false;
-  /** Done with the group: nothing of it is left running (killed), the guard forgets it. */
+  let unguard = () => {};
+  /** Done with the group: nothing of it is left running (killed), and its guard goes. */
   const finish = () => {
     if (!pid || finished) return; // never started: no group (and kill(-0) would be this process's own)
     finished = true;
     killGroup(pid);
-    guard("-", pid);
+    unguard();
   };
   const stop = () => {
     if (stopping || finished || !pid) return;
@@ -146,7 +129,7 @@ function start(spec: ExecSpec): Proc {
   if (isDeno) {
     const p = denoSpawn("/bin/sh", ["-c", spec.command], env, home, exited);
     pid = p.pid;
-    guard("+", pid);
+    unguard = guard(pid);
     return {
       stdin: p.stdin,
       stdout: p.stdout as unknown as Readable,
@@ -157,7 +140,7 @@ function start(spec: ExecSpec): Proc {
   }
   const proc = builtin("node:child_process").spawn("/bin/sh", ["-c", spec.command], { cwd: home, env, detached: true, stdio: "pipe" });
   pid = proc.pid ?? 0;
-  if (pid) guard("+", pid);
+  if (pid) unguard = guard(pid);
   return {
     stdin: proc.stdin as unknown as PipeWriter,
     stdout: proc.stdout as unknown as Readable,
