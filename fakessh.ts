@@ -21,7 +21,8 @@
  * `connectWithKey`: each side proves it holds the key). The stand-in's first
  * frame is REQUEST: `nonce (24) | secretbox(JSON request, nonce, key)`. A
  * failed handshake, or a first frame that is not a REQUEST that opens, ends
- * the connection.
+ * the connection. EXIT, after all output, starts the close handshake: the
+ * stand-in closes its end, the run side reads on until it has (PROTOCOL.md).
  *
  * @module
  */
@@ -47,7 +48,7 @@ export const FAKESSH = {
   STDOUT: 3,
   /** run -> stand-in: bytes of the remote command's stderr. */
   STDERR: 4,
-  /** run -> stand-in: the exit status (u32), last frame. */
+  /** run -> stand-in: the exit status (u32), the run side's last frame; the stand-in then closes its end. */
   EXIT: 5,
   /** run -> stand-in: why the command could not run (UTF-8), before EXIT 255. */
   ERROR: 6,
