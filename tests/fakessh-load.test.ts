@@ -35,8 +35,12 @@ async function runCaptured(argv: string[]) {
 }
 
 test("1000 concurrent short commands through one run: every output line and exit status arrives", async () => {
-  // Each line: N, what `ssh h` printed, and its exit status (N % 7, so most are not 0).
-  const r = await runCaptured(["sh", "-c", `seq 1 1000 | xargs -P 64 -n 1 sh -c 'o=$(ssh h "echo out$0; exit \\$(($0 % 7))"); echo "$0 $o $?"'`]);
+  // 64 at a time, each shell running 4 in turn. Each line: N, what `ssh h` printed, and its exit status (N % 7, so most are not 0).
+  const r = await runCaptured([
+    "sh",
+    "-c",
+    `seq 1 1000 | xargs -P 64 -n 4 sh -c 'for n; do o=$(ssh h "echo out$n; exit \\$(($n % 7))"); echo "$n $o $?"; done' sh`,
+  ]);
   assert.equal(r.code, 0, r.stderr);
   assert.equal(r.stderr, "");
   const warnings = r.logs.records.filter((x) => x.level === "warn" || x.level === "error").map((x) => x.message);
