@@ -216,6 +216,14 @@ test("-o SendEnv=* and SetEnv hand neither the run's key nor its socket path to 
   assert.ok(remote.includes("OK=1"), "SetEnv sets variables");
 });
 
+const DIST = fileURLToPath(new URL("../dist/mitogen.mjs", import.meta.url));
+
+/**
+ * A command that notes SIGTERM in `marker` and runs until stopped, with a `sleep 60` in its group.
+ * Its output goes nowhere: once its context is gone, sh's "Terminated" to the dead pipe is a SIGPIPE.
+ */
+const stubborn = (marker: string) => `exec >/dev/null 2>&1; trap 'echo TERM >> ${marker}; exit 1' TERM; sleep 60 & while :; do sleep 1; done`;
+
 /** The remote half of the rsync temp file of `name` in `dir`, if it is there (`.name.XXXXXX`). */
 const partial = (dir: string, name: string) => readdirSync(dir).filter((f) => f.startsWith(`.${name}.`));
 
@@ -226,7 +234,7 @@ function slowFile(): string {
   return src;
 }
 
-test("a stand-in killed mid-transfer: the remote rsync gets SIGTERM and removes its partial file", { skip }, async () => {
+test("a stand-in killed mid-transfer: the remote command gets SIGTERM, so rsync removes its partial file", { skip }, async () => {
   const src = slowFile();
   const dst = mkdtempSync(join(scratch, "killed-standin-"));
   const running = runCaptured(["rsync", "--bwlimit=128", src, `h:${dst}/`]);
@@ -239,15 +247,18 @@ test("a stand-in killed mid-transfer: the remote rsync gets SIGTERM and removes 
   // SIGKILL would leave the partial file; SIGTERM lets rsync remove it.
   await waitFor(() => partial(dst, "slow.bin").length === 0, 10_000, "the remote rsync to remove its partial file");
   assert.deepEqual(readdirSync(dst), []);
+
+  // The same with a command that ignores its input's end: only the signal stops it, and it notes SIGTERM.
+  const marker = join(scratch, "standin-killed");
+  const again = runCaptured(["ssh", "h", `exec </dev/null; ${stubborn(marker)}`]);
+  await waitFor(sleeping, 10_000, "the remote command to start");
+  const second = leakedProcesses().find((p) => p.cmd.includes("mitogen.mjs") && p.cmd.includes("trap"));
+  assert.ok(second, "the stand-in runs");
+  process.kill(second.pid, "SIGKILL");
+  assert.notEqual((await again).code, 0);
+  await waitFor(() => existsSync(marker), 5000, "the remote command's TERM trap");
+  await waitFor(() => !sleeping(), 5000, "the remote command to end");
 });
-
-const DIST = fileURLToPath(new URL("../dist/mitogen.mjs", import.meta.url));
-
-/**
- * A command that notes SIGTERM in `marker` and runs until stopped, with a `sleep 60` in its group.
- * Its output goes nowhere: once its context is gone, sh's "Terminated" to the dead pipe is a SIGPIPE.
- */
-const stubborn = (marker: string) => `exec >/dev/null 2>&1; trap 'echo TERM >> ${marker}; exit 1' TERM; sleep 60 & while :; do sleep 1; done`;
 
 test("a SIGKILLed master: its remote command gets SIGTERM, and the next run removes the master's private directory", async () => {
   const marker = join(scratch, "master-killed");
