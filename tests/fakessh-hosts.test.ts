@@ -195,6 +195,19 @@ test("scp both ways (sftp and -O), git clone and git push of a repository on inn
 /** rsync's temp files of `name` in `dir` (`.name.XXXXXX`): a transfer under way, or one cut off. */
 const partial = (dir: string, name: string) => (existsSync(dir) ? readdirSync(dir).filter((f) => f.startsWith(`.${name}.`)) : []);
 const sleeping = () => leakedProcesses().some((p) => p.cmd.startsWith("sleep 60"));
+/** The pid of the running stand-in (a process carrying the leak check's token) whose command line has `word`. */
+function standInPid(word: string): number | undefined {
+  for (const { pid } of leakedProcesses()) {
+    try {
+      const cmd = readFileSync(`/proc/${pid}/cmdline`, "latin1").replaceAll("\0", " ");
+      if (cmd.includes("mitogen.mjs") && cmd.includes(word)) return pid;
+    } catch {
+      // gone
+    }
+  }
+  return undefined;
+}
+
 const DIST = fileURLToPath(new URL("../dist/mitogen.mjs", import.meta.url));
 
 test("a stand-in killed mid-rsync to inner, a master SIGKILLed mid-command on bastion: the remote side gets SIGTERM", { skip }, async () => {
@@ -207,9 +220,9 @@ test("a stand-in killed mid-rsync to inner, a master SIGKILLed mid-command on ba
   try {
     const running = run(router, inner, ["rsync", "--bwlimit=128", src, `inner:${remote}/`]);
     await waitFor(() => partial(dst, "slow.bin").some((f) => lstatSync(join(dst, f)).size > 0), 60_000, "the partial file on inner");
-    const standIn = leakedProcesses().find((p) => p.cmd.includes("mitogen.mjs") && p.cmd.includes("rsync --server"));
+    const standIn = standInPid("rsync --server");
     assert.ok(standIn, "the stand-in runs");
-    process.kill(standIn.pid, "SIGKILL");
+    process.kill(standIn, "SIGKILL");
     assert.notEqual((await running).code, 0);
     // SIGKILL would leave the partial file; SIGTERM lets rsync remove it.
     await waitFor(() => partial(dst, "slow.bin").length === 0, 10_000, "inner's rsync to remove its partial file");
@@ -224,9 +237,9 @@ test("a stand-in killed mid-rsync to inner, a master SIGKILLed mid-command on ba
   try {
     const running = run(router, inner, ["ssh", "h", command]);
     await waitFor(sleeping, 30_000, "the command on inner to start");
-    const standIn = leakedProcesses().find((p) => p.cmd.includes("mitogen.mjs") && p.cmd.includes("trap"));
+    const standIn = standInPid("trap");
     assert.ok(standIn, "the stand-in runs");
-    process.kill(standIn.pid, "SIGKILL");
+    process.kill(standIn, "SIGKILL");
     assert.notEqual((await running).code, 0);
     await waitFor(() => existsSync(marker), 10_000, "the command's TERM trap on inner");
     await waitFor(() => !sleeping(), 5000, "the command on inner to end");

@@ -216,6 +216,19 @@ test("-o SendEnv=* and SetEnv hand neither the run's key nor its socket path to 
   assert.ok(remote.includes("OK=1"), "SetEnv sets variables");
 });
 
+/** The pid of the running stand-in (a process carrying the leak check's token) whose command line has `word`. */
+function standInPid(word: string): number | undefined {
+  for (const { pid } of leakedProcesses()) {
+    try {
+      const cmd = readFileSync(`/proc/${pid}/cmdline`, "latin1").replaceAll("\0", " ");
+      if (cmd.includes("mitogen.mjs") && cmd.includes(word)) return pid;
+    } catch {
+      // gone
+    }
+  }
+  return undefined;
+}
+
 const DIST = fileURLToPath(new URL("../dist/mitogen.mjs", import.meta.url));
 
 /**
@@ -239,9 +252,9 @@ test("a stand-in killed mid-transfer: the remote command gets SIGTERM, so rsync 
   const dst = mkdtempSync(join(scratch, "killed-standin-"));
   const running = runCaptured(["rsync", "--bwlimit=128", src, `h:${dst}/`]);
   await waitFor(() => partial(dst, "slow.bin").some((f) => statSync(join(dst, f)).size > 0), 30_000, "the partial file on the remote side");
-  const standIn = leakedProcesses().find((p) => p.cmd.includes("mitogen.mjs") && p.cmd.includes("rsync --server"));
+  const standIn = standInPid("rsync --server");
   assert.ok(standIn, "the stand-in runs");
-  process.kill(standIn.pid, "SIGKILL");
+  process.kill(standIn, "SIGKILL");
   const r = await running;
   assert.notEqual(r.code, 0);
   // SIGKILL would leave the partial file; SIGTERM lets rsync remove it.
@@ -252,9 +265,9 @@ test("a stand-in killed mid-transfer: the remote command gets SIGTERM, so rsync 
   const marker = join(scratch, "standin-killed");
   const again = runCaptured(["ssh", "h", `exec </dev/null; ${stubborn(marker)}`]);
   await waitFor(sleeping, 10_000, "the remote command to start");
-  const second = leakedProcesses().find((p) => p.cmd.includes("mitogen.mjs") && p.cmd.includes("trap"));
+  const second = standInPid("trap");
   assert.ok(second, "the stand-in runs");
-  process.kill(second.pid, "SIGKILL");
+  process.kill(second, "SIGKILL");
   assert.notEqual((await again).code, 0);
   await waitFor(() => existsSync(marker), 5000, "the remote command's TERM trap");
   await waitFor(() => !sleeping(), 5000, "the remote command to end");
