@@ -21,11 +21,12 @@
  * `connectWithKey`: each side proves it holds the key). The stand-in's first
  * frame is REQUEST: `nonce (24) | secretbox(JSON request, nonce, key)`. A
  * failed handshake, or a first frame that is not a REQUEST that opens, ends
- * the connection.
+ * the connection. EXIT, after all output, starts the close handshake: the
+ * stand-in closes its end, the run side reads on until it has (PROTOCOL.md).
  *
  * @module
  */
-import { chmodSync, existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, lstatSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { createConnection, createServer, type Server, type Socket } from "node:net";
 import { constants, tmpdir } from "node:os";
 import { basename, delimiter, dirname, join } from "node:path";
@@ -47,7 +48,7 @@ export const FAKESSH = {
   STDOUT: 3,
   /** run -> stand-in: bytes of the remote command's stderr. */
   STDERR: 4,
-  /** run -> stand-in: the exit status (u32), last frame. */
+  /** run -> stand-in: the exit status (u32), the run side's last frame; the stand-in then closes its end. */
   EXIT: 5,
   /** run -> stand-in: why the command could not run (UTF-8), before EXIT 255. */
   ERROR: 6,
@@ -62,6 +63,8 @@ const MAX_REQUEST = 64 * 1024;
 const NONCE = nacl.secretbox.nonceLength;
 /** A stand-in that has not proven the key by then is dropped. */
 const HANDSHAKE_MS = 10_000;
+/** How long the run side waits, after EXIT, for the stand-in to close its end. */
+const CLOSE_MS = 30_000;
 /** The exit status of ssh itself failing (OpenSSH's). */
 const SSH_FAILED = 255;
 
@@ -210,7 +213,8 @@ export async function run(dest: FakesshDest, router: Router, argv: string[], opt
   if (!program) throw new MitogenError("fakessh.run needs a program to run");
   options.signal?.throwIfAborted();
   const script = options.script ?? selfScript();
-  const dir = mkdtempSync(join(tmpdir(), "mitogen-fakessh-"));
+  removeStale(router);
+  const dir = mkdtempSync(join(tmpdir(), `${DIR_PREFIX}${process.pid}-`));
   const sessions = new Set<Session>();
   let server: Server | null = null;
   try {
@@ -218,7 +222,7 @@ export async function run(dest: FakesshDest, router: Router, argv: string[], opt
     const key = nacl.randomBytes(nacl.secretbox.keyLength);
     const socketPath = join(dir, "s");
     server = createServer((socket) => {
-      const session = new Session(socket, key, dest, router);
+      const session = new Session(socket, key, dir, dest, router);
       sessions.add(session);
       void session.done.finally(() => sessions.delete(session));
     });
@@ -266,6 +270,50 @@ export async function run(dest: FakesshDest, router: Router, argv: string[], opt
   }
 }
 
+/** A run's private directory: `<tmpdir>/mitogen-fakessh-<pid of the run's process>-XXXXXX`. */
+const DIR_PREFIX = "mitogen-fakessh-";
+const DIR_NAME = /^mitogen-fakessh-(\d+)-[A-Za-z0-9]{6}$/;
+
+/**
+ * Remove the private directories that runs of processes now gone left behind
+ * (a SIGKILLed master cannot clean up): only of that naming, real directories
+ * (lstat: a symlink is not followed), owned by this user, whose process is
+ * gone. Their contents are the stand-in script and the socket.
+ */
+function removeStale(router: Router): void {
+  const uid = process.getuid?.();
+  let names: string[];
+  try {
+    names = readdirSync(tmpdir());
+  } catch {
+    return;
+  }
+  for (const name of names) {
+    const pid = Number(DIR_NAME.exec(name)?.[1]);
+    if (!pid || pid === process.pid || processAlive(pid)) continue;
+    const path = join(tmpdir(), name);
+    try {
+      const st = lstatSync(path);
+      if (!st.isDirectory() || (uid !== undefined && st.uid !== uid)) continue;
+      rmSync(path, { recursive: true, force: true });
+      router.log("debug", `fakessh: removed ${path}, left by process ${pid}, which is gone`);
+    } catch {
+      // gone meanwhile, or not ours to remove
+    }
+  }
+}
+
+/** Is process `pid` there (ESRCH: it is not; EPERM: it is, someone else's)? */
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    const e = err as { code?: string; name?: string };
+    return !/ESRCH|NotFound/.test(`${e.code} ${e.name}`);
+  }
+}
+
 /** The public face of this module: `fakessh.run` (the stand-in's half is for `cli.ts`). */
 export const fakessh: { readonly run: typeof run } = Object.freeze({ run });
 
@@ -300,21 +348,35 @@ class Session {
   readonly done: Promise<void>;
   readonly #socket: Socket;
   readonly #abort = new AbortController();
+  #frames: FrameSource | null = null;
+  /** EXIT was sent: nothing more is written. */
+  #exited = false;
+  /** The remote command, once the request opened. */
+  #command: string | null = null;
 
-  constructor(socket: Socket, key: Uint8Array, dest: FakesshDest, router: Router) {
+  constructor(socket: Socket, key: Uint8Array, dir: string, dest: FakesshDest, router: Router) {
     this.#socket = socket;
     const closed = new Promise<void>((resolve) => socket.once("close", () => resolve()));
-    const served = this.#serve(key, dest, router).catch((err: unknown) => {
+    const served = this.#serve(key, dir, dest, router).catch((err: unknown) => {
       this.#send(FAKESSH.ERROR, text.encode(err instanceof Error ? err.message : String(err)));
       this.#exit(SSH_FAILED);
     });
-    // Done once the socket itself is closed (its last frames written), at most 2 s after serving ended.
+    // Done once the stand-in closed its end after EXIT (the close handshake), or at most CLOSE_MS later.
     this.done = served.then(() => {
-      const late = setTimeout(() => socket.destroy(), 2000);
+      const late = setTimeout(() => {
+        if (!socket.destroyed) router.log("warn", `fakessh: a stand-in did not close its connection within ${CLOSE_MS / 1000} s of its exit status; dropped`);
+        socket.destroy();
+      }, CLOSE_MS);
       return closed.finally(() => clearTimeout(late));
     });
-    socket.on("close", () => this.abort());
-    socket.on("error", () => {});
+    socket.on("close", () => {
+      if (!this.#exited && !this.#abort.signal.aborted && this.#command !== null)
+        router.log("info", `fakessh: the stand-in running ${JSON.stringify(this.#command.slice(0, 200))} went away first; stopping that command`);
+      this.abort();
+    });
+    socket.on("error", (err) => {
+      if (!this.#exited) router.log("warn", `fakessh: the connection to a stand-in failed: ${err.message}`);
+    });
   }
 
   abort(): void {
@@ -323,25 +385,38 @@ class Session {
   }
 
   #send(type: number, body?: Uint8Array): boolean {
-    return this.#socket.destroyed ? true : this.#socket.write(frame(type, body));
+    return this.#socket.destroyed || this.#exited ? true : this.#socket.write(frame(type, body));
   }
 
+  /**
+   * The last frame: EXIT, after all output. Then the close handshake: this side ends its half and
+   * reads on (dropping what comes) until the stand-in, which closes its end on EXIT, has closed it.
+   * Closing here first could reset the connection before the stand-in read EXIT.
+   */
   #exit(code: number): void {
+    if (this.#exited) return;
     const body = new Uint8Array(4);
     new DataView(body.buffer).setUint32(0, code);
     this.#send(FAKESSH.EXIT, body);
-    this.#socket.end(() => this.#socket.destroy()); // nothing it sends after this matters
+    this.#exited = true;
+    this.#frames?.discard();
+    if (!this.#socket.destroyed) {
+      this.#socket.resume();
+      this.#socket.end();
+    }
   }
 
-  async #serve(key: Uint8Array, dest: FakesshDest, router: Router): Promise<void> {
+  async #serve(key: Uint8Array, dir: string, dest: FakesshDest, router: Router): Promise<void> {
     const socket = this.#socket;
-    const opened = await handshake(socket, key);
+    const opened = await handshake(socket, key, dir);
     if (opened === null) {
       router.log("warn", "fakessh: a connection to the stand-in's socket did not prove the run's key; dropped");
       socket.destroy();
       return;
     }
     const { request, frames } = opened;
+    this.#frames = frames;
+    this.#command = request.command;
     const ctx = typeof dest === "function" ? await dest(request.host, request) : dest;
     const stdout = new Receiver(router, { respondent: ctx });
     const stderr = new Receiver(router, { respondent: ctx });
@@ -398,12 +473,14 @@ class FrameSource {
   readonly #frames: { type: number; body: Uint8Array }[] = [];
   readonly #socket: Socket;
   #ended = false;
+  #discarding = false;
   #wake: (() => void) | null = null;
 
   constructor(transport: Transport, socket: Socket) {
     this.#socket = socket;
     transport.start(
       (chunk) => {
+        if (this.#discarding) return;
         try {
           this.#frames.push(...this.#reader.push(chunk));
         } catch {
@@ -417,6 +494,15 @@ class FrameSource {
         this.#wake?.();
       },
     );
+  }
+
+  /** From now on, read to the end and drop what comes: next() returns null. */
+  discard(): void {
+    this.#discarding = true;
+    this.#ended = true;
+    this.#frames.length = 0;
+    this.#socket.resume();
+    this.#wake?.();
   }
 
   /** The next frame; null at the end, or after `timeoutMs` without one. */
@@ -442,7 +528,7 @@ class FrameSource {
 }
 
 /** The listener's side of the handshake: the request and the frames after it, or null if the key was not proven. */
-async function handshake(socket: Socket, key: Uint8Array): Promise<{ request: FakesshRequest; frames: FrameSource } | null> {
+async function handshake(socket: Socket, key: Uint8Array, dir: string): Promise<{ request: FakesshRequest; frames: FrameSource } | null> {
   const started = Date.now();
   let transport: Transport;
   try {
@@ -459,7 +545,9 @@ async function handshake(socket: Socket, key: Uint8Array): Promise<{ request: Fa
     const r = JSON.parse(untext.decode(opened)) as FakesshRequest;
     if (typeof r.host !== "string" || typeof r.command !== "string") return null;
     const env: Record<string, string> = {};
-    for (const [k, v] of Object.entries(r.env ?? {})) if (typeof v === "string") env[k] = v;
+    // The run's key and where its socket is stay here, under any name.
+    const key64 = Buffer.from(key).toString("base64");
+    for (const [k, v] of Object.entries(r.env ?? {})) if (typeof v === "string" && !isPrivate(k) && !v.includes(key64) && !v.includes(dir)) env[k] = v;
     return {
       request: { host: r.host, user: typeof r.user === "string" ? r.user : null, port: typeof r.port === "number" ? r.port : null, command: r.command, env },
       frames,
@@ -486,13 +574,17 @@ const REFUSED = new Set("DLRWfMNOw");
 const SFTP_SERVER =
   'for p in /usr/lib/openssh/sftp-server /usr/libexec/openssh/sftp-server /usr/lib/ssh/sftp-server /usr/libexec/sftp-server /usr/lib/sftp-server; do [ -x "$p" ] && exec "$p"; done; echo "fakessh: no sftp-server on this host" >&2; exit 127';
 
-/** ssh's command line, as far as a stand-in needs it. */
+/** Variables of the run itself (its key, its socket, the stand-in's role): never sent to a remote command. */
+const isPrivate = (name: string): boolean => name.startsWith("MITOGEN_FAKESSH") || name === "MITOGEN_ROLE";
+
+/** ssh's command line, as far as a stand-in needs it; `-o SendEnv=` and `-o SetEnv=` never pass on the run's own variables. */
 export function parseSshArgs(argv: readonly string[], env: Record<string, string | undefined> = {}): FakesshRequest & { noStdin: boolean } {
   let user: string | null = null;
   let port: number | null = null;
   let noStdin = false;
   let subsystem = false;
   const sendEnv: string[] = [];
+  const setEnv: Record<string, string> = {};
   const option = (raw: string) => {
     const m = /^\s*(\w+)\s*(?:=|\s)\s*(.*)$/.exec(raw);
     if (!m) return;
@@ -501,6 +593,11 @@ export function parseSshArgs(argv: readonly string[], env: Record<string, string
     if (name === "user") user = value;
     else if (name === "port") port = Number(value);
     else if (name === "sendenv") sendEnv.push(...value.split(/\s+/));
+    else if (name === "setenv")
+      for (const pair of value.split(/\s+/)) {
+        const eq = pair.indexOf("=");
+        if (eq > 0) setEnv[pair.slice(0, eq)] = pair.slice(eq + 1);
+      }
   };
   let i = 0;
   for (; i < argv.length; i++) {
@@ -552,6 +649,8 @@ export function parseSshArgs(argv: readonly string[], env: Record<string, string
     );
     for (const [k, v] of Object.entries(env)) if (v !== undefined && re.test(k)) forwarded[k] = v;
   }
+  Object.assign(forwarded, setEnv);
+  for (const k of Object.keys(forwarded)) if (isPrivate(k)) delete forwarded[k];
   let command = words.join(" ");
   if (subsystem) {
     if (command !== "sftp") throw new MitogenError(`fakessh: ssh subsystem ${JSON.stringify(command)} is not supported (only sftp)`);
@@ -581,20 +680,23 @@ export async function sshMain(argv: string[]): Promise<number> {
   return new Promise<number>((resolve) => {
     let code = SSH_FAILED;
     let reported = false;
+    /** EXIT came: this side has closed its end (the close handshake); nothing more is written. */
+    let exited = false;
     const reader = new FrameReader(MAX_FRAME + 5);
     let input: { stop(): void } | null = null;
+    const send = (type: number, body?: Uint8Array): boolean => (exited || socket.destroyed ? true : socket.write(frame(type, body)));
     const sendInput = () => {
       if (request.noStdin) {
-        socket.write(frame(FAKESSH.EOF));
+        send(FAKESSH.EOF);
         return;
       }
       input = stdinSource(
         async (chunk) => {
-          for (let at = 0; at < chunk.byteLength; at += MAX_FRAME) {
-            if (!socket.write(frame(FAKESSH.STDIN, chunk.subarray(at, at + MAX_FRAME)))) await waitDrain(socket);
+          for (let at = 0; at < chunk.byteLength && !exited; at += MAX_FRAME) {
+            if (!send(FAKESSH.STDIN, chunk.subarray(at, at + MAX_FRAME))) await waitDrain(socket);
           }
         },
-        () => socket.write(frame(FAKESSH.EOF)),
+        () => send(FAKESSH.EOF),
       );
     };
     // Output goes out in order; the socket is read no faster than stdout takes it.
@@ -615,7 +717,13 @@ export async function sshMain(argv: string[]): Promise<number> {
       if (type === FAKESSH.STDOUT) output(stdout, body);
       else if (type === FAKESSH.STDERR) output(stderr, body);
       else if (type === FAKESSH.ERROR) output(stderr, text.encode(`ssh: ${untext.decode(body)}\n`));
-      else if (type === FAKESSH.EXIT && body.byteLength === 4) code = new DataView(body.buffer, body.byteOffset, 4).getUint32(0);
+      else if (type === FAKESSH.EXIT && body.byteLength === 4 && !exited) {
+        code = new DataView(body.buffer, body.byteOffset, 4).getUint32(0);
+        // The run side reads on until this end closes: stop the input and close it.
+        exited = true;
+        input?.stop();
+        socket.end();
+      }
     };
     const onData = (chunk: Uint8Array) => {
       try {
@@ -633,15 +741,22 @@ export async function sshMain(argv: string[]): Promise<number> {
         const body = new Uint8Array(NONCE + sealed.byteLength);
         body.set(nonce);
         body.set(sealed, NONCE);
-        socket.write(frame(FAKESSH.REQUEST, body));
+        send(FAKESSH.REQUEST, body);
         sendInput();
-        transport.start(onData, () => {});
+        transport.start(onData, () => {
+          if (!exited && !reported) {
+            reported = true;
+            process.stderr.write("ssh: fakessh.run closed the connection before the remote command's exit status\n");
+          }
+        });
       },
       (err: Error) => {
         if (!reported) process.stderr.write(`ssh: fakessh.run at ${socketPath} did not accept this stand-in: ${err.message}\n`);
+        reported = true;
       },
     );
     socket.on("error", (err) => {
+      if (exited || reported) return; // the exit status is in: nothing was lost
       reported = true;
       process.stderr.write(`ssh: cannot reach fakessh.run at ${socketPath}: ${err.message}\n`);
     });

@@ -13,6 +13,9 @@
 import { builtin, type CallContext, isDeno, nodeProcess, Receiver, type Sender, takesRouter } from "./core.ts";
 import { denoSpawn, killGroup, type PipeWriter } from "./spawn.ts";
 
+/** Between SIGTERM and SIGKILL when a command is stopped: time for rsync or scp to remove a partial file. */
+const GRACE_MS = 2000;
+
 /** What {@link exec} runs, and where its output goes. */
 export interface ExecSpec {
   /** A shell command line, run as ssh runs one: `sh -c <command>` in the home directory. */
@@ -46,25 +49,98 @@ interface Proc {
   stderr: Readable;
   /** Resolves once it exited and its output was read to the end. */
   ended: Promise<ExecResult>;
-  kill(): void;
+  /** Stop it as a hang-up does: SIGTERM to its process group, SIGKILL after {@link GRACE_MS}. */
+  stop(): void;
 }
 
+/**
+ * A command's guard: a `sh` started with it, given its process group, reading
+ * a pipe only this process holds (close-on-exec). It reads EOF when this
+ * context ends, however it ends (shutdown, its parent gone, SIGKILL), and then
+ * stops the group as a hang-up does: SIGTERM, then SIGKILL after the grace
+ * period. Once the command is done with, it is killed.
+ */
+const GUARD = `trap '' HUP INT TERM PIPE; read -r _; kill -s TERM -- -$0 2>/dev/null && sleep ${GRACE_MS / 1000} && kill -s KILL -- -$0 2>/dev/null`;
+
+/** Start the guard of process group `pgid`; returns what ends it. Without one (it cannot start), nothing. */
+function guard(pgid: number): () => void {
+  try {
+    if (isDeno) {
+      type DenoGuard = { pid: number; unref(): void; kill(signal: string): void; status: Promise<unknown> };
+      const Command = (globalThis as unknown as { Deno: { Command: new (exe: string, o: object) => { spawn(): DenoGuard } } }).Deno.Command;
+      const child = new Command("/bin/sh", { args: ["-c", GUARD, String(pgid)], stdin: "piped", stdout: "null", stderr: "null", detached: true }).spawn();
+      child.unref();
+      child.status.catch(() => {});
+      return () => {
+        try {
+          child.kill("SIGKILL");
+        } catch {
+          // gone
+        }
+      };
+    }
+    const child = builtin("node:child_process").spawn("/bin/sh", ["-c", GUARD, String(pgid)], { stdio: ["pipe", "ignore", "ignore"], detached: true });
+    child.on("error", () => {});
+    child.stdin?.on("error", () => {});
+    child.unref();
+    return () => child.kill("SIGKILL");
+  } catch {
+    return () => {};
+  }
+}
+
+function signalGroup(pgid: number, signal: "SIGTERM" | "SIGKILL"): void {
+  try {
+    nodeProcess().kill(-pgid, signal);
+  } catch {
+    // the group is empty
+  }
+}
+
+/**
+ * `sh -c command` in a process group of its own, known to the guard. At its
+ * exit, what it left behind in its group is killed; once stopped, the group
+ * gets SIGTERM and, whatever is left of it after the grace period, SIGKILL.
+ */
 function start(spec: ExecSpec): Proc {
   const home = builtin("node:os").homedir();
   const env = { ...nodeProcess().env, ...spec.env };
+  let pid = 0;
+  let stopping = false;
+  let finished = false;
+  let unguard = () => {};
+  /** Done with the group: nothing of it is left running (killed), and its guard goes. */
+  const finish = () => {
+    if (!pid || finished) return; // never started: no group (and kill(-0) would be this process's own)
+    finished = true;
+    killGroup(pid);
+    unguard();
+  };
+  const stop = () => {
+    if (stopping || finished || !pid) return;
+    stopping = true;
+    signalGroup(pid, "SIGTERM");
+    setTimeout(finish, GRACE_MS);
+  };
+  /** At the exit of `sh`: its leftovers go with it, unless the grace period runs. */
+  const exited = () => {
+    if (!stopping) finish();
+  };
   if (isDeno) {
-    let pid = 0;
-    const p = denoSpawn("/bin/sh", ["-c", spec.command], env, home, () => killGroup(pid));
+    const p = denoSpawn("/bin/sh", ["-c", spec.command], env, home, exited);
     pid = p.pid;
+    unguard = guard(pid);
     return {
       stdin: p.stdin,
       stdout: p.stdout as unknown as Readable,
       stderr: p.stderr as unknown as Readable,
       ended: p.gone.then(() => p.status() ?? { code: null, signal: null }),
-      kill: () => killGroup(pid),
+      stop,
     };
   }
   const proc = builtin("node:child_process").spawn("/bin/sh", ["-c", spec.command], { cwd: home, env, detached: true, stdio: "pipe" });
+  pid = proc.pid ?? 0;
+  if (pid) unguard = guard(pid);
   return {
     stdin: proc.stdin as unknown as PipeWriter,
     stdout: proc.stdout as unknown as Readable,
@@ -72,11 +148,11 @@ function start(spec: ExecSpec): Proc {
     ended: new Promise((resolve, reject) => {
       proc.once("error", reject);
       proc.once("close", (code: number | null, signal: string | null) => {
-        killGroup(proc.pid as number); // what it left behind in its group goes with it
+        exited();
         resolve({ code, signal });
       });
     }),
-    kill: () => killGroup(proc.pid as number),
+    stop,
   };
 }
 
@@ -110,14 +186,15 @@ function pump(from: Readable, to: Sender): Promise<void> {
  * Run `spec.command` here with its stdio tunnelled: stdin from the Sender
  * this sends on `spec.ctl` (a closed channel is end of input), stdout and
  * stderr to `spec.stdout` and `spec.stderr` (each closed at its end).
- * Resolves with how it ended once its output is all sent; the call's
- * cancellation kills its process group.
+ * Resolves with how it ended once its output is all sent. The call's
+ * cancellation or deadline stops its process group (SIGTERM, then SIGKILL
+ * after 2 s), and so does the end of this context (see the guard).
  */
 export const exec: (spec: ExecSpec, call: CallContext) => Promise<ExecResult> = takesRouter(async (spec: ExecSpec, call: CallContext): Promise<ExecResult> => {
   const proc = start(spec);
   const stdin = new Receiver(call.router, { respondent: spec.ctl.context });
   const onAbort = () => {
-    proc.kill();
+    proc.stop();
     stdin.close();
   };
   call.signal.addEventListener("abort", onAbort);

@@ -4,10 +4,11 @@
  * `bastion` reaches, and in a root context (sudo) there.
  */
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import {
   closeSync,
+  existsSync,
   lstatSync,
   mkdirSync,
   mkdtempSync,
@@ -22,9 +23,10 @@ import {
 } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { after, test } from "node:test";
 import { type Context, fakessh, Router } from "../mod.ts";
-import { captureLogs, checkLeaks } from "./helpers.ts";
+import { captureLogs, checkLeaks, leakedProcesses, underDeno, waitFor } from "./helpers.ts";
 import { hostTree, type TestHosts, useTestHosts } from "./hosts.ts";
 
 checkLeaks();
@@ -187,5 +189,83 @@ test("scp both ways (sftp and -O), git clone and git push of a repository on inn
     rmSync(join(home, repo), { recursive: true, force: true });
   } finally {
     rmSync(join(home, remote), { force: true });
+  }
+});
+
+/** rsync's temp files of `name` in `dir` (`.name.XXXXXX`): a transfer under way, or one cut off. */
+const partial = (dir: string, name: string) => (existsSync(dir) ? readdirSync(dir).filter((f) => f.startsWith(`.${name}.`)) : []);
+const sleeping = () => leakedProcesses().some((p) => p.cmd.startsWith("sleep 60"));
+/** The pid of the running stand-in (a process carrying the leak check's token) whose command line has `word`. */
+function standInPid(word: string): number | undefined {
+  for (const { pid } of leakedProcesses()) {
+    try {
+      const cmd = readFileSync(`/proc/${pid}/cmdline`, "latin1").replaceAll("\0", " ");
+      if (cmd.includes("mitogen.mjs") && cmd.includes(word)) return pid;
+    } catch {
+      // gone
+    }
+  }
+  return undefined;
+}
+
+const DIST = fileURLToPath(new URL("../dist/mitogen.mjs", import.meta.url));
+
+test("a stand-in killed mid-rsync to inner, a master SIGKILLed mid-command on bastion: the remote side gets SIGTERM", { skip }, async () => {
+  await using router = new Router({ log: captureLogs().log });
+  const { inner, home } = await tree(router);
+  const src = join(scratch, "slow.bin");
+  writeFileSync(src, randomBytes(8 * 1024 * 1024));
+  const remote = `fakessh-killed-${process.pid}`;
+  const dst = join(home, remote);
+  try {
+    const running = run(router, inner, ["rsync", "--bwlimit=128", src, `inner:${remote}/`]);
+    await waitFor(() => partial(dst, "slow.bin").some((f) => lstatSync(join(dst, f)).size > 0), 60_000, "the partial file on inner");
+    const standIn = standInPid("rsync --server");
+    assert.ok(standIn, "the stand-in runs");
+    process.kill(standIn, "SIGKILL");
+    assert.notEqual((await running).code, 0);
+    // SIGKILL would leave the partial file; SIGTERM lets rsync remove it.
+    await waitFor(() => partial(dst, "slow.bin").length === 0, 10_000, "inner's rsync to remove its partial file");
+  } finally {
+    rmSync(dst, { recursive: true, force: true });
+  }
+
+  // The same with a command that ignores its input's end: only the signal stops it, and it notes SIGTERM.
+  const marker = join(tmpdir(), `mitogen-fakessh-marker-${process.pid}`);
+  rmSync(marker, { force: true });
+  const command = `exec >/dev/null 2>&1 </dev/null; trap 'echo TERM >> ${marker}; exit 1' TERM; sleep 60 & while :; do sleep 1; done`;
+  try {
+    const running = run(router, inner, ["ssh", "h", command]);
+    await waitFor(sleeping, 30_000, "the command on inner to start");
+    const standIn = standInPid("trap");
+    assert.ok(standIn, "the stand-in runs");
+    process.kill(standIn, "SIGKILL");
+    assert.notEqual((await running).code, 0);
+    await waitFor(() => existsSync(marker), 10_000, "the command's TERM trap on inner");
+    await waitFor(() => !sleeping(), 5000, "the command on inner to end");
+  } finally {
+    rmSync(marker, { force: true });
+  }
+
+  // A master SIGKILLed: ssh ends, the context on bastion loses its parent, and its command's group gets SIGTERM.
+  const script = `const { Router, fakessh } = await import(${JSON.stringify(DIST)});
+    const router = new Router({ log: () => {} });
+    const bastion = await router.ssh({ hostname: "bastion", sshArgs: ["-F", ${JSON.stringify(hosts.sshConfigFile)}] });
+    await fakessh.run(bastion, router, ["ssh", "h", ${JSON.stringify(command)}], { stdio: "ignore" });`;
+  const master = underDeno
+    ? spawn(process.execPath, ["eval", "--quiet", script], { stdio: "ignore" })
+    : spawn(process.execPath, ["--input-type=module", "-e", script], { stdio: "ignore" });
+  const exited = new Promise((resolve) => master.once("exit", resolve));
+  try {
+    await waitFor(sleeping, 60_000, "the command on bastion to start");
+  } finally {
+    master.kill("SIGKILL");
+  }
+  await exited;
+  try {
+    await waitFor(() => existsSync(marker), 10_000, "the command's TERM trap");
+    await waitFor(() => !sleeping(), 5000, "the command on bastion to end");
+  } finally {
+    rmSync(marker, { force: true });
   }
 });

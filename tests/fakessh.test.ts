@@ -6,15 +6,16 @@
  * fakessh-hosts.test.ts.
  */
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { after, test } from "node:test";
-import { fakessh, Router } from "../mod.ts";
+import { type Context, fakessh, Receiver, Router } from "../mod.ts";
 import { parseSshArgs } from "../fakessh.ts";
-import { captureLogs, checkLeaks, leakedProcesses, underDeno, waitFor } from "./helpers.ts";
+import { alive, captureLogs, checkLeaks, leakedProcesses, RUNTIMES, underDeno, waitFor } from "./helpers.ts";
 import { findProgram } from "./hosts.ts";
 
 checkLeaks();
@@ -196,3 +197,174 @@ test("a Deno master's stand-in runs on deno: no node needed on PATH", {
   }
   assert.equal(readFileSync(out, "utf8"), "out\n");
 });
+
+test("-o SendEnv=* and SetEnv hand neither the run's key nor its socket path to the remote command", async () => {
+  const r = await runCaptured([
+    "sh",
+    "-c",
+    `SEEN=yes ssh -o 'SendEnv=*' -o "SetEnv=LEAK=$MITOGEN_FAKESSH_KEY MITOGEN_FAKESSH_KEY=x MITOGEN_FAKESSH=y OK=1" h env; echo "key=$MITOGEN_FAKESSH_KEY"; echo "socket=$MITOGEN_FAKESSH"`,
+  ]);
+  assert.equal(r.code, 0, r.stderr);
+  const lines = r.stdout.trim().split("\n");
+  const key = lines.find((l) => l.startsWith("key="))?.slice(4);
+  const socket = lines.find((l) => l.startsWith("socket="))?.slice(7);
+  assert.ok(key && socket, r.stdout);
+  const remote = lines.filter((l) => !l.startsWith("key=") && !l.startsWith("socket="));
+  const leaks = remote.filter((l) => l.startsWith("MITOGEN_FAKESSH") || l.includes(key) || l.includes(socket) || l.includes(join(socket, "..")));
+  assert.deepEqual(leaks, []);
+  assert.ok(remote.includes("SEEN=yes"), "SendEnv forwards the program's other variables");
+  assert.ok(remote.includes("OK=1"), "SetEnv sets variables");
+});
+
+/** The pid of the running stand-in (a process carrying the leak check's token) whose command line has `word`. */
+function standInPid(word: string): number | undefined {
+  for (const { pid } of leakedProcesses()) {
+    try {
+      const cmd = readFileSync(`/proc/${pid}/cmdline`, "latin1").replaceAll("\0", " ");
+      if (cmd.includes("mitogen.mjs") && cmd.includes(word)) return pid;
+    } catch {
+      // gone
+    }
+  }
+  return undefined;
+}
+
+const DIST = fileURLToPath(new URL("../dist/mitogen.mjs", import.meta.url));
+
+/**
+ * A command that notes SIGTERM in `marker` and runs until stopped, with a `sleep 60` in its group.
+ * Its output goes nowhere: once its context is gone, sh's "Terminated" to the dead pipe is a SIGPIPE.
+ */
+const stubborn = (marker: string) => `exec >/dev/null 2>&1; trap 'echo TERM >> ${marker}; exit 1' TERM; sleep 60 & while :; do sleep 1; done`;
+
+/** The remote half of the rsync temp file of `name` in `dir`, if it is there (`.name.XXXXXX`). */
+const partial = (dir: string, name: string) => readdirSync(dir).filter((f) => f.startsWith(`.${name}.`));
+
+/** A file rsync takes a minute to send with --bwlimit=128 (KiB/s). */
+function slowFile(): string {
+  const src = join(scratch, "slow.bin");
+  if (!existsSync(src)) writeFileSync(src, randomBytes(8 * 1024 * 1024));
+  return src;
+}
+
+test("a stand-in killed mid-transfer: the remote command gets SIGTERM, so rsync removes its partial file", { skip }, async () => {
+  const src = slowFile();
+  const dst = mkdtempSync(join(scratch, "killed-standin-"));
+  const running = runCaptured(["rsync", "--bwlimit=128", src, `h:${dst}/`]);
+  await waitFor(() => partial(dst, "slow.bin").some((f) => statSync(join(dst, f)).size > 0), 30_000, "the partial file on the remote side");
+  const standIn = standInPid("rsync --server");
+  assert.ok(standIn, "the stand-in runs");
+  process.kill(standIn, "SIGKILL");
+  const r = await running;
+  assert.notEqual(r.code, 0);
+  // SIGKILL would leave the partial file; SIGTERM lets rsync remove it.
+  await waitFor(() => partial(dst, "slow.bin").length === 0, 10_000, "the remote rsync to remove its partial file");
+  assert.deepEqual(readdirSync(dst), []);
+
+  // The same with a command that ignores its input's end: only the signal stops it, and it notes SIGTERM.
+  const marker = join(scratch, "standin-killed");
+  const again = runCaptured(["ssh", "h", `exec </dev/null; ${stubborn(marker)}`]);
+  await waitFor(sleeping, 10_000, "the remote command to start");
+  const second = standInPid("trap");
+  assert.ok(second, "the stand-in runs");
+  process.kill(second, "SIGKILL");
+  assert.notEqual((await again).code, 0);
+  await waitFor(() => existsSync(marker), 5000, "the remote command's TERM trap");
+  await waitFor(() => !sleeping(), 5000, "the remote command to end");
+});
+
+test("a SIGKILLed master: its remote command gets SIGTERM, and the next run removes the master's private directory", async () => {
+  const marker = join(scratch, "master-killed");
+  const script = `const { Router, fakessh } = await import(${JSON.stringify(DIST)});
+    const router = new Router({ log: () => {} });
+    const ctx = await router.local({ name: "dest" });
+    await fakessh.run(ctx, router, ["ssh", "h", ${JSON.stringify(stubborn(marker))}], { stdio: "ignore" });`;
+  const master = underDeno
+    ? spawn(process.execPath, ["eval", "--quiet", script], { stdio: "ignore" })
+    : spawn(process.execPath, ["--input-type=module", "-e", script], { stdio: "ignore" });
+  const exited = new Promise((resolve) => master.once("exit", resolve));
+  try {
+    await waitFor(sleeping, 30_000, "the remote command to start");
+  } finally {
+    master.kill("SIGKILL");
+  }
+  await exited;
+  await waitFor(() => existsSync(marker), 5000, "the remote command's TERM trap");
+  await waitFor(() => !sleeping(), 5000, "the remote command to end");
+  const mine = () => readdirSync(tmpdir()).filter((d) => d.startsWith(`mitogen-fakessh-${master.pid}-`));
+  assert.equal(mine().length, 1, "the killed master left its directory");
+
+  // Only directories of that naming whose process is gone are removed: not a live one's, not through a symlink.
+  const live = mkdtempSync(join(tmpdir(), `mitogen-fakessh-${process.pid}-`));
+  const target = mkdtempSync(join(scratch, "target-"));
+  writeFileSync(join(target, "keep"), "x");
+  const link = join(tmpdir(), "mitogen-fakessh-4194305-linked");
+  rmSync(link, { force: true });
+  symlinkSync(target, link);
+  try {
+    const r = await runCaptured(["true"]);
+    assert.equal(r.code, 0);
+    assert.deepEqual(mine(), []);
+    assert.ok(existsSync(live), "a live process's directory is kept");
+    assert.equal(readFileSync(join(target, "keep"), "utf8"), "x");
+  } finally {
+    rmSync(live, { recursive: true, force: true });
+    rmSync(link, { force: true });
+  }
+});
+
+/** Start `command` in `ctx` through mitogen:tunnel; resolves once it runs. */
+async function tunnelExec(router: Router, ctx: Context, command: string, timeout?: number): Promise<{ call: Promise<unknown> }> {
+  const ctl = new Receiver(router, { respondent: ctx });
+  const out = new Receiver(router, { respondent: ctx });
+  const err = new Receiver(router, { respondent: ctx });
+  const spec = { command, ctl: ctl.toSender(), stdout: out.toSender(), stderr: err.toSender() };
+  const call = (timeout === undefined ? ctx : ctx.with({ timeout })).callModule("mitogen:tunnel", "exec", spec);
+  call.catch(() => {});
+  await Promise.race([ctl.getData(), call]);
+  const ended = call.finally(() => {
+    ctl.close();
+    out.close();
+    err.close();
+  });
+  ended.catch(() => {}); // a caller may not wait for it
+  return { call: ended };
+}
+
+for (const runtime of RUNTIMES) {
+  test(`${runtime}: shutdown, a lost parent and a deadline each end a tunnelled command's process group (SIGTERM first)`, async () => {
+    const dir = mkdtempSync(join(scratch, `stop-${runtime}-`));
+    const logs = captureLogs();
+    await using router = new Router({ log: logs.log });
+
+    // router.shutdown() while the command runs
+    const a = await router.local({ name: "a", runtime });
+    await tunnelExec(router, a, stubborn(join(dir, "shutdown")));
+    await waitFor(sleeping, 10_000, "the command to start");
+    await router.shutdown();
+    await waitFor(() => !sleeping(), 5000, "the command to end after shutdown");
+    await waitFor(() => existsSync(join(dir, "shutdown")), 5000, "the command's TERM trap");
+    assert.equal(readFileSync(join(dir, "shutdown"), "utf8"), "TERM\n");
+
+    // the context's parent link gone: its parent SIGKILLed
+    await using router2 = new Router({ log: logs.log });
+    const parent = await router2.local({ name: "parent", runtime });
+    const child = await router2.local({ name: "child", runtime, via: parent });
+    await tunnelExec(router2, child, stubborn(join(dir, "parent")));
+    await waitFor(sleeping, 10_000, "the command to start");
+    const pid = (await parent.call(() => process.pid)) as number;
+    process.kill(pid, "SIGKILL");
+    await waitFor(() => !alive(pid), 5000, "the parent to die");
+    await waitFor(() => !sleeping(), 5000, "the command to end after its context's parent died");
+    await waitFor(() => existsSync(join(dir, "parent")), 5000, "the command's TERM trap");
+    assert.equal(readFileSync(join(dir, "parent"), "utf8"), "TERM\n");
+
+    // the call's deadline
+    const b = await router2.local({ name: "b", runtime });
+    const { call } = await tunnelExec(router2, b, stubborn(join(dir, "deadline")), 1500);
+    await assert.rejects(call, /1500 ms/);
+    await waitFor(() => !sleeping(), 5000, "the command to end at its deadline");
+    await waitFor(() => existsSync(join(dir, "deadline")), 5000, "the command's TERM trap");
+    assert.equal(readFileSync(join(dir, "deadline"), "utf8"), "TERM\n");
+  });
+}
