@@ -866,12 +866,13 @@ export class Router implements Binder, AsyncDisposable {
     }
     if (msg.handle === HANDLE.SHUTDOWN) this.#shutdownSent.add(msg.dst);
     out.send(msg);
+    // Backpressure: a link whose frames go to a congested one is not read until that drains.
+    if (inStream && out.congested) inStream.waitFor(out);
   }
 
   #invoke(msg: Message, stream: Stream | null): void {
     const h = this.#handlers.get(msg.handle);
     if (!h) {
-      if (!msg.isDead) this.log("debug", `no handler for ${msg}`);
       this.#sendDead(msg, `no handler for handle ${msg.handle} in ${this.name}`);
       return;
     }
@@ -902,9 +903,42 @@ export class Router implements Binder, AsyncDisposable {
     return false;
   }
 
+  /**
+   * Answer `msg` with a dead message. Those a context provokes from elsewhere are counted per second
+   * (see {@link DEAD_PER_SECOND}), and dropped past the limit or while its link is congested.
+   */
   #sendDead(msg: Message, reason: string): void {
     if (!msg.replyTo || msg.isDead) return;
-    this.route(Message.dead(reason, { dst: msg.src, handle: msg.replyTo }));
+    const src = msg.src;
+    if (src !== this.myId) {
+      let dead = this.#dead;
+      if (!dead) {
+        dead = this.#dead = new Map();
+        const t = setTimeout(() => this.#reportDead(), 1000) as { unref?(): void };
+        t.unref?.();
+      }
+      let n = dead.get(src);
+      if (!n) dead.set(src, (n = [0, 0]));
+      const ok = (n[0] as number) < DEAD_PER_SECOND && !(this.#routes.get(src) ?? this.parent)?.congested;
+      (n[ok ? 0 : 1] as number)++;
+      if (!ok) return;
+    }
+    this.route(Message.dead(reason, { dst: src, handle: msg.replyTo }));
+  }
+
+  /** Dead replies sent and dropped in this second, by the context they answer; null when none. */
+  #dead: Map<number, number[]> | null = null;
+
+  #reportDead(): void {
+    for (const [id, [sent, dropped]] of this.#dead ?? []) {
+      this.log(
+        dropped ? "warn" : "debug",
+        `${sent} dead replies sent to ${this.contextById(id).name} in 1 s, ${dropped} dropped (over ${DEAD_PER_SECOND}/s, or its link congested)`,
+        "log",
+        { context: id, sent, dropped },
+      );
+    }
+    this.#dead = null;
   }
 
   // -- logging --------------------------------------------------------------
@@ -1343,6 +1377,9 @@ let activeRouter: Router | null = null;
 export function setActiveRouter(router: Router, replace: boolean): void {
   if (replace || !activeRouter) activeRouter = router;
 }
+
+/** Dead replies a context may provoke from another per second (messages to unknown handles, refused ones); the rest are dropped. */
+const DEAD_PER_SECOND = 1000;
 
 /** Bytes of one FORWARD_LOG beyond which its data is sent as (cut) text. */
 const LOG_DATA_MAX = 65536;
