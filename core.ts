@@ -904,21 +904,16 @@ export class Router implements Binder, AsyncDisposable {
   }
 
   /**
-   * Answer `msg` with a dead message. Those a context provokes from elsewhere are counted per second
-   * (see {@link DEAD_PER_SECOND}), and dropped past the limit or while its link is congested.
+   * Answer `msg` with a dead message. Those a context provokes from elsewhere are counted per second,
+   * and past {@link DEAD_PER_SECOND}, or while its link is congested, dropped.
    */
   #sendDead(msg: Message, reason: string): void {
-    if (!msg.replyTo || msg.isDead) return;
     const src = msg.src;
+    if (!msg.replyTo || msg.isDead) return;
     if (src !== this.myId) {
-      let dead = this.#dead;
-      if (!dead) {
-        dead = this.#dead = new Map();
-        const t = setTimeout(() => this.#reportDead(), 1000) as { unref?(): void };
-        t.unref?.();
-      }
-      let n = dead.get(src);
-      if (!n) dead.set(src, (n = [0, 0]));
+      if (!this.#dead.size) (setTimeout(() => this.#reportDead(), 1000) as { unref?(): void }).unref?.();
+      const n = this.#dead.get(src) ?? [0, 0];
+      this.#dead.set(src, n);
       const ok = (n[0] as number) < DEAD_PER_SECOND && !(this.#routes.get(src) ?? this.parent)?.congested;
       (n[ok ? 0 : 1] as number)++;
       if (!ok) return;
@@ -926,19 +921,13 @@ export class Router implements Binder, AsyncDisposable {
     this.route(Message.dead(reason, { dst: src, handle: msg.replyTo }));
   }
 
-  /** Dead replies sent and dropped in this second, by the context they answer; null when none. */
-  #dead: Map<number, number[]> | null = null;
+  /** Dead replies sent and dropped in this second, by the context they answer. */
+  readonly #dead = new Map<number, number[]>();
 
   #reportDead(): void {
-    for (const [id, [sent, dropped]] of this.#dead ?? []) {
-      this.log(
-        dropped ? "warn" : "debug",
-        `${sent} dead replies sent to ${this.contextById(id).name} in 1 s, ${dropped} dropped (over ${DEAD_PER_SECOND}/s, or its link congested)`,
-        "log",
-        { context: id, sent, dropped },
-      );
-    }
-    this.#dead = null;
+    for (const [id, [sent, dropped]] of this.#dead)
+      this.log(dropped ? "warn" : "debug", `dead replies to ${this.contextById(id).name} in 1 s: ${sent} sent, ${dropped} dropped`, "log", { sent, dropped });
+    this.#dead.clear();
   }
 
   // -- logging --------------------------------------------------------------

@@ -311,7 +311,7 @@ type Marker = { marker: Uint8Array; line: boolean; resolve: (rest: string) => vo
 /** Frames up to this size are copied into the write batch; larger ones are written from their parts. */
 const SMALL_FRAME = 64 * 1024;
 /** Bytes queued for writing beyond which a link is congested (see {@link Stream.congested}). */
-export const HIGH_WATER: number = 1024 * 1024;
+const HIGH_WATER = 1024 * 1024;
 /** Bytes of frames a link hands on per turn of the event loop before the other links get theirs; each frame counts 512 more. */
 const TURN = 256 * 1024;
 
