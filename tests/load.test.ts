@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { test } from "node:test";
-import { type CallContext, type Context, type LogRecord, Router, takesRouter } from "../mod.ts";
+import { type CallContext, type Context, type LogRecord, type Message, Router, takesRouter } from "../mod.ts";
 import { checkLeaks } from "./helpers.ts";
 
 checkLeaks();
@@ -58,14 +58,15 @@ const flood = takesRouter(async (ms: number, call: CallContext) => {
   return [frames, dead] as [number, number];
 });
 
-/** Calls to `ctx` one after another for `ms`: how many, and their times (ms). */
-async function pings(ctx: Context, ms: number): Promise<number[]> {
+/** Calls to `ctx` one after another (`gap` ms apart) for `ms`: their times (ms). */
+async function pings(ctx: Context, ms: number, gap = 0): Promise<number[]> {
   const times: number[] = [];
   const stop = Date.now() + ms;
   while (Date.now() < stop) {
     const t0 = performance.now();
     await ctx.call(() => 0);
     times.push(performance.now() - t0);
+    if (gap) await sleep(gap);
   }
   return times;
 }
@@ -126,6 +127,69 @@ test("dead replies to a flood are rate-limited, and a log line a second counts t
   assert.ok(dead > 0 && dead <= 1000 * (Math.ceil(SECONDS) + 1), `dead replies rate-limited to 1000/s: ${info}`);
   // Per-message records are gone: the flood is a handful of lines.
   assert.ok(records.length < 50, `${records.length} records for the flood`);
+});
+
+test("a child sending to a sibling that does not read: the master relays within a bound, and nothing is lost", async () => {
+  await using router = new Router({ log: () => {} });
+  const [sender, stuck, quiet] = await Promise.all([router.local({ name: "sender" }), router.local({ name: "stuck" }), router.local({ name: "quiet" })]);
+  // The stuck context counts what reaches its handle 4242, once it reads again.
+  await stuck.call(
+    takesRouter((call: CallContext) => {
+      const g = globalThis as { got?: number };
+      g.got = 0;
+      call.router.addHandler((m) => (g.got = (g.got as number) + m.length), { handle: 4242 });
+    }),
+  );
+  const rss0 = rssOf("self");
+  let peak = rss0;
+  const sampler = setInterval(() => {
+    peak = Math.max(peak, rssOf("self"));
+  }, 25);
+  const BUSY = 3000;
+  // Blocks its event loop: it reads nothing for 3 s.
+  const busy = stuck.call((ms: number) => {
+    const end = Date.now() + ms;
+    while (Date.now() < end);
+  }, BUSY);
+  let during: number[] = [];
+  let sent = 0;
+  try {
+    await sleep(100);
+    // 1 MiB messages to the stuck context for as long as it is busy, as fast as the link takes them.
+    const sending = sender.call(
+      takesRouter(async (dst: number, ms: number, call: CallContext) => {
+        const M = call.msg.constructor as typeof Message;
+        const parent = call.router.parent as NonNullable<typeof call.router.parent>;
+        const block = new Uint8Array(1 << 20);
+        const end = Date.now() + ms;
+        let bytes = 0;
+        while (Date.now() < end) {
+          call.router.route(M.raw(block, { dst, handle: 4242 }));
+          bytes += block.byteLength;
+          await parent.flush();
+        }
+        return bytes;
+      }),
+      stuck.contextId,
+      BUSY - 500,
+    );
+    during = await pings(quiet, BUSY - 700, 5);
+    sent = await sending;
+    await busy;
+  } finally {
+    clearInterval(sampler);
+  }
+  const grew = (peak - rss0) / MiB;
+  const info = `sent ${(sent / MiB).toFixed(0)} MiB; master RSS +${grew.toFixed(0)} MiB; ${during.length} calls to a sibling meanwhile, median ${median(during).toFixed(2)} ms`;
+  console.log(info);
+  const until = Date.now() + 30_000;
+  let got = 0;
+  while ((got = await stuck.call(() => (globalThis as { got?: number }).got ?? 0)) < sent && Date.now() < until) await sleep(50);
+  assert.equal(got, sent, `everything sent arrived: ${info}`);
+  assert.ok(grew < 100, `master RSS grew by ${grew.toFixed(0)} MiB: ${info}`);
+  // What the stuck context does not read waits in the sender (its writes wait), not in the master.
+  assert.ok(sent < 64 * MiB, `the sender was not held back: ${info}`);
+  assert.ok(during.length >= 20 && median(during) < 250, `the sibling starved: ${info}`);
 });
 
 test("a context relaying a grandchild's flood of stdout stays within 200 MiB of its start", async () => {
