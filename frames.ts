@@ -311,8 +311,8 @@ type Marker = { marker: Uint8Array; line: boolean; resolve: (rest: string) => vo
 /** Frames up to this size are copied into the write batch; larger ones are written from their parts. */
 const SMALL_FRAME = 64 * 1024;
 /** Bytes queued for writing beyond which a link is congested (see {@link Stream.congested}). */
-const HIGH_WATER = 1024 * 1024;
-/** Bytes of frames a link hands on per turn of the event loop before the other links get theirs; each frame counts 512 more. */
+const HIGH_WATER = 4 * 1024 * 1024;
+/** What a link hands on per turn of the event loop before the other links get theirs: each frame costs 512 plus a sixteenth of its length. */
 const TURN = 256 * 1024;
 
 /**
@@ -330,8 +330,8 @@ const TURN = 256 * 1024;
  *
  * Backpressure and fairness: reading stops while a link this one's frames
  * went to is {@link Stream.congested} ({@link Stream.waitFor}), and for a turn
- * of the event loop after each {@link TURN} bytes, so that one busy link
- * cannot starve the others.
+ * of the event loop once it has used up its {@link TURN}, so that one busy
+ * link cannot starve the others.
  */
 export class Stream {
   /** Human name, for logs. */
@@ -697,7 +697,7 @@ export class Stream {
                 this.#chunks.shift();
                 this.#head = 0;
               } else this.#head = end;
-              this.#budget -= 512 + length;
+              this.#budget -= 512 + (length >> 4);
               this.onMessage(msg);
               continue;
             }
@@ -737,7 +737,7 @@ export class Stream {
         } else parts = length ? [this.#take(length)] : NO_PARTS;
         this.#header = null;
         msg._setData(parts, length);
-        this.#budget -= 512 + length;
+        this.#budget -= 512 + (length >> 4);
         this.onMessage(msg);
       }
     } catch (err) {
