@@ -313,7 +313,7 @@ const SMALL_FRAME = 64 * 1024;
 /** Bytes queued for writing beyond which a link is congested (see {@link Stream.congested}). */
 const HIGH_WATER = 4 * 1024 * 1024;
 /** What a link hands on per turn of the event loop before the other links get theirs: each frame costs 512 plus a sixteenth of its length. */
-const TURN = 256 * 1024;
+const TURN = 1024 * 1024;
 
 /**
  * Frames over a byte Transport, with the bootstrap markers in front.
