@@ -81,7 +81,7 @@ test("a child flooding an unlistened handle with reply_to set: the master's memo
   const sampler = setInterval(() => {
     peak = Math.max(peak, rssOf("self"));
   }, 50);
-  const SECONDS = 6;
+  const SECONDS = 4;
   const flooding = noisy.call(flood, SECONDS * 1000);
   let during: number[] = [];
   try {
