@@ -911,7 +911,7 @@ export class Router implements Binder, AsyncDisposable {
     const src = msg.src;
     if (!msg.replyTo || msg.isDead) return;
     if (src !== this.myId) {
-      if (!this.#dead.size) (setTimeout(() => this.#reportDead(), 1000) as { unref?(): void }).unref?.();
+      this.#tick();
       const n = this.#dead.get(src) ?? [0, 0];
       this.#dead.set(src, n);
       const ok = (n[0] as number) < DEAD_PER_SECOND && !(this.#routes.get(src) ?? this.parent)?.congested;
@@ -923,8 +923,22 @@ export class Router implements Binder, AsyncDisposable {
 
   /** Dead replies sent and dropped in this second, by the context they answer. */
   readonly #dead = new Map<number, number[]>();
+  /** This library's records (warnings, errors, info) in this second; past LOG_PER_SECOND they are only counted. */
+  #logged = 0;
+  #ticking = false;
 
-  #reportDead(): void {
+  /** Count in seconds: at the end of each, say what was counted. */
+  #tick(): void {
+    if (this.#ticking) return;
+    this.#ticking = true;
+    (setTimeout(() => this.#report(), 1000) as { unref?(): void }).unref?.();
+  }
+
+  #report(): void {
+    const over = this.#logged - LOG_PER_SECOND;
+    this.#ticking = false;
+    this.#logged = 0;
+    if (over > 0) this.log("warn", `${over} more records of ${this.name} dropped in 1 s (over ${LOG_PER_SECOND} a second)`, "log", { dropped: over });
     for (const [id, [sent, dropped]] of this.#dead)
       this.log(dropped ? "warn" : "debug", `dead replies to ${this.contextById(id).name} in 1 s: ${sent} sent, ${dropped} dropped`, "log", { sent, dropped });
     this.#dead.clear();
@@ -934,6 +948,11 @@ export class Router implements Binder, AsyncDisposable {
 
   /** Log from this context, with optional structured `data`. The master hands it to its logger; children forward it. */
   log(level: LogLevel, message: string, source: LogSource = "log", data?: unknown): void {
+    // What a peer can provoke (a warning per bad frame) is bounded: past LOG_PER_SECOND, only counted.
+    if (source === "log" && level !== "debug") {
+      this.#tick();
+      if (++this.#logged > LOG_PER_SECOND) return;
+    }
     this.logRecord(logRecordOf(this.myId, this.name, this.path, level, source, message, data));
   }
 
@@ -1369,6 +1388,8 @@ export function setActiveRouter(router: Router, replace: boolean): void {
 
 /** Dead replies a context may provoke from another per second (messages to unknown handles, refused ones); the rest are dropped. */
 const DEAD_PER_SECOND = 1000;
+/** The library's own records (not debug) a context makes per second; the rest are counted, in one record. */
+const LOG_PER_SECOND = 100;
 
 /** Bytes of one FORWARD_LOG beyond which its data is sent as (cut) text. */
 const LOG_DATA_MAX = 65536;

@@ -192,6 +192,67 @@ test("a child sending to a sibling that does not read: the master relays within 
   assert.ok(during.length >= 20 && median(during) < 250, `the sibling starved: ${info}`);
 });
 
+/** Shipped to a child: for `ms`, write frames whose auth_id claims the master (its parent must refuse them); returns how many. */
+const forge = takesRouter(async (ms: number, call: CallContext) => {
+  const put32 = (b: Uint8Array, at: number, v: number) => {
+    b[at] = v >>> 24;
+    b[at + 1] = v >>> 16;
+    b[at + 2] = v >>> 8;
+    b[at + 3] = v;
+  };
+  const batch = new Uint8Array(1000 * 40);
+  for (let i = 0; i < 1000; i++) {
+    const at = i * 40;
+    batch.set([0x4d, 0x47, 1, 1], at);
+    put32(batch, at + 8, call.router.myId); // dst 0, auth 0: the master's id, not this one's
+    put32(batch, at + 16, 4242);
+    put32(batch, at + 24, 12);
+  }
+  const parent = call.router.parent as NonNullable<typeof call.router.parent>;
+  const end = Date.now() + ms;
+  let frames = 0;
+  while (Date.now() < end) {
+    for (let i = 0; i < 8; i++) parent.writeRaw(batch);
+    frames += 8000;
+    await parent.flush();
+  }
+  return frames;
+});
+
+test("a grandchild flooding its parent with frames it must refuse: the warnings are counted, not forwarded one by one", async () => {
+  const records: LogRecord[] = [];
+  await using router = new Router({ log: (r) => records.push(r) });
+  const relay = await router.local({ name: "relay", runtime: "node" });
+  const forger = await router.local({ name: "forger", via: relay });
+  const pid = await relay.call(() => process.pid);
+  const rss0 = rssOf(pid);
+  let peak = rss0;
+  const sampler = setInterval(() => {
+    peak = Math.max(peak, rssOf(pid));
+  }, 25);
+  const SECONDS = 3;
+  let frames = 0;
+  try {
+    frames = await forger.call(forge, SECONDS * 1000);
+    // The last second's count comes at its end.
+    const until = Date.now() + 3000;
+    while (!records.some((r) => r.name === "relay" && /dropped in 1 s/.test(r.message) && r.time > Date.now() - 1500) && Date.now() < until) await sleep(50);
+  } finally {
+    clearInterval(sampler);
+  }
+  const grew = (peak - rss0) / MiB;
+  const refused = records.filter((r) => r.name === "relay" && /did not arrive on its own route/.test(r.message)).length;
+  const counted = records
+    .filter((r) => r.name === "relay" && /dropped in 1 s/.test(r.message))
+    .reduce((n, r) => n + (r.data as { dropped: number }).dropped, 0);
+  const info = `${frames} forged frames; the relay grew by ${grew.toFixed(0)} MiB, sent ${refused} warnings and counted ${counted} more`;
+  console.log(info);
+  assert.ok(frames > 100_000, `the forger wrote too little: ${info}`);
+  assert.ok(refused <= 100 * (SECONDS + 2), `warnings are capped at 100 a second: ${info}`);
+  assert.ok(refused + counted >= frames * 0.99, `every refusal is told or counted: ${info}`);
+  assert.ok(grew < 100, `the relay's RSS grew by ${grew.toFixed(0)} MiB: ${info}`);
+});
+
 test("a context relaying a grandchild's flood of stdout stays within 200 MiB of its start", async () => {
   const MIB = 1024;
   let bytes = 0;
