@@ -938,7 +938,7 @@ export class Router implements Binder, AsyncDisposable {
     const over = this.#logged - LOG_PER_SECOND;
     this.#ticking = false;
     this.#logged = 0;
-    if (over > 0) this.log("warn", `${over} more records of ${this.name} dropped in 1 s (over ${LOG_PER_SECOND} a second)`, "log", { dropped: over });
+    if (over > 0) this.log("warn", `${over} records dropped in 1 s (over ${LOG_PER_SECOND}/s)`, "log", { dropped: over });
     for (const [id, [sent, dropped]] of this.#dead)
       this.log(dropped ? "warn" : "debug", `dead replies to ${this.contextById(id).name} in 1 s: ${sent} sent, ${dropped} dropped`, "log", { sent, dropped });
     this.#dead.clear();
