@@ -866,12 +866,13 @@ export class Router implements Binder, AsyncDisposable {
     }
     if (msg.handle === HANDLE.SHUTDOWN) this.#shutdownSent.add(msg.dst);
     out.send(msg);
+    // Backpressure: a link whose frames go to a congested one is not read until that drains.
+    if (inStream && out.congested) inStream.waitFor(out);
   }
 
   #invoke(msg: Message, stream: Stream | null): void {
     const h = this.#handlers.get(msg.handle);
     if (!h) {
-      if (!msg.isDead) this.log("debug", `no handler for ${msg}`);
       this.#sendDead(msg, `no handler for handle ${msg.handle} in ${this.name}`);
       return;
     }
@@ -902,15 +903,56 @@ export class Router implements Binder, AsyncDisposable {
     return false;
   }
 
+  /**
+   * Answer `msg` with a dead message. Those a context provokes from elsewhere are counted per second,
+   * and past {@link DEAD_PER_SECOND}, or while its link is congested, dropped.
+   */
   #sendDead(msg: Message, reason: string): void {
+    const src = msg.src;
     if (!msg.replyTo || msg.isDead) return;
-    this.route(Message.dead(reason, { dst: msg.src, handle: msg.replyTo }));
+    if (src !== this.myId) {
+      this.#tick();
+      const n = this.#dead.get(src) ?? [0, 0];
+      this.#dead.set(src, n);
+      const ok = (n[0] as number) < DEAD_PER_SECOND && !(this.#routes.get(src) ?? this.parent)?.congested;
+      (n[ok ? 0 : 1] as number)++;
+      if (!ok) return;
+    }
+    this.route(Message.dead(reason, { dst: src, handle: msg.replyTo }));
+  }
+
+  /** Dead replies sent and dropped in this second, by the context they answer. */
+  readonly #dead = new Map<number, number[]>();
+  /** This library's records (warnings, errors, info) in this second; past LOG_PER_SECOND they are only counted. */
+  #logged = 0;
+  #ticking = false;
+
+  /** Count in seconds: at the end of each, say what was counted. */
+  #tick(): void {
+    if (this.#ticking) return;
+    this.#ticking = true;
+    (setTimeout(() => this.#report(), 1000) as { unref?(): void }).unref?.();
+  }
+
+  #report(): void {
+    const over = this.#logged - LOG_PER_SECOND;
+    this.#ticking = false;
+    this.#logged = 0;
+    if (over > 0) this.log("warn", `${over} records dropped in 1 s (over ${LOG_PER_SECOND}/s)`, "log", { dropped: over });
+    for (const [id, [sent, dropped]] of this.#dead)
+      this.log(dropped ? "warn" : "debug", `dead replies to ${this.contextById(id).name} in 1 s: ${sent} sent, ${dropped} dropped`, "log", { sent, dropped });
+    this.#dead.clear();
   }
 
   // -- logging --------------------------------------------------------------
 
   /** Log from this context, with optional structured `data`. The master hands it to its logger; children forward it. */
   log(level: LogLevel, message: string, source: LogSource = "log", data?: unknown): void {
+    // What a peer can provoke (a warning per bad frame) is bounded: past LOG_PER_SECOND, only counted.
+    if (source === "log" && level !== "debug") {
+      this.#tick();
+      if (++this.#logged > LOG_PER_SECOND) return;
+    }
     this.logRecord(logRecordOf(this.myId, this.name, this.path, level, source, message, data));
   }
 
@@ -1343,6 +1385,11 @@ let activeRouter: Router | null = null;
 export function setActiveRouter(router: Router, replace: boolean): void {
   if (replace || !activeRouter) activeRouter = router;
 }
+
+/** Dead replies a context may provoke from another per second (messages to unknown handles, refused ones); the rest are dropped. */
+const DEAD_PER_SECOND = 1000;
+/** The library's own records (not debug) a context makes per second; the rest are counted, in one record. */
+const LOG_PER_SECOND = 100;
 
 /** Bytes of one FORWARD_LOG beyond which its data is sent as (cut) text. */
 const LOG_DATA_MAX = 65536;

@@ -7,7 +7,7 @@
  */
 import { CallError, ChannelError, MitogenError, StreamError } from "./errors.ts";
 import { decodeValue, encodeValue } from "./codec.ts";
-import { allocBytes, allocFilled, joinParts, type Transport, view } from "./runtime.ts";
+import { allocBytes, allocFilled, joinParts, nextTurn, type Transport, view } from "./runtime.ts";
 import type { Receiver } from "./select.ts";
 import type { Router } from "./core.ts";
 
@@ -310,6 +310,10 @@ type Marker = { marker: Uint8Array; line: boolean; resolve: (rest: string) => vo
 
 /** Frames up to this size are copied into the write batch; larger ones are written from their parts. */
 const SMALL_FRAME = 64 * 1024;
+/** Bytes queued for writing beyond which a link is congested (see {@link Stream.congested}). */
+const HIGH_WATER = 4 * 1024 * 1024;
+/** What a link hands on per turn of the event loop before the other links get theirs: each frame costs 512 plus a sixteenth of its length. */
+const TURN = 1024 * 1024;
 
 /**
  * Frames over a byte Transport, with the bootstrap markers in front.
@@ -323,6 +327,11 @@ const SMALL_FRAME = 64 * 1024;
  * Reading: complete frames are cut from the chunk they arrived in, their data
  * a view of it. A large frame for this context is gathered in place as it
  * arrives; one this end only relays keeps the chunks it arrived in.
+ *
+ * Backpressure and fairness: reading stops while a link this one's frames
+ * went to is {@link Stream.congested} ({@link Stream.waitFor}), and for a turn
+ * of the event loop once it has used up its {@link TURN}, so that one busy
+ * link cannot starve the others.
  */
 export class Stream {
   /** Human name, for logs. */
@@ -361,6 +370,21 @@ export class Stream {
   };
   #closed = false;
   #closeReason: Error | undefined;
+  /** What stops reading: each link waited for, and a turn used up. */
+  #holds = 0;
+  /** Bytes of frames still to hand on in this turn. */
+  #budget = TURN;
+  /** Waiting for this link to drain (see {@link Stream.onDrain}); null when nobody is. */
+  #drainWaiters: (() => void)[] | null = null;
+  readonly #release = (): void => {
+    if (--this.#holds === 0) nextTurn(this.#readOn);
+  };
+  readonly #readOn = (): void => {
+    if (this.#holds || this.#closed) return;
+    this.#budget = TURN;
+    this.#transport.resume?.();
+    this.#parse();
+  };
 
   constructor(name: string, transport: Transport, maxMessageSize = DEFAULT_MAX_MESSAGE_SIZE) {
     this.name = name;
@@ -461,6 +485,37 @@ export class Stream {
     if (this.#batchBytes > SMALL_FRAME) this.#writeBatch();
   }
 
+  /** True while more than {@link HIGH_WATER} bytes wait to be written on this link. */
+  get congested(): boolean {
+    return !this.#closed && (this.#transport.queued?.() ?? 0) > HIGH_WATER;
+  }
+
+  /** Call `fn` once this link is not {@link Stream.congested} (at once if it is not), or has closed. */
+  onDrain(fn: () => void): void {
+    if (!this.congested) fn();
+    else if (this.#drainWaiters) this.#drainWaiters.push(fn);
+    else {
+      this.#drainWaiters = [fn];
+      this.#transport.onDrain?.(this.#drained);
+    }
+  }
+
+  readonly #drained = (): void => {
+    const waiting = this.#drainWaiters ?? [];
+    this.#drainWaiters = null;
+    for (const fn of waiting) this.onDrain(fn);
+  };
+
+  /** Stop reading this link until `out`, which its frames went to, is not congested: the sender's writes wait instead. */
+  waitFor(out: Stream): void {
+    this.#hold();
+    out.onDrain(this.#release);
+  }
+
+  #hold(): void {
+    if (this.#holds++ === 0) this.#transport.pause?.();
+  }
+
   /** Write the frames batched so far. */
   #writeBatch(): void {
     const batch = this.#batch;
@@ -497,6 +552,7 @@ export class Stream {
     this.#head = 0;
     this.#frame = null;
     this.#batch = [];
+    this.#drained();
     const reason = error ?? new StreamError(`${this.name}: stream closed`);
     for (const m of this.#markers.splice(0)) m.reject(reason);
     this.onClose(error);
@@ -615,6 +671,13 @@ export class Stream {
           if (!this.#parseMarker(m)) return;
           continue;
         }
+        if (this.#holds) return;
+        if (this.#budget <= 0) {
+          // This link's turn is over: the others read, then it goes on.
+          this.#hold();
+          nextTurn(this.#release);
+          return;
+        }
         let msg = this.#header;
         if (!msg) {
           if (this.#buffered < FRAME.HEADER_SIZE) return;
@@ -634,6 +697,7 @@ export class Stream {
                 this.#chunks.shift();
                 this.#head = 0;
               } else this.#head = end;
+              this.#budget -= 512 + (length >> 4);
               this.onMessage(msg);
               continue;
             }
@@ -673,6 +737,7 @@ export class Stream {
         } else parts = length ? [this.#take(length)] : NO_PARTS;
         this.#header = null;
         msg._setData(parts, length);
+        this.#budget -= 512 + (length >> 4);
         this.onMessage(msg);
       }
     } catch (err) {

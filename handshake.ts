@@ -228,6 +228,23 @@ class After implements Transport {
   close(): void {
     this.#raw.close();
   }
+
+  // Backpressure passes through to the raw transport.
+  queued(): number {
+    return this.#raw.queued?.() ?? 0;
+  }
+
+  onDrain(fn: () => void): void {
+    this.#raw.onDrain?.(fn);
+  }
+
+  pause(): void {
+    this.#raw.pause?.();
+  }
+
+  resume(): void {
+    this.#raw.resume?.();
+  }
 }
 
 /** Reads fixed-size handshake messages off the raw transport, within one deadline. */

@@ -209,9 +209,13 @@ function withoutStages(line: string): string {
 
 const MAX_LINE = 64 * 1024;
 
-/** Split a byte stream into lines for the log; overlong lines are cut at 64 KiB. */
+/**
+ * Split a byte stream into lines for the log; overlong lines are cut at 64 KiB. While `router`'s link to
+ * its parent (where the lines go) is congested, the stream is not read.
+ */
 function forwardLines(
-  readable: { on(e: "data", cb: (d: Uint8Array) => void): unknown; on(e: "end", cb: () => void): unknown },
+  router: Router,
+  readable: { on(e: "data", cb: (d: Uint8Array) => void): unknown; on(e: "end", cb: () => void): unknown; pause?(): unknown; resume?(): unknown },
   sink: (line: string) => void,
   /** Sees an unfinished line (a prompt waits without a newline); true consumes it. */
   unfinished?: (partial: string) => boolean,
@@ -231,6 +235,11 @@ function forwardLines(
       } else break;
     }
     if (partial && unfinished?.(partial)) partial = "";
+    const up = router.parent;
+    if (up?.congested) {
+      readable.pause?.();
+      up.onDrain(() => readable.resume?.());
+    }
   });
   readable.on("end", () => {
     partial += decoder.decode();
@@ -834,9 +843,9 @@ export async function bootstrap(
     }
     router.logRecord(logRecordOf(spec.id, spec.name, [...router.path, spec.name], source === "stderr" ? "warn" : "info", source, line));
   };
-  if (child.stdout) forwardLines(child.stdout, output("stdout"));
+  if (child.stdout) forwardLines(router, child.stdout, output("stdout"));
   // Prompts come without a newline: let the method see unfinished lines while connecting.
-  forwardLines(child.stderr, output("stderr"), (partial) => {
+  forwardLines(router, child.stderr, output("stderr"), (partial) => {
     if (!connecting || !hooks.watch || !hooks.prompt?.test(partial)) return false;
     const verdict = hooks.watch(partial, answer);
     if (verdict instanceof Error) failed(verdict);

@@ -115,7 +115,17 @@ export interface Transport {
   flush(): Promise<void>;
   /** Close both directions. */
   close(): void;
+  /** Bytes written and not yet handed to the OS (none: 0). */
+  queued?(): number;
+  /** Call `fn` once, when the bytes queued now have gone out. */
+  onDrain?(fn: () => void): void;
+  /** Stop delivering data until {@link Transport.resume}: the other end's writes then wait. */
+  pause?(): void;
+  resume?(): void;
 }
+
+/** Run `fn` in a later turn of the event loop, after pending I/O (setImmediate; Deno 1.x has none). */
+export const nextTurn: (fn: () => void) => void = typeof setImmediate === "function" ? (fn) => setImmediate(fn) : (fn) => setTimeout(fn, 0);
 
 interface DenoReader {
   read(p: Uint8Array): Promise<number | null>;
@@ -148,6 +158,7 @@ type NodeReadable = {
   on(event: "end" | "close", cb: () => void): unknown;
   on(event: "error", cb: (err: Error) => void): unknown;
   destroy(): unknown;
+  pause?(): unknown;
   resume?(): unknown;
 };
 type NodeWritable = {
@@ -157,7 +168,7 @@ type NodeWritable = {
   uncork?(): void;
   end(cb?: () => void): unknown;
   destroy(): unknown;
-  writableNeedDrain?: boolean;
+  writableLength?: number;
   once(event: "drain", cb: () => void): unknown;
 };
 
@@ -194,6 +205,10 @@ export function nodeTransport(readable: NodeReadable, writable: NodeWritable): T
       readable.destroy();
       if ((writable as unknown) !== readable) writable.destroy();
     },
+    queued: () => writable.writableLength ?? 0,
+    onDrain: (fn) => writable.once("drain", fn),
+    pause: () => readable.pause?.(),
+    resume: () => readable.resume?.(),
   };
 }
 
@@ -206,6 +221,13 @@ function denoTransport(read: (p: Uint8Array) => Promise<number | null>, writeSyn
   let queue: Uint8Array[] = [];
   let scheduled = false;
   let closed = false;
+  /** While paused: resolves on resume. */
+  let paused: Promise<void> | null = null;
+  let unpause = () => {};
+  const resume = () => {
+    paused = null;
+    unpause();
+  };
   const emit = (p: Uint8Array) => {
     while (p.byteLength) p = p.subarray(writeSync(p));
   };
@@ -242,6 +264,7 @@ function denoTransport(read: (p: Uint8Array) => Promise<number | null>, writeSyn
         const buf = new Uint8Array(256 * 1024);
         try {
           for (;;) {
+            while (paused) await paused;
             const n = await read(buf);
             if (n === null) break;
             // A copy: the buffer is read into again. A small one is a slab view (see allocBytes).
@@ -271,12 +294,17 @@ function denoTransport(read: (p: Uint8Array) => Promise<number | null>, writeSyn
     },
     close() {
       closed = true;
+      resume();
       try {
         deno?.stdin.close();
       } catch {
         // already closed
       }
     },
+    pause() {
+      paused ??= new Promise((resolve) => (unpause = resolve));
+    },
+    resume,
   };
 }
 

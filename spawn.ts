@@ -36,6 +36,8 @@ export interface PipeReader {
 /** The Node-writable subset nodeTransport uses. */
 export interface PipeWriter {
   write(chunk: Uint8Array, cb?: (err?: Error | null) => void): boolean;
+  /** Bytes written and not yet taken by the pipe. */
+  readonly writableLength: number;
   on(event: "error", cb: (err: Error) => void): PipeWriter;
   once(event: "drain", cb: () => void): PipeWriter;
   end(cb?: () => void): PipeWriter;
@@ -145,10 +147,17 @@ function writer(stream: WritableStream<Uint8Array>): PipeWriter {
   const w = stream.getWriter();
   const errors: ((err: Error) => void)[] = [];
   let closed = false;
+  /** Bytes written and not yet taken; "drain" once none are. */
+  let queued = 0;
+  const drains: (() => void)[] = [];
+  const drained = () => {
+    for (const cb of drains.splice(0)) cb();
+  };
   const fail = (err: unknown) => {
     if (closed) return;
     closed = true;
     for (const cb of errors) cb(err instanceof Error ? err : new Error(String(err)));
+    drained();
   };
   const self: PipeWriter = {
     write(chunk, cb) {
@@ -156,8 +165,13 @@ function writer(stream: WritableStream<Uint8Array>): PipeWriter {
         cb?.(new Error("write after end"));
         return false;
       }
+      queued += chunk.byteLength;
       w.write(chunk).then(
-        () => cb?.(),
+        () => {
+          queued -= chunk.byteLength;
+          if (!queued) drained();
+          cb?.();
+        },
         (err: unknown) => {
           cb?.(err as Error);
           fail(err);
@@ -165,12 +179,16 @@ function writer(stream: WritableStream<Uint8Array>): PipeWriter {
       );
       return (w.desiredSize ?? 0) > 0;
     },
+    get writableLength() {
+      return queued;
+    },
     on(_event, cb) {
       errors.push(cb);
       return self;
     },
     once(_event, cb) {
-      void w.ready.then(cb, () => {});
+      if (queued && !closed) drains.push(cb);
+      else queueMicrotask(cb);
       return self;
     },
     end(cb) {
