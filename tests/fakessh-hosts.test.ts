@@ -23,10 +23,10 @@ import {
 } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { after, test } from "node:test";
 import { type Context, fakessh, Router } from "../mod.ts";
-import { captureLogs, checkLeaks, leakedProcesses, underDeno, waitFor } from "./helpers.ts";
+import { captureLogs, checkLeaks, leakedProcesses, underDeno, waitFor, standInPid } from "./helpers.ts";
+import { DIST } from "./command-runner.ts";
 import { hostTree, type TestHosts, useTestHosts } from "./hosts.ts";
 
 checkLeaks();
@@ -195,21 +195,6 @@ test("scp both ways (sftp and -O), git clone and git push of a repository on inn
 /** rsync's temp files of `name` in `dir` (`.name.XXXXXX`): a transfer under way, or one cut off. */
 const partial = (dir: string, name: string) => (existsSync(dir) ? readdirSync(dir).filter((f) => f.startsWith(`.${name}.`)) : []);
 const sleeping = () => leakedProcesses().some((p) => p.cmd.startsWith("sleep 60"));
-/** The pid of the running stand-in (a process carrying the leak check's token) whose command line has `word`. */
-function standInPid(word: string): number | undefined {
-  for (const { pid } of leakedProcesses()) {
-    try {
-      const cmd = readFileSync(`/proc/${pid}/cmdline`, "latin1").replaceAll("\0", " ");
-      if (cmd.includes("mitogen.mjs") && cmd.includes(word)) return pid;
-    } catch {
-      // gone
-    }
-  }
-  return undefined;
-}
-
-const DIST = fileURLToPath(new URL("../dist/mitogen.mjs", import.meta.url));
-
 test("a stand-in killed mid-rsync to inner, a master SIGKILLed mid-command on bastion: the remote side gets SIGTERM", { skip }, async () => {
   await using router = new Router({ log: captureLogs().log });
   const { inner, home } = await tree(router);

@@ -11,11 +11,11 @@ import { createHash, randomBytes } from "node:crypto";
 import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { after, test } from "node:test";
 import { type Context, fakessh, Receiver, Router } from "../mod.ts";
 import { parseSshArgs } from "../fakessh.ts";
-import { alive, captureLogs, checkLeaks, leakedProcesses, RUNTIMES, underDeno, waitFor } from "./helpers.ts";
+import { alive, captureLogs, checkLeaks, leakedProcesses, RUNTIMES, underDeno, waitFor, standInPid } from "./helpers.ts";
+import { DIST } from "./command-runner.ts";
 import { findProgram } from "./hosts.ts";
 
 checkLeaks();
@@ -215,21 +215,6 @@ test("-o SendEnv=* and SetEnv hand neither the run's key nor its socket path to 
   assert.ok(remote.includes("SEEN=yes"), "SendEnv forwards the program's other variables");
   assert.ok(remote.includes("OK=1"), "SetEnv sets variables");
 });
-
-/** The pid of the running stand-in (a process carrying the leak check's token) whose command line has `word`. */
-function standInPid(word: string): number | undefined {
-  for (const { pid } of leakedProcesses()) {
-    try {
-      const cmd = readFileSync(`/proc/${pid}/cmdline`, "latin1").replaceAll("\0", " ");
-      if (cmd.includes("mitogen.mjs") && cmd.includes(word)) return pid;
-    } catch {
-      // gone
-    }
-  }
-  return undefined;
-}
-
-const DIST = fileURLToPath(new URL("../dist/mitogen.mjs", import.meta.url));
 
 /**
  * A command that notes SIGTERM in `marker` and runs until stopped, with a `sleep 60` in its group.

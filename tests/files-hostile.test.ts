@@ -6,26 +6,20 @@
  */
 import assert from "node:assert/strict";
 import { execFile, spawn } from "node:child_process";
-import { createHash } from "node:crypto";
 import {
   chmodSync,
   chownSync,
-  closeSync,
   existsSync,
   lstatSync,
   mkdirSync,
   mkdtempSync,
-  openSync,
-  readdirSync,
   readFileSync,
   readlinkSync,
   rmSync,
   statSync,
   symlinkSync,
-  truncateSync,
   utimesSync,
   writeFileSync,
-  writeSync,
 } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -34,7 +28,7 @@ import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { after, before, describe, test } from "node:test";
 import { type Context, FileTransferError, Router } from "../mod.ts";
-import { alive, captureLogs, checkLeaks, RUNTIMES, underDeno, waitFor } from "./helpers.ts";
+import { alive, captureLogs, checkLeaks, RUNTIMES, underDeno, waitFor, makeFile, sha256Of, sparseFile, tempFilesIn } from "./helpers.ts";
 import { INSTALL_HINT, matrix } from "./matrix.ts";
 
 checkLeaks();
@@ -42,34 +36,11 @@ checkLeaks();
 const MiB = 1024 * 1024;
 const run = promisify(execFile);
 const isRoot = process.getuid?.() === 0;
-const sha = (file: string) => createHash("sha256").update(readFileSync(file)).digest("hex");
-/** Temporary files in `dir` (of any naming this project has used: `.mitogen-tmp.*`, and `.<name>.*.mitogen-tmp` before). */
-const temps = (dir: string) => readdirSync(dir).filter((f) => f.includes("mitogen-tmp"));
 /** A master of its own (tests/fixtures/files-stop-master.ts), under this test's runtime. */
 const stopMaster = (...args: string[]) => {
   const script = fileURLToPath(new URL("./fixtures/files-stop-master.ts", import.meta.url));
   return [...(underDeno ? ["run", "-A", script] : ["--import", "tsx", script]), ...args];
 };
-
-/** A file of `size` bytes that differ along it. */
-function makeFile(file: string, size: number): string {
-  const fd = openSync(file, "w");
-  const block = new Uint8Array(Math.min(size, MiB));
-  for (let off = 0, i = 0; off < size; off += block.byteLength, i++) {
-    for (let k = 0; k < block.byteLength; k += 4096) block[k] = (i + k) & 0xff;
-    new DataView(block.buffer).setUint32(0, i);
-    writeSync(fd, block, 0, Math.min(block.byteLength, size - off));
-  }
-  closeSync(fd);
-  return file;
-}
-
-/** A sparse file of `size` bytes (fast to make, slow enough to send to catch mid-way). */
-function sparseFile(file: string, size: number): string {
-  writeFileSync(file, "head");
-  truncateSync(file, size);
-  return file;
-}
 
 let dir = "";
 before(() => {
@@ -140,11 +111,11 @@ async function swapTempForSymlink(runtime: string, name: string): Promise<void> 
       );
       return true;
     });
-    await waitFor(() => temps(d).length > 0, 20_000, "the temporary file");
+    await waitFor(() => tempFilesIn(d).length > 0, 20_000, "the temporary file");
     await run("kill", ["-STOP", String(childPid)]);
     try {
-      const [tmp] = temps(d);
-      assert.ok(tmp && temps(d).length === 1, `one temporary file, mid-transfer: ${temps(d)}`);
+      const [tmp] = tempFilesIn(d);
+      assert.ok(tmp && tempFilesIn(d).length === 1, `one temporary file, mid-transfer: ${tempFilesIn(d)}`);
       assert.equal(readFileSync(dst, "utf8"), "the old file", "not committed yet");
       await run("setpriv", [
         "--reuid=65534",
@@ -167,7 +138,7 @@ async function swapTempForSymlink(runtime: string, name: string): Promise<void> 
     assert.equal(readFileSync(secret, "utf8"), "root only\n", `${way}: the root-only file is unchanged`);
     assert.equal(lstatSync(dst).isSymbolicLink(), false, `${way}: the destination is not the attacker's link`);
     assert.equal(readFileSync(dst, "utf8"), "the old file", `${way}: the destination is as it was`);
-    for (const t of temps(d)) rmSync(join(d, t));
+    for (const t of tempFilesIn(d)) rmSync(join(d, t));
   }
   // The context goes on working
   assert.equal((await ctx.putFile(dst, join(d, "again"))).bytes, 12);
@@ -215,7 +186,7 @@ for (const runtime of RUNTIMES) {
       }
       // The context's fs still works: its thread pool is not blocked in four opens (getFile reads there).
       const src = makeFile(join(d, "src"), 100_000);
-      assert.equal((await settles(ctx.getFile(src, join(d, "back")), 20_000, "getFile after the FIFOs")).sha256, sha(src));
+      assert.equal((await settles(ctx.getFile(src, join(d, "back")), 20_000, "getFile after the FIFOs")).sha256, sha256Of(src));
       // A socket, a character device and a directory, from the context and from the master
       const sock = join(d, "sock");
       const server = createServer();
@@ -242,7 +213,7 @@ for (const runtime of RUNTIMES) {
         await new Promise((resolve) => server.close(resolve));
       }
       assert.equal(existsSync(join(d, "x")), false);
-      assert.deepEqual(temps(d), []);
+      assert.deepEqual(tempFilesIn(d), []);
     });
 
     test("a master whose putFile source is a FIFO fails it and exits by itself", async () => {
@@ -270,7 +241,7 @@ for (const runtime of RUNTIMES) {
       const text = readFileSync(join(d, "got"), "utf8");
       assert.ok(got.bytes > 100, `${got.bytes} bytes`);
       assert.equal(got.bytes, Buffer.byteLength(text));
-      assert.equal(got.sha256, sha(join(d, "got")));
+      assert.equal(got.sha256, sha256Of(join(d, "got")));
       assert.match(text, new RegExp(`^Name:[^]*\\nPid:\\t${childPid}\\n`), "the child's own status, whole");
       assert.match(text, /\nnonvoluntary_ctxt_switches:\t\d+\n$/, "to its last line");
       const put = await ctx.putFile("/proc/self/status", join(d, "put"));
@@ -288,13 +259,13 @@ for (const runtime of RUNTIMES) {
       const d = sub("long");
       const src = makeFile(join(d, "src"), 2 * MiB + 3);
       const long = "n".repeat(255);
-      assert.equal((await ctx.putFile(src, join(d, long))).sha256, sha(src));
-      assert.equal(sha(join(d, long)), sha(src));
+      assert.equal((await ctx.putFile(src, join(d, long))).sha256, sha256Of(src));
+      assert.equal(sha256Of(join(d, long)), sha256Of(src));
       const back = `${"b".repeat(241)}-back-${"é".repeat(4)}`; // 255 bytes, multi-byte at the end
       assert.equal(Buffer.byteLength(back), 255);
-      assert.equal((await ctx.getFile(join(d, long), join(d, back))).sha256, sha(src));
-      assert.equal(sha(join(d, back)), sha(src));
-      assert.deepEqual(temps(d), []);
+      assert.equal((await ctx.getFile(join(d, long), join(d, back))).sha256, sha256Of(src));
+      assert.equal(sha256Of(join(d, back)), sha256Of(src));
+      assert.deepEqual(tempFilesIn(d), []);
     });
 
     test("a master and child SIGKILLed mid-putFile leave a temporary file; the next transfer to that directory removes it, and nothing else", async () => {
@@ -310,7 +281,7 @@ for (const runtime of RUNTIMES) {
       try {
         await waitFor(() => /"child":\d+/.test(out), 60_000, "the master's child started");
         childPid = Number(/"child":(\d+)/.exec(out)?.[1]);
-        await waitFor(() => temps(d).some((t) => statSync(join(d, t)).size > 0), 20_000, "a temporary file with data");
+        await waitFor(() => tempFilesIn(d).some((t) => statSync(join(d, t)).size > 0), 20_000, "a temporary file with data");
       } finally {
         // The child first, as its parent-death signal kills it when the master dies: no cleanup runs.
         if (childPid) process.kill(childPid, "SIGKILL");
@@ -318,8 +289,8 @@ for (const runtime of RUNTIMES) {
         await exited;
       }
       await waitFor(() => !alive(childPid), 10_000, "the child gone");
-      const [stale] = temps(d);
-      assert.ok(stale && temps(d).length === 1, `the killed transfer's temporary file is left: ${temps(d)}`);
+      const [stale] = tempFilesIn(d);
+      assert.ok(stale && tempFilesIn(d).length === 1, `the killed transfer's temporary file is left: ${tempFilesIn(d)}`);
       // Look-alikes the sweep must leave: a live process's, another user's, a link (and what it points to).
       const ns = /\d+/.exec(readlinkSync("/proc/self/ns/pid"))?.[0];
       const live = `.mitogen-tmp.${ns}.${process.pid}.aaaaaaaaaaaa`;
@@ -337,7 +308,7 @@ for (const runtime of RUNTIMES) {
       await using router = new Router({ log: captureLogs().log });
       const ctx = await router.local({ runtime });
       await ctx.putFile(makeFile(join(dir, `small-${n++}`), 1000), join(d, "next"));
-      assert.deepEqual(temps(d).sort(), (isRoot ? [live, others, link] : [live, link]).sort(), `only the dead writer's ${stale} removed`);
+      assert.deepEqual(tempFilesIn(d).sort(), (isRoot ? [live, others, link] : [live, link]).sort(), `only the dead writer's ${stale} removed`);
       assert.equal(readFileSync(pointed, "utf8"), "kept");
       assert.equal(existsSync(join(d, "dst")), false);
     });

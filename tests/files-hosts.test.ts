@@ -4,13 +4,12 @@
  * system, so the test reads what each context wrote directly. Local cases are in files.test.ts.
  */
 import assert from "node:assert/strict";
-import { createHash } from "node:crypto";
-import { chmodSync, closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
+import { chmodSync, mkdirSync, mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { Router } from "../mod.ts";
-import { captureLogs, checkLeaks } from "./helpers.ts";
+import { captureLogs, checkLeaks, makeFile, sha256Of } from "./helpers.ts";
 import { hostTree, type TestHosts, useTestHosts } from "./hosts.ts";
 
 checkLeaks();
@@ -21,7 +20,6 @@ const { skip } = useTestHosts((ready) => {
 });
 
 const MiB = 1024 * 1024;
-const sha = (file: string) => createHash("sha256").update(readFileSync(file)).digest("hex");
 
 let dir = "";
 before(() => {
@@ -29,18 +27,6 @@ before(() => {
   chmodSync(dir, 0o755);
 });
 after(() => rmSync(dir, { recursive: true, force: true }));
-
-function makeFile(file: string, size: number): string {
-  const fd = openSync(file, "w");
-  const block = new Uint8Array(MiB);
-  for (let off = 0, i = 0; off < size; off += MiB, i++) {
-    block.fill(i & 0xff);
-    new DataView(block.buffer).setUint32(0, i);
-    writeSync(fd, block, 0, Math.min(MiB, size - off));
-  }
-  closeSync(fd);
-  return file;
-}
 
 const tree = (router: Router) => hostTree(router, hosts);
 
@@ -54,11 +40,11 @@ test("putFile two ssh hops away and into a sudo context there: root writes a fil
   mkdirSync(userDir, { mode: 0o777 });
   chmodSync(userDir, 0o777);
   const put = await root.putFile(src, join(rootOnly, "file"), { mode: 0o640 });
-  assert.equal(put.sha256, sha(src));
+  assert.equal(put.sha256, sha256Of(src));
   const st = statSync(join(rootOnly, "file"));
   assert.equal(st.uid, 0, "owned by root");
   assert.equal(st.mode & 0o7777, 0o640);
-  assert.equal(sha(join(rootOnly, "file")), sha(src));
+  assert.equal(sha256Of(join(rootOnly, "file")), sha256Of(src));
   // The test user may not write there
   await assert.rejects(
     inner.putFile(src, join(rootOnly, "nope")),
@@ -66,8 +52,8 @@ test("putFile two ssh hops away and into a sudo context there: root writes a fil
   );
   // And back from root, to the master
   const got = await root.getFile(join(rootOnly, "file"), join(dir, "back"));
-  assert.equal(got.sha256, sha(src));
-  assert.equal(sha(join(dir, "back")), sha(src));
+  assert.equal(got.sha256, sha256Of(src));
+  assert.equal(sha256Of(join(dir, "back")), sha256Of(src));
   // Fan-out to inner and root: the master's link to bastion carries the file once
   const link = router.stats.links.get(bastion.contextId);
   assert.ok(link);
@@ -76,12 +62,12 @@ test("putFile two ssh hops away and into a sudo context there: root writes a fil
   assert.deepEqual(
     both.map((r) => [r.context.name, r.sha256]),
     [
-      ["inner", sha(src)],
-      ["inner-root", sha(src)],
+      ["inner", sha256Of(src)],
+      ["inner-root", sha256Of(src)],
     ],
   );
   const sent = link.bytesOut - before;
   assert.ok(sent >= 20 * MiB && sent < 20 * MiB * 1.05 + 65536, `the master sent ${sent} bytes to bastion`);
   // The last writer wins the same path; both wrote it whole
-  assert.equal(sha(join(userDir, "both")), sha(src));
+  assert.equal(sha256Of(join(userDir, "both")), sha256Of(src));
 });

@@ -5,30 +5,14 @@
  */
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { createHash } from "node:crypto";
-import {
-  chmodSync,
-  closeSync,
-  existsSync,
-  mkdirSync,
-  mkdtempSync,
-  openSync,
-  readdirSync,
-  readFileSync,
-  rmSync,
-  statSync,
-  truncateSync,
-  utimesSync,
-  writeFileSync,
-  writeSync,
-} from "node:fs";
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, utimesSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { after, before, describe, test } from "node:test";
 import { AbortError, type CallContext, type FileProgress, FileTransferError, Router, takesRouter } from "../mod.ts";
-import { captureLogs, checkLeaks, RUNTIMES, underDeno, waitFor } from "./helpers.ts";
+import { captureLogs, checkLeaks, RUNTIMES, underDeno, waitFor, makeFile, sha256Of, sparseFile, tempFilesIn } from "./helpers.ts";
 import { INSTALL_HINT, matrix } from "./matrix.ts";
 
 checkLeaks();
@@ -36,29 +20,6 @@ checkLeaks();
 const MiB = 1024 * 1024;
 const run = promisify(execFile);
 const isRoot = process.getuid?.() === 0;
-const sha = (file: string) => createHash("sha256").update(readFileSync(file)).digest("hex");
-/** Temporary files in `dir` (of any naming this project has used: `.mitogen-tmp.*`, and `.<name>.*.mitogen-tmp` before). */
-const temps = (dir: string) => readdirSync(dir).filter((f) => f.includes("mitogen-tmp"));
-
-/** A file of `size` bytes that differ along it. */
-function makeFile(file: string, size: number): string {
-  const fd = openSync(file, "w");
-  const block = new Uint8Array(Math.min(size, MiB));
-  for (let off = 0, i = 0; off < size; off += block.byteLength, i++) {
-    for (let k = 0; k < block.byteLength; k += 4096) block[k] = (i + k) & 0xff;
-    new DataView(block.buffer).setUint32(0, i);
-    writeSync(fd, block, 0, Math.min(block.byteLength, size - off));
-  }
-  closeSync(fd);
-  return file;
-}
-
-/** A sparse file of `size` bytes (fast to make, slow enough to send to catch mid-way). */
-function sparseFile(file: string, size: number): string {
-  writeFileSync(file, "head");
-  truncateSync(file, size);
-  return file;
-}
 
 let dir = "";
 before(() => {
@@ -90,7 +51,7 @@ for (const runtime of RUNTIMES) {
         assert.deepEqual(got.bytes, [1024 * MiB, 1024 * MiB]);
         assert.ok(got.master < 200, `master peak RSS ${got.master.toFixed(0)} MiB (bound 200): ${stdout.trim()}`);
         assert.ok(got.child < 200, `child peak RSS ${got.child.toFixed(0)} MiB (bound 200): ${stdout.trim()}`);
-        assert.deepEqual(temps(where), []);
+        assert.deepEqual(tempFilesIn(where), []);
       } finally {
         rmSync(where, { recursive: true, force: true });
       }
@@ -105,30 +66,30 @@ for (const runtime of RUNTIMES) {
       utimesSync(src, 1_000_000_000, 1_234_567_890);
       const plain = await ctx.putFile(src, join(d, "plain"));
       assert.equal(plain.bytes, 3 * MiB + 17);
-      assert.equal(plain.sha256, sha(src));
+      assert.equal(plain.sha256, sha256Of(src));
       assert.equal(plain.context, ctx);
       assert.equal(statSync(join(d, "plain")).mode & 0o7777, 0o751, "the source's mode");
       assert.notEqual(statSync(join(d, "plain")).mtimeMs, 1_234_567_890_000, "mtime not kept unless asked");
       await ctx.putFile(src, join(d, "kept"), { mode: 0o600, preserveTimes: true });
       assert.equal(statSync(join(d, "kept")).mode & 0o7777, 0o600);
       assert.equal(statSync(join(d, "kept")).mtimeMs, 1_234_567_890_000);
-      assert.equal(sha(join(d, "kept")), sha(src));
+      assert.equal(sha256Of(join(d, "kept")), sha256Of(src));
       const got = await ctx.getFile(src, join(d, "got"), { preserveTimes: true });
-      assert.equal(got.sha256, sha(src));
+      assert.equal(got.sha256, sha256Of(src));
       assert.equal(statSync(join(d, "got")).mode & 0o7777, 0o751);
       assert.equal(statSync(join(d, "got")).mtimeMs, 1_234_567_890_000);
       await ctx.getFile(src, join(d, "got2"), { mode: 0o640 });
       assert.equal(statSync(join(d, "got2")).mode & 0o7777, 0o640);
       // To this very context, and to no context at all
-      assert.equal((await router.myself().putFile(src, join(d, "mine"))).sha256, sha(src));
-      assert.equal(sha(join(d, "mine")), sha(src));
+      assert.equal((await router.myself().putFile(src, join(d, "mine"))).sha256, sha256Of(src));
+      assert.equal(sha256Of(join(d, "mine")), sha256Of(src));
       assert.deepEqual(await router.putFile([], src, join(d, "none")), []);
       assert.equal(existsSync(join(d, "none")), false);
       // An empty file, and overwriting an existing one
       writeFileSync(join(d, "empty"), "");
       assert.equal((await ctx.putFile(join(d, "empty"), join(d, "plain"))).bytes, 0);
       assert.equal(statSync(join(d, "plain")).size, 0);
-      assert.deepEqual(temps(d), []);
+      assert.deepEqual(tempFilesIn(d), []);
     });
 
     test("onProgress: during a transfer, and once at the end with every byte", async () => {
@@ -140,7 +101,7 @@ for (const runtime of RUNTIMES) {
       const put = ctx.putFile(src, join(d, "dst"), { onProgress: (p) => seen.push(p) });
       // Once it is under way, the child is busy for a second: at most a window arrives meanwhile, and
       // the reports go on.
-      await waitFor(() => temps(d).length > 0, 20_000, "the transfer under way");
+      await waitFor(() => tempFilesIn(d).length > 0, 20_000, "the transfer under way");
       ctx.callNoReply(() => {
         const end = Date.now() + 1000;
         while (Date.now() < end);
@@ -171,10 +132,10 @@ for (const runtime of RUNTIMES) {
           way === "put" ? ctx.putFile(src, join(d, "dst"), { signal: controller.signal }) : ctx.getFile(src, join(d, "dst"), { signal: controller.signal });
         const rejected = assert.rejects(transfer, AbortError);
         // Abort once the temporary file has data: mid-way.
-        await waitFor(() => temps(d).some((t) => statSync(join(d, t)).size > 0), 20_000, "a temporary file with data");
+        await waitFor(() => tempFilesIn(d).some((t) => statSync(join(d, t)).size > 0), 20_000, "a temporary file with data");
         controller.abort(new Error("changed my mind"));
         await rejected;
-        await waitFor(() => temps(d).length === 0, 10_000, "the temporary file removed");
+        await waitFor(() => tempFilesIn(d).length === 0, 10_000, "the temporary file removed");
         assert.equal(readFileSync(join(d, "dst"), "utf8"), "the old file", `${way}: old destination intact`);
       }
       // The context goes on working
@@ -206,10 +167,10 @@ for (const runtime of RUNTIMES) {
       const big = sparseFile(join(d, "big"), 2048 * MiB);
       const put = ctx.putFile(big, join(d, "dst"));
       const rejected = assert.rejects(put, /source .*big in master shrank while being sent: it had 2147483648 bytes, \d+ could be read/);
-      await waitFor(() => temps(d).length > 0, 20_000, "the transfer under way");
+      await waitFor(() => tempFilesIn(d).length > 0, 20_000, "the transfer under way");
       truncateSync(big, MiB);
       await rejected;
-      await waitFor(() => temps(d).length === 0, 10_000, "the temporary file removed");
+      await waitFor(() => tempFilesIn(d).length === 0, 10_000, "the temporary file removed");
       assert.equal(existsSync(join(d, "dst")), false);
     });
 
@@ -245,10 +206,10 @@ for (const runtime of RUNTIMES) {
         const src = makeFile(join(dir, `full-src-${runtime}`), 3 * MiB);
         await assert.rejects(ctx.putFile(src, join(small, "dst")), /^FileTransferError: cannot write .*\/dst in full: no space left on device \(ENOSPC\)$/);
         assert.equal(readFileSync(join(small, "dst"), "utf8"), "the old file");
-        await waitFor(() => temps(small).length === 0, 10_000, "the temporary file removed");
+        await waitFor(() => tempFilesIn(small).length === 0, 10_000, "the temporary file removed");
         // getFile into it fails the same way
         await assert.rejects(ctx.getFile(src, join(small, "got")), /cannot write .*\/got in master: no space left on device \(ENOSPC\)/);
-        await waitFor(() => temps(small).length === 0, 10_000, "the temporary file removed");
+        await waitFor(() => tempFilesIn(small).length === 0, 10_000, "the temporary file removed");
       } finally {
         await run("umount", [small]);
       }
@@ -289,15 +250,15 @@ for (const runtime of RUNTIMES) {
       assert.ok(sent >= size && sent < size * 1.05 + 65536, `the master sent ${sent} bytes to hop for a file of ${size}`);
       for (let i = 0; i < 10; i++) {
         if (i === 7) assert.equal(existsSync(join(d, "kid7", "out")), false);
-        else assert.equal(sha(join(d, `kid${i}`, "out", "file")), sha(src), `kid${i}`);
-        if (i !== 7) assert.deepEqual(temps(join(d, `kid${i}`, "out")), []);
+        else assert.equal(sha256Of(join(d, `kid${i}`, "out", "file")), sha256Of(src), `kid${i}`);
+        if (i !== 7) assert.deepEqual(tempFilesIn(join(d, `kid${i}`, "out")), []);
       }
       // All ten good: resolves with one result each, in order
       mkdirSync(join(d, "kid7", "out"));
       const ok = await router.putFile(kids, src, "out/file");
       assert.deepEqual(
         ok.map((r) => [r.context, r.bytes, r.sha256]),
-        kids.map((k) => [k, size, sha(src)]),
+        kids.map((k) => [k, size, sha256Of(src)]),
       );
     });
 
@@ -311,7 +272,7 @@ for (const runtime of RUNTIMES) {
       // via chain from the master: every hop relays
       const links = () => router.stats.links.get(a.contextId)?.bytesOut ?? 0;
       const before = links();
-      assert.equal((await c.putFile(src, join(d, "from-master"))).sha256, sha(src));
+      assert.equal((await c.putFile(src, join(d, "from-master"))).sha256, sha256Of(src));
       assert.ok(links() - before < (2 * MiB + 1) * 1.05 + 65536);
       const got = await a.call(
         takesRouter(async (from: string, to: string, back: string, id: number, call: CallContext) => {
@@ -325,9 +286,9 @@ for (const runtime of RUNTIMES) {
         join(d, "back-to-a"),
         c.contextId,
       );
-      assert.deepEqual(got, [2 * MiB + 1, sha(src), sha(src), "c"]);
-      assert.equal(sha(join(d, "from-a")), sha(src));
-      assert.equal(sha(join(d, "back-to-a")), sha(src));
+      assert.deepEqual(got, [2 * MiB + 1, sha256Of(src), sha256Of(src), "c"]);
+      assert.equal(sha256Of(join(d, "from-a")), sha256Of(src));
+      assert.equal(sha256Of(join(d, "back-to-a")), sha256Of(src));
     });
   });
 }
@@ -345,13 +306,13 @@ test("the oldest child runtimes (Node 12, Deno 1.46) send, relay, receive and fa
       const both = await router.putFile([a, b], src, join(d, "dst"), { mode: 0o600, preserveTimes: true });
       assert.deepEqual(
         both.map((r) => r.sha256),
-        [sha(src), sha(src)],
+        [sha256Of(src), sha256Of(src)],
       );
       assert.equal(statSync(join(d, "dst")).mode & 0o7777, 0o600);
       assert.equal(statSync(join(d, "dst")).mtimeMs, 1_111_111_111_000);
-      assert.equal(sha(join(d, "dst")), sha(src), "the file on disk (chunks differ: order matters)");
-      assert.equal((await b.getFile(join(d, "dst"), join(d, "back"))).sha256, sha(src));
-      assert.equal(sha(join(d, "back")), sha(src));
+      assert.equal(sha256Of(join(d, "dst")), sha256Of(src), "the file on disk (chunks differ: order matters)");
+      assert.equal((await b.getFile(join(d, "dst"), join(d, "back"))).sha256, sha256Of(src));
+      assert.equal(sha256Of(join(d, "back")), sha256Of(src));
       // a sends a file of its own to its child
       const own = await a.call(
         takesRouter(async (from: string, to: string, id: number, call: CallContext) => (await call.router.contextById(id).putFile(from, to)).bytes),
@@ -364,13 +325,13 @@ test("the oldest child runtimes (Node 12, Deno 1.46) send, relay, receive and fa
       // a name of 255 bytes, a setuid source, a FIFO and a file of stat size 0 with content
       const long = join(d, "n".repeat(255));
       chmodSync(src, 0o4755);
-      assert.equal((await b.putFile(src, long)).sha256, sha(src));
+      assert.equal((await b.putFile(src, long)).sha256, sha256Of(src));
       assert.equal(statSync(long).mode & 0o7777, 0o755);
       await run("mkfifo", [join(d, "fifo")]);
       await assert.rejects(b.getFile(join(d, "fifo"), join(d, "x")), /in b: not a regular file but a FIFO \(named pipe\); only regular files can be sent$/);
       const status = await b.getFile("/proc/self/status", join(d, "status"));
       assert.ok(status.bytes > 100 && readFileSync(join(d, "status"), "utf8").endsWith("\n"), `${status.bytes} bytes of /proc/self/status`);
-      assert.deepEqual(temps(d), []);
+      assert.deepEqual(tempFilesIn(d), []);
     });
   }
 });

@@ -3,7 +3,8 @@
  * capturing logger, and the runtimes to test children on.
  */
 import assert from "node:assert/strict";
-import { readdirSync, readFileSync } from "node:fs";
+import { createHash } from "node:crypto";
+import { closeSync, openSync, readdirSync, readFileSync, truncateSync, writeFileSync, writeSync } from "node:fs";
 import { afterEach, beforeEach } from "node:test";
 import type { Transport } from "../core.ts";
 import { type CallContext, type LogRecord, takesRouter } from "../mod.ts";
@@ -156,3 +157,46 @@ export function transportPair(): [Transport & { inject(bytes: Uint8Array): void;
 export const coresKept: (call: CallContext) => string[] = takesRouter((call: CallContext) =>
   [...call.router.moduleCode.keys()].filter((k) => k.startsWith("mitogen:core")),
 );
+
+// ---------------------------------------------------------------------------
+// Files and processes the file-transfer and fakessh tests share
+
+/** The sha256 of a file, in hex. */
+export const sha256Of = (file: string): string => createHash("sha256").update(readFileSync(file)).digest("hex");
+
+/** Temporary files in `dir` (of any naming this project has used: `.mitogen-tmp.*`, and `.<name>.*.mitogen-tmp` before). */
+export const tempFilesIn = (dir: string): string[] => readdirSync(dir).filter((f) => f.includes("mitogen-tmp"));
+
+/** A file of `size` bytes that differ along it. */
+export function makeFile(file: string, size: number): string {
+  const MiB = 1024 * 1024;
+  const fd = openSync(file, "w");
+  const block = new Uint8Array(Math.min(size, MiB));
+  for (let off = 0, i = 0; off < size; off += block.byteLength, i++) {
+    for (let k = 0; k < block.byteLength; k += 4096) block[k] = (i + k) & 0xff;
+    new DataView(block.buffer).setUint32(0, i);
+    writeSync(fd, block, 0, Math.min(block.byteLength, size - off));
+  }
+  closeSync(fd);
+  return file;
+}
+
+/** A sparse file of `size` bytes (fast to make, slow enough to send to catch mid-way). */
+export function sparseFile(file: string, size: number): string {
+  writeFileSync(file, "head");
+  truncateSync(file, size);
+  return file;
+}
+
+/** The pid of a running fakessh stand-in (a process carrying the leak check's token) whose command line has `word`. */
+export function standInPid(word: string): number | undefined {
+  for (const { pid } of leakedProcesses()) {
+    try {
+      const cmd = readFileSync(`/proc/${pid}/cmdline`, "latin1").replaceAll("\0", " ");
+      if (cmd.includes("mitogen.mjs") && cmd.includes(word)) return pid;
+    } catch {
+      // gone
+    }
+  }
+  return undefined;
+}
