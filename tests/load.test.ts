@@ -1,12 +1,14 @@
 /**
- * Load from a context that misbehaves: a child flooding the master with messages nobody listens
- * for, and a grandchild printing without end. No context may exhaust another's memory or starve
+ * Load from a context that misbehaves: a child (or an attached session) flooding its parent with
+ * messages nobody listens for, and a grandchild printing without end. No context may exhaust another's memory or starve
  * its siblings (backpressure on every link, per-link fairness, dead replies rate-limited).
  */
 import assert from "node:assert/strict";
-import { readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { test } from "node:test";
-import { type CallContext, type Context, type LogRecord, type Message, Router, takesRouter } from "../mod.ts";
+import { type CallContext, type Context, connect, type LogRecord, type Message, Router, takesRouter } from "../mod.ts";
 import { checkLeaks } from "./helpers.ts";
 
 checkLeaks();
@@ -18,11 +20,12 @@ const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.len
 const rssOf = (pid: number | "self"): number => Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "latin1"))?.[1] ?? 0) * 1024;
 
 /**
- * Shipped to a child: for `ms`, write frames to the master's handle 4242 (nobody listens there)
- * with reply_to 4343, 1000 frames of 40 bytes per write, as fast as the link takes them. Returns
- * how many frames it wrote and how many dead replies came back to 4343.
+ * Shipped to a child (or run in an attached session): for `ms`, write frames to handle 4242 of its
+ * parent `dst` (the master by default; nobody listens there) with reply_to 4343, 1000 frames of 40
+ * bytes per write, as fast as the link takes them. Returns how many frames it wrote and how many
+ * dead replies came back to 4343.
  */
-const flood = takesRouter(async (ms: number, call: CallContext) => {
+const flood = takesRouter(async (ms: number, dst: number, call: CallContext) => {
   const put32 = (b: Uint8Array, at: number, v: number) => {
     b[at] = v >>> 24;
     b[at + 1] = v >>> 16;
@@ -35,7 +38,7 @@ const flood = takesRouter(async (ms: number, call: CallContext) => {
   for (let i = 0; i < 1000; i++) {
     const at = i * size;
     batch.set([0x4d, 0x47, 1, 1], at); // magic, version, RAW
-    put32(batch, at + 4, 0); // dst: the master
+    put32(batch, at + 4, dst); // its parent
     put32(batch, at + 8, me);
     put32(batch, at + 12, me);
     put32(batch, at + 16, 4242); // handle: nobody listens
@@ -82,7 +85,7 @@ test("a child flooding an unlistened handle with reply_to set: the master's memo
     peak = Math.max(peak, rssOf("self"));
   }, 50);
   const SECONDS = 4;
-  const flooding = noisy.call(flood, SECONDS * 1000);
+  const flooding = noisy.call(flood, SECONDS * 1000, 0);
   let during: number[] = [];
   try {
     await sleep(300);
@@ -105,12 +108,57 @@ test("a child flooding an unlistened handle with reply_to set: the master's memo
   assert.ok(median(during) < 250, `the sibling starved: ${info}`);
 });
 
+test("an attached session flooding its listener with messages nobody listens for: the listener's memory stays bounded and it stays answered", async () => {
+  await using router = new Router({ log: () => {} });
+  const listening = await router.local({ name: "listening" });
+  const dir = mkdtempSync(join(tmpdir(), "mitogen-load-"));
+  try {
+    const listen = takesRouter(async (dir: string, call: CallContext) => {
+      const listener = await call.router.listen({ path: `${dir}/s` });
+      return listener.path as string;
+    });
+    const path = await listening.call(listen, dir);
+    await using session = await connect({ path, log: () => {} });
+    const pid = (await listening.call(() => process.pid)) as number;
+    await pings(listening, 200); // warm
+    const base = await pings(listening, 1000);
+    const rss0 = rssOf(pid);
+    let peak = rss0;
+    const sampler = setInterval(() => {
+      peak = Math.max(peak, rssOf(pid));
+    }, 50);
+    const SECONDS = 4;
+    // The session's own code, run in the session (this process): frames to a handle of the listening context.
+    const flooding = flood(SECONDS * 1000, session.context.contextId, { router: session.router } as unknown as CallContext);
+    let during: number[] = [];
+    try {
+      await sleep(300);
+      during = await pings(listening, (SECONDS - 1) * 1000);
+      const [frames] = await flooding;
+      assert.ok(frames > 100_000, `the flood wrote ${frames} frames only`);
+    } finally {
+      clearInterval(sampler);
+    }
+    peak = Math.max(peak, rssOf(pid));
+    const grew = (peak - rss0) / MiB;
+    const info =
+      `listener RSS +${grew.toFixed(0)} MiB; calls to it: ${base.length}/s before the flood (median ${median(base).toFixed(2)} ms), ` +
+      `${(during.length / (SECONDS - 1)).toFixed(0)}/s during it (median ${median(during).toFixed(2)} ms)`;
+    console.log(info);
+    assert.ok(grew < 100, `the listening context's RSS grew by more than 100 MiB: ${info}`);
+    assert.ok(during.length / (SECONDS - 1) >= base.length / 50, `the listening context starved: ${info}`);
+    assert.ok(median(during) < 250, `the listening context starved: ${info}`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test("dead replies to a flood are rate-limited, and a log line a second counts them", async () => {
   const records: LogRecord[] = [];
   await using router = new Router({ log: (r) => records.push(r) });
   const noisy = await router.local({ name: "noisy" });
   const SECONDS = 2.5;
-  const [frames, dead] = await noisy.call(flood, SECONDS * 1000);
+  const [frames, dead] = await noisy.call(flood, SECONDS * 1000, 0);
   const counted = () => records.filter((r) => r.name === "master" && /dead replies/.test(r.message));
   const total = () => counted().reduce((n, r) => n + ((r.data as { sent: number }).sent + (r.data as { dropped: number }).dropped), 0);
   // The last second's line comes at its end.
