@@ -5,7 +5,7 @@
  *
  * @module
  */
-import { closeSync, constants, fstatSync, mkdirSync, openSync, readSync } from "node:fs";
+import { closeSync, constants, fstatSync, mkdirSync, openSync, readSync, type Stats } from "node:fs";
 import { basename, join, resolve } from "node:path";
 import { ReadStream } from "node:tty";
 import { pathToFileURL } from "node:url";
@@ -103,32 +103,40 @@ export const MAX_TARGETS_FILE: number = 1024 * 1024;
 const MAX_TARGETS_DEPTH = 16;
 
 /**
- * Read a targets file: a regular file (or one /proc-like, read to its end) of at most
- * {@link MAX_TARGETS_FILE} bytes; a UsageError naming the file and what is wrong otherwise.
+ * Read a small regular file, `what` (as errors name it), of at most `max` bytes; `refuse` may turn it
+ * down by its stat. Opened O_NONBLOCK: a FIFO opens at once (and is refused) instead of waiting for a
+ * writer. Any failure is a UsageError naming the file and what is wrong.
  */
-export function readTargetsFile(path: string): string {
+function readSmallFile(path: string, what: string, max: number, hint: string, refuse?: (st: Stats) => string | null): string {
   let fd: number;
   try {
-    // O_NONBLOCK: a FIFO opens at once (and is refused below) instead of waiting for a writer.
     fd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);
   } catch (err) {
-    throw new UsageError(`cannot read targets file ${path}: ${(err as NodeJS.ErrnoException).code ?? reason(err)}`);
+    throw new UsageError(`cannot read ${what} ${path}: ${(err as NodeJS.ErrnoException).code ?? reason(err)}`);
   }
   try {
     const st = fstatSync(fd);
-    if (!st.isFile()) throw new UsageError(`targets file ${path} is not a regular file`);
-    if (st.size > MAX_TARGETS_FILE) throw new UsageError(`targets file ${path} is over ${MAX_TARGETS_FILE} bytes (${st.size}): is it a host list?`);
-    const buf = Buffer.alloc(MAX_TARGETS_FILE + 1);
+    if (!st.isFile()) throw new UsageError(`${what} ${path} is not a regular file`);
+    const refused = refuse?.(st);
+    if (refused) throw new UsageError(refused);
+    if (st.size > max) throw new UsageError(`${what} ${path} is over ${max} bytes (${st.size}): ${hint}`);
+    // Read to the end (a file may hold more than its stat said), one byte past the bound at most.
+    const buf = Buffer.alloc(max + 1);
     let n = 0;
     for (let got = -1; got !== 0 && n < buf.length; n += got) got = readSync(fd, buf, n, buf.length - n, null);
-    if (n > MAX_TARGETS_FILE) throw new UsageError(`targets file ${path} is over ${MAX_TARGETS_FILE} bytes: is it a host list?`);
+    if (n > max) throw new UsageError(`${what} ${path} is over ${max} bytes: ${hint}`);
     return buf.subarray(0, n).toString("utf8");
   } catch (err) {
     if (err instanceof UsageError) throw err;
-    throw new UsageError(`cannot read targets file ${path}: ${(err as NodeJS.ErrnoException).code ?? reason(err)}`);
+    throw new UsageError(`cannot read ${what} ${path}: ${(err as NodeJS.ErrnoException).code ?? reason(err)}`);
   } finally {
     closeSync(fd);
   }
+}
+
+/** Read a targets file (`@FILE`): a regular file of at most {@link MAX_TARGETS_FILE} bytes; a UsageError naming the file and what is wrong otherwise. */
+export function readTargetsFile(path: string): string {
+  return readSmallFile(path, "targets file", MAX_TARGETS_FILE, "is it a host list?");
 }
 
 const TARGET = /^(?:([^@]+)@)?(\[[^\]]+\]|[^:@]+)(?::(\d+))?$/;
@@ -535,31 +543,11 @@ const MAX_PASSWORD_FILE = 64 * 1024;
 
 /** The password in `path` (its last newline dropped): a regular file no group or other may read or write, as ssh wants of a key. */
 function readPasswordFile(path: string): string {
-  let fd: number;
-  try {
-    fd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);
-  } catch (err) {
-    throw new UsageError(`cannot read --password-file ${path}: ${(err as NodeJS.ErrnoException).code ?? reason(err)}`);
-  }
-  try {
-    const st = fstatSync(fd);
-    if (!st.isFile()) throw new UsageError(`--password-file ${path} is not a regular file`);
-    if (st.mode & 0o077)
-      throw new UsageError(
-        `--password-file ${path} is open to group or others (mode ${(st.mode & 0o777).toString(8).padStart(4, "0")}): a password file must be for its owner only (chmod 600 ${path})`,
-      );
-    if (st.size > MAX_PASSWORD_FILE) throw new UsageError(`--password-file ${path} is over ${MAX_PASSWORD_FILE} bytes: is it a password?`);
-    const buf = Buffer.alloc(MAX_PASSWORD_FILE + 1);
-    let n = 0;
-    for (let got = -1; got !== 0 && n < buf.length; n += got) got = readSync(fd, buf, n, buf.length - n, null);
-    if (n > MAX_PASSWORD_FILE) throw new UsageError(`--password-file ${path} is over ${MAX_PASSWORD_FILE} bytes: is it a password?`);
-    return buf
-      .subarray(0, n)
-      .toString("utf8")
-      .replace(/\r?\n$/, "");
-  } finally {
-    closeSync(fd);
-  }
+  const open = (st: Stats) =>
+    st.mode & 0o077
+      ? `--password-file ${path} is open to group or others (mode ${(st.mode & 0o777).toString(8).padStart(4, "0")}): a password file must be for its owner only (chmod 600 ${path})`
+      : null;
+  return readSmallFile(path, "--password-file", MAX_PASSWORD_FILE, "is it a password?", open).replace(/\r?\n$/, "");
 }
 
 /**
