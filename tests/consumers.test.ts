@@ -298,6 +298,8 @@ test("JSR: deno publish --dry-run passes (no slow types), publishing the library
     const got = await run(deno, ["run", "-A", "main.ts"], dir);
     assert.equal(got.trim(), "function function");
   } finally {
+    // Deno's fetch keeps its connection alive: end it, or close() waits for it.
+    server.closeAllConnections();
     await new Promise((r) => server.close(r));
   }
 });
