@@ -34,7 +34,7 @@ import { fileURLToPath } from "node:url";
 import { spawn } from "node:child_process";
 import nacl from "tweetnacl";
 import { type Context, isDeno, MitogenError, nodeTransport, Receiver, type Router, type Sender, type Transport } from "./core.ts";
-import { stdinSource, stdioSink } from "./stdio.ts";
+import { stdinSource, stdioFlushed, stdioSink } from "./stdio.ts";
 import { acceptWithKey, connectWithKey } from "./handshake.ts";
 import type { ExecResult, ExecSpec } from "./tunnel.ts";
 
@@ -764,7 +764,8 @@ export async function sshMain(argv: string[]): Promise<number> {
     if (!isDeno) process.stdout.on("error", () => {});
     socket.on("close", () => {
       input?.stop();
-      void writing.then(() => resolve(code));
+      // The exit waits for the last output to leave this process: exiting with it queued would drop it.
+      void writing.then(stdioFlushed).then(() => resolve(code));
     });
   });
 }

@@ -50,6 +50,18 @@ export function stdioSink(which: "stdout" | "stderr"): (chunk: Uint8Array) => Pr
 }
 
 /**
+ * Resolves once what was written to this process's stdout and stderr has gone to the pipe (Node
+ * queues what a full pipe did not take, and `process.exit` drops it); under Deno the writes above
+ * are out when they resolve. A closed pipe counts as gone.
+ */
+export function stdioFlushed(): Promise<void> {
+  if (deno) return Promise.resolve();
+  const { stdout, stderr } = nodeProcess();
+  const flushed = (out: NodeJS.WriteStream) => new Promise<void>((resolve) => (out.destroyed || !out.writable ? resolve() : out.write("", () => resolve())));
+  return Promise.all([flushed(stdout), flushed(stderr)]).then(() => {});
+}
+
+/**
  * Reads this process's stdin: `onData` for each chunk (reading waits for the promise it returns),
  * then `onEnd` once, at EOF or on an error. Under Deno, as {@link stdioSink}: fd 0 made blocking, or
  * a read that would block retried.

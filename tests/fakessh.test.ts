@@ -71,9 +71,15 @@ test("stdin reaches the remote command, large and in order, and its output comes
   const input = join(scratch, "input");
   writeFileSync(input, Buffer.alloc(8 * 1024 * 1024, "abcdefgh"));
   const want = sha(input);
-  const r = await runCaptured(["sh", "-c", `ssh h sha256sum < ${input}; ssh h 'head -c 5000000 /dev/zero' | wc -c`]);
+  // The second: a reader that starts late, so the stand-in's last write (after the pipe was filled) is still queued
+  // in it when the command's exit status comes; exiting then would drop it.
+  const r = await runCaptured([
+    "sh",
+    "-c",
+    `ssh h sha256sum < ${input}; ssh h 'head -c 5000000 /dev/zero' | wc -c; ssh h 'head -c 65536 /dev/zero; sleep 0.3; head -c 1000 /dev/zero' | (sleep 1; wc -c)`,
+  ]);
   assert.equal(r.code, 0, r.stderr);
-  assert.equal(r.stdout, `${want}  -\n5000000\n`);
+  assert.equal(r.stdout, `${want}  -\n5000000\n66536\n`);
 });
 
 test("rsync, scp (sftp and -O) and git to a local context", { skip }, async () => {
