@@ -74,38 +74,46 @@ async function pings(ctx: Context, ms: number, gap = 0): Promise<number[]> {
   return times;
 }
 
-test("a child flooding an unlistened handle with reply_to set: the master's memory stays bounded and a sibling stays answered", async () => {
-  await using router = new Router({ log: () => {} });
-  const [noisy, quiet] = await Promise.all([router.local({ name: "noisy" }), router.local({ name: "quiet" })]);
-  await pings(quiet, 200); // warm
-  const base = await pings(quiet, 1000);
-  const rss0 = rssOf("self");
+/**
+ * Flood for {@link FLOOD_SECONDS} (`start` starts it) while calling `answering`: the RSS of `watched`
+ * must grow less than 100 MiB, and `answering` must keep answering (generous on a loaded box: a
+ * fiftieth of the calls it answered before the flood, each no slower than 250 ms at the median).
+ */
+async function underFlood(watched: number | "self", answering: Context, who: string, start: () => Promise<[number, number]>): Promise<void> {
+  await pings(answering, 200); // warm
+  const base = await pings(answering, 1000);
+  const rss0 = rssOf(watched);
   let peak = rss0;
   const sampler = setInterval(() => {
-    peak = Math.max(peak, rssOf("self"));
+    peak = Math.max(peak, rssOf(watched));
   }, 50);
-  const SECONDS = 4;
-  const flooding = noisy.call(flood, SECONDS * 1000, 0);
+  const flooding = start();
   let during: number[] = [];
   try {
     await sleep(300);
-    during = await pings(quiet, (SECONDS - 1) * 1000);
+    during = await pings(answering, (FLOOD_SECONDS - 1) * 1000);
     const [frames] = await flooding;
     assert.ok(frames > 100_000, `the flood wrote ${frames} frames only`);
   } finally {
     clearInterval(sampler);
   }
-  peak = Math.max(peak, rssOf("self"));
+  peak = Math.max(peak, rssOf(watched));
   const grew = (peak - rss0) / MiB;
-  const perSecond = (base.length / 1).toFixed(0);
   const info =
-    `RSS +${grew.toFixed(0)} MiB; calls to the sibling: ${perSecond}/s before the flood (median ${median(base).toFixed(2)} ms), ` +
-    `${(during.length / (SECONDS - 1)).toFixed(0)}/s during it (median ${median(during).toFixed(2)} ms)`;
+    `RSS +${grew.toFixed(0)} MiB; calls to ${who}: ${base.length}/s before the flood (median ${median(base).toFixed(2)} ms), ` +
+    `${(during.length / (FLOOD_SECONDS - 1)).toFixed(0)}/s during it (median ${median(during).toFixed(2)} ms)`;
   console.log(info);
-  assert.ok(grew < 100, `master RSS grew by more than 100 MiB: ${info}`);
-  // Generous on a loaded box: a fiftieth of the calls it answered before, each no slower than 250 ms at the median.
-  assert.ok(during.length / (SECONDS - 1) >= base.length / 50, `the sibling starved: ${info}`);
-  assert.ok(median(during) < 250, `the sibling starved: ${info}`);
+  assert.ok(grew < 100, `RSS grew by more than 100 MiB: ${info}`);
+  assert.ok(during.length / (FLOOD_SECONDS - 1) >= base.length / 50, `${who} starved: ${info}`);
+  assert.ok(median(during) < 250, `${who} starved: ${info}`);
+}
+
+const FLOOD_SECONDS = 4;
+
+test("a child flooding an unlistened handle with reply_to set: the master's memory stays bounded and a sibling stays answered", async () => {
+  await using router = new Router({ log: () => {} });
+  const [noisy, quiet] = await Promise.all([router.local({ name: "noisy" }), router.local({ name: "quiet" })]);
+  await underFlood("self", quiet, "the sibling", () => noisy.call(flood, FLOOD_SECONDS * 1000, 0));
 });
 
 test("an attached session flooding its listener with messages nobody listens for: the listener's memory stays bounded and it stays answered", async () => {
@@ -120,34 +128,10 @@ test("an attached session flooding its listener with messages nobody listens for
     const path = await listening.call(listen, dir);
     await using session = await connect({ path, log: () => {} });
     const pid = (await listening.call(() => process.pid)) as number;
-    await pings(listening, 200); // warm
-    const base = await pings(listening, 1000);
-    const rss0 = rssOf(pid);
-    let peak = rss0;
-    const sampler = setInterval(() => {
-      peak = Math.max(peak, rssOf(pid));
-    }, 50);
-    const SECONDS = 4;
     // The session's own code, run in the session (this process): frames to a handle of the listening context.
-    const flooding = flood(SECONDS * 1000, session.context.contextId, { router: session.router } as unknown as CallContext);
-    let during: number[] = [];
-    try {
-      await sleep(300);
-      during = await pings(listening, (SECONDS - 1) * 1000);
-      const [frames] = await flooding;
-      assert.ok(frames > 100_000, `the flood wrote ${frames} frames only`);
-    } finally {
-      clearInterval(sampler);
-    }
-    peak = Math.max(peak, rssOf(pid));
-    const grew = (peak - rss0) / MiB;
-    const info =
-      `listener RSS +${grew.toFixed(0)} MiB; calls to it: ${base.length}/s before the flood (median ${median(base).toFixed(2)} ms), ` +
-      `${(during.length / (SECONDS - 1)).toFixed(0)}/s during it (median ${median(during).toFixed(2)} ms)`;
-    console.log(info);
-    assert.ok(grew < 100, `the listening context's RSS grew by more than 100 MiB: ${info}`);
-    assert.ok(during.length / (SECONDS - 1) >= base.length / 50, `the listening context starved: ${info}`);
-    assert.ok(median(during) < 250, `the listening context starved: ${info}`);
+    await underFlood(pid, listening, "the listening context", () =>
+      flood(FLOOD_SECONDS * 1000, session.context.contextId, { router: session.router } as unknown as CallContext),
+    );
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
