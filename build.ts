@@ -25,14 +25,13 @@
 import * as esbuild from "esbuild";
 import { deflateRawSync } from "node:zlib";
 import { mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
-import { dirname } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { type Payloads, SHIPPED, type ShippedName } from "./payload.ts";
 import { CORE } from "./frames.ts";
 import { ESBUILD_VERSION } from "./bundler.ts";
 
 const root = dirname(fileURLToPath(import.meta.url));
-const CORE_MODULES = /(^|\/)(core|frames|select|errors|codec|runtime)\.ts$/;
 
 const common: esbuild.BuildOptions = {
   absWorkingDir: root,
@@ -56,11 +55,13 @@ const common: esbuild.BuildOptions = {
 const readable = (): esbuild.BuildOptions =>
   process.env.MITOGEN_READABLE_PAYLOAD === "1" ? { minify: false, minifySyntax: true, minifyWhitespace: true } : {};
 
-async function script(options: esbuild.BuildOptions): Promise<string> {
-  const out = await esbuild.build({ ...common, ...options });
+/** Build one script: its text, and the files of this repository it was built from (esbuild's metafile). */
+async function script(options: esbuild.BuildOptions): Promise<{ text: string; files: string[] }> {
+  const out = await esbuild.build({ ...common, ...options, metafile: true });
   const file = out.outputFiles?.[0];
   if (!file) throw new Error("esbuild produced no output");
-  return file.text;
+  const files = Object.keys(out.metafile?.inputs ?? {}).filter((f) => !/(^|\/)node_modules\//.test(f));
+  return { text: file.text, files };
 }
 
 /**
@@ -97,10 +98,10 @@ const withoutStreamDecoding: esbuild.Plugin = {
 const OLDEST_TARGET = "node12";
 
 /** Build the payloads (minified and compressed). */
-export async function buildPayloads(): Promise<Payloads> {
+export async function buildPayloads(): Promise<Payloads & { coreFiles: string[] }> {
   // Each core tells childMain which one it is, so that context can hand it on to children of its own.
-  const core = async (target: string, name: string) =>
-    `${await script({
+  const core = async (target: string, name: string) => {
+    const built = await script({
       entryPoints: ["core.ts"],
       format: "iife",
       globalName: "M",
@@ -108,27 +109,35 @@ export async function buildPayloads(): Promise<Payloads> {
       define: { "globalThis.MITOGEN_MODERN_CORE": String(name === CORE.MODERN) },
       plugins: [withoutStreamDecoding],
       ...readable(),
-    })}M.childMain(B,M,${JSON.stringify(name)});`;
-  const modern = await core("es2022", CORE.MODERN);
-  const lowered = await core(OLDEST_TARGET, CORE.LOWERED);
+    });
+    return { text: `${built.text}M.childMain(B,M,${JSON.stringify(name)});`, files: built.files };
+  };
+  const { text: modern, files: coreFiles } = await core("es2022", CORE.MODERN);
+  const { text: lowered } = await core(OLDEST_TARGET, CORE.LOWERED);
+  // The payload's files are what the core build read, not a list kept by hand.
+  const inCore = new Set(coreFiles.map((f) => join(root, f)));
   // Shipped modules like any other (see evaluateModule in core.ts): their imports of the core are the running core.
   const shipped = async (source: string) =>
-    script({
-      entryPoints: [source],
-      format: "cjs",
-      target: OLDEST_TARGET,
-      ...readable(),
-      // tweetnacl asks for Node's `crypto` where it has no Web Crypto: the running core's require gives the builtin
-      external: ["crypto"],
-      plugins: [
-        {
-          name: "core-is-running",
-          setup(build) {
-            build.onResolve({ filter: CORE_MODULES }, () => ({ path: "mitogen", external: true }));
+    (
+      await script({
+        entryPoints: [source],
+        format: "cjs",
+        target: OLDEST_TARGET,
+        ...readable(),
+        // tweetnacl asks for Node's `crypto` where it has no Web Crypto: the running core's require gives the builtin
+        external: ["crypto"],
+        plugins: [
+          {
+            name: "core-is-running",
+            setup(build) {
+              build.onResolve({ filter: /\.ts$/ }, (args) =>
+                inCore.has(resolve(args.resolveDir, args.path)) ? { path: "mitogen", external: true } : undefined,
+              );
+            },
           },
-        },
-      ],
-    });
+        ],
+      })
+    ).text;
   const names = Object.keys(SHIPPED) as ShippedName[];
   const sources = await Promise.all(names.map((name) => shipped(SHIPPED[name])));
   await esbuild.stop(); // no service process outlives the build
@@ -146,11 +155,12 @@ export async function buildPayloads(): Promise<Payloads> {
     coreRaw: modern.length,
     coreLoweredRaw: lowered.length,
     modulesRaw,
+    coreFiles,
   };
 }
 
 /** Write dist/mitogen.mjs; returns the sizes it printed. */
-export async function buildDist(): Promise<{ bundle: number; payloads: Payloads }> {
+export async function buildDist(): Promise<{ bundle: number; payloads: Payloads & { coreFiles: string[] } }> {
   const pinned = (JSON.parse(readFileSync(`${root}/package.json`, "utf8")) as { dependencies: Record<string, string> }).dependencies.esbuild;
   if (pinned !== ESBUILD_VERSION) throw new Error(`bundler.ts ESBUILD_VERSION is ${ESBUILD_VERSION}, package.json pins esbuild ${pinned}`);
   const p = await buildPayloads();
@@ -165,7 +175,7 @@ export async function buildDist(): Promise<{ bundle: number; payloads: Payloads 
     }),
   };
   const outfile = `${root}/dist/mitogen.mjs`;
-  const text = await script({
+  const { text } = await script({
     entryPoints: ["cli.ts"],
     format: "esm",
     platform: "node",
@@ -222,6 +232,7 @@ if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) 
   console.log(`dist/mitogen.mjs        ${kib(bundle)}`);
   console.log(`child payload (core)    ${kib(payloads.coreRaw)} raw, ${kib(payloads.core.byteLength)} compressed (goal <= 24 KiB, ceiling 40)`);
   console.log(`  lowered for node 12    ${kib(payloads.coreLoweredRaw)} raw, ${kib(payloads.coreLowered.byteLength)} compressed`);
+  console.log(`  made of ${payloads.coreFiles.join(", ")} (what the core build read)`);
   for (const name of Object.keys(SHIPPED) as ShippedName[]) {
     console.log(`${`${name} module`.padEnd(24)}${kib(payloads.modulesRaw[name])} raw, ${kib(payloads.modules[name].byteLength)} compressed`);
   }

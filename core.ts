@@ -1,8 +1,8 @@
 /**
  * Everything a child context needs, and nothing more: the Router, Context,
  * the call dispatcher and the child's main loop. This file, with what it
- * imports (`frames.ts`, `select.ts`, `errors.ts`, `codec.ts`, `runtime.ts`),
- * is the bootstrap payload, so its size is a budget: `npm run build` prints it.
+ * imports, is the bootstrap payload, so its size is a budget: `npm run build`
+ * prints it and the files it is made of.
  *
  * @module
  */
