@@ -23,7 +23,8 @@ test("bench/profile.ts profiles the master and a child with a readable payload",
   const out = mkdtempSync(join(tmpdir(), "mitogen-profile-test-"));
   try {
     const node = runtimeCommand("node").exe;
-    const { stdout } = await run(node, ["--import", "tsx", "bench/profile.ts", "--calls", "2000", "--top", "40", "--out", out], {
+    // Sampled every 10 us: childMain runs once, briefly, and at the default 100 us a sample missed it about 1 run in 10.
+    const { stdout } = await run(node, ["--import", "tsx", "bench/profile.ts", "--calls", "2000", "--top", "40", "--interval", "10", "--out", out], {
       cwd: root,
       timeout: 90_000,
     });
