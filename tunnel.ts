@@ -58,9 +58,11 @@ interface Proc {
  * a pipe only this process holds (close-on-exec). It reads EOF when this
  * context ends, however it ends (shutdown, its parent gone, SIGKILL), and then
  * stops the group as a hang-up does: SIGTERM, then SIGKILL after the grace
- * period. Once the command is done with, it is killed.
+ * period. Once the command is done with, it is killed. It first closes fds 3
+ * and 4, the context's stream behind a shell (ssh: not close-on-exec), so that
+ * it never holds an ssh session open while it waits.
  */
-const GUARD = `trap '' HUP INT TERM PIPE; read -r _; kill -s TERM -- -$0 2>/dev/null && sleep ${GRACE_MS / 1000} && kill -s KILL -- -$0 2>/dev/null`;
+const GUARD = `exec 3<&- 4>&-; trap '' HUP INT TERM PIPE; read -r _; kill -s TERM -- -$0 2>/dev/null && sleep ${GRACE_MS / 1000} && kill -s KILL -- -$0 2>/dev/null`;
 
 /** Start the guard of process group `pgid`; returns what ends it. Without one (it cannot start), nothing. */
 function guard(pgid: number): () => void {
