@@ -82,7 +82,7 @@ export interface DenoProcess {
   kill(signal: string): void;
 }
 
-function reader(stream: ReadableStream<Uint8Array>): PipeReader & { drained(): Promise<void> } {
+function reader(stream: ReadableStream<Uint8Array>): PipeReader & { drained(idleMs: number | null): Promise<void> } {
   const on: Record<string, Listener[]> = { data: [], end: [], close: [], error: [] };
   const emit = (event: string, ...args: unknown[]) => {
     for (const cb of on[event] ?? []) (cb as (...a: unknown[]) => void)(...args);
@@ -94,13 +94,18 @@ function reader(stream: ReadableStream<Uint8Array>): PipeReader & { drained(): P
   const done = new Promise<void>((resolve) => (finish = resolve));
   let paused: Promise<void> | null = null;
   let unpause: () => void = () => {};
+  /** Once drained(ms) runs: restarts its idle clock (data came, or reading resumed), or stops it (paused). */
+  let idle: (() => void) | null = null;
   const pump = async () => {
     try {
       for (;;) {
         if (paused) await paused;
         const { value, done: end } = await r.read();
         if (end || stopped) break;
-        if (value.byteLength) emit("data", value);
+        if (value.byteLength) {
+          idle?.();
+          emit("data", value);
+        }
       }
       if (!stopped) emit("end");
     } catch (err) {
@@ -111,11 +116,27 @@ function reader(stream: ReadableStream<Uint8Array>): PipeReader & { drained(): P
     }
   };
   const self = {
-    /** Resolves once read to the end (at once if nobody ever read it). */
-    drained(): Promise<void> {
-      if (started) return done;
-      self.destroy();
-      return Promise.resolve();
+    /**
+     * Resolves once read to the end (at once if nobody ever read it), or, given `idleMs`, once
+     * nothing came for that long while reading (a process left behind holds the pipe). Time
+     * spent paused does not count: what the pipe still holds is read, never dropped.
+     */
+    drained(idleMs: number | null): Promise<void> {
+      if (!started) {
+        self.destroy();
+        return Promise.resolve();
+      }
+      if (idleMs === null) return done;
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      idle = () => {
+        clearTimeout(timer);
+        if (!paused) timer = setTimeout(self.destroy, idleMs);
+      };
+      idle();
+      return done.finally(() => {
+        clearTimeout(timer);
+        idle = null;
+      });
     },
     on(event: string, cb: Listener) {
       on[event]?.push(cb);
@@ -134,13 +155,15 @@ function reader(stream: ReadableStream<Uint8Array>): PipeReader & { drained(): P
     },
     pause() {
       paused ??= new Promise<void>((resolve) => (unpause = resolve));
+      idle?.();
     },
     resume() {
       paused = null;
       unpause();
+      idle?.();
     },
   };
-  return self as PipeReader & { drained(): Promise<void> };
+  return self as PipeReader & { drained(idleMs: number | null): Promise<void> };
 }
 
 function writer(stream: WritableStream<Uint8Array>): PipeWriter {
@@ -210,10 +233,19 @@ function writer(stream: WritableStream<Uint8Array>): PipeWriter {
 /**
  * Start `exe` with piped stdin, stdout and stderr through Deno.Command, in a
  * session of its own (detached). `onExit` runs when it exits; `gone` waits for
- * its pipes too, at most 200 ms more (a process it left behind may hold them).
+ * its pipes to be read to their end too, or, after the exit, until one has
+ * been read for `leftoverMs` with nothing coming (a process it left behind
+ * may hold them); `null` waits for the end, as Node's "close" does.
  * Throws, as Deno.Command does, when it cannot be started.
  */
-export function denoSpawn(exe: string, args: string[], env: Record<string, string | undefined>, cwd: string | undefined, onExit: () => void): DenoProcess {
+export function denoSpawn(
+  exe: string,
+  args: string[],
+  env: Record<string, string | undefined>,
+  cwd: string | undefined,
+  onExit: () => void,
+  leftoverMs: number | null = 200,
+): DenoProcess {
   const Command = (globalThis as unknown as { Deno: { Command: DenoCommand } }).Deno.Command;
   const clean: Record<string, string> = {};
   for (const [k, v] of Object.entries(env)) if (v !== undefined) clean[k] = v;
@@ -234,17 +266,7 @@ export function denoSpawn(exe: string, args: string[], env: Record<string, strin
     ended = { code: s.code, signal: s.signal };
     onExit();
   });
-  const drained = () => {
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const late = new Promise<void>((resolve) => {
-      timer = setTimeout(() => {
-        out.destroy();
-        err.destroy();
-        resolve();
-      }, 200);
-    });
-    return Promise.race([Promise.all([out.drained(), err.drained()]), late]).finally(() => clearTimeout(timer));
-  };
+  const drained = () => Promise.all([out.drained(leftoverMs), err.drained(leftoverMs)]);
   return {
     pid: child.pid,
     stdin: writer(child.stdin),

@@ -129,7 +129,8 @@ function start(spec: ExecSpec): Proc {
     if (!stopping) finish();
   };
   if (isDeno) {
-    const p = denoSpawn("/bin/sh", ["-c", spec.command], env, home, exited);
+    // Its output is read to the end, as under Node (and sshd): the group is gone by then, unless something left it.
+    const p = denoSpawn("/bin/sh", ["-c", spec.command], env, home, exited, null);
     pid = p.pid;
     unguard = guard(pid);
     return {
