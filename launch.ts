@@ -31,7 +31,7 @@ export interface Launch {
   streamOn: "fd3" | "stdio";
   /** The first stage takes the core as it is, not deflated: the link is on this machine, or compressed by ssh. */
   plain?: boolean;
-  /** A local node child: the core goes with V8's code cache for it, kept under this key (see {@link codeCached}). */
+  /** A local node child: the core goes with V8's code cache for it, kept under this key (see codecache.ts). */
   codeCache?: string;
   /** The child's stdout is user output (only when the stream is elsewhere). */
   stdoutIsOutput: boolean;
