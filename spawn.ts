@@ -1,6 +1,6 @@
 /**
  * Starting a process with pipes under Deno, through `Deno.Command`, shaped
- * like the Node streams the rest of parent.ts uses. Deno's `node:child_process`
+ * like the Node streams the rest of `mitogen:parent` uses (launch.ts). Deno's `node:child_process`
  * pipes hand each read to a garbage collector that does not feel them: a
  * Deno process reading 512 MiB through one grew by 210 MiB, through
  * `Deno.Command` by none. Also `killGroup`, for any start in a session of its
@@ -22,7 +22,7 @@ export function killGroup(pid: number): void {
   }
 }
 
-/** The Node-readable subset parent.ts and nodeTransport use. */
+/** The Node-readable subset launch.ts, bootstrap.ts and nodeTransport use. */
 export interface PipeReader {
   on(event: "data", cb: (chunk: Uint8Array) => void): PipeReader;
   on(event: "end" | "close", cb: () => void): PipeReader;

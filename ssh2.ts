@@ -10,7 +10,10 @@ import { createHmac } from "node:crypto";
 import { appendFileSync, existsSync, readFileSync } from "node:fs";
 import { homedir, userInfo } from "node:os";
 import { type Context, type Router, Secret, type SshOptions, StreamError } from "./core.ts";
-import { bootstrap, type ConnectSpec, endedAs, missingRuntime, remoteCommand, type Spawned } from "./parent.ts";
+import { bootstrap } from "./bootstrap.ts";
+import { missingRuntime, remoteCommand } from "./firststage.ts";
+import { endedAs, type Spawned } from "./launch.ts";
+import type { ConnectSpec } from "./start.ts";
 
 type Known = { type: string; key: string }[];
 

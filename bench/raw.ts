@@ -6,7 +6,7 @@
  * @module
  */
 import { type ChildProcess, fork, spawn } from "node:child_process";
-import { shellQuote } from "../parent.ts";
+import { shellQuote } from "../firststage.ts";
 
 /** Which runtime a raw child runs on, and the executable. */
 export interface Runtime {

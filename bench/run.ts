@@ -35,7 +35,7 @@ import {
   type SshOptions,
   takesRouter,
 } from "../mod.ts";
-import { DENO_EVAL, firstStage, shellQuote } from "../parent.ts";
+import { DENO_EVAL, firstStage, shellQuote } from "../firststage.ts";
 import { payloads } from "../payload.ts";
 import { bounded, cell, num, perOpMicros, pool, type Scope, type Stats, spread, stats, timeMs } from "./lib.ts";
 import { setupHosts, type TestHosts, teardownHosts } from "../tests/hosts.ts";

@@ -1,0 +1,218 @@
+/**
+ * The bootstrap: the one handshake for any started child, whatever started it (a process, an
+ * in-process ssh channel). It forwards the child's output to the log, lets the method answer
+ * prompts, reads the READY line (the version gate), sends the core payload and CONFIGURE, waits
+ * for CONNECTED and adopts the child. Part of `mitogen:parent`.
+ *
+ * @module
+ */
+import {
+  type ChildConfig,
+  type ChildLink,
+  type Context,
+  HANDLE,
+  type LogSource,
+  logRecordOf,
+  MARKER,
+  Message,
+  nodeProcess,
+  nodeTransport,
+  type Router,
+  Stream,
+  StreamError,
+  TimeoutError,
+} from "./core.ts";
+import { type CoreToSend, coreToSend } from "./codecache.ts";
+import { withoutStages } from "./firststage.ts";
+import type { Launch, Spawned, Starting } from "./launch.ts";
+import { childRuntime } from "./versions.ts";
+
+const MAX_LINE = 64 * 1024;
+
+/**
+ * Split a byte stream into lines for the log; overlong lines are cut at 64 KiB. While `router`'s link to
+ * its parent (where the lines go) is congested, the stream is not read.
+ */
+function forwardLines(
+  router: Router,
+  readable: { on(e: "data", cb: (d: Uint8Array) => void): unknown; on(e: "end", cb: () => void): unknown; pause?(): unknown; resume?(): unknown },
+  sink: (line: string) => void,
+  /** Sees an unfinished line (a prompt waits without a newline); true consumes it. */
+  unfinished?: (partial: string) => boolean,
+): void {
+  const decoder = new TextDecoder();
+  let partial = "";
+  readable.on("data", (d) => {
+    partial += decoder.decode(d, { stream: true });
+    for (;;) {
+      const nl = partial.indexOf("\n");
+      if (nl >= 0 && nl <= MAX_LINE) {
+        sink(partial.slice(0, nl));
+        partial = partial.slice(nl + 1);
+      } else if (partial.length > MAX_LINE) {
+        sink(partial.slice(0, MAX_LINE));
+        partial = partial.slice(MAX_LINE);
+      } else break;
+    }
+    if (partial && unfinished?.(partial)) partial = "";
+    const up = router.parent;
+    if (up?.congested) {
+      readable.pause?.();
+      up.onDrain(() => readable.resume?.());
+    }
+  });
+  readable.on("end", () => {
+    partial += decoder.decode();
+    if (partial) sink(partial);
+    partial = "";
+  });
+}
+
+/** A connection step, as a debug record of this context: `<name>: <what> (+<ms> ms)`, data `{ step, ms }`. */
+export function step(router: Router, spec: Starting, t0: number, name: string, what: string): void {
+  const ms = Date.now() - t0;
+  router.log("debug", `${spec.name}: ${what} (+${ms} ms)`, "log", { step: name, context: spec.name, ms });
+}
+
+/**
+ * Bootstrap a started child. Resolves with its Context once it has sent
+ * CONNECTED; rejects with TimeoutError after `connectTimeout`, or StreamError
+ * if it ends, breaks, reports a runtime too old, or `hooks.watch` reports a
+ * failure first. The core payload for the child's runtime comes from this
+ * context's module cache, or its parent's (GET_MODULE).
+ */
+export async function bootstrap(
+  router: Router,
+  spec: Starting,
+  child: Spawned,
+  hooks: Pick<Launch, "watch" | "prompt" | "cleanup" | "terminal" | "plain" | "codeCache">,
+  t0: number = Date.now(),
+): Promise<Context> {
+  const stream = new Stream(spec.name, nodeTransport(child.reader, child.writer), router.maxMessageSize);
+  let connecting = true;
+  let failed: (err: Error) => void = () => {};
+  const failure = new Promise<never>((_, reject) => (failed = reject));
+  const tail: string[] = [];
+  const answer = (text: string) => stream.writeRaw(new TextEncoder().encode(text));
+  const output = (source: LogSource) => (said: string) => {
+    const line = withoutStages(said);
+    if (source === "stderr") {
+      if (connecting && hooks.watch) {
+        const verdict = hooks.watch(line, answer);
+        if (verdict instanceof Error) failed(verdict);
+        if (verdict === true) return;
+      }
+      tail.push(line);
+      if (tail.length > 20) tail.shift();
+    }
+    router.logRecord(logRecordOf(spec.id, spec.name, [...router.path, spec.name], source === "stderr" ? "warn" : "info", source, line));
+  };
+  if (child.stdout) forwardLines(router, child.stdout, output("stdout"));
+  // Prompts come without a newline: let the method see unfinished lines while connecting.
+  forwardLines(router, child.stderr, output("stderr"), (partial) => {
+    if (!connecting || !hooks.watch || !hooks.prompt?.test(partial)) return false;
+    const verdict = hooks.watch(partial, answer);
+    if (verdict instanceof Error) failed(verdict);
+    return true;
+  });
+
+  const stop = async (): Promise<void> => {
+    if (child.status() === null) {
+      if (!stream.closed) stream.send(Message.encoded(null, { dst: spec.id, src: router.myId, auth: router.myId, handle: HANDLE.SHUTDOWN }));
+      const timer = setTimeout(() => child.kill(), 3000);
+      await child.gone;
+      clearTimeout(timer);
+    } else await child.gone;
+    stream.close();
+  };
+  const ended = (ms: number) =>
+    new Promise<string | null>((resolve) => {
+      const timer = setTimeout(() => resolve(child.status()), ms);
+      void child.gone.then(() => {
+        clearTimeout(timer);
+        resolve(child.status());
+      });
+    });
+  const link: ChildLink = { stream, stop, ended };
+
+  // Frames that arrive between CONNECTED and adoption are held, not lost.
+  const early: Message[] = [];
+  stream.onMessage = (msg) => early.push(msg);
+  // EOF during bootstrap means the child is ending: how it ended (below) says more.
+  stream.onClose = (err) => err instanceof StreamError && failed(err);
+  child.onError(failed);
+  const exitError = () => {
+    const said = tail.length ? `; stderr:\n${tail.join("\n")}` : "";
+    return new StreamError(`${spec.name}: ${child.what} ${child.status() ?? "ended"} before connecting${said}`);
+  };
+  // Report an exit once the last stderr lines are in.
+  void child.gone.then(() => failed(exitError()));
+  const timer = setTimeout(
+    () => failed(new TimeoutError(`${spec.name}: not connected within ${spec.connectTimeout} ms`)),
+    Math.max(0, spec.connectTimeout - (Date.now() - t0)),
+  );
+  let sent: CoreToSend | null = null;
+
+  try {
+    stream.start();
+    const terminal = hooks.terminal;
+    const ready = stream.expectMarker(
+      MARKER.READY,
+      terminal &&
+        ((text) => {
+          for (const line of text.split(/\r?\n/)) if (line.trim()) tail.push(line);
+          tail.splice(0, Math.max(0, tail.length - 20));
+          const verdict = terminal(text, answer);
+          if (verdict) failed(verdict);
+        }),
+    );
+    const connected = stream.expectMarker(MARKER.CONNECTED);
+    connected.catch(() => {}); // awaited below, unless bootstrap fails first
+    // A marker lost to EOF is reported through `failure`, with the exit status.
+    const settle = <T>(marker: Promise<T>) => marker.catch((err: Error) => (err instanceof StreamError && !stream.closed ? Promise.reject(err) : failure));
+    const runtime = childRuntime(await Promise.race([settle(ready), failure]), spec.name);
+    step(router, spec, t0, "ready", `first stage READY (${runtime.text})`);
+    link.runtime = runtime.text;
+    const core = await Promise.race([router.fetchModuleCode(runtime.core), failure]);
+    sent = coreToSend(router, core, spec.id, hooks.plain, hooks.codeCache === undefined ? undefined : `${hooks.codeCache}\0${runtime.text}\0${runtime.core}`);
+    const payload = sent.payload;
+    const length = new Uint8Array(4);
+    new DataView(length.buffer).setUint32(0, payload.byteLength);
+    stream.writeRaw(length);
+    stream.writeRaw(payload);
+    if (sent.rest) stream.writeRaw(sent.rest);
+    step(router, spec, t0, "payload", `payload sent (${runtime.core}, ${payload.byteLength} bytes)`);
+    const config: ChildConfig = {
+      contextId: spec.id,
+      parentIds: [router.myId, ...router.parentIds],
+      name: spec.name,
+      maxMessageSize: router.maxMessageSize,
+      unidirectional: router.unidirectional,
+      debug: router.debug,
+      path: [...router.path, spec.name],
+      // The child watches this pid when it shares our machine (see watchParent).
+      ...(/^(local|sudo|su|doas)$/.test(spec.method.kind) ? { parentPid: nodeProcess().pid } : {}),
+      ...(sent.reply ? { codeCache: sent.reply } : {}),
+    };
+    stream.send(Message.encoded(config, { dst: spec.id, src: router.myId, auth: router.myId, handle: HANDLE.CONFIGURE }));
+    step(router, spec, t0, "configure", "CONFIGURE sent");
+    await Promise.race([settle(connected), failure]);
+    step(router, spec, t0, "connected", "CONNECTED");
+  } catch (err) {
+    if (sent?.reply) sent.drop();
+    step(router, spec, t0, "failed", `failed: ${(err as Error).message}`);
+    child.kill();
+    await child.gone;
+    stream.close();
+    throw err;
+  } finally {
+    connecting = false;
+    clearTimeout(timer);
+    hooks.cleanup?.();
+  }
+  const ctx = router.addChild(link, spec.id, spec.name);
+  if (sent?.reply) void ctx.disconnected().then(sent.drop);
+  for (const msg of early.splice(0)) stream.onMessage(msg);
+  step(router, spec, t0, "adopted", `connected as context ${spec.id}`);
+  return ctx;
+}

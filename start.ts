@@ -1,0 +1,91 @@
+/**
+ * Starting one child: `Method`, how to reach it as plain data (so a `via` context can be asked to
+ * start it); `connect`, which has the method's launch builder make its `Launch`, spawns it and
+ * bootstraps the child; and `start`, which does that here or in a `via` context (`proxyConnect` in
+ * parent.ts). Part of `mitogen:parent`.
+ *
+ * @module
+ */
+import type { Context, Router } from "./core.ts";
+import { bootstrap, step } from "./bootstrap.ts";
+import { type Launch, type Spawned, type Starting, spawnLaunch } from "./launch.ts";
+import { type LocalSpec, localLaunch } from "./local.ts";
+import { type SshSpec, sshLaunch } from "./ssh.ts";
+import { type SudoSpec, sudoLaunch } from "./sudo.ts";
+import { type TerminalSpec, terminalLaunch } from "./terminal.ts";
+import { type WrapSpec, wrapLaunch } from "./wrap.ts";
+
+/** How to reach a new child: on this machine, or over ssh. */
+export type Method =
+  | ({ kind: "local" } & LocalSpec)
+  | ({ kind: "ssh" } & SshSpec)
+  | ({ kind: "sudo" } & SudoSpec)
+  | ({ kind: "wrap" } & WrapSpec)
+  | ({ kind: "su" } & TerminalSpec)
+  | ({ kind: "doas" } & TerminalSpec);
+
+/** Everything needed to start one child. */
+export interface ConnectSpec extends Starting {
+  method: Method;
+}
+
+/** Start a child by `spec.method` and bootstrap it. */
+export async function connect(router: Router, spec: ConnectSpec): Promise<Context> {
+  const m = spec.method;
+  // connectTimeout counts from here: a runtime's --version probe included.
+  const t0 = Date.now();
+  const launch =
+    m.kind === "ssh"
+      ? sshLaunch(spec, m)
+      : m.kind === "sudo"
+        ? sudoLaunch(spec, m)
+        : m.kind === "wrap"
+          ? wrapLaunch(spec, m)
+          : m.kind === "su" || m.kind === "doas"
+            ? terminalLaunch(spec, m)
+            : await localLaunch(spec, m, t0);
+  return spawnAndBootstrap(router, spec, launch, t0);
+}
+
+/** Start `launch` and bootstrap the child. */
+async function spawnAndBootstrap(router: Router, spec: ConnectSpec, launch: Launch, t0: number): Promise<Context> {
+  let child: Spawned;
+  try {
+    child = await spawnLaunch(launch);
+  } catch (err) {
+    launch.cleanup?.();
+    throw err;
+  }
+  step(router, spec, t0, "spawn", `started ${launch.exe}`);
+  return bootstrap(router, spec, child, launch, t0);
+}
+
+/** What `proxyConnect` needs: a spec whose id (and default name) the `via` context makes. */
+export interface ProxySpec {
+  name?: string;
+  /** Default name, before the id: `local.` names the context `local.<id>`. */
+  prefix: string;
+  connectTimeout: number;
+  method: Method;
+}
+
+/** Resolve a method's options into a spec, start the child here or `via` another context. */
+export async function start(
+  router: Router,
+  options: { name?: string; via?: Context; connectTimeout?: number },
+  method: Method,
+  prefix: string,
+): Promise<Context> {
+  const connectTimeout = options.connectTimeout ?? 30_000;
+  const via = options.via;
+  if (!via) {
+    const id = await router.allocateId();
+    return connect(router, { id, name: options.name ?? `${prefix}${id}`, connectTimeout, method });
+  }
+  // The via context allocates the id: every id a context announces was allocated through its own link.
+  const spec: ProxySpec = { ...(options.name === undefined ? {} : { name: options.name }), prefix, connectTimeout, method };
+  const [id, name] = (await via.callModule("mitogen:parent", "proxyConnect", spec)) as [number, string];
+  const ctx = router.contextById(id, name);
+  ctx.via = via;
+  return ctx;
+}
