@@ -38,8 +38,8 @@ import {
 import { DENO_EVAL, firstStage, shellQuote } from "../parent.ts";
 import { payloads } from "../payload.ts";
 import { bounded, cell, num, perOpMicros, pool, type Scope, type Stats, spread, stats, timeMs } from "./lib.ts";
-import { setupHosts, type TestHosts, teardownHosts } from "../tests/hosts.ts";
-import { matrix } from "../tests/matrix.ts";
+import { setupHosts, type TestHosts, teardownHosts } from "../lab/hosts.ts";
+import { matrix } from "../lab/matrix.ts";
 import { commandToExit, ForkPeer, killAll, RawPeer, type Runtime, remoteEcho, spawnToExit, streamFrom } from "./raw.ts";
 
 const { values } = parseArgs({

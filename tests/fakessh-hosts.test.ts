@@ -1,5 +1,5 @@
 /**
- * fakessh through the netns hosts of tests/hosts.ts: real rsync, scp and git
+ * fakessh through the netns hosts of lab/hosts.ts: real rsync, scp and git
  * on the master, their remote halves in a context on `inner`, which only
  * `bastion` reaches, and in a root context (sudo) there.
  */
@@ -27,7 +27,7 @@ import { after, test } from "node:test";
 import { type Context, fakessh, Router } from "../mod.ts";
 import { captureLogs, checkLeaks, leakedProcesses, underDeno, waitFor, standInPid } from "./helpers.ts";
 import { DIST } from "./command-runner.ts";
-import { hostTree, type TestHosts, useTestHosts } from "./hosts.ts";
+import { hostTree, type TestHosts, useTestHosts } from "../lab/hosts.ts";
 
 checkLeaks();
 

@@ -16,7 +16,7 @@ import { type Context, fakessh, Receiver, Router } from "../mod.ts";
 import { parseSshArgs } from "../fakessh.ts";
 import { alive, captureLogs, checkLeaks, leakedProcesses, RUNTIMES, underDeno, waitFor, standInPid } from "./helpers.ts";
 import { DIST } from "./command-runner.ts";
-import { findProgram } from "./hosts.ts";
+import { findProgram } from "../lab/hosts.ts";
 
 checkLeaks();
 

@@ -29,7 +29,7 @@ import { promisify } from "node:util";
 import { after, before, describe, test } from "node:test";
 import { type Context, FileTransferError, Router } from "../mod.ts";
 import { alive, captureLogs, checkLeaks, RUNTIMES, underDeno, waitFor, makeFile, sha256Of, sparseFile, tempFilesIn } from "./helpers.ts";
-import { INSTALL_HINT, matrix } from "./matrix.ts";
+import { INSTALL_HINT, matrix } from "../lab/matrix.ts";
 
 checkLeaks();
 

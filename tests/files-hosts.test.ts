@@ -1,5 +1,5 @@
 /**
- * Files through ssh hops and sudo, on the netns hosts of tests/hosts.ts: master -> bastion (ssh) ->
+ * Files through ssh hops and sudo, on the netns hosts of lab/hosts.ts: master -> bastion (ssh) ->
  * inner (ssh via bastion) -> root on inner (sudo via inner). The hosts share this machine's file
  * system, so the test reads what each context wrote directly. Local cases are in files.test.ts.
  */
@@ -10,7 +10,7 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { Router } from "../mod.ts";
 import { captureLogs, checkLeaks, makeFile, sha256Of } from "./helpers.ts";
-import { hostTree, type TestHosts, useTestHosts } from "./hosts.ts";
+import { hostTree, type TestHosts, useTestHosts } from "../lab/hosts.ts";
 
 checkLeaks();
 

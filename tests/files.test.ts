@@ -13,7 +13,7 @@ import { promisify } from "node:util";
 import { after, before, describe, test } from "node:test";
 import { AbortError, type CallContext, type FileProgress, FileTransferError, Router, takesRouter } from "../mod.ts";
 import { captureLogs, checkLeaks, RUNTIMES, underDeno, waitFor, makeFile, sha256Of, sparseFile, tempFilesIn } from "./helpers.ts";
-import { INSTALL_HINT, matrix } from "./matrix.ts";
+import { INSTALL_HINT, matrix } from "../lab/matrix.ts";
 
 checkLeaks();
 

@@ -8,7 +8,7 @@
  * runtimes that must be refused (Node 10, python, cat), locally and behind a
  * shell, and `runtime: "auto"` choosing among node, nodejs and deno.
  *
- * The binaries come from `.ci/install-runtimes` (see tests/matrix.ts). Missing
+ * The binaries come from `.ci/install-runtimes` (see lab/matrix.ts). Missing
  * ones skip the test, saying so, except under CI=true, where they fail it.
  * The node master's run covers the matrix; under Deno it is skipped.
  */
@@ -20,7 +20,7 @@ import { after, before, test } from "node:test";
 import { CORE } from "../core.ts";
 import { CallError, type Context, Receiver, Router, Select, TimeoutError } from "../mod.ts";
 import { captureLogs, checkLeaks, coresKept, underDeno, waitFor } from "./helpers.ts";
-import { DENO2, INSTALL_HINT, matrix, node10, RUNTIMES_DIR } from "./matrix.ts";
+import { DENO2, INSTALL_HINT, matrix, node10, RUNTIMES_DIR } from "../lab/matrix.ts";
 
 checkLeaks();
 

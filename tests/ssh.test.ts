@@ -1,5 +1,5 @@
 /**
- * router.ssh against real OpenSSH servers on the netns hosts (tests/hosts.ts):
+ * router.ssh against real OpenSSH servers on the netns hosts (lab/hosts.ts):
  * bastion is reachable from here, inner only from bastion.
  */
 import assert from "node:assert/strict";
@@ -13,7 +13,7 @@ import { after, test } from "node:test";
 import { CORE } from "../core.ts";
 import { ChannelError, type Context, Router, Secret, type SshOptions } from "../mod.ts";
 import { captureLogs, checkLeaks, coresKept } from "./helpers.ts";
-import { findProgram, run, type TestHosts, useTestHosts } from "./hosts.ts";
+import { findProgram, run, type TestHosts, useTestHosts } from "../lab/hosts.ts";
 
 checkLeaks();
 

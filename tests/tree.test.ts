@@ -1,12 +1,12 @@
 /**
  * The tree across hosts and users: master -> bastion (ssh) -> inner (ssh via
- * bastion) -> root on inner (sudo via inner), on the netns hosts of tests/hosts.ts.
+ * bastion) -> root on inner (sudo via inner), on the netns hosts of lab/hosts.ts.
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { Router } from "../mod.ts";
 import { captureLogs, checkLeaks, waitFor } from "./helpers.ts";
-import { hostTree, type TestHosts, useTestHosts } from "./hosts.ts";
+import { hostTree, type TestHosts, useTestHosts } from "../lab/hosts.ts";
 
 checkLeaks();
 
