@@ -8,8 +8,8 @@ import { chmodSync, mkdirSync, mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { Router } from "../mod.ts";
-import { captureLogs, checkLeaks, makeFile, sha256Of } from "./helpers.ts";
+import type { Router } from "../mod.ts";
+import { checkLeaks, makeFile, quietRouter, sha256Of } from "./helpers.ts";
 import { hostTree, type TestHosts, useTestHosts } from "../lab/hosts.ts";
 
 checkLeaks();
@@ -31,7 +31,7 @@ after(() => rmSync(dir, { recursive: true, force: true }));
 const tree = (router: Router) => hostTree(router, hosts);
 
 test("putFile two ssh hops away and into a sudo context there: root writes a file that came from the master", { skip }, async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const { bastion, inner, root } = await tree(router);
   const src = makeFile(join(dir, "src"), 20 * MiB + 3);
   const rootOnly = join(dir, "root-only");
