@@ -6,6 +6,7 @@
  *
  * @module
  */
+import type { TestHosts } from "../lab/hosts.ts";
 import type { Context } from "../mod.ts";
 import { shellQuote } from "../parent.ts";
 import { bounded, num, perOpMicros, type Scope, spread, stats, timeMs } from "./lib.ts";
@@ -29,7 +30,6 @@ import {
 } from "./harness.ts";
 import { bastionOptions, type HostMeasure, hostEval, hostRuntime, type OnHosts, SSH_CONNECT_MS, type SshTap, shown } from "./on-hosts.ts";
 import { commandToExit, RawPeer, remoteEcho } from "./raw.ts";
-import type { TestHosts } from "../lab/hosts.ts";
 
 // ---------------------------------------------------------------------------
 // ssh boot + first call
