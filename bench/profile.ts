@@ -10,9 +10,9 @@
  *
  *   node --import tsx bench/profile.ts [--calls 20000] [--concurrency 1] [--via] [--top 15] [--interval 100] [--out DIR]
  *
- * `--concurrency k` keeps k calls in flight (as line 18); with `--via` the
+ * `--concurrency k` keeps k calls in flight (as the bench's "concurrent"); with `--via` the
  * calls go to a child below one local hop, and the hop is the child profiled
- * (what a relay costs, as line 4).
+ * (what a relay costs, as the bench's "hops").
  *
  * @module
  */

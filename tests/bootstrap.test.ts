@@ -11,8 +11,7 @@ import { CORE, HANDLE, MARKER, Message, runtimeCommand, Stream, writeHeader } fr
 import { DENO_EVAL, firstStage } from "../firststage.ts";
 import { childRuntime } from "../versions.ts";
 import { payloads } from "../payload.ts";
-import { Router } from "../mod.ts";
-import { captureLogs, checkLeaks, RUNTIMES, transportPair } from "./helpers.ts";
+import { checkLeaks, routerWithLogs, RUNTIMES, transportPair } from "./helpers.ts";
 
 checkLeaks();
 
@@ -186,8 +185,8 @@ describe("the READY line", () => {
 
 describe("V8's code cache of the core", () => {
   test("the first local node child of a runtime makes it, the next ones compile the core with it", async () => {
-    const logs = captureLogs();
-    await using router = new Router({ log: logs.log, debug: true });
+    await using fixture = routerWithLogs({ debug: true });
+    const { router, logs } = fixture;
     // NODE_OPTIONS is part of what a cache is kept under: this value gives the test a runtime of its own.
     const env = { NODE_OPTIONS: "--no-deprecation" };
     const names = ["cache-first", "cache-second", "cache-third"];

@@ -1,8 +1,8 @@
 /** Cancellation and deadlines that travel with a call. */
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
-import { AbortError, type CallContext, CallError, Receiver, Router, type Sender, TimeoutError, takesRouter } from "../mod.ts";
-import { captureLogs, checkLeaks, RUNTIMES } from "./helpers.ts";
+import { AbortError, type CallContext, CallError, Receiver, type Sender, TimeoutError, takesRouter } from "../mod.ts";
+import { checkLeaks, quietRouter, RUNTIMES } from "./helpers.ts";
 
 checkLeaks();
 
@@ -20,7 +20,7 @@ const waitForAbort = takesRouter(
 for (const runtime of RUNTIMES) {
   describe(`${runtime} children`, () => {
     test("abort reaches a remote function two hops down and rejects at once", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const a = await router.local({ runtime, name: "abort-a" });
       const b = await router.local({ runtime, name: "abort-b", via: a });
       await using recv = new Receiver(router);
@@ -36,7 +36,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a deadline set at the master expires a nested call", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const a = await router.local({ runtime, name: "deadline-a" });
       await using recv = new Receiver(router);
       const tasks = await a.with({ timeout: 1500 }).import<typeof import("./fixtures/tasks.ts")>(new URL("./fixtures/tasks.ts", import.meta.url));
@@ -55,7 +55,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("an already aborted signal rejects without running anything; a timeout rejects with TimeoutError", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime, name: "quick-abort" });
       const ac = new AbortController();
       ac.abort(new Error("no thanks"));

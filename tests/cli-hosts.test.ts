@@ -1,5 +1,5 @@
 /**
- * The `mitogen` command against the netns hosts of tests/hosts.ts: ssh by
+ * The `mitogen` command against the netns hosts of lab/hosts.ts: ssh by
  * config name, --via bastion to inner, --sudo with a password file, an
  * unreachable host and a wrong password, each on its own line.
  */
@@ -12,7 +12,7 @@ import { fileURLToPath } from "node:url";
 import { after, test } from "node:test";
 import { DIST, NODE, mitogen as run } from "./command-runner.ts";
 import { checkLeaks, waitFor } from "./helpers.ts";
-import { findProgram, type TestHosts, useTestHosts } from "./hosts.ts";
+import { findProgram, type TestHosts, useTestHosts } from "../lab/hosts.ts";
 
 checkLeaks();
 

@@ -14,7 +14,7 @@ import { after, test } from "node:test";
 import { COMMANDS, parseTargets } from "../command.ts";
 import { DIST, mitogen as run, NODE as node } from "./command-runner.ts";
 import { checkLeaks, leakedProcesses, waitFor } from "./helpers.ts";
-import { findProgram } from "./hosts.ts";
+import { findProgram } from "../lab/hosts.ts";
 
 checkLeaks();
 

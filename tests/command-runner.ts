@@ -1,7 +1,7 @@
 /** Runs the built `mitogen` command (dist/mitogen.mjs) as a process, for the CLI tests. */
 import { execFile } from "node:child_process";
 import { fileURLToPath } from "node:url";
-import { findProgram } from "./hosts.ts";
+import { findProgram } from "../lab/hosts.ts";
 
 /** The single file the tests run. */
 export const DIST: string = fileURLToPath(new URL("../dist/mitogen.mjs", import.meta.url));

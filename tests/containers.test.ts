@@ -8,8 +8,8 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { type Context, Router } from "../mod.ts";
-import { captureLogs, checkLeaks } from "./helpers.ts";
+import type { Context, Router } from "../mod.ts";
+import { checkLeaks, quietRouter } from "./helpers.ts";
 
 checkLeaks();
 
@@ -58,7 +58,7 @@ const cases: [string, (r: Router) => Promise<Context>, string, string[]][] = [
 
 for (const [method, start, tool, expected] of cases) {
   test(`${method}: the right command line, then a working context`, async () => {
-    await using router = new Router({ log: captureLogs().log });
+    await using router = quietRouter();
     const ctx = await start(router);
     assert.deepEqual(argvOf(tool), expected);
     assert.equal(await ctx.call((x: number) => x * 2, 21), 42);
@@ -67,14 +67,14 @@ for (const [method, start, tool, expected] of cases) {
 }
 
 test("runtime auto: a target with neither node nor deno says so", async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const bare = join(dir, "docker-without-runtimes");
   writeFileSync(bare, `#!/bin/sh\nwhile [ $# -gt 0 ] && [ "$1" != /bin/sh ]; do shift; done\nexec env PATH=/nonexistent "$@"\n`, { mode: 0o755 });
   await assert.rejects(router.docker({ container: "empty", path: bare }), /neither node nor deno found on/);
 });
 
 test("a container method through a via context, and a missing runtime named clearly", async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const hop = await router.local({ name: "hop" });
   const inside = await router.docker({ container: "web2", via: hop });
   assert.equal(await inside.call(() => "via hop"), "via hop");

@@ -7,16 +7,16 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, test } from "node:test";
-import { CallError, ChannelError, Latch, MitogenError, Receiver, Router, Select, type Sender } from "../mod.ts";
-import { alive, captureLogs, checkLeaks, RUNTIMES, waitFor } from "./helpers.ts";
+import { CallError, ChannelError, Latch, MitogenError, Receiver, Select, type Sender } from "../mod.ts";
+import { alive, checkLeaks, quietRouter, routerWithLogs, RUNTIMES, waitFor } from "./helpers.ts";
 
 checkLeaks();
 
 for (const runtime of RUNTIMES) {
   describe(`${runtime} child`, () => {
     test("call, callAsync, callNoReply", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
       const ctx = await router.local({ runtime, name: "calls" });
       assert.equal(await ctx.call((x: number) => x * 2, 21), 42);
       assert.equal(await ctx.call(async (a: string, b: string) => a + b, "x", "y"), "xy");
@@ -30,7 +30,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("roles and process title in the child", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime, name: "roles" });
       const seen = await ctx.call(() => process.title);
       if (runtime === "node") assert.equal(seen, "mitogen:roles");
@@ -40,7 +40,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a remote throw rejects with CallError carrying the remote stack", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime, name: "thrower" });
       const err = await ctx
         .call(function deepFail() {
@@ -57,7 +57,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("via chain of three, both runtimes mixed", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const other = runtime === "node" ? "deno" : "node";
       const a = await router.local({ runtime, name: "chain-a" });
       const b = await router.local({ runtime: other, name: "chain-b", via: a });
@@ -72,7 +72,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("SIGKILL of a child mid-call rejects the call at once", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime, name: "victim" });
       const pid = (await ctx.call(() => process.pid)) as number;
       const pending = ctx.call(() => new Promise(() => {}));
@@ -87,7 +87,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("killing the middle of a 3-deep chain rejects calls to the bottom and leaves no process", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const a = await router.local({ runtime, name: "mid-a" });
       const b = await router.local({ runtime, name: "mid-b", via: a });
       const c = await router.local({ runtime, name: "mid-c", via: b });
@@ -104,8 +104,8 @@ for (const runtime of RUNTIMES) {
     });
 
     test("user code printing 1 MiB to stdout does not break the stream", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
       const ctx = await router.local({ runtime, name: "printer" });
       const total = await ctx.call(() => {
         const line = "x".repeat(1023);
@@ -138,8 +138,8 @@ for (const runtime of RUNTIMES) {
     test("lines printed to stdout and stderr in turn reach the log whole and in order", async () => {
       // Behind a shell (a Deno parent, ssh) a node child's stdout and stderr are one pipe: writes
       // that queue while it is full must not cut each other's lines.
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
       const ctx = await router.local({ runtime, name: "mixed" });
       await ctx.call(() => {
         for (let i = 0; i < 2000; i++) {
@@ -165,8 +165,8 @@ for (const runtime of RUNTIMES) {
     });
 
     test("every way user code prints is forwarded, and stdin reads as empty", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
       const ctx = await router.local({ runtime, name: "outputs" });
       const stdinBytes = await ctx.call(async () => {
         const enc = new TextEncoder();
@@ -198,8 +198,8 @@ for (const runtime of RUNTIMES) {
     });
 
     test("an uncaught exception in user code is logged and the child lives on", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
       const ctx = await router.local({ runtime, name: "careless" });
       await ctx.call(() => {
         setTimeout(() => {
@@ -213,7 +213,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a Sender streams 10 000 values back in order", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime, name: "streamer" });
       await using recv = new Receiver(router);
       const done = ctx.call(
@@ -236,7 +236,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("shutdown twice, and during a pending call", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime, name: "stopper" });
       const pid = (await ctx.call(() => process.pid)) as number;
       const pending = assert.rejects(
@@ -254,7 +254,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("oversized call and oversized reply reject the caller", async () => {
-      await using router = new Router({ log: captureLogs().log, maxMessageSize: 64 * 1024 });
+      await using router = quietRouter({ maxMessageSize: 64 * 1024 });
       const ctx = await router.local({ runtime, name: "sizes" });
       await assert.rejects(
         ctx.call((b: Uint8Array) => b.length, new Uint8Array(100 * 1024)),
@@ -274,7 +274,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("bad values fail on the sending side, naming the path", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime, name: "badvalues" });
       assert.throws(
         () => ctx.callAsync((_a: unknown, _b: unknown) => 0, 1, { opts: { cb: () => 0 } }),
@@ -289,8 +289,8 @@ for (const runtime of RUNTIMES) {
     });
 
     test("log lines carry the context name; env and cwd are applied", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
       const ctx = await router.local({ runtime, name: "envy", env: { MITO_X: "42" }, cwd: "/tmp" });
       assert.deepEqual(await ctx.call(() => [process.env.MITO_X, process.cwd()]), ["42", "/tmp"]);
       await ctx.call(() => console.log("hello from envy"));
@@ -298,7 +298,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("Select over parallel calls and a latch", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const a = await router.local({ runtime, name: "sel-a" });
       const b = await router.local({ runtime, name: "sel-b", via: a });
       const latch = new Latch<string>();
@@ -312,13 +312,13 @@ for (const runtime of RUNTIMES) {
 }
 
 test("a failing connect names the problem and leaves nothing behind", async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   await assert.rejects(router.local({ runtime: "/nonexistent/node" }), /cannot start \/nonexistent\/node|ENOENT/);
   await assert.rejects(router.local({ runtime: "/bin/false" }), /\/bin\/false is not node or deno .*children need node 12 or later, or deno 1\.46 or later/);
 });
 
 test("a child that never becomes ready hits connectTimeout", async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const dir = mkdtempSync(join(tmpdir(), "mitogen-test-"));
   const sleeper = join(dir, "node-that-sleeps");
   writeFileSync(sleeper, "#!/bin/sh\nexec sleep 30\n", { mode: 0o755 });
@@ -332,7 +332,7 @@ test("a child that never becomes ready hits connectTimeout", async () => {
 });
 
 test("shutting the router down while a context connects leaves nothing behind", async () => {
-  const router = new Router({ log: captureLogs().log });
+  const router = quietRouter();
   const starting = router.local({ name: "late" });
   await router.shutdown();
   await assert.rejects(starting, /shut down/);
@@ -340,7 +340,7 @@ test("shutting the router down while a context connects leaves nothing behind", 
 });
 
 test("shutdown({ wait: true }) resolves once the processes have exited", async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const a = await router.local({ name: "exit-a" });
   const b = await router.local({ name: "exit-b", via: a });
   const [aPid, bPid] = (await Promise.all([a.call(() => process.pid), b.call(() => process.pid)])) as number[];

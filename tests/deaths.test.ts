@@ -11,8 +11,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { runtimeCommand } from "../core.ts";
-import { type CallContext, ChannelError, type Context, Router, type Sender, takesRouter } from "../mod.ts";
-import { alive, captureLogs, checkLeaks, leakedProcesses, RUNTIMES, underDeno, waitFor } from "./helpers.ts";
+import { type CallContext, ChannelError, type Context, type Sender, takesRouter } from "../mod.ts";
+import { alive, checkLeaks, leakedProcesses, quietRouter, routerWithLogs, RUNTIMES, underDeno, waitFor } from "./helpers.ts";
 
 checkLeaks();
 
@@ -48,7 +48,7 @@ const pidOf = (ctx: Context) => ctx.call(() => process.pid) as Promise<number>;
 const forever = () => new Promise(() => {});
 
 test("connectTimeout bounds a runtime's --version probe too, and the probe's whole process group is killed", async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   // Named neither node nor deno, so it is asked --version first; it answers late, after a child of its own.
   const slow = join(dir, "slow-runtime");
   writeFileSync(slow, "#!/bin/sh\nsleep 30\necho v20.0.0\n", { mode: 0o755 });
@@ -65,7 +65,7 @@ test("connectTimeout bounds a runtime's --version probe too, and the probe's who
 for (const runtime of RUNTIMES) {
   describe(`${runtime} children`, () => {
     test("connectTimeout bounds a start through a wrapper that does not exec, and kills what the wrapper started", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       // The runtime the wrapper starts holds the pipes and never connects.
       const w = wrapper(runtime, "never", runtime === "node" ? `$RT -e 'setTimeout(() => {}, 30000)'` : `$RT eval 'setTimeout(() => {}, 30000)'`);
       const t0 = Date.now();
@@ -75,7 +75,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("stopping a context started through a wrapper that does not exec ends the wrapper's other processes", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const w = wrapper(runtime, "background", `sleep 60 &\n$RT "$@"`);
       const ctx = await router.local({ runtime: w, name: "wrapped" });
       assert.equal(await ctx.call(() => 1 + 1), 2);
@@ -89,8 +89,8 @@ for (const runtime of RUNTIMES) {
     for (const wrapped of [false, true]) {
       const watchdog = wrapped || !(runtime === "deno" || SETPRIV) ? "worker" : "kernel";
       test(`a child whose parent is killed while user code blocks its event loop is gone within a second, and so is the tree below it (${watchdog}${wrapped ? ", behind a wrapper that does not exec" : ""})`, async () => {
-        const logs = captureLogs();
-        await using router = new Router({ log: logs.log, debug: true });
+        await using fixture = routerWithLogs({ debug: true });
+        const { router, logs } = fixture;
         const a = await router.local({ runtime, name: "parent" });
         const b = await router.local({ runtime: wrapped ? wrapper(runtime, "fork", `$RT "$@"`) : runtime, name: "busy", via: a });
         const c = await router.local({ runtime, name: "below", via: b });
@@ -118,8 +118,8 @@ for (const runtime of RUNTIMES) {
     test("a node child whose user changed after setpriv, or that runs with file capabilities, is watched by the worker", {
       skip: runtime !== "node" ? "node children only" : CAN_CHANGE_USER ? false : "needs root, setpriv and setcap",
     }, async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log, debug: true });
+      await using fixture = routerWithLogs({ debug: true });
+      const { router, logs } = fixture;
       // The binary itself: under Deno "node" is a name on PATH.
       const node = realpathSync(
         spawnSync("sh", ["-c", `command -v ${runtimeCommand("node").exe}`])
@@ -149,7 +149,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("killing the middle of a chain ends the context below it and says who died", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const a = await router.local({ runtime, name: "top" });
       const b = await router.local({ runtime, name: "middle", via: a });
       const c = await router.local({ runtime, name: "bottom", via: b });
@@ -163,7 +163,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a context that exits says so with its exit code, directly and through a via hop", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const hop = await router.local({ runtime, name: "hop" });
       for (const [name, via] of [
         ["three", undefined],
@@ -182,7 +182,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a context killed by a signal says which, directly and through a via hop", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const hop = await router.local({ runtime, name: "hop" });
       for (const [name, via] of [
         ["killed", undefined],
@@ -197,7 +197,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a hop killed while it relays a large frame rejects the call at once, and the router stays usable", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const hop = await router.local({ runtime, name: "relay" });
       const leaf = await router.local({ runtime, name: "leaf", via: hop });
       const hopPid = await pidOf(hop);
@@ -220,7 +220,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a sender blocked on a sibling's or a cousin's window is released when that context dies (DEL_ROUTE goes down to who talked to it)", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const a = await router.local({ runtime, name: "sender" });
       const deep = await router.local({ runtime, name: "deep-sender", via: a });
       const b = await router.local({ runtime, name: "sibling" });
@@ -246,7 +246,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a call to a context that was shut down names it, directly, through a via hop and from a sibling", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const hop = await router.local({ runtime, name: "hop" });
       const gone: Context[] = [];
       for (const [name, via] of [
@@ -275,8 +275,8 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a stream dropped for bad input gives its reason to pending calls, directly and through a via hop", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
       const hop = await router.local({ runtime, name: "hop" });
       for (const [name, via] of [
         ["garbled", undefined],

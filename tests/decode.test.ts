@@ -7,8 +7,8 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import { decodeValue, encodeValue, FRAME, HANDLE, MAX_DEPTH, type MessageFields, MitogenError, Secret, writeHeader } from "../core.ts";
-import { type CallContext, CallError, ChannelError, Message, Receiver, Router, StreamError, takesRouter } from "../mod.ts";
-import { captureLogs, checkLeaks, RUNTIMES, waitFor } from "./helpers.ts";
+import { type CallContext, CallError, ChannelError, Message, Receiver, StreamError, takesRouter } from "../mod.ts";
+import { checkLeaks, quietRouter, routerWithLogs, RUNTIMES, waitFor } from "./helpers.ts";
 
 checkLeaks();
 
@@ -143,7 +143,7 @@ describe("limits, in process", () => {
 for (const runtime of RUNTIMES) {
   describe(`${runtime} child`, () => {
     test("a child's reply that claims more than it holds fails the call with a StreamError; everyone stays up", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime, name: "liar" });
       const other = await router.local({ runtime, name: "bystander" });
       const fields = { dst: 0, src: ctx.contextId, auth: ctx.contextId };
@@ -155,7 +155,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a CALL_FUNCTION that claims more than it holds gets a CallError naming the limit; the child stays up", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime, name: "callee" });
       for (const [what, body, names] of BAD_BODIES) {
         const recv = new Receiver(router, { persist: false, respondent: ctx });
@@ -170,8 +170,8 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a malformed message to another handler is logged with its limit; the master stays up", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
       const ctx = await router.local({ runtime, name: "noisy" });
       const fields = { dst: 0, src: ctx.contextId, auth: ctx.contextId, handle: HANDLE.FORWARD_LOG };
       await ctx.call(inject, frame(fields, array32(33_554_432)), false);
@@ -180,7 +180,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a bad frame header drops that child's stream with a StreamError naming the problem; the others stay up", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const other = await router.local({ runtime, name: "bystander" });
       const cases: [Uint8Array, RegExp][] = [
         [frame({}, new Uint8Array(0)).fill(0xee, 0, 2), /bad frame magic 0xeeee/],

@@ -1,5 +1,5 @@
 /**
- * fakessh through the netns hosts of tests/hosts.ts: real rsync, scp and git
+ * fakessh through the netns hosts of lab/hosts.ts: real rsync, scp and git
  * on the master, their remote halves in a context on `inner`, which only
  * `bastion` reaches, and in a root context (sudo) there.
  */
@@ -24,10 +24,10 @@ import {
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
-import { type Context, fakessh, Router } from "../mod.ts";
-import { captureLogs, checkLeaks, leakedProcesses, underDeno, waitFor, standInPid } from "./helpers.ts";
+import { type Context, fakessh, type Router } from "../mod.ts";
+import { checkLeaks, leakedProcesses, quietRouter, standInPid, underDeno, waitFor } from "./helpers.ts";
 import { DIST } from "./command-runner.ts";
-import { hostTree, type TestHosts, useTestHosts } from "./hosts.ts";
+import { hostTree, type TestHosts, useTestHosts } from "../lab/hosts.ts";
 
 checkLeaks();
 
@@ -94,7 +94,7 @@ function makeTree(src: string): void {
 }
 
 test("rsync a tree to inner (only bastion reaches it) and back; -c again sends nothing; --delete deletes", { skip }, async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const { inner, home } = await tree(router);
   const src = join(scratch, "src");
   makeTree(src);
@@ -125,7 +125,7 @@ test("rsync a tree to inner (only bastion reaches it) and back; -c again sends n
 });
 
 test("through sudo on inner, files arrive owned by root; through the test user, by the test user", { skip }, async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const { inner, root } = await tree(router);
   const src = join(scratch, "small");
   mkdirSync(join(src, "d"), { recursive: true });
@@ -147,7 +147,7 @@ test("through sudo on inner, files arrive owned by root; through the test user, 
 });
 
 test("scp both ways (sftp and -O), git clone and git push of a repository on inner", { skip }, async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const { inner, home } = await tree(router);
   const file = join(scratch, "scp-me");
   writeFileSync(file, "over two hops\n");
@@ -196,7 +196,7 @@ test("scp both ways (sftp and -O), git clone and git push of a repository on inn
 const partial = (dir: string, name: string) => (existsSync(dir) ? readdirSync(dir).filter((f) => f.startsWith(`.${name}.`)) : []);
 const sleeping = () => leakedProcesses().some((p) => p.cmd.startsWith("sleep 60"));
 test("a stand-in killed mid-rsync to inner, a master SIGKILLed mid-command on bastion: the remote side gets SIGTERM", { skip }, async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const { inner, home } = await tree(router);
   const src = join(scratch, "slow.bin");
   writeFileSync(src, randomBytes(8 * 1024 * 1024));

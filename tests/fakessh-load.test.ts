@@ -10,8 +10,8 @@ import { closeSync, mkdtempSync, openSync, readFileSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
-import { fakessh, Router } from "../mod.ts";
-import { captureLogs, checkLeaks } from "./helpers.ts";
+import { fakessh } from "../mod.ts";
+import { checkLeaks, routerWithLogs } from "./helpers.ts";
 
 checkLeaks();
 
@@ -20,8 +20,8 @@ after(() => rmSync(scratch, { recursive: true, force: true }));
 
 /** Run `argv` through fakessh to a fresh local context; its stdout and stderr as text. */
 async function runCaptured(argv: string[]) {
-  const logs = captureLogs();
-  await using router = new Router({ log: logs.log });
+  await using fixture = routerWithLogs();
+  const { router, logs } = fixture;
   const ctx = await router.local({ name: "dest" });
   const out = join(scratch, "out");
   const fds = [openSync(out, "w"), openSync(`${out}.err`, "w")] as const;

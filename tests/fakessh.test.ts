@@ -14,9 +14,9 @@ import { join } from "node:path";
 import { after, test } from "node:test";
 import { type Context, fakessh, Receiver, Router } from "../mod.ts";
 import { parseSshArgs } from "../fakessh.ts";
-import { alive, captureLogs, checkLeaks, leakedProcesses, RUNTIMES, underDeno, waitFor, standInPid } from "./helpers.ts";
+import { alive, checkLeaks, leakedProcesses, quietRouter, routerWithLogs, RUNTIMES, standInPid, underDeno, waitFor } from "./helpers.ts";
 import { DIST } from "./command-runner.ts";
-import { findProgram } from "./hosts.ts";
+import { findProgram } from "../lab/hosts.ts";
 
 checkLeaks();
 
@@ -29,8 +29,8 @@ if (skip && process.env.CI === "true") throw new Error(`CI must have these: ${sk
 
 /** Run `argv` through fakessh to a fresh local context; its stdout and stderr as text. */
 async function runCaptured(argv: string[], options: { runtime?: string; signal?: AbortSignal } = {}) {
-  const logs = captureLogs();
-  await using router = new Router({ log: logs.log });
+  await using fixture = routerWithLogs();
+  const { router, logs } = fixture;
   const ctx = await router.local({ name: "dest", ...(options.runtime ? { runtime: options.runtime } : {}) });
   const out = join(scratch, `out.${process.hrtime.bigint()}`);
   const err = `${out}.err`;
@@ -137,8 +137,7 @@ test("an unknown command fails on the remote side with its shell's status; a dea
   const r = await runCaptured(["ssh", "h", "no-such-command-here"]);
   assert.equal(r.code, 127);
   assert.match(r.stderr, /not found/);
-  const logs = captureLogs();
-  await using router = new Router({ log: logs.log });
+  await using router = quietRouter();
   const ctx = await router.local({ name: "doomed" });
   await ctx.shutdown({ wait: true });
   const code = await fakessh.run(ctx, router, ["sh", "-c", "ssh h true 2>/dev/null; exit $?"], { stdio: "ignore" });
@@ -146,8 +145,7 @@ test("an unknown command fails on the remote side with its shell's status; a dea
 });
 
 test("dest may be a function of the host name: scp -3 copies between two contexts", { skip }, async () => {
-  const logs = captureLogs();
-  await using router = new Router({ log: logs.log });
+  await using router = quietRouter();
   const web1 = await router.local({ name: "web1" });
   const web2 = await router.local({ name: "web2", runtime: "deno" });
   const asked: string[] = [];
@@ -172,8 +170,7 @@ test("dest may be a function of the host name: scp -3 copies between two context
 const sleeping = () => leakedProcesses().some((p) => p.cmd.startsWith("sleep 60"));
 
 test("cancelling ends the program and the remote command at once", async () => {
-  const logs = captureLogs();
-  await using router = new Router({ log: logs.log });
+  await using router = quietRouter();
   const ctx = await router.local({ name: "dest" });
   const abort = new AbortController();
   const t0 = Date.now();
@@ -190,8 +187,7 @@ test("a Deno master's stand-in runs on deno: no node needed on PATH", {
 }, async () => {
   const bin = mkdtempSync(join(scratch, "bin-"));
   symlinkSync("/bin/sh", join(bin, "sh"));
-  const logs = captureLogs();
-  await using router = new Router({ log: logs.log });
+  await using router = quietRouter();
   const ctx = await router.local({ name: "dest" });
   const out = join(scratch, "deno-standin.out");
   const fd = openSync(out, "w");
@@ -325,8 +321,8 @@ async function tunnelExec(router: Router, ctx: Context, command: string, timeout
 for (const runtime of RUNTIMES) {
   test(`${runtime}: shutdown, a lost parent and a deadline each end a tunnelled command's process group (SIGTERM first)`, async () => {
     const dir = mkdtempSync(join(scratch, `stop-${runtime}-`));
-    const logs = captureLogs();
-    await using router = new Router({ log: logs.log });
+    await using fixture = routerWithLogs();
+    const { router, logs } = fixture;
 
     // router.shutdown() while the command runs
     const a = await router.local({ name: "a", runtime });

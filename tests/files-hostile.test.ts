@@ -27,9 +27,9 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { after, before, describe, test } from "node:test";
-import { type Context, FileTransferError, Router } from "../mod.ts";
-import { alive, captureLogs, checkLeaks, RUNTIMES, underDeno, waitFor, makeFile, sha256Of, sparseFile, tempFilesIn } from "./helpers.ts";
-import { INSTALL_HINT, matrix } from "./matrix.ts";
+import { type Context, FileTransferError } from "../mod.ts";
+import { alive, checkLeaks, makeFile, quietRouter, RUNTIMES, sha256Of, sparseFile, tempFilesIn, underDeno, waitFor } from "./helpers.ts";
+import { INSTALL_HINT, matrix } from "../lab/matrix.ts";
 
 checkLeaks();
 
@@ -86,7 +86,7 @@ async function settles<T>(promise: Promise<T>, ms: number, what: string): Promis
  * Both ways: putFile (the child writes) and getFile (the master writes).
  */
 async function swapTempForSymlink(runtime: string, name: string): Promise<void> {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const ctx = await router.local({ runtime, name });
   const childPid = await pidOf(ctx);
   const d = sub("race");
@@ -153,7 +153,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("setuid, setgid and sticky bits are not copied unless keepSetuid; a mode given is set as given", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime });
       const d = sub("suid");
       const src = makeFile(join(d, "src"), 1000);
@@ -171,7 +171,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a FIFO, a socket, a device or a directory is refused at once, both ways; four FIFOs leave the context's fs working", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime, name: "odd" });
       const d = sub("odd");
       const fifos = [0, 1, 2, 3].map((i) => join(d, `fifo${i}`));
@@ -233,7 +233,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("/proc/self/status (stat size 0, with content) is read to its end, both ways", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime, name: "proc" });
       const d = sub("proc");
       const childPid = await pidOf(ctx);
@@ -254,7 +254,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("names of 255 bytes are written both ways, not refused with ENAMETOOLONG", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime });
       const d = sub("long");
       const src = makeFile(join(d, "src"), 2 * MiB + 3);
@@ -305,7 +305,7 @@ for (const runtime of RUNTIMES) {
       }
       if (isRoot) chownSync(join(d, others), 65534, 65534);
       symlinkSync(pointed, join(d, link));
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime });
       await ctx.putFile(makeFile(join(dir, `small-${n++}`), 1000), join(d, "next"));
       assert.deepEqual(tempFilesIn(d).sort(), (isRoot ? [live, others, link] : [live, link]).sort(), `only the dead writer's ${stale} removed`);

@@ -1,5 +1,5 @@
 /**
- * Files through ssh hops and sudo, on the netns hosts of tests/hosts.ts: master -> bastion (ssh) ->
+ * Files through ssh hops and sudo, on the netns hosts of lab/hosts.ts: master -> bastion (ssh) ->
  * inner (ssh via bastion) -> root on inner (sudo via inner). The hosts share this machine's file
  * system, so the test reads what each context wrote directly. Local cases are in files.test.ts.
  */
@@ -8,9 +8,9 @@ import { chmodSync, mkdirSync, mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { Router } from "../mod.ts";
-import { captureLogs, checkLeaks, makeFile, sha256Of } from "./helpers.ts";
-import { hostTree, type TestHosts, useTestHosts } from "./hosts.ts";
+import type { Router } from "../mod.ts";
+import { checkLeaks, makeFile, quietRouter, sha256Of } from "./helpers.ts";
+import { hostTree, type TestHosts, useTestHosts } from "../lab/hosts.ts";
 
 checkLeaks();
 
@@ -31,7 +31,7 @@ after(() => rmSync(dir, { recursive: true, force: true }));
 const tree = (router: Router) => hostTree(router, hosts);
 
 test("putFile two ssh hops away and into a sudo context there: root writes a file that came from the master", { skip }, async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const { bastion, inner, root } = await tree(router);
   const src = makeFile(join(dir, "src"), 20 * MiB + 3);
   const rootOnly = join(dir, "root-only");

@@ -11,9 +11,9 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { after, before, describe, test } from "node:test";
-import { AbortError, type CallContext, type FileProgress, FileTransferError, Router, takesRouter } from "../mod.ts";
-import { captureLogs, checkLeaks, RUNTIMES, underDeno, waitFor, makeFile, sha256Of, sparseFile, tempFilesIn } from "./helpers.ts";
-import { INSTALL_HINT, matrix } from "./matrix.ts";
+import { AbortError, type CallContext, type FileProgress, FileTransferError, takesRouter } from "../mod.ts";
+import { checkLeaks, makeFile, quietRouter, RUNTIMES, sha256Of, sparseFile, tempFilesIn, underDeno, waitFor } from "./helpers.ts";
+import { INSTALL_HINT, matrix } from "../lab/matrix.ts";
 
 checkLeaks();
 
@@ -58,7 +58,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("mode and preserveTimes, both ways; the default mode is the source's", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime });
       const d = sub("mode");
       const src = makeFile(join(d, "src"), 3 * MiB + 17);
@@ -93,7 +93,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("onProgress: during a transfer, and once at the end with every byte", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime });
       const d = sub("progress");
       const src = sparseFile(join(d, "src"), 64 * MiB);
@@ -121,7 +121,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("cancelled mid-way: the old destination is intact and no temporary file is left", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime });
       const d = sub("cancel");
       const src = sparseFile(join(d, "src"), 2048 * MiB);
@@ -143,7 +143,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("errors: missing directory, vanished or shrinking source, missing remote file", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime, name: "errs" });
       const d = sub("errors");
       const src = makeFile(join(d, "src"), MiB);
@@ -175,7 +175,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("no permission: a context that may not write the directory", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const d = sub("perm");
       const src = makeFile(join(d, "src"), 100_000);
       chmodSync(src, 0o644);
@@ -200,7 +200,7 @@ for (const runtime of RUNTIMES) {
       const small = sub("full");
       await run("mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", small]);
       try {
-        await using router = new Router({ log: captureLogs().log });
+        await using router = quietRouter();
         const ctx = await router.local({ runtime, name: "full" });
         writeFileSync(join(small, "dst"), "the old file");
         const src = makeFile(join(dir, `full-src-${runtime}`), 3 * MiB);
@@ -216,7 +216,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("fan-out to 10 contexts behind one parent: the master's link carries the file once; a failing target does not stop the others", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const hop = await router.local({ runtime, name: "hop" });
       const d = sub("fanout");
       // Each target resolves the relative destination in its own working directory; one lacks "out".
@@ -263,7 +263,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("any context can send: a child puts its own file to its child and gets one back", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const a = await router.local({ runtime, name: "a" });
       const b = await router.local({ runtime, name: "b", via: a });
       const c = await router.local({ runtime, name: "c", via: b });
@@ -297,7 +297,7 @@ const OLDEST = matrix().filter((m) => m.name === "node12" || m.name === "deno1.4
 test("the oldest child runtimes (Node 12, Deno 1.46) send, relay, receive and fail alike", async (t) => {
   for (const m of OLDEST) {
     await t.test(m.name, { skip: m.runtime ? false : `${m.exe} is not installed: ${INSTALL_HINT}` }, async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const a = await router.local({ runtime: m.exe, name: "a" });
       const b = await router.local({ runtime: m.exe, name: "b", via: a });
       const d = sub(m.name);

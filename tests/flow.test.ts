@@ -4,9 +4,9 @@ import { execFile } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { describe, test } from "node:test";
-import { type CallContext, ChannelError, Receiver, Router, type Sender, takesRouter } from "../mod.ts";
+import { type CallContext, ChannelError, Receiver, type Sender, takesRouter } from "../mod.ts";
 import { FLOW, FRAME } from "../core.ts";
-import { captureLogs, checkLeaks, RUNTIMES, underDeno, waitFor } from "./helpers.ts";
+import { checkLeaks, quietRouter, routerWithLogs, RUNTIMES, underDeno, waitFor } from "./helpers.ts";
 
 checkLeaks();
 
@@ -31,7 +31,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("an unread Receiver stops the sender at the window; reading lets it go on", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime });
       await using recv = new Receiver(router);
       // Sends 1 MiB blocks until the window is full, then one more (held back), and reports.
@@ -63,7 +63,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("messages sent without awaiting are held in order, and close() comes after them", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime });
       await using recv = new Receiver(router);
       await ctx.call((s: Sender) => {
@@ -80,7 +80,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a Receiver closed while its sender waits: the wait ends and the next send throws ChannelError", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime });
       const recv = new Receiver(router);
       const streaming = ctx.call(async (s: Sender) => {
@@ -94,7 +94,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("the receiving context dies while the master waits on its window: ready() and send() fail with ChannelError", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime });
       // A Receiver in the child that nobody reads; its Sender comes back to the master.
       const fixtures = await ctx.import<typeof import("./fixtures/flow.ts")>(new URL("./fixtures/flow.ts", import.meta.url));
@@ -109,8 +109,8 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a peer that ignores its window is cut off: the Receiver closes with a ChannelError naming it", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log, maxMessageSize: 1024 * 1024 });
+      await using fixture = routerWithLogs({ maxMessageSize: 1024 * 1024 });
+      const { router, logs } = fixture;
       const ctx = await router.local({ runtime, name: "flooder" });
       await using recv = new Receiver(router);
       await ctx.call(
@@ -141,7 +141,7 @@ for (const runtime of RUNTIMES) {
 }
 
 test("a local Sender (same context) is flow-controlled too", async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   await using recv = new Receiver(router);
   const s = recv.toSender();
   const block = new Uint8Array(MiB);
@@ -160,7 +160,7 @@ test("a local Sender (same context) is flow-controlled too", async () => {
 });
 
 test("a channel's window is forgotten once all is granted back, or once the receiver closed", async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   for (let i = 0; i < 50; i++) {
     const recv = new Receiver(router);
     void recv.toSender().send(i); // a few bytes: not granted back before the close

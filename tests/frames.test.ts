@@ -5,15 +5,13 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { ChannelError, FRAME, HANDLE, installDispatcher, Message, Router as CoreRouter, Receiver, Stream } from "../core.ts";
-import { Router } from "../master.ts";
-import { captureLogs, checkLeaks, transportPair, waitFor } from "./helpers.ts";
+import { checkLeaks, routerWithLogs, transportPair, waitFor } from "./helpers.ts";
 
 checkLeaks();
 
 /** A master with one fake child (id 1) whose far end the test drives. */
 function masterWithFakeChild() {
-  const logs = captureLogs();
-  const router = new Router({ log: logs.log });
+  const { router, logs } = routerWithLogs();
   const [far, near] = transportPair();
   const stream = new Stream("fake", near);
   const ctx = router.addChild({ stream, stop: async () => stream.close() }, 1, "fake");

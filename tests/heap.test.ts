@@ -3,8 +3,7 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import v8 from "node:v8";
 import vm from "node:vm";
-import { Router } from "../mod.ts";
-import { captureLogs, checkLeaks, RUNTIMES } from "./helpers.ts";
+import { checkLeaks, quietRouter, RUNTIMES } from "./helpers.ts";
 
 checkLeaks();
 
@@ -26,7 +25,7 @@ const MiB = 1024 * 1024;
 for (const runtime of RUNTIMES) {
   describe(`${runtime} child`, () => {
     test(`${CALLS} calls leave the heap of both sides where it was`, async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime });
       await ctx.call(() => process.getBuiltinModule("node:v8").setFlagsFromString("--expose-gc"));
       const run = async (n: number) => {

@@ -1,13 +1,14 @@
 /**
  * Shared test helpers: the leak check every test runs in teardown, a
- * capturing logger, and the runtimes to test children on.
+ * capturing logger and the Router fixtures built on it, and the runtimes to
+ * test children on.
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { closeSync, openSync, readdirSync, readFileSync, truncateSync, writeFileSync, writeSync } from "node:fs";
 import { afterEach, beforeEach } from "node:test";
 import type { Transport } from "../core.ts";
-import { type CallContext, type LogRecord, takesRouter } from "../mod.ts";
+import { type CallContext, type LogRecord, Router, type RouterOptions, takesRouter } from "../mod.ts";
 
 /** Every process this test file starts inherits this variable, so leaks are found even when orphaned. */
 export const TOKEN = `MITOGEN_TEST_TOKEN=${process.pid}-${Date.now()}`;
@@ -94,6 +95,32 @@ export function captureLogs(): { records: LogRecord[]; log: (r: LogRecord) => vo
     log: (r) => records.push(r),
     lines: (name) => records.filter((r) => name === undefined || r.name === name).map((r) => r.message),
   };
+}
+
+/** What {@link captureLogs} returns: the records kept, the logger to give a Router, and the messages (of one logger name). */
+export type CapturedLogs = ReturnType<typeof captureLogs>;
+
+/**
+ * The Router a test starts with: its log records are captured (kept out of
+ * the test output) and not read. `options` are the test's own, beside the log.
+ *
+ *     await using router = quietRouter({ debug: true });
+ */
+export function quietRouter(options: Omit<RouterOptions, "log"> = {}): Router {
+  return new Router({ log: captureLogs().log, ...options });
+}
+
+/**
+ * A Router and the logs it captures, for a test that reads what was logged.
+ * Ending the fixture ends the Router, as `await using router` would:
+ *
+ *     await using fixture = routerWithLogs({ debug: true });
+ *     const { router, logs } = fixture;
+ */
+export function routerWithLogs(options: Omit<RouterOptions, "log"> = {}): { router: Router; logs: CapturedLogs } & AsyncDisposable {
+  const logs = captureLogs();
+  const router = new Router({ log: logs.log, ...options });
+  return { router, logs, [Symbol.asyncDispose]: () => router[Symbol.asyncDispose]() };
 }
 
 /** Wait until `cond()` holds, polling; fails after `ms`. */

@@ -1,5 +1,5 @@
 /**
- * The test network of tests/hosts.ts itself: bastion is reachable from the
+ * The test network of lab/hosts.ts itself: bastion is reachable from the
  * runner with key and password, inner only through bastion, sudo on the hosts
  * wants the password, and nothing in the test range is reachable otherwise.
  * Skips (with the reason) where the hosts cannot be set up; fails under CI=true.
@@ -9,7 +9,7 @@ import { readFileSync } from "node:fs";
 import { connect } from "node:net";
 import { test } from "node:test";
 import { alive, checkLeaks } from "./helpers.ts";
-import { findProgram, run, setupHosts, TEST_RANGE, type TestHosts, teardownHosts, useTestHosts } from "./hosts.ts";
+import { findProgram, run, setupHosts, TEST_RANGE, type TestHosts, teardownHosts, useTestHosts } from "../lab/hosts.ts";
 
 checkLeaks();
 

@@ -14,7 +14,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
 import { type CallContext, connect, type Context, generateKeyPair, type KeyPair, type ListenOptions, Router, takesRouter } from "../mod.ts";
-import { captureLogs, checkLeaks, waitFor } from "./helpers.ts";
+import { captureLogs, checkLeaks, quietRouter, routerWithLogs, waitFor } from "./helpers.ts";
 
 checkLeaks();
 
@@ -104,8 +104,8 @@ async function stillWorks(router: Router, a: Context, dir: string): Promise<void
 }
 
 test("under 2000 half-open connections and a HELLO flood, a session attaches within 1 s and the listening context's fs, spawn and children work", async () => {
-  const logs = captureLogs();
-  await using router = new Router({ log: logs.log });
+  await using fixture = routerWithLogs();
+  const { router, logs } = fixture;
   const a = await router.local({ name: "a" });
   const pid = (await a.call(() => process.pid)) as number;
   execFileSync("prlimit", [`--pid=${pid}`, "--nofile=256:256"]);
@@ -175,7 +175,7 @@ async function silent(port: number, localAddress: string): Promise<{ socket: Soc
 }
 
 test("connections in their handshake are capped in all and per address; a newcomer from an address holding fewer takes the place of the oldest of the one holding most", async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const server = generateKeyPair();
   const client = generateKeyPair();
   await using listener = await router.listen({
@@ -276,7 +276,7 @@ async function hellos(port: number, key: Uint8Array, n: number, parallel: number
 }
 
 test("a HELLO costs the listener no key derivation if its key is not authorized, one scalar multiplication if it is (key material derived once per listen)", async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const a = await router.local({ name: "a", runtime: "node" });
   const server = generateKeyPair();
   const client = generateKeyPair();

@@ -20,11 +20,11 @@ import {
   type ListenOptions,
   Message,
   Receiver,
-  Router,
+  type Router,
   type Sender,
   takesRouter,
 } from "../mod.ts";
-import { captureLogs, checkLeaks, RUNTIMES, underDeno, waitFor } from "./helpers.ts";
+import { checkLeaks, quietRouter, routerWithLogs, RUNTIMES, underDeno, waitFor } from "./helpers.ts";
 
 checkLeaks();
 
@@ -82,8 +82,8 @@ function attachProcess(options: object): { proc: ChildProcess; attached: Promise
 for (const runtime of RUNTIMES) {
   describe(`listener on ${runtime}`, () => {
     test("unix: attach, call the listener and two levels below, stream, import; policy refuses the rest", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
       const { a, b, c } = await tree(router, runtime);
       const path = sockPath();
       const info = (await a.call(startListening, { path })) as { path: string; keyFile: string };
@@ -131,7 +131,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test('allow: "listener" admits calls into the listening context only', async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const { a, b } = await tree(router, runtime);
       const path = sockPath();
       await a.call(startListening, { path, allow: "listener" });
@@ -148,7 +148,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test('route: "listener" addresses the listening context only (allow: "listener" its deprecated name); not a sandbox: a takesRouter call there reaches below', async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const { a, b } = await tree(router, runtime);
       for (const options of [{ route: "listener" }, { allow: "listener" }] as const) {
         const path = sockPath();
@@ -175,8 +175,8 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a session cannot reach a session of another listener further down; the refusal comes back at once as a dead reply", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
       const { a, b } = await tree(router, runtime);
       const pathA = sockPath();
       const pathB = sockPath();
@@ -228,8 +228,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a wrong key and no key are refused before anything is routed; a directory others can write is refused", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
+      await using router = quietRouter();
       const { a } = await tree(router, runtime);
       const path = sockPath();
       await a.call(startListening, { path });
@@ -255,7 +254,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("killing the attached process leaves the tree working; killing the listener ends the session's calls at once", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const { a, b } = await tree(router, runtime);
       const path = sockPath();
       await a.call(startListening, { path });
@@ -284,8 +283,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("TCP: key pairs both ways, sealed frames; an unknown client, a wrong pinned key and a flipped byte are refused", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
+      await using router = quietRouter();
       const { a, b } = await tree(router, runtime);
       const server = generateKeyPair();
       const client = generateKeyPair();
@@ -350,7 +348,7 @@ for (const runtime of RUNTIMES) {
 }
 
 test("the master listens too, and a session's calls reach it", async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const path = sockPath();
   await using listener = await router.listen({ path });
   await using session = await connect({ path: listener.path as string, log: () => {} });
@@ -361,7 +359,7 @@ test("the master listens too, and a session's calls reach it", async () => {
 test("a router's shutdown closes its listeners and removes their sockets", async () => {
   const path = sockPath();
   {
-    await using router = new Router({ log: captureLogs().log });
+    await using router = quietRouter();
     await router.listen({ path });
     assert.ok(existsSync(path));
   }
@@ -369,7 +367,7 @@ test("a router's shutdown closes its listeners and removes their sockets", async
 });
 
 test("listen() refuses at once, naming the bad value: a malformed authorizedKeys entry, a garbage or mismatched key pair, a handshakeTimeout that is not a positive finite number", async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const server = generateKeyPair();
   const client = generateKeyPair();
   const tcp = { host: "127.0.0.1", port: 0 };
@@ -406,7 +404,7 @@ test("listen() refuses at once, naming the bad value: a malformed authorizedKeys
 });
 
 test("the key file is created O_EXCL|O_NOFOLLOW: a symlink at <path>.key is refused and its target untouched; a stale key file is replaced", async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const path = sockPath();
   const target = join(scratch, `precious-${n}`);
   writeFileSync(target, "precious\n", { mode: 0o644 });
@@ -436,7 +434,7 @@ test("the key file is created O_EXCL|O_NOFOLLOW: a symlink at <path>.key is refu
 });
 
 test("the socket directory's parents are checked: a 0700 directory inside a 0777 non-sticky one is refused; inside a sticky one it is not", async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const open = mkdtempSync(join(scratch, "open-"));
   chmodSync(open, 0o777);
   mkdirSync(join(open, "inner"), { mode: 0o700 });

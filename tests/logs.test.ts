@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { PassThrough } from "node:stream";
 import { describe, test } from "node:test";
 import { formatRecord, type LevelLogger, log, type LogRecord, logTo, logToFile, Router } from "../mod.ts";
-import { captureLogs, checkLeaks, RUNTIMES, waitFor } from "./helpers.ts";
+import { checkLeaks, routerWithLogs, RUNTIMES, waitFor } from "./helpers.ts";
 
 checkLeaks();
 
@@ -26,8 +26,8 @@ const stepsOf = (records: LogRecord[], name: string) =>
 for (const runtime of RUNTIMES) {
   describe(`${runtime} child`, () => {
     test("records carry time, level, context, message and the data user code passed", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
       const a = await router.local({ runtime, name: "rec-top" });
       const b = await router.local({ runtime, name: "rec-leaf", via: a });
       const m = await b.import<Logging>(LOGGING);
@@ -64,8 +64,8 @@ for (const runtime of RUNTIMES) {
     });
 
     test("logged errors arrive as { name, message, stack }, the stack mapped to the source", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
       const ctx = await router.local({ runtime, name: "errs" });
       const m = await ctx.import<Logging>(LOGGING);
       await m.failLogged();
@@ -83,8 +83,8 @@ for (const runtime of RUNTIMES) {
     });
 
     test("each connection step is a debug record of the starting context, with ms", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log, debug: true });
+      await using fixture = routerWithLogs({ debug: true });
+      const { router, logs } = fixture;
       const a = await router.local({ runtime, name: "steps-top" });
       await router.local({ runtime, name: "steps-leaf", via: a });
       await waitFor(() => stepsOf(logs.records, "steps-leaf").length >= STEPS.length, 5000, "the leaf's steps");
@@ -119,8 +119,8 @@ test("MITOGEN_LOG=debug makes children forward debug records", async () => {
   const saved = process.env.MITOGEN_LOG;
   process.env.MITOGEN_LOG = "debug";
   try {
-    const logs = captureLogs();
-    await using router = new Router({ log: logs.log });
+    await using fixture = routerWithLogs();
+    const { router, logs } = fixture;
     assert.equal(router.debug, true);
     const a = await router.local({ name: "env-top" });
     await router.local({ name: "env-leaf", via: a });
@@ -161,8 +161,7 @@ test("the text format: message, then key=value or JSON of the data, then error f
 });
 
 test("the master's own records: cycles cut, errors as fields, a failing logger ignored", async () => {
-  const logs = captureLogs();
-  const router = new Router({ log: logs.log });
+  const { router, logs } = routerWithLogs();
   const cyclic: Record<string, unknown> = { n: 1 };
   cyclic.self = cyclic;
   log.info("cyclic at master", cyclic, { err: new TypeError("t") });

@@ -1,21 +1,21 @@
 /** Receiver, Latch, Select, Channel, Secret and log forwarding semantics. */
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
-import { Channel, ChannelError, Latch, Receiver, Router, Secret, Select, Sender, TimeoutError } from "../mod.ts";
-import { captureLogs, checkLeaks, RUNTIMES, waitFor } from "./helpers.ts";
+import { Channel, ChannelError, Latch, Receiver, Secret, Select, Sender, TimeoutError } from "../mod.ts";
+import { checkLeaks, quietRouter, routerWithLogs, RUNTIMES, waitFor } from "./helpers.ts";
 
 checkLeaks();
 
 describe("local primitives", () => {
   test("Receiver.get times out with TimeoutError and leaves no timer", async () => {
-    await using router = new Router({ log: captureLogs().log });
+    await using router = quietRouter();
     await using recv = new Receiver(router);
     await assert.rejects(recv.get({ timeout: 30 }), TimeoutError);
     assert.ok(recv.empty());
   });
 
   test("Receiver: values before close are delivered, then iteration ends; close() fails waiters", async () => {
-    await using router = new Router({ log: captureLogs().log });
+    await using router = quietRouter();
     const recv = new Receiver(router);
     const sender = recv.toSender();
     sender.send(1);
@@ -63,7 +63,7 @@ describe("local primitives", () => {
   });
 
   test("Channel: both ends send and receive", async () => {
-    await using router = new Router({ log: captureLogs().log });
+    await using router = quietRouter();
     const me = router.myself();
     // Each end learns the other's handle, as in Mitogen.
     const left = new Channel(router, me, 0);
@@ -82,8 +82,8 @@ describe("local primitives", () => {
 for (const runtime of RUNTIMES) {
   describe(`${runtime} child`, () => {
     test("a Secret arrives intact and prints as [secret]", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
       const ctx = await router.local({ runtime, name: "secretive" });
       const revealed = await ctx.call((s: Secret) => {
         console.log("secret is", s, `${s}`, JSON.stringify({ s }));
@@ -97,8 +97,8 @@ for (const runtime of RUNTIMES) {
     });
 
     test("output of a grandchild reaches the master's logger under its own name", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
       const a = await router.local({ runtime, name: "log-a" });
       const b = await router.local({ runtime, name: "log-b", via: a });
       await b.call(() => {
@@ -111,8 +111,8 @@ for (const runtime of RUNTIMES) {
     });
 
     test("unidirectional mode stops children talking to each other", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log, unidirectional: true });
+      await using fixture = routerWithLogs({ unidirectional: true });
+      const { router, logs } = fixture;
       const a = await router.local({ runtime, name: "uni-a" });
       const b = await router.local({ runtime, name: "uni-b" });
       await a.call((s: Sender) => s.send("hello sibling"), new Sender(b, 4321));

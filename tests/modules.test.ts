@@ -5,10 +5,10 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, test } from "node:test";
 import { pathToFileURL } from "node:url";
-import { type CallContext, CallError, MitogenError, Receiver, Router, takesRouter } from "../mod.ts";
+import { type CallContext, CallError, MitogenError, Receiver, takesRouter } from "../mod.ts";
 import { inflateRawSync } from "node:zlib";
 import { bundle, bundleTarget } from "../bundler.ts";
-import { captureLogs, checkLeaks, RUNTIMES, waitFor } from "./helpers.ts";
+import { checkLeaks, quietRouter, routerWithLogs, RUNTIMES, waitFor } from "./helpers.ts";
 
 checkLeaks();
 
@@ -18,7 +18,7 @@ const TASKS = new URL("./fixtures/tasks.ts", import.meta.url);
 for (const runtime of RUNTIMES) {
   describe(`${runtime} child`, () => {
     test("a module with a relative import, an npm dependency and node: builtins runs there", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime, name: "modular" });
       const tasks = await ctx.import<Tasks>(TASKS);
       assert.equal(await tasks.add(1, 2), 3);
@@ -44,7 +44,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("shipped code may use import(): a builtin in a call, a builtin and a bundled npm dependency in a module, child and grandchild", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const a = await router.local({ runtime, name: "importer" });
       const b = await router.local({ runtime, name: "importer-below", via: a });
       for (const ctx of [a, b]) {
@@ -57,8 +57,8 @@ for (const runtime of RUNTIMES) {
     });
 
     test("shipped code logging reaches the master with the context name and hop path", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
       const a = await router.local({ runtime, name: "log-top" });
       const b = await router.local({ runtime, name: "log-leaf", via: a });
       const tasks = await b.import<Tasks>(TASKS);
@@ -74,7 +74,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test('"mitogen" inside a shipped module is the running core', async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime, name: "core-identity" });
       const tasks = await ctx.import<Tasks>(TASKS);
       await using recv = new Receiver(router);
@@ -91,7 +91,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a takesRouter function starts a grandchild and returns its result", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime, name: "spawner" });
       const tasks = await ctx.import<Tasks>(TASKS);
       assert.equal(await tasks.spawnAndCall(runtime), 42);
@@ -106,7 +106,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a free identifier in shipped source names itself and suggests ctx.import", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime, name: "closure" });
       const outside = 5;
       await assert.rejects(
@@ -118,7 +118,7 @@ for (const runtime of RUNTIMES) {
 }
 
 test("a module imported in 10 contexts below one parent crosses the master's link once", async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const parent = await router.local({ name: "fanout" });
   const kids = await Promise.all(Array.from({ length: 10 }, (_, i) => router.local({ name: `leaf${i}`, via: parent })));
   const before = router.stats.modulesSent;
@@ -134,7 +134,7 @@ test("editing a module between two imports re-sends it; an unchanged one is reus
   try {
     const file = join(dir, "edit.ts");
     writeFileSync(file, "export const version = (): number => 1;\n");
-    await using router = new Router({ log: captureLogs().log });
+    await using router = quietRouter();
     const ctx = await router.local({ name: "editor" });
     const first = await ctx.import<{ version(): number }>(pathToFileURL(file));
     assert.equal(await first.version(), 1);
@@ -153,7 +153,7 @@ test("editing a module between two imports re-sends it; an unchanged one is reus
 test("a module that fails to bundle names the file and line; the context stays usable", async () => {
   const dir = mkdtempSync(join(tmpdir(), "mitogen-mod-"));
   try {
-    await using router = new Router({ log: captureLogs().log });
+    await using router = quietRouter();
     const ctx = await router.local({ name: "broken" });
     const syntax = join(dir, "syntax.ts");
     writeFileSync(syntax, "export function ok() {\n  return 1 +;\n}\n");
@@ -189,7 +189,7 @@ test("modules are bundled for the runtime the importing context reported, cached
     assert.notEqual(old.name, fresh.name);
     assert.equal((await text("node12.22")).name, old.name, "cached per target");
     // A context says what it runs on; its imports are bundled for that.
-    await using router = new Router({ log: captureLogs().log });
+    await using router = quietRouter();
     const ctx = await router.local({ name: "reports" });
     const self = (globalThis as { Deno?: { version: { deno: string } } }).Deno;
     assert.equal(ctx.runtime, self ? `deno ${self.version.deno}` : `node ${process.versions.node}`);

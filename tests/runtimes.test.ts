@@ -8,7 +8,7 @@
  * runtimes that must be refused (Node 10, python, cat), locally and behind a
  * shell, and `runtime: "auto"` choosing among node, nodejs and deno.
  *
- * The binaries come from `.ci/install-runtimes` (see tests/matrix.ts). Missing
+ * The binaries come from `.ci/install-runtimes` (see lab/matrix.ts). Missing
  * ones skip the test, saying so, except under CI=true, where they fail it.
  * The node master's run covers the matrix; under Deno it is skipped.
  */
@@ -19,8 +19,8 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { CORE } from "../core.ts";
 import { CallError, type Context, Receiver, Router, Select, TimeoutError } from "../mod.ts";
-import { captureLogs, checkLeaks, coresKept, underDeno, waitFor } from "./helpers.ts";
-import { DENO2, INSTALL_HINT, matrix, node10, RUNTIMES_DIR } from "./matrix.ts";
+import { captureLogs, checkLeaks, coresKept, quietRouter, underDeno, waitFor } from "./helpers.ts";
+import { DENO2, INSTALL_HINT, matrix, node10, RUNTIMES_DIR } from "../lab/matrix.ts";
 
 checkLeaks();
 
@@ -191,7 +191,7 @@ test("a runtime too old or not JavaScript fails at once, naming it and the suppo
   assertInstalled(OLD ? [] : ["node10"]);
   const old = OLD as { exe: string; runtime: string };
   const version = old.runtime.slice(5).replace(/\./g, "\\.");
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const tooOld = new RegExp(`node ${version} is too old: ${RANGE.source}`);
   // Locally: the runtime itself is started.
   await quick(router.local({ runtime: old.exe }), tooOld);
@@ -224,7 +224,7 @@ test('runtime "auto" runs the newest of node and nodejs, and deno when no node i
 }, async () => {
   assertInstalled(OLD ? MISSING : [...MISSING, "node10"]);
   const exe = (name: string) => ALL.find((r) => r.name === name)?.exe as string;
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const newer = await behindShell(router, pathOf("auto1", { node: exe("node12"), nodejs: exe("node26"), deno: DENO2 }), { name: "auto.nodejs" });
   assert.equal(newer.runtime, ALL.find((r) => r.name === "node26")?.runtime);
   const plain = await behindShell(router, pathOf("auto2", { node: exe("node18"), nodejs: exe("node14") }), { name: "auto.node" });

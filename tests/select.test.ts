@@ -6,8 +6,8 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import { HANDLE } from "../core.ts";
-import { CallError, Channel, ChannelError, Latch, type Message, MitogenError, Receiver, Router, Select, TimeoutError } from "../mod.ts";
-import { captureLogs, checkLeaks, RUNTIMES } from "./helpers.ts";
+import { CallError, Channel, ChannelError, Latch, type Message, MitogenError, Receiver, Select, TimeoutError } from "../mod.ts";
+import { checkLeaks, quietRouter, RUNTIMES } from "./helpers.ts";
 
 checkLeaks();
 
@@ -52,7 +52,7 @@ describe("Select", () => {
   });
 
   test("oneshot: false returns every item a source buffered before add(), one per get()", async () => {
-    await using router = new Router({ log: captureLogs().log });
+    await using router = quietRouter();
     const latch = new Latch<number>();
     latch.put(1);
     latch.put(2);
@@ -111,7 +111,7 @@ describe("Select", () => {
   });
 
   test("in nested Selects an event's source is the Receiver or Latch it came from", async () => {
-    await using router = new Router({ log: captureLogs().log });
+    await using router = quietRouter();
     await using recv = new Receiver(router);
     const latch = new Latch<string>();
     await using sel = new Select([new Select([new Select([recv])]), latch]);
@@ -150,7 +150,7 @@ describe("Select", () => {
   });
 
   test("a dead source throws ChannelError in iteration, whether or not it is the last source", async () => {
-    await using router = new Router({ log: captureLogs().log });
+    await using router = quietRouter();
     // not the last: a latch that never gets anything stays in the Select
     await using dead = new Receiver(router);
     dead.toSender().close();
@@ -176,7 +176,7 @@ describe("Select", () => {
   });
 
   test("Select.all returns every receiver's data in arrival order", async () => {
-    await using router = new Router({ log: captureLogs().log });
+    await using router = quietRouter();
     await using r1 = new Receiver(router);
     await using r2 = new Receiver(router);
     await using r3 = new Receiver(router);
@@ -196,7 +196,7 @@ describe("Select", () => {
   });
 
   test("size() counts buffered items as Mitogen's size(); sources lists what is registered", async () => {
-    await using router = new Router({ log: captureLogs().log });
+    await using router = quietRouter();
     const latch = new Latch<number>();
     assert.equal(latch.size(), 0);
     assert.ok(latch.empty());
@@ -234,7 +234,7 @@ describe("Latch, Receiver, Channel", () => {
     latch.close();
     await assert.rejects(latch.get(), ChannelError);
     assert.throws(() => latch.put(3), ChannelError);
-    await using router = new Router({ log: captureLogs().log });
+    await using router = quietRouter();
     const recv = new Receiver(router);
     recv.toSender().send(1);
     recv.toSender().send(2);
@@ -253,7 +253,7 @@ describe("Latch, Receiver, Channel", () => {
   });
 
   test("Channel is a Sender too (put) and is re-pointed at the other end's handle", async () => {
-    await using router = new Router({ log: captureLogs().log });
+    await using router = quietRouter();
     const me = router.myself();
     const left = new Channel(router, me, 0);
     const right = new Channel(router, me, left.handle);
@@ -272,7 +272,7 @@ describe("Latch, Receiver, Channel", () => {
   });
 
   test("registering a handle that exists throws; the first handler keeps it", async () => {
-    await using router = new Router({ log: captureLogs().log });
+    await using router = quietRouter();
     await using recv = new Receiver(router);
     const taken = (err: unknown) => err instanceof MitogenError && new RegExp(`handle ${recv.handle} is already registered`).test(err.message);
     assert.throws(() => new Receiver(router, { handle: recv.handle }), taken);
@@ -297,7 +297,7 @@ describe("Latch, Receiver, Channel", () => {
 for (const runtime of RUNTIMES) {
   describe(`${runtime} child`, () => {
     test("a call whose context is killed throws ChannelError from a Select that has other sources", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const victim = await router.local({ runtime, name: "victim" });
       const survivor = await router.local({ runtime, name: "survivor" });
       const pid = (await victim.call(() => process.pid)) as number;
@@ -331,7 +331,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("parentIds lists the nearest parent first, down a chain of three", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const a = await router.local({ runtime, name: "pa" });
       const b = await router.local({ runtime, name: "pb", via: a });
       const c = await router.local({ runtime, name: "pc", via: b });
@@ -355,7 +355,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a Channel with a child, re-pointed at its handle; a child's reserved handle cannot be taken", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime, name: "chan" });
       const fx = await ctx.import<Fixture>(FIXTURE);
       await using chan = new Channel(router, ctx, 0);

@@ -1,5 +1,5 @@
 /**
- * router.ssh against real OpenSSH servers on the netns hosts (tests/hosts.ts):
+ * router.ssh against real OpenSSH servers on the netns hosts (lab/hosts.ts):
  * bastion is reachable from here, inner only from bastion.
  */
 import assert from "node:assert/strict";
@@ -11,9 +11,9 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
 import { CORE } from "../core.ts";
-import { ChannelError, type Context, Router, Secret, type SshOptions } from "../mod.ts";
-import { captureLogs, checkLeaks, coresKept } from "./helpers.ts";
-import { findProgram, run, type TestHosts, useTestHosts } from "./hosts.ts";
+import { ChannelError, type Context, Secret, type SshOptions } from "../mod.ts";
+import { checkLeaks, coresKept, quietRouter, routerWithLogs } from "./helpers.ts";
+import { findProgram, run, type TestHosts, useTestHosts } from "../lab/hosts.ts";
 
 checkLeaks();
 
@@ -44,7 +44,7 @@ function denoPath(): string {
 const inNamespace = () => Object.values(process.getBuiltinModule("node:os").networkInterfaces()).flatMap((list) => (list ?? []).map((i) => i.address));
 
 test("ssh to bastion with a key: node by default, deno on request, calls work", { skip }, async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const a = await router.ssh(bastion());
   assert.ok(((await a.call(inNamespace)) as string[]).includes(hosts.bastion.address), "runs inside bastion's namespace");
   assert.equal(await a.call(() => process.getBuiltinModule("node:os").userInfo().username), hosts.user);
@@ -54,8 +54,8 @@ test("ssh to bastion with a key: node by default, deno on request, calls work", 
 });
 
 test("with compression the core goes plain (ssh compresses it), without it deflated; node children die with sshd's session process", { skip }, async () => {
-  const logs = captureLogs();
-  await using router = new Router({ log: logs.log, debug: true });
+  await using fixture = routerWithLogs({ debug: true });
+  const { router, logs } = fixture;
   for (const [runtime, compression] of [
     ["node", true],
     ["node", false],
@@ -75,7 +75,7 @@ test("with compression the core goes plain (ssh compresses it), without it defla
 });
 
 test("inner through bastion: a context on bastion starts one on inner", { skip }, async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const a = await router.ssh(bastion());
   const b = await router.ssh({ hostname: hosts.inner.address, via: a, name: "inner", sshArgs: ["-o", "SendEnv=MITOGEN_TEST_TOKEN"] });
   assert.ok(((await b.call(inNamespace)) as string[]).includes(hosts.inner.address));
@@ -91,7 +91,7 @@ test("inner through bastion: a context on bastion starts one on inner", { skip }
 });
 
 test("passwords: the right one works, a wrong one and a missing one fail at once", { skip }, async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const noKey = ["-o", "PubkeyAuthentication=no"];
   const ok = await router.ssh(bastion({ sshArgs: ["-F", hosts.sshConfigFile, ...noKey], password: hosts.password }));
   assert.equal(await ok.call(() => "in"), "in");
@@ -102,7 +102,7 @@ test("passwords: the right one works, a wrong one and a missing one fail at once
 });
 
 test("host keys: unknown under each policy, changed under enforce", { skip }, async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const empty = join(scratch, "known_hosts.empty");
   writeFileSync(empty, "");
   const direct = (extra: Partial<SshOptions>): SshOptions => ({
@@ -127,7 +127,7 @@ test("host keys: unknown under each policy, changed under enforce", { skip }, as
 });
 
 test("connectTimeout against a server that never speaks", { skip }, async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const held: import("node:net").Socket[] = [];
   const server = createServer((socket) => held.push(socket)); // accepts, never answers
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
@@ -159,7 +159,7 @@ function sshClientsTo(address: string): number[] {
 }
 
 test("killing the ssh connection to bastion rejects every pending call below it at once", { skip }, async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const a = await router.ssh(bastion());
   const b = await router.ssh({ hostname: hosts.inner.address, via: a, name: "inner", sshArgs: ["-o", "SendEnv=MITOGEN_TEST_TOKEN"] });
   const forever = () => new Promise(() => {});
@@ -223,7 +223,7 @@ setInterval(() => {}, 1000);
 });
 
 test("a 256 MiB value through two ssh hops arrives intact", { skip }, async () => {
-  await using router = new Router({ log: captureLogs().log, maxMessageSize: 300 * 1024 * 1024 });
+  await using router = quietRouter({ maxMessageSize: 300 * 1024 * 1024 });
   const a = await router.ssh(bastion({ compression: false }));
   const b: Context = await router.ssh({
     hostname: hosts.inner.address,
@@ -242,7 +242,7 @@ test("a 256 MiB value through two ssh hops arrives intact", { skip }, async () =
 });
 
 test("transport ssh2: keys on disk and in memory, passwords, host-key policies, in process", { skip }, async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const base = { transport: "ssh2" as const, hostname: hosts.bastion.address, username: hosts.user, knownHostsFile: hosts.knownHostsFile };
   const byFile = await router.ssh({ ...base, identityFile: hosts.identityFile, name: "ssh2-file" });
   assert.ok(((await byFile.call(inNamespace)) as string[]).includes(hosts.bastion.address));

@@ -1,12 +1,12 @@
 /**
  * The tree across hosts and users: master -> bastion (ssh) -> inner (ssh via
- * bastion) -> root on inner (sudo via inner), on the netns hosts of tests/hosts.ts.
+ * bastion) -> root on inner (sudo via inner), on the netns hosts of lab/hosts.ts.
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { Router } from "../mod.ts";
-import { captureLogs, checkLeaks, waitFor } from "./helpers.ts";
-import { hostTree, type TestHosts, useTestHosts } from "./hosts.ts";
+import type { Router } from "../mod.ts";
+import { checkLeaks, quietRouter, routerWithLogs, waitFor } from "./helpers.ts";
+import { hostTree, type TestHosts, useTestHosts } from "../lab/hosts.ts";
 
 checkLeaks();
 
@@ -21,7 +21,7 @@ const TASKS = new URL("./fixtures/tasks.ts", import.meta.url);
 const tree = (router: Router) => hostTree(router, hosts);
 
 test("the four-level tree: calls and modules at every level", { skip }, async () => {
-  await using router = new Router({ log: captureLogs().log, maxMessageSize: 8 * 1024 * 1024 });
+  await using router = quietRouter({ maxMessageSize: 8 * 1024 * 1024 });
   const { bastion, inner, root } = await tree(router);
   const who = await Promise.all([bastion, inner, root].map(async (ctx) => (await ctx.import<Tasks>(TASKS)).whoami()));
   assert.deepEqual(
@@ -42,8 +42,8 @@ test("the four-level tree: calls and modules at every level", { skip }, async ()
 
 test("siblings talk across hosts, unless the router is unidirectional", { skip }, async () => {
   for (const unidirectional of [false, true]) {
-    const logs = captureLogs();
-    await using router = new Router({ log: logs.log, unidirectional });
+    await using fixture = routerWithLogs({ unidirectional });
+    const { router, logs } = fixture;
     const { bastion, root } = await tree(router);
     const local = await router.local({ name: "local-sibling" });
     const onBastion = await bastion.import<Tasks>(TASKS);
@@ -64,7 +64,7 @@ test("siblings talk across hosts, unless the router is unidirectional", { skip }
 });
 
 test("sudo: a wrong password and a missing one fail at once, with distinct errors", { skip }, async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const bastion = await router.ssh({ hostname: "bastion", sshArgs: ["-F", hosts.sshConfigFile], name: "bastion" });
   const t0 = Date.now();
   await assert.rejects(router.sudo({ via: bastion, password: "wrong" }), /sudo to root: incorrect password/);
@@ -75,7 +75,7 @@ test("sudo: a wrong password and a missing one fail at once, with distinct error
 });
 
 test("su and doas run in a pty: the right password works, a wrong or missing one fails at once", { skip }, async (t) => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const bastion = await router.ssh({ hostname: "bastion", sshArgs: ["-F", hosts.sshConfigFile], name: "bastion" });
   const me = () => process.getBuiltinModule("node:os").userInfo().username;
   const viaSu = await router.su({ via: bastion, username: hosts.user, password: hosts.password, name: "su-self" });

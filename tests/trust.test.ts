@@ -6,8 +6,8 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import { HANDLE, type Message } from "../core.ts";
-import { type CallContext, CallError, ChannelError, Router, takesRouter } from "../mod.ts";
-import { captureLogs, checkLeaks, RUNTIMES, waitFor } from "./helpers.ts";
+import { type CallContext, CallError, ChannelError, takesRouter } from "../mod.ts";
+import { checkLeaks, quietRouter, routerWithLogs, RUNTIMES, waitFor } from "./helpers.ts";
 
 checkLeaks();
 
@@ -43,8 +43,8 @@ const range = (from: number, n: number) => Array.from({ length: n }, (_, i) => f
 for (const runtime of RUNTIMES) {
   describe(`${runtime} children`, () => {
     test("a sibling or grandchild cannot answer the master's pending call to another context", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
       const a = await router.local({ runtime, name: "tr-a" });
       const p = await router.local({ runtime, name: "tr-p" });
       const t = await router.local({ runtime, name: "tr-t", via: p });
@@ -97,8 +97,8 @@ for (const runtime of RUNTIMES) {
     });
 
     test("ADD_ROUTE for an id not allocated through that link is refused; the real context gets the id", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log });
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
       const a = await router.local({ runtime, name: "sq-a" });
       const b = await router.local({ runtime, name: "sq-b" });
       const g = await router.local({ runtime, name: "sq-g", via: a });
@@ -120,8 +120,8 @@ for (const runtime of RUNTIMES) {
     });
 
     test("every remote throw ends the call with a CallError, and the child stays usable", async () => {
-      const logs = captureLogs();
-      await using router = new Router({ log: logs.log, maxMessageSize: 1024 * 1024 });
+      await using fixture = routerWithLogs({ maxMessageSize: 1024 * 1024 });
+      const { router, logs } = fixture;
       const ctx = await router.local({ runtime, name: "odd" });
       const cases: [string, () => unknown, RegExp][] = [
         [
@@ -241,7 +241,7 @@ for (const runtime of RUNTIMES) {
     });
 
     test("a GET_MODULE request that cannot be decoded is answered with a CallError", async () => {
-      await using router = new Router({ log: captureLogs().log });
+      await using router = quietRouter();
       const ctx = await router.local({ runtime, name: "asker" });
       const answer = await ctx.call(
         takesRouter(async ({ router, msg }: CallContext) => {

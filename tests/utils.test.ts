@@ -3,8 +3,8 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { test } from "node:test";
-import { type LogRecord, main, Router, runWithRouter, withRouter } from "../mod.ts";
-import { alive, captureLogs, checkLeaks, underDeno, waitFor } from "./helpers.ts";
+import { type LogRecord, main, type Router, runWithRouter, withRouter } from "../mod.ts";
+import { alive, captureLogs, checkLeaks, quietRouter, routerWithLogs, underDeno, waitFor } from "./helpers.ts";
 
 checkLeaks();
 
@@ -115,7 +115,7 @@ test("main in process: resolves, sets the exit code on failure", async () => {
 });
 
 test("disconnect: a direct child goes, with what is below it; others and the router stay", async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const a = await router.local({ name: "dis-a" });
   const b = await router.local({ name: "dis-b", via: a });
   const c = await router.local({ name: "dis-c" });
@@ -135,7 +135,7 @@ test("disconnect: a direct child goes, with what is below it; others and the rou
 });
 
 test("disconnectAll: every direct child goes; the router stays usable", async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const kids = await Promise.all([router.local({ name: "all-1" }), router.local({ name: "all-2" })]);
   await router.disconnectAll();
   assert.deepEqual(
@@ -148,8 +148,8 @@ test("disconnectAll: every direct child goes; the router stays usable", async ()
 });
 
 test("enableDebug: contexts started afterwards forward their debug records", async () => {
-  const logs = captureLogs();
-  await using router = new Router({ log: logs.log });
+  await using fixture = routerWithLogs();
+  const { router, logs } = fixture;
   const before = await router.local({ name: "dbg-before" });
   await router.local({ name: "dbg-before-leaf", via: before });
   router.enableDebug();
@@ -162,7 +162,7 @@ test("enableDebug: contexts started afterwards forward their debug records", asy
 });
 
 test("getStats: contexts, streams, bytes per link, modules sent", async () => {
-  await using router = new Router({ log: captureLogs().log });
+  await using router = quietRouter();
   const zero = router.getStats();
   const a = await router.local({ name: "stats-a" });
   await router.local({ name: "stats-b", via: a });

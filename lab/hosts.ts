@@ -1,6 +1,7 @@
 /**
  * The multi-host test network: two "machines" on this one, each a network
- * namespace running its own real OpenSSH sshd, for the ssh/sudo tests.
+ * namespace running its own real OpenSSH sshd, for the ssh/sudo tests and the
+ * bench's ssh measures (lab/ holds what tests/ and bench/ share).
  *
  *   runner (this namespace)            mitogen-bastion                 mitogen-inner
  *   10.231.1.1 mitogen-bas ── veth ── to-runner 10.231.1.2
@@ -246,7 +247,7 @@ async function build(): Promise<TestHosts> {
   writeFileSync(
     sshConfigFile,
     [
-      "# Written by tests/hosts.ts. Use as: ssh -F <this file> bastion|inner ...",
+      "# Written by lab/hosts.ts. Use as: ssh -F <this file> bastion|inner ...",
       "Host bastion",
       `  HostName ${bastion.address}`,
       `  Port ${bastion.port}`,
@@ -309,7 +310,7 @@ async function setupUser(authorizedKey: string, identityFile: string, knownHosts
   // (no cached credentials between tests); lecture=never: no first-time lecture
   // text where a prompt is expected; the leak check's token survives sudo.
   const rule = [
-    "# Written by tests/hosts.ts (mitogen test hosts).",
+    "# Written by lab/hosts.ts (mitogen test hosts).",
     `Defaults:${USER} timestamp_timeout=0, lecture=never, env_keep += "MITOGEN_TEST_TOKEN"`,
     `${USER} ALL=(ALL:ALL) ALL`,
     "",
@@ -321,7 +322,7 @@ async function setupUser(authorizedKey: string, identityFile: string, knownHosts
   chmodSync(SUDOERS, 0o440);
   // doas as root WITH the password, where doas is installed.
   if (findProgram("doas"))
-    writeFileSync("/etc/doas.conf", `# Written by tests/hosts.ts (mitogen test hosts).\npermit keepenv ${USER} as root\n`, { mode: 0o600 });
+    writeFileSync("/etc/doas.conf", `# Written by lab/hosts.ts (mitogen test hosts).\npermit keepenv ${USER} as root\n`, { mode: 0o600 });
 }
 
 /** uid, gid and home of `user` from /etc/passwd, or undefined. */
@@ -369,7 +370,7 @@ async function startSshd(host: TestHost, ns: string): Promise<void> {
   const config = join(dir, "sshd_config");
   const pidFile = join(dir, "sshd.pid");
   const lines = [
-    "# Written by tests/hosts.ts.",
+    "# Written by lab/hosts.ts.",
     `ListenAddress ${host.address}:${host.port}`,
     `HostKey ${join(dir, "ssh_host_ed25519_key")}`,
     `PidFile ${pidFile}`,
