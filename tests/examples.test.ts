@@ -4,9 +4,11 @@
  * tsc and run by `node --import tsx`; under Deno, by `deno check` and `deno run`.
  *
  * An example is the fenced block after an `@example` tag. It imports the library as a user
- * would, from `"mitogen"`; a relative import fails the test. Each example is written to a file
- * of its own in a temporary directory, with `"mitogen"` pointed at this repository's mod.ts
- * (nothing else in it is changed), and run in a fresh process that must exit with status 0 by
+ * would, from `"mitogen"`; a relative import fails the test, except of the sample modules in
+ * `./examples/` (what a user's own module would be). Each example is written to a file of its
+ * own in a temporary directory, beside a link to `examples/`, with `"mitogen"` pointed at this
+ * repository's mod.ts (nothing else in it is changed), and run, in the repository's directory
+ * (so `./README.md` is a file to copy), in a fresh process that must exit with status 0 by
  * itself within {@link RUN_MS}: an example that leaves a context open hangs, and fails. Every
  * process it started must be gone afterwards (the leak check of every test file).
  *
@@ -16,7 +18,7 @@
  */
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, relative, resolve } from "node:path";
 import { after, test } from "node:test";
@@ -115,6 +117,7 @@ function importsOf(code: string): string[] {
 const examples = allExamples();
 const dir = mkdtempSync(join(tmpdir(), "mitogen-examples-"));
 after(() => rmSync(dir, { recursive: true, force: true }));
+symlinkSync(join(ROOT, "examples"), join(dir, "examples"));
 
 const label = (e: Example): string => `${e.file}:${e.line} ${e.symbol}`;
 const fileOf = (e: Example): string => join(dir, `${e.file.replace(/\.ts$/, "")}-${e.line}.mts`);
@@ -153,7 +156,7 @@ test("the modules' JSDoc holds examples", () => {
 test('every example imports the library from "mitogen"', () => {
   const bad = examples.flatMap((e) =>
     importsOf(e.code)
-      .filter((s) => s.startsWith(".") || s.startsWith("/"))
+      .filter((s) => (s.startsWith(".") || s.startsWith("/")) && !s.startsWith("./examples/"))
       .map((s) => `${label(e)} imports ${JSON.stringify(s)}`),
   );
   assert.deepEqual(bad, [], 'examples import from "mitogen", as a user would');
