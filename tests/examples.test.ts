@@ -118,6 +118,8 @@ const examples = allExamples();
 const dir = mkdtempSync(join(tmpdir(), "mitogen-examples-"));
 after(() => rmSync(dir, { recursive: true, force: true }));
 symlinkSync(join(ROOT, "examples"), join(dir, "examples"));
+// The linked samples are ES modules, as in the repository.
+writeFileSync(join(dir, "package.json"), '{ "type": "module" }\n');
 
 const label = (e: Example): string => `${e.file}:${e.line} ${e.symbol}`;
 const fileOf = (e: Example): string => join(dir, `${e.file.replace(/\.ts$/, "")}-${e.line}.mts`);
