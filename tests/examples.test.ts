@@ -189,8 +189,10 @@ test(`every example type-checks (${underDeno ? "deno check" : "tsc"})`, { timeou
 });
 
 for (const e of examples) {
+  // The reason is in the name too: Deno's reporter prints a skipped test's name, not its reason.
   const skip = e.noRun === null ? false : `type-checked only, not run: ${e.noRun}`;
-  test(`example ${label(e)} runs`, { skip, timeout: RUN_MS + 10_000 }, async () => {
+  const name = skip ? `example ${label(e)} (${skip})` : `example ${label(e)} runs`;
+  test(name, { skip, timeout: RUN_MS + 10_000 }, async () => {
     const args = underDeno ? ["run", "-A", "-q", "--config", join(ROOT, "deno.json"), fileOf(e)] : ["--import", "tsx", fileOf(e)];
     const r = await run(process.execPath, args, RUN_MS);
     const how = r.timedOut
