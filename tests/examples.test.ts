@@ -8,7 +8,8 @@
  * `./examples/` (what a user's own module would be). Each example is written to a file of its
  * own in a temporary directory, beside a link to `examples/`, with `"mitogen"` pointed at this
  * repository's mod.ts (nothing else in it is changed), and run, in the repository's directory
- * (so `./README.md` is a file to copy), in a fresh process that must exit with status 0 by
+ * (so `./README.md` is a file to copy; `tmpdir()` is in the temporary directory, removed
+ * afterwards), in a fresh process that must exit with status 0 by
  * itself within {@link RUN_MS}: an example that leaves a context open hangs, and fails. Every
  * process it started must be gone afterwards (the leak check of every test file).
  *
@@ -18,10 +19,10 @@
  */
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, relative, resolve } from "node:path";
-import { after, test } from "node:test";
+import { test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { checkLeaks, underDeno } from "./helpers.ts";
 
@@ -116,10 +117,16 @@ function importsOf(code: string): string[] {
 
 const examples = allExamples();
 const dir = mkdtempSync(join(tmpdir(), "mitogen-examples-"));
-after(() => rmSync(dir, { recursive: true, force: true }));
+// Removed as the test process exits (Deno's test runner runs a top-level after() with the first test, not the last).
+const removeDir = (): void => rmSync(dir, { recursive: true, force: true });
+if (underDeno) (globalThis as unknown as EventTarget).addEventListener("unload", removeDir);
+else process.on("exit", removeDir);
 symlinkSync(join(ROOT, "examples"), join(dir, "examples"));
 // The linked samples are ES modules, as in the repository.
 writeFileSync(join(dir, "package.json"), '{ "type": "module" }\n');
+/** The examples' TMPDIR (what `tmpdir()` returns in them), removed with the rest. */
+const TMP = join(dir, "tmp");
+mkdirSync(TMP);
 
 const label = (e: Example): string => `${e.file}:${e.line} ${e.symbol}`;
 const fileOf = (e: Example): string => join(dir, `${e.file.replace(/\.ts$/, "")}-${e.line}.mts`);
@@ -129,9 +136,14 @@ for (const e of examples) {
 }
 
 /** Run `cmd args` in ROOT; resolves to its status and output; kills it (and fails) after `ms`. */
-function run(cmd: string, args: string[], ms: number): Promise<{ code: number | null; signal: string | null; out: string; timedOut: boolean }> {
+function run(
+  cmd: string,
+  args: string[],
+  ms: number,
+  env: Record<string, string> = {},
+): Promise<{ code: number | null; signal: string | null; out: string; timedOut: boolean }> {
   return new Promise((done, fail) => {
-    const child = spawn(cmd, args, { cwd: ROOT, stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "1" } });
+    const child = spawn(cmd, args, { cwd: ROOT, stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "1", ...env } });
     let out = "";
     child.stdout.on("data", (d: Buffer) => (out += d.toString()));
     child.stderr.on("data", (d: Buffer) => (out += d.toString()));
@@ -194,7 +206,7 @@ for (const e of examples) {
   const name = skip ? `example ${label(e)} (${skip})` : `example ${label(e)} runs`;
   test(name, { skip, timeout: RUN_MS + 10_000 }, async () => {
     const args = underDeno ? ["run", "-A", "-q", "--config", join(ROOT, "deno.json"), fileOf(e)] : ["--import", "tsx", fileOf(e)];
-    const r = await run(process.execPath, args, RUN_MS);
+    const r = await run(process.execPath, args, RUN_MS, { TMPDIR: TMP });
     const how = r.timedOut
       ? `did not exit within ${RUN_MS / 1000} s (a context left open?)`
       : r.code !== 0
