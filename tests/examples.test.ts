@@ -16,6 +16,9 @@
  * An example that needs what a test machine does not have (an ssh host, sudo with a password, a
  * container) says so on its fence, with the reason: ```` ```ts no_run: needs an ssh host ````.
  * It is type-checked and not run; the test says it was skipped, and why.
+ *
+ * `MITOGEN_EXAMPLES=core.ts` (any part of a test's label, e.g. `core.ts:417` or `Router.local`)
+ * type-checks and runs only the examples it names.
  */
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
@@ -115,7 +118,10 @@ function importsOf(code: string): string[] {
   return specs;
 }
 
-const examples = allExamples();
+const label = (e: Example): string => `${e.file}:${e.line} ${e.symbol}`;
+/** `MITOGEN_EXAMPLES=core.ts` (or `core.ts:417`, `Router.local`): only the examples whose label holds it. */
+const only = process.env.MITOGEN_EXAMPLES;
+const examples = allExamples().filter((e) => !only || label(e).includes(only));
 const dir = mkdtempSync(join(tmpdir(), "mitogen-examples-"));
 // Removed as the test process exits (Deno's test runner runs a top-level after() with the first test, not the last).
 const removeDir = (): void => rmSync(dir, { recursive: true, force: true });
@@ -128,7 +134,6 @@ writeFileSync(join(dir, "package.json"), '{ "type": "module" }\n');
 const TMP = join(dir, "tmp");
 mkdirSync(TMP);
 
-const label = (e: Example): string => `${e.file}:${e.line} ${e.symbol}`;
 const fileOf = (e: Example): string => join(dir, `${e.file.replace(/\.ts$/, "")}-${e.line}.mts`);
 const MOD = join(ROOT, "mod.ts");
 for (const e of examples) {
