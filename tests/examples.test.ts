@@ -1,5 +1,6 @@
 /**
- * Every JSDoc `@example` in the modules at the top of the repository, type-checked and run, so
+ * Every JSDoc `@example` in the library's modules (the repository's .ts files outside tests/,
+ * bench/, examples/, dist/ and node_modules/), type-checked and run, so
  * an example that stops working fails the tests. Under Node the examples are type-checked by
  * tsc and run by `node --import tsx`; under Deno, by `deno check` and `deno run`.
  *
@@ -103,12 +104,23 @@ function symbolAfter(lines: string[], from: number, owner: string | null, isModu
   return "(end of file)";
 }
 
-/** Every example of every module at the top of the repository, in file order. */
+/** Folders whose files are not the library's modules. */
+const NOT_MODULES = new Set(["node_modules", "dist", "tests", "bench", "examples"]);
+
+/** The library's modules: the .ts files of the repository, but for those under {@link NOT_MODULES} or a dot folder. */
+function moduleFiles(sub = ""): string[] {
+  return readdirSync(join(ROOT, sub), { withFileTypes: true })
+    .sort((a, b) => (a.name < b.name ? -1 : 1))
+    .flatMap((d) => {
+      const path = sub ? `${sub}/${d.name}` : d.name;
+      if (d.isDirectory()) return d.name.startsWith(".") || NOT_MODULES.has(d.name) ? [] : moduleFiles(path);
+      return d.isFile() && d.name.endsWith(".ts") && !d.name.endsWith(".d.ts") ? [path] : [];
+    });
+}
+
+/** Every example of every module, in file order. */
 function allExamples(): Example[] {
-  const files = readdirSync(ROOT)
-    .filter((f) => f.endsWith(".ts"))
-    .sort();
-  return files.flatMap((f) => extractExamples(f, readFileSync(join(ROOT, f), "utf8")));
+  return moduleFiles().flatMap((f) => extractExamples(f, readFileSync(join(ROOT, f), "utf8")));
 }
 
 /** The module specifiers an example imports (static imports and `import()` of a literal). */
@@ -134,7 +146,7 @@ writeFileSync(join(dir, "package.json"), '{ "type": "module" }\n');
 const TMP = join(dir, "tmp");
 mkdirSync(TMP);
 
-const fileOf = (e: Example): string => join(dir, `${e.file.replace(/\.ts$/, "")}-${e.line}.mts`);
+const fileOf = (e: Example): string => join(dir, `${e.file.replace(/\.ts$/, "").replaceAll("/", "_")}-${e.line}.mts`);
 const MOD = join(ROOT, "mod.ts");
 for (const e of examples) {
   writeFileSync(fileOf(e), e.code.replace(/(\bfrom\s*|\bimport\s*\(\s*)(["'])mitogen\2/g, `$1${JSON.stringify(MOD)}`));
