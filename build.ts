@@ -1,13 +1,13 @@
 /**
  * Builds the payloads and the single-file bundle.
  *
- * - core payloads: `core.ts` (with errors/codec/runtime and the MessagePack
+ * - core payloads: `core.ts` (with the files it imports and the MessagePack
  *   library) as one minified script, raw-deflated, twice: for ES2022, and with
  *   its syntax lowered for Node 12 (private members become WeakMaps, ~15%
  *   slower per call, so modern runtimes get the first). The first stage runs
  *   one as `new Function("B", src)(boot)`; see CORE in frames.ts.
  * - parent module: `parent.ts` as a CommonJS script whose imports of the core
- *   are `require("mitogen")`, the running core (see evaluateModule in core.ts),
+ *   are `require("mitogen")`, the running core (see evaluateModule in calls.ts),
  *   lowered for Node 12 (it runs in every context that starts children).
  * - `dist/mitogen.mjs`: `cli.ts` (the library and the CLI) with both payloads
  *   inlined as base64, ASCII only, `#!/usr/bin/env node`, and a
@@ -116,7 +116,7 @@ export async function buildPayloads(): Promise<Payloads & { coreFiles: string[] 
   const { text: lowered } = await core(OLDEST_TARGET, CORE.LOWERED);
   // The payload's files are what the core build read, not a list kept by hand.
   const inCore = new Set(coreFiles.map((f) => join(root, f)));
-  // Shipped modules like any other (see evaluateModule in core.ts): their imports of the core are the running core.
+  // Shipped modules like any other (see evaluateModule in calls.ts): their imports of the core are the running core.
   const shipped = async (source: string) =>
     (
       await script({

@@ -10,38 +10,17 @@
  *
  * @module
  */
-import {
-  type ChildConfig,
-  type ChildLink,
-  type Context,
-  type LogSource,
-  HANDLE,
-  isDeno,
-  type LocalOptions,
-  logRecordOf,
-  builtin,
-  CORE,
-  MARKER,
-  Message,
-  joinParts,
-  nodeProcess,
-  PDEATHSIG_ENV,
-  type Router,
-  Stream,
-  StreamError,
-  TimeoutError,
-  nodeTransport,
-  runtimeCommand,
-  takesRouter,
-  Secret,
-  type SshOptions,
-  type SudoOptions,
-  type ContainerOptions,
-  type KubectlOptions,
-  type SetnsOptions,
-  type JailOptions,
-  type SuOptions,
-} from "./core.ts";
+import { StreamError, TimeoutError } from "./errors.ts";
+import { Secret } from "./codec.ts";
+import { builtin, isDeno, joinParts, nodeProcess, nodeTransport, PDEATHSIG_ENV, runtimeCommand } from "./runtime.ts";
+import { CORE, HANDLE, MARKER, Message } from "./frames.ts";
+import { Stream } from "./stream.ts";
+import { logRecordOf, type LogSource } from "./logapi.ts";
+import { takesRouter } from "./calls.ts";
+import type { Context } from "./context.ts";
+import type { ContainerOptions, JailOptions, KubectlOptions, LocalOptions, SetnsOptions, SshOptions, SudoOptions, SuOptions } from "./options.ts";
+import type { ChildLink, Router } from "./router.ts";
+import type { ChildConfig } from "./child.ts";
 import { type DenoProcess, denoSpawn, killGroup } from "./spawn.ts";
 
 /** How to reach a new child: on this machine, or over ssh. */
