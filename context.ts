@@ -1,6 +1,7 @@
 /**
  * Context: a reference to a context, to call functions in it and send it messages; and CallScope, its
- * calls under a timeout or signal (`ctx.with()`). Part of the child payload.
+ * calls under a timeout or signal (`ctx.with()`); and the types of its file transfers (files.ts does them).
+ * Part of the child payload.
  *
  * @module
  */
@@ -11,7 +12,6 @@ import { HANDLE, Message } from "./frames.ts";
 import { type ChannelHost, Receiver } from "./channels.ts";
 import type { GetOptions } from "./select.ts";
 import { CALL, type CallContextShape, type CallOptions, callMessage, limits } from "./calls.ts";
-import type { FileOptions, FileResult } from "./options.ts";
 
 /** What a Context needs of its router (the Router is one). */
 export interface ContextHost extends ChannelHost {
@@ -21,6 +21,46 @@ export interface ContextHost extends ChannelHost {
   _expectReply(respondent: number, fn: (msg: Message) => void): number;
   bundleModule(specifier: string | URL, runtime: string | null): Promise<string>;
   requireModule(name: string): Promise<Record<string, unknown>>;
+}
+
+/** Options of {@link Context.putFile}, {@link Context.getFile} and {@link Router.putFile}. */
+export interface FileOptions {
+  /**
+   * Mode of the written file (default: the source's permission bits, without setuid, setgid and
+   * sticky unless {@link keepSetuid}). A mode given here is set as given.
+   */
+  mode?: number;
+  /** With the source's mode, keep its setuid, setgid and sticky bits too (default: they are cleared). */
+  keepSetuid?: boolean;
+  /** Keep the source's mtime. */
+  preserveTimes?: boolean;
+  /** Aborting it cancels the transfer; the destination is left as it was. */
+  signal?: AbortSignal;
+  /** Called at least every 250 ms while a transfer runs, and once at its end, per target context. */
+  onProgress?: (progress: FileProgress) => void;
+}
+
+/** What {@link FileOptions.onProgress} is told. */
+export interface FileProgress {
+  /** Bytes the context has written so far. */
+  bytes: number;
+  /** The file's size. */
+  total: number;
+  context: Context;
+}
+
+/** One context's file, written and checked. */
+export interface FileResult {
+  context: Context;
+  bytes: number;
+  /** sha256 of what was written, hex. */
+  sha256: string;
+}
+
+/** One context's failure in a transfer. */
+export interface FileFailure {
+  context: Context;
+  error: Error;
 }
 
 /** The functions of the shipped module `mitogen:files` (files.ts) a Context calls. */

@@ -25,9 +25,8 @@ import type { Message } from "./frames.ts";
 import { Receiver, type Sender } from "./channels.ts";
 import { takesRouter } from "./calls.ts";
 import type { CallContext } from "./dispatch.ts";
-import type { Context } from "./context.ts";
+import type { Context, FileFailure, FileOptions, FileResult } from "./context.ts";
 import type { Router } from "./router.ts";
-import type { FileFailure, FileOptions, FileResult } from "./options.ts";
 
 /** Bytes per chunk on the wire. */
 export const CHUNK: number = 1024 * 1024;

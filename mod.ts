@@ -29,14 +29,10 @@ export { takesEcontext, takesRouter } from "./calls.ts";
 export type { CallOptions } from "./calls.ts";
 export type { CallContext } from "./dispatch.ts";
 export { CallScope, Context } from "./context.ts";
-export type { Remote, ShutdownOptions } from "./context.ts";
+export type { FileFailure, FileOptions, FileProgress, FileResult, Remote, ShutdownOptions } from "./context.ts";
 export { Broker } from "./router.ts";
 export type {
   ContainerOptions,
-  FileFailure,
-  FileOptions,
-  FileProgress,
-  FileResult,
   JailOptions,
   KubectlOptions,
   Listener,

@@ -1,7 +1,7 @@
 /**
- * Types only: the options of every connection method (`router.local()`, `ssh()`, `sudo()`, ...), of
- * file transfers (files.ts) and of listeners (listen.ts), so that the Router can name them without
- * importing the code that uses them. Part of the child payload's types; no code.
+ * Types only: the options of every connection method (`router.local()`, `ssh()`, `sudo()`, ...) and
+ * of listeners (listen.ts), so that the Router can name them without importing the code that uses
+ * them. Part of the child payload's types; no code.
  *
  * @module
  */
@@ -123,49 +123,6 @@ export interface SuOptions extends StartOptions {
   username?: string;
   /** Typed at the prompt once; never logged. */
   password?: string | Secret;
-}
-
-// ---------------------------------------------------------------------------
-// File transfers (files.ts)
-
-/** Options of {@link Context.putFile}, {@link Context.getFile} and {@link Router.putFile}. */
-export interface FileOptions {
-  /**
-   * Mode of the written file (default: the source's permission bits, without setuid, setgid and
-   * sticky unless {@link keepSetuid}). A mode given here is set as given.
-   */
-  mode?: number;
-  /** With the source's mode, keep its setuid, setgid and sticky bits too (default: they are cleared). */
-  keepSetuid?: boolean;
-  /** Keep the source's mtime. */
-  preserveTimes?: boolean;
-  /** Aborting it cancels the transfer; the destination is left as it was. */
-  signal?: AbortSignal;
-  /** Called at least every 250 ms while a transfer runs, and once at its end, per target context. */
-  onProgress?: (progress: FileProgress) => void;
-}
-
-/** What {@link FileOptions.onProgress} is told. */
-export interface FileProgress {
-  /** Bytes the context has written so far. */
-  bytes: number;
-  /** The file's size. */
-  total: number;
-  context: Context;
-}
-
-/** One context's file, written and checked. */
-export interface FileResult {
-  context: Context;
-  bytes: number;
-  /** sha256 of what was written, hex. */
-  sha256: string;
-}
-
-/** One context's failure in a transfer. */
-export interface FileFailure {
-  context: Context;
-  error: Error;
 }
 
 // ---------------------------------------------------------------------------

@@ -14,11 +14,9 @@ import { FlowControl } from "./flow.ts";
 import { Sender } from "./channels.ts";
 import { type LogLevel, type LogRecord, type LogSource, logRecordOf, safeJson } from "./logapi.ts";
 import { evaluateModule, replySafely } from "./calls.ts";
-import { Context } from "./context.ts";
+import { Context, type FileOptions, type FileResult } from "./context.ts";
 import type {
   ContainerOptions,
-  FileOptions,
-  FileResult,
   JailOptions,
   KubectlOptions,
   Listener,
