@@ -36,6 +36,7 @@ export interface CallOptions {
 /** The wire form of CallOptions, last in a CALL_FUNCTION body. */
 export type CallLimits = { timeout?: number; cancel?: true };
 
+/** The wire form of `options`, or undefined when it sets no limit (the body then ends before it). */
 export function limits(options: CallOptions): CallLimits | undefined {
   if (options.signal === undefined && options.timeout === undefined) return undefined;
   return { ...(options.timeout === undefined ? {} : { timeout: options.timeout }), ...(options.signal ? { cancel: true } : {}) };
@@ -53,10 +54,15 @@ export const CALL = {
   TAKES_ROUTER: 1,
 } as const;
 
+// ---------------------------------------------------------------------------
+// Encoding a call
+
+const TAKES = Symbol.for("mitogen.takes");
+
+/** Was `fn` marked by {@link takesRouter}? */
 export function isTakesRouter(fn: unknown): boolean {
   return (fn as Record<symbol, boolean> | null)?.[TAKES] === true;
 }
-const TAKES = Symbol.for("mitogen.takes");
 
 /** Mark `fn` to receive `{ router, econtext }` as an extra last argument when run by CALL_FUNCTION. */
 export function takesRouter<F extends Shippable>(fn: F): F {
@@ -66,6 +72,28 @@ export function takesRouter<F extends Shippable>(fn: F): F {
 
 /** Mitogen's other name for {@link takesRouter}: the router is the execution context. */
 export const takesEcontext: typeof takesRouter = takesRouter;
+
+const shippedSource = new WeakMap<object, string>();
+
+/** A CALL_FUNCTION message calling `fn(...args)` under `options`. */
+export function callMessage(fn: unknown, args: unknown[], options: CallOptions): Message {
+  if (typeof fn !== "function") throw new MitogenError(`call needs a function, got ${typeof fn}`);
+  let src = shippedSource.get(fn);
+  if (src === undefined) {
+    src = Function.prototype.toString.call(fn);
+    if (/\{\s*\[native code\]\s*\}$/.test(src)) throw new MitogenError(`cannot ship native function ${fn.name || "(anonymous)"}: its source is not available`);
+    if (/^class\b/.test(src)) throw new MitogenError(`cannot call class ${fn.name}: pass a function`);
+    shippedSource.set(fn, src);
+  }
+  const flags = isTakesRouter(fn) ? CALL.TAKES_ROUTER : 0;
+  const lim = limits(options);
+  // Trailing defaults stay off the wire (flags 0, no limits): the commonest call is three fields.
+  const body = lim ? [CALL.SOURCE, src, args, flags, lim] : flags ? [CALL.SOURCE, src, args, flags] : [CALL.SOURCE, src, args];
+  return Message.encoded(body, { handle: HANDLE.CALL_FUNCTION }, "args", args);
+}
+
+// ---------------------------------------------------------------------------
+// Shipped code: functions and modules
 
 const compiled = new Map<string, Shippable>();
 
@@ -111,24 +139,9 @@ export function evaluateModule(src: string, name: string): Record<string, unknow
   wrapped(module, module.exports, require, keepName);
   return module.exports;
 }
-const shippedSource = new WeakMap<object, string>();
 
-/** A CALL_FUNCTION message calling `fn(...args)` under `options`. */
-export function callMessage(fn: unknown, args: unknown[], options: CallOptions): Message {
-  if (typeof fn !== "function") throw new MitogenError(`call needs a function, got ${typeof fn}`);
-  let src = shippedSource.get(fn);
-  if (src === undefined) {
-    src = Function.prototype.toString.call(fn);
-    if (/\{\s*\[native code\]\s*\}$/.test(src)) throw new MitogenError(`cannot ship native function ${fn.name || "(anonymous)"}: its source is not available`);
-    if (/^class\b/.test(src)) throw new MitogenError(`cannot call class ${fn.name}: pass a function`);
-    shippedSource.set(fn, src);
-  }
-  const flags = isTakesRouter(fn) ? CALL.TAKES_ROUTER : 0;
-  const lim = limits(options);
-  // Trailing defaults stay off the wire (flags 0, no limits): the commonest call is three fields.
-  const body = lim ? [CALL.SOURCE, src, args, flags, lim] : flags ? [CALL.SOURCE, src, args, flags] : [CALL.SOURCE, src, args];
-  return Message.encoded(body, { handle: HANDLE.CALL_FUNCTION }, "args", args);
-}
+// ---------------------------------------------------------------------------
+// Replying
 
 /**
  * Reply `value` to `msg`. When it cannot be sent (it cannot be encoded, it is

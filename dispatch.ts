@@ -24,6 +24,7 @@ export interface CallContext {
 }
 
 const dispatching = new WeakSet<Router>();
+
 /** Serve CALL_FUNCTION on `router`: accepted only from this context's parents. */
 export function installDispatcher(router: Router): void {
   if (dispatching.has(router)) return;

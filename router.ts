@@ -28,6 +28,20 @@ import type {
   SuOptions,
 } from "./options.ts";
 
+/** Dead replies a context may provoke from another per second (messages to unknown handles, refused ones); the rest are dropped. */
+const DEAD_PER_SECOND = 1000;
+/** The library's own records (not debug) a context makes per second; the rest are counted, in one record. */
+const LOG_PER_SECOND = 100;
+
+/** Bytes of one FORWARD_LOG beyond which its data is sent as (cut) text. */
+const LOG_DATA_MAX = 65536;
+
+/** The shipped module `mitogen:files` (files.ts), loaded on first use. */
+const files = (router: Router) =>
+  router.requireModule("mitogen:files") as Promise<unknown> as Promise<{
+    putFile(router: Router, contexts: Context[], src: string, dst: string, options: FileOptions): Promise<FileResult[]>;
+  }>;
+
 /** Options of {@link Router.addHandler}. */
 export interface HandlerOptions {
   /** Explicit handle; otherwise a fresh one is allocated. */
@@ -831,17 +845,3 @@ export class Router implements Binder, AsyncDisposable {
     return this.shutdown();
   }
 }
-
-/** Dead replies a context may provoke from another per second (messages to unknown handles, refused ones); the rest are dropped. */
-const DEAD_PER_SECOND = 1000;
-/** The library's own records (not debug) a context makes per second; the rest are counted, in one record. */
-const LOG_PER_SECOND = 100;
-
-/** Bytes of one FORWARD_LOG beyond which its data is sent as (cut) text. */
-const LOG_DATA_MAX = 65536;
-
-/** The shipped module `mitogen:files` (files.ts), loaded on first use. */
-const files = (router: Router) =>
-  router.requireModule("mitogen:files") as Promise<unknown> as Promise<{
-    putFile(router: Router, contexts: Context[], src: string, dst: string, options: FileOptions): Promise<FileResult[]>;
-  }>;
