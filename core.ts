@@ -4,10 +4,20 @@
  * running core, what `import ... from "mitogen"` means in a shipped module (see evaluateModule in
  * calls.ts), and the build calls {@link childMain} (child.ts) on them.
  *
- * The floors, lowest first (a file imports only files on floors below its own):
- * errors, roles, logapi; runtime; codec; frames (header, Message); stream, flow; select (Latch,
- * Select); channels (Receiver, Sender, Channel); calls (the CALL_FUNCTION body, shipped code);
- * context (Context, CallScope); options (types); router; dispatch (serving calls); child.
+ * The payload's floors, lowest first: a file imports only files on floors below its own, not even a
+ * type from above (`npm run cycles` prints the whole repository's):
+ *
+ *   0  errors (error classes), roles (isMaster, contextId...), logapi (log, LogRecord), runtime
+ *   1  codec (values on the wire)
+ *   2  frames (handles, header, Message)
+ *   3  stream (frames over a Transport), flow (credit windows), select (Latch, Select),
+ *      calls (the CALL_FUNCTION body, shipped code)
+ *   4  channels (Receiver, Sender, Channel)
+ *   5  context (Context, CallScope)
+ *   6  options (types: the connection methods' and listeners' options)
+ *   7  router (Router)
+ *   8  dispatch (serving calls)
+ *   9  child (childMain)
  *
  * @module
  */
