@@ -6,22 +6,14 @@
  *
  * @module
  */
-import {
-  type ChildConfig,
-  type ChildLink,
-  type Context,
-  HANDLE,
-  type LogSource,
-  logRecordOf,
-  MARKER,
-  Message,
-  nodeProcess,
-  nodeTransport,
-  type Router,
-  Stream,
-  StreamError,
-  TimeoutError,
-} from "./core.ts";
+import type { ChildConfig } from "./child.ts";
+import type { ChildLink, Router } from "./router.ts";
+import type { Context } from "./context.ts";
+import { HANDLE, MARKER, Message } from "./frames.ts";
+import { type LogSource, logRecordOf } from "./logapi.ts";
+import { nodeProcess, nodeTransport } from "./runtime.ts";
+import { Stream } from "./stream.ts";
+import { StreamError, TimeoutError } from "./errors.ts";
 import { type CoreToSend, coreToSend } from "./codecache.ts";
 import { withoutStages } from "./firststage.ts";
 import type { Launch, Spawned, Starting } from "./launch.ts";

@@ -1,13 +1,16 @@
 /**
  * Builds the payloads and the single-file bundle.
  *
- * - core payloads: `core.ts` (with errors/codec/runtime and the MessagePack
+ * - core payloads: `core.ts` (with the files it imports and the MessagePack
  *   library) as one minified script, raw-deflated, twice: for ES2022, and with
  *   its syntax lowered for Node 12 (private members become WeakMaps, ~15%
  *   slower per call, so modern runtimes get the first). The first stage runs
- *   one as `new Function("B", src)(boot)`; see CORE in frames.ts.
+ *   one as `new Function("B", src)(boot)`; see CORE in frames.ts. Its files are
+ *   what esbuild read (printed); the build fails if one of them imports anything
+ *   but payload files, `node:` builtins and the packages the payload bundles, or
+ *   is master-side ({@link checkPayloadImports}).
  * - parent module: `parent.ts` as a CommonJS script whose imports of the core
- *   are `require("mitogen")`, the running core (see evaluateModule in core.ts),
+ *   are `require("mitogen")`, the running core (see evaluateModule in calls.ts),
  *   lowered for Node 12 (it runs in every context that starts children).
  * - `dist/mitogen.mjs`: `cli.ts` (the library and the CLI) with both payloads
  *   inlined as base64, ASCII only, `#!/usr/bin/env node`, and a
@@ -55,13 +58,53 @@ const common: esbuild.BuildOptions = {
 const readable = (): esbuild.BuildOptions =>
   process.env.MITOGEN_READABLE_PAYLOAD === "1" ? { minify: false, minifySyntax: true, minifyWhitespace: true } : {};
 
-/** Build one script: its text, and the files of this repository it was built from (esbuild's metafile). */
-async function script(options: esbuild.BuildOptions): Promise<{ text: string; files: string[] }> {
+/** Build one script: its text, the files of this repository it was built from, and esbuild's metafile. */
+async function script(options: esbuild.BuildOptions): Promise<{ text: string; files: string[]; metafile: esbuild.Metafile }> {
   const out = await esbuild.build({ ...common, ...options, metafile: true });
   const file = out.outputFiles?.[0];
-  if (!file) throw new Error("esbuild produced no output");
-  const files = Object.keys(out.metafile?.inputs ?? {}).filter((f) => !/(^|\/)node_modules\//.test(f));
-  return { text: file.text, files };
+  if (!file || !out.metafile) throw new Error("esbuild produced no output");
+  const files = Object.keys(out.metafile.inputs).filter((f) => !/(^|\/)node_modules\//.test(f));
+  return { text: file.text, files, metafile: out.metafile };
+}
+
+/** The packages the child payload bundles (the codec's MessagePack); any other package is master-only. */
+const PAYLOAD_PACKAGES = ["@msgpack/msgpack"];
+/**
+ * Files master-side by what they are, never in the payload: the modules shipped on their own (a child
+ * fetches them when it needs them), the library's and the CLI's entries, and the bundler and the build.
+ */
+const MASTER_SIDE = new Set<string>([...Object.values(SHIPPED), "master.ts", "mod.ts", "cli.ts", "bundler.ts", "build.ts", "payload.ts"]);
+
+/**
+ * Throws unless each file of the payload (`files`, what the core build read) imports only other payload
+ * files, `node:` builtins and the files of {@link PAYLOAD_PACKAGES}, and none is {@link MASTER_SIDE};
+ * the message names the file, the import and how core.ts reaches the file. Type-only imports are not
+ * in esbuild's metafile: `npm run cycles` (.dependency-cruiser.cjs) checks those.
+ */
+export function checkPayloadImports(metafile: esbuild.Metafile, files: string[]): void {
+  const inPayload = new Set(files);
+  const packageOf = (path: string) => /(?:^|\/)node_modules\/((?:@[^/]+\/)?[^/]+)\//.exec(path)?.[1];
+  const via = new Map<string, string>();
+  for (const file of files) for (const imp of metafile.inputs[file]?.imports ?? []) if (!via.has(imp.path)) via.set(imp.path, file);
+  const chain = (file: string): string => {
+    const seen: string[] = [file];
+    for (let at = via.get(file); at !== undefined && !seen.includes(at); at = via.get(at)) seen.unshift(at);
+    return seen.join(" -> ");
+  };
+  const problems: string[] = [];
+  for (const file of files) {
+    if (MASTER_SIDE.has(file)) problems.push(`${file} is master-only, but the payload reaches it: ${chain(file)}`);
+    for (const imp of metafile.inputs[file]?.imports ?? []) {
+      const name = imp.original ?? imp.path;
+      const pkg = packageOf(imp.path);
+      const ok = imp.external ? imp.path.startsWith("node:") : pkg !== undefined ? PAYLOAD_PACKAGES.includes(pkg) : inPayload.has(imp.path);
+      if (!ok)
+        problems.push(
+          `${file} imports ${JSON.stringify(name)}, which is not a payload file, a node: builtin or one of ${PAYLOAD_PACKAGES.join(", ")} (${chain(file)})`,
+        );
+    }
+  }
+  if (problems.length) throw new Error(`build.ts: the child payload imports what it must not:\n  ${problems.join("\n  ")}`);
 }
 
 /**
@@ -110,13 +153,14 @@ export async function buildPayloads(): Promise<Payloads & { coreFiles: string[] 
       plugins: [withoutStreamDecoding],
       ...readable(),
     });
-    return { text: `${built.text}M.childMain(B,M,${JSON.stringify(name)});`, files: built.files };
+    return { text: `${built.text}M.childMain(B,M,${JSON.stringify(name)});`, files: built.files, metafile: built.metafile };
   };
-  const { text: modern, files: coreFiles } = await core("es2022", CORE.MODERN);
+  const { text: modern, files: coreFiles, metafile } = await core("es2022", CORE.MODERN);
+  checkPayloadImports(metafile, coreFiles);
   const { text: lowered } = await core(OLDEST_TARGET, CORE.LOWERED);
   // The payload's files are what the core build read, not a list kept by hand.
   const inCore = new Set(coreFiles.map((f) => join(root, f)));
-  // Shipped modules like any other (see evaluateModule in core.ts): their imports of the core are the running core.
+  // Shipped modules like any other (see evaluateModule in calls.ts): their imports of the core are the running core.
   const shipped = async (source: string) =>
     (
       await script({

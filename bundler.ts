@@ -21,7 +21,7 @@ import { createRequire, isBuiltin, SourceMap } from "node:module";
 import { basename, dirname, isAbsolute, join, resolve } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { deflateRawSync } from "node:zlib";
-import { MitogenError } from "./core.ts";
+import { MitogenError } from "./errors.ts";
 
 /** A bundled module, ready to ship. */
 export interface Bundle {
@@ -37,10 +37,13 @@ type Entry = Bundle & { inputs: [path: string, mtimeMs: number, size: number][] 
 
 /** The esbuild a Deno master without one fetches (`npm:esbuild@...`); build.ts checks it is package.json's. */
 export const ESBUILD_VERSION = "0.28.2";
-/** This package's own entry points: importing them from a shipped module means the running core. */
-const OWN_FILES = ["mod.ts", "core.ts", "frames.ts", "select.ts", "master.ts", "cli.ts"];
+/** This package's own entry points, and the core's files that define its public names: importing them from a shipped module means the running core. */
+const OWN_FILES = ["mod.ts", "core.ts", "frames.ts", "stream.ts", "select.ts", "channels.ts", "context.ts", "router.ts", "calls.ts", "master.ts", "cli.ts"];
 /** Files whose stack frames are this library's, not the caller of ctx.import (see {@link callerFile}). */
-const LIBRARY_FRAMES = new Set([import.meta.url, ...["bundler.ts", "master.ts", "core.ts", "session.ts"].map((f) => new URL(f, import.meta.url).href)]);
+const LIBRARY_FRAMES = new Set([
+  import.meta.url,
+  ...["bundler.ts", "master.ts", "core.ts", "context.ts", "router.ts", "session.ts"].map((f) => new URL(f, import.meta.url).href),
+]);
 let own: Set<string> | undefined;
 /** OWN_FILES as paths; empty when this module was loaded from elsewhere than a file (a URL, JSR). */
 function ownFiles(): Set<string> {
@@ -50,7 +53,7 @@ function ownFiles(): Set<string> {
 const cache = new Map<string, Promise<Entry>>();
 /** Source maps of every module bundled here, by module name, for {@link mapStack}. */
 const maps = new Map<string, { map: SourceMap; dir: string }>();
-/** evaluateModule (core.ts) puts one line of its own before the script. */
+/** evaluateModule (calls.ts) puts one line of its own before the script. */
 const FUNCTION_HEADER_LINES = 1;
 let building = 0;
 let idle: ReturnType<typeof setTimeout> | undefined;

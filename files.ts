@@ -19,69 +19,20 @@
  *
  * @module
  */
-import {
-  Abort,
-  AbortError,
-  CallError,
-  type CallContext,
-  ChannelError,
-  type Context,
-  type Message,
-  MitogenError,
-  Receiver,
-  type Router,
-  type Sender,
-  builtin,
-  nodeProcess,
-  positionalIo,
-  takesRouter,
-} from "./core.ts";
+import { AbortError, CallError, ChannelError, MitogenError } from "./errors.ts";
+import { Abort, builtin, nodeProcess, positionalIo } from "./runtime.ts";
+import type { Message } from "./frames.ts";
+import { Receiver, type Sender } from "./channels.ts";
+import { takesRouter } from "./calls.ts";
+import type { CallContext } from "./dispatch.ts";
+import type { Context, FileFailure, FileOptions, FileResult } from "./context.ts";
+import type { Router } from "./router.ts";
 
 /** Bytes per chunk on the wire. */
 export const CHUNK: number = 1024 * 1024;
 /** How often the caller's `onProgress` hears of a running transfer, and how often a target reports (ms). */
 const PROGRESS_MS = 250;
 const REPORT_MS = 100;
-
-/** Options of {@link Context.putFile}, {@link Context.getFile} and {@link Router.putFile}. */
-export interface FileOptions {
-  /**
-   * Mode of the written file (default: the source's permission bits, without setuid, setgid and
-   * sticky unless {@link keepSetuid}). A mode given here is set as given.
-   */
-  mode?: number;
-  /** With the source's mode, keep its setuid, setgid and sticky bits too (default: they are cleared). */
-  keepSetuid?: boolean;
-  /** Keep the source's mtime. */
-  preserveTimes?: boolean;
-  /** Aborting it cancels the transfer; the destination is left as it was. */
-  signal?: AbortSignal;
-  /** Called at least every 250 ms while a transfer runs, and once at its end, per target context. */
-  onProgress?: (progress: FileProgress) => void;
-}
-
-/** What {@link FileOptions.onProgress} is told. */
-export interface FileProgress {
-  /** Bytes the context has written so far. */
-  bytes: number;
-  /** The file's size. */
-  total: number;
-  context: Context;
-}
-
-/** One context's file, written and checked. */
-export interface FileResult {
-  context: Context;
-  bytes: number;
-  /** sha256 of what was written, hex. */
-  sha256: string;
-}
-
-/** One context's failure in a transfer. */
-export interface FileFailure {
-  context: Context;
-  error: Error;
-}
 
 /**
  * A file transfer failed: in one context (`ctx.putFile`, `ctx.getFile`) or in some of them

@@ -7,7 +7,8 @@
  *
  * @module
  */
-import { isDeno, MARKER, PDEATHSIG_ENV, runtimeCommand } from "./core.ts";
+import { isDeno, PDEATHSIG_ENV, runtimeCommand } from "./runtime.ts";
+import { MARKER } from "./frames.ts";
 import { notRuntime, OLDEST } from "./versions.ts";
 
 /**

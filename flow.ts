@@ -25,7 +25,15 @@
  */
 import { ChannelError, MitogenError } from "./errors.ts";
 import { FRAME, Message } from "./frames.ts";
-import type { Router } from "./core.ts";
+
+/** What flow control needs of a router (the Router is one). */
+export interface FlowHost {
+  readonly maxMessageSize: number;
+  route(msg: Message): void;
+  addHandler(fn: (msg: Message) => void, options: { handle?: number; persist?: boolean; respondent?: { readonly contextId: number } | null }): number;
+  delHandler(handle: number): void;
+  contextById(id: number): { readonly contextId: number; readonly name: string };
+}
 
 /** Window sizes, in bytes. */
 export const FLOW = {
@@ -55,12 +63,12 @@ interface Window {
 
 /** The sending half: windows of the channels this router sends on. */
 export class FlowControl {
-  readonly #router: Router;
+  readonly #router: FlowHost;
   readonly #windows = new Map<string, Window>();
   /** Why recently closed channels closed, so their next send says so (the newest {@link CLOSED_KEPT}). */
   readonly #closed = new Map<string, ChannelError>();
 
-  constructor(router: Router) {
+  constructor(router: FlowHost) {
     this.#router = router;
   }
 
@@ -192,14 +200,14 @@ export class FlowControl {
 
 /** The receiving half, one per Receiver that got flow-controlled messages. */
 export class Credits {
-  readonly #router: Router;
+  readonly #router: FlowHost;
   readonly #handle: number;
   /** Per sending context: bytes delivered and not yet consumed (bounds a peer that ignores its window). */
   readonly #unread = new Map<number, number>();
   /** Per window (`<src>:<reply_to>`): bytes delivered and not consumed, and consumed and not granted back. */
   readonly #windows = new Map<string, { unread: number; due: number }>();
 
-  constructor(router: Router, handle: number) {
+  constructor(router: FlowHost, handle: number) {
     this.#router = router;
     this.#handle = handle;
   }

@@ -6,7 +6,8 @@
  *
  * @module
  */
-import { builtin, isDeno, type nodeTransport, StreamError } from "./core.ts";
+import { builtin, isDeno, type nodeTransport } from "./runtime.ts";
+import { StreamError } from "./errors.ts";
 import { type DenoProcess, denoSpawn, killGroup } from "./spawn.ts";
 
 /** A child being started, as the launch builders and bootstrap see it (start.ts's ConnectSpec is one). */

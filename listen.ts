@@ -23,32 +23,14 @@
  *
  * @module
  */
-import {
-  asyncDispose,
-  builtin,
-  type ChildLink,
-  FIRST_DYNAMIC_HANDLE,
-  HANDLE,
-  installDispatcher,
-  Message,
-  MitogenError,
-  nodeProcess,
-  nodeTransport,
-  type Router,
-  Stream,
-} from "./core.ts";
-import { acceptWithKey, HandshakeError, type KeyPair, type SealedServer, sealedServer } from "./handshake.ts";
-
-/**
- * Where a session's messages may be addressed: the listening context and the contexts below it
- * (`"below"`, the default) or the listening context only (`"listener"`). Not a sandbox either way:
- * a session's calls run as the listening context, and code run there (a `takesRouter` function)
- * reaches every context below it.
- */
-export type ListenRoute = "below" | "listener";
-
-/** @deprecated The old name of {@link ListenRoute}'s values: `"call"` is `"below"`, `"listener"` is `"listener"`. */
-export type ListenAllow = "call" | "listener";
+import { MitogenError } from "./errors.ts";
+import { asyncDispose, builtin, nodeProcess, nodeTransport } from "./runtime.ts";
+import { FIRST_DYNAMIC_HANDLE, HANDLE, Message } from "./frames.ts";
+import { Stream } from "./stream.ts";
+import { installDispatcher } from "./dispatch.ts";
+import type { ChildLink, Router } from "./router.ts";
+import { acceptWithKey, HandshakeError, type SealedServer, sealedServer } from "./handshake.ts";
+import type { Listener, ListenOptions, ListenRoute } from "./options.ts";
 
 /** The runtime a session's context has in the tree (ADD_ROUTE), so listeners above know it is one. */
 const SESSION_RUNTIME = "session";
@@ -60,46 +42,6 @@ const MAX_PENDING_PER_SOURCE = 8;
 const HANDSHAKE_MS = 5_000;
 /** Refusals after the first in this window are counted, and logged as one line at its end. */
 const REFUSAL_WINDOW_MS = 10_000;
-
-/** Options of `router.listen()`: `path` for a unix socket, or `host` and `port` for TCP. */
-export interface ListenOptions {
-  /** A unix socket here, mode 0600, in a directory only this user can write. */
-  path?: string;
-  /** The unix listener's key (32 bytes, or base64). Default: a fresh one, written 0600 to `<path>.key`. */
-  key?: Uint8Array | string;
-  /** TCP: the address to listen on (127.0.0.1, ::1, ...). */
-  host?: string;
-  /** TCP: the port; 0 picks a free one (see `listener.port`). */
-  port?: number;
-  /** TCP: this listener's key pair (see `generateKeyPair`). */
-  keyPair?: KeyPair;
-  /** TCP: the public keys of the clients that may attach. */
-  authorizedKeys?: readonly string[];
-  /** Where sessions' messages may be addressed (default "below"); see {@link ListenRoute}: not a sandbox. */
-  route?: ListenRoute;
-  /** @deprecated Use `route` (`allow: "call"` is `route: "below"`); not a sandbox either. */
-  allow?: ListenAllow;
-  /** Milliseconds a connecting process has to complete the handshake (default 5 000). */
-  handshakeTimeout?: number;
-  /** Connections in their handshake at once; more are closed at once (default 64). */
-  maxPending?: number;
-  /** TCP: connections in their handshake at once from one address (default 8). */
-  maxPendingPerSource?: number;
-}
-
-/** A listening socket; `await using` closes it. */
-export interface Listener extends AsyncDisposable {
-  /** The unix socket's path, or null for TCP. */
-  readonly path: string | null;
-  /** The key file written beside the socket, or null. */
-  readonly keyFile: string | null;
-  /** The TCP port (the one picked for `port: 0`), or null. */
-  readonly port: number | null;
-  /** Sessions attached now. */
-  readonly sessions: number;
-  /** Refuse new sessions, end the live ones, remove the socket (and the key file it wrote). */
-  close(): Promise<void>;
-}
 
 /** Streams of attached sessions, of every listener in this process. */
 const sessionStreams = new WeakSet<Stream>();

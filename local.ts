@@ -4,7 +4,8 @@
  *
  * @module
  */
-import { builtin, isDeno, nodeProcess, PDEATHSIG_ENV, runtimeCommand, StreamError, TimeoutError } from "./core.ts";
+import { builtin, isDeno, nodeProcess, PDEATHSIG_ENV, runtimeCommand } from "./runtime.ts";
+import { StreamError, TimeoutError } from "./errors.ts";
 import { DENO_EVAL, firstStage, oddName, remoteCommand } from "./firststage.ts";
 import type { Launch, Starting } from "./launch.ts";
 import { failedExec, pdeathsigTool } from "./setpriv.ts";

@@ -8,7 +8,7 @@
  */
 import { appendFileSync, writeFileSync } from "node:fs";
 import { mapStack } from "./bundler.ts";
-import type { LogLevel, LogRecord } from "./core.ts";
+import type { LogLevel, LogRecord } from "./logapi.ts";
 import { nodeProcess } from "./runtime.ts";
 
 /** Where the master's records go: the `log` option of the master Router. */

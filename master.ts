@@ -4,23 +4,13 @@
  *
  * @module
  */
-import {
-  CallError,
-  type Context,
-  CORE,
-  Router as CoreRouter,
-  DEFAULT_MAX_MESSAGE_SIZE,
-  HANDLE,
-  type LogLevel,
-  type LogRecord,
-  logRecordOf,
-  type LogSource,
-  type Message,
-  MitogenError,
-  setActiveRouter,
-  type SshOptions,
-  type Stream,
-} from "./core.ts";
+import { CallError, MitogenError } from "./errors.ts";
+import { CORE, DEFAULT_MAX_MESSAGE_SIZE, HANDLE, type Message } from "./frames.ts";
+import type { Stream } from "./stream.ts";
+import { type LogLevel, type LogRecord, logRecordOf, type LogSource, setActiveRouter } from "./logapi.ts";
+import type { Context } from "./context.ts";
+import type { SshOptions } from "./options.ts";
+import { Router as CoreRouter } from "./router.ts";
 import { bundle, bundleTarget, mapStack } from "./bundler.ts";
 import * as parentModule from "./parent.ts";
 import * as tunnelModule from "./tunnel.ts";

@@ -14,59 +14,42 @@
  *
  * @module
  */
-export {
-  AbortError,
-  Broker,
-  CallError,
-  CallScope,
-  Channel,
-  ChannelError,
-  Context,
-  contextId,
-  isMaster,
-  Latch,
-  log,
-  Message,
-  MitogenError,
-  parentId,
-  parentIds,
-  Receiver,
-  Secret,
-  Select,
-  Sender,
-  StreamError,
-  takesEcontext,
-  takesRouter,
-  TimeoutError,
-} from "./core.ts";
+export { AbortError, CallError, ChannelError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
+export { Secret } from "./codec.ts";
+export { Message } from "./frames.ts";
+export type { LinkCounts } from "./stream.ts";
+export { Latch, Select } from "./select.ts";
+export type { GetOptions, Selectable, SelectEvent } from "./select.ts";
+export { Channel, Receiver, Sender } from "./channels.ts";
+export type { ReceiverOptions } from "./channels.ts";
+export { contextId, isMaster, parentId, parentIds } from "./roles.ts";
+export { log } from "./logapi.ts";
+export type { LogLevel, LogRecord, LogSource } from "./logapi.ts";
+export { takesEcontext, takesRouter } from "./calls.ts";
+export type { CallOptions } from "./calls.ts";
+export type { CallContext } from "./dispatch.ts";
+export { CallScope, Context } from "./context.ts";
+export type { FileFailure, FileOptions, FileProgress, FileResult, Remote, ShutdownOptions } from "./context.ts";
+export { Broker } from "./router.ts";
 export type {
-  CallContext,
-  CallOptions,
-  GetOptions,
-  LogLevel,
-  LogRecord,
+  ContainerOptions,
+  JailOptions,
+  KubectlOptions,
+  Listener,
+  ListenAllow,
+  ListenOptions,
+  ListenRoute,
   LocalOptions,
-  LogSource,
-  ReceiverOptions,
-  Remote,
-  Selectable,
+  SetnsOptions,
   SshOptions,
+  SudoOptions,
   SuOptions,
   StartOptions,
-  ContainerOptions,
-  KubectlOptions,
-  SetnsOptions,
-  JailOptions,
-  SudoOptions,
-  SelectEvent,
-  ShutdownOptions,
-} from "./core.ts";
+} from "./options.ts";
 export { defaultLogger, Router } from "./master.ts";
 export { fakessh } from "./fakessh.ts";
 export type { FakesshDest, FakesshOptions, FakesshRequest } from "./fakessh.ts";
 export { FileTransferError } from "./files.ts";
-export type { FileFailure, FileOptions, FileProgress, FileResult } from "./files.ts";
-export type { LinkCounts } from "./frames.ts";
 export type { RouterOptions, RouterStats } from "./master.ts";
 export { formatRecord, logTo, logToFile } from "./logs.ts";
 export type { FormatOptions, LevelLogger, LoggerStyle, LogSink, LogToFileOptions } from "./logs.ts";
@@ -74,6 +57,5 @@ export { main, runWithRouter, withRouter } from "./utils.ts";
 export type { MainOptions } from "./utils.ts";
 export { connect } from "./session.ts";
 export type { ConnectOptions, Session } from "./session.ts";
-export type { Listener, ListenAllow, ListenOptions, ListenRoute } from "./listen.ts";
 export { generateKeyPair, HandshakeError } from "./handshake.ts";
 export type { KeyPair } from "./handshake.ts";

@@ -17,21 +17,12 @@
  *
  * @module
  */
-import {
-  type ContainerOptions,
-  type Context,
-  type JailOptions,
-  type KubectlOptions,
-  type LocalOptions,
-  type Router,
-  Secret,
-  type SetnsOptions,
-  type SshOptions,
-  StreamError,
-  type SudoOptions,
-  type SuOptions,
-  takesRouter,
-} from "./core.ts";
+import type { ContainerOptions, JailOptions, KubectlOptions, LocalOptions, SetnsOptions, SshOptions, SudoOptions, SuOptions } from "./options.ts";
+import type { Context } from "./context.ts";
+import type { Router } from "./router.ts";
+import { Secret } from "./codec.ts";
+import { StreamError } from "./errors.ts";
+import { takesRouter } from "./calls.ts";
 import { type Method, type ProxySpec, start } from "./start.ts";
 
 /** {@link Router.local}: start a local context below `router`, or below `options.via`. */

@@ -13,7 +13,12 @@
 import { Buffer } from "node:buffer";
 import { readFileSync } from "node:fs";
 import { createConnection, type Socket } from "node:net";
-import { type Context, type ChildConfig, HANDLE, Message, MitogenError, nodeTransport, Stream, StreamError, type Transport } from "./core.ts";
+import { MitogenError, StreamError } from "./errors.ts";
+import { nodeTransport, type Transport } from "./runtime.ts";
+import { HANDLE, Message } from "./frames.ts";
+import { Stream } from "./stream.ts";
+import type { Context } from "./context.ts";
+import type { ChildConfig } from "./child.ts";
 import { connectSealed, connectWithKey, type KeyPair } from "./handshake.ts";
 import { Router, type RouterOptions } from "./master.ts";
 

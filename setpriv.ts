@@ -4,7 +4,8 @@
  *
  * @module
  */
-import { builtin, isDeno, nodeProcess, StreamError } from "./core.ts";
+import { builtin, isDeno, nodeProcess } from "./runtime.ts";
+import { StreamError } from "./errors.ts";
 
 let setpriv: Promise<string | null> | undefined;
 

@@ -8,7 +8,7 @@
  *
  * @module
  */
-import { nodeProcess } from "./core.ts";
+import { nodeProcess } from "./runtime.ts";
 
 type Listener = (...args: never[]) => void;
 

@@ -5,7 +5,9 @@
  *
  * @module
  */
-import { builtin, nodeProcess, Secret, StreamError } from "./core.ts";
+import { builtin, nodeProcess } from "./runtime.ts";
+import { Secret } from "./codec.ts";
+import { StreamError } from "./errors.ts";
 import { missingRuntime, remoteCommand } from "./firststage.ts";
 import type { Launch, Starting } from "./launch.ts";
 

@@ -9,7 +9,11 @@
 import { createHmac } from "node:crypto";
 import { appendFileSync, existsSync, readFileSync } from "node:fs";
 import { homedir, userInfo } from "node:os";
-import { type Context, type Router, Secret, type SshOptions, StreamError } from "./core.ts";
+import { StreamError } from "./errors.ts";
+import { Secret } from "./codec.ts";
+import type { Context } from "./context.ts";
+import type { SshOptions } from "./options.ts";
+import type { Router } from "./router.ts";
 import { bootstrap } from "./bootstrap.ts";
 import { missingRuntime, remoteCommand } from "./firststage.ts";
 import { endedAs, type Spawned } from "./launch.ts";

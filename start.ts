@@ -6,7 +6,8 @@
  *
  * @module
  */
-import type { Context, Router } from "./core.ts";
+import type { Context } from "./context.ts";
+import type { Router } from "./router.ts";
 import { bootstrap, step } from "./bootstrap.ts";
 import { type Launch, type Spawned, type Starting, spawnLaunch } from "./launch.ts";
 import { type LocalSpec, localLaunch } from "./local.ts";

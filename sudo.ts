@@ -4,7 +4,9 @@
  *
  * @module
  */
-import { nodeProcess, type Secret, StreamError } from "./core.ts";
+import { nodeProcess } from "./runtime.ts";
+import type { Secret } from "./codec.ts";
+import { StreamError } from "./errors.ts";
 import { missingRuntime, ownRuntime, remoteCommand } from "./firststage.ts";
 import type { Launch, Starting } from "./launch.ts";
 

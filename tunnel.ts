@@ -10,7 +10,10 @@
  *
  * @module
  */
-import { builtin, type CallContext, isDeno, nodeProcess, Receiver, type Sender, takesRouter } from "./core.ts";
+import { builtin, isDeno, nodeProcess } from "./runtime.ts";
+import { Receiver, type Sender } from "./channels.ts";
+import { takesRouter } from "./calls.ts";
+import type { CallContext } from "./dispatch.ts";
 import { denoSpawn, killGroup, type PipeWriter } from "./spawn.ts";
 
 /** Between SIGTERM and SIGKILL when a command is stopped: time for rsync or scp to remove a partial file. */

@@ -4,7 +4,7 @@
  *
  * @module
  */
-import type { LogLevel } from "./core.ts";
+import type { LogLevel } from "./logapi.ts";
 import { levelFromEnv, textLogger } from "./logs.ts";
 import { Router, type RouterOptions } from "./master.ts";
 import { nodeProcess } from "./runtime.ts";

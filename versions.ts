@@ -5,7 +5,8 @@
  *
  * @module
  */
-import { CORE, StreamError } from "./core.ts";
+import { CORE } from "./frames.ts";
+import { StreamError } from "./errors.ts";
 
 /** The oldest runtimes a child runs on: [major, minor]. */
 export const OLDEST = { node: [12, 0], deno: [1, 46] } as const;

@@ -5,7 +5,8 @@
  *
  * @module
  */
-import { nodeProcess, StreamError } from "./core.ts";
+import { nodeProcess } from "./runtime.ts";
+import { StreamError } from "./errors.ts";
 import { missingRuntime, remoteCommand } from "./firststage.ts";
 import type { Launch, Starting } from "./launch.ts";
 

@@ -1,0 +1,163 @@
+/**
+ * The CALL_FUNCTION body and shipped code: the body's kinds and limits, encoding a call
+ * ({@link callMessage}), marking functions that take a CallContext, turning shipped source into a
+ * function ({@link compile}) and running a shipped module ({@link evaluateModule}), and replying
+ * safely. Serving calls is dispatch.ts. Part of the child payload.
+ *
+ * @module
+ */
+import { CallError, MitogenError } from "./errors.ts";
+import { builtin, compilersForShipped } from "./runtime.ts";
+import { HANDLE, Message } from "./frames.ts";
+
+/** Any function whose source can be shipped: self-contained, no free variables. */
+// deno-lint-ignore no-explicit-any
+export type Shippable = (...args: any[]) => unknown;
+
+/**
+ * What context.ts needs to recognise a CallContext as a function's last parameter (the CallContext of
+ * dispatch.ts, whose router is the Router, is one).
+ */
+export interface CallContextShape {
+  router: unknown;
+  econtext: unknown;
+  msg: Message;
+  signal: AbortSignal;
+}
+
+/** Limits a call carries: see {@link Context.with}. */
+export interface CallOptions {
+  /** Aborting it cancels the call. */
+  signal?: AbortSignal;
+  /** Milliseconds the call may take, in total, counted from sending it. */
+  timeout?: number;
+}
+
+/** The wire form of CallOptions, last in a CALL_FUNCTION body. */
+export type CallLimits = { timeout?: number; cancel?: true };
+
+/** The wire form of `options`, or undefined when it sets no limit (the body then ends before it). */
+export function limits(options: CallOptions): CallLimits | undefined {
+  if (options.signal === undefined && options.timeout === undefined) return undefined;
+  return { ...(options.timeout === undefined ? {} : { timeout: options.timeout }), ...(options.signal ? { cancel: true } : {}) };
+}
+
+/** Kinds of CALL_FUNCTION body: `[kind, target, args, flags?, limits?]`. */
+export const CALL = {
+  /** target: a function's source. */
+  SOURCE: 0,
+  /** target: `module#export`, a function exported by a shipped module. */
+  MODULE: 1,
+  /** target: a module name; load it and answer with its exported function names. */
+  LOAD: 2,
+  /** flags bit: hand the function `{ router, econtext }` as an extra last argument. */
+  TAKES_ROUTER: 1,
+} as const;
+
+// ---------------------------------------------------------------------------
+// Encoding a call
+
+const TAKES = Symbol.for("mitogen.takes");
+
+/** Was `fn` marked by {@link takesRouter}? */
+export function isTakesRouter(fn: unknown): boolean {
+  return (fn as Record<symbol, boolean> | null)?.[TAKES] === true;
+}
+
+/** Mark `fn` to receive `{ router, econtext }` as an extra last argument when run by CALL_FUNCTION. */
+export function takesRouter<F extends Shippable>(fn: F): F {
+  (fn as unknown as Record<symbol, boolean>)[TAKES] = true;
+  return fn;
+}
+
+/** Mitogen's other name for {@link takesRouter}: the router is the execution context. */
+export const takesEcontext: typeof takesRouter = takesRouter;
+
+const shippedSource = new WeakMap<object, string>();
+
+/** A CALL_FUNCTION message calling `fn(...args)` under `options`. */
+export function callMessage(fn: unknown, args: unknown[], options: CallOptions): Message {
+  if (typeof fn !== "function") throw new MitogenError(`call needs a function, got ${typeof fn}`);
+  let src = shippedSource.get(fn);
+  if (src === undefined) {
+    src = Function.prototype.toString.call(fn);
+    if (/\{\s*\[native code\]\s*\}$/.test(src)) throw new MitogenError(`cannot ship native function ${fn.name || "(anonymous)"}: its source is not available`);
+    if (/^class\b/.test(src)) throw new MitogenError(`cannot call class ${fn.name}: pass a function`);
+    shippedSource.set(fn, src);
+  }
+  const flags = isTakesRouter(fn) ? CALL.TAKES_ROUTER : 0;
+  const lim = limits(options);
+  // Trailing defaults stay off the wire (flags 0, no limits): the commonest call is three fields.
+  const body = lim ? [CALL.SOURCE, src, args, flags, lim] : flags ? [CALL.SOURCE, src, args, flags] : [CALL.SOURCE, src, args];
+  return Message.encoded(body, { handle: HANDLE.CALL_FUNCTION }, "args", args);
+}
+
+// ---------------------------------------------------------------------------
+// Shipped code: functions and modules
+
+const compiled = new Map<string, Shippable>();
+
+const keepName = <T>(target: T, value: string): T => Object.defineProperty(target, "name", { value, configurable: true });
+
+/** Turn shipped source into a function (cached by source). */
+export function compile(src: string): Shippable {
+  let fn = compiled.get(src);
+  if (!fn) {
+    // Method shorthand (`foo() {}`) is not an expression; make it one.
+    const expr = /^(async\s+)?(function\b|\(|[\w$]+\s*=>|async\s*[\w$(])/.test(src) ? src : src.replace(/^(async\s+)?(\*?)\s*/, "$1function$2 ");
+    // `__name` is what esbuild's keepNames (tsx, bundlers) wraps functions in.
+    fn = compilersForShipped().fn("__name", `"use strict";return (${expr}\n);`)(keepName) as Shippable;
+    compiled.set(src, fn);
+  }
+  return fn;
+}
+
+/** The running core's exports: what `import ... from "mitogen"` means in a shipped module. */
+let runningCore: Record<string, unknown> | null = null;
+
+/** @internal childMain: the running core's exports are `core`. */
+export function setRunningCore(core: Record<string, unknown>): void {
+  runningCore = core;
+}
+
+/**
+ * Run a shipped module (a CommonJS bundle) and return its exports.
+ * `require("mitogen")` is the core already running here; `node:` builtins
+ * come from the runtime; nothing else can be required.
+ */
+export function evaluateModule(src: string, name: string): Record<string, unknown> {
+  const module = { exports: {} as Record<string, unknown> };
+  const require = (id: string): unknown => {
+    if (id === "mitogen") return runningCore ?? {};
+    const found = builtin(id);
+    if (found) return found;
+    throw new MitogenError(`module ${name} requires ${JSON.stringify(id)}, which is neither "mitogen" nor a runtime builtin`);
+  };
+  // Indirect eval of a wrapper, not `new Function`: the lines `new Function` adds before the body differ
+  // between V8 versions (none on Node 12, two later), and shipped modules' stacks are mapped by line.
+  const wrapped = compilersForShipped().eval(`(function (module, exports, require, __name) {\n${src}\n})`) as (...args: unknown[]) => void;
+  wrapped(module, module.exports, require, keepName);
+  return module.exports;
+}
+
+// ---------------------------------------------------------------------------
+// Replying
+
+/**
+ * Reply `value` to `msg`. When it cannot be sent (it cannot be encoded, it is
+ * too large), reply `failed` (the call's own CallError) or the error that
+ * stopped it, without its cause, then cut short: the caller always hears.
+ */
+export function replySafely(msg: Message, value: unknown, router: { readonly path: readonly string[] }, failed: CallError | null = null): void {
+  try {
+    msg.reply(value);
+  } catch (err) {
+    const e = failed ?? CallError.fromThrown(err, router.path.join(" -> "));
+    const bare = (n?: number) => new CallError(e.remoteName, e.message.slice(e.remoteName.length + 2).slice(0, n), e.remoteStack.slice(0, n));
+    try {
+      msg.reply(bare());
+    } catch {
+      msg.reply(bare(1000));
+    }
+  }
+}

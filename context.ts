@@ -1,0 +1,399 @@
+/**
+ * Context: a reference to a context, to call functions in it and send it messages; and CallScope, its
+ * calls under a timeout or signal (`ctx.with()`); and the types of its file transfers (files.ts does them).
+ * Part of the child payload.
+ *
+ * @module
+ */
+import { AbortError, TimeoutError } from "./errors.ts";
+import { WIRE_REF, type WireRef } from "./codec.ts";
+import { asyncDispose } from "./runtime.ts";
+import { HANDLE, Message } from "./frames.ts";
+import { type ChannelHost, Receiver } from "./channels.ts";
+import type { GetOptions } from "./select.ts";
+import { CALL, type CallContextShape, type CallOptions, callMessage, limits } from "./calls.ts";
+
+/** What a Context needs of its router (the Router is one). */
+export interface ContextHost extends ChannelHost {
+  readonly name: string;
+  route(msg: Message): void;
+  delHandler(handle: number): void;
+  _expectReply(respondent: number, fn: (msg: Message) => void): number;
+  bundleModule(specifier: string | URL, runtime: string | null): Promise<string>;
+  requireModule(name: string): Promise<Record<string, unknown>>;
+}
+
+/** Options of {@link Context.putFile}, {@link Context.getFile} and {@link Router.putFile}. */
+export interface FileOptions {
+  /**
+   * Mode of the written file (default: the source's permission bits, without setuid, setgid and
+   * sticky unless {@link keepSetuid}). A mode given here is set as given.
+   */
+  mode?: number;
+  /** With the source's mode, keep its setuid, setgid and sticky bits too (default: they are cleared). */
+  keepSetuid?: boolean;
+  /** Keep the source's mtime. */
+  preserveTimes?: boolean;
+  /** Aborting it cancels the transfer; the destination is left as it was. */
+  signal?: AbortSignal;
+  /** Called at least every 250 ms while a transfer runs, and once at its end, per target context. */
+  onProgress?: (progress: FileProgress) => void;
+}
+
+/** What {@link FileOptions.onProgress} is told. */
+export interface FileProgress {
+  /** Bytes the context has written so far. */
+  bytes: number;
+  /** The file's size. */
+  total: number;
+  context: Context;
+}
+
+/** One context's file, written and checked. */
+export interface FileResult {
+  context: Context;
+  bytes: number;
+  /** sha256 of what was written, hex. */
+  sha256: string;
+}
+
+/** One context's failure in a transfer. */
+export interface FileFailure {
+  context: Context;
+  error: Error;
+}
+
+/** The functions of the shipped module `mitogen:files` (files.ts) a Context calls. */
+interface FilesModule {
+  putOne(router: ContextHost, context: Context, src: string, dst: string, options: FileOptions): Promise<FileResult>;
+  getFile(router: ContextHost, context: Context, src: string, dst: string, options: FileOptions): Promise<FileResult>;
+}
+
+/** A shipped module as the caller sees it: each exported function, async, without its CallContext argument. */
+export type Remote<T> = {
+  [K in keyof T as T[K] extends (...args: any[]) => unknown ? K : never]: T[K] extends (...args: infer A) => infer R
+    ? (...args: A extends [...infer Head, CallContextShape] ? Head : A) => Promise<Awaited<R>>
+    : never;
+};
+
+/** Options of {@link Context.shutdown}. */
+export interface ShutdownOptions {
+  /** Resolve only once the context has gone. */
+  wait?: boolean;
+}
+
+/**
+ * A reference to a context, used to call functions in it and send it
+ * messages. Serialisable: sending a Context to another context gives a
+ * Context bound to the receiver's router.
+ */
+export class Context implements WireRef, AsyncDisposable {
+  readonly router: ContextHost;
+  readonly contextId: number;
+  name: string;
+  /** The context this one was started through, if known. */
+  via: Context | null = null;
+  /**
+   * The runtime it runs on, as its first stage reported it (`node 12.22.12`, `deno 2.9.6`); null when
+   * not known here (a context above this one). The master bundles `import`ed modules for it.
+   */
+  runtime: string | null = null;
+  #disconnected: string | null = null;
+  #waiters: ((reason: string) => void)[] = [];
+
+  constructor(router: ContextHost, contextId: number, name: string) {
+    this.router = router;
+    this.contextId = contextId;
+    this.name = name;
+  }
+
+  /** Send a prepared message to this context. */
+  send(msg: Message): void {
+    msg.dst = this.contextId;
+    this.router.route(msg);
+  }
+
+  /** @internal Send `msg` and resolve with its decoded reply (what `sendAsync(msg).get()` then `unpickle()` give, without a Receiver). */
+  _request(msg: Message): Promise<unknown> {
+    return new Promise((resolve, reject) => {
+      const router = this.router;
+      const handle = router._expectReply(this.contextId, (reply) => {
+        try {
+          resolve(reply.unpickle());
+        } catch (err) {
+          reject(err);
+        }
+      });
+      msg.replyTo = handle;
+      try {
+        this.send(msg);
+      } catch (err) {
+        router.delHandler(handle);
+        reject(err);
+      }
+    });
+  }
+
+  /** Send `msg` and return a Receiver for its reply. */
+  sendAsync(msg: Message, options: { persist?: boolean } = {}): Receiver {
+    const recv = new Receiver(this.router, { persist: options.persist ?? false, respondent: this });
+    msg.replyTo = recv.handle;
+    this.send(msg);
+    return recv;
+  }
+
+  /** Send `msg` and await the decoded reply. */
+  async sendAwait(msg: Message, options: GetOptions = {}): Promise<unknown> {
+    return (await this.sendAsync(msg).get(options)).unpickle();
+  }
+
+  /**
+   * Start `fn(...args)` in this context and return a Receiver for the result.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const ctx = await router.local();
+   * const recv = ctx.callAsync(() => process.pid);
+   * console.log((await recv.get()).unpickle());
+   * ```
+   */
+  callAsync<A extends unknown[], R, C extends CallContextShape>(fn: (...args: [...A, C]) => R, ...args: A): Receiver;
+  callAsync<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Receiver;
+  callAsync<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Receiver {
+    return this.#scope().callAsync(fn, ...args);
+  }
+
+  /**
+   * Run `fn(...args)` in this context and resolve with its result (awaited
+   * there if it is a promise). Rejects with CallError if it throws.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const ctx = await router.local({ runtime: "node" });
+   * console.log(await ctx.call((x: number) => x * 2, 21)); // 42
+   * ```
+   */
+  call<A extends unknown[], R, C extends CallContextShape>(fn: (...args: [...A, C]) => R, ...args: A): Promise<Awaited<R>>;
+  call<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Promise<Awaited<R>>;
+  call<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Promise<Awaited<R>> {
+    return this.#scope().call(fn, ...args);
+  }
+
+  /** Run `fn(...args)` in this context without waiting for, or hearing of, a result. */
+  callNoReply<A extends unknown[], R, C extends CallContextShape>(fn: (...args: [...A, C]) => R, ...args: A): void;
+  callNoReply<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): void;
+  callNoReply<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): void {
+    this.send(callMessage(fn, args, {}));
+  }
+
+  /** Call the exported function `name` of shipped module `module` (fetched on demand there). */
+  callModule(module: string, name: string, ...args: unknown[]): Promise<unknown> {
+    return this.#scope().callModule(module, name, ...args);
+  }
+
+  /**
+   * Ship a TypeScript or JavaScript module (with its relative imports and npm
+   * dependencies, bundled by the master) to this context, and return an
+   * object whose functions run there. Only the master can bundle.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const ctx = await router.local();
+   * const tasks = await ctx.import<typeof import("./tests/fixtures/tasks.ts")>(new URL("./tests/fixtures/tasks.ts", import.meta.url));
+   * console.log(await tasks.add(1, 2)); // 3
+   * ```
+   */
+  import<T>(specifier: string | URL): Promise<Remote<T>> {
+    return this.#scope().import<T>(specifier);
+  }
+
+  /**
+   * Calls into this context bounded by `options`: a `timeout` (ms) that
+   * travels with each call, and/or an AbortSignal. Either rejects the caller
+   * at once (TimeoutError, AbortError) and aborts the `signal` the remote
+   * function gets in its CallContext, however many hops away.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const ctx = await router.local();
+   * await ctx.with({ timeout: 100 }).call(() => new Promise(() => {})).catch((e) => console.log(e.name)); // TimeoutError
+   * ```
+   */
+  with(options: CallOptions): CallScope {
+    return new CallScope(this, options);
+  }
+
+  #plain: CallScope | null = null;
+  /** The scope of calls without options. */
+  #scope(): CallScope {
+    return (this.#plain ??= new CallScope(this, {}));
+  }
+
+  /**
+   * Copy file `src` of the calling context to `dst` in this one: streamed, written to a temporary name
+   * and renamed, sha256 checked; mode kept (or `options.mode`), mtime with `preserveTimes`.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const ctx = await router.local();
+   * const { bytes, sha256 } = await ctx.putFile("./README.md", "/tmp/README.copy", { mode: 0o644 });
+   * console.log(bytes, sha256);
+   * ```
+   */
+  async putFile(src: string, dst: string, options: FileOptions = {}): Promise<FileResult> {
+    return (await files(this.router)).putOne(this.router, this, src, dst, options);
+  }
+
+  /**
+   * Copy file `src` of this context to `dst` in the calling one, as {@link Context.putFile} the other way.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const ctx = await router.local();
+   * await ctx.getFile("/etc/hostname", "/tmp/hostname.copy", { preserveTimes: true });
+   * ```
+   */
+  async getFile(src: string, dst: string, options: FileOptions = {}): Promise<FileResult> {
+    return (await files(this.router)).getFile(this.router, this, src, dst, options);
+  }
+
+  /** Resolves with the reason once the context is gone. */
+  disconnected(): Promise<string> {
+    if (this.#disconnected !== null) return Promise.resolve(this.#disconnected);
+    return new Promise((resolve) => this.#waiters.push(resolve));
+  }
+
+  /** True once the context is gone. */
+  get isDisconnected(): boolean {
+    return this.#disconnected !== null;
+  }
+
+  /** @internal The router saw this context go. */
+  _disconnected(reason: string): void {
+    if (this.#disconnected !== null) return;
+    this.#disconnected = reason;
+    for (const w of this.#waiters.splice(0)) w(reason);
+  }
+
+  /**
+   * Ask the context to exit; its children exit with it. With `wait`,
+   * resolves once it has gone.
+   */
+  async shutdown(options: ShutdownOptions = {}): Promise<void> {
+    if (this.#disconnected !== null) return;
+    this.send(Message.encoded(null, { handle: HANDLE.SHUTDOWN }));
+    if (options.wait) await this.disconnected();
+  }
+
+  [WIRE_REF](): readonly [number, readonly unknown[]] {
+    return [5, [this.contextId, this.name]];
+  }
+
+  toString(): string {
+    return `Context(${this.contextId}, ${JSON.stringify(this.name)})`;
+  }
+
+  [asyncDispose](): Promise<void> {
+    return this.shutdown({ wait: true });
+  }
+}
+
+/** The shipped module `mitogen:files` (files.ts), loaded on first use. */
+const files = (router: ContextHost) => router.requireModule("mitogen:files") as Promise<unknown> as Promise<FilesModule>;
+/**
+ * Calls into a context under {@link CallOptions} (from {@link Context.with}).
+ * Functions of modules imported through it carry the same options.
+ */
+export class CallScope {
+  readonly context: Context;
+  readonly options: CallOptions;
+
+  constructor(context: Context, options: CallOptions) {
+    this.context = context;
+    this.options = options;
+  }
+
+  /** As {@link Context.callAsync}. */
+  callAsync<A extends unknown[], R, C extends CallContextShape>(fn: (...args: [...A, C]) => R, ...args: A): Receiver;
+  callAsync<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Receiver;
+  callAsync<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Receiver {
+    return this.#start(callMessage(fn, args, this.options));
+  }
+
+  /** As {@link Context.call}. */
+  call<A extends unknown[], R, C extends CallContextShape>(fn: (...args: [...A, C]) => R, ...args: A): Promise<Awaited<R>>;
+  call<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Promise<Awaited<R>>;
+  call<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Promise<Awaited<R>> {
+    return this.#request(() => callMessage(fn, args, this.options)) as Promise<Awaited<R>>;
+  }
+
+  /** As {@link Context.callModule}. */
+  callModule(module: string, name: string, ...args: unknown[]): Promise<unknown> {
+    return this.#request(() =>
+      Message.encoded([CALL.MODULE, `${module}#${name}`, args, 0, limits(this.options)], { handle: HANDLE.CALL_FUNCTION }, "args", args),
+    );
+  }
+
+  /** Send the call `make()` builds and resolve with the decoded reply; without a timeout or signal, no Receiver is made. */
+  #request(make: () => Message): Promise<unknown> {
+    let msg: Message;
+    try {
+      msg = make();
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    if (this.options.signal === undefined && this.options.timeout === undefined) return this.context._request(msg);
+    return this.#start(msg)
+      .get()
+      .then((reply) => reply.unpickle());
+  }
+
+  /** As {@link Context.import}; the functions returned carry this scope's options. */
+  async import<T>(specifier: string | URL): Promise<Remote<T>> {
+    const name = await this.context.router.bundleModule(specifier, this.context.runtime);
+    const load = Message.encoded([CALL.LOAD, name, [], 0, limits(this.options)], { handle: HANDLE.CALL_FUNCTION });
+    const exported = (await this.#start(load).get()).unpickle() as string[];
+    const remote: Record<string, (...args: unknown[]) => Promise<unknown>> = {};
+    for (const fn of exported) remote[fn] = (...args) => this.callModule(name, fn, ...args);
+    return remote as Remote<T>;
+  }
+
+  /** Send a call; enforce the timeout and signal on the caller's side and tell the callee. */
+  #start(msg: Message): Receiver {
+    const { signal, timeout } = this.options;
+    const ctx = this.context;
+    if (signal?.aborted) {
+      // Already cancelled: nothing is sent, the caller fails at once.
+      const recv = new Receiver(ctx.router, { persist: false });
+      recv._fail(new AbortError(`call to ${ctx.name} aborted`, { cause: signal.reason }));
+      return recv;
+    }
+    const recv = ctx.sendAsync(msg);
+    if (signal === undefined && timeout === undefined) return recv;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const onAbort = () => stop(new AbortError(`call to ${ctx.name} aborted`, { cause: signal?.reason }));
+    const stop = (reason: Error) => {
+      recv._fail(reason);
+      ctx.send(Message.encoded(recv.handle, { handle: HANDLE.CANCEL_CALL }));
+    };
+    recv._onSettle(() => {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", onAbort);
+    });
+    signal?.addEventListener("abort", onAbort, { once: true });
+    if (timeout !== undefined) timer = setTimeout(() => stop(new TimeoutError(`call to ${ctx.name} did not finish within ${timeout} ms`)), timeout);
+    return recv;
+  }
+}

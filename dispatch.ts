@@ -1,0 +1,158 @@
+/**
+ * Serving CALL_FUNCTION (and CANCEL_CALL): the callee's side of a call, with the CallContext a
+ * takesRouter function gets. The body and shipped code are calls.ts. Part of the child payload.
+ *
+ * @module
+ */
+import { AbortError, CallError, MitogenError, TimeoutError } from "./errors.ts";
+import { Abort, hasOwn } from "./runtime.ts";
+import { HANDLE, type Message } from "./frames.ts";
+import { CALL, type CallLimits, compile, isTakesRouter, replySafely, type Shippable } from "./calls.ts";
+import type { Router } from "./router.ts";
+
+/** What a takesRouter/takesEcontext function receives as its last argument. */
+export interface CallContext {
+  router: Router;
+  econtext: Router;
+  /** The message that started the call. */
+  msg: Message;
+  /**
+   * Aborted when the caller cancels or the call's deadline passes. Pass it on
+   * to nested calls (`ctx.with({ signal })`) so they end too.
+   */
+  signal: AbortSignal;
+}
+
+const dispatching = new WeakSet<Router>();
+
+/** Serve CALL_FUNCTION on `router`: accepted only from this context's parents. */
+export function installDispatcher(router: Router): void {
+  if (dispatching.has(router)) return;
+  dispatching.add(router);
+  // Calls that can be cancelled, by "<caller id>:<reply handle>": only their caller can.
+  const running = new Map<string, AbortController>();
+  router.addHandler(
+    (msg) => {
+      const handle = msg.unpickle();
+      running.get(`${msg.src}:${handle}`)?.abort(new AbortError(`call cancelled by its caller (context ${msg.src})`));
+    },
+    { handle: HANDLE.CANCEL_CALL },
+  );
+  const fail = (msg: Message, err: unknown, kind: number): void => {
+    const error = CallError.fromThrown(withHint(err, kind, router), router.path.join(" -> "));
+    if (msg.replyTo) replySafely(msg, error, router, error);
+    else router.log("warn", `callNoReply failed: ${error.message}`);
+  };
+  const done = (msg: Message, result: unknown): void => {
+    if (msg.replyTo) replySafely(msg, result, router);
+  };
+  router.addHandler(
+    (msg) => {
+      let kind = -1;
+      try {
+        const body = msg.unpickle() as [number, string, unknown[], number?, CallLimits?];
+        kind = body[0];
+        const [, target, args, flags = 0, lim] = body;
+        // The common case, a plain call of shipped source or of a module already loaded here: no deadline, no
+        // CallContext, answered in this tick when it is synchronous. Anything else (loading, errors) goes to runCall.
+        if (!lim && !(flags & CALL.TAKES_ROUTER) && (kind === CALL.SOURCE || kind === CALL.MODULE)) {
+          const fn = kind === CALL.SOURCE ? compile(target) : loadedExport(router, target);
+          if (fn && !isTakesRouter(fn)) {
+            const result = fn(...(Array.isArray(args) ? args : []));
+            if (isThenable(result))
+              result.then(
+                (v) => done(msg, v),
+                (err: unknown) => fail(msg, err, kind),
+              );
+            else done(msg, result);
+            return;
+          }
+        }
+        void runCall(msg, kind, target, args, flags, lim);
+      } catch (err) {
+        fail(msg, err, kind);
+      }
+    },
+    { handle: HANDLE.CALL_FUNCTION, policy: (msg) => fromParent(router, msg) },
+  );
+
+  /** Any other call: a module's function, a load, or one with limits or a CallContext. */
+  const runCall = async (msg: Message, kind: number, target: string, args: unknown[], flags: number, lim: CallLimits | undefined): Promise<void> => {
+    let result: unknown;
+    // Made only for calls that can be cancelled, have a deadline, or take a CallContext.
+    let controller: AbortController | undefined;
+    const key = `${msg.src}:${msg.replyTo}`;
+    let deadline: ReturnType<typeof setTimeout> | undefined;
+    try {
+      if (lim) controller = new Abort();
+      if (lim?.cancel && msg.replyTo && controller) running.set(key, controller);
+      if (typeof lim?.timeout === "number") {
+        const ms = lim.timeout;
+        const c = controller;
+        deadline = setTimeout(() => c?.abort(new TimeoutError(`deadline of ${ms} ms passed in ${router.name}`)), ms);
+      }
+      if (kind === CALL.LOAD) {
+        const m = await router.requireModule(target);
+        result = Object.keys(m).filter((k) => typeof m[k] === "function");
+      } else {
+        let fn: Shippable;
+        if (kind === CALL.MODULE) {
+          const hash = target.lastIndexOf("#");
+          const mod = target.slice(0, hash);
+          const name = target.slice(hash + 1);
+          const m = await router.requireModule(mod);
+          const f = hasOwn(m, name) ? m[name] : undefined;
+          if (typeof f !== "function") throw new MitogenError(`${mod} has no exported function ${JSON.stringify(name)}`);
+          fn = f as Shippable;
+        } else fn = compile(target);
+        const extra =
+          flags & CALL.TAKES_ROUTER || isTakesRouter(fn)
+            ? [{ router, econtext: router, msg, signal: (controller ??= new Abort()).signal } satisfies CallContext]
+            : [];
+        // Cancelled (or past its deadline) while its module loaded: it does not start.
+        if (controller?.signal.aborted) throw controller.signal.reason;
+        result = await fn(...(Array.isArray(args) ? args : []), ...extra);
+      }
+    } catch (err) {
+      fail(msg, err, kind);
+      return;
+    } finally {
+      if (deadline !== undefined) clearTimeout(deadline);
+      running.delete(key);
+    }
+    done(msg, result);
+  };
+}
+
+/** The function `module#name` of a module evaluated here already, if it exports one by that name. */
+function loadedExport(router: Router, target: string): Shippable | undefined {
+  const hash = target.lastIndexOf("#");
+  const m = router.modules.get(target.slice(0, hash));
+  const f = m && hasOwn(m, target.slice(hash + 1)) ? m[target.slice(hash + 1)] : undefined;
+  return typeof f === "function" ? (f as Shippable) : undefined;
+}
+
+function isThenable(v: unknown): v is PromiseLike<unknown> {
+  return (typeof v === "object" || typeof v === "function") && v !== null && typeof (v as { then?: unknown }).then === "function";
+}
+/** A free identifier in shipped source fails remotely; say why, and what to do instead. */
+function withHint(err: unknown, kind: number, router: Router): unknown {
+  try {
+    if (kind !== CALL.SOURCE || !(err instanceof ReferenceError)) return err;
+    const name = /^(\S+) is not defined/.exec(err.message)?.[1];
+    if (!name) return err;
+    const hinted = new ReferenceError(
+      `${name} is not defined in context ${router.name}: a function passed to call() is shipped as source, without the variables around it; ` +
+        `pass ${name} as an argument, or ship a module with ctx.import()`,
+    );
+    hinted.stack = `${hinted.name}: ${hinted.message}\n${(err.stack ?? "").split("\n").slice(1).join("\n")}`;
+    return hinted;
+  } catch {
+    return err; // unreadable (a Proxy, a throwing getter): fromThrown says what it can
+  }
+}
+
+/** Is `msg` from this context or one of its parents? */
+export function fromParent(router: Router, msg: Message): boolean {
+  return msg.auth === router.myId || router.parentIds.includes(msg.auth);
+}

@@ -1,0 +1,847 @@
+/**
+ * Router: routes messages between this context, its parent and its children, and dispatches the ones
+ * addressed here to handlers; starts children (through the shipped `mitogen:parent`), holds shipped
+ * modules, and forwards log records. Part of the child payload.
+ *
+ * @module
+ */
+import { CallError, MitogenError, StreamError } from "./errors.ts";
+import type { Binder } from "./codec.ts";
+import { asyncDispose, builtin, builtinsReady } from "./runtime.ts";
+import { DEFAULT_MAX_MESSAGE_SIZE, FIRST_DYNAMIC_HANDLE, HANDLE, Message } from "./frames.ts";
+import type { LinkCounts, Stream } from "./stream.ts";
+import { FlowControl } from "./flow.ts";
+import { Sender } from "./channels.ts";
+import { type LogLevel, type LogRecord, type LogSource, logRecordOf, safeJson } from "./logapi.ts";
+import { evaluateModule, replySafely } from "./calls.ts";
+import { Context, type FileOptions, type FileResult } from "./context.ts";
+import type {
+  ContainerOptions,
+  JailOptions,
+  KubectlOptions,
+  Listener,
+  ListenOptions,
+  LocalOptions,
+  SetnsOptions,
+  SshOptions,
+  SudoOptions,
+  SuOptions,
+} from "./options.ts";
+
+/** Dead replies a context may provoke from another per second (messages to unknown handles, refused ones); the rest are dropped. */
+const DEAD_PER_SECOND = 1000;
+/** The library's own records (not debug) a context makes per second; the rest are counted, in one record. */
+const LOG_PER_SECOND = 100;
+
+/** Bytes of one FORWARD_LOG beyond which its data is sent as (cut) text. */
+const LOG_DATA_MAX = 65536;
+
+/** The shipped module `mitogen:files` (files.ts), loaded on first use. */
+const files = (router: Router) =>
+  router.requireModule("mitogen:files") as Promise<unknown> as Promise<{
+    putFile(router: Router, contexts: Context[], src: string, dst: string, options: FileOptions): Promise<FileResult[]>;
+  }>;
+
+/** Options of {@link Router.addHandler}. */
+export interface HandlerOptions {
+  /** Explicit handle; otherwise a fresh one is allocated. */
+  handle?: number;
+  /** Keep the handler after its first message (default true). */
+  persist?: boolean;
+  /** Context whose disconnection delivers a dead message to this handler. */
+  respondent?: { readonly contextId: number } | null;
+  /** Called first; returning false drops the message (with a dead reply). */
+  policy?: (msg: Message, stream: Stream | null) => boolean;
+  /** Replace a handler already registered for `handle` instead of throwing. */
+  overwrite?: boolean;
+}
+
+type Handler = { fn: (msg: Message, stream: Stream | null) => void; persist: boolean; respondent: number | null; policy: HandlerOptions["policy"] };
+
+/** What a connection method reports about a live child. */
+export interface ChildLink {
+  stream: Stream;
+  /** The child's runtime, as its first stage reported it (`node 12.22.12`, `deno 2.9.6`). */
+  runtime?: string;
+  /** Ask the child to stop; resolves when it has gone (killing it after a grace period). */
+  stop(): Promise<void>;
+  /** How its process ended ("exited with code 3"), waiting at most `ms` for it; null if it still runs. */
+  ended?(ms: number): Promise<string | null>;
+  /**
+   * For a stream that is not a child of ours (an attached session, see listen.ts): checks, and may
+   * rewrite, each message from it before it is routed; a string refuses the message with that reason.
+   */
+  admit?(msg: Message): string | null;
+}
+
+/** The event loop is the broker; this object owns the streams' lifetime for {@link Router}. */
+export class Broker {
+  readonly #router: Router;
+  constructor(router: Router) {
+    this.#router = router;
+  }
+  /** Stop every child and close every stream. */
+  shutdown(): Promise<void> {
+    return this.#router.shutdown();
+  }
+}
+
+/**
+ * Routes messages between this context, its parent and its children, and
+ * dispatches the ones addressed here to handlers.
+ */
+export class Router implements Binder, AsyncDisposable {
+  /** This context's id (0 in the master). */
+  myId = 0;
+  /** Ids of every parent, the nearest first and the master last (Mitogen's `parent_ids`). */
+  parentIds: number[] = [];
+  /** This context's name. */
+  name = "master";
+  /** Cap on one message's data; propagated to every child. */
+  maxMessageSize: number = DEFAULT_MAX_MESSAGE_SIZE;
+  /** When true, children may not talk to each other, only to their parents. */
+  unidirectional = false;
+  /** The stream to the parent (null in the master). */
+  parent: Stream | null = null;
+  readonly broker: Broker;
+  /** The compressed core payload this context can start children with. */
+  payload: Uint8Array | null = null;
+  /** Names of the contexts from the master down to this one, for error reports. */
+  path: string[] = ["master"];
+  /** Evaluated shipped modules, by name (a content hash, or "mitogen:parent"). */
+  readonly modules: Map<string, Record<string, unknown>> = new Map();
+  /** Compressed code of shipped modules this context holds, for itself and its children. */
+  readonly moduleCode: Map<string, Uint8Array> = new Map();
+  /**
+   * Counters: modules this context sent to its children (GET_MODULE answers) and their bytes; bytes of
+   * frames over each link, by the id of the context at its other end (children and parent).
+   */
+  readonly stats: { modulesSent: number; moduleBytesSent: number; links: Map<number, LinkCounts> } = { modulesSent: 0, moduleBytesSent: 0, links: new Map() };
+  /** Windows of the flow-controlled channels this context sends on (Sender). */
+  readonly flow: FlowControl = new FlowControl(this);
+  readonly #fetching = new Map<string, Promise<Uint8Array>>();
+  readonly #loading = new Map<string, Promise<Record<string, unknown>>>();
+
+  readonly #handlers = new Map<number, Handler>();
+  readonly #routes = new Map<number, Stream>();
+  readonly #links = new Map<Stream, ChildLink>();
+  readonly #contexts = new Map<number, Context>();
+  readonly #respondents = new Map<number, Set<number>>();
+  /** Ids this context allocated for each child stream (ALLOCATE_ID), until announced by ADD_ROUTE. */
+  readonly #allocated = new WeakMap<Stream, Set<number>>();
+  /** The parent of each context routed below this one, as adopted (ADD_ROUTE). */
+  readonly #parentOf = new Map<number, number>();
+  /** Why each lost context is gone, for dead messages to it. */
+  readonly #deadReasons = new Map<number, string>();
+  /** Ids SHUTDOWN went to from here, so their exit reads "was shut down". */
+  readonly #shutdownSent = new Set<number>();
+  /** Streams closed whose reason is still to come (the exit status), for dead messages meanwhile. */
+  readonly #closing = new Map<Stream, Promise<string>>();
+  readonly #atShutdown = new Set<() => Promise<void>>();
+  #nextHandle = FIRST_DYNAMIC_HANDLE;
+  #shuttingDown: Promise<void> | null = null;
+
+  constructor() {
+    this.broker = new Broker(this);
+    this.addHandler((msg, stream) => this.#onAddRoute(msg, stream), { handle: HANDLE.ADD_ROUTE, policy: (m, s) => this.#fromChild(m, s) });
+    this.addHandler((msg, stream) => this.#onDelRoute(msg, stream), {
+      handle: HANDLE.DEL_ROUTE,
+      policy: (m, s) => this.#fromChild(m, s) || (s !== null && s === this.parent && m.auth === this.parentIds[0]),
+    });
+    const below = (_m: Message, s: Stream | null) => s !== null && s !== this.parent;
+    this.addHandler((msg) => this.#onGetModule(msg), { handle: HANDLE.GET_MODULE, policy: below });
+    this.addHandler((msg, stream) => this.#onAllocateId(msg, stream as Stream), { handle: HANDLE.ALLOCATE_ID, policy: below });
+  }
+
+  // -- shipped modules ------------------------------------------------------
+
+  /**
+   * The compressed code of module `name`: from this context's cache, else
+   * from the parent (GET_MODULE), once however many ask at the same time.
+   */
+  fetchModuleCode(name: string): Promise<Uint8Array> {
+    const have = this.moduleCode.get(name);
+    if (have) return Promise.resolve(have);
+    let pending = this.#fetching.get(name);
+    if (!pending) {
+      const up = this.parentIds[0];
+      if (!this.parent || up === undefined) return Promise.reject(new MitogenError(`module ${name} is unknown in ${this.name}`));
+      pending = this.contextById(up)
+        .sendAwait(Message.encoded(name, { handle: HANDLE.GET_MODULE }))
+        .then((code) => {
+          if (!(code instanceof Uint8Array)) throw new StreamError(`GET_MODULE ${name}: parent answered with no code`);
+          this.moduleCode.set(name, code);
+          return code;
+        })
+        .finally(() => this.#fetching.delete(name));
+      this.#fetching.set(name, pending);
+    }
+    return pending;
+  }
+
+  /** The exports of shipped module `name`, fetched and evaluated on first use. */
+  requireModule(name: string): Promise<Record<string, unknown>> {
+    const done = this.modules.get(name);
+    if (done) return Promise.resolve(done);
+    let pending = this.#loading.get(name);
+    if (!pending) {
+      pending = Promise.all([this.fetchModuleCode(name), builtinsReady()])
+        .then(([code]) => {
+          const m = evaluateModule(builtin("node:zlib").inflateRawSync(code).toString(), name);
+          this.modules.set(name, m);
+          return m;
+        })
+        .finally(() => this.#loading.delete(name));
+      this.#loading.set(name, pending);
+    }
+    return pending;
+  }
+
+  #onGetModule(msg: Message): void {
+    if (!msg.replyTo) return;
+    void (async () => {
+      const name = msg.unpickle();
+      if (typeof name !== "string") throw new MitogenError("GET_MODULE needs a module name");
+      const code = await this.fetchModuleCode(name);
+      this.stats.modulesSent++;
+      this.stats.moduleBytesSent += code.byteLength;
+      return code;
+    })().then(
+      (code) => replySafely(msg, code, this),
+      (err: unknown) => {
+        const e = CallError.fromThrown(err, this.path.join(" -> "));
+        replySafely(msg, e, this, e);
+      },
+    );
+  }
+
+  /** A CallError as the caller should see it (the master maps shipped-module frames to their sources). */
+  rewriteCallError(err: CallError): CallError {
+    return err;
+  }
+
+  /** Bundle a module for {@link Context.import}, for a context on `runtime` (see {@link Context.runtime}); only the master can. */
+  bundleModule(specifier: string | URL, _runtime: string | null = null): Promise<string> {
+    return Promise.reject(new MitogenError(`cannot bundle ${specifier} in ${this.name}: only the master bundles modules`));
+  }
+
+  // -- starting children ----------------------------------------------------
+
+  /** A fresh context id, from the master through every parent between (ALLOCATE_ID). */
+  async allocateId(): Promise<number> {
+    const id = await this.contextById(this.parentIds[0] ?? 0).sendAwait(Message.encoded(null, { handle: HANDLE.ALLOCATE_ID }));
+    if (typeof id !== "number") throw new StreamError("ALLOCATE_ID: bad answer");
+    return id;
+  }
+
+  /** ALLOCATE_ID from below: an id from our own parent (or counter), noted as allocated through `stream`. */
+  #onAllocateId(msg: Message, stream: Stream): void {
+    if (!msg.replyTo) return;
+    this.allocateId().then(
+      (id) => {
+        let ids = this.#allocated.get(stream);
+        if (!ids) this.#allocated.set(stream, (ids = new Set()));
+        ids.add(id);
+        replySafely(msg, id, this);
+      },
+      (err: unknown) => {
+        const e = CallError.fromThrown(err, this.path.join(" -> "));
+        replySafely(msg, e, this, e);
+      },
+    );
+  }
+
+  /**
+   * Start a local context (node or deno) below this one, or `via` another
+   * context. Works in any context: a child fetches the parent-side code from
+   * its parent the first time.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const ctx = await router.local({ runtime: "deno", name: "worker" });
+   * console.log(await ctx.call(() => typeof Deno)); // "object"
+   * ```
+   */
+  async local(options: LocalOptions = {}): Promise<Context> {
+    return (await this.#connector("local"))(this, options);
+  }
+
+  /**
+   * Start a context on another machine over ssh (the OpenSSH client), with
+   * nothing installed there but node or deno.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const host = await router.ssh({ hostname: "bastion", checkHostKeys: "accept" });
+   * console.log(await host.call(() => process.version));
+   * ```
+   */
+  async ssh(options: SshOptions): Promise<Context> {
+    if (options.transport === "ssh2") throw new MitogenError("transport ssh2 runs in the master only (this is context " + this.name + ")");
+    return (await this.#connector("ssh"))(this, options);
+  }
+
+  /**
+   * Start a context as another user (default root) through sudo, on this
+   * machine or on the machine of `via`.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const root = await router.sudo({ username: "root", password: "..." });
+   * console.log(await root.call(() => process.getuid?.()));
+   * ```
+   */
+  async sudo(options: SudoOptions = {}): Promise<Context> {
+    return (await this.#connector("sudo"))(this, options);
+  }
+
+  /**
+   * Start a context as another user through su. su reads the password from a
+   * terminal only, so it runs in a pty (`script`); what that context prints is
+   * dropped (it would share the pty with the stream).
+   */
+  async su(options: SuOptions = {}): Promise<Context> {
+    return (await this.#connector("su"))(this, options);
+  }
+
+  /** Start a context as another user through doas (in a pty, as {@link Router.su}). */
+  async doas(options: SuOptions = {}): Promise<Context> {
+    return (await this.#connector("doas"))(this, options);
+  }
+
+  /** Start a context in a running Docker container (`docker exec`). */
+  async docker(options: ContainerOptions): Promise<Context> {
+    return (await this.#connector("docker"))(this, options);
+  }
+
+  /** Start a context in a running Podman container (`podman exec`). */
+  async podman(options: ContainerOptions): Promise<Context> {
+    return (await this.#connector("podman"))(this, options);
+  }
+
+  /** Start a context in a Kubernetes pod (`kubectl exec`). */
+  async kubectl(options: KubectlOptions): Promise<Context> {
+    return (await this.#connector("kubectl"))(this, options);
+  }
+
+  /** Start a context in an LXC container (`lxc-attach`). */
+  async lxc(options: ContainerOptions): Promise<Context> {
+    return (await this.#connector("lxc"))(this, options);
+  }
+
+  /** Start a context in an LXD or Incus container (`lxc exec`). */
+  async lxd(options: ContainerOptions): Promise<Context> {
+    return (await this.#connector("lxd"))(this, options);
+  }
+
+  /** Start a context inside the namespaces of another process (`nsenter`). */
+  async setns(options: SetnsOptions): Promise<Context> {
+    return (await this.#connector("setns"))(this, options);
+  }
+
+  /** Start a context in a FreeBSD jail (`jexec`). */
+  async jail(options: JailOptions): Promise<Context> {
+    return (await this.#connector("jail"))(this, options);
+  }
+
+  /**
+   * Listen for other processes attaching to this context (`connect()`), on a unix socket
+   * (`path`) or over TCP (`host`, `port`, key pairs); see listen.ts. Any context can listen.
+   *
+   * @example
+   * ```ts
+   * import { connect, Router } from "./mod.ts";
+   * await using router = new Router();
+   * const dir = Deno.makeTempDirSync();
+   * await using listener = await router.listen({ path: `${dir}/mitogen.sock` });
+   * await using session = await connect({ path: listener.path as string });
+   * console.log(await session.context.call(() => 6 * 7)); // 42
+   * ```
+   */
+  async listen(options: ListenOptions): Promise<Listener> {
+    const m = await this.requireModule("mitogen:listen");
+    return (m.listen as (router: Router, options: ListenOptions) => Promise<Listener>)(this, options);
+  }
+
+  async #connector<O>(
+    method: "local" | "ssh" | "sudo" | "su" | "doas" | "docker" | "podman" | "kubectl" | "lxc" | "lxd" | "setns" | "jail",
+  ): Promise<(router: Router, options: O) => Promise<Context>> {
+    if (this.#shuttingDown) throw new MitogenError(`router ${this.name} is shut down`);
+    const parent = await this.requireModule("mitogen:parent");
+    return parent[method] as (router: Router, options: O) => Promise<Context>;
+  }
+
+  // -- handlers -------------------------------------------------------------
+
+  /** Register `fn` for messages to a handle; returns the handle. Throws if `handle` is registered already (unless `overwrite`). */
+  addHandler(fn: (msg: Message, stream: Stream | null) => void, options: HandlerOptions = {}): number {
+    let handle = options.handle;
+    if (handle === undefined) {
+      do handle = this.#nextHandle++;
+      while (this.#handlers.has(handle));
+    } else if (this.#handlers.has(handle)) {
+      if (!options.overwrite) throw new MitogenError(`handle ${handle} is already registered in ${this.name}`);
+      this.delHandler(handle);
+    }
+    return this.#register(handle, fn, options.persist ?? true, options.respondent?.contextId ?? null, options.policy);
+  }
+
+  /** @internal A one-shot handler for the reply from `respondent` to a request; returns its handle. */
+  _expectReply(respondent: number, fn: (msg: Message) => void): number {
+    let handle: number;
+    do handle = this.#nextHandle++;
+    while (this.#handlers.has(handle));
+    return this.#register(handle, fn, false, respondent, undefined);
+  }
+
+  #register(handle: number, fn: Handler["fn"], persist: boolean, respondent: number | null, policy: Handler["policy"]): number {
+    this.#handlers.set(handle, { fn, persist, respondent, policy });
+    if (respondent !== null) {
+      let set = this.#respondents.get(respondent);
+      if (!set) this.#respondents.set(respondent, (set = new Set()));
+      set.add(handle);
+      if (!this.#canReach(respondent))
+        queueMicrotask(() => this.#deliverDead(handle, this.#deadReasons.get(respondent) ?? `context ${respondent} is not connected`));
+    }
+    return handle;
+  }
+
+  /** Remove the handler of `handle`. */
+  delHandler(handle: number): void {
+    const h = this.#handlers.get(handle);
+    if (!h) return;
+    this.#handlers.delete(handle);
+    if (h.respondent !== null) this.#respondents.get(h.respondent)?.delete(handle);
+  }
+
+  #deliverDead(handle: number, reason: string): void {
+    const h = this.#handlers.get(handle);
+    if (!h) return;
+    const msg = Message.dead(reason, { dst: this.myId, src: this.myId, auth: this.myId, handle });
+    msg.router = this;
+    this.delHandler(handle);
+    h.fn(msg, null);
+  }
+
+  // -- contexts -------------------------------------------------------------
+
+  /** The Context for `id` (one object per id). */
+  contextById(id: number, name: string | null = null): Context {
+    let ctx = this.#contexts.get(id);
+    if (!ctx) {
+      ctx = new Context(this, id, name ?? `context${id}`);
+      this.#contexts.set(id, ctx);
+    } else if (name && ctx.name.startsWith("context")) ctx.name = name;
+    return ctx;
+  }
+
+  /** This context, as a Context. */
+  myself(): Context {
+    return this.contextById(this.myId, this.name);
+  }
+
+  /** Binder: decoded Context references. */
+  contextRef(id: number, name: string | null): Context {
+    return this.contextById(id, name);
+  }
+
+  /** Binder: decoded Sender references. */
+  senderRef(id: number, handle: number): Sender {
+    return new Sender(this.contextById(id), handle);
+  }
+
+  /** The parent of context `id` below this one, as adopted or announced (ADD_ROUTE); undefined for any other. */
+  parentOf(id: number): number | undefined {
+    return this.#parentOf.get(id);
+  }
+
+  /**
+   * Copy local file `src` to `dst` in each of `contexts` (fan-out: each byte crosses each link of the
+   * tree once; a context on the way relays). Resolves with one result per context; if any failed,
+   * rejects with a `FileTransferError` holding the results and failures (the others still finish).
+   *
+   * @example
+   * ```ts
+   * import { Router } from "./mod.ts";
+   * await using router = new Router();
+   * const hop = await router.local();
+   * const kids = [await router.local({ via: hop }), await router.local({ via: hop })];
+   * const done = await router.putFile(kids, "./README.md", "/tmp/README.copy");
+   * console.log(done.map((r) => r.bytes));
+   * ```
+   */
+  async putFile(contexts: Context[], src: string, dst: string, options: FileOptions = {}): Promise<FileResult[]> {
+    return (await files(this)).putFile(this, contexts, src, dst, options);
+  }
+
+  /** The stream that leads to `id`, if it is below this context. */
+  routeTo(id: number): Stream | undefined {
+    return this.#routes.get(id);
+  }
+
+  /** Ids of the contexts routed below this one. */
+  routedIds(): number[] {
+    return [...this.#routes.keys()];
+  }
+
+  #canReach(id: number): boolean {
+    return id === this.myId || this.#routes.has(id) || (this.parent !== null && !this.parent.closed);
+  }
+
+  // -- streams and routes ---------------------------------------------------
+
+  /** Adopt a child's stream: route `remoteId` through it. */
+  addChild(link: ChildLink, remoteId: number, name: string): Context {
+    if (this.#shuttingDown) {
+      void link.stop();
+      throw new MitogenError(`router ${this.name} shut down while ${name} was connecting`);
+    }
+    const stream = link.stream;
+    stream.remoteId = remoteId;
+    this.#links.set(stream, link);
+    this.#routes.set(remoteId, stream);
+    stream.onMessage = (msg) => this.#inbound(msg, stream);
+    stream.onClose = (err) => this.#onStreamClosed(stream, err);
+    stream.relays = (dst) => dst !== this.myId;
+    this.#parentOf.set(remoteId, this.myId);
+    this.stats.links.set(remoteId, stream.counts);
+    const ctx = this.contextById(remoteId, name);
+    ctx.name = name;
+    ctx.runtime = link.runtime ?? null;
+    this.#announce(HANDLE.ADD_ROUTE, [remoteId, name, this.myId, ctx.runtime]);
+    return ctx;
+  }
+
+  /** Adopt the stream to the parent. */
+  setParent(stream: Stream): void {
+    this.parent = stream;
+    this.stats.links.set(this.parentIds[0] ?? 0, stream.counts);
+    stream.onMessage = (msg) => this.#inbound(msg, stream);
+    stream.onClose = (err) => this.#onStreamClosed(stream, err);
+    stream.relays = (dst) => dst !== this.myId;
+  }
+
+  #announce(handle: number, data: unknown[]): void {
+    const up = this.parentIds[0];
+    if (this.parent && up !== undefined) this.route(Message.encoded(data, { dst: up, handle }));
+  }
+
+  /** Policy: route changes are accepted only from the immediate child owning the stream. */
+  #fromChild(msg: Message, stream: Stream | null): boolean {
+    return stream !== null && stream !== this.parent && stream.remoteId === msg.auth && msg.src === msg.auth;
+  }
+
+  #onAddRoute(msg: Message, stream: Stream | null): void {
+    const [id, name, parent, runtime] = msg.unpickle() as [number, string, number, string | null];
+    // Only an id this context allocated through that stream, below a parent behind it too: no child takes another's id.
+    const ids = stream ? this.#allocated.get(stream) : undefined;
+    if (!stream || !ids?.has(id) || (parent !== stream.remoteId && this.#routes.get(parent) !== stream)) {
+      this.log("warn", `refused ADD_ROUTE for ${id} (parent ${parent}) from ${stream?.name}: not allocated through that stream`);
+      return;
+    }
+    ids.delete(id);
+    this.#routes.set(id, stream);
+    this.#parentOf.set(id, parent);
+    this.contextById(id, typeof name === "string" ? name : null).runtime = typeof runtime === "string" ? runtime : null;
+    this.#announce(HANDLE.ADD_ROUTE, [id, name, parent, runtime ?? null]);
+  }
+
+  #onDelRoute(msg: Message, stream: Stream | null): void {
+    const [id, reason] = msg.unpickle() as [number, string];
+    if (typeof id !== "number") return;
+    const why = typeof reason === "string" ? reason : "route deleted";
+    if (stream !== this.parent) {
+      if (this.#routes.get(id) === stream) this.#lost(id, why);
+      return;
+    }
+    // From the parent: a context this one talked to, elsewhere in the tree, is gone (never one below here).
+    if (this.#routes.has(id) || id === this.myId || this.parentIds.includes(id)) return;
+    this.#unroute(id, why);
+    this.#contexts.get(id)?._disconnected(why);
+  }
+
+  /** `id` is gone: drop its route, fail whoever waits on it, tell the parent. */
+  #lost(id: number, reason: string): void {
+    this.#unroute(id, reason);
+    this.#gone(id, reason);
+  }
+
+  /** First half of losing `id`: no more routing to it, and whoever waits on it fails at once. */
+  #unroute(id: number, reason: string): void {
+    this.#routes.delete(id);
+    this.#deadReasons.set(id, reason);
+    this.#shutdownSent.delete(id);
+    const handles = this.#respondents.get(id);
+    this.#respondents.delete(id);
+    for (const h of handles ?? []) this.#deliverDead(h, reason);
+    // Children that sent to it may wait on it too: tell them (Mitogen's _propagate_down).
+    for (const s of this.#links.keys()) {
+      if (s.talkedTo.delete(id) && !s.closed && s.remoteId !== null && s.remoteId !== id) {
+        this.route(Message.encoded([id, reason], { dst: s.remoteId, handle: HANDLE.DEL_ROUTE }));
+      }
+    }
+  }
+
+  /** Second half: the context is gone (its process has exited, where we own it); tell the parent. */
+  #gone(id: number, reason: string): void {
+    this.#announce(HANDLE.DEL_ROUTE, [id, reason]);
+    this.#contexts.get(id)?._disconnected(reason);
+  }
+
+  #onStreamClosed(stream: Stream, err?: Error): void {
+    const link = this.#links.get(stream);
+    this.#links.delete(stream);
+    if (stream === this.parent) {
+      this.log("debug", `parent stream closed${err ? `: ${err.message}` : ""}`);
+      // Whatever waits on a context through the parent fails now (a child exits next; an attached session lives on).
+      const why = `lost the connection to ${this.parentIds[0] === undefined ? "the parent" : `context ${this.parentIds[0]}`}${err ? `: ${err.message}` : ""}`;
+      for (const id of new Set([...this.#respondents.keys(), ...this.#contexts.keys()])) {
+        if (id === this.myId || this.#routes.has(id)) continue;
+        this.#unroute(id, why);
+        this.#contexts.get(id)?._disconnected(why);
+      }
+      this.onParentLost(err);
+      return;
+    }
+    const remote = stream.remoteId ?? -1;
+    const who = this.#contexts.get(remote)?.name ?? stream.name;
+    if (err) this.log("warn", `stream to ${who} failed: ${err.message}`);
+    const ids = [...this.#routes].filter(([, s]) => s === stream).map(([id]) => id);
+    // Calls fail once the exit status is in (at most 500 ms): a death explains a reset or a truncated
+    // frame; bad input (a StreamError) is the reason unless the process died of something else.
+    // "disconnected" (and DEL_ROUTE upward) waits for the process to exit.
+    const reason = (link?.ended ? link.ended(500) : Promise.resolve(null)).then((status) => {
+      const how =
+        status !== null && status !== "exited with code 0"
+          ? status
+          : err && (err instanceof StreamError || !status)
+            ? `disconnected: ${err.message}`
+            : status && this.#shutdownSent.has(remote)
+              ? "was shut down"
+              : (status ?? "disconnected");
+      return `context ${who} ${how}`;
+    });
+    // Meanwhile, what is routed to the closed stream gets its dead message with that reason too.
+    this.#closing.set(stream, reason);
+    void reason.then((r) => {
+      for (const id of ids) this.#unroute(id, r);
+      this.#closing.delete(stream);
+      return (link ? link.stop() : Promise.resolve()).finally(() => {
+        for (const id of ids) this.#gone(id, r);
+      });
+    });
+  }
+
+  /** Called when the parent stream is gone; a child exits. */
+  onParentLost(_err?: Error): void {}
+
+  // -- routing --------------------------------------------------------------
+
+  #inbound(msg: Message, stream: Stream): void {
+    // Mitogen's rules: a message must arrive on the stream that routes to its auth_id and src_id.
+    if (this.#expected(msg.auth) !== stream) {
+      this.log("warn", `dropped ${msg}: auth_id ${msg.auth} did not arrive on its own route (${stream.name})`);
+      return;
+    }
+    if (msg.src !== msg.auth && this.#expected(msg.src) !== stream) {
+      this.log("warn", `dropped ${msg}: src_id ${msg.src} did not arrive on its own route (${stream.name})`);
+      return;
+    }
+    const refused = this.#links.get(stream)?.admit?.(msg);
+    if (refused) {
+      this.log("warn", `refused ${msg} from ${stream.name}: ${refused}`);
+      this.#sendDead(msg, refused);
+      return;
+    }
+    if (stream !== this.parent && msg.dst !== this.myId) stream.talkedTo.add(msg.dst);
+    if (this.unidirectional && stream !== this.parent && msg.dst !== this.myId && !this.parentIds.includes(msg.dst)) {
+      const back = this.#routes.get(msg.dst);
+      if (back && back !== this.parent) {
+        this.log("warn", `dropped ${msg}: unidirectional mode forbids child-to-child messages`);
+        this.#sendDead(msg, "unidirectional mode forbids messages between children");
+        return;
+      }
+    }
+    this.route(msg, stream);
+  }
+
+  /** The stream a message from `id` must arrive on: its route, else the parent's (null for this context). */
+  #expected(id: number): Stream | null {
+    return this.#routes.get(id) ?? (id === this.myId || this.#routes.has(id) ? null : this.parent);
+  }
+
+  /** Deliver or forward `msg`. Locally-created messages get src/auth filled in. */
+  route(msg: Message, inStream: Stream | null = null): void {
+    if (!inStream) {
+      msg.src ||= this.myId;
+      msg.auth ||= this.myId;
+    }
+    if (msg.length > this.maxMessageSize) {
+      const text = `message of ${msg.length} bytes exceeds maxMessageSize ${this.maxMessageSize} (${msg})`;
+      // The sender learns at once; a peer that sent one anyway gets a dead reply.
+      if (!inStream) throw new MitogenError(text);
+      this.log("warn", text);
+      this.#sendDead(msg, text);
+      return;
+    }
+    if (msg.dst === this.myId) {
+      msg.router = this;
+      this.#invoke(msg, inStream);
+      return;
+    }
+    const out = this.#routes.get(msg.dst) ?? this.parent;
+    if (!out || out.closed) {
+      const later = out && this.#closing.get(out);
+      if (later) void later.then((r) => this.#sendDead(msg, r));
+      else this.#sendDead(msg, this.#deadReasons.get(msg.dst) ?? `no route to context ${msg.dst} from ${this.name}`);
+      return;
+    }
+    if (out === inStream) {
+      this.log("warn", `dropped ${msg}: it would route back where it came from`);
+      return;
+    }
+    if (msg.handle === HANDLE.SHUTDOWN) this.#shutdownSent.add(msg.dst);
+    out.send(msg);
+    // Backpressure: a link whose frames go to a congested one is not read until that drains.
+    if (inStream && out.congested) inStream.waitFor(out);
+  }
+
+  #invoke(msg: Message, stream: Stream | null): void {
+    const h = this.#handlers.get(msg.handle);
+    if (!h) {
+      this.#sendDead(msg, `no handler for handle ${msg.handle} in ${this.name}`);
+      return;
+    }
+    // A reply comes from its respondent; a dead one may also come from a context on the route to it.
+    if (h.respondent !== null && msg.src !== h.respondent && !(msg.isDead && this.#onRouteTo(h.respondent, msg.src))) {
+      this.log("warn", `dropped ${msg}: reply from unexpected context ${msg.src} (expected ${h.respondent})`);
+      return;
+    }
+    if (h.policy && !h.policy(msg, stream)) {
+      this.log("warn", `refused ${msg}: policy of handle ${msg.handle} rejected it`);
+      this.#sendDead(msg, `refused by policy of handle ${msg.handle} in ${this.name}`);
+      return;
+    }
+    if (!h.persist) this.delHandler(msg.handle);
+    try {
+      h.fn(msg, stream);
+    } catch (err) {
+      this.log("error", `handler for ${msg} threw: ${(err as Error)?.stack ?? err}`);
+    }
+  }
+
+  /** Is `id` this context, one of its parents, or a parent of `respondent` below here (as ADD_ROUTE told)? */
+  #onRouteTo(respondent: number, id: number): boolean {
+    if (id === this.myId || this.parentIds.includes(id)) return true;
+    for (let at = this.#parentOf.get(respondent), n = 0; at !== undefined && n <= this.#parentOf.size; at = this.#parentOf.get(at), n++) {
+      if (at === id) return true;
+    }
+    return false;
+  }
+
+  /**
+   * Answer `msg` with a dead message. Those a context provokes from elsewhere are counted per second,
+   * and past {@link DEAD_PER_SECOND}, or while its link is congested, dropped.
+   */
+  #sendDead(msg: Message, reason: string): void {
+    const src = msg.src;
+    if (!msg.replyTo || msg.isDead) return;
+    if (src !== this.myId) {
+      this.#tick();
+      const n = this.#dead.get(src) ?? [0, 0];
+      this.#dead.set(src, n);
+      const ok = (n[0] as number) < DEAD_PER_SECOND && !(this.#routes.get(src) ?? this.parent)?.congested;
+      (n[ok ? 0 : 1] as number)++;
+      if (!ok) return;
+    }
+    this.route(Message.dead(reason, { dst: src, handle: msg.replyTo }));
+  }
+
+  /** Dead replies sent and dropped in this second, by the context they answer. */
+  readonly #dead = new Map<number, number[]>();
+  /** This library's records (warnings, errors, info) in this second; past LOG_PER_SECOND they are only counted. */
+  #logged = 0;
+  #ticking = false;
+
+  /** Count in seconds: at the end of each, say what was counted. */
+  #tick(): void {
+    if (this.#ticking) return;
+    this.#ticking = true;
+    (setTimeout(() => this.#report(), 1000) as { unref?(): void }).unref?.();
+  }
+
+  #report(): void {
+    const over = this.#logged - LOG_PER_SECOND;
+    this.#ticking = false;
+    this.#logged = 0;
+    if (over > 0) this.log("warn", `${over} records dropped in 1 s (over ${LOG_PER_SECOND}/s)`, "log", { dropped: over });
+    for (const [id, [sent, dropped]] of this.#dead)
+      this.log(dropped ? "warn" : "debug", `dead replies to ${this.contextById(id).name} in 1 s: ${sent} sent, ${dropped} dropped`, "log", { sent, dropped });
+    this.#dead.clear();
+  }
+
+  // -- logging --------------------------------------------------------------
+
+  /** Log from this context, with optional structured `data`. The master hands it to its logger; children forward it. */
+  log(level: LogLevel, message: string, source: LogSource = "log", data?: unknown): void {
+    // What a peer can provoke (a warning per bad frame) is bounded: past LOG_PER_SECOND, only counted.
+    if (source === "log" && level !== "debug") {
+      this.#tick();
+      if (++this.#logged > LOG_PER_SECOND) return;
+    }
+    this.logRecord(logRecordOf(this.myId, this.name, this.path, level, source, message, data));
+  }
+
+  /** Deliver a log record: children forward to the master (FORWARD_LOG). */
+  logRecord(rec: LogRecord): void {
+    if (!this.parent || this.parent.closed) return;
+    if (rec.level === "debug" && !this.debug) return;
+    const fields = [rec.contextId, rec.name, rec.level, rec.source, rec.message, rec.path, rec.time, rec.data];
+    const to = { dst: 0, handle: HANDLE.FORWARD_LOG };
+    let msg: Message;
+    try {
+      msg = Message.encoded(fields, to);
+      if (msg.length > LOG_DATA_MAX) throw msg;
+    } catch {
+      // Data that cannot travel (cyclic, a function, too big) goes as text.
+      fields[7] = safeJson(rec.data).slice(0, LOG_DATA_MAX);
+      msg = Message.encoded(fields, to);
+    }
+    this.route(msg);
+  }
+
+  /** Forward debug-level records too. */
+  debug = false;
+
+  // -- lifetime -------------------------------------------------------------
+
+  /** Run `fn` (once) when this router shuts down, alongside stopping its children (listeners close this way). */
+  atShutdown(fn: () => Promise<void>): void {
+    this.#atShutdown.add(fn);
+  }
+
+  /** Stop every child context and close every stream. Safe to call twice. */
+  shutdown(): Promise<void> {
+    this.#shuttingDown ??= (async () => {
+      for (const s of this.#links.keys()) this.#shutdownSent.add(s.remoteId ?? -1);
+      await Promise.all([...[...this.#links.values()].map((l) => l.stop()), ...[...this.#atShutdown].map((f) => f())]);
+      for (const [h] of [...this.#handlers]) if (h >= FIRST_DYNAMIC_HANDLE) this.#deliverDead(h, `router ${this.name} shut down`);
+    })();
+    return this.#shuttingDown;
+  }
+
+  /** Direct children, as their links. */
+  get children(): ChildLink[] {
+    return [...this.#links.values()];
+  }
+
+  [asyncDispose](): Promise<void> {
+    return this.shutdown();
+  }
+}
