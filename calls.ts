@@ -153,7 +153,7 @@ export function replySafely(msg: Message, value: unknown, router: { readonly pat
     msg.reply(value);
   } catch (err) {
     const e = failed ?? CallError.fromThrown(err, router.path.join(" -> "));
-    const bare = (n?: number) => new CallError(e.remoteName, e.message.slice(e.remoteName.length + 2).slice(0, n), e.remoteStack.slice(0, n));
+    const bare = (n?: number) => new CallError(e.remoteName, e.remoteMessage.slice(0, n), e.remoteStack.slice(0, n));
     try {
       msg.reply(bare());
     } catch {

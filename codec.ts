@@ -219,7 +219,7 @@ function newEncoder(state: EncodeState): EncoderInternals {
     if (value instanceof Set) return nested(EXT.SET, [...value]);
     if (value instanceof Secret) return nested(EXT.SECRET, value.reveal());
     if (value instanceof CallError) {
-      const fields = [value.remoteName, value.message.slice(value.remoteName.length + 2), value.remoteStack];
+      const fields = [value.remoteName, value.remoteMessage, value.remoteStack];
       return nested(EXT.CALL_ERROR, "cause" in value ? [...fields, value.cause] : fields);
     }
     if (value instanceof Error) return nested(EXT.ERROR, errorFields(value));

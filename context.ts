@@ -113,8 +113,23 @@ export class Context implements WireRef, AsyncDisposable {
     this.router.route(msg);
   }
 
-  /** @internal Send `msg` and resolve with its decoded reply (what `sendAsync(msg).get()` then `unpickle()` give, without a Receiver). */
-  _request(msg: Message): Promise<unknown> {
+  /** Send `msg` and return a Receiver for its reply. */
+  sendAsync(msg: Message, options: { persist?: boolean } = {}): Receiver {
+    const recv = new Receiver(this.router, { persist: options.persist ?? false, respondent: this });
+    msg.replyTo = recv.handle;
+    this.send(msg);
+    return recv;
+  }
+
+  /**
+   * Send `msg` and await the decoded reply: the one way to ask and wait. Without a timeout no
+   * Receiver is made (the reply goes to a one-shot handler); with one, as `sendAsync(msg).get()`.
+   */
+  sendAwait(msg: Message, options: GetOptions = {}): Promise<unknown> {
+    if (options.timeout !== undefined)
+      return this.sendAsync(msg)
+        .get(options)
+        .then((reply) => reply.unpickle());
     return new Promise((resolve, reject) => {
       const router = this.router;
       const handle = router._expectReply(this.contextId, (reply) => {
@@ -132,19 +147,6 @@ export class Context implements WireRef, AsyncDisposable {
         reject(err);
       }
     });
-  }
-
-  /** Send `msg` and return a Receiver for its reply. */
-  sendAsync(msg: Message, options: { persist?: boolean } = {}): Receiver {
-    const recv = new Receiver(this.router, { persist: options.persist ?? false, respondent: this });
-    msg.replyTo = recv.handle;
-    this.send(msg);
-    return recv;
-  }
-
-  /** Send `msg` and await the decoded reply. */
-  async sendAwait(msg: Message, options: GetOptions = {}): Promise<unknown> {
-    return (await this.sendAsync(msg).get(options)).unpickle();
   }
 
   /**
@@ -354,7 +356,7 @@ export class CallScope {
     } catch (err) {
       return Promise.reject(err);
     }
-    if (this.options.signal === undefined && this.options.timeout === undefined) return this.context._request(msg);
+    if (this.options.signal === undefined && this.options.timeout === undefined) return this.context.sendAwait(msg);
     return this.#start(msg)
       .get()
       .then((reply) => reply.unpickle());

@@ -33,12 +33,15 @@ export class CallError extends MitogenError {
   override name = "CallError";
   /** Class name of the error thrown remotely. */
   readonly remoteName: string;
+  /** The remote error's own message (`message` is `remoteName: remoteMessage`). */
+  readonly remoteMessage: string;
   /** The remote stack trace, as text. */
   readonly remoteStack: string;
 
   constructor(remoteName: string, message: string, remoteStack = "", options?: ErrorOptions) {
     super(`${remoteName}: ${message}`, options);
     this.remoteName = remoteName;
+    this.remoteMessage = message;
     this.remoteStack = remoteStack;
     if (remoteStack) this.stack = `${this.stack ?? ""}\n--- remote stack ---\n${remoteStack}`;
   }

@@ -85,7 +85,7 @@ function fsError(err: unknown, what: string): FileTransferError {
 
 /** A failure's text, without the `FileTransferError: ` that a CallError puts in front. */
 function text(err: Error): string {
-  return err instanceof CallError && err.remoteName === "FileTransferError" ? err.message.slice(err.remoteName.length + 2) : err.message;
+  return err instanceof CallError && err.remoteName === "FileTransferError" ? err.remoteMessage : err.message;
 }
 
 // ---------------------------------------------------------------------------

@@ -33,6 +33,12 @@ export const HANDLE = {
   IS_DEAD: 999,
 } as const;
 
+/** The reserved handles by number (`HANDLE_NAME[101]` is "CALL_FUNCTION"), for what messages and logs print. */
+export const HANDLE_NAME: Readonly<Record<number, string>> = Object.fromEntries(Object.entries(HANDLE).map(([name, h]) => [h, name]));
+
+/** A handle as messages and logs print it: `101 CALL_FUNCTION`, or the number alone for a dynamic one. */
+export const handleName = (h: number): string => (HANDLE_NAME[h] ? `${h} ${HANDLE_NAME[h]}` : String(h));
+
 /** First handle handed out to receivers. */
 export const FIRST_DYNAMIC_HANDLE = 1000;
 
@@ -209,7 +215,7 @@ export class Message {
   }
 
   toString(): string {
-    return `Message(dst=${this.dst} src=${this.src} auth=${this.auth} handle=${this.handle} replyTo=${this.replyTo} ${this.#length} bytes)`;
+    return `Message(dst=${this.dst} src=${this.src} auth=${this.auth} handle=${handleName(this.handle)} replyTo=${handleName(this.replyTo)} ${this.#length} bytes)`;
   }
 }
 

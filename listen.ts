@@ -25,7 +25,7 @@
  */
 import { MitogenError } from "./errors.ts";
 import { asyncDispose, builtin, nodeProcess, nodeTransport } from "./runtime.ts";
-import { FIRST_DYNAMIC_HANDLE, HANDLE, Message } from "./frames.ts";
+import { FIRST_DYNAMIC_HANDLE, HANDLE, handleName, Message } from "./frames.ts";
 import { Stream } from "./stream.ts";
 import { installDispatcher } from "./dispatch.ts";
 import type { ChildLink, Router } from "./router.ts";
@@ -51,7 +51,7 @@ const forwarding = new WeakSet<Router>();
 function admit(router: Router, route: ListenRoute, msg: Message): string | null {
   const h = msg.handle;
   if (h !== HANDLE.CALL_FUNCTION && h !== HANDLE.CANCEL_CALL && h !== HANDLE.FORWARD_MODULE && h < FIRST_DYNAMIC_HANDLE) {
-    return `handle ${h} is not open to attached sessions`;
+    return `handle ${handleName(h)} is not open to attached sessions`;
   }
   if (msg.dst !== router.myId) {
     if (route === "listener" || h === HANDLE.FORWARD_MODULE) return `this listener admits messages to ${router.name} only`;

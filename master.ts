@@ -249,6 +249,6 @@ export class Router extends CoreRouter {
   override rewriteCallError(err: CallError): CallError {
     if (!err.remoteStack.includes("mitogen:///")) return err;
     const options = "cause" in err ? { cause: err.cause } : undefined;
-    return new CallError(err.remoteName, err.message.slice(err.remoteName.length + 2), mapStack(err.remoteStack), options);
+    return new CallError(err.remoteName, err.remoteMessage, mapStack(err.remoteStack), options);
   }
 }

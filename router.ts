@@ -8,7 +8,7 @@
 import { CallError, MitogenError, StreamError } from "./errors.ts";
 import type { Binder } from "./codec.ts";
 import { asyncDispose, builtin, builtinsReady } from "./runtime.ts";
-import { DEFAULT_MAX_MESSAGE_SIZE, FIRST_DYNAMIC_HANDLE, HANDLE, Message } from "./frames.ts";
+import { DEFAULT_MAX_MESSAGE_SIZE, FIRST_DYNAMIC_HANDLE, HANDLE, handleName, Message } from "./frames.ts";
 import type { LinkCounts, Stream } from "./stream.ts";
 import { FlowControl } from "./flow.ts";
 import { Sender } from "./channels.ts";
@@ -715,7 +715,7 @@ export class Router implements Binder, AsyncDisposable {
   #invoke(msg: Message, stream: Stream | null): void {
     const h = this.#handlers.get(msg.handle);
     if (!h) {
-      this.#sendDead(msg, `no handler for handle ${msg.handle} in ${this.name}`);
+      this.#sendDead(msg, `no handler for handle ${handleName(msg.handle)} in ${this.name}`);
       return;
     }
     // A reply comes from its respondent; a dead one may also come from a context on the route to it.
@@ -724,8 +724,8 @@ export class Router implements Binder, AsyncDisposable {
       return;
     }
     if (h.policy && !h.policy(msg, stream)) {
-      this.log("warn", `refused ${msg}: policy of handle ${msg.handle} rejected it`);
-      this.#sendDead(msg, `refused by policy of handle ${msg.handle} in ${this.name}`);
+      this.log("warn", `refused ${msg}: policy of handle ${handleName(msg.handle)} rejected it`);
+      this.#sendDead(msg, `refused by policy of handle ${handleName(msg.handle)} in ${this.name}`);
       return;
     }
     if (!h.persist) this.delHandler(msg.handle);
