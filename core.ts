@@ -9,20 +9,9 @@
 import type { Listener, ListenOptions } from "./listen.ts";
 import { AbortError, CallError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
 import { type Binder, type Secret, WIRE_REF, type WireRef } from "./codec.ts";
-import {
-  Abort,
-  asyncDispose,
-  type Boot,
-  builtin,
-  builtinsReady,
-  childTransport,
-  compilersForShipped,
-  exitProcess,
-  hasOwn,
-  onUncaught,
-  setTitle,
-  watchParent,
-} from "./runtime.ts";
+import { Abort, asyncDispose, builtin, builtinsReady, compilersForShipped, exitProcess, hasOwn, onUncaught, setTitle } from "./runtime.ts";
+import { type Boot, childTransport } from "./transport.ts";
+import { watchParent } from "./watchdog.ts";
 import { CORE, DEFAULT_MAX_MESSAGE_SIZE, FIRST_DYNAMIC_HANDLE, HANDLE, type LinkCounts, MARKER, Message, Stream } from "./frames.ts";
 import { type GetOptions, Receiver, Sender } from "./select.ts";
 import { FlowControl } from "./flow.ts";
@@ -31,6 +20,9 @@ import type { FileOptions, FileResult } from "./files.ts";
 export * from "./errors.ts";
 export * from "./codec.ts";
 export * from "./runtime.ts";
+export * from "./bytes.ts";
+export * from "./transport.ts";
+export * from "./watchdog.ts";
 export * from "./frames.ts";
 export * from "./select.ts";
 export * from "./flow.ts";

@@ -7,7 +7,9 @@
  */
 import { CallError, ChannelError, MitogenError, StreamError } from "./errors.ts";
 import { decodeValue, encodeValue } from "./codec.ts";
-import { allocBytes, allocFilled, joinParts, nextTurn, type Transport, view } from "./runtime.ts";
+import { nextTurn } from "./runtime.ts";
+import { allocBytes, allocFilled, joinParts, view } from "./bytes.ts";
+import type { Transport } from "./transport.ts";
 import type { Receiver } from "./select.ts";
 import type { Router } from "./core.ts";
 
