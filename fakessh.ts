@@ -36,6 +36,7 @@ import nacl from "tweetnacl";
 import { type Context, isDeno, MitogenError, nodeTransport, Receiver, type Router, type Sender, type Transport } from "./core.ts";
 import { stdinSource, stdioFlushed, stdioSink } from "./stdio.ts";
 import { acceptWithKey, connectWithKey } from "./handshake.ts";
+import { Chunks } from "./chunks.ts";
 import type { ExecResult, ExecSpec } from "./tunnel.ts";
 
 /** Frame types on the stand-in's socket. */
@@ -111,12 +112,11 @@ function frame(type: number, body: Uint8Array = new Uint8Array(0)): Uint8Array {
 
 /**
  * Splits a byte stream into frames (type u8 | length u32 | bytes), refusing any over `max`. Chunks
- * are kept as they came until a frame is whole, then copied out once: a frame spread over many
- * chunks is not joined again with each one.
+ * are kept as they came until a frame is whole (see {@link Chunks}), then taken once: a frame
+ * spread over many chunks is not joined again with each one.
  */
 class FrameReader {
-  readonly #parts: Uint8Array[] = [];
-  #size = 0;
+  readonly #in = new Chunks();
   readonly max: number;
   constructor(max: number) {
     this.max = max;
@@ -124,44 +124,17 @@ class FrameReader {
 
   /** Add `chunk`; returns the frames now complete. Throws on a frame over the limit. */
   push(chunk: Uint8Array): { type: number; body: Uint8Array }[] {
-    this.#parts.push(chunk);
-    this.#size += chunk.byteLength;
+    this.#in.push(chunk);
     const frames: { type: number; body: Uint8Array }[] = [];
-    while (this.#size >= 5) {
-      const head = this.#peek(5);
+    while (this.#in.size >= 5) {
+      const head = this.#in.peek(5);
       const length = new DataView(head.buffer, head.byteOffset, 5).getUint32(1);
       if (length > this.max) throw new MitogenError(`fakessh: a frame of ${length} bytes is over the ${this.max} limit`);
-      if (this.#size < 5 + length) break;
-      const bytes = this.#take(5 + length);
+      if (this.#in.size < 5 + length) break;
+      const bytes = this.#in.take(5 + length);
       frames.push({ type: bytes[0] as number, body: bytes.subarray(5) });
     }
     return frames;
-  }
-
-  /** The first `n` buffered bytes (a view of the first chunk when it holds them). */
-  #peek(n: number): Uint8Array {
-    const first = this.#parts[0] as Uint8Array;
-    return first.byteLength >= n ? first : this.#take(n, false);
-  }
-
-  /** A copy of the first `n` buffered bytes; consumed unless `consume` is false. */
-  #take(n: number, consume = true): Uint8Array {
-    const out = new Uint8Array(n);
-    let filled = 0;
-    let i = 0;
-    while (filled < n) {
-      const part = this.#parts[i] as Uint8Array;
-      const used = Math.min(part.byteLength, n - filled);
-      out.set(part.subarray(0, used), filled);
-      filled += used;
-      if (consume && used < part.byteLength) this.#parts[i] = part.subarray(used);
-      else i++;
-    }
-    if (consume) {
-      this.#parts.splice(0, i);
-      this.#size -= n;
-    }
-    return out;
   }
 }
 

@@ -18,6 +18,7 @@
  */
 import nacl from "tweetnacl";
 import { get32, MitogenError, put32, StreamError, type Transport } from "./core.ts";
+import { Chunks } from "./chunks.ts";
 
 /** Sizes and versions of the handshakes (see PROTOCOL.md). */
 export const HANDSHAKE = {
@@ -250,8 +251,7 @@ class After implements Transport {
 /** Reads fixed-size handshake messages off the raw transport, within one deadline. */
 class Wire {
   readonly raw: Transport;
-  #chunks: Uint8Array[] = [];
-  #buffered = 0;
+  readonly #in = new Chunks();
   #want: { n: number; resolve: (b: Uint8Array) => void } | null = null;
   #failure: HandshakeError | null = null;
   #reject: ((err: HandshakeError) => void) | null = null;
@@ -283,9 +283,8 @@ class Wire {
       this.#after(chunk);
       return;
     }
-    if (this.#failure || !chunk.byteLength) return;
-    this.#chunks.push(chunk);
-    this.#buffered += chunk.byteLength;
+    if (this.#failure) return;
+    this.#in.push(chunk);
     this.#serve();
   }
 
@@ -299,24 +298,9 @@ class Wire {
 
   #serve(): void {
     const want = this.#want;
-    if (!want || this.#buffered < want.n) return;
+    if (!want || this.#in.size < want.n) return;
     this.#want = null;
-    want.resolve(this.#take(want.n));
-  }
-
-  #take(n: number): Uint8Array {
-    const out = new Uint8Array(n);
-    let at = 0;
-    while (at < n) {
-      const head = this.#chunks[0] as Uint8Array;
-      const part = Math.min(head.byteLength, n - at);
-      out.set(head.subarray(0, part), at);
-      at += part;
-      if (part === head.byteLength) this.#chunks.shift();
-      else this.#chunks[0] = head.subarray(part);
-    }
-    this.#buffered -= n;
-    return out;
+    want.resolve(this.#in.take(want.n));
   }
 
   /** The next `n` bytes (n is a fixed message size: nothing is allocated by a claimed length). */
@@ -336,7 +320,7 @@ class Wire {
     if (this.#failure || this.#after) return;
     this.#failure = err;
     clearTimeout(this.#timer);
-    this.#chunks = [];
+    this.#in.clear();
     this.#want = null;
     this.#reject?.(err);
     this.raw.close();
@@ -350,10 +334,7 @@ class Wire {
     clearTimeout(this.#timer);
     this.#after = onData;
     this.#afterEnd = onEnd;
-    const rest = this.#chunks;
-    this.#chunks = [];
-    this.#buffered = 0;
-    for (const chunk of rest) onData(chunk);
+    for (const chunk of this.#in.takeAll()) onData(chunk);
   }
 }
 
