@@ -128,35 +128,18 @@ function concat(parts: readonly Uint8Array[]): Uint8Array {
 }
 
 const B64 = /^[A-Za-z0-9+/]{43}=$/;
-const ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+// Base64 by the runtime: btoa and atob (Deno, Node 16 and later), else Buffer (Node 12 and 14, which have
+// no btoa). Keys are 32 bytes: their binary strings are short.
 
 function toBase64(bytes: Uint8Array): string {
-  let out = "";
-  for (let i = 0; i < bytes.byteLength; i += 3) {
-    const n = ((bytes[i] as number) << 16) | ((bytes[i + 1] ?? 0) << 8) | (bytes[i + 2] ?? 0);
-    out += ALPHABET[n >> 18] + (ALPHABET[(n >> 12) & 63] as string);
-    out += i + 1 < bytes.byteLength ? ALPHABET[(n >> 6) & 63] : "=";
-    out += i + 2 < bytes.byteLength ? ALPHABET[n & 63] : "=";
-  }
-  return out;
+  return typeof btoa === "function" ? btoa(String.fromCharCode(...bytes)) : Buffer.from(bytes).toString("base64");
 }
 
 /** A 32-byte key from base64, or a HandshakeError naming `what`. */
 function key32(text: unknown, what: string): Uint8Array {
   if (typeof text !== "string" || !B64.test(text)) throw new HandshakeError(HANDSHAKE_FAILURE.MALFORMED, `${what} is not the base64 of 32 bytes`);
-  const out = new Uint8Array(HANDSHAKE.KEY);
-  let bits = 0;
-  let acc = 0;
-  let at = 0;
-  for (let i = 0; i < 43; i++) {
-    acc = (acc << 6) | ALPHABET.indexOf(text[i] as string);
-    bits += 6;
-    if (bits >= 8) {
-      bits -= 8;
-      out[at++] = (acc >> bits) & 255;
-    }
-  }
-  return out;
+  return typeof atob === "function" ? Uint8Array.from(atob(text), (c) => c.charCodeAt(0)) : new Uint8Array(Buffer.from(text, "base64"));
 }
 
 /** Generate a tweetnacl box key pair (Curve25519), base64. */
