@@ -8,7 +8,7 @@ import { parseArgs } from "node:util";
 import { existsSync, readFileSync, realpathSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { Receiver, Router } from "./mod.ts";
-import { isStandIn, sshMain } from "./fakessh.ts";
+import { isStandIn, sshMain } from "./fakessh-standin.ts";
 import { COMMANDS, runCommand, usage } from "./command.ts";
 import { which } from "./which.ts";
 
