@@ -10,7 +10,9 @@
 import { createConnection } from "node:net";
 import { basename } from "node:path";
 import nacl from "tweetnacl";
-import { isDeno, MitogenError, nodeTransport } from "./core.ts";
+import { MitogenError } from "./errors.ts";
+import { isDeno } from "./runtime.ts";
+import { nodeTransport } from "./transport.ts";
 import { stdinSource, stdioFlushed, stdioSink } from "./stdio.ts";
 import { connectWithKey } from "./handshake.ts";
 import {

@@ -18,7 +18,7 @@
  */
 import type { Socket } from "node:net";
 import nacl from "tweetnacl";
-import { MitogenError } from "./core.ts";
+import { MitogenError } from "./errors.ts";
 import { Chunks } from "./chunks.ts";
 
 /** Frame types on the stand-in's socket. */

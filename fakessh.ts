@@ -23,7 +23,9 @@ import { basename, delimiter, dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { spawn } from "node:child_process";
 import nacl from "tweetnacl";
-import { type Context, isDeno, MitogenError, nodeTransport, Receiver, type Router, type Sender, type Transport } from "./core.ts";
+import { type Context, MitogenError, Receiver, type Router, type Sender } from "./core.ts";
+import { isDeno } from "./runtime.ts";
+import { nodeTransport, type Transport } from "./transport.ts";
 import { acceptWithKey } from "./handshake.ts";
 import type { ExecResult, ExecSpec } from "./tunnel.ts";
 import {

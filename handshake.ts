@@ -17,7 +17,9 @@
  * @module
  */
 import nacl from "tweetnacl";
-import { get32, MitogenError, put32, StreamError, type Transport } from "./core.ts";
+import { MitogenError, StreamError } from "./errors.ts";
+import { get32, put32 } from "./frames.ts";
+import type { Transport } from "./transport.ts";
 import { Chunks } from "./chunks.ts";
 
 /** Sizes and versions of the handshakes (see PROTOCOL.md). */
