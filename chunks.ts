@@ -62,12 +62,25 @@ export class Chunks {
 
   /** Remove and return the next `n` bytes (`n` at most {@link Chunks.size}): a view when they lie in one chunk, else a copy. */
   take(n: number): Uint8Array {
-    return this.#read(n, true);
-  }
-
-  /** The next `n` bytes, left unread (`n` at most {@link Chunks.size}): a view when they lie in one chunk, else a copy. */
-  peek(n: number): Uint8Array {
-    return this.#read(n, false);
+    this.#normalize();
+    const first = this.#list[0];
+    this.#size -= n;
+    if (first && first.byteLength >= n) {
+      if (first.byteLength === n) this.#list.shift();
+      else this.#head = n;
+      return view(first, 0, n);
+    }
+    const out = new Uint8Array(n);
+    let off = 0;
+    while (off < n) {
+      const c = this.#list[0] as Uint8Array;
+      const k = Math.min(c.byteLength, n - off);
+      out.set(k === c.byteLength ? c : view(c, 0, k), off);
+      off += k;
+      if (k === c.byteLength) this.#list.shift();
+      else this.#list[0] = view(c, k);
+    }
+    return out;
   }
 
   /** Remove the next `n` bytes (at most {@link Chunks.size}), as views of the chunks they arrived in. */
@@ -90,19 +103,13 @@ export class Chunks {
     return parts;
   }
 
-  /** Remove everything unread, as the chunks (or their unread views) it arrived in. */
+  /** Remove everything unread (to drop it, or hand it on), as the chunks it arrived in (the first one cut to its unread part). */
   takeAll(): Uint8Array[] {
     this.#normalize();
     const all = this.#list;
-    this.clear();
-    return all;
-  }
-
-  /** Drop everything unread. */
-  clear(): void {
     this.#list = [];
-    this.#head = 0;
     this.#size = 0;
+    return all;
   }
 
   /** Drop the read part of the first chunk (the paths below work on whole chunks). */
@@ -112,34 +119,5 @@ export class Chunks {
     if (this.#head === first.byteLength) this.#list.shift();
     else this.#list[0] = view(first, this.#head);
     this.#head = 0;
-  }
-
-  #read(n: number, consume: boolean): Uint8Array {
-    this.#normalize();
-    const first = this.#list[0];
-    if (first && first.byteLength >= n) {
-      if (consume) {
-        if (first.byteLength === n) this.#list.shift();
-        else this.#head = n;
-        this.#size -= n;
-      }
-      return view(first, 0, n);
-    }
-    const out = new Uint8Array(n);
-    let off = 0;
-    let i = 0;
-    while (off < n) {
-      const c = this.#list[i] as Uint8Array;
-      const k = Math.min(c.byteLength, n - off);
-      out.set(k === c.byteLength ? c : view(c, 0, k), off);
-      off += k;
-      if (consume && k < c.byteLength) this.#list[i] = view(c, k);
-      else i++;
-    }
-    if (consume) {
-      this.#list.splice(0, i);
-      this.#size -= n;
-    }
-    return out;
   }
 }

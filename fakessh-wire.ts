@@ -88,12 +88,14 @@ export class FrameReader {
     this.#in.push(chunk);
     const frames: { type: number; body: Uint8Array }[] = [];
     while (this.#in.size >= 5) {
-      const head = this.#in.peek(5);
+      const head = this.#in.take(5);
       const length = new DataView(head.buffer, head.byteOffset, 5).getUint32(1);
       if (length > this.max) throw new MitogenError(`fakessh: a frame of ${length} bytes is over the ${this.max} limit`);
-      if (this.#in.size < 5 + length) break;
-      const bytes = this.#in.take(5 + length);
-      frames.push({ type: bytes[0] as number, body: bytes.subarray(5) });
+      if (this.#in.size < length) {
+        this.#in.unshift(head);
+        break;
+      }
+      frames.push({ type: head[0] as number, body: this.#in.take(length) });
     }
     return frames;
   }

@@ -305,7 +305,7 @@ class Wire {
     if (this.#failure || this.#after) return;
     this.#failure = err;
     clearTimeout(this.#timer);
-    this.#in.clear();
+    this.#in.takeAll();
     this.#want = null;
     this.#reject?.(err);
     this.raw.close();
