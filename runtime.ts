@@ -180,15 +180,15 @@ export interface DenoStdio {
  * Ready a child's runtime for its stream, before any user code runs (see the module doc): builtins
  * through the first stage's `require` where `process.getBuiltinModule` is missing, and user output
  * kept off the stream. Given a `socket` (Node: the first stage hands the stream over) output is made
- * blocking, and null returned; under Deno user output is moved to stderr, and the stream's own ends
+ * blocking, and nothing returned; under Deno user output is moved to stderr, and the stream's own ends
  * returned.
  */
-export function childStdio(boot: { require?: (id: string) => unknown; socket?: unknown }): DenoStdio | null {
+export function childStdio(boot: { require?: (id: string) => unknown; socket?: unknown }): DenoStdio | undefined {
   // Builtins: process.getBuiltinModule where the runtime has it, else the first stage's require.
   if (boot.require && !("process" in globalThis && process.getBuiltinModule)) loader = boot.require;
   if (boot.socket) {
     blockingOutput();
-    return null;
+    return;
   }
   if (!deno) throw new Error("mitogen: no stream handed to the core");
   const out = deno.stdout;
@@ -232,6 +232,7 @@ export function childStdio(boot: { require?: (id: string) => unknown; socket?: u
   for (const m of ["log", "info", "debug", "dir", "dirxml", "table"]) con[m] = console.error.bind(console);
   return { read, writeSync };
 }
+
 /**
  * Node: `process.stdout` and `process.stderr` write synchronously (blocking), as Deno's console does.
  * Behind a shell (a Deno parent, ssh) they are one pipe (`1>&2`), and Node's writes queued on each
