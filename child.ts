@@ -6,7 +6,9 @@
  * @module
  */
 import { StreamError } from "./errors.ts";
-import { type Boot, childTransport, exitProcess, onUncaught, setTitle, watchParent } from "./runtime.ts";
+import { type Boot, childTransport } from "./transport.ts";
+import { exitProcess, onUncaught, setTitle } from "./runtime.ts";
+import { watchParent } from "./watchdog.ts";
 import { CORE, HANDLE, MARKER, Message } from "./frames.ts";
 import { Stream } from "./stream.ts";
 import { becomeChild } from "./roles.ts";

@@ -5,12 +5,12 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { accessSync, constants, existsSync, readFileSync, realpathSync } from "node:fs";
-import { delimiter, join } from "node:path";
+import { existsSync, readFileSync, realpathSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { Receiver, Router } from "./mod.ts";
-import { isStandIn, sshMain } from "./fakessh.ts";
+import { isStandIn, sshMain } from "./fakessh-standin.ts";
 import { COMMANDS, runCommand, usage } from "./command.ts";
+import { which } from "./which.ts";
 
 export * from "./mod.ts";
 
@@ -54,28 +54,13 @@ function demoModule(): URL | null {
   return null;
 }
 
-/** True when `name` is an executable on PATH. */
-function onPath(name: string): boolean {
-  for (const dir of (process.env.PATH ?? "").split(delimiter)) {
-    try {
-      if (dir) {
-        accessSync(join(dir, name), constants.X_OK);
-        return true;
-      }
-    } catch {
-      // not here
-    }
-  }
-  return false;
-}
-
 /**
  * The demo behind `npm run demo` and `npx mitogen demo`: local contexts only, no ssh needed. `b`
  * runs on deno when there is one (this runtime, or `deno` on PATH), else on node, saying so.
  */
 export async function demo(out: (line: string) => void = console.log): Promise<void> {
   await using router = new Router();
-  const bRuntime = "Deno" in globalThis || onPath("deno") ? "deno" : "node";
+  const bRuntime = "Deno" in globalThis || which("deno") !== null ? "deno" : "node";
   if (bRuntime === "node") out("(no deno on PATH: b runs on node; install deno to see a Deno context in the chain)");
   const t0 = performance.now();
   const a = await router.local({ runtime: "node", name: "a" });

@@ -34,7 +34,8 @@
  */
 import { Decoder, Encoder, ExtData, ExtensionCodec, encodeTimestampExtension } from "@msgpack/msgpack";
 import { AbortError, CallError, ChannelError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
-import { allocBytes, hasOwn, view } from "./runtime.ts";
+import { hasOwn } from "./runtime.ts";
+import { allocBytes, view } from "./bytes.ts";
 
 /** Extension type numbers. */
 export const EXT = {

@@ -5,7 +5,8 @@
  *
  * @module
  */
-import { builtin, joinParts } from "./runtime.ts";
+import { builtin } from "./runtime.ts";
+import { joinParts } from "./bytes.ts";
 import type { Router } from "./router.ts";
 
 /** What a child's first stage is sent after the payload's length, and the code cache asked of it. */

@@ -13,7 +13,7 @@ import { parseArgs } from "node:util";
 import type { createLogUpdate } from "log-update";
 import { levelFromEnv } from "./logs.ts";
 import { type Context, type LogRecord, Receiver, Router, type Sender, TimeoutError } from "./mod.ts";
-import { joinParts } from "./runtime.ts";
+import { joinParts } from "./bytes.ts";
 import type { ExecResult } from "./tunnel.ts";
 
 /** One target as given: `local`, or `[user@]host[:port]`. */

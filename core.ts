@@ -7,7 +7,8 @@
  * The payload's floors, lowest first: a file imports only files on floors below its own, not even a
  * type from above (`npm run cycles` prints the whole repository's):
  *
- *   0  errors (error classes), roles (isMaster, contextId...), logapi (log, LogRecord), runtime
+ *   0  errors (error classes), roles (isMaster, contextId...), logapi (log, LogRecord), runtime (shims),
+ *      bytes (allocator, views), watchdog (the parent watchdog)
  *   1  codec (values on the wire)
  *   2  frames (handles, header, Message)
  *   3  stream (frames over a Transport), flow (credit windows), select (Latch, Select),
@@ -24,6 +25,9 @@
 export * from "./errors.ts";
 export * from "./codec.ts";
 export * from "./runtime.ts";
+export * from "./bytes.ts";
+export * from "./transport.ts";
+export * from "./watchdog.ts";
 export * from "./frames.ts";
 export * from "./stream.ts";
 export * from "./flow.ts";

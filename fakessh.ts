@@ -3,85 +3,55 @@
  * through a context of the tree, so it reaches hosts only the tree reaches
  * (behind a bastion, as root through sudo) with nothing installed there.
  *
+ * This file is the run side: `fakessh.run`, the socket server and the relay.
  * `run()` puts a private directory (mode 0700) first on the program's PATH.
  * In it, `ssh` is `dist/mitogen.mjs` itself, started under that name (the
- * file's third role: see `sshMain`). The stand-in parses ssh's options,
- * connects back to `run()` over a unix socket in the same directory, proves
- * it knows the run's one-time key (tweetnacl secretbox over the socket's
- * challenge), and hands over the remote command. The command then runs in
- * the destination context as a subprocess (`mitogen:tunnel`), its stdin,
- * stdout and stderr tunnelled through the tree with flow control, and its
- * exit status becomes the stand-in's.
- *
- * The socket's frames, after the handshake (big-endian):
- *
- *     type u8 | length u32 | bytes          types: FAKESSH
- *
- * The handshake is handshake.ts's shared-key one (`acceptWithKey`,
- * `connectWithKey`: each side proves it holds the key). The stand-in's first
- * frame is REQUEST: `nonce (24) | secretbox(JSON request, nonce, key)`. A
- * failed handshake, or a first frame that is not a REQUEST that opens, ends
- * the connection. EXIT, after all output, starts the close handshake: the
- * stand-in closes its end, the run side reads on until it has (PROTOCOL.md).
+ * file's third role: the stand-in, fakessh-standin.ts). The stand-in parses
+ * ssh's options, connects back to `run()` over a unix socket in the same
+ * directory, proves it knows the run's one-time key, and hands over the
+ * remote command (the socket's frames: fakessh-wire.ts). The command then
+ * runs in the destination context as a subprocess (`mitogen:tunnel`), its
+ * stdin, stdout and stderr tunnelled through the tree with flow control, and
+ * its exit status becomes the stand-in's.
  *
  * @module
  */
 import { chmodSync, existsSync, lstatSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
-import { createConnection, createServer, type Server, type Socket } from "node:net";
+import { createServer, type Server, type Socket } from "node:net";
 import { constants, tmpdir } from "node:os";
 import { basename, delimiter, dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { spawn } from "node:child_process";
 import nacl from "tweetnacl";
 import { MitogenError } from "./errors.ts";
-import { isDeno, nodeTransport, type Transport } from "./runtime.ts";
+import { isDeno } from "./runtime.ts";
+import { nodeTransport, type Transport } from "./transport.ts";
 import { Receiver, type Sender } from "./channels.ts";
 import type { Context } from "./context.ts";
 import type { Router } from "./router.ts";
-import { stdinSource, stdioFlushed, stdioSink } from "./stdio.ts";
-import { acceptWithKey, connectWithKey } from "./handshake.ts";
+import { acceptWithKey } from "./handshake.ts";
 import type { ExecResult, ExecSpec } from "./tunnel.ts";
+import {
+  FAKESSH,
+  type FakesshRequest,
+  FrameReader,
+  frame,
+  HANDSHAKE_MS,
+  isPrivate,
+  MAX_FRAME,
+  NONCE,
+  SSH_FAILED,
+  text,
+  untext,
+  waitDrain,
+} from "./fakessh-wire.ts";
 
-/** Frame types on the stand-in's socket. */
-export const FAKESSH = {
-  /** stand-in -> run: bytes for the remote command's stdin. */
-  STDIN: 1,
-  /** stand-in -> run: the stand-in's stdin ended. */
-  EOF: 2,
-  /** run -> stand-in: bytes of the remote command's stdout. */
-  STDOUT: 3,
-  /** run -> stand-in: bytes of the remote command's stderr. */
-  STDERR: 4,
-  /** run -> stand-in: the exit status (u32), the run side's last frame; the stand-in then closes its end. */
-  EXIT: 5,
-  /** run -> stand-in: why the command could not run (UTF-8), before EXIT 255. */
-  ERROR: 6,
-  /** stand-in -> run, first frame: nonce (24) | secretbox(JSON request, nonce, key). */
-  REQUEST: 7,
-} as const;
+export type { FakesshRequest } from "./fakessh-wire.ts";
 
-/** The biggest frame either side accepts (stdin chunks are cut to fit). */
-const MAX_FRAME = 1 << 20;
 /** The biggest sealed request the listener reads before the key is proven. */
 const MAX_REQUEST = 64 * 1024;
-const NONCE = nacl.secretbox.nonceLength;
-/** A stand-in that has not proven the key by then is dropped. */
-const HANDSHAKE_MS = 10_000;
 /** How long the run side waits, after EXIT, for the stand-in to close its end. */
 const CLOSE_MS = 30_000;
-/** The exit status of ssh itself failing (OpenSSH's). */
-const SSH_FAILED = 255;
-
-/** What the stand-in asks for: the command line and the destination ssh was given. */
-export interface FakesshRequest {
-  host: string;
-  user: string | null;
-  port: number | null;
-  /** The remote command, as ssh sends it: its words joined by spaces. */
-  command: string;
-  /** Variables named by `-o SendEnv=` that were set (git's GIT_PROTOCOL). */
-  env: Record<string, string>;
-}
 
 /** Where the remote command runs: one context, or one per host name the program asked for. */
 export type FakesshDest = Context | ((host: string, request: FakesshRequest) => Context | Promise<Context>);
@@ -101,91 +71,6 @@ export interface FakesshOptions {
   /** The single file to start as `ssh` (default: `dist/mitogen.mjs` of this installation). */
   script?: string;
 }
-
-// ---------------------------------------------------------------------------
-// frames
-
-function frame(type: number, body: Uint8Array = new Uint8Array(0)): Uint8Array {
-  const out = new Uint8Array(5 + body.byteLength);
-  out[0] = type;
-  new DataView(out.buffer).setUint32(1, body.byteLength);
-  out.set(body, 5);
-  return out;
-}
-
-/**
- * Splits a byte stream into frames (type u8 | length u32 | bytes), refusing any over `max`. Chunks
- * are kept as they came until a frame is whole, then copied out once: a frame spread over many
- * chunks is not joined again with each one.
- */
-class FrameReader {
-  readonly #parts: Uint8Array[] = [];
-  #size = 0;
-  readonly max: number;
-  constructor(max: number) {
-    this.max = max;
-  }
-
-  /** Add `chunk`; returns the frames now complete. Throws on a frame over the limit. */
-  push(chunk: Uint8Array): { type: number; body: Uint8Array }[] {
-    this.#parts.push(chunk);
-    this.#size += chunk.byteLength;
-    const frames: { type: number; body: Uint8Array }[] = [];
-    while (this.#size >= 5) {
-      const head = this.#peek(5);
-      const length = new DataView(head.buffer, head.byteOffset, 5).getUint32(1);
-      if (length > this.max) throw new MitogenError(`fakessh: a frame of ${length} bytes is over the ${this.max} limit`);
-      if (this.#size < 5 + length) break;
-      const bytes = this.#take(5 + length);
-      frames.push({ type: bytes[0] as number, body: bytes.subarray(5) });
-    }
-    return frames;
-  }
-
-  /** The first `n` buffered bytes (a view of the first chunk when it holds them). */
-  #peek(n: number): Uint8Array {
-    const first = this.#parts[0] as Uint8Array;
-    return first.byteLength >= n ? first : this.#take(n, false);
-  }
-
-  /** A copy of the first `n` buffered bytes; consumed unless `consume` is false. */
-  #take(n: number, consume = true): Uint8Array {
-    const out = new Uint8Array(n);
-    let filled = 0;
-    let i = 0;
-    while (filled < n) {
-      const part = this.#parts[i] as Uint8Array;
-      const used = Math.min(part.byteLength, n - filled);
-      out.set(part.subarray(0, used), filled);
-      filled += used;
-      if (consume && used < part.byteLength) this.#parts[i] = part.subarray(used);
-      else i++;
-    }
-    if (consume) {
-      this.#parts.splice(0, i);
-      this.#size -= n;
-    }
-    return out;
-  }
-}
-
-const text = new TextEncoder();
-const untext = new TextDecoder();
-
-function waitDrain(socket: Socket): Promise<void> {
-  return new Promise((resolve) => {
-    const done = () => {
-      socket.off("drain", done);
-      socket.off("close", done);
-      resolve();
-    };
-    socket.on("drain", done);
-    socket.on("close", done);
-  });
-}
-
-// ---------------------------------------------------------------------------
-// run: the master's half
 
 /** Where the single file is: this file itself when bundled, else dist/ beside the sources. */
 function selfScript(): string {
@@ -559,217 +444,4 @@ async function handshake(socket: Socket, key: Uint8Array, dir: string): Promise<
   } catch {
     return null;
   }
-}
-
-// ---------------------------------------------------------------------------
-// the stand-in: dist/mitogen.mjs started as `ssh`
-
-/** True when this process is the `ssh` stand-in of a fakessh run. */
-export function isStandIn(argv1: string | undefined = process.argv[1]): boolean {
-  return process.env.MITOGEN_ROLE === "ssh" || (argv1 !== undefined && basename(argv1) === "ssh");
-}
-
-/** ssh's options that take an argument (OpenSSH's getopt string). */
-const WITH_ARG = new Set("bBcDeEFiIJlLmoOpPQRSwW");
-/** Options whose job a tunnel cannot do: forwarding, multiplexing, background. */
-const REFUSED = new Set("DLRWfMNOw");
-
-/** The sftp subsystem (scp's default protocol, sftp): the host's own sftp-server, wherever its system keeps it. */
-const SFTP_SERVER =
-  'for p in /usr/lib/openssh/sftp-server /usr/libexec/openssh/sftp-server /usr/lib/ssh/sftp-server /usr/libexec/sftp-server /usr/lib/sftp-server; do [ -x "$p" ] && exec "$p"; done; echo "fakessh: no sftp-server on this host" >&2; exit 127';
-
-/** Variables of the run itself (its key, its socket, the stand-in's role): never sent to a remote command. */
-const isPrivate = (name: string): boolean => name.startsWith("MITOGEN_FAKESSH") || name === "MITOGEN_ROLE";
-
-/** ssh's command line, as far as a stand-in needs it; `-o SendEnv=` and `-o SetEnv=` never pass on the run's own variables. */
-export function parseSshArgs(argv: readonly string[], env: Record<string, string | undefined> = {}): FakesshRequest & { noStdin: boolean } {
-  let user: string | null = null;
-  let port: number | null = null;
-  let noStdin = false;
-  let subsystem = false;
-  const sendEnv: string[] = [];
-  const setEnv: Record<string, string> = {};
-  const option = (raw: string) => {
-    const m = /^\s*(\w+)\s*(?:=|\s)\s*(.*)$/.exec(raw);
-    if (!m) return;
-    const name = (m[1] as string).toLowerCase();
-    const value = (m[2] as string).trim();
-    if (name === "user") user = value;
-    else if (name === "port") port = Number(value);
-    else if (name === "sendenv") sendEnv.push(...value.split(/\s+/));
-    else if (name === "setenv")
-      for (const pair of value.split(/\s+/)) {
-        const eq = pair.indexOf("=");
-        if (eq > 0) setEnv[pair.slice(0, eq)] = pair.slice(eq + 1);
-      }
-  };
-  let i = 0;
-  for (; i < argv.length; i++) {
-    const a = argv[i] as string;
-    if (a === "--") {
-      i++;
-      break;
-    }
-    if (!a.startsWith("-") || a === "-") break;
-    for (let j = 1; j < a.length; j++) {
-      const c = a[j] as string;
-      if (REFUSED.has(c)) throw new MitogenError(`fakessh: ssh option -${c} is not supported (only remote commands are tunnelled)`);
-      if (!WITH_ARG.has(c)) {
-        if (c === "n") noStdin = true;
-        else if (c === "s") subsystem = true;
-        continue;
-      }
-      const value = j + 1 < a.length ? a.slice(j + 1) : argv[++i];
-      if (value === undefined) throw new MitogenError(`fakessh: ssh option -${c} needs a value`);
-      if (c === "l") user = value;
-      else if (c === "p") port = Number(value);
-      else if (c === "o") option(value);
-      break;
-    }
-  }
-  let host = argv[i];
-  if (host === undefined) throw new MitogenError("fakessh: ssh was started without a destination");
-  const url = /^ssh:\/\/(?:([^@/]+)@)?(\[[^\]]+\]|[^:/]+)(?::(\d+))?\/?$/.exec(host);
-  if (url) {
-    if (url[1]) user = url[1];
-    host = url[2] as string;
-    if (url[3]) port = Number(url[3]);
-  } else {
-    const at = host.lastIndexOf("@");
-    if (at >= 0) {
-      user = host.slice(0, at);
-      host = host.slice(at + 1);
-    }
-  }
-  const words = argv.slice(i + 1);
-  if (!words.length) throw new MitogenError("fakessh: ssh was started without a remote command (no shell sessions through the tunnel)");
-  const forwarded: Record<string, string> = {};
-  for (const pattern of sendEnv) {
-    const re = new RegExp(
-      `^${pattern
-        .replace(/[.+^${}()|[\]\\]/g, "\\$&")
-        .replaceAll("*", ".*")
-        .replaceAll("?", ".")}$`,
-    );
-    for (const [k, v] of Object.entries(env)) if (v !== undefined && re.test(k)) forwarded[k] = v;
-  }
-  Object.assign(forwarded, setEnv);
-  for (const k of Object.keys(forwarded)) if (isPrivate(k)) delete forwarded[k];
-  let command = words.join(" ");
-  if (subsystem) {
-    if (command !== "sftp") throw new MitogenError(`fakessh: ssh subsystem ${JSON.stringify(command)} is not supported (only sftp)`);
-    command = SFTP_SERVER;
-  }
-  return { host, user, port, command, env: forwarded, noStdin };
-}
-
-/** The stand-in's main: parse ssh's argv, connect back to `run()`, relay stdio; resolves with the exit status. */
-export async function sshMain(argv: string[]): Promise<number> {
-  const fail = (message: string): number => {
-    process.stderr.write(`${message}\n`);
-    return SSH_FAILED;
-  };
-  const socketPath = process.env.MITOGEN_FAKESSH;
-  const key64 = process.env.MITOGEN_FAKESSH_KEY;
-  delete process.env.MITOGEN_ROLE;
-  if (!socketPath || !key64) return fail("mitogen: started as ssh outside fakessh.run (MITOGEN_FAKESSH is not set)");
-  let request: ReturnType<typeof parseSshArgs>;
-  try {
-    request = parseSshArgs(argv, process.env);
-  } catch (err) {
-    return fail((err as Error).message);
-  }
-  const key = new Uint8Array(Buffer.from(key64, "base64"));
-  const socket = createConnection(socketPath);
-  return new Promise<number>((resolve) => {
-    let code = SSH_FAILED;
-    let reported = false;
-    /** EXIT came: this side has closed its end (the close handshake); nothing more is written. */
-    let exited = false;
-    const reader = new FrameReader(MAX_FRAME + 5);
-    let input: { stop(): void } | null = null;
-    const send = (type: number, body?: Uint8Array): boolean => (exited || socket.destroyed ? true : socket.write(frame(type, body)));
-    const sendInput = () => {
-      if (request.noStdin) {
-        send(FAKESSH.EOF);
-        return;
-      }
-      input = stdinSource(
-        async (chunk) => {
-          for (let at = 0; at < chunk.byteLength && !exited; at += MAX_FRAME) {
-            if (!send(FAKESSH.STDIN, chunk.subarray(at, at + MAX_FRAME))) await waitDrain(socket);
-          }
-        },
-        () => send(FAKESSH.EOF),
-      );
-    };
-    // Output goes out in order; the socket is read no faster than stdout takes it.
-    const stdout = stdioSink("stdout");
-    const stderr = stdioSink("stderr");
-    let writing: Promise<void> = Promise.resolve();
-    let backlog = 0;
-    const output = (sink: (chunk: Uint8Array) => Promise<void>, chunk: Uint8Array) => {
-      if (++backlog > 4) socket.pause();
-      writing = writing
-        .then(() => sink(chunk))
-        .catch(() => {}) // the program closed its end: what it did not read is dropped
-        .finally(() => {
-          if (--backlog <= 4) socket.resume();
-        });
-    };
-    const onFrame = (type: number, body: Uint8Array) => {
-      if (type === FAKESSH.STDOUT) output(stdout, body);
-      else if (type === FAKESSH.STDERR) output(stderr, body);
-      else if (type === FAKESSH.ERROR) output(stderr, text.encode(`ssh: ${untext.decode(body)}\n`));
-      else if (type === FAKESSH.EXIT && body.byteLength === 4 && !exited) {
-        code = new DataView(body.buffer, body.byteOffset, 4).getUint32(0);
-        // The run side reads on until this end closes: stop the input and close it.
-        exited = true;
-        input?.stop();
-        socket.end();
-      }
-    };
-    const onData = (chunk: Uint8Array) => {
-      try {
-        for (const f of reader.push(chunk)) onFrame(f.type, f.body);
-      } catch (err) {
-        process.stderr.write(`ssh: ${(err as Error).message}\n`);
-        socket.destroy();
-      }
-    };
-    connectWithKey(nodeTransport(socket, socket), key, { timeoutMs: HANDSHAKE_MS }).then(
-      (transport) => {
-        const { noStdin: _, ...wire } = request;
-        const nonce = nacl.randomBytes(NONCE);
-        const sealed = nacl.secretbox(text.encode(JSON.stringify(wire)), nonce, key);
-        const body = new Uint8Array(NONCE + sealed.byteLength);
-        body.set(nonce);
-        body.set(sealed, NONCE);
-        send(FAKESSH.REQUEST, body);
-        sendInput();
-        transport.start(onData, () => {
-          if (!exited && !reported) {
-            reported = true;
-            process.stderr.write("ssh: fakessh.run closed the connection before the remote command's exit status\n");
-          }
-        });
-      },
-      (err: Error) => {
-        if (!reported) process.stderr.write(`ssh: fakessh.run at ${socketPath} did not accept this stand-in: ${err.message}\n`);
-        reported = true;
-      },
-    );
-    socket.on("error", (err) => {
-      if (exited || reported) return; // the exit status is in: nothing was lost
-      reported = true;
-      process.stderr.write(`ssh: cannot reach fakessh.run at ${socketPath}: ${err.message}\n`);
-    });
-    // The program may close its end first (an sftp client that is done): that is no failure of ours.
-    if (!isDeno) process.stdout.on("error", () => {});
-    socket.on("close", () => {
-      input?.stop();
-      // The exit waits for the last output to leave this process: exiting with it queued would drop it.
-      void writing.then(stdioFlushed).then(() => resolve(code));
-    });
-  });
 }

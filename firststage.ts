@@ -7,7 +7,8 @@
  *
  * @module
  */
-import { isDeno, PDEATHSIG_ENV, runtimeCommand } from "./runtime.ts";
+import { isDeno, runtimeCommand } from "./runtime.ts";
+import { PDEATHSIG_ENV } from "./watchdog.ts";
 import { MARKER } from "./frames.ts";
 import { notRuntime, OLDEST } from "./versions.ts";
 

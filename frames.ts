@@ -6,7 +6,7 @@
  */
 import { CallError, ChannelError, MitogenError } from "./errors.ts";
 import { type Binder, decodeValue, encodeValue } from "./codec.ts";
-import { joinParts } from "./runtime.ts";
+import { joinParts } from "./bytes.ts";
 
 // ---------------------------------------------------------------------------
 // Constants

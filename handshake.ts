@@ -18,8 +18,9 @@
  */
 import nacl from "tweetnacl";
 import { MitogenError, StreamError } from "./errors.ts";
-import type { Transport } from "./runtime.ts";
 import { get32, put32 } from "./frames.ts";
+import type { Transport } from "./transport.ts";
+import { Chunks } from "./chunks.ts";
 
 /** Sizes and versions of the handshakes (see PROTOCOL.md). */
 export const HANDSHAKE = {
@@ -129,35 +130,18 @@ function concat(parts: readonly Uint8Array[]): Uint8Array {
 }
 
 const B64 = /^[A-Za-z0-9+/]{43}=$/;
-const ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+// Base64 by the runtime: btoa and atob (Deno, Node 16 and later), else Buffer (Node 12 and 14, which have
+// no btoa). Keys are 32 bytes: their binary strings are short.
 
 function toBase64(bytes: Uint8Array): string {
-  let out = "";
-  for (let i = 0; i < bytes.byteLength; i += 3) {
-    const n = ((bytes[i] as number) << 16) | ((bytes[i + 1] ?? 0) << 8) | (bytes[i + 2] ?? 0);
-    out += ALPHABET[n >> 18] + (ALPHABET[(n >> 12) & 63] as string);
-    out += i + 1 < bytes.byteLength ? ALPHABET[(n >> 6) & 63] : "=";
-    out += i + 2 < bytes.byteLength ? ALPHABET[n & 63] : "=";
-  }
-  return out;
+  return typeof btoa === "function" ? btoa(String.fromCharCode(...bytes)) : Buffer.from(bytes).toString("base64");
 }
 
 /** A 32-byte key from base64, or a HandshakeError naming `what`. */
 function key32(text: unknown, what: string): Uint8Array {
   if (typeof text !== "string" || !B64.test(text)) throw new HandshakeError(HANDSHAKE_FAILURE.MALFORMED, `${what} is not the base64 of 32 bytes`);
-  const out = new Uint8Array(HANDSHAKE.KEY);
-  let bits = 0;
-  let acc = 0;
-  let at = 0;
-  for (let i = 0; i < 43; i++) {
-    acc = (acc << 6) | ALPHABET.indexOf(text[i] as string);
-    bits += 6;
-    if (bits >= 8) {
-      bits -= 8;
-      out[at++] = (acc >> bits) & 255;
-    }
-  }
-  return out;
+  return typeof atob === "function" ? Uint8Array.from(atob(text), (c) => c.charCodeAt(0)) : new Uint8Array(Buffer.from(text, "base64"));
 }
 
 /** Generate a tweetnacl box key pair (Curve25519), base64. */
@@ -252,8 +236,7 @@ class After implements Transport {
 /** Reads fixed-size handshake messages off the raw transport, within one deadline. */
 class Wire {
   readonly raw: Transport;
-  #chunks: Uint8Array[] = [];
-  #buffered = 0;
+  readonly #in = new Chunks();
   #want: { n: number; resolve: (b: Uint8Array) => void } | null = null;
   #failure: HandshakeError | null = null;
   #reject: ((err: HandshakeError) => void) | null = null;
@@ -285,9 +268,8 @@ class Wire {
       this.#after(chunk);
       return;
     }
-    if (this.#failure || !chunk.byteLength) return;
-    this.#chunks.push(chunk);
-    this.#buffered += chunk.byteLength;
+    if (this.#failure) return;
+    this.#in.push(chunk);
     this.#serve();
   }
 
@@ -301,24 +283,9 @@ class Wire {
 
   #serve(): void {
     const want = this.#want;
-    if (!want || this.#buffered < want.n) return;
+    if (!want || this.#in.size < want.n) return;
     this.#want = null;
-    want.resolve(this.#take(want.n));
-  }
-
-  #take(n: number): Uint8Array {
-    const out = new Uint8Array(n);
-    let at = 0;
-    while (at < n) {
-      const head = this.#chunks[0] as Uint8Array;
-      const part = Math.min(head.byteLength, n - at);
-      out.set(head.subarray(0, part), at);
-      at += part;
-      if (part === head.byteLength) this.#chunks.shift();
-      else this.#chunks[0] = head.subarray(part);
-    }
-    this.#buffered -= n;
-    return out;
+    want.resolve(this.#in.take(want.n));
   }
 
   /** The next `n` bytes (n is a fixed message size: nothing is allocated by a claimed length). */
@@ -338,7 +305,7 @@ class Wire {
     if (this.#failure || this.#after) return;
     this.#failure = err;
     clearTimeout(this.#timer);
-    this.#chunks = [];
+    this.#in.takeAll();
     this.#want = null;
     this.#reject?.(err);
     this.raw.close();
@@ -352,10 +319,7 @@ class Wire {
     clearTimeout(this.#timer);
     this.#after = onData;
     this.#afterEnd = onEnd;
-    const rest = this.#chunks;
-    this.#chunks = [];
-    this.#buffered = 0;
-    for (const chunk of rest) onData(chunk);
+    for (const chunk of this.#in.takeAll()) onData(chunk);
   }
 }
 

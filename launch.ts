@@ -6,7 +6,8 @@
  *
  * @module
  */
-import { builtin, isDeno, type nodeTransport } from "./runtime.ts";
+import { builtin, isDeno } from "./runtime.ts";
+import type { nodeTransport } from "./transport.ts";
 import { StreamError } from "./errors.ts";
 import { type DenoProcess, denoSpawn, killGroup } from "./spawn.ts";
 

@@ -24,7 +24,8 @@
  * @module
  */
 import { MitogenError } from "./errors.ts";
-import { asyncDispose, builtin, nodeProcess, nodeTransport } from "./runtime.ts";
+import { asyncDispose, builtin, nodeProcess } from "./runtime.ts";
+import { nodeTransport } from "./transport.ts";
 import { FIRST_DYNAMIC_HANDLE, HANDLE, handleName, Message } from "./frames.ts";
 import { Stream } from "./stream.ts";
 import { installDispatcher } from "./dispatch.ts";

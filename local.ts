@@ -4,7 +4,8 @@
  *
  * @module
  */
-import { builtin, isDeno, nodeProcess, PDEATHSIG_ENV, runtimeCommand } from "./runtime.ts";
+import { builtin, isDeno, nodeProcess, runtimeCommand } from "./runtime.ts";
+import { PDEATHSIG_ENV } from "./watchdog.ts";
 import { StreamError, TimeoutError } from "./errors.ts";
 import { DENO_EVAL, firstStage, oddName, remoteCommand } from "./firststage.ts";
 import type { Launch, Starting } from "./launch.ts";

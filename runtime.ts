@@ -1,7 +1,9 @@
 /**
- * Every difference between Node and Deno lives here: how a child reaches its
- * message stream, how user output is kept off it, and which executable a
- * runtime name means.
+ * Every difference between Node and Deno lives here, and every difference
+ * between their versions: how a child's user output is kept off its message
+ * stream, builtins, `process`, the process title, exit and uncaught-error
+ * hooks, which executable a runtime name means, and how shipped code is
+ * compiled.
  *
  * A Node child gets its stream on an extra fd (3) that the parent hands it;
  * fds 0/1/2 are /dev/null and two pipes the parent reads as log lines, so
@@ -16,11 +18,13 @@
  * differ between those versions are reached through here too: builtins
  * ({@link builtin}: `process.getBuiltinModule` where it exists, else the
  * `require` the first stage hands over), `process` itself, AbortController,
- * `Object.hasOwn` and `Symbol.asyncDispose`.
+ * `Object.hasOwn`, `Symbol.asyncDispose` and `setImmediate`.
+ *
+ * The byte streams over these (transport.ts), bytes (bytes.ts) and the
+ * parent watchdog (watchdog.ts) are files of their own.
  *
  * @module
  */
-
 type GetBuiltin = NodeJS.Process["getBuiltinModule"];
 /** Where `process.getBuiltinModule` is missing: Node's `require` (from the first stage), Deno 1.x's `createRequire`. */
 let loader: ((id: string) => unknown) | null = null;
@@ -105,25 +109,6 @@ export const Abort: typeof AbortController =
           }
         };
 
-/** The least a byte stream must offer the router. */
-export interface Transport {
-  /** Begin delivering data; `onEnd` fires once, on EOF or error. */
-  start(onData: (chunk: Uint8Array) => void, onEnd: (error?: Error) => void): void;
-  /** Queue bytes for writing, in order. */
-  write(parts: readonly Uint8Array[]): void;
-  /** Wait until everything queued so far has been handed to the OS. */
-  flush(): Promise<void>;
-  /** Close both directions. */
-  close(): void;
-  /** Bytes written and not yet handed to the OS (none: 0). */
-  queued?(): number;
-  /** Call `fn` once, when the bytes queued now have gone out. */
-  onDrain?(fn: () => void): void;
-  /** Stop delivering data until {@link Transport.resume}: the other end's writes then wait. */
-  pause?(): void;
-  resume?(): void;
-}
-
 /** Run `fn` in a later turn of the event loop, after pending I/O (setImmediate; Deno 1.x has none). */
 export const nextTurn: (fn: () => void) => void = typeof setImmediate === "function" ? (fn) => setImmediate(fn) : (fn) => setTimeout(fn, 0);
 
@@ -152,227 +137,6 @@ export const deno: DenoGlobal | undefined = (globalThis as { Deno?: DenoGlobal }
 export const isDeno: boolean = deno !== undefined;
 /** `node:fs` reads and writes at a position without a shared offset, so several may run at once (Deno 1.x seeks first). */
 export const positionalIo: boolean = !(deno as { version?: { deno: string } } | undefined)?.version?.deno.startsWith("1.");
-
-type NodeReadable = {
-  on(event: "data", cb: (chunk: Uint8Array) => void): unknown;
-  on(event: "end" | "close", cb: () => void): unknown;
-  on(event: "error", cb: (err: Error) => void): unknown;
-  destroy(): unknown;
-  pause?(): unknown;
-  resume?(): unknown;
-};
-type NodeWritable = {
-  write(chunk: Uint8Array, cb?: (err?: Error | null) => void): boolean;
-  on(event: "error", cb: (err: Error) => void): unknown;
-  cork?(): void;
-  uncork?(): void;
-  end(cb?: () => void): unknown;
-  destroy(): unknown;
-  writableLength?: number;
-  once(event: "drain", cb: () => void): unknown;
-};
-
-/** A Transport over a Node readable and writable (both may be one socket). */
-export function nodeTransport(readable: NodeReadable, writable: NodeWritable): Transport {
-  let ended = false;
-  return {
-    start(onData, onEnd) {
-      const end = (err?: Error) => {
-        if (ended) return;
-        ended = true;
-        onEnd(err);
-      };
-      readable.on("data", onData);
-      readable.on("end", () => end());
-      readable.on("close", () => end());
-      readable.on("error", (err) => end(err));
-      readable.resume?.();
-      if ((writable as unknown) !== readable) writable.on("error", (err) => end(err));
-    },
-    write(parts) {
-      if (ended) return;
-      if (parts.length > 1) writable.cork?.();
-      for (const p of parts) writable.write(p);
-      if (parts.length > 1) writable.uncork?.();
-    },
-    flush() {
-      return new Promise((resolve) => {
-        if (ended) return resolve();
-        writable.write(new Uint8Array(0), () => resolve());
-      });
-    },
-    close() {
-      readable.destroy();
-      if ((writable as unknown) !== readable) writable.destroy();
-    },
-    queued: () => writable.writableLength ?? 0,
-    onDrain: (fn) => writable.once("drain", fn),
-    pause: () => readable.pause?.(),
-    resume: () => readable.resume?.(),
-  };
-}
-
-/**
- * A Transport over Deno's stdin/stdout (a Deno child's stream). Writes made in
- * one tick are joined and written with writeSync: an async write costs ~50 us
- * per call in Deno, a sync one ~4 us. Reads go through one reused buffer.
- */
-function denoTransport(read: (p: Uint8Array) => Promise<number | null>, writeSync: (p: Uint8Array) => number, initial: Uint8Array | null): Transport {
-  let queue: Uint8Array[] = [];
-  let scheduled = false;
-  let closed = false;
-  /** While paused: resolves on resume. */
-  let paused: Promise<void> | null = null;
-  let unpause = () => {};
-  const resume = () => {
-    paused = null;
-    unpause();
-  };
-  const emit = (p: Uint8Array) => {
-    while (p.byteLength) p = p.subarray(writeSync(p));
-  };
-  const drain = () => {
-    scheduled = false;
-    const batch = queue;
-    queue = [];
-    let small: Uint8Array[] = [];
-    let size = 0;
-    const joined = () => {
-      if (size) emit(small.length === 1 ? (small[0] as Uint8Array) : joinParts(small, size));
-      small = [];
-      size = 0;
-    };
-    try {
-      for (const p of batch) {
-        if (p.byteLength >= 65536) {
-          joined();
-          emit(p);
-        } else {
-          small.push(p);
-          size += p.byteLength;
-        }
-      }
-      joined();
-    } catch {
-      closed = true; // the parent is gone; reading will see EOF
-    }
-  };
-  return {
-    start(onData, onEnd) {
-      if (initial?.byteLength) onData(initial);
-      (async () => {
-        const buf = new Uint8Array(256 * 1024);
-        try {
-          for (;;) {
-            while (paused) await paused;
-            const n = await read(buf);
-            if (n === null) break;
-            // A copy: the buffer is read into again. A small one is a slab view (see allocBytes).
-            if (n <= SLAB_MAX) {
-              const chunk = allocBytes(n);
-              chunk.set(buf.subarray(0, n));
-              onData(chunk);
-            } else onData(buf.slice(0, n));
-          }
-          onEnd();
-        } catch (err) {
-          onEnd(err as Error);
-        }
-      })();
-    },
-    write(parts) {
-      if (closed) return;
-      queue.push(...parts);
-      if (!scheduled) {
-        scheduled = true;
-        queueMicrotask(drain);
-      }
-    },
-    flush() {
-      if (scheduled) drain();
-      return Promise.resolve();
-    },
-    close() {
-      closed = true;
-      resume();
-      try {
-        deno?.stdin.close();
-      } catch {
-        // already closed
-      }
-    },
-    pause() {
-      paused ??= new Promise((resolve) => (unpause = resolve));
-    },
-    resume,
-  };
-}
-
-/** `parts` written back to back into one array of `size` bytes (`capacity`, when larger, leaves room after them; `out`, when given, is that array). */
-export function joinParts(parts: readonly Uint8Array[], size: number, capacity: number = size, out: Uint8Array = new Uint8Array(capacity)): Uint8Array {
-  let off = 0;
-  for (const p of parts) {
-    out.set(p, off);
-    off += p.byteLength;
-  }
-  return out;
-}
-
-/** `a.subarray(start, end)`, made the cheaper way (a third of the time in V8), always a plain Uint8Array. */
-export function view(a: Uint8Array, start: number, end: number = a.byteLength): Uint8Array {
-  return new Uint8Array(a.buffer, a.byteOffset + start, end - start);
-}
-
-/**
- * A fresh array of `n` bytes that the caller fills completely before anyone reads it (a large frame
- * gathered as it arrives). On Node it is not zeroed first (`Buffer.allocUnsafeSlow`): zeroing 16 MiB
- * costs more than receiving it, where malloc hands back memory it had.
- */
-export function allocFilled(n: number): Uint8Array {
-  if (deno) return new Uint8Array(n);
-  const b = (builtin("node:buffer") as { Buffer: { allocUnsafeSlow(n: number): Uint8Array } }).Buffer.allocUnsafeSlow(n);
-  return new Uint8Array(b.buffer, b.byteOffset, n);
-}
-
-/** Arrays up to this size are cut from a shared slab by {@link allocBytes}. */
-const SLAB_MAX = 4096;
-const SLAB_SIZE = 64 * 1024;
-let slab = new ArrayBuffer(0);
-let slabUsed = 0;
-
-/**
- * A fresh array of `n` bytes (not zeroed). Small ones are views of a shared 64 KiB slab, as Node's
- * Buffer pool does: V8 allocates every typed array over 64 bytes outside its heap, which costs a
- * microsecond or more, while a view costs a tenth of that. Callers write all `n` bytes.
- */
-export function allocBytes(n: number): Uint8Array {
-  if (n > SLAB_MAX) return new Uint8Array(n);
-  if (slabUsed + n > slab.byteLength) {
-    slab = new ArrayBuffer(SLAB_SIZE);
-    slabUsed = 0;
-  }
-  const out = new Uint8Array(slab, slabUsed, n);
-  slabUsed = (slabUsed + n + 7) & ~7;
-  return out;
-}
-
-/** What the first stage hands the core. */
-export interface Boot {
-  /** Name given on the command line. */
-  name: string;
-  /** The compressed core payload, kept so this context can start children; none when the parent sent the script itself. */
-  payload?: Uint8Array;
-  /** Node: the socket the first stage read the payload from (fd 3). */
-  socket?: NodeReadable & NodeWritable;
-  /** Node: the socket to write to, when not `socket` (fd 4, through a shell). */
-  out?: NodeWritable;
-  /** Deno: bytes read past the payload (none: the Deno first stage reads exactly). */
-  rest?: Uint8Array;
-  /** Node: the first stage's `require`, for builtins where `process.getBuiltinModule` is missing (Node < 20.16). */
-  require?: (id: string) => unknown;
-  /** Node: the core's `vm.Script`, when the parent's loader compiled it (with or without a code cache). */
-  script?: { createCachedData(): Uint8Array; cachedDataRejected?: boolean };
-}
 
 /** `new Function(...args)` and indirect `eval`, as made by one script: what shipped code is compiled with. */
 export interface Compilers {
@@ -406,16 +170,25 @@ export function compilersForShipped(): Compilers {
   return (compilers = module.exports);
 }
 
+/** The ends of a Deno child's stream: fd 0's read and fd 1's own writeSync (see {@link childStdio}). */
+export interface DenoStdio {
+  read(p: Uint8Array): Promise<number | null>;
+  writeSync(p: Uint8Array): number;
+}
+
 /**
- * The child's stream to its parent. Under Deno this also moves user output
- * off fd 1 (see the module doc); it must run before any user code.
+ * Ready a child's runtime for its stream, before any user code runs (see the module doc): builtins
+ * through the first stage's `require` where `process.getBuiltinModule` is missing, and user output
+ * kept off the stream. Given a `socket` (Node: the first stage hands the stream over) output is made
+ * blocking, and nothing returned; under Deno user output is moved to stderr, and the stream's own ends
+ * returned.
  */
-export function childTransport(boot: Boot): Transport {
+export function childStdio(boot: { require?: (id: string) => unknown; socket?: unknown }): DenoStdio | undefined {
   // Builtins: process.getBuiltinModule where the runtime has it, else the first stage's require.
   if (boot.require && !("process" in globalThis && process.getBuiltinModule)) loader = boot.require;
   if (boot.socket) {
     blockingOutput();
-    return nodeTransport(boot.socket, boot.out ?? boot.socket);
+    return;
   }
   if (!deno) throw new Error("mitogen: no stream handed to the core");
   const out = deno.stdout;
@@ -457,7 +230,7 @@ export function childTransport(boot: Boot): Transport {
   }
   const con = console as unknown as Record<string, unknown>;
   for (const m of ["log", "info", "debug", "dir", "dirxml", "table"]) con[m] = console.error.bind(console);
-  return denoTransport(read, writeSync, boot.rest ?? null);
+  return { read, writeSync };
 }
 
 /**
@@ -531,74 +304,4 @@ export function runtimeCommand(runtime: string): RuntimeCommand {
   }
   const base = runtime.slice(runtime.lastIndexOf("/") + 1);
   return { kind: base.includes("deno") ? "deno" : "node", exe: runtime };
-}
-
-/**
- * The environment variable a parent sets when it starts a Node child under `setpriv --pdeathsig KILL`
- * (see ARCHITECTURE.md, "The watchdog"): `<pid>:<euid>`, the process whose death kills the child and the
- * effective uid it was set under (a change of credentials clears the signal).
- */
-export const PDEATHSIG_ENV = "MITOGEN_PDEATHSIG";
-
-/** Did this process start with AT_SECURE (setuid, setgid, file capabilities), which clears the parent-death signal? Unknown: true. */
-function secureExec(): boolean {
-  try {
-    // openSync and readSync: readFileSync costs a first caller twice as much (1 to 2 ms).
-    const fs = builtin("node:fs") as typeof import("node:fs");
-    const fd = fs.openSync("/proc/self/auxv", "r");
-    const a = Buffer.alloc(4096);
-    const n = fs.readSync(fd, a, 0, a.length, 0);
-    fs.closeSync(fd);
-    const w = /64/.test(process.arch) ? 8 : 4;
-    const le = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
-    const at = (i: number) => (le ? a.readUInt32LE(i) : a.readUInt32BE(i + w - 4));
-    for (let i = 0; i + 2 * w <= n; i += 2 * w) if (at(i) === 23) return at(i + w) !== 0; // AT_SECURE
-  } catch {
-    // no /proc: nothing is known
-  }
-  return true;
-}
-
-/**
- * Kill this process (SIGKILL) once its parent is gone, even while user code
- * blocks the event loop, and say how: `kernel` when the parent started this
- * Node process under `setpriv --pdeathsig KILL` (it sets {@link PDEATHSIG_ENV}
- * to its own pid, which must be our parent's) or, on Linux, a Deno process
- * (`prctl(PR_SET_PDEATHSIG)` through FFI): the kernel does it when the parent
- * process dies; not if a wrapper in between forked (another parent) or
- * changed user (another euid), or if the runtime started with AT_SECURE.
- * Otherwise `worker`: a worker thread checks every 200 ms
- * whether the parent process changed (getppid). `pid` is the parent context,
- * when it runs on this machine but is not the parent process (sudo, su, doas,
- * a wrapper script between them): the worker also ends this process when
- * `pid` has gone.
- */
-export function watchParent(pid = 0): "kernel" | "worker" {
-  const ppid = deno ? deno.ppid : process.ppid;
-  pid = pid === ppid ? 0 : pid | 0;
-  const src = (d: string) =>
-    `const k=${d}.kill,g=p=>{try{k(p,0)}catch(e){return/ESRCH|NotFound/.test(e.code+e.name)}};` +
-    `setInterval(()=>{if(${d}.ppid!==${ppid}||${pid}&&g(${pid}))k(${d}.pid,"SIGKILL")},200)`;
-  if (deno) {
-    try {
-      // PR_SET_PDEATHSIG (1), SIGKILL (9)
-      if (deno.build.os === "linux" && deno.dlopen("libc.so.6", { prctl: { parameters: ["i32", "i32"], result: "i32" } }).symbols.prctl?.(1, 9) === 0 && !pid)
-        return "kernel";
-    } catch {
-      // no FFI here: the worker watches the parent too
-    }
-    new (globalThis as unknown as { Worker: new (url: string, o: object) => unknown }).Worker(`data:text/javascript,${encodeURIComponent(src("Deno"))}`, {
-      type: "module",
-    });
-    return "worker";
-  }
-  // Set for this process only: user code and the children it starts do not see it.
-  const by = process.env[PDEATHSIG_ENV];
-  delete process.env[PDEATHSIG_ENV];
-  if (!pid && by === `${ppid}:${process.geteuid?.()}` && !secureExec()) return "kernel";
-  // A failing watchdog must not take the process with it. Its own stdio (not piped to ours) and a shared
-  // environment make it cheaper to start.
-  const wt = builtin("node:worker_threads");
-  new wt.Worker(src("process"), { eval: true, stdout: true, stderr: true, env: wt.SHARE_ENV }).on("error", () => {}).unref();
-  return "worker";
 }

@@ -14,7 +14,7 @@ import { Buffer } from "node:buffer";
 import { readFileSync } from "node:fs";
 import { createConnection, type Socket } from "node:net";
 import { MitogenError, StreamError } from "./errors.ts";
-import { nodeTransport, type Transport } from "./runtime.ts";
+import { nodeTransport, type Transport } from "./transport.ts";
 import { HANDLE, Message } from "./frames.ts";
 import { Stream } from "./stream.ts";
 import type { Context } from "./context.ts";

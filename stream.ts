@@ -6,7 +6,9 @@
  * @module
  */
 import { StreamError } from "./errors.ts";
-import { allocBytes, allocFilled, joinParts, nextTurn, type Transport, view } from "./runtime.ts";
+import { allocBytes, allocFilled, joinParts, view } from "./bytes.ts";
+import { nextTurn } from "./runtime.ts";
+import type { Transport } from "./transport.ts";
 import { DEFAULT_MAX_MESSAGE_SIZE, FRAME, get32, Message, writeHeader } from "./frames.ts";
 
 const NO_PARTS: readonly Uint8Array[] = [];

@@ -13,7 +13,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
 import { type Context, fakessh, Receiver, Router } from "../mod.ts";
-import { parseSshArgs } from "../fakessh.ts";
+import { parseSshArgs } from "../fakessh-standin.ts";
 import { alive, checkLeaks, leakedProcesses, quietRouter, routerWithLogs, RUNTIMES, standInPid, underDeno, waitFor } from "./helpers.ts";
 import { DIST } from "./command-runner.ts";
 import { findProgram } from "../lab/hosts.ts";
