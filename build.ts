@@ -33,6 +33,7 @@ import { fileURLToPath, pathToFileURL } from "node:url";
 import { type Payloads, SHIPPED, type ShippedName } from "./payload.ts";
 import { CORE } from "./frames.ts";
 import { ESBUILD_VERSION } from "./bundler.ts";
+import * as runningCore from "./core.ts";
 
 const root = dirname(fileURLToPath(import.meta.url));
 
@@ -137,6 +138,28 @@ const withoutStreamDecoding: esbuild.Plugin = {
   },
 };
 
+/**
+ * Throws unless every value shipped module `name` imports from a payload file (`inCore`; in the
+ * child that import is the running core) is one core.ts exports: core.ts lists its exports by hand,
+ * to keep the payload small, and a name missing there would be undefined in every child.
+ */
+export function checkCoreNames(name: string, files: string[], inCore: Set<string>): void {
+  const exported = new Set(Object.keys(runningCore));
+  for (const file of files) {
+    const text = readFileSync(join(root, file), "utf8");
+    for (const [, typeOnly, list, from] of text.matchAll(/^import (type )?\{([^}]*)\} from "(\.[^"]+\.ts)";$/gm)) {
+      if (typeOnly || !inCore.has(resolve(root, dirname(file), from as string))) continue;
+      for (const item of (list as string).split(",").map((x) => x.trim())) {
+        const imported = item.split(/\s+as\s+/)[0] as string;
+        if (imported && !imported.startsWith("type ") && !exported.has(imported))
+          throw new Error(
+            `${name}: ${file} imports ${imported} from ${from}, which core.ts does not export (in a child that import is the running core): add it to core.ts's exports`,
+          );
+      }
+    }
+  }
+}
+
 /** The oldest runtime a child runs on, for esbuild. */
 const OLDEST_TARGET = "node12";
 
@@ -162,33 +185,30 @@ export async function buildPayloads(): Promise<Payloads & { coreFiles: string[] 
   const inCore = new Set(coreFiles.map((f) => join(root, f)));
   // Shipped modules like any other (see evaluateModule in calls.ts): their imports of the core are the running core.
   const shipped = async (source: string) =>
-    (
-      await script({
-        entryPoints: [source],
-        format: "cjs",
-        target: OLDEST_TARGET,
-        ...readable(),
-        // tweetnacl asks for Node's `crypto` where it has no Web Crypto: the running core's require gives the builtin
-        external: ["crypto"],
-        plugins: [
-          {
-            name: "core-is-running",
-            setup(build) {
-              build.onResolve({ filter: /\.ts$/ }, (args) =>
-                inCore.has(resolve(args.resolveDir, args.path)) ? { path: "mitogen", external: true } : undefined,
-              );
-            },
+    await script({
+      entryPoints: [source],
+      format: "cjs",
+      target: OLDEST_TARGET,
+      ...readable(),
+      // tweetnacl asks for Node's `crypto` where it has no Web Crypto: the running core's require gives the builtin
+      external: ["crypto"],
+      plugins: [
+        {
+          name: "core-is-running",
+          setup(build) {
+            build.onResolve({ filter: /\.ts$/ }, (args) => (inCore.has(resolve(args.resolveDir, args.path)) ? { path: "mitogen", external: true } : undefined));
           },
-        ],
-      })
-    ).text;
+        },
+      ],
+    });
   const names = Object.keys(SHIPPED) as ShippedName[];
   const sources = await Promise.all(names.map((name) => shipped(SHIPPED[name])));
   await esbuild.stop(); // no service process outlives the build
   const modules = {} as Record<ShippedName, Uint8Array>;
   const modulesRaw = {} as Record<ShippedName, number>;
   names.forEach((name, i) => {
-    const src = sources[i] as string;
+    const { text: src, files } = sources[i] as { text: string; files: string[] };
+    checkCoreNames(name, files, inCore);
     modules[name] = deflateRawSync(src, { level: 9 });
     modulesRaw[name] = src.length;
   });

@@ -62,3 +62,16 @@ export function copyBytes(buf: Uint8Array, n: number): Uint8Array {
   chunk.set(buf.subarray(0, n));
   return chunk;
 }
+
+/** @internal Write `v` at `h[at]`, 4 bytes big-endian (frame headers, sealed frames in handshake.ts). */
+export function put32(h: Uint8Array, at: number, v: number): void {
+  h[at] = v >>> 24;
+  h[at + 1] = v >>> 16;
+  h[at + 2] = v >>> 8;
+  h[at + 3] = v;
+}
+
+/** @internal The 4 bytes at `h[at]`, big-endian, as an unsigned integer. */
+export function get32(h: Uint8Array, at: number): number {
+  return (((h[at] as number) << 24) | ((h[at + 1] as number) << 16) | ((h[at + 2] as number) << 8) | (h[at + 3] as number)) >>> 0;
+}

@@ -22,22 +22,30 @@
  *
  * @module
  */
+// What shipped modules and user code may take from "mitogen" in a child; names only the payload's
+// own files use are left out (each export is a name the payload carries). The build checks that
+// every name a shipped module imports from a payload file is here.
 export * from "./errors.ts";
-export * from "./codec.ts";
-export * from "./runtime.ts";
-export * from "./bytes.ts";
-export * from "./transport.ts";
-export * from "./watchdog.ts";
-export * from "./frames.ts";
+export { Secret } from "./codec.ts";
+export type { Binder, Encoded, WireRef } from "./codec.ts";
+export { Abort, asyncDispose, builtin, deno, isDeno, nodeProcess, positionalIo, runtimeCommand } from "./runtime.ts";
+export type { Compilers, DenoStdio, RuntimeCommand } from "./runtime.ts";
+export { get32, joinParts, put32 } from "./bytes.ts";
+export * from "./chunks.ts";
+export { nodeTransport } from "./transport.ts";
+export type { Boot, Transport } from "./transport.ts";
+export { PDEATHSIG_ENV } from "./watchdog.ts";
+export { CORE, DEFAULT_MAX_MESSAGE_SIZE, FIRST_DYNAMIC_HANDLE, HANDLE, handleName, MARKER, Message } from "./frames.ts";
+export type { MessageFields, MessageHost, MessageRecipient } from "./frames.ts";
 export * from "./stream.ts";
-export * from "./flow.ts";
+export type { FlowHost } from "./flow.ts";
 export { Latch, Select } from "./select.ts";
 export type { GetOptions, Selectable, SelectEvent } from "./select.ts";
 export * from "./channels.ts";
 export { contextId, isMaster, parentId, parentIds } from "./roles.ts";
 export { log, logRecordOf, setActiveRouter } from "./logapi.ts";
 export type { LogHost, LogLevel, LogRecord, LogSource } from "./logapi.ts";
-export { CALL, evaluateModule, takesEcontext, takesRouter } from "./calls.ts";
+export { evaluateModule, takesEcontext, takesRouter } from "./calls.ts";
 export type { CallContextShape, CallLimits, CallOptions, Shippable } from "./calls.ts";
 export * from "./context.ts";
 export type * from "./options.ts";

@@ -6,7 +6,7 @@
  */
 import { CallError, ChannelError, MitogenError } from "./errors.ts";
 import { type Binder, decodeValue, encodeValue } from "./codec.ts";
-import { joinParts } from "./bytes.ts";
+import { joinParts, put32 } from "./bytes.ts";
 
 // ---------------------------------------------------------------------------
 // Constants
@@ -257,17 +257,4 @@ export function writeHeader(msg: Message, h: Uint8Array = new Uint8Array(FRAME.H
   put32(h, at + 20, msg.replyTo);
   put32(h, at + 24, msg.length);
   return h;
-}
-
-/** @internal Write `v` at `h[at]`, 4 bytes big-endian (headers here, sealed frames in handshake.ts). */
-export function put32(h: Uint8Array, at: number, v: number): void {
-  h[at] = v >>> 24;
-  h[at + 1] = v >>> 16;
-  h[at + 2] = v >>> 8;
-  h[at + 3] = v;
-}
-
-/** @internal The 4 bytes at `h[at]`, big-endian, as an unsigned integer. */
-export function get32(h: Uint8Array, at: number): number {
-  return (((h[at] as number) << 24) | ((h[at + 1] as number) << 16) | ((h[at + 2] as number) << 8) | (h[at + 3] as number)) >>> 0;
 }

@@ -18,7 +18,7 @@
  */
 import nacl from "tweetnacl";
 import { MitogenError, StreamError } from "./errors.ts";
-import { get32, put32 } from "./frames.ts";
+import { get32, put32 } from "./bytes.ts";
 import type { Transport } from "./transport.ts";
 import { Chunks } from "./chunks.ts";
 

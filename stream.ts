@@ -6,10 +6,11 @@
  * @module
  */
 import { StreamError } from "./errors.ts";
-import { allocBytes, allocFilled, joinParts, view } from "./bytes.ts";
+import { allocBytes, allocFilled, get32, joinParts, view } from "./bytes.ts";
+import { Chunks } from "./chunks.ts";
 import { nextTurn } from "./runtime.ts";
 import type { Transport } from "./transport.ts";
-import { DEFAULT_MAX_MESSAGE_SIZE, FRAME, get32, Message, writeHeader } from "./frames.ts";
+import { DEFAULT_MAX_MESSAGE_SIZE, FRAME, Message, writeHeader } from "./frames.ts";
 
 const NO_PARTS: readonly Uint8Array[] = [];
 // Microtasks through a resolved promise: Node wraps each queueMicrotask() callback in an AsyncResource.
@@ -109,10 +110,8 @@ export class Stream {
   /** Bytes of frames written to and read from this link (headers included). */
   readonly counts: LinkCounts = { bytesIn: 0, bytesOut: 0 };
   readonly #transport: Transport;
-  /** Unread input; the first `#head` bytes of `#chunks[0]` are read already. */
-  #chunks: Uint8Array[] = [];
-  #head = 0;
-  #buffered = 0;
+  /** Unread input. */
+  readonly #in = new Chunks();
   /** The message whose header was read, waiting for its data. */
   #header: Message | null = null;
   #length = 0;
@@ -182,7 +181,7 @@ export class Stream {
 
   /** Hand `skip` whatever precedes `marker` in the buffer; true once the marker is next. */
   #skipTo(marker: Uint8Array, skip: (text: string) => void): boolean {
-    const head = this.#take(this.#buffered);
+    const head = this.#in.take(this.#in.size);
     let at = -1;
     for (let i = 0; i + marker.byteLength <= head.byteLength && at < 0; i++) {
       if (marker.every((b, k) => head[i + k] === b)) at = i;
@@ -196,7 +195,7 @@ export class Stream {
       }
     }
     if (cut) skip(new TextDecoder().decode(head.subarray(0, cut)));
-    this.#unshift(head.subarray(cut));
+    this.#in.unshift(head.subarray(cut));
     return at >= 0;
   }
 
@@ -303,14 +302,13 @@ export class Stream {
 
   #end(error?: Error): void {
     if (this.#closed) return;
-    if (!error && (this.#buffered > 0 || this.#header)) {
+    if (!error && (this.#in.size > 0 || this.#header)) {
       const want = this.#header ? this.#length : FRAME.HEADER_SIZE;
-      error = new StreamError(`${this.name}: truncated frame (EOF with ${this.#frame ? this.#filled : this.#buffered} of ${want} bytes)`);
+      error = new StreamError(`${this.name}: truncated frame (EOF with ${this.#frame ? this.#filled : this.#in.size} of ${want} bytes)`);
     }
     this.#closed = true;
     this.#closeReason = error;
-    this.#chunks = [];
-    this.#head = 0;
+    this.#in.takeAll();
     this.#frame = null;
     this.#batch = [];
     this.#drained();
@@ -328,80 +326,21 @@ export class Stream {
       frame.set(k === chunk.byteLength ? chunk : chunk.subarray(0, k), this.#filled);
       this.#filled += k;
       if (k < chunk.byteLength) {
-        this.#chunks.push(chunk.subarray(k));
-        this.#buffered += chunk.byteLength - k;
+        this.#in.push(chunk.subarray(k));
       }
       if (this.#filled < frame.byteLength) return;
     } else {
-      this.#chunks.push(chunk);
-      this.#buffered += chunk.byteLength;
+      this.#in.push(chunk);
     }
     this.#parse();
   }
 
-  /** Drop the read part of the first chunk (the slow paths below work on whole chunks). */
-  #normalize(): void {
-    if (this.#head === 0) return;
-    const first = this.#chunks[0] as Uint8Array;
-    if (this.#head === first.byteLength) this.#chunks.shift();
-    else this.#chunks[0] = view(first, this.#head);
-    this.#head = 0;
-  }
-
-  /** Put `bytes` back in front of the unread input. */
-  #unshift(bytes: Uint8Array): void {
-    if (!bytes.byteLength) return;
-    this.#normalize();
-    this.#chunks.unshift(bytes);
-    this.#buffered += bytes.byteLength;
-  }
-
-  /** Remove and return the first `n` buffered bytes (a view when they lie in one chunk). */
-  #take(n: number): Uint8Array {
-    this.#normalize();
-    const first = this.#chunks[0];
-    if (first && first.byteLength >= n) {
-      if (first.byteLength === n) this.#chunks.shift();
-      else this.#chunks[0] = view(first, n);
-      this.#buffered -= n;
-      return view(first, 0, n);
-    }
-    const out = new Uint8Array(n);
-    let off = 0;
-    while (off < n) {
-      const c = this.#chunks[0] as Uint8Array;
-      const k = Math.min(c.byteLength, n - off);
-      out.set(view(c, 0, k), off);
-      off += k;
-      if (k === c.byteLength) this.#chunks.shift();
-      else this.#chunks[0] = view(c, k);
-    }
-    this.#buffered -= n;
-    return out;
-  }
-
-  /** Remove the first `n` buffered bytes, as views of the chunks they arrived in. */
-  #takeParts(n: number): Uint8Array[] {
-    this.#normalize();
-    const parts: Uint8Array[] = [];
-    while (n > 0) {
-      const c = this.#chunks[0] as Uint8Array;
-      const k = Math.min(c.byteLength, n);
-      parts.push(k === c.byteLength ? c : view(c, 0, k));
-      if (k === c.byteLength) this.#chunks.shift();
-      else this.#chunks[0] = view(c, k);
-      this.#buffered -= k;
-      n -= k;
-    }
-    return parts;
-  }
-
   /** Handle the bootstrap marker `m` if it is complete; false when more bytes are needed. */
   #parseMarker(m: Marker): boolean {
-    if (m.skip && this.#buffered && !this.#skipTo(m.marker, m.skip)) return false;
+    if (m.skip && this.#in.size && !this.#skipTo(m.marker, m.skip)) return false;
     const size = m.marker.byteLength;
-    if (this.#buffered < size) return false;
-    const got = this.#take(Math.min(this.#buffered, m.line ? size + MARKER_LINE_MAX + 1 : size));
+    if (this.#in.size < size) return false;
+    const got = this.#in.take(Math.min(this.#in.size, m.line ? size + MARKER_LINE_MAX + 1 : size));
     const bad = (why = "") => {
       const text = new TextDecoder().decode(got.subarray(0, size + MARKER_LINE_MAX)).replace(/[^\x20-\x7e]/g, "?");
       return new StreamError(`${this.name}: expected bootstrap marker${why}, got ${JSON.stringify(text)}`);
@@ -414,11 +353,11 @@ export class Stream {
       for (let i = size; i < (end < 0 ? got.byteLength : end); i++) if ((got[i] as number) < 0x20 || (got[i] as number) > 0x7e) throw bad(" line");
       if (end < 0) {
         if (got.byteLength > size + MARKER_LINE_MAX) throw bad(" line");
-        this.#unshift(got);
+        this.#in.unshift(got);
         return false;
       }
     }
-    this.#unshift(got.subarray(m.line ? end + 1 : size));
+    this.#in.unshift(got.subarray(m.line ? end + 1 : size));
     this.#markers.shift();
     m.resolve(new TextDecoder().decode(got.subarray(size, end)));
     return true;
@@ -441,10 +380,10 @@ export class Stream {
         }
         let msg = this.#header;
         if (!msg) {
-          if (this.#buffered < FRAME.HEADER_SIZE) return;
+          if (this.#in.size < FRAME.HEADER_SIZE) return;
           // Fast path: a whole frame in the first chunk is cut from it in place.
-          const c = this.#chunks[0] as Uint8Array;
-          const at = this.#head;
+          const c = this.#in.first as Uint8Array;
+          const at = this.#in.head;
           let length: number;
           if (c.byteLength - at >= FRAME.HEADER_SIZE) {
             length = checkHeader(c, at, this.maxMessageSize);
@@ -453,19 +392,14 @@ export class Stream {
             if (end <= c.byteLength && (length <= SMALL_FRAME || !this.relays(msg.dst))) {
               msg._setData(length ? [view(c, at + FRAME.HEADER_SIZE, end)] : NO_PARTS, length);
               if (this.relays(msg.dst)) msg._wire = view(c, at, end);
-              this.#buffered -= end - at;
-              if (end === c.byteLength) {
-                this.#chunks.shift();
-                this.#head = 0;
-              } else this.#head = end;
+              this.#in.skip(end - at);
               this.#budget -= 512 + (length >> 4);
               this.onMessage(msg);
               continue;
             }
-            this.#head += FRAME.HEADER_SIZE;
-            this.#buffered -= FRAME.HEADER_SIZE;
+            this.#in.skip(FRAME.HEADER_SIZE);
           } else {
-            const h = this.#take(FRAME.HEADER_SIZE);
+            const h = this.#in.take(FRAME.HEADER_SIZE);
             length = checkHeader(h, 0, this.maxMessageSize);
             msg = headerAt(h, 0);
           }
@@ -480,22 +414,19 @@ export class Stream {
           this.#frame = null;
         } else if (length > SMALL_FRAME && this.relays(msg.dst)) {
           // A large frame this end only passes on keeps the chunks it arrived in: never joined here.
-          if (this.#buffered < length) return;
-          parts = this.#takeParts(length);
-        } else if (this.#buffered < length) {
+          if (this.#in.size < length) return;
+          parts = this.#in.takeParts(length);
+        } else if (this.#in.size < length) {
           // A large frame for this context is gathered in place as it arrives: its chunks are let go
           // at once, and it is never joined again. The length was checked against maxMessageSize;
           // the buffer's pages are committed only as bytes arrive.
           if (length > SMALL_FRAME) {
-            this.#normalize();
-            this.#filled = this.#buffered;
+            this.#filled = this.#in.size;
             // Not zeroed first: it is filled to its last byte before it is read (see allocFilled).
-            this.#frame = joinParts(this.#chunks, this.#buffered, length, allocFilled(length));
-            this.#chunks = [];
-            this.#buffered = 0;
+            this.#frame = joinParts(this.#in.takeAll(), this.#filled, length, allocFilled(length));
           }
           return;
-        } else parts = length ? [this.#take(length)] : NO_PARTS;
+        } else parts = length ? [this.#in.take(length)] : NO_PARTS;
         this.#header = null;
         msg._setData(parts, length);
         this.#budget -= 512 + (length >> 4);

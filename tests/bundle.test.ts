@@ -10,7 +10,7 @@ import { dirname, join } from "node:path";
 import { after, before, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
-import { runtimeCommand } from "../core.ts";
+import { runtimeCommand } from "../runtime.ts";
 import { checkLeaks } from "./helpers.ts";
 
 checkLeaks();

@@ -3,19 +3,8 @@ import assert from "node:assert/strict";
 import { inspect } from "node:util";
 import { encode } from "@msgpack/msgpack";
 import { describe, test } from "node:test";
-import {
-  BLOB_MIN,
-  type Binder,
-  CallError,
-  ChannelError,
-  decodeValue,
-  encodeValue,
-  MitogenError,
-  Secret,
-  StreamError,
-  TimeoutError,
-  WIRE_REF,
-} from "../core.ts";
+import { BLOB_MIN, type Binder, decodeValue, encodeValue, Secret, WIRE_REF } from "../codec.ts";
+import { CallError, ChannelError, MitogenError, StreamError, TimeoutError } from "../errors.ts";
 import { checkLeaks } from "./helpers.ts";
 
 checkLeaks();

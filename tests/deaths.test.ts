@@ -10,7 +10,7 @@ import { chmodSync, copyFileSync, mkdtempSync, realpathSync, rmSync, writeFileSy
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import { runtimeCommand } from "../core.ts";
+import { runtimeCommand } from "../runtime.ts";
 import { type CallContext, ChannelError, type Context, type Sender, takesRouter } from "../mod.ts";
 import { alive, checkLeaks, leakedProcesses, quietRouter, routerWithLogs, RUNTIMES, underDeno, waitFor } from "./helpers.ts";
 

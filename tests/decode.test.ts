@@ -6,7 +6,9 @@
  */
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
-import { decodeValue, encodeValue, FRAME, HANDLE, MAX_DEPTH, type MessageFields, MitogenError, Secret, writeHeader } from "../core.ts";
+import { decodeValue, encodeValue, MAX_DEPTH, Secret } from "../codec.ts";
+import { FRAME, HANDLE, type MessageFields, writeHeader } from "../frames.ts";
+import { MitogenError } from "../errors.ts";
 import { type CallContext, CallError, ChannelError, Message, Receiver, StreamError, takesRouter } from "../mod.ts";
 import { checkLeaks, quietRouter, routerWithLogs, RUNTIMES, waitFor } from "./helpers.ts";
 

@@ -5,7 +5,8 @@ import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { describe, test } from "node:test";
 import { type CallContext, ChannelError, Receiver, type Sender, takesRouter } from "../mod.ts";
-import { FLOW, FRAME } from "../core.ts";
+import { FLOW } from "../flow.ts";
+import { FRAME } from "../frames.ts";
 import { checkLeaks, quietRouter, routerWithLogs, RUNTIMES, underDeno, waitFor } from "./helpers.ts";
 
 checkLeaks();

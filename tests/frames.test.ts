@@ -4,7 +4,12 @@
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { ChannelError, FRAME, HANDLE, installDispatcher, Message, Router as CoreRouter, Receiver, Stream } from "../core.ts";
+import { ChannelError } from "../errors.ts";
+import { FRAME, HANDLE, Message } from "../frames.ts";
+import { installDispatcher } from "../dispatch.ts";
+import { Router as CoreRouter } from "../router.ts";
+import { Receiver } from "../channels.ts";
+import { Stream } from "../stream.ts";
 import { checkLeaks, routerWithLogs, transportPair, waitFor } from "./helpers.ts";
 
 checkLeaks();

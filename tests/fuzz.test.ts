@@ -8,25 +8,11 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import fc from "fast-check";
-import {
-  BLOB_MIN,
-  type Binder,
-  CallError,
-  ChannelError,
-  decodeValue,
-  EXT,
-  encodeValue,
-  FRAME,
-  Message,
-  MitogenError,
-  Secret,
-  Stream,
-  StreamError,
-  TimeoutError,
-  type Transport,
-  WIRE_REF,
-  writeHeader,
-} from "../core.ts";
+import { BLOB_MIN, type Binder, decodeValue, EXT, encodeValue, Secret, WIRE_REF } from "../codec.ts";
+import { CallError, ChannelError, MitogenError, StreamError, TimeoutError } from "../errors.ts";
+import { FRAME, Message, writeHeader } from "../frames.ts";
+import { Stream } from "../stream.ts";
+import type { Transport } from "../transport.ts";
 import { checkLeaks, transportPair } from "./helpers.ts";
 
 checkLeaks();

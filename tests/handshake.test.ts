@@ -7,7 +7,8 @@ import { join } from "node:path";
 import { describe, test } from "node:test";
 import fc from "fast-check";
 import nacl from "tweetnacl";
-import { nodeTransport, StreamError, type Transport } from "../core.ts";
+import { nodeTransport, type Transport } from "../transport.ts";
+import { StreamError } from "../errors.ts";
 import {
   acceptSealed,
   acceptWithKey,

@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { closeSync, openSync, readdirSync, readFileSync, truncateSync, writeFileSync, writeSync } from "node:fs";
 import { afterEach, beforeEach } from "node:test";
-import type { Transport } from "../core.ts";
+import type { Transport } from "../transport.ts";
 import { type CallContext, type LogRecord, Router, type RouterOptions, takesRouter } from "../mod.ts";
 
 /** Every process this test file starts inherits this variable, so leaks are found even when orphaned. */

@@ -11,7 +11,7 @@ import { dirname, join } from "node:path";
 import { test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
-import { runtimeCommand } from "../core.ts";
+import { runtimeCommand } from "../runtime.ts";
 import { checkLeaks } from "./helpers.ts";
 
 checkLeaks();

@@ -17,7 +17,7 @@ import { mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "n
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { CORE } from "../core.ts";
+import { CORE } from "../frames.ts";
 import { CallError, type Context, Receiver, Router, Select, TimeoutError } from "../mod.ts";
 import { captureLogs, checkLeaks, coresKept, quietRouter, underDeno, waitFor } from "./helpers.ts";
 import { DENO2, INSTALL_HINT, matrix, node10, RUNTIMES_DIR } from "../lab/matrix.ts";

@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
-import { HANDLE } from "../core.ts";
+import { HANDLE } from "../frames.ts";
 import { CallError, Channel, ChannelError, Latch, type Message, MitogenError, Receiver, Select, TimeoutError } from "../mod.ts";
 import { checkLeaks, quietRouter, RUNTIMES } from "./helpers.ts";
 

@@ -10,7 +10,7 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
-import { CORE } from "../core.ts";
+import { CORE } from "../frames.ts";
 import { ChannelError, type Context, Secret, type SshOptions } from "../mod.ts";
 import { checkLeaks, coresKept, quietRouter, routerWithLogs } from "./helpers.ts";
 import { findProgram, run, type TestHosts, useTestHosts } from "../lab/hosts.ts";

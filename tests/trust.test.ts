@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
-import { HANDLE, type Message } from "../core.ts";
+import { HANDLE, type Message } from "../frames.ts";
 import { type CallContext, CallError, ChannelError, takesRouter } from "../mod.ts";
 import { checkLeaks, quietRouter, routerWithLogs, RUNTIMES, waitFor } from "./helpers.ts";
 
