@@ -43,11 +43,11 @@ export interface ReceiverOptions {
  *
  * @example
  * ```ts
- * import { Receiver, Router } from "./mod.ts";
+ * import { Receiver, Router, type Sender } from "mitogen";
  * await using router = new Router();
  * const ctx = await router.local();
  * await using recv = new Receiver(router);
- * await ctx.call((s) => { for (let i = 0; i < 3; i++) s.send(i); s.close(); }, recv.toSender());
+ * await ctx.call((s: Sender) => { for (let i = 0; i < 3; i++) s.send(i); s.close(); }, recv.toSender());
  * for await (const msg of recv) console.log(msg.unpickle());
  * ```
  */
@@ -206,7 +206,7 @@ function deadError(msg: Message): ChannelError {
  *
  * @example
  * ```ts
- * import { Receiver, Router, type Sender } from "./mod.ts";
+ * import { Receiver, Router, type Sender } from "mitogen";
  * await using router = new Router();
  * const ctx = await router.local();
  * await using recv = new Receiver(router);
@@ -273,7 +273,7 @@ export class Sender implements WireRef {
  *
  * @example
  * ```ts
- * import { Channel, Router } from "./mod.ts";
+ * import { Channel, Router } from "mitogen";
  * await using router = new Router();
  * const me = router.myself();
  * const left = new Channel(router, me, 0); // the other end's handle is not known yet

@@ -78,7 +78,7 @@ const DENO_INSPECT = Symbol.for("Deno.customInspect");
  *
  * @example
  * ```ts
- * import { Secret } from "./codec.ts";
+ * import { Secret } from "mitogen";
  * const pw = new Secret("hunter2");
  * console.log(`${pw}`, pw.reveal()); // [secret] hunter2
  * ```

@@ -154,7 +154,7 @@ export class Context implements WireRef, AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { Router } from "./mod.ts";
+   * import { Router } from "mitogen";
    * await using router = new Router();
    * const ctx = await router.local();
    * const recv = ctx.callAsync(() => process.pid);
@@ -173,7 +173,7 @@ export class Context implements WireRef, AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { Router } from "./mod.ts";
+   * import { Router } from "mitogen";
    * await using router = new Router();
    * const ctx = await router.local({ runtime: "node" });
    * console.log(await ctx.call((x: number) => x * 2, 21)); // 42
@@ -204,11 +204,11 @@ export class Context implements WireRef, AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { Router } from "./mod.ts";
+   * import { Router } from "mitogen";
    * await using router = new Router();
    * const ctx = await router.local();
-   * const tasks = await ctx.import<typeof import("./tests/fixtures/tasks.ts")>(new URL("./tests/fixtures/tasks.ts", import.meta.url));
-   * console.log(await tasks.add(1, 2)); // 3
+   * const tasks = await ctx.import<typeof import("./examples/tasks.ts")>(new URL("./examples/tasks.ts", import.meta.url));
+   * console.log(await tasks.inventory({ deep: false })); // { host: "web1", platform: "linux", cpus: 8, runtime: "node v22.12.0" }
    * ```
    */
   import<T>(specifier: string | URL): Promise<Remote<T>> {
@@ -223,7 +223,7 @@ export class Context implements WireRef, AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { Router } from "./mod.ts";
+   * import { Router } from "mitogen";
    * await using router = new Router();
    * const ctx = await router.local();
    * await ctx.with({ timeout: 100 }).call(() => new Promise(() => {})).catch((e) => console.log(e.name)); // TimeoutError
@@ -245,7 +245,7 @@ export class Context implements WireRef, AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { Router } from "./mod.ts";
+   * import { Router } from "mitogen";
    * await using router = new Router();
    * const ctx = await router.local();
    * const { bytes, sha256 } = await ctx.putFile("./README.md", "/tmp/README.copy", { mode: 0o644 });
@@ -261,7 +261,7 @@ export class Context implements WireRef, AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { Router } from "./mod.ts";
+   * import { Router } from "mitogen";
    * await using router = new Router();
    * const ctx = await router.local();
    * await ctx.getFile("/etc/hostname", "/tmp/hostname.copy", { preserveTimes: true });

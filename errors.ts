@@ -24,7 +24,7 @@ export class MitogenError extends Error {
  *
  * @example
  * ```ts
- * import { CallError } from "./errors.ts";
+ * import { CallError } from "mitogen";
  * const err = new CallError("TypeError", "x is not a function", "TypeError: x ...");
  * console.log(err.remoteName, err.message); // TypeError TypeError: x is not a function
  * ```

@@ -90,10 +90,10 @@ function selfScript(): string {
  *
  * @example
  * ```ts
- * import { fakessh, Router } from "./mod.ts";
+ * import { fakessh, Router } from "mitogen";
  * await using router = new Router();
  * const ctx = await router.local();
- * const code = await fakessh.run(ctx, router, ["rsync", "-a", "./site/", "any:/tmp/site/"]);
+ * const code = await fakessh.run(ctx, router, ["rsync", "-a", "./examples/", "any:/tmp/examples/"]);
  * console.log(code); // 0
  * ```
  */

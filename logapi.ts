@@ -84,7 +84,7 @@ export function safeJson(value: unknown): string {
  *
  * @example
  * ```ts
- * import { log } from "./mod.ts";
+ * import { log } from "mitogen";
  * log.info("deploying", { version: 3 });
  * ```
  */

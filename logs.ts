@@ -142,7 +142,7 @@ export interface FormatOptions {
  *
  * @example
  * ```ts
- * import { formatRecord } from "./logs.ts";
+ * import { formatRecord } from "mitogen";
  * const context = { id: 1, name: "web", path: ["master", "web"] };
  * const line = formatRecord({ time: Date.now(), level: "info", source: "user", context, message: "up", data: { version: 3 }, contextId: 1, name: "web", path: context.path });
  * console.log(line); // [web] info: up version=3
@@ -226,7 +226,7 @@ function styleOf(logger: LevelLogger): LoggerStyle {
  *
  * @example
  * ```ts
- * import { log, logTo, Router } from "./mod.ts";
+ * import { log, logTo, Router } from "mitogen";
  * await using router = new Router({ log: logTo(console, "console") });
  * log.info("deploying", { version: 3 }); // console.info("[master] deploying", { version: 3 })
  * ```
@@ -267,7 +267,7 @@ export interface LogToFileOptions {
  *
  * @example
  * ```ts
- * import { logToFile, Router } from "./mod.ts";
+ * import { logToFile, Router } from "mitogen";
  * await using router = new Router({ log: logToFile("/tmp/mitogen.log", { level: "debug" }), debug: true });
  * await router.local({ name: "worker" }); // its connection steps are in /tmp/mitogen.log
  * ```

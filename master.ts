@@ -63,7 +63,7 @@ export interface RouterStats {
  *
  * @example
  * ```ts
- * import { Router } from "./mod.ts";
+ * import { Router } from "mitogen";
  * await using router = new Router();
  * const a = await router.local({ runtime: "node", name: "a" });
  * const b = await router.local({ runtime: "deno", via: a });
@@ -112,7 +112,7 @@ export class Router extends CoreRouter {
    *
    * @example
    * ```ts
-   * import { Router } from "./mod.ts";
+   * import { Router } from "mitogen";
    * await using router = new Router();
    * router.enableDebug();
    * await router.local({ name: "worker" }); // stderr: [master] debug: worker: started node (+2 ms) ...
@@ -128,7 +128,7 @@ export class Router extends CoreRouter {
    *
    * @example
    * ```ts
-   * import { Router } from "./mod.ts";
+   * import { Router } from "mitogen";
    * await using router = new Router();
    * const ctx = await router.local({ name: "worker" });
    * await ctx.call(() => 1);
@@ -155,7 +155,7 @@ export class Router extends CoreRouter {
    *
    * @example
    * ```ts
-   * import { Router } from "./mod.ts";
+   * import { Router } from "mitogen";
    * await using router = new Router();
    * const ctx = await router.local();
    * await router.disconnect(ctx);
@@ -174,7 +174,7 @@ export class Router extends CoreRouter {
    *
    * @example
    * ```ts
-   * import { Router } from "./mod.ts";
+   * import { Router } from "mitogen";
    * await using router = new Router();
    * await Promise.all([router.local(), router.local()]);
    * await router.disconnectAll();

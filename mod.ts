@@ -5,7 +5,7 @@
  *
  * @example
  * ```ts
- * import { Router } from "./mod.ts";
+ * import { Router } from "mitogen";
  * await using router = new Router();
  * const a = await router.local({ runtime: "node", name: "a" });
  * const b = await router.local({ runtime: "deno", via: a });

@@ -258,10 +258,10 @@ export class Router implements Binder, AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { Router } from "./mod.ts";
+   * import { Router } from "mitogen";
    * await using router = new Router();
    * const ctx = await router.local({ runtime: "deno", name: "worker" });
-   * console.log(await ctx.call(() => typeof Deno)); // "object"
+   * console.log(await ctx.call(() => "Deno" in globalThis)); // true
    * ```
    */
   async local(options: LocalOptions = {}): Promise<Context> {
@@ -273,8 +273,8 @@ export class Router implements Binder, AsyncDisposable {
    * nothing installed there but node or deno.
    *
    * @example
-   * ```ts
-   * import { Router } from "./mod.ts";
+   * ```ts no_run: needs an ssh server, here a host named bastion
+   * import { Router } from "mitogen";
    * await using router = new Router();
    * const host = await router.ssh({ hostname: "bastion", checkHostKeys: "accept" });
    * console.log(await host.call(() => process.version));
@@ -290,8 +290,8 @@ export class Router implements Binder, AsyncDisposable {
    * machine or on the machine of `via`.
    *
    * @example
-   * ```ts
-   * import { Router } from "./mod.ts";
+   * ```ts no_run: needs sudo, and the password of the user who runs it
+   * import { Router } from "mitogen";
    * await using router = new Router();
    * const root = await router.sudo({ username: "root", password: "..." });
    * console.log(await root.call(() => process.getuid?.()));
@@ -356,9 +356,11 @@ export class Router implements Binder, AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { connect, Router } from "./mod.ts";
+   * import { mkdtempSync } from "node:fs";
+   * import { tmpdir } from "node:os";
+   * import { connect, Router } from "mitogen";
    * await using router = new Router();
-   * const dir = Deno.makeTempDirSync();
+   * const dir = mkdtempSync(`${tmpdir()}/mitogen-`); // owner-only
    * await using listener = await router.listen({ path: `${dir}/mitogen.sock` });
    * await using session = await connect({ path: listener.path as string });
    * console.log(await session.context.call(() => 6 * 7)); // 42
@@ -468,7 +470,7 @@ export class Router implements Binder, AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { Router } from "./mod.ts";
+   * import { Router } from "mitogen";
    * await using router = new Router();
    * const hop = await router.local();
    * const kids = [await router.local({ via: hop }), await router.local({ via: hop })];

@@ -94,7 +94,7 @@ export interface Selectable {
  *
  * @example
  * ```ts
- * import { Latch } from "./mod.ts";
+ * import { Latch } from "mitogen";
  * const latch = new Latch<number>();
  * setTimeout(() => latch.put(1), 10);
  * console.log(await latch.get({ timeout: 1000 }));
@@ -151,7 +151,7 @@ export interface SelectEvent {
  *
  * @example
  * ```ts
- * import { Router, Select } from "./mod.ts";
+ * import { Router, Select } from "mitogen";
  * await using router = new Router();
  * const a = await router.local(), b = await router.local();
  * await using sel = new Select([a.callAsync(() => 1), b.callAsync(() => 2)]);

@@ -107,9 +107,11 @@ const where = (o: ConnectOptions) => (o.path !== undefined ? o.path : `${o.host}
  *
  * @example
  * ```ts
- * import { connect, Router } from "./mod.ts";
+ * import { mkdtempSync } from "node:fs";
+ * import { tmpdir } from "node:os";
+ * import { connect, Router } from "mitogen";
  * await using router = new Router();
- * const dir = Deno.makeTempDirSync(); // owner-only
+ * const dir = mkdtempSync(`${tmpdir()}/mitogen-`); // owner-only
  * await using listener = await router.listen({ path: `${dir}/mitogen.sock` });
  * await using session = await connect({ path: `${dir}/mitogen.sock` });
  * console.log(await session.context.call(() => process.pid)); // the listening process

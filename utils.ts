@@ -16,7 +16,7 @@ import { nodeProcess } from "./runtime.ts";
  *
  * @example
  * ```ts
- * import { runWithRouter } from "./mod.ts";
+ * import { runWithRouter } from "mitogen";
  * const pid = await runWithRouter(async (router) => {
  *   const ctx = await router.local();
  *   return ctx.call(() => process.pid);
@@ -34,7 +34,7 @@ export function runWithRouter<A extends unknown[], R>(fn: (router: Router, ...ar
  *
  * @example
  * ```ts
- * import { type Router, withRouter } from "./mod.ts";
+ * import { type Router, withRouter } from "mitogen";
  * const double = withRouter(async (router: Router, n: number) => {
  *   const ctx = await router.local({ name: "doubler" });
  *   return ctx.call((x: number) => x * 2, n);
@@ -75,7 +75,7 @@ export interface MainOptions extends RouterOptions {
  *
  * @example
  * ```ts
- * import { log, main } from "./mod.ts";
+ * import { log, main } from "mitogen";
  * await main(async (router) => {
  *   const ctx = await router.local({ name: "worker" });
  *   log.info("worker runs", { runtime: ctx.runtime });
