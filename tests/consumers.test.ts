@@ -120,6 +120,10 @@ before(async () => {
     paths,
     [
       "ARCHITECTURE.md",
+      "BENCHMARKS.md",
+      "CHANGELOG.md",
+      "CONNECTIONS.md",
+      "GUIDE.md",
       "LICENSE",
       "PROTOCOL.md",
       "README.md",
