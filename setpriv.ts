@@ -6,6 +6,7 @@
  */
 import { builtin, isDeno, nodeProcess } from "./runtime.ts";
 import { StreamError } from "./errors.ts";
+import { which } from "./which.ts";
 
 let setpriv: Promise<string | null> | undefined;
 
@@ -17,20 +18,7 @@ export function pdeathsigTool(): Promise<string | null> {
   setpriv ??= new Promise((resolve) => {
     const proc = nodeProcess();
     if (isDeno || proc.platform !== "linux") return resolve(null);
-    const fs = builtin("node:fs");
-    const usable = (f: string) => {
-      try {
-        fs.accessSync(f, fs.constants.X_OK);
-        return true;
-      } catch {
-        return false;
-      }
-    };
-    const found = (proc.env.PATH ?? "/usr/bin:/bin")
-      .split(":")
-      .filter((d) => d.startsWith("/"))
-      .map((d) => `${d}/setpriv`)
-      .find(usable);
+    const found = which("setpriv", proc.env.PATH ?? "/usr/bin:/bin");
     if (!found) return resolve(null);
     builtin("node:child_process").execFile(found, ["--pdeathsig", "KILL", "true"], { timeout: 5000 }, (err) => resolve(err ? null : found));
   });

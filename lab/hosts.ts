@@ -39,6 +39,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before } from "node:test";
 import type { Context, Router } from "../mod.ts";
+import { which } from "../which.ts";
 
 /** One test host, as the runner sees it. */
 export interface TestHost {
@@ -157,10 +158,7 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** Full path of `program` on DAEMON_PATH or the runner's PATH, or undefined. */
 export function findProgram(program: string): string | undefined {
-  for (const dir of `${DAEMON_PATH}:${process.env.PATH ?? ""}`.split(":")) {
-    if (dir && existsSync(join(dir, program))) return join(dir, program);
-  }
-  return undefined;
+  return which(program, `${DAEMON_PATH}:${process.env.PATH ?? ""}`) ?? undefined;
 }
 
 /** Is `pid` a live process (not a zombie)? */

@@ -10,7 +10,7 @@
  */
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { accessSync, constants, copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { createServer, type Server } from "node:http";
 import { tmpdir } from "node:os";
 import { delimiter, dirname, join } from "node:path";
@@ -18,6 +18,7 @@ import { after, before, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { runtimeCommand } from "../runtime.ts";
+import { which } from "../which.ts";
 import { checkLeaks } from "./helpers.ts";
 
 checkLeaks();
@@ -30,19 +31,6 @@ const tsc = join(root, "node_modules", "typescript", "bin", "tsc");
 const temps: string[] = [];
 let tarball = "";
 
-function which(name: string): string | null {
-  for (const dir of (process.env.PATH ?? "").split(delimiter)) {
-    try {
-      if (dir) {
-        accessSync(join(dir, name), constants.X_OK);
-        return join(dir, name);
-      }
-    } catch {
-      // not here
-    }
-  }
-  return null;
-}
 const deno =
   "Deno" in globalThis
     ? runtimeCommand("deno").exe
