@@ -60,7 +60,7 @@ export function childMain(boot: Boot, core: Record<string, unknown>, payloadName
     const script = boot.script;
     if (cfg.codeCache && script) {
       // A value of each common kind encoded first, so that the cache holds the encoder too.
-      Message.encoded([0, "", [null, true, 1.5, -1, 1 << 20], { a: [] }, new Uint8Array(1)], {});
+      Message.encoded([0, "", [null, true, 1.5, -1, 1 << 20], { a: [] }, new Uint8Array(1)]);
       router.route(Message.encoded(script.createCachedData(), { dst: cfg.parentIds[0] ?? 0, handle: cfg.codeCache }));
     }
     if (script?.cachedDataRejected !== undefined) router.log("debug", `code cache ${script.cachedDataRejected ? "rejected" : "used"}`);

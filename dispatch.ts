@@ -50,15 +50,15 @@ export function installDispatcher(router: Router): void {
     (msg) => {
       let kind = -1;
       try {
-        const body = callBody.decode(msg);
-        kind = body[0];
-        const [, target, args, flags = 0, lim] = body;
+        const [k, target, sent, flags = 0, lim] = callBody.decode(msg);
+        kind = k;
+        const args = Array.isArray(sent) ? sent : [];
         // The common case, a plain call of shipped source or of a module already loaded here: no deadline, no
         // CallContext, answered in this tick when it is synchronous. Anything else (loading, errors) goes to runCall.
         if (!lim && !(flags & CALL.TAKES_ROUTER) && (kind === CALL.SOURCE || kind === CALL.MODULE)) {
           const fn = kind === CALL.SOURCE ? compile(target) : loadedExport(router, target);
           if (fn && !isTakesRouter(fn)) {
-            const result = fn(...(Array.isArray(args) ? args : []));
+            const result = fn(...args);
             if (isThenable(result))
               result.then(
                 (v) => done(msg, v),
@@ -108,7 +108,7 @@ export function installDispatcher(router: Router): void {
             : [];
         // Cancelled (or past its deadline) while its module loaded: it does not start.
         if (controller?.signal.aborted) throw controller.signal.reason;
-        result = await fn(...(Array.isArray(args) ? args : []), ...extra);
+        result = await fn(...args, ...extra);
       }
     } catch (err) {
       fail(msg, err, kind);

@@ -799,15 +799,15 @@ export class Router implements Binder, AsyncDisposable {
     if (!this.parent || this.parent.closed) return;
     if (rec.level === "debug" && !this.debug) return;
     const fields: LogBody = [rec.contextId, rec.name, rec.level, rec.source, rec.message, rec.path, rec.time, rec.data];
-    const to = { dst: 0 };
     let msg: Message;
+    // To the master: dst 0, a new message's own.
     try {
-      msg = logBody.encode(fields, to);
+      msg = logBody.encode(fields);
       if (msg.length > LOG_DATA_MAX) throw msg;
     } catch {
       // Data that cannot travel (cyclic, a function, too big) goes as text.
       fields[7] = safeJson(rec.data).slice(0, LOG_DATA_MAX);
-      msg = logBody.encode(fields, to);
+      msg = logBody.encode(fields);
     }
     this.route(msg);
   }
