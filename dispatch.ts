@@ -84,12 +84,11 @@ export function installDispatcher(router: Router): void {
     const key = `${msg.src}:${msg.replyTo}`;
     let deadline: ReturnType<typeof setTimeout> | undefined;
     try {
-      if (lim) controller = new Abort();
-      if (lim?.cancel && msg.replyTo && controller) running.set(key, controller);
-      if (typeof lim?.timeout === "number") {
+      if (lim) {
+        const c = (controller = new Abort());
+        if (lim.cancel && msg.replyTo) running.set(key, c);
         const ms = lim.timeout;
-        const c = controller;
-        deadline = setTimeout(() => c?.abort(new TimeoutError(`deadline of ${ms} ms passed in ${router.name}`)), ms);
+        if (typeof ms === "number") deadline = setTimeout(() => c.abort(new TimeoutError(`deadline of ${ms} ms passed in ${router.name}`)), ms);
       }
       if (kind === CALL.LOAD) {
         const m = await router.requireModule(target);
@@ -133,8 +132,9 @@ function exported(m: Record<string, unknown> | undefined, name: string): Shippab
   return typeof f === "function" ? (f as Shippable) : undefined;
 }
 
+/** Has `v` a `then` method? (A primitive has none: its prototype's are the runtime's.) */
 function isThenable(v: unknown): v is PromiseLike<unknown> {
-  return (typeof v === "object" || typeof v === "function") && v !== null && typeof (v as { then?: unknown }).then === "function";
+  return typeof (v as { then?: unknown } | null | undefined)?.then === "function";
 }
 /** A free identifier in shipped source fails remotely; say why, and what to do instead. */
 function withHint(err: unknown, kind: number, router: Router): unknown {
