@@ -6,10 +6,10 @@
  *
  * @module
  */
-import type { ChildConfig } from "./child.ts";
 import type { ChildLink, Router } from "./router.ts";
 import type { Context } from "./context.ts";
 import { HANDLE, MARKER, Message } from "./frames.ts";
+import { type ChildConfig, configureBody } from "./bodies.ts";
 import { type LogSource, logRecordOf } from "./logapi.ts";
 import { nodeProcess } from "./runtime.ts";
 import { nodeTransport } from "./transport.ts";
@@ -187,7 +187,7 @@ export async function bootstrap(
       ...(/^(local|sudo|su|doas)$/.test(spec.method.kind) ? { parentPid: nodeProcess().pid } : {}),
       ...(sent.reply ? { codeCache: sent.reply } : {}),
     };
-    stream.send(Message.encoded(config, { dst: spec.id, src: router.myId, auth: router.myId, handle: HANDLE.CONFIGURE }));
+    stream.send(configureBody.encode(config, { dst: spec.id, src: router.myId, auth: router.myId }));
     step(router, spec, t0, "configure", "CONFIGURE sent");
     await Promise.race([settle(connected), failure]);
     step(router, spec, t0, "connected", "CONNECTED");

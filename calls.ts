@@ -1,14 +1,15 @@
 /**
- * The CALL_FUNCTION body and shipped code: the body's kinds and limits, encoding a call
- * ({@link callMessage}), marking functions that take a CallContext, turning shipped source into a
- * function ({@link compile}) and running a shipped module ({@link evaluateModule}), and replying
- * safely. Serving calls is dispatch.ts. Part of the child payload.
+ * Calls and shipped code: a call's limits, encoding a call of a function ({@link callMessage}; the
+ * CALL_FUNCTION body itself is bodies.ts's), marking functions that take a CallContext, turning shipped
+ * source into a function ({@link compile}) and running a shipped module ({@link evaluateModule}), and
+ * replying safely. Serving calls is dispatch.ts. Part of the child payload.
  *
  * @module
  */
 import { CallError, MitogenError } from "./errors.ts";
 import { builtin, compilersForShipped } from "./runtime.ts";
-import { HANDLE, Message } from "./frames.ts";
+import type { Message } from "./frames.ts";
+import { CALL, type CallBody, type CallLimits, callBody } from "./bodies.ts";
 
 /** Any function whose source can be shipped: self-contained, no free variables. */
 // deno-lint-ignore no-explicit-any
@@ -33,26 +34,11 @@ export interface CallOptions {
   timeout?: number;
 }
 
-/** The wire form of CallOptions, last in a CALL_FUNCTION body. */
-export type CallLimits = { timeout?: number; cancel?: true };
-
 /** The wire form of `options`, or undefined when it sets no limit (the body then ends before it). */
 export function limits(options: CallOptions): CallLimits | undefined {
   if (options.signal === undefined && options.timeout === undefined) return undefined;
   return { ...(options.timeout === undefined ? {} : { timeout: options.timeout }), ...(options.signal ? { cancel: true } : {}) };
 }
-
-/** Kinds of CALL_FUNCTION body: `[kind, target, args, flags?, limits?]`. */
-export const CALL = {
-  /** target: a function's source. */
-  SOURCE: 0,
-  /** target: `module#export`, a function exported by a shipped module. */
-  MODULE: 1,
-  /** target: a module name; load it and answer with its exported function names. */
-  LOAD: 2,
-  /** flags bit: hand the function `{ router, econtext }` as an extra last argument. */
-  TAKES_ROUTER: 1,
-} as const;
 
 // ---------------------------------------------------------------------------
 // Encoding a call
@@ -88,8 +74,8 @@ export function callMessage(fn: unknown, args: unknown[], options: CallOptions):
   const flags = isTakesRouter(fn) ? CALL.TAKES_ROUTER : 0;
   const lim = limits(options);
   // Trailing defaults stay off the wire (flags 0, no limits): the commonest call is three fields.
-  const body = lim ? [CALL.SOURCE, src, args, flags, lim] : flags ? [CALL.SOURCE, src, args, flags] : [CALL.SOURCE, src, args];
-  return Message.encoded(body, { handle: HANDLE.CALL_FUNCTION }, "args", args);
+  const body: CallBody = lim ? [CALL.SOURCE, src, args, flags, lim] : flags ? [CALL.SOURCE, src, args, flags] : [CALL.SOURCE, src, args];
+  return callBody.encode(body);
 }
 
 // ---------------------------------------------------------------------------
@@ -143,16 +129,28 @@ export function evaluateModule(src: string, name: string): Record<string, unknow
 // ---------------------------------------------------------------------------
 // Replying
 
+/** Where a failure happened: a context, by its path from the master. */
+type Where = { readonly path: readonly string[] };
+
+const failure = (err: unknown, router: Where): CallError => CallError.fromThrown(err, router.path.join(" -> "));
+
+/** Answer `msg`, if it asks for an answer, with `err` as a CallError from `router`'s context (see {@link replySafely}); returns that. */
+export function replyError(msg: Message, err: unknown, router: Where): CallError {
+  const e = failure(err, router);
+  if (msg.replyTo) replySafely(msg, e, router, e);
+  return e;
+}
+
 /**
  * Reply `value` to `msg`. When it cannot be sent (it cannot be encoded, it is
  * too large), reply `failed` (the call's own CallError) or the error that
  * stopped it, without its cause, then cut short: the caller always hears.
  */
-export function replySafely(msg: Message, value: unknown, router: { readonly path: readonly string[] }, failed: CallError | null = null): void {
+export function replySafely(msg: Message, value: unknown, router: Where, failed: CallError | null = null): void {
   try {
     msg.reply(value);
   } catch (err) {
-    const e = failed ?? CallError.fromThrown(err, router.path.join(" -> "));
+    const e = failed ?? failure(err, router);
     const bare = (n?: number) => new CallError(e.remoteName, e.remoteMessage.slice(0, n), e.remoteStack.slice(0, n));
     try {
       msg.reply(bare());

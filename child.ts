@@ -13,27 +13,12 @@ import { CORE, HANDLE, MARKER, Message } from "./frames.ts";
 import { Stream } from "./stream.ts";
 import { becomeChild } from "./roles.ts";
 import { setActiveRouter } from "./logapi.ts";
+import { configureBody } from "./bodies.ts";
 import { setRunningCore } from "./calls.ts";
 import { fromParent, installDispatcher } from "./dispatch.ts";
 import { Router } from "./router.ts";
 
 const ascii = new TextEncoder();
-
-/** The configuration a parent sends a new child in its first frame. */
-export interface ChildConfig {
-  contextId: number;
-  parentIds: number[];
-  name: string;
-  maxMessageSize: number;
-  unidirectional: boolean;
-  debug: boolean;
-  /** Names from the master down to this context. */
-  path: string[];
-  /** The parent context's pid, when it runs on the same machine (local, sudo, su, doas). */
-  parentPid?: number;
-  /** A handle of the parent's: send it V8's code cache of the core (only a core compiled by the parent's loader can). */
-  codeCache?: number;
-}
 
 /** Entry point of the payload: the first stage calls this with what it read. */
 export function childMain(boot: Boot, core: Record<string, unknown>, payloadName: string = CORE.MODERN): void {
@@ -56,15 +41,16 @@ export function childMain(boot: Boot, core: Record<string, unknown>, payloadName
       return;
     }
     configured = true;
-    const cfg = msg.unpickle() as ChildConfig;
+    const cfg = configureBody.decode(msg);
     router.myId = cfg.contextId;
     router.parentIds = cfg.parentIds;
     becomeChild(cfg.contextId, cfg.parentIds);
     router.name = cfg.name;
     router.path = Array.isArray(cfg.path) ? cfg.path.map(String) : [cfg.name];
     router.maxMessageSize = stream.maxMessageSize = cfg.maxMessageSize;
-    router.unidirectional = cfg.unidirectional;
-    router.debug = cfg.debug;
+    // A parent's CONFIGURE has both (a session's has neither; sessions do not run childMain).
+    router.unidirectional = cfg.unidirectional as boolean;
+    router.debug = cfg.debug as boolean;
     setTitle(`mitogen:${cfg.name}`);
     router.setParent(stream);
     // Die with the parent even while user code blocks the event loop (see ARCHITECTURE.md, "The watchdog").
@@ -74,7 +60,7 @@ export function childMain(boot: Boot, core: Record<string, unknown>, payloadName
     const script = boot.script;
     if (cfg.codeCache && script) {
       // A value of each common kind encoded first, so that the cache holds the encoder too.
-      Message.encoded([0, "", [null, true, 1.5, -1, 1 << 20], { a: [] }, new Uint8Array(1)], {});
+      Message.encoded([0, "", [null, true, 1.5, -1, 1 << 20], { a: [] }, new Uint8Array(1)]);
       router.route(Message.encoded(script.createCachedData(), { dst: cfg.parentIds[0] ?? 0, handle: cfg.codeCache }));
     }
     if (script?.cachedDataRejected !== undefined) router.log("debug", `code cache ${script.cachedDataRejected ? "rejected" : "used"}`);

@@ -11,7 +11,8 @@ import { asyncDispose } from "./runtime.ts";
 import { HANDLE, Message } from "./frames.ts";
 import { type ChannelHost, Receiver } from "./channels.ts";
 import type { GetOptions } from "./select.ts";
-import { CALL, type CallContextShape, type CallOptions, callMessage, limits } from "./calls.ts";
+import { CALL, callBody } from "./bodies.ts";
+import { type CallContextShape, type CallOptions, callMessage, limits } from "./calls.ts";
 
 /** What a Context needs of its router (the Router is one). */
 export interface ContextHost extends ChannelHost {
@@ -343,9 +344,7 @@ export class CallScope {
 
   /** As {@link Context.callModule}. */
   callModule(module: string, name: string, ...args: unknown[]): Promise<unknown> {
-    return this.#request(() =>
-      Message.encoded([CALL.MODULE, `${module}#${name}`, args, 0, limits(this.options)], { handle: HANDLE.CALL_FUNCTION }, "args", args),
-    );
+    return this.#request(() => callBody.encode([CALL.MODULE, `${module}#${name}`, args, 0, limits(this.options)]));
   }
 
   /** Send the call `make()` builds and resolve with the decoded reply; without a timeout or signal, no Receiver is made. */
@@ -365,7 +364,7 @@ export class CallScope {
   /** As {@link Context.import}; the functions returned carry this scope's options. */
   async import<T>(specifier: string | URL): Promise<Remote<T>> {
     const name = await this.context.router.bundleModule(specifier, this.context.runtime);
-    const load = Message.encoded([CALL.LOAD, name, [], 0, limits(this.options)], { handle: HANDLE.CALL_FUNCTION });
+    const load = callBody.encode([CALL.LOAD, name, [], 0, limits(this.options)]);
     const exported = (await this.#start(load).get()).unpickle() as string[];
     const remote: Record<string, (...args: unknown[]) => Promise<unknown>> = {};
     for (const fn of exported) remote[fn] = (...args) => this.callModule(name, fn, ...args);

@@ -12,7 +12,7 @@
  *   1  codec (values on the wire)
  *   2  frames (handles, header, Message)
  *   3  stream (frames over a Transport), flow (credit windows), select (Latch, Select),
- *      calls (the CALL_FUNCTION body, shipped code)
+ *      bodies (the reserved handles' bodies), calls (shipped code)
  *   4  channels (Receiver, Sender, Channel)
  *   5  context (Context, CallScope)
  *   6  options (types: the connection methods' and listeners' options)
@@ -45,8 +45,10 @@ export * from "./channels.ts";
 export { contextId, isMaster, parentId, parentIds } from "./roles.ts";
 export { log, logRecordOf, setActiveRouter } from "./logapi.ts";
 export type { LogHost, LogLevel, LogRecord, LogSource } from "./logapi.ts";
+export { configureBody } from "./bodies.ts";
+export type { AddRouteBody, Body, CallBody, CallLimits, ChildConfig, DelRouteBody, LogBody } from "./bodies.ts";
 export { evaluateModule, takesEcontext, takesRouter } from "./calls.ts";
-export type { CallContextShape, CallLimits, CallOptions, Shippable } from "./calls.ts";
+export type { CallContextShape, CallOptions, Shippable } from "./calls.ts";
 export * from "./context.ts";
 export type * from "./options.ts";
 export * from "./router.ts";

@@ -1,13 +1,14 @@
 /**
  * Serving CALL_FUNCTION (and CANCEL_CALL): the callee's side of a call, with the CallContext a
- * takesRouter function gets. The body and shipped code are calls.ts. Part of the child payload.
+ * takesRouter function gets. The body is bodies.ts's, shipped code calls.ts's. Part of the child payload.
  *
  * @module
  */
-import { AbortError, CallError, MitogenError, TimeoutError } from "./errors.ts";
+import { AbortError, MitogenError, TimeoutError } from "./errors.ts";
 import { Abort, hasOwn } from "./runtime.ts";
 import { HANDLE, type Message } from "./frames.ts";
-import { CALL, type CallLimits, compile, isTakesRouter, replySafely, type Shippable } from "./calls.ts";
+import { CALL, type CallLimits, callBody, moduleTarget } from "./bodies.ts";
+import { compile, isTakesRouter, replyError, replySafely, type Shippable } from "./calls.ts";
 import type { Router } from "./router.ts";
 
 /** What a takesRouter/takesEcontext function receives as its last argument. */
@@ -39,9 +40,8 @@ export function installDispatcher(router: Router): void {
     { handle: HANDLE.CANCEL_CALL },
   );
   const fail = (msg: Message, err: unknown, kind: number): void => {
-    const error = CallError.fromThrown(withHint(err, kind, router), router.path.join(" -> "));
-    if (msg.replyTo) replySafely(msg, error, router, error);
-    else router.log("warn", `callNoReply failed: ${error.message}`);
+    const error = replyError(msg, withHint(err, kind, router), router);
+    if (!msg.replyTo) router.log("warn", `callNoReply failed: ${error.message}`);
   };
   const done = (msg: Message, result: unknown): void => {
     if (msg.replyTo) replySafely(msg, result, router);
@@ -50,15 +50,15 @@ export function installDispatcher(router: Router): void {
     (msg) => {
       let kind = -1;
       try {
-        const body = msg.unpickle() as [number, string, unknown[], number?, CallLimits?];
-        kind = body[0];
-        const [, target, args, flags = 0, lim] = body;
+        const [k, target, sent, flags = 0, lim] = callBody.decode(msg);
+        kind = k;
+        const args = Array.isArray(sent) ? sent : [];
         // The common case, a plain call of shipped source or of a module already loaded here: no deadline, no
         // CallContext, answered in this tick when it is synchronous. Anything else (loading, errors) goes to runCall.
         if (!lim && !(flags & CALL.TAKES_ROUTER) && (kind === CALL.SOURCE || kind === CALL.MODULE)) {
           const fn = kind === CALL.SOURCE ? compile(target) : loadedExport(router, target);
           if (fn && !isTakesRouter(fn)) {
-            const result = fn(...(Array.isArray(args) ? args : []));
+            const result = fn(...args);
             if (isThenable(result))
               result.then(
                 (v) => done(msg, v),
@@ -84,12 +84,11 @@ export function installDispatcher(router: Router): void {
     const key = `${msg.src}:${msg.replyTo}`;
     let deadline: ReturnType<typeof setTimeout> | undefined;
     try {
-      if (lim) controller = new Abort();
-      if (lim?.cancel && msg.replyTo && controller) running.set(key, controller);
-      if (typeof lim?.timeout === "number") {
+      if (lim) {
+        const c = (controller = new Abort());
+        if (lim.cancel && msg.replyTo) running.set(key, c);
         const ms = lim.timeout;
-        const c = controller;
-        deadline = setTimeout(() => c?.abort(new TimeoutError(`deadline of ${ms} ms passed in ${router.name}`)), ms);
+        if (typeof ms === "number") deadline = setTimeout(() => c.abort(new TimeoutError(`deadline of ${ms} ms passed in ${router.name}`)), ms);
       }
       if (kind === CALL.LOAD) {
         const m = await router.requireModule(target);
@@ -97,13 +96,10 @@ export function installDispatcher(router: Router): void {
       } else {
         let fn: Shippable;
         if (kind === CALL.MODULE) {
-          const hash = target.lastIndexOf("#");
-          const mod = target.slice(0, hash);
-          const name = target.slice(hash + 1);
-          const m = await router.requireModule(mod);
-          const f = hasOwn(m, name) ? m[name] : undefined;
-          if (typeof f !== "function") throw new MitogenError(`${mod} has no exported function ${JSON.stringify(name)}`);
-          fn = f as Shippable;
+          const [mod, name] = moduleTarget(target);
+          const f = exported(await router.requireModule(mod), name);
+          if (!f) throw new MitogenError(`${mod} has no exported function ${JSON.stringify(name)}`);
+          fn = f;
         } else fn = compile(target);
         const extra =
           flags & CALL.TAKES_ROUTER || isTakesRouter(fn)
@@ -111,7 +107,7 @@ export function installDispatcher(router: Router): void {
             : [];
         // Cancelled (or past its deadline) while its module loaded: it does not start.
         if (controller?.signal.aborted) throw controller.signal.reason;
-        result = await fn(...(Array.isArray(args) ? args : []), ...extra);
+        result = await fn(...args, ...extra);
       }
     } catch (err) {
       fail(msg, err, kind);
@@ -126,12 +122,17 @@ export function installDispatcher(router: Router): void {
 
 /** The function `module#name` of a module evaluated here already, if it exports one by that name. */
 function loadedExport(router: Router, target: string): Shippable | undefined {
-  const hash = target.lastIndexOf("#");
-  const m = router.modules.get(target.slice(0, hash));
-  const f = m && hasOwn(m, target.slice(hash + 1)) ? m[target.slice(hash + 1)] : undefined;
+  const [mod, name] = moduleTarget(target);
+  return exported(router.modules.get(mod), name);
+}
+
+/** The function `name` of a module's exports `m`, if it exports one by that name. */
+function exported(m: Record<string, unknown> | undefined, name: string): Shippable | undefined {
+  const f = m && hasOwn(m, name) ? m[name] : undefined;
   return typeof f === "function" ? (f as Shippable) : undefined;
 }
 
+/** Has `v` a `then` method? (A primitive has none: its prototype's are the runtime's.) */
 function isThenable(v: unknown): v is PromiseLike<unknown> {
   return (typeof v === "object" || typeof v === "function") && v !== null && typeof (v as { then?: unknown }).then === "function";
 }

@@ -28,6 +28,7 @@ import { asyncDispose, builtin, nodeProcess } from "./runtime.ts";
 import { nodeTransport } from "./transport.ts";
 import { FIRST_DYNAMIC_HANDLE, HANDLE, handleName, Message } from "./frames.ts";
 import { Stream } from "./stream.ts";
+import { type Body, configureBody } from "./bodies.ts";
 import { installDispatcher } from "./dispatch.ts";
 import type { ChildLink, Router } from "./router.ts";
 import { acceptWithKey, HandshakeError, type SealedServer, sealedServer } from "./handshake.ts";
@@ -66,13 +67,27 @@ function admit(router: Router, route: ListenRoute, msg: Message): string | null 
   return null;
 }
 
+// FORWARD_MODULE (108), from a session to its listener
+//
+//   [name, code]      answered true if inflate(code) is script "\n//# sourceURL=mitogen:///" name "\n"
+//                     and name ends in "@" + the first 16 hex digits of SHA-256(script)
+
+/** A FORWARD_MODULE body: a module the session bundled, its name and its code (raw deflate). */
+export type ForwardModuleBody = [name: string, code: Uint8Array];
+
+/** FORWARD_MODULE (session.ts sends it, {@link serveForwardedModules} reads it). */
+export const forwardModuleBody: Body<ForwardModuleBody> = {
+  encode: (b, fields) => Message.encoded(b, { ...fields, handle: HANDLE.FORWARD_MODULE }),
+  decode: (msg) => msg.unpickle() as ForwardModuleBody,
+};
+
 /** Modules a session bundled: checked against their names (content hashes) and held for GET_MODULE. */
 function serveForwardedModules(router: Router): void {
   if (forwarding.has(router)) return;
   forwarding.add(router);
   router.addHandler(
     (msg) => {
-      const body = msg.unpickle() as [unknown, unknown];
+      const body = forwardModuleBody.decode(msg);
       const [name, code] = Array.isArray(body) ? body : [];
       const m = typeof name === "string" ? /^[^/@\s]+@([0-9a-f]{16})$/.exec(name) : null;
       if (!m || typeof name !== "string" || !(code instanceof Uint8Array)) return msg.reply(new MitogenError("FORWARD_MODULE needs [name@hash16, code]"));
@@ -372,7 +387,7 @@ export async function listen(router: Router, options: ListenOptions): Promise<Li
       maxMessageSize: router.maxMessageSize,
       listener: router.name,
     };
-    stream.send(Message.encoded(config, { dst: id, src: router.myId, auth: router.myId, handle: HANDLE.CONFIGURE }));
+    stream.send(configureBody.encode(config, { dst: id, src: router.myId, auth: router.myId }));
     router.log("debug", `listener: ${name} attached`);
   };
   await new Promise<void>((resolve, reject) => {

@@ -11,6 +11,7 @@ import { type LogLevel, type LogRecord, logRecordOf, type LogSource, setActiveRo
 import type { Context } from "./context.ts";
 import type { SshOptions } from "./options.ts";
 import { Router as CoreRouter } from "./router.ts";
+import { logBody } from "./bodies.ts";
 import { bundle, bundleTarget, mapStack } from "./bundler.ts";
 import * as parentModule from "./parent.ts";
 import * as tunnelModule from "./tunnel.ts";
@@ -187,7 +188,7 @@ export class Router extends CoreRouter {
   }
 
   #onForwardLog(msg: Message, stream: Stream | null): void {
-    const rec = msg.unpickle() as unknown[];
+    const rec = logBody.decode(msg);
     if (!Array.isArray(rec)) return;
     const [id, name, level, source, text, path, time, data] = rec;
     if (typeof id !== "number" || typeof text !== "string") return;

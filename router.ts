@@ -5,7 +5,7 @@
  *
  * @module
  */
-import { CallError, MitogenError, StreamError } from "./errors.ts";
+import { type CallError, MitogenError, StreamError } from "./errors.ts";
 import type { Binder } from "./codec.ts";
 import { asyncDispose, builtin, builtinsReady } from "./runtime.ts";
 import { DEFAULT_MAX_MESSAGE_SIZE, FIRST_DYNAMIC_HANDLE, HANDLE, handleName, Message } from "./frames.ts";
@@ -13,7 +13,8 @@ import type { LinkCounts, Stream } from "./stream.ts";
 import { FlowControl } from "./flow.ts";
 import { Sender } from "./channels.ts";
 import { type LogLevel, type LogRecord, type LogSource, logRecordOf, safeJson } from "./logapi.ts";
-import { evaluateModule, replySafely } from "./calls.ts";
+import { addRouteBody, type Body, delRouteBody, logBody, type LogBody } from "./bodies.ts";
+import { evaluateModule, replyError, replySafely } from "./calls.ts";
 import { Context, type FileOptions, type FileResult } from "./context.ts";
 import type {
   ContainerOptions,
@@ -208,10 +209,7 @@ export class Router implements Binder, AsyncDisposable {
       return code;
     })().then(
       (code) => replySafely(msg, code, this),
-      (err: unknown) => {
-        const e = CallError.fromThrown(err, this.path.join(" -> "));
-        replySafely(msg, e, this, e);
-      },
+      (err: unknown) => replyError(msg, err, this),
     );
   }
 
@@ -244,10 +242,7 @@ export class Router implements Binder, AsyncDisposable {
         ids.add(id);
         replySafely(msg, id, this);
       },
-      (err: unknown) => {
-        const e = CallError.fromThrown(err, this.path.join(" -> "));
-        replySafely(msg, e, this, e);
-      },
+      (err: unknown) => replyError(msg, err, this),
     );
   }
 
@@ -516,7 +511,7 @@ export class Router implements Binder, AsyncDisposable {
     const ctx = this.contextById(remoteId, name);
     ctx.name = name;
     ctx.runtime = link.runtime ?? null;
-    this.#announce(HANDLE.ADD_ROUTE, [remoteId, name, this.myId, ctx.runtime]);
+    this.#announce(addRouteBody, [remoteId, name, this.myId, ctx.runtime]);
     return ctx;
   }
 
@@ -529,9 +524,10 @@ export class Router implements Binder, AsyncDisposable {
     stream.relays = (dst) => dst !== this.myId;
   }
 
-  #announce(handle: number, data: unknown[]): void {
+  /** Tell the parent (ADD_ROUTE, DEL_ROUTE), if there is one. */
+  #announce<T>(codec: Body<T>, body: T): void {
     const up = this.parentIds[0];
-    if (this.parent && up !== undefined) this.route(Message.encoded(data, { dst: up, handle }));
+    if (this.parent && up !== undefined) this.route(codec.encode(body, { dst: up }));
   }
 
   /** Policy: route changes are accepted only from the immediate child owning the stream. */
@@ -540,7 +536,7 @@ export class Router implements Binder, AsyncDisposable {
   }
 
   #onAddRoute(msg: Message, stream: Stream | null): void {
-    const [id, name, parent, runtime] = msg.unpickle() as [number, string, number, string | null];
+    const [id, name, parent, runtime] = addRouteBody.decode(msg);
     // Only an id this context allocated through that stream, below a parent behind it too: no child takes another's id.
     const ids = stream ? this.#allocated.get(stream) : undefined;
     if (!stream || !ids?.has(id) || (parent !== stream.remoteId && this.#routes.get(parent) !== stream)) {
@@ -551,11 +547,11 @@ export class Router implements Binder, AsyncDisposable {
     this.#routes.set(id, stream);
     this.#parentOf.set(id, parent);
     this.contextById(id, typeof name === "string" ? name : null).runtime = typeof runtime === "string" ? runtime : null;
-    this.#announce(HANDLE.ADD_ROUTE, [id, name, parent, runtime ?? null]);
+    this.#announce(addRouteBody, [id, name, parent, runtime ?? null]);
   }
 
   #onDelRoute(msg: Message, stream: Stream | null): void {
-    const [id, reason] = msg.unpickle() as [number, string];
+    const [id, reason] = delRouteBody.decode(msg);
     if (typeof id !== "number") return;
     const why = typeof reason === "string" ? reason : "route deleted";
     if (stream !== this.parent) {
@@ -585,14 +581,14 @@ export class Router implements Binder, AsyncDisposable {
     // Children that sent to it may wait on it too: tell them (Mitogen's _propagate_down).
     for (const s of this.#links.keys()) {
       if (s.talkedTo.delete(id) && !s.closed && s.remoteId !== null && s.remoteId !== id) {
-        this.route(Message.encoded([id, reason], { dst: s.remoteId, handle: HANDLE.DEL_ROUTE }));
+        this.route(delRouteBody.encode([id, reason], { dst: s.remoteId }));
       }
     }
   }
 
   /** Second half: the context is gone (its process has exited, where we own it); tell the parent. */
   #gone(id: number, reason: string): void {
-    this.#announce(HANDLE.DEL_ROUTE, [id, reason]);
+    this.#announce(delRouteBody, [id, reason]);
     this.#contexts.get(id)?._disconnected(reason);
   }
 
@@ -804,16 +800,16 @@ export class Router implements Binder, AsyncDisposable {
   logRecord(rec: LogRecord): void {
     if (!this.parent || this.parent.closed) return;
     if (rec.level === "debug" && !this.debug) return;
-    const fields = [rec.contextId, rec.name, rec.level, rec.source, rec.message, rec.path, rec.time, rec.data];
-    const to = { dst: 0, handle: HANDLE.FORWARD_LOG };
+    const fields: LogBody = [rec.contextId, rec.name, rec.level, rec.source, rec.message, rec.path, rec.time, rec.data];
     let msg: Message;
+    // To the master: dst 0, a new message's own.
     try {
-      msg = Message.encoded(fields, to);
+      msg = logBody.encode(fields);
       if (msg.length > LOG_DATA_MAX) throw msg;
     } catch {
       // Data that cannot travel (cyclic, a function, too big) goes as text.
       fields[7] = safeJson(rec.data).slice(0, LOG_DATA_MAX);
-      msg = Message.encoded(fields, to);
+      msg = logBody.encode(fields);
     }
     this.route(msg);
   }

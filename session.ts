@@ -15,12 +15,13 @@ import { readFileSync } from "node:fs";
 import { createConnection, type Socket } from "node:net";
 import { MitogenError, StreamError } from "./errors.ts";
 import { nodeTransport, type Transport } from "./transport.ts";
-import { HANDLE, Message } from "./frames.ts";
+import { HANDLE } from "./frames.ts";
 import { Stream } from "./stream.ts";
 import type { Context } from "./context.ts";
-import type { ChildConfig } from "./child.ts";
+import { type ChildConfig, configureBody } from "./bodies.ts";
 import { connectSealed, connectWithKey, type KeyPair } from "./handshake.ts";
 import { Router, type RouterOptions } from "./master.ts";
+import { forwardModuleBody } from "./listen.ts";
 
 /** Options of {@link connect}: `path` for a unix listener, or `host` and `port` for TCP. */
 export interface ConnectOptions {
@@ -69,7 +70,7 @@ class SessionRouter extends Router {
     if (!sent) {
       const code = this.moduleCode.get(name) as Uint8Array;
       const listener = this.contextById(this.parentIds[0] as number);
-      sent = listener.sendAwait(Message.encoded([name, code], { handle: HANDLE.FORWARD_MODULE })).then((ok) => {
+      sent = listener.sendAwait(forwardModuleBody.encode([name, code])).then((ok) => {
         if (ok !== true) throw ok instanceof Error ? ok : new MitogenError(`the listener did not take module ${name}`);
       });
       sent.catch(() => this.#forwarded.delete(name));
@@ -141,7 +142,7 @@ export async function connect(options: ConnectOptions): Promise<Session> {
   }
   const router = new SessionRouter(options.log ? { log: options.log } : {});
   const stream = new Stream("listener", transport);
-  const config = await new Promise<ChildConfig & { listener?: string }>((resolve, reject) => {
+  const config = await new Promise<ChildConfig>((resolve, reject) => {
     const timer = setTimeout(() => {
       stream.close();
       reject(new MitogenError(`connect: ${where(options)} sent no configuration within ${timeout} ms`));
@@ -153,7 +154,7 @@ export async function connect(options: ConnectOptions): Promise<Session> {
         reject(new MitogenError(`connect: ${where(options)} did not start the session`));
         return;
       }
-      resolve(msg.unpickle() as ChildConfig & { listener?: string });
+      resolve(configureBody.decode(msg));
     };
     stream.onClose = (err) => {
       clearTimeout(timer);
