@@ -14,7 +14,7 @@ import type { createLogUpdate } from "log-update";
 import { levelFromEnv } from "./logs.ts";
 import { type Context, type LogRecord, Receiver, Router, type Sender, TimeoutError } from "./mod.ts";
 import { joinParts } from "./bytes.ts";
-import type { ExecResult } from "./tunnel.ts";
+import { callExec } from "./tunnel.ts";
 
 /** One target as given: `local`, or `[user@]host[:port]`. */
 export interface Target {
@@ -373,9 +373,7 @@ async function runIn(router: Router, ctx: Context, command: string, timeout: num
   const output = Promise.all([collect(out, stdout), collect(err, stderr)]);
   output.catch(() => {});
   try {
-    const call = ctx
-      .with({ timeout, signal })
-      .callModule("mitogen:tunnel", "exec", { command, ctl: ctl.toSender(), stdout: out.toSender(), stderr: err.toSender() }) as Promise<ExecResult>;
+    const call = callExec(ctx.with({ timeout, signal }), { command, ctl: ctl.toSender(), stdout: out.toSender(), stderr: err.toSender() });
     void ctl.getData().then(
       (ready) => (ready as { ready: Sender }).ready.close(),
       () => {},

@@ -30,7 +30,7 @@ import { Receiver, type Sender } from "./channels.ts";
 import type { Context } from "./context.ts";
 import type { Router } from "./router.ts";
 import { acceptWithKey } from "./handshake.ts";
-import type { ExecResult, ExecSpec } from "./tunnel.ts";
+import { callExec, type ExecResult, type ExecSpec } from "./tunnel.ts";
 import {
   FAKESSH,
   type FakesshRequest,
@@ -311,14 +311,14 @@ class Session {
     const stderr = new Receiver(router, { respondent: ctx });
     const ctl = new Receiver(router, { respondent: ctx });
     try {
-      const spec: Omit<ExecSpec, "ctl" | "stdout" | "stderr"> & Record<string, unknown> = {
+      const spec: ExecSpec = {
         command: request.command,
         env: request.env,
         ctl: ctl.toSender(),
         stdout: stdout.toSender(),
         stderr: stderr.toSender(),
       };
-      const call = ctx.with({ signal: this.#abort.signal }).callModule("mitogen:tunnel", "exec", spec) as Promise<ExecResult>;
+      const call = callExec(ctx.with({ signal: this.#abort.signal }), spec);
       call.catch(() => {});
       const ready = (await Promise.race([ctl.getData(), call])) as { ready?: Sender } | ExecResult;
       if (!("ready" in ready) || !ready.ready) throw new MitogenError(`fakessh: ${ctx.name} did not start ${request.command}`);

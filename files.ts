@@ -443,7 +443,7 @@ async function startBranch(router: Router, spec: ReceiveSpec, signal: AbortSigna
   const call =
     spec.id === router.myId
       ? receive(node, { router, econtext: router, msg: { src: router.myId } as Message, signal })
-      : (ctx.with({ signal }).callModule("mitogen:files", "receive", node) as Promise<Outcome[]>);
+      : callReceive(ctx.with({ signal }), node);
   const outcomes = call.then(
     (list) => {
       ctl.close();
@@ -505,6 +505,31 @@ function until<T>(promise: Promise<T>, signal: AbortSignal, what: string): Promi
  * One node of a transfer, in the context `spec.id` (called by the node above it, or the sender): write
  * the file if it has a `path`, relay to its children, and return the outcomes of its whole subtree.
  */
+/** Where a call can go: a Context, or a CallScope of one (`ctx.with({ signal })`). */
+interface Callee {
+  callModule(module: string, name: string, ...args: unknown[]): Promise<unknown>;
+}
+
+/**
+ * The one way to call {@link receive} in `ctx` (PROTOCOL.md, "Library calls"):
+ *
+ *     mitogen:files#receive   { id, path?, mode, mtime?, total, ctl?, progress?, children: [spec] }
+ *       ctl <- { ready: Sender }; data -> chunks, then { end: sha256hex, bytes }; progress <- { id, bytes }
+ *       reply [{ id, bytes, sha256 } | { id, error }], one per target of the subtree
+ */
+function callReceive(ctx: Callee, spec: ReceiveSpec): Promise<Outcome[]> {
+  return ctx.callModule("mitogen:files", "receive", spec) as Promise<Outcome[]>;
+}
+
+/**
+ * The one way to call {@link send} in `ctx`:
+ *
+ *     mitogen:files#send   { path, data }   data <- { size, mode, mtime }, chunks, { end, bytes }   reply { bytes }
+ */
+function callSend(ctx: Callee, spec: { path: string; data: Sender }): Promise<{ bytes: number }> {
+  return ctx.callModule("mitogen:files", "send", spec) as Promise<{ bytes: number }>;
+}
+
 export const receive: (spec: ReceiveSpec, call: CallContext) => Promise<Outcome[]> = takesRouter(async (spec: ReceiveSpec, cc: CallContext) => {
   const { router, signal } = cc;
   const data = new Receiver(router, { respondent: router.contextById(cc.msg.src) });
@@ -851,7 +876,7 @@ export async function getFile(router: Router, ctx: Context, src: string, dst: st
   const cancel = () => controller.abort(outer?.reason);
   outer?.addEventListener("abort", cancel, { once: true });
   const data = new Receiver(router, { respondent: ctx });
-  const remote = ctx.with({ signal: controller.signal }).callModule("mitogen:files", "send", { path: src, data: data.toSender() });
+  const remote = callSend(ctx.with({ signal: controller.signal }), { path: src, data: data.toSender() });
   // A remote failure (no such file, say) ends the local loop; its error is the one to report.
   let remoteError: unknown = null;
   remote.catch((err: unknown) => {

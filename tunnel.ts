@@ -31,6 +31,21 @@ export interface ExecSpec {
   stderr: Sender;
 }
 
+/** Where a call can go: a Context, or a CallScope of one (`ctx.with({ signal })`). */
+interface Callee {
+  callModule(module: string, name: string, ...args: unknown[]): Promise<unknown>;
+}
+
+/**
+ * The one way to call {@link exec} in `ctx` (PROTOCOL.md, "Library calls"):
+ *
+ *     mitogen:tunnel#exec   { command, env?, ctl, stdout, stderr }   reply { code, signal }
+ *       ctl <- { ready: Sender } (where stdin goes); stdout, stderr <- chunks, each closed at its end
+ */
+export function callExec(ctx: Callee, spec: ExecSpec): Promise<ExecResult> {
+  return ctx.callModule("mitogen:tunnel", "exec", spec) as Promise<ExecResult>;
+}
+
 /** How the process ended: its exit code, or the signal that killed it. */
 export interface ExecResult {
   code: number | null;
