@@ -55,7 +55,7 @@ export function childMain(boot: Boot, core: Record<string, unknown>, payloadName
     router.setParent(stream);
     // Die with the parent even while user code blocks the event loop (see ARCHITECTURE.md, "The watchdog").
     router.log("debug", `watchdog: ${watchParent(cfg.parentPid)}`);
-    // The code cache its parent asked for (see codeCached in parent.ts), made before any call has run here, and
+    // The code cache its parent asked for (see coreToSend in codecache.ts), made before any call has run here, and
     // after the watchdog and a log record, so that what they ran starts compiled in the next child too.
     const script = boot.script;
     if (cfg.codeCache && script) {

@@ -34,7 +34,7 @@ export const DENO_EVAL: readonly string[] = ["eval", "--no-config", "--unstable-
  * that can report itself, so one too old to run the core is still named
  * (see {@link childRuntime}).
  *
- * Node reads its stream from fd 3 (see runtime.ts); Deno from fds 0/1. The
+ * Node reads its stream from fd 3 (see transport.ts); Deno from fds 0/1. The
  * Node core gets `require` (`node -e` has it on every version) for builtins
  * where `process.getBuiltinModule` is missing (see `builtin` in runtime.ts).
  * The core gets the compressed payload too, to start children with; a plain
@@ -111,7 +111,7 @@ export function shellQuote(word: string): string {
  * With `pdeathsig` (not for sudo and the terminal methods, whose child
  * watches the parent context's pid anyway), node runs under `setpriv
  * --pdeathsig KILL` where the target has one that can, and is told so
- * (see watchParent in runtime.ts). With `plain` the first stage takes the
+ * (see watchParent in watchdog.ts). With `plain` the first stage takes the
  * core undeflated (see {@link firstStage}).
  */
 export function remoteCommand(runtime: string, name: string, terminal = false, pdeathsig = !terminal, plain = false): string {

@@ -110,7 +110,7 @@ export async function localLaunch(spec: Starting, m: LocalSpec, t0: number): Pro
       watch: (line) => (line.includes(`${cmd.exe}: not found`) ? new StreamError(`cannot start ${cmd.exe}: not found (ENOENT)`) : failedExec(line, cmd.exe)),
     };
   }
-  // The kernel kills a node child when this process dies (see watchParent in runtime.ts); Deno does it itself.
+  // The kernel kills a node child when this process dies (see watchParent in watchdog.ts); Deno does it itself.
   const tool = cmd.kind === "node" ? await pdeathsigTool() : null;
   return {
     exe: cmd.exe,

@@ -199,7 +199,7 @@ export interface Boot {
 
 /**
  * The child's stream to its parent. Under Deno this also moves user output
- * off fd 1 (see runtime.ts); it must run before any user code.
+ * off fd 1 (childStdio in runtime.ts); it must run before any user code.
  */
 export function childTransport(boot: Boot): Transport {
   const io = childStdio(boot);
