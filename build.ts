@@ -13,7 +13,7 @@
  *   are `require("mitogen")`, the running core (see evaluateModule in calls.ts),
  *   lowered for Node 12 (it runs in every context that starts children).
  * - `dist/mitogen.mjs`: `cli.ts` (the library and the CLI) with both payloads
- *   inlined as base64, ASCII only, `#!/usr/bin/env node`, and a
+ *   inlined as base64, ASCII only, class and function names kept, `#!/usr/bin/env node`, and a
  *   `@ts-self-types` reference to its declarations (Deno).
  * - `dist/mitogen.d.ts`: the declarations of `cli.ts`, bundled into one file
  *   by dts-bundle-generator (npm's `types`, Deno's self-types), needing no
@@ -245,6 +245,10 @@ export async function buildDist(): Promise<{ bundle: number; payloads: Payloads 
     platform: "node",
     target: "node20",
     minify: false,
+    // Class names as written: esbuild renames a class whose name another one in the bundle has (users
+    // saw `_CallError [CallError]` in console.log and `_Message`). The payloads, built above, stay as
+    // they are (errors.ts names its error classes itself).
+    keepNames: true,
     define,
     external: ["esbuild", "ssh2"],
     // CommonJS dependencies (tweetnacl asks for `crypto`) get a real require.

@@ -114,13 +114,14 @@ export class Receiver implements AsyncIterable<Message>, AsyncDisposable, Select
 
   /**
    * Messages buffered now (a dead message counts, as in Mitogen). Throws
-   * ChannelError once closed with nothing left to take.
+   * LatchError once closed with nothing left to take (by `close()`, as
+   * Mitogen's, or once its dead message was taken), the reason its cause.
    */
   size(): number {
     return this.#queue.size();
   }
 
-  /** `size() === 0`. */
+  /** `size() === 0`; throws LatchError as size(). */
   empty(): boolean {
     return this.size() === 0;
   }

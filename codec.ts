@@ -33,7 +33,7 @@
  * @module
  */
 import { Decoder, Encoder, ExtData, ExtensionCodec, encodeTimestampExtension } from "@msgpack/msgpack";
-import { AbortError, CallError, ChannelError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
+import { AbortError, CallError, ChannelError, LatchError, MitogenError, SelectError, StreamError, TimeoutError } from "./errors.ts";
 import { hasOwn } from "./runtime.ts";
 import { allocBytes, view } from "./bytes.ts";
 
@@ -338,6 +338,8 @@ const ERROR_CLASSES: Record<string, new (message: string) => Error> = {
   URIError,
   MitogenError,
   ChannelError,
+  LatchError,
+  SelectError,
   StreamError,
   TimeoutError,
   AbortError,

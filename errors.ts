@@ -81,6 +81,46 @@ export class ChannelError extends MitogenError {
   override name = "ChannelError";
 }
 
+/**
+ * A Latch was used after `close()` (Mitogen's `mitogen.core.LatchError`):
+ * its `get()`, `put()`, `size()` and `empty()` throw it, and so do a closed
+ * Receiver's `size()` and `empty()` and a closed Select's `empty()`. A closed
+ * Receiver's `get()` throws ChannelError, as Mitogen's. Not a ChannelError:
+ * as in Mitogen, the two are siblings under MitogenError.
+ *
+ * @example
+ * ```ts
+ * import { Latch, LatchError } from "mitogen";
+ * const latch = new Latch();
+ * latch.close();
+ * try {
+ *   latch.size();
+ * } catch (err) {
+ *   console.log(err instanceof LatchError); // true
+ * }
+ * ```
+ */
+export class LatchError extends MitogenError {
+  override name = "LatchError";
+}
+
+/**
+ * A Select was misused (Mitogen's `mitogen.select.Error`): a cycle of
+ * Selects, a source that belongs to another Select, removing what is not a
+ * member, or `get()` on a Select with no members.
+ *
+ * @example
+ * ```ts
+ * import { Select, SelectError } from "mitogen";
+ * const sel = new Select();
+ * await sel.get().catch((err) => console.log(err instanceof SelectError, err.message));
+ * // true Cannot get(), Select instance is empty
+ * ```
+ */
+export class SelectError extends MitogenError {
+  override name = "SelectError";
+}
+
 /** A call was cancelled through its AbortSignal. */
 export class AbortError extends MitogenError {
   override name = "AbortError";
@@ -95,6 +135,18 @@ export class StreamError extends MitogenError {
 export class TimeoutError extends MitogenError {
   override name = "TimeoutError";
 }
+
+/**
+ * @internal Make each class's own name its constructor's name too. Minified
+ * bundles (the child payload, shipped modules) rename classes, and Node's and
+ * Deno's `inspect()` (so `console.log(err)`) print the constructor's name
+ * beside `name`: `w [ChannelError]: ...` without this.
+ */
+export function keepErrorNames(classes: Record<string, unknown>): void {
+  for (const name in classes) Object.defineProperty(classes[name], "name", { value: name, configurable: true });
+}
+
+keepErrorNames({ MitogenError, CallError, ChannelError, LatchError, SelectError, AbortError, StreamError, TimeoutError });
 
 function safeString(value: unknown, max = 200): string {
   try {

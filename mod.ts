@@ -14,7 +14,7 @@
  *
  * @module
  */
-export { AbortError, CallError, ChannelError, MitogenError, StreamError, TimeoutError } from "./errors.ts";
+export { AbortError, CallError, ChannelError, LatchError, MitogenError, SelectError, StreamError, TimeoutError } from "./errors.ts";
 export { Secret } from "./codec.ts";
 export { Message } from "./frames.ts";
 export type { LinkCounts } from "./stream.ts";

@@ -91,10 +91,10 @@ export interface StartOptions {
   args?: string[];
 }
 
-/** Options of {@link Router.docker}, {@link Router.podman}, {@link Router.lxc} and {@link Router.lxd}. */
+/** Options of {@link Router.docker}, {@link Router.podman}, {@link Router.buildah}, {@link Router.lxc}, {@link Router.lxd} and {@link Router.incus}. */
 export interface ContainerOptions extends StartOptions {
   container: string;
-  /** User inside the container (docker/podman). */
+  /** User inside the container (docker, podman, buildah). */
   username?: string;
 }
 

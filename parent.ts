@@ -88,6 +88,12 @@ export function podman(router: Router, o: ContainerOptions): Promise<Context> {
   return start(router, o, argv, `podman.${o.container}.`);
 }
 
+/** {@link Router.buildah}: `buildah run [--user=user] -- <container> /bin/sh -c ...` (a working container), as Mitogen's buildah.py. */
+export function buildah(router: Router, o: ContainerOptions): Promise<Context> {
+  const argv = wrap([o.path ?? "buildah", "run", ...(o.username ? [`--user=${o.username}`] : []), ...(o.args ?? []), "--", o.container], o.runtime);
+  return start(router, o, argv, `buildah.${o.container}.`);
+}
+
 /** {@link Router.kubectl}: `kubectl exec -i [-n namespace] [-c container] <pod> -- /bin/sh -c ...`. */
 export function kubectl(router: Router, o: KubectlOptions): Promise<Context> {
   const argv = wrap(
@@ -116,6 +122,12 @@ export function lxc(router: Router, o: ContainerOptions): Promise<Context> {
 export function lxd(router: Router, o: ContainerOptions): Promise<Context> {
   const argv = wrap([o.path ?? "lxc", "exec", "--mode=non-interactive", ...(o.args ?? []), o.container, "--"], o.runtime);
   return start(router, o, argv, `lxd.${o.container}.`);
+}
+
+/** {@link Router.incus}: `incus exec --mode=non-interactive <container> -- /bin/sh -c ...`, as Mitogen's incus.py. */
+export function incus(router: Router, o: ContainerOptions): Promise<Context> {
+  const argv = wrap([o.path ?? "incus", "exec", "--mode=non-interactive", ...(o.args ?? []), o.container, "--"], o.runtime);
+  return start(router, o, argv, `incus.${o.container}.`);
 }
 
 /** {@link Router.setns}: enter every namespace of process `pid` (`nsenter -t <pid> -a`); needs root. */

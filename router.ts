@@ -320,6 +320,21 @@ export class Router implements Binder, AsyncDisposable {
     return (await this.#connector("podman"))(this, options);
   }
 
+  /**
+   * Start a context in a Buildah working container (`buildah run`), as Mitogen's buildah method.
+   *
+   * @example
+   * ```ts no_run: needs buildah and a working container
+   * import { Router } from "mitogen";
+   * await using router = new Router();
+   * const ctx = await router.buildah({ container: "fedora-working-container", username: "app" });
+   * console.log(await ctx.call(() => process.pid));
+   * ```
+   */
+  async buildah(options: ContainerOptions): Promise<Context> {
+    return (await this.#connector("buildah"))(this, options);
+  }
+
   /** Start a context in a Kubernetes pod (`kubectl exec`). */
   async kubectl(options: KubectlOptions): Promise<Context> {
     return (await this.#connector("kubectl"))(this, options);
@@ -330,9 +345,24 @@ export class Router implements Binder, AsyncDisposable {
     return (await this.#connector("lxc"))(this, options);
   }
 
-  /** Start a context in an LXD or Incus container (`lxc exec`). */
+  /** Start a context in an LXD container (`lxc exec`; Incus's own client is {@link Router.incus}). */
   async lxd(options: ContainerOptions): Promise<Context> {
     return (await this.#connector("lxd"))(this, options);
+  }
+
+  /**
+   * Start a context in an Incus container or VM (`incus exec`), as Mitogen's incus method.
+   *
+   * @example
+   * ```ts no_run: needs incus and a running instance
+   * import { Router } from "mitogen";
+   * await using router = new Router();
+   * const ctx = await router.incus({ container: "web1" });
+   * console.log(await ctx.call(() => process.pid));
+   * ```
+   */
+  async incus(options: ContainerOptions): Promise<Context> {
+    return (await this.#connector("incus"))(this, options);
   }
 
   /** Start a context inside the namespaces of another process (`nsenter`). */
@@ -367,7 +397,7 @@ export class Router implements Binder, AsyncDisposable {
   }
 
   async #connector<O>(
-    method: "local" | "ssh" | "sudo" | "su" | "doas" | "docker" | "podman" | "kubectl" | "lxc" | "lxd" | "setns" | "jail",
+    method: "local" | "ssh" | "sudo" | "su" | "doas" | "docker" | "podman" | "buildah" | "kubectl" | "lxc" | "lxd" | "incus" | "setns" | "jail",
   ): Promise<(router: Router, options: O) => Promise<Context>> {
     if (this.#shuttingDown) throw new MitogenError(`router ${this.name} is shut down`);
     const parent = await this.requireModule("mitogen:parent");

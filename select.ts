@@ -4,7 +4,7 @@
  *
  * @module
  */
-import { ChannelError, MitogenError, TimeoutError } from "./errors.ts";
+import { LatchError, SelectError, TimeoutError } from "./errors.ts";
 import type { Message } from "./frames.ts";
 import { asyncDispose } from "./runtime.ts";
 
@@ -47,9 +47,10 @@ export class Queue<T> {
     });
   }
 
-  /** Items queued; throws the close error once closed and drained (Mitogen's Latch.size()). */
+  /** Items queued; throws LatchError once closed and drained (Mitogen's Latch.size()), the close error its cause. */
   size(): number {
-    if (this.closed && this.items.length === 0) throw this.closed;
+    const closed = this.items.length ? null : this.closed;
+    if (closed) throw closed instanceof LatchError ? closed : new LatchError(closed.message, { cause: closed });
     return this.items.length;
   }
 
@@ -81,16 +82,18 @@ export class Queue<T> {
  */
 export interface Selectable {
   notify: ((source: Selectable) => void) | null;
-  /** Items buffered now; throws once closed with nothing left. */
+  /** Items buffered now; throws LatchError once closed with nothing left. */
   size(): number;
+  /** `size() === 0` (a Select: no notification pending); throws LatchError once closed. */
+  empty(): boolean;
   /** @internal Take an item now: the event, or undefined when empty. Throws when closed. */
   _poll(): SelectEvent | undefined;
 }
 
 /**
  * A local queue other code can `put` into; Select can wait on it. As
- * Mitogen's Latch: `close()` drops what is queued, and `get()` and `put()`
- * throw ChannelError from then on.
+ * Mitogen's Latch: after `close()`, `get()`, `put()`, `size()` and `empty()`
+ * throw LatchError (what was queued is dropped).
  *
  * @example
  * ```ts
@@ -104,17 +107,17 @@ export class Latch<T = unknown> implements Selectable {
   notify: ((source: Selectable) => void) | null = null;
   readonly #queue = new Queue<T>();
 
-  /** Add an item, waking one waiter; throws ChannelError once closed. */
+  /** Add an item, waking one waiter; throws LatchError once closed. */
   put(item: T): void {
-    if (this.#queue.closed) throw new ChannelError("latch closed");
+    if (this.#queue.closed) throw new LatchError("latch closed");
     this.#queue.put(item);
     this.notify?.(this);
   }
-  /** Next item; rejects with ChannelError once closed, TimeoutError after `timeout` ms. */
+  /** Next item; rejects with LatchError once closed, TimeoutError after `timeout` ms. */
   get(options: GetOptions = {}): Promise<T> {
     return this.#queue.get(options, "latch");
   }
-  /** Items buffered now; throws ChannelError once closed. */
+  /** Items buffered now; throws LatchError once closed. */
   size(): number {
     return this.#queue.size();
   }
@@ -127,10 +130,10 @@ export class Latch<T = unknown> implements Selectable {
     if (this.#queue.closed) throw this.#queue.closed;
     return undefined;
   }
-  /** Close: queued items are dropped, waiters (and a Select holding it) get ChannelError. */
+  /** Close: queued items are dropped, waiters (and a Select holding it) get LatchError. */
   close(): void {
     if (this.#queue.closed) return;
-    this.#queue.close(new ChannelError("latch closed"));
+    this.#queue.close(new LatchError("latch closed"));
     this.notify?.(this);
   }
 }
@@ -147,7 +150,8 @@ export interface SelectEvent {
  * source is left. With `oneshot` (the default) each source is removed after
  * it yields, so iteration ends when all have answered: handy for parallel
  * calls. A source that is closed or dead (a call whose context is gone)
- * throws its ChannelError from `get()` and from iteration.
+ * throws its error (LatchError, ChannelError) from `get()` and from
+ * iteration. Misuse throws SelectError (Mitogen's `mitogen.select.Error`).
  *
  * @example
  * ```ts
@@ -200,14 +204,15 @@ export class Select implements Selectable, AsyncIterable<SelectEvent>, AsyncDisp
 
   /**
    * Add a Receiver, Latch or Select; each item it already holds counts as
-   * one notification. Throws MitogenError if it belongs to a Select already,
-   * or if it is a Select this one is part of (a cycle).
+   * one notification. Throws SelectError if it belongs to a Select already,
+   * or if it is a Select this one is part of (a cycle); LatchError once this
+   * Select is closed.
    */
   add(source: Selectable): void {
     if (source instanceof Select && (source === this || source.#contains(this))) {
-      throw new MitogenError("adding this Select would create a Select cycle");
+      throw new SelectError("adding this Select would create a Select cycle");
     }
-    if (source.notify) throw new MitogenError("source already belongs to a Select");
+    if (source.notify) throw new SelectError("source already belongs to a Select");
     if (this.#ready.closed) throw this.#ready.closed;
     let n: number;
     try {
@@ -225,9 +230,13 @@ export class Select implements Selectable, AsyncIterable<SelectEvent>, AsyncDisp
     return false;
   }
 
-  /** Remove a source. A notification it gave before is still returned by a later get(), as in Mitogen. */
+  /**
+   * Remove a source; SelectError if it is not one. A notification it gave
+   * before is still returned by a later get() while other sources are left,
+   * as in Mitogen; once none is left, get() throws SelectError.
+   */
   remove(source: Selectable): void {
-    if (!this.#sources.delete(source)) throw new MitogenError("source is not in this Select");
+    if (!this.#sources.delete(source)) throw new SelectError("source is not in this Select");
     source.notify = null;
   }
 
@@ -243,9 +252,23 @@ export class Select implements Selectable, AsyncIterable<SelectEvent>, AsyncDisp
     return n;
   }
 
-  /** `size() === 0`. */
+  /**
+   * True when no notification is pending, so get() would wait (Mitogen's
+   * `Select.empty()`, which asks the Select's own latch). A pending
+   * notification of a source removed since counts, as get() returns it; one
+   * whose item was taken from the source directly does not. Throws
+   * LatchError once closed.
+   */
   empty(): boolean {
-    return this.size() === 0;
+    if (this.#ready.closed) throw this.#ready.closed;
+    for (const src of this.#ready.items) {
+      try {
+        if (!src.empty()) return false;
+      } catch {
+        return false; // closed: get() throws its error
+      }
+    }
+    return true;
   }
 
   _poll(): SelectEvent | undefined {
@@ -277,11 +300,11 @@ export class Select implements Selectable, AsyncIterable<SelectEvent>, AsyncDisp
     return ev;
   }
 
-  /** The next event; undefined once no source is left and no notification is pending. */
+  /** The next event; undefined once no source is left (Mitogen's `while self._receivers`). */
   async #next(options: GetOptions): Promise<SelectEvent | undefined> {
     const deadline = options.timeout === undefined ? undefined : Date.now() + options.timeout;
     for (;;) {
-      if (this.#sources.size === 0 && this.#ready.items.length === 0) return undefined;
+      if (this.#sources.size === 0) return undefined;
       const left = deadline === undefined ? undefined : Math.max(0, deadline - Date.now());
       const src = await this.#ready.get(left === undefined ? {} : { timeout: left }, "Select");
       const ev = this.#take(src);
@@ -291,14 +314,13 @@ export class Select implements Selectable, AsyncIterable<SelectEvent>, AsyncDisp
 
   /**
    * Next event from any source. Rejects with TimeoutError after `timeout`
-   * ms, with the source's error if it is closed or dead, with ChannelError
-   * once this Select is closed (also a get() already waiting), and with
-   * MitogenError if no source is left.
+   * ms, with the source's error if it is closed or dead, with LatchError
+   * when this Select is closed while get() waits, and with SelectError if no
+   * source is left (also once closed), as Mitogen's `get_event()`.
    */
   async getEvent(options: GetOptions = {}): Promise<SelectEvent> {
-    if (this.#ready.closed) throw this.#ready.closed;
     const ev = await this.#next(options);
-    if (!ev) throw new MitogenError("Select has no sources left");
+    if (!ev) throw new SelectError(`Cannot get(), Select instance is empty${this.#ready.closed ? " (closed)" : ""}`);
     return ev;
   }
 
@@ -312,11 +334,11 @@ export class Select implements Selectable, AsyncIterable<SelectEvent>, AsyncDisp
     for (let ev = await this.#next({}); ev; ev = await this.#next({})) yield ev;
   }
 
-  /** Detach from every source and wake a pending get() with ChannelError; a closed Select cannot be used again. */
+  /** Detach from every source and wake a pending get() with LatchError; a closed Select cannot be used again. */
   close(): void {
     for (const s of [...this.#sources]) this.remove(s);
     if (this.#ready.closed) return;
-    this.#ready.close(new ChannelError("Select closed"));
+    this.#ready.close(new LatchError("Select closed"));
     this.notify?.(this);
   }
 

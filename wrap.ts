@@ -1,6 +1,6 @@
 /**
- * The methods that wrap a command running another command somewhere: docker, podman, kubectl,
- * lxc, lxd, setns (nsenter) and jail (jexec). Each says its argv (see parent.ts); the child runs
+ * The methods that wrap a command running another command somewhere: docker, podman, buildah,
+ * kubectl, lxc, lxd, incus, setns (nsenter) and jail (jexec). Each says its argv (see parent.ts); the child runs
  * as `<argv> /bin/sh -c <remote command>`. Part of `mitogen:parent`.
  *
  * @module
@@ -18,7 +18,7 @@ export interface WrapSpec {
 
 /**
  * A command that runs another command somewhere (docker exec, kubectl exec, nsenter...): it runs `/bin/sh -c`.
- * The launch builder of docker, podman, lxc, lxd (options: ContainerOptions), kubectl (KubectlOptions), setns (SetnsOptions) and jail (JailOptions).
+ * The launch builder of docker, podman, buildah, lxc, lxd, incus (options: ContainerOptions), kubectl (KubectlOptions), setns (SetnsOptions) and jail (JailOptions).
  */
 export function wrapLaunch(spec: Starting, m: WrapSpec): Launch {
   const [exe, ...prefix] = m.argv;

@@ -18,12 +18,14 @@ test("mod.ts exports exactly the public API", () => {
     "FileTransferError",
     "HandshakeError",
     "Latch",
+    "LatchError",
     "Message",
     "MitogenError",
     "Receiver",
     "Router",
     "Secret",
     "Select",
+    "SelectError",
     "Sender",
     "StreamError",
     "TimeoutError",
@@ -60,7 +62,15 @@ test("the master's roles", () => {
 
 test("errors are classes with names and causes", () => {
   const cause = new Error("root");
-  for (const Cls of [mitogen.MitogenError, mitogen.ChannelError, mitogen.StreamError, mitogen.TimeoutError, mitogen.AbortError]) {
+  for (const Cls of [
+    mitogen.MitogenError,
+    mitogen.ChannelError,
+    mitogen.LatchError,
+    mitogen.SelectError,
+    mitogen.StreamError,
+    mitogen.TimeoutError,
+    mitogen.AbortError,
+  ]) {
     const err = new Cls("msg", { cause });
     assert.ok(err instanceof mitogen.MitogenError);
     assert.ok(err instanceof Error);

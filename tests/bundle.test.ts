@@ -29,7 +29,8 @@ before(async () => {
   copyFileSync(dist, join(dir, "mitogen.mjs"));
   writeFileSync(
     join(dir, "use.mjs"),
-    `import { Router, isMaster, contextId } from "./mitogen.mjs";
+    `import { inspect } from "node:util";
+import { CallError, LatchError, Message, Router, Select, isMaster, contextId } from "./mitogen.mjs";
 const router = new Router();
 try {
   const a = await router.local({ runtime: "node", name: "bundle-a" });
@@ -37,7 +38,11 @@ try {
   const c = await router.local({ runtime: "node", name: "bundle-c", via: b });
   const kinds = await Promise.all([a, b, c].map((ctx) => ctx.call(() => (typeof Deno === "undefined" ? "node" : "deno"))));
   const doubled = await c.call((x) => x * 2, 21);
-  console.log(JSON.stringify({ isMaster, contextId, kinds, doubled }));
+  // what console.log shows of the bundle's classes: their own names
+  const thrown = await c.call(() => { throw new TypeError("t"); }).catch((err) => err);
+  const first = (v) => inspect(v).split("\\n")[0];
+  const names = [CallError.name, LatchError.name, Message.name, Select.name, Router.name, first(thrown), first(new LatchError("l"))];
+  console.log(JSON.stringify({ isMaster, contextId, kinds, doubled, names }));
 } finally {
   await router.shutdown();
 }
@@ -61,7 +66,14 @@ for (const host of ["node", "deno"] as const) {
     const exe = runtimeCommand(host).exe;
     const args = host === "node" ? ["use.mjs"] : ["run", "-A", "use.mjs"];
     const { stdout } = await run(exe, args, { cwd: dir, env: { ...process.env, DENO_NO_UPDATE_CHECK: "1" }, timeout: 60_000 });
-    assert.deepEqual(JSON.parse(stdout.trim()), { isMaster: true, contextId: 0, kinds: ["node", "deno", "node"], doubled: 42 });
+    assert.deepEqual(JSON.parse(stdout.trim()), {
+      isMaster: true,
+      contextId: 0,
+      kinds: ["node", "deno", "node"],
+      doubled: 42,
+      // not _CallError, _Message, Router2, nor `_CallError [CallError]: ...` (esbuild's renames)
+      names: ["CallError", "LatchError", "Message", "Select", "Router", "CallError: TypeError: t", "LatchError: l"],
+    });
   });
 }
 

@@ -4,7 +4,7 @@ import { inspect } from "node:util";
 import { encode } from "@msgpack/msgpack";
 import { describe, test } from "node:test";
 import { BLOB_MIN, type Binder, decodeValue, encodeValue, Secret, WIRE_REF } from "../codec.ts";
-import { CallError, ChannelError, MitogenError, StreamError, TimeoutError } from "../errors.ts";
+import { CallError, ChannelError, LatchError, MitogenError, SelectError, StreamError, TimeoutError } from "../errors.ts";
 import { checkLeaks } from "./helpers.ts";
 
 checkLeaks();
@@ -99,7 +99,7 @@ describe("round trip", () => {
     assert.ok(back.cause instanceof RangeError);
     assert.equal((back.cause as Error).message, "inner");
     assert.equal(back.code, "E_TEST");
-    for (const Cls of [MitogenError, ChannelError, StreamError, TimeoutError]) {
+    for (const Cls of [MitogenError, ChannelError, LatchError, SelectError, StreamError, TimeoutError]) {
       const e = roundTrip(new Cls("m")) as Error;
       assert.ok(e instanceof Cls, Cls.name);
       assert.equal(e.name, Cls.name);

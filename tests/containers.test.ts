@@ -23,7 +23,7 @@ while [ $# -gt 0 ] && [ "$1" != /bin/sh ]; do printf '%s\\n' "$1" >> "$log"; shi
 exec "$@"
 `;
 
-const TOOLS = ["docker", "podman", "kubectl", "lxc-attach", "lxc", "nsenter", "jexec"];
+const TOOLS = ["docker", "podman", "buildah", "kubectl", "lxc-attach", "lxc", "incus", "nsenter", "jexec"];
 let dir = "";
 let savedPath: string | undefined;
 
@@ -49,15 +49,20 @@ const argvOf = (tool: string) =>
 const cases: [string, (r: Router) => Promise<Context>, string, string[]][] = [
   ["docker", (r) => r.docker({ container: "web1", username: "app" }), "docker", ["exec", "-i", "-u", "app", "web1"]],
   ["podman", (r) => r.podman({ container: "db1" }), "podman", ["exec", "-i", "db1"]],
+  // mitogen/buildah.py: buildah run [--user=<username>] -- <container> <boot command>
+  ["buildah", (r) => r.buildah({ container: "working1", username: "app" }), "buildah", ["run", "--user=app", "--", "working1"]],
+  ["buildah", (r) => r.buildah({ container: "working2" }), "buildah", ["run", "--", "working2"]],
   ["kubectl", (r) => r.kubectl({ pod: "api-0", namespace: "prod", container: "main" }), "kubectl", ["exec", "-i", "-n", "prod", "-c", "main", "api-0", "--"]],
   ["lxc", (r) => r.lxc({ container: "box" }), "lxc-attach", ["-n", "box", "--"]],
   ["lxd", (r) => r.lxd({ container: "box2" }), "lxc", ["exec", "--mode=non-interactive", "box2", "--"]],
+  // mitogen/incus.py: incus exec --mode=non-interactive <container> -- <boot command>
+  ["incus", (r) => r.incus({ container: "box3", args: ["--user", "0"] }), "incus", ["exec", "--mode=non-interactive", "--user", "0", "box3", "--"]],
   ["setns", (r) => r.setns({ pid: 4242 }), "nsenter", ["-t", "4242", "-a", "--"]],
   ["jail", (r) => r.jail({ jail: "www", username: "www" }), "jexec", ["-U", "www", "www"]],
 ];
 
 for (const [method, start, tool, expected] of cases) {
-  test(`${method}: the right command line, then a working context`, async () => {
+  test(`${method}: the right command line, then a working context (${expected.join(" ")})`, async () => {
     await using router = quietRouter();
     const ctx = await start(router);
     assert.deepEqual(argvOf(tool), expected);

@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import { HANDLE } from "../frames.ts";
-import { CallError, Channel, ChannelError, Latch, type Message, MitogenError, Receiver, Select, TimeoutError } from "../mod.ts";
+import { CallError, Channel, ChannelError, Latch, LatchError, type Message, MitogenError, Receiver, Select, SelectError, TimeoutError } from "../mod.ts";
 import { checkLeaks, quietRouter, RUNTIMES } from "./helpers.ts";
 
 checkLeaks();
@@ -28,16 +28,19 @@ async function drain(sel: Select, map: (ev: { data: unknown }) => unknown = (ev)
 }
 
 describe("Select", () => {
-  test("close() wakes a pending get() and a pending iteration with ChannelError; a closed Select stays closed", async () => {
+  // mitogen/select.py (0.3.3): close() closes the Select's latch, so a get() asleep in it raises
+  // mitogen.core.LatchError; a later get_event() finds no receivers and raises select.Error.
+  test("close() wakes a pending get() and a pending iteration with LatchError; a closed Select stays closed (select.py close, get_event)", async () => {
     const latch = new Latch<number>();
     const sel = new Select([latch]);
     const waiting = sel.get();
     const iterating = sel[Symbol.asyncIterator]().next();
     sel.close();
-    await assert.rejects(waiting, (err: unknown) => err instanceof ChannelError && /Select closed/.test(err.message));
-    await assert.rejects(iterating, ChannelError);
-    await assert.rejects(sel.get(), ChannelError);
-    assert.throws(() => sel.add(new Latch()), ChannelError);
+    await assert.rejects(waiting, (err: unknown) => err instanceof LatchError && /Select closed/.test(err.message));
+    await assert.rejects(iterating, LatchError);
+    await assert.rejects(sel.get(), (err: unknown) => err instanceof SelectError && /Select instance is empty \(closed\)/.test(err.message));
+    assert.throws(() => sel.add(new Latch()), LatchError);
+    assert.throws(() => sel.empty(), LatchError, "Select.empty() asks its closed latch: LatchError");
     assert.equal(latch.notify, null, "close() detached the source");
     // the latch is free for another Select
     latch.put(1);
@@ -95,7 +98,7 @@ describe("Select", () => {
     const a = new Select();
     const b = new Select([a]);
     const c = new Select([b]);
-    const cycle = (err: unknown) => err instanceof MitogenError && /Select cycle/.test(err.message);
+    const cycle = (err: unknown) => err instanceof SelectError && err instanceof MitogenError && /Select cycle/.test(err.message);
     assert.throws(() => a.add(a), cycle);
     assert.throws(() => a.add(b), cycle);
     assert.throws(() => a.add(c), cycle);
@@ -128,7 +131,10 @@ describe("Select", () => {
     assert.equal(fromLatch.data, "from latch");
   });
 
-  test("a notification given before remove() is still returned by a later get()", async () => {
+  // mitogen/select.py (0.3.3) remove(): "if the receiver has notified prior to remove(), it will
+  // still be returned by a subsequent get()"; but get_event() first raises select.Error
+  // ('Cannot get(), Select instance is empty') when no receiver is left.
+  test("a notification given before remove() is still returned by a later get() while other sources are left (select.py remove, get_event)", async () => {
     const a = new Latch<string>();
     const b = new Latch<string>();
     await using sel = new Select([a, b]);
@@ -140,13 +146,76 @@ describe("Select", () => {
     b.put("b");
     assert.equal(await sel.get({ timeout: 1000 }), "b");
     assert.equal(a.size(), 1, "what came after remove() stays in the source");
-    // also when the removed source was the only one
+    // not when the removed source was the only one: get() throws, the item stays in the source
     const c = new Latch<number>();
     await using solo = new Select([c], { oneshot: false });
     c.put(1);
     solo.remove(c);
-    assert.equal(await solo.get({ timeout: 1000 }), 1);
-    await assert.rejects(solo.get(), (err: unknown) => err instanceof MitogenError && /no sources/.test(err.message));
+    await assert.rejects(solo.get({ timeout: 1000 }), (err: unknown) => err instanceof SelectError && /Select instance is empty$/.test(err.message));
+    assert.equal(c.size(), 1);
+    assert.deepEqual(await drain(solo), { got: [], error: undefined }, "iteration ends: no source is left (select.py iter_events)");
+    await assert.rejects(new Select().get(), SelectError);
+  });
+
+  // mitogen/select.py (0.3.3) empty() is `self._latch.empty()`: false while a notification is pending,
+  // also one from a source removed since, which remove()'s docstring says get() still returns
+  // (size() is the members' sum, so it says 0 then).
+  test("empty() is false while a removed source's notification is pending (select.py empty, remove)", async () => {
+    const a = new Latch<string>();
+    const b = new Latch<string>();
+    await using sel = new Select([a, b], { oneshot: false });
+    assert.ok(sel.empty());
+    a.put("x");
+    assert.equal(sel.empty(), false);
+    sel.remove(a);
+    assert.equal(sel.empty(), false, "get() returns a's item");
+    assert.equal(sel.size(), 0, "size() sums the members' sizes, as Mitogen's");
+    assert.equal(await sel.get({ timeout: 1000 }), "x");
+    assert.ok(sel.empty());
+    // with oneshot; Mitogen's get_event() would take the item, then raise select.Error from its own
+    // remove() of the source (not_present_msg), losing it: here get() returns it (GUIDE.md, Departures)
+    const c = new Latch<number>();
+    await using once = new Select([c, new Latch()]);
+    c.put(1);
+    once.remove(c);
+    assert.equal(once.empty(), false);
+    assert.equal(await once.get({ timeout: 1000 }), 1);
+    assert.ok(once.empty());
+    // through a nested Select, and not for a notification whose item was taken from the source directly
+    const d = new Latch<number>();
+    const inner = new Select([d, new Latch()], { oneshot: false });
+    await using outer = new Select([inner]);
+    d.put(2);
+    inner.remove(d);
+    assert.equal(outer.empty(), false);
+    await d.get();
+    assert.ok(outer.empty(), "nothing left to return");
+    inner.close();
+  });
+
+  // mitogen/select.py (0.3.3): misuse raises mitogen.select.Error, a mitogen.core.Error: a cycle
+  // (loop_msg), a receiver owned by another Select (owned_msg), remove() of what is not a member
+  // (not_present_msg), get() with no receiver (empty_msg).
+  test("misuse throws SelectError (select.py Error: loop_msg, owned_msg, not_present_msg, empty_msg)", async () => {
+    const latch = new Latch();
+    await using a = new Select([latch]);
+    await using b = new Select();
+    assert.throws(
+      () => a.add(a),
+      (err: unknown) => err instanceof SelectError && /cycle/.test(err.message),
+    );
+    assert.throws(
+      () => b.add(latch),
+      (err: unknown) => err instanceof SelectError && /already belongs/.test(err.message),
+    );
+    assert.deepEqual(b.sources, [], "a refused add() leaves the Select as it was (Mitogen's appends first)");
+    assert.throws(
+      () => b.remove(latch),
+      (err: unknown) => err instanceof SelectError && /not in this Select/.test(err.message),
+    );
+    await assert.rejects(b.get(), (err: unknown) => err instanceof SelectError && err.message === "Cannot get(), Select instance is empty");
+    await assert.rejects(b.getEvent({ timeout: 1000 }), SelectError);
+    assert.ok(!(new SelectError() instanceof ChannelError) && new SelectError() instanceof MitogenError);
   });
 
   test("a dead source throws ChannelError in iteration, whether or not it is the last source", async () => {
@@ -220,20 +289,55 @@ describe("Select", () => {
     assert.equal(sel.size(), 0);
     assert.deepEqual(sel.sources, []);
     latch.close();
-    assert.throws(() => latch.size(), ChannelError, "size() of a closed latch throws, as Mitogen's LatchError");
+    assert.throws(() => latch.size(), LatchError, "size() of a closed latch throws, as Mitogen's LatchError");
     recv.close();
-    assert.throws(() => recv.size(), ChannelError);
+    assert.throws(() => recv.size(), LatchError);
   });
 });
 
 describe("Latch, Receiver, Channel", () => {
-  test("after close(), get() rejects with ChannelError even if items are queued", async () => {
+  // mitogen/core.py (0.3.3) Latch: once close() has set `closed`, get(), put() and size() (so
+  // empty()) raise LatchError, and close() wakes sleeping get()s with it. Receiver.size() and
+  // empty() are its latch's, so LatchError too, while Receiver.get() turns the LatchError into
+  // ChannelError('the Receiver has been closed'). LatchError and ChannelError are siblings.
+  test("a closed Latch throws LatchError; a closed Receiver's size() and empty() throw LatchError, its get() ChannelError (core.py Latch, Receiver)", async () => {
+    const latch = new Latch<number>();
+    latch.put(1);
+    const asleep = new Latch<number>();
+    const waiting = asleep.get();
+    latch.close();
+    asleep.close();
+    assert.throws(() => latch.size(), LatchError);
+    assert.throws(() => latch.empty(), LatchError);
+    assert.throws(() => latch.put(2), LatchError);
+    await assert.rejects(latch.get(), LatchError);
+    await assert.rejects(waiting, LatchError);
+    await using router = quietRouter();
+    await using recv = new Receiver(router);
+    recv.toSender().send(1);
+    recv.close();
+    assert.throws(() => recv.size(), LatchError);
+    assert.throws(() => recv.empty(), LatchError);
+    await assert.rejects(recv.get(), (err: unknown) => err instanceof ChannelError && !(err instanceof LatchError));
+    assert.ok(!(new LatchError() instanceof ChannelError) && new LatchError() instanceof MitogenError);
+    // here a Receiver whose dead message was taken is closed too (GUIDE.md, Departures)
+    await using ended = new Receiver(router);
+    ended.toSender().close();
+    assert.equal(ended.size(), 1, "the dead message counts, as in Mitogen");
+    await assert.rejects(ended.get(), ChannelError);
+    assert.throws(
+      () => ended.size(),
+      (err: unknown) => err instanceof LatchError && err.cause instanceof ChannelError && /sender closed/.test(err.message),
+    );
+  });
+
+  test("after close(), get() rejects even if items are queued: LatchError from a Latch, ChannelError from a Receiver", async () => {
     const latch = new Latch<number>();
     latch.put(1);
     latch.put(2);
     latch.close();
-    await assert.rejects(latch.get(), ChannelError);
-    assert.throws(() => latch.put(3), ChannelError);
+    await assert.rejects(latch.get(), LatchError);
+    assert.throws(() => latch.put(3), LatchError);
     await using router = quietRouter();
     const recv = new Receiver(router);
     recv.toSender().send(1);
@@ -328,6 +432,19 @@ for (const runtime of RUNTIMES) {
         ]),
         (err: unknown) => err instanceof CallError && /RangeError/.test(String(err)),
       );
+    });
+
+    // mitogen/core.py (0.3.3): LatchError is a class of its own that callers catch by name; here
+    // it crosses the wire by name like the other errors, and a child prints it by its name.
+    test("a child's LatchError and SelectError reach the master as themselves, and print as themselves in the child", async () => {
+      await using router = quietRouter();
+      const ctx = await router.local({ runtime, name: "errors" });
+      const fx = await ctx.import<Fixture>(FIXTURE);
+      const got = await fx.closedErrors();
+      assert.ok(got.latch instanceof LatchError, String(got.latch));
+      assert.ok(got.select instanceof SelectError, String(got.select));
+      assert.deepEqual(got.shown, ["LatchError: latch closed", "SelectError: Cannot get(), Select instance is empty"], "not `w [LatchError]`");
+      await assert.rejects(fx.throwLatchError(), (err: unknown) => err instanceof CallError && err.remoteName === "LatchError");
     });
 
     test("parentIds lists the nearest parent first, down a chain of three", async () => {
