@@ -33,13 +33,16 @@ export const body = <T>(handle: number, args?: string): Body<T> => ({
 // ---------------------------------------------------------------------------
 // CALL_FUNCTION (101)
 //
-//   [kind, target, args, flags?, limits?]
+//   [kind, target, args, flags?, limits?, chain?]
 //
 //   kind     0 SOURCE  target: a function's source              reply: its result
 //            1 MODULE  target: "<module>#<export>", split at the last "#"   reply: its result
 //            2 LOAD    target: a module name, args []           reply: its exported function names
+//            3 FORGET  target "", args [], in a chain: clear its latched error   no reply
 //   flags    bit 0 TAKES_ROUTER; left out or undefined: 0
 //   limits   { timeout?: ms, cancel?: true }; left out or undefined: none
+//   chain    the caller's number for a CallChain: calls of one (src_id, chain) run one after
+//            another, in the order sent; left out or undefined: none (the call runs at once)
 //
 // Trailing fields may be left out: the commonest call is [0, source, args].
 
@@ -51,6 +54,8 @@ export const CALL = {
   MODULE: 1,
   /** target: a module name; load it and answer with its exported function names. */
   LOAD: 2,
+  /** In a chain: forget the error it latched (CallChain.reset). */
+  FORGET: 3,
   /** flags bit: hand the function `{ router, econtext }` as an extra last argument. */
   TAKES_ROUTER: 1,
 } as const;
@@ -59,7 +64,7 @@ export const CALL = {
 export type CallLimits = { timeout?: number; cancel?: true };
 
 /** A CALL_FUNCTION body. */
-export type CallBody = [kind: number, target: string, args: unknown[], flags?: number, limits?: CallLimits | undefined];
+export type CallBody = [kind: number, target: string, args: unknown[], flags?: number, limits?: CallLimits | undefined, chain?: number];
 
 /** A MODULE call's target: `<module>#<export>`. */
 export const moduleTarget = (target: string): [module: string, name: string] => {

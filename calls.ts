@@ -61,8 +61,8 @@ export const takesEcontext: typeof takesRouter = takesRouter;
 
 const shippedSource = new WeakMap<object, string>();
 
-/** A CALL_FUNCTION message calling `fn(...args)` under `options`. */
-export function callMessage(fn: unknown, args: unknown[], options: CallOptions): Message {
+/** A CALL_FUNCTION message calling `fn(...args)` under `options`, in call chain `chain` if given. */
+export function callMessage(fn: unknown, args: unknown[], options: CallOptions, chain?: number): Message {
   if (typeof fn !== "function") throw new MitogenError(`call needs a function, got ${typeof fn}`);
   let src = shippedSource.get(fn);
   if (src === undefined) {
@@ -75,7 +75,19 @@ export function callMessage(fn: unknown, args: unknown[], options: CallOptions):
   const lim = limits(options);
   // Trailing defaults stay off the wire (flags 0, no limits): the commonest call is three fields.
   const body: CallBody = lim ? [CALL.SOURCE, src, args, flags, lim] : flags ? [CALL.SOURCE, src, args, flags] : [CALL.SOURCE, src, args];
-  return callBody.encode(body);
+  return callBody.encode(chained(body, chain));
+}
+
+/** `body` in call chain `chain`: the chain last, after the fields before it; as it is without a chain. */
+export const chained = (body: CallBody, chain: number | undefined): CallBody =>
+  chain === undefined ? body : [body[0], body[1], body[2], body[3] ?? 0, body[4], chain];
+
+/** What the callee (dispatch.ts) keeps of one call chain, under "<caller id>:<chain>" in `Router.chains`. */
+export interface ChainState {
+  /** The chain's last call so far: the next one runs after it settles. */
+  tail: Promise<void>;
+  /** The first failure, latched until a FORGET: every later call of the chain fails with it. */
+  failed?: unknown;
 }
 
 // ---------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 /**
- * Context: a reference to a context, to call functions in it and send it messages; and CallScope, its
- * calls under a timeout or signal (`ctx.with()`); and the types of its file transfers (files.ts does them).
+ * Context: a reference to a context, to call functions in it and send it messages; CallScope, its
+ * calls under a timeout or signal (`ctx.with()`); CallChain, its ordered calls (`ctx.chain()`); and the
+ * types of its file transfers (files.ts does them).
  * Part of the child payload.
  *
  * @module
@@ -12,7 +13,7 @@ import { HANDLE, Message } from "./frames.ts";
 import { type ChannelHost, Receiver } from "./channels.ts";
 import type { GetOptions } from "./select.ts";
 import { CALL, callBody } from "./bodies.ts";
-import { type CallContextShape, type CallOptions, callMessage, limits } from "./calls.ts";
+import { type CallContextShape, type CallOptions, callMessage, chained, limits } from "./calls.ts";
 
 /** What a Context needs of its router (the Router is one). */
 export interface ContextHost extends ChannelHost {
@@ -186,7 +187,11 @@ export class Context implements WireRef, AsyncDisposable {
     return this.#scope().call(fn, ...args);
   }
 
-  /** Run `fn(...args)` in this context without waiting for, or hearing of, a result. */
+  /**
+   * Run `fn(...args)` in this context without waiting for, or hearing of, a result; a failure is
+   * logged there. It runs concurrently with other calls into the context: for calls that must run
+   * in order, use a {@link Context.chain}.
+   */
   callNoReply<A extends unknown[], R, C extends CallContextShape>(fn: (...args: [...A, C]) => R, ...args: A): void;
   callNoReply<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): void;
   callNoReply<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): void {
@@ -232,6 +237,25 @@ export class Context implements WireRef, AsyncDisposable {
    */
   with(options: CallOptions): CallScope {
     return new CallScope(this, options);
+  }
+
+  /**
+   * A new {@link CallChain} into this context (Mitogen's pipelined `CallChain`): its calls run
+   * there one after another in the order sent, and after one fails the later ones fail with its
+   * error until {@link CallChain.reset}. Plain calls into a context run concurrently.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "mitogen";
+   * await using router = new Router();
+   * const ctx = await router.local();
+   * await using chain = ctx.chain(); // reset() at the end of the block
+   * chain.callNoReply(() => { (globalThis as { steps?: string[] }).steps = ["setup"]; });
+   * console.log(await chain.call(() => (globalThis as { steps?: string[] }).steps)); // [ "setup" ]
+   * ```
+   */
+  chain(): CallChain {
+    return new CallChain(this);
   }
 
   #plain: CallScope | null = null;
@@ -322,29 +346,37 @@ const files = (router: ContextHost) => router.requireModule("mitogen:files") as 
 export class CallScope {
   readonly context: Context;
   readonly options: CallOptions;
+  /** The number of the {@link CallChain} the calls belong to (unique in this process); undefined outside one. */
+  readonly chainId: number | undefined;
 
-  constructor(context: Context, options: CallOptions) {
+  constructor(context: Context, options: CallOptions, chainId?: number) {
     this.context = context;
     this.options = options;
+    this.chainId = chainId;
   }
 
   /** As {@link Context.callAsync}. */
   callAsync<A extends unknown[], R, C extends CallContextShape>(fn: (...args: [...A, C]) => R, ...args: A): Receiver;
   callAsync<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Receiver;
   callAsync<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Receiver {
-    return this.#start(callMessage(fn, args, this.options));
+    return this.#start(callMessage(fn, args, this.options, this.chainId));
   }
 
   /** As {@link Context.call}. */
   call<A extends unknown[], R, C extends CallContextShape>(fn: (...args: [...A, C]) => R, ...args: A): Promise<Awaited<R>>;
   call<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Promise<Awaited<R>>;
   call<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): Promise<Awaited<R>> {
-    return this.#request(() => callMessage(fn, args, this.options)) as Promise<Awaited<R>>;
+    return this.#request(() => callMessage(fn, args, this.options, this.chainId)) as Promise<Awaited<R>>;
   }
 
   /** As {@link Context.callModule}. */
   callModule(module: string, name: string, ...args: unknown[]): Promise<unknown> {
-    return this.#request(() => callBody.encode([CALL.MODULE, `${module}#${name}`, args, 0, limits(this.options)]));
+    return this.#request(() => callBody.encode(chained([CALL.MODULE, `${module}#${name}`, args, 0, limits(this.options)], this.chainId)));
+  }
+
+  /** A new {@link CallChain} into the context, its calls under this scope's options (see {@link Context.chain}). */
+  chain(): CallChain {
+    return new CallChain(this.context, this.options);
   }
 
   /** Send the call `make()` builds and resolve with the decoded reply; without a timeout or signal, no Receiver is made. */
@@ -364,7 +396,7 @@ export class CallScope {
   /** As {@link Context.import}; the functions returned carry this scope's options. */
   async import<T>(specifier: string | URL): Promise<Remote<T>> {
     const name = await this.context.router.bundleModule(specifier, this.context.runtime);
-    const load = callBody.encode([CALL.LOAD, name, [], 0, limits(this.options)]);
+    const load = callBody.encode(chained([CALL.LOAD, name, [], 0, limits(this.options)], this.chainId));
     const exported = (await this.#start(load).get()).unpickle() as string[];
     const remote: Record<string, (...args: unknown[]) => Promise<unknown>> = {};
     for (const fn of exported) remote[fn] = (...args) => this.callModule(name, fn, ...args);
@@ -396,5 +428,62 @@ export class CallScope {
     signal?.addEventListener("abort", onAbort, { once: true });
     if (timeout !== undefined) timer = setTimeout(() => stop(new TimeoutError(`call to ${ctx.name} did not finish within ${timeout} ms`)), timeout);
     return recv;
+  }
+}
+
+/** The last chain number given in this process. */
+let lastChain = 0;
+
+/**
+ * Ordered, pipelined calls into a context: Mitogen's `CallChain` in pipelined mode (from
+ * {@link Context.chain}). The context runs the calls of one chain one after another, each once the
+ * one before it has settled, in the order they were sent, however they were sent (`callNoReply`
+ * returns at once); calls of other chains, and plain calls, run meanwhile. After a call of the chain
+ * fails, every later call of it fails with that same error, without running (a `callNoReply`'s
+ * failure is not logged: the next `call` raises it), until {@link CallChain.reset}. The context
+ * keeps a failed chain's error until then (or until this context is gone): reset a chain when done,
+ * or use it with `await using`.
+ *
+ * A deadline (`ctx.with({ timeout }).chain()`) counts, in the called context, from the call's start
+ * after those before it; a function that ignores its signal past its deadline holds the chain up
+ * until it ends (the caller has its TimeoutError at once).
+ *
+ * @example
+ * ```ts
+ * import { Router } from "mitogen";
+ * await using router = new Router();
+ * const ctx = await router.local();
+ * const chain = ctx.chain();
+ * chain.callNoReply(() => { throw new Error("setup failed"); });
+ * chain.callNoReply(() => console.log("never runs"));
+ * await chain.call(() => 1).catch((e) => console.log(e.message)); // setup failed
+ * chain.reset();
+ * console.log(await chain.call(() => 2)); // 2
+ * ```
+ */
+export class CallChain extends CallScope implements AsyncDisposable {
+  constructor(context: Context, options: CallOptions = {}) {
+    super(context, options, ++lastChain);
+  }
+
+  /** As {@link Context.callNoReply}, in the chain: returns at once; a failure fails the chain's next calls. */
+  callNoReply<A extends unknown[], R, C extends CallContextShape>(fn: (...args: [...A, C]) => R, ...args: A): void;
+  callNoReply<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): void;
+  callNoReply<A extends unknown[], R>(fn: (...args: A) => R, ...args: A): void {
+    this.context.send(callMessage(fn, args, this.options, this.chainId));
+  }
+
+  /**
+   * Have the context forget the chain's failure, once the calls sent before have run: calls sent
+   * after run again. Returns at once (as Mitogen's, nothing is answered).
+   */
+  reset(): void {
+    this.context.send(callBody.encode(chained([CALL.FORGET, "", []], this.chainId)));
+  }
+
+  /** `await using chain = ctx.chain()`: {@link CallChain.reset} at the end of the block. */
+  [asyncDispose](): Promise<void> {
+    this.reset();
+    return Promise.resolve();
   }
 }

@@ -4,7 +4,7 @@
  *
  * @module
  */
-import { AbortError, MitogenError, TimeoutError } from "./errors.ts";
+import { AbortError, type CallError, MitogenError, TimeoutError } from "./errors.ts";
 import { Abort, hasOwn } from "./runtime.ts";
 import { HANDLE, type Message } from "./frames.ts";
 import { CALL, type CallLimits, callBody, moduleTarget } from "./bodies.ts";
@@ -39,10 +39,13 @@ export function installDispatcher(router: Router): void {
     },
     { handle: HANDLE.CANCEL_CALL },
   );
-  const fail = (msg: Message, err: unknown, kind: number): void => {
+  // A chained call's failure is not logged: the chain's next call raises it (Mitogen's CallChain).
+  const fail = (msg: Message, err: unknown, kind: number, chained?: boolean): CallError => {
     const error = replyError(msg, withHint(err, kind, router), router);
-    if (!msg.replyTo) router.log("warn", `callNoReply failed: ${error.message}`);
+    if (!msg.replyTo && !chained) router.log("warn", `callNoReply failed: ${error.message}`);
+    return error;
   };
+  const chains = router.chains;
   const done = (msg: Message, result: unknown): void => {
     if (msg.replyTo) replySafely(msg, result, router);
   };
@@ -50,9 +53,25 @@ export function installDispatcher(router: Router): void {
     (msg) => {
       let kind = -1;
       try {
-        const [k, target, sent, flags = 0, lim] = callBody.decode(msg);
+        const [k, target, sent, flags = 0, lim, chain] = callBody.decode(msg);
         kind = k;
         const args = Array.isArray(sent) ? sent : [];
+        if (chain !== undefined) {
+          // A call chain (CallChain): its calls run one after another, in the order sent; the first
+          // failure is latched, and fails every later call of the chain until a FORGET (reset()).
+          // The router drops a caller's chains when it hears the caller is gone.
+          const key = `${msg.src}:${chain}`;
+          const state = chains.get(key) || { tail: Promise.resolve() };
+          chains.set(key, state);
+          const tail: Promise<void> = (state.tail = state.tail.then(async () => {
+            if (kind === CALL.FORGET) state.failed = undefined;
+            else if (state.failed) fail(msg, state.failed, kind, true);
+            else state.failed = await runCall(msg, kind, target, args, flags, lim, true);
+            // Idle (no call after this one) and not failed: forgotten.
+            if (state.tail === tail && !state.failed) chains.delete(key);
+          }));
+          return;
+        }
         // The common case, a plain call of shipped source or of a module already loaded here: no deadline, no
         // CallContext, answered in this tick when it is synchronous. Anything else (loading, errors) goes to runCall.
         if (!lim && !(flags & CALL.TAKES_ROUTER) && (kind === CALL.SOURCE || kind === CALL.MODULE)) {
@@ -77,7 +96,15 @@ export function installDispatcher(router: Router): void {
   );
 
   /** Any other call: a module's function, a load, or one with limits or a CallContext. */
-  const runCall = async (msg: Message, kind: number, target: string, args: unknown[], flags: number, lim: CallLimits | undefined): Promise<void> => {
+  const runCall = async (
+    msg: Message,
+    kind: number,
+    target: string,
+    args: unknown[],
+    flags: number,
+    lim: CallLimits | undefined,
+    chained?: boolean,
+  ): Promise<CallError | undefined> => {
     let result: unknown;
     // Made only for calls that can be cancelled, have a deadline, or take a CallContext.
     let controller: AbortController | undefined;
@@ -110,8 +137,7 @@ export function installDispatcher(router: Router): void {
         result = await fn(...args, ...extra);
       }
     } catch (err) {
-      fail(msg, err, kind);
-      return;
+      return fail(msg, err, kind, chained);
     } finally {
       if (deadline !== undefined) clearTimeout(deadline);
       running.delete(key);

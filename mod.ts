@@ -28,7 +28,7 @@ export type { LogLevel, LogRecord, LogSource } from "./logapi.ts";
 export { takesEcontext, takesRouter } from "./calls.ts";
 export type { CallOptions } from "./calls.ts";
 export type { CallContext } from "./dispatch.ts";
-export { CallScope, Context } from "./context.ts";
+export { CallChain, CallScope, Context } from "./context.ts";
 export type { FileFailure, FileOptions, FileProgress, FileResult, Remote, ShutdownOptions } from "./context.ts";
 export { Broker } from "./router.ts";
 export type {

@@ -14,7 +14,7 @@ import { FlowControl } from "./flow.ts";
 import { Sender } from "./channels.ts";
 import { type LogLevel, type LogRecord, type LogSource, logRecordOf, safeJson } from "./logapi.ts";
 import { addRouteBody, type Body, delRouteBody, logBody, type LogBody } from "./bodies.ts";
-import { evaluateModule, replyError, replySafely } from "./calls.ts";
+import { type ChainState, evaluateModule, replyError, replySafely } from "./calls.ts";
 import { Context, type FileOptions, type FileResult } from "./context.ts";
 import type {
   ContainerOptions,
@@ -120,6 +120,8 @@ export class Router implements Binder, AsyncDisposable {
   readonly stats: { modulesSent: number; moduleBytesSent: number; links: Map<number, LinkCounts> } = { modulesSent: 0, moduleBytesSent: 0, links: new Map() };
   /** Windows of the flow-controlled channels this context sends on (Sender). */
   readonly flow: FlowControl = new FlowControl(this);
+  /** @internal The call chains served here (dispatch.ts), by "<caller id>:<chain>", while busy or failed. */
+  readonly chains: Map<string, ChainState> = new Map();
   readonly #fetching = new Map<string, Promise<Uint8Array>>();
   readonly #loading = new Map<string, Promise<Record<string, unknown>>>();
 
@@ -603,6 +605,8 @@ export class Router implements Binder, AsyncDisposable {
   /** First half of losing `id`: no more routing to it, and whoever waits on it fails at once. */
   #unroute(id: number, reason: string): void {
     this.#routes.delete(id);
+    // The call chains it made here (dispatch.ts) are forgotten.
+    for (const key of this.chains.keys()) if (key.startsWith(`${id}:`)) this.chains.delete(key);
     this.#deadReasons.set(id, reason);
     this.#shutdownSent.delete(id);
     const handles = this.#respondents.get(id);

@@ -10,6 +10,7 @@ test("mod.ts exports exactly the public API", () => {
   assert.deepEqual(Object.keys(mitogen).sort(), [
     "AbortError",
     "Broker",
+    "CallChain",
     "CallError",
     "CallScope",
     "Channel",
