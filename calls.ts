@@ -185,11 +185,13 @@ export type StandardResult<Output> =
 /** A method's argument check: one schema for its argument, or one per property of it (Mitogen's `arg_spec`). */
 export type ArgSpec = StandardSchemaV1 | { readonly [arg: string]: StandardSchemaV1 };
 
-/** The argument a caller passes to a method checked by `S`. */
+/** The argument a caller passes to a method checked by `S` (a property whose check takes undefined may be left out). */
 export type ArgsIn<S> = S extends StandardSchemaV1
   ? NonNullable<S["~standard"]["types"]>["input"]
   : S extends { readonly [arg: string]: StandardSchemaV1 }
-    ? { [K in keyof S]: ArgsIn<S[K]> }
+    ? { [K in keyof S as undefined extends ArgsIn<S[K]> ? never : K]: ArgsIn<S[K]> } & {
+        [K in keyof S as undefined extends ArgsIn<S[K]> ? K : never]?: ArgsIn<S[K]>;
+      }
     : unknown;
 
 /** The argument a method checked by `S` receives (what the schemas made of it). */

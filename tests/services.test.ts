@@ -5,6 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, test } from "node:test";
 import { type CallContext, CallError, connect, defineService, type StandardSchemaV1, takesRouter } from "../mod.ts";
+import { z } from "zod";
 import { checkLeaks, quietRouter, routerWithLogs, RUNTIMES, waitFor } from "./helpers.ts";
 
 checkLeaks();
@@ -204,4 +205,48 @@ test("an attached session calls a service of its listener, and one below it, as 
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
+});
+
+const isRoot = process.getuid?.() === 0;
+
+test("through sudo, below a local child: the sudo context calls its master's service, and serves one the master registered", {
+  skip: isRoot ? false : "needs root (sudo to nobody without a password)",
+}, async () => {
+  await using router = quietRouter();
+  await router.serve(store);
+  router.registerService("fixture.lazy", FIXTURE);
+  const hop = await router.local({ name: "svc-hop" });
+  // The runtime of this test's own process (node or deno), as nobody.
+  const sudo = await router.sudo({
+    username: "nobody",
+    via: hop,
+    name: "svc-sudo",
+    runtime: process.execPath,
+    sudoArgs: ["--preserve-env=MITOGEN_TEST_TOKEN"],
+  });
+  assert.notEqual(await sudo.call(() => process.getuid?.()), 0);
+  assert.deepEqual(await sudo.call(askMaster, "get", { key: 7 }), { value: "v7", caller: sudo.contextId });
+  assert.deepEqual(await sudo.callService("fixture.lazy", "where"), { name: "svc-sudo", isMaster: false });
+});
+
+test("zod's schemas are Standard Schemas: checked, transformed, typed, and a failure names the argument", async () => {
+  await using router = quietRouter();
+  const zoned = defineService({
+    name: "test.zod",
+    policy: "children",
+    methods: {
+      shout: { args: { word: z.string().min(2), times: z.number().int().default(1) }, run: ({ word, times }) => word.toUpperCase().repeat(times) },
+      sum: { args: z.object({ xs: z.array(z.number()) }), run: ({ xs }) => xs.reduce((a, b) => a + b, 0) },
+    },
+  });
+  await router.serve(zoned);
+  const me = router.myself().service(zoned);
+  const shouted: string = await me.shout({ word: "ab", times: 2 });
+  assert.equal(shouted, "ABAB");
+  assert.equal(await me.shout({ word: "hi" }), "HI", "zod's default filled in");
+  assert.equal(await me.sum({ xs: [1, 2, 3] }), 6);
+  const child = await router.local({ name: "svc-zod" });
+  const ask = takesRouter((method: string, args: unknown, call: CallContext) => call.router.contextById(0).callService("test.zod", method, args));
+  await assert.rejects(child.call(ask, "shout", { word: "a" }), /test\.zod\.shout: argument "word": Too small/);
+  await assert.rejects(child.call(ask, "sum", { xs: [1, "2"] }), /test\.zod\.sum: argument "xs" at 1: Invalid input: expected number/);
 });
