@@ -76,6 +76,23 @@ export const moduleTarget = (target: string): [module: string, name: string] => 
 export const callBody: Body<CallBody> = body(HANDLE.CALL_FUNCTION, "args");
 
 // ---------------------------------------------------------------------------
+// CALL_SERVICE (110), to the context serving the service
+//
+//   [service, method, args]
+//
+//   service  the name it was defined (and, at the master, registered) under
+//   method   one of its methods' names
+//   args     the one argument of the method, any value (checked by the method's `args`)
+//   reply    the method's result; a noReply method's caller hears nil once the call is admitted;
+//            reply_to 0: no answer at all (callServiceNoReply)
+
+/** A CALL_SERVICE body. */
+export type ServiceBody = [service: string, method: string, args: unknown];
+
+/** CALL_SERVICE: a body that cannot be encoded is named by its argument (`args.cb`). */
+export const serviceBody: Body<ServiceBody> = body(HANDLE.CALL_SERVICE, "args");
+
+// ---------------------------------------------------------------------------
 // FORWARD_LOG (102), to the master, reply_to 0
 //
 //   [contextId, name, level, source, message, path, time, data]

@@ -87,12 +87,7 @@ export function bundleTarget(runtime: string | null): string {
  */
 export async function bundle(specifier: string | URL, target = "es2022"): Promise<Bundle> {
   // Before any await: the stack still holds the caller of ctx.import.
-  const file =
-    specifier instanceof URL || specifier.startsWith("file:")
-      ? fileURLToPath(specifier)
-      : /^\.\.?\//.test(specifier)
-        ? relativeToCaller(specifier)
-        : resolve(specifier);
+  const file = moduleFile(specifier);
   const key = `${target}:${file}`;
   const hit = cache.get(key);
   if (hit) {
@@ -103,6 +98,15 @@ export async function bundle(specifier: string | URL, target = "es2022"): Promis
   cache.set(key, pending);
   pending.catch(() => cache.delete(key));
   return pending;
+}
+
+/** The file `specifier` (a file URL, a path, or `./x.ts` beside the file that called the library) means. */
+export function moduleFile(specifier: string | URL): string {
+  return specifier instanceof URL || specifier.startsWith("file:")
+    ? fileURLToPath(specifier)
+    : /^\.\.?\//.test(specifier)
+      ? relativeToCaller(specifier)
+      : resolve(specifier);
 }
 
 /** The file a relative `ctx.import("./x.ts")` means: beside the file that called it. */

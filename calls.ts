@@ -171,3 +171,44 @@ export function replySafely(msg: Message, value: unknown, router: Where, failed:
     }
   }
 }
+
+// ---------------------------------------------------------------------------
+// Services: argument checks (the definitions are router.ts's, the machinery the shipped mitogen:service)
+
+/**
+ * The Standard Schema interface, version 1 (https://standardschema.dev): what zod, valibot, arktype
+ * and others implement. A service method's `args` takes one (or one per argument); the library
+ * depends on none of them, this is its own copy of the types-only spec.
+ */
+export interface StandardSchemaV1<Input = unknown, Output = Input> {
+  readonly "~standard": {
+    readonly version: 1;
+    readonly vendor: string;
+    readonly validate: (value: unknown) => StandardResult<Output> | Promise<StandardResult<Output>>;
+    readonly types?: { readonly input: Input; readonly output: Output } | undefined;
+  };
+}
+
+/** What a Standard Schema's `validate` gives: the (maybe transformed) value, or issues. */
+export type StandardResult<Output> =
+  | { readonly value: Output; readonly issues?: undefined }
+  | { readonly issues: ReadonlyArray<{ readonly message: string; readonly path?: ReadonlyArray<PropertyKey | { readonly key: PropertyKey }> | undefined }> };
+
+/** A method's argument check: one schema for its argument, or one per property of it (Mitogen's `arg_spec`). */
+export type ArgSpec = StandardSchemaV1 | { readonly [arg: string]: StandardSchemaV1 };
+
+/** The argument a caller passes to a method checked by `S` (a property whose check takes undefined may be left out). */
+export type ArgsIn<S> = S extends StandardSchemaV1
+  ? NonNullable<S["~standard"]["types"]>["input"]
+  : S extends { readonly [arg: string]: StandardSchemaV1 }
+    ? { [K in keyof S as undefined extends ArgsIn<S[K]> ? never : K]: ArgsIn<S[K]> } & {
+        [K in keyof S as undefined extends ArgsIn<S[K]> ? K : never]?: ArgsIn<S[K]>;
+      }
+    : unknown;
+
+/** The argument a method checked by `S` receives (what the schemas made of it). */
+export type ArgsOut<S> = S extends StandardSchemaV1
+  ? NonNullable<S["~standard"]["types"]>["output"]
+  : S extends { readonly [arg: string]: StandardSchemaV1 }
+    ? { [K in keyof S]: ArgsOut<S[K]> }
+    : unknown;

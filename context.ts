@@ -12,8 +12,8 @@ import { asyncDispose } from "./runtime.ts";
 import { HANDLE, Message } from "./frames.ts";
 import { type ChannelHost, Receiver } from "./channels.ts";
 import type { GetOptions } from "./select.ts";
-import { CALL, callBody } from "./bodies.ts";
-import { type CallContextShape, type CallOptions, callMessage, chained, limits } from "./calls.ts";
+import { CALL, callBody, serviceBody } from "./bodies.ts";
+import { type ArgsIn, type CallContextShape, type CallOptions, callMessage, chained, limits } from "./calls.ts";
 
 /** What a Context needs of its router (the Router is one). */
 export interface ContextHost extends ChannelHost {
@@ -76,6 +76,26 @@ export type Remote<T> = {
   [K in keyof T as T[K] extends (...args: any[]) => unknown ? K : never]: T[K] extends (...args: infer A) => infer R
     ? (...args: A extends [...infer Head, CallContextShape] ? Head : A) => Promise<Awaited<R>>
     : never;
+};
+
+/**
+ * What a caller needs of a service's definition ({@link defineService} in router.ts makes them): its
+ * name, and its methods' argument checks and results, for the types of {@link Context.service}.
+ */
+export interface ServiceShape {
+  readonly name: string;
+  readonly methods: object;
+}
+
+/** The argument list of calling method `M` of a service: its checked argument, or an optional one when it has no check. */
+export type ServiceArgs<M> = M extends { args: infer S } ? [args: ArgsIn<S>] : [args?: unknown];
+
+/** What calling method `M` of a service resolves with: its result, or nothing for a noReply method. */
+export type ServiceResult<M> = M extends { noReply: true } ? undefined : M extends { run(...a: never[]): infer R } ? Awaited<R> : unknown;
+
+/** A service as a caller sees it ({@link Context.service}): each method, async, taking its one argument. */
+export type ServiceClient<S extends ServiceShape> = {
+  readonly [K in keyof S["methods"]]: (...args: ServiceArgs<S["methods"][K]>) => Promise<ServiceResult<S["methods"][K]>>;
 };
 
 /** Options of {@link Context.shutdown}. */
@@ -201,6 +221,62 @@ export class Context implements WireRef, AsyncDisposable {
   /** Call the exported function `name` of shipped module `module` (fetched on demand there). */
   callModule(module: string, name: string, ...args: unknown[]): Promise<unknown> {
     return this.#scope().callModule(module, name, ...args);
+  }
+
+  /**
+   * Call `method` of service `service` in this context (Mitogen's `call_service`), where the service's
+   * policy lets this context call it: the argument is checked there before the method runs, a refusal
+   * or a failed check rejects with CallError. A context that does not hold the service yet loads the
+   * module the master registered it from ({@link Router.registerService}). Given the service's
+   * definition, the call is typed; {@link Context.service} reads better.
+   *
+   * @example
+   * ```ts
+   * import { type CallContext, defineService, Router, takesRouter } from "mitogen";
+   * await using router = new Router();
+   * await router.serve(defineService({ name: "clock", policy: "children", methods: { now: { run: () => Date.now() } } }));
+   * const child = await router.local();
+   * // The child asks its master (context 0):
+   * console.log(await child.call(takesRouter(({ router }: CallContext) => router.contextById(0).callService("clock", "now")))); // 1735689600000
+   * ```
+   */
+  callService<S extends ServiceShape, K extends keyof S["methods"] & string>(
+    service: S,
+    method: K,
+    ...args: ServiceArgs<S["methods"][K]>
+  ): Promise<ServiceResult<S["methods"][K]>>;
+  callService(service: string, method: string, args?: unknown): Promise<unknown>;
+  async callService(service: string | ServiceShape, method: string, args?: unknown): Promise<unknown> {
+    return this.sendAwait(serviceMessage(service, method, args));
+  }
+
+  /** As {@link Context.callService}, returning the Receiver of its reply (Mitogen's `call_service_async`). */
+  callServiceAsync(service: string | ServiceShape, method: string, args?: unknown): Receiver {
+    return this.sendAsync(serviceMessage(service, method, args));
+  }
+
+  /** As {@link Context.callService}, without a reply: a failure is logged where the service runs. */
+  callServiceNoReply(service: string | ServiceShape, method: string, args?: unknown): void {
+    this.send(serviceMessage(service, method, args));
+  }
+
+  /**
+   * Service `service` of this context as an object whose methods call it ({@link Context.callService}),
+   * typed by its definition: pass the definition, or its name with its type (`service<typeof files>("files")`).
+   *
+   * @example
+   * ```ts
+   * import { defineService, Router } from "mitogen";
+   * const greeter = defineService({ name: "greeter", policy: "any", methods: { hello: { run: (who: unknown) => `hello ${who}` } } });
+   * await using router = new Router();
+   * await router.serve(greeter);
+   * console.log(await router.myself().service(greeter).hello("world")); // hello world
+   * ```
+   */
+  service<S extends ServiceShape>(service: S | S["name"]): ServiceClient<S> {
+    return new Proxy({} as ServiceClient<S>, {
+      get: (_, method) => (typeof method === "string" && method !== "then" ? (args?: unknown) => this.callService(service as string, method, args) : undefined),
+    });
   }
 
   /**
@@ -336,6 +412,10 @@ export class Context implements WireRef, AsyncDisposable {
     return this.shutdown({ wait: true });
   }
 }
+
+/** A CALL_SERVICE message: `method` of `service` (a name or a definition) with `args`. */
+const serviceMessage = (service: string | ServiceShape, method: string, args: unknown): Message =>
+  serviceBody.encode([typeof service === "string" ? service : service.name, method, args]);
 
 /** The shipped module `mitogen:files` (files.ts), loaded on first use. */
 const files = (router: ContextHost) => router.requireModule("mitogen:files") as Promise<unknown> as Promise<FilesModule>;

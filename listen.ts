@@ -6,7 +6,7 @@
  *
  * A session is a stream of the listening context, with an id from the tree
  * like a child's, but it is not trusted like one: each message it sends is
- * admitted only if it is a call (CALL_FUNCTION, CANCEL_CALL), a message to a
+ * admitted only if it is a call (CALL_FUNCTION, CALL_SERVICE, CANCEL_CALL), a message to a
  * dynamic handle (replies, Senders, flow credit) or FORWARD_MODULE, and only
  * to the contexts its listener's `route` names, never to another session. An
  * admitted message carries the listener's authority (auth_id), as in Mitogen:
@@ -52,7 +52,7 @@ const forwarding = new WeakSet<Router>();
 /** The checks of the module doc, for one message from a session of a listener routing to `route`. */
 function admit(router: Router, route: ListenRoute, msg: Message): string | null {
   const h = msg.handle;
-  if (h !== HANDLE.CALL_FUNCTION && h !== HANDLE.CANCEL_CALL && h !== HANDLE.FORWARD_MODULE && h < FIRST_DYNAMIC_HANDLE) {
+  if (h !== HANDLE.CALL_FUNCTION && h !== HANDLE.CALL_SERVICE && h !== HANDLE.CANCEL_CALL && h !== HANDLE.FORWARD_MODULE && h < FIRST_DYNAMIC_HANDLE) {
     return `handle ${handleName(h)} is not open to attached sessions`;
   }
   if (msg.dst !== router.myId) {

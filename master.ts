@@ -10,13 +10,15 @@ import type { Stream } from "./stream.ts";
 import { type LogLevel, type LogRecord, logRecordOf, type LogSource, setActiveRouter } from "./logapi.ts";
 import type { Context } from "./context.ts";
 import type { SshOptions } from "./options.ts";
-import { Router as CoreRouter } from "./router.ts";
+import { defineService, Router as CoreRouter, type ServiceDef } from "./router.ts";
 import { logBody } from "./bodies.ts";
-import { bundle, bundleTarget, mapStack } from "./bundler.ts";
+import { bundle, bundleTarget, mapStack, moduleFile } from "./bundler.ts";
+import { pathToFileURL } from "node:url";
 import * as parentModule from "./parent.ts";
 import * as tunnelModule from "./tunnel.ts";
 import * as filesModule from "./files.ts";
 import * as listenModule from "./listen.ts";
+import * as serviceModule from "./service.ts";
 import { payloads, type ShippedName } from "./payload.ts";
 import { cleanRecord, defaultLogger, LEVELS, type LevelLogger, type LogSink, levelFromEnv, textLogger, toSink } from "./logs.ts";
 
@@ -28,6 +30,7 @@ const BUILT_IN: Record<ShippedName, Record<string, unknown>> = {
   "mitogen:tunnel": tunnelModule as unknown as Record<string, unknown>,
   "mitogen:files": filesModule as unknown as Record<string, unknown>,
   "mitogen:listen": listenModule as unknown as Record<string, unknown>,
+  "mitogen:service": serviceModule as unknown as Record<string, unknown>,
 };
 
 /** Options of the master {@link Router}. */
@@ -225,6 +228,48 @@ export class Router extends CoreRouter {
     }
     return super.requireModule(name);
   }
+
+  /**
+   * Register the service `name` as defined by the module at `specifier` (a file URL or path; `./x.ts`
+   * is beside the calling file), which exports it ({@link defineService}). Nothing is loaded now: the
+   * first call of the service in any context loads the module there (the master imports it; a child
+   * gets it bundled for its runtime, fetched through its parents as `ctx.import`'s modules are).
+   *
+   * @example
+   * ```ts
+   * import { Router } from "mitogen";
+   * await using router = new Router();
+   * router.registerService("tasks", new URL("./examples/tasks-service.ts", import.meta.url));
+   * const child = await router.local();
+   * console.log(await child.callService("tasks", "hostname")); // web1
+   * ```
+   */
+  registerService(name: string, specifier: string | URL): void {
+    this.#registry.set(name, moduleFile(specifier));
+  }
+
+  readonly #registry = new Map<string, string>();
+
+  /** @internal mitogen:service activating `name` here: the locator, or the module registered under it, imported. */
+  async loadService(name: string): Promise<ServiceDef | undefined> {
+    if (name === serviceModule.LOCATOR) return this.#locator;
+    const file = this.#registry.get(name);
+    return file === undefined ? undefined : serviceModule.findService(await import(pathToFileURL(file).href), name);
+  }
+
+  /** Tells a context which module (bundled for its runtime) defines a registered service; null when none. */
+  readonly #locator: ServiceDef = defineService({
+    name: serviceModule.LOCATOR,
+    policy: "any",
+    methods: {
+      locate: {
+        run: ({ name }: { name?: unknown }, { caller }) => {
+          const file = typeof name === "string" ? this.#registry.get(name) : undefined;
+          return file === undefined ? null : this.bundleModule(pathToFileURL(file), caller.runtime);
+        },
+      },
+    },
+  });
 
   /** As the core's, plus `transport: "ssh2"`: an in-process connection from the master. */
   override async ssh(options: SshOptions): Promise<Context> {

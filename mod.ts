@@ -26,11 +26,24 @@ export { contextId, isMaster, parentId, parentIds } from "./roles.ts";
 export { log } from "./logapi.ts";
 export type { LogLevel, LogRecord, LogSource } from "./logapi.ts";
 export { takesEcontext, takesRouter } from "./calls.ts";
-export type { CallOptions } from "./calls.ts";
+export type { ArgsIn, ArgsOut, ArgSpec, CallOptions, StandardResult, StandardSchemaV1 } from "./calls.ts";
 export type { CallContext } from "./dispatch.ts";
 export { CallChain, CallScope, Context } from "./context.ts";
-export type { FileFailure, FileOptions, FileProgress, FileResult, Remote, ShutdownOptions } from "./context.ts";
-export { Broker } from "./router.ts";
+export type {
+  FileFailure,
+  FileOptions,
+  FileProgress,
+  FileResult,
+  Remote,
+  ServiceArgs,
+  ServiceClient,
+  ServiceResult,
+  ServiceShape,
+  ShutdownOptions,
+} from "./context.ts";
+export { Broker, defineService } from "./router.ts";
+export type { ServiceCall, ServiceDef, ServiceMethod, ServiceMethods, ServicePolicy, ServicePool } from "./router.ts";
+export { ServiceError } from "./service.ts";
 export type {
   ContainerOptions,
   JailOptions,

@@ -21,6 +21,8 @@ export const SHIPPED = {
   "mitogen:files": "files.ts",
   /** Listeners: sessions attaching to a context (router.listen), with tweetnacl handshakes. */
   "mitogen:listen": "listen.ts",
+  /** Services: the pool, policies, argument checks, activation (router.serve, CALL_SERVICE). */
+  "mitogen:service": "service.ts",
 } as const;
 
 /** A library module shipped to children on demand. */

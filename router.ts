@@ -14,7 +14,7 @@ import { FlowControl } from "./flow.ts";
 import { Sender } from "./channels.ts";
 import { type LogLevel, type LogRecord, type LogSource, logRecordOf, safeJson } from "./logapi.ts";
 import { addRouteBody, type Body, delRouteBody, logBody, type LogBody } from "./bodies.ts";
-import { type ChainState, evaluateModule, replyError, replySafely } from "./calls.ts";
+import { type ArgSpec, type ArgsOut, type ChainState, evaluateModule, replyError, replySafely } from "./calls.ts";
 import { Context, type FileOptions, type FileResult } from "./context.ts";
 import type {
   ContainerOptions,
@@ -41,6 +41,96 @@ const LOG_DATA_MAX = 65536;
 const files = (router: Router) =>
   router.requireModule("mitogen:files") as Promise<unknown> as Promise<{
     putFile(router: Router, contexts: Context[], src: string, dst: string, options: FileOptions): Promise<FileResult[]>;
+  }>;
+
+// ---------------------------------------------------------------------------
+// Services: their definitions (serving them is the shipped module mitogen:service, service.ts)
+
+/**
+ * Who may call a service (or one method): `"parents"` (the default, Mitogen's AllowParents: this context
+ * and its parents, or a session its listener vouches for), `"children"` (this context and those started below
+ * it), `"any"` (Mitogen's AllowAny), or a predicate over the calling context (a refusal names it).
+ */
+export type ServicePolicy = "parents" | "children" | "any" | ((caller: Context, msg: Message) => boolean | Promise<boolean>);
+
+/** What a service method receives beside its argument. */
+export interface ServiceCall {
+  router: Router;
+  /** The calling context. */
+  caller: Context;
+  /** The CALL_SERVICE message. */
+  msg: Message;
+}
+
+/** One method of a service. */
+export interface ServiceMethod<S = ArgSpec | undefined> {
+  /** The check of its argument (a Standard Schema, or one per property): run before the method, a failure names the argument. */
+  args?: S;
+  /** Who may call this method, instead of the service's policy. */
+  policy?: ServicePolicy;
+  /** The caller hears nothing from the method: it is answered (nil) once the call is admitted, and a failure is logged here. */
+  noReply?: boolean;
+  /** The method: its checked argument, and who called. */
+  run(args: ArgsOut<S>, call: ServiceCall): unknown;
+}
+
+/** A service's methods, each typed by its own `args`. */
+export type ServiceMethods<A> = { [K in keyof A]: ServiceMethod<A[K]> };
+
+/** A service: methods registered in a context under a name ({@link defineService}). */
+export interface ServiceDef<N extends string = string, M = object> {
+  readonly name: N;
+  /** Who may call its methods (default `"parents"`, as Mitogen's). */
+  readonly policy?: ServicePolicy;
+  readonly methods: M;
+}
+
+/**
+ * Define a service: a name, a policy, and methods, each with its argument's check. Returns the
+ * definition, typed: `router.serve(def)` serves it in a context, `ctx.service(def)` calls it, checked
+ * by tsc. A module that exports it can be registered at the master ({@link Router.registerService}),
+ * so that any context loads it on its first call.
+ *
+ * @example
+ * ```ts
+ * import { type CallContext, defineService, Router, type StandardSchemaV1, takesRouter } from "mitogen";
+ * // Any Standard Schema (zod, valibot, arktype...), here one by hand:
+ * const int: StandardSchemaV1<number> = {
+ *   "~standard": { version: 1, vendor: "example", validate: (v) => (Number.isInteger(v) ? { value: v as number } : { issues: [{ message: "not an integer" }] }) },
+ * };
+ * const adder = defineService({ name: "adder", policy: "children", methods: { add: { args: { a: int, b: int }, run: ({ a, b }) => a + b } } });
+ * await using router = new Router();
+ * await router.serve(adder);
+ * const child = await router.local();
+ * console.log(await child.call(takesRouter(({ router }: CallContext) => router.contextById(0).callService("adder", "add", { a: 1, b: 2 })))); // 3
+ * ```
+ */
+export function defineService<const N extends string, A, M extends ServiceMethods<A>>(def: {
+  name: N;
+  policy?: ServicePolicy;
+  methods: M & ServiceMethods<A>;
+}): ServiceDef<N, M> {
+  return def;
+}
+
+/** A context's services and the pool their calls run in (Mitogen's Pool): {@link Router.serve}. */
+export interface ServicePool {
+  /** How many calls run at once (default 16); the others wait, in the order they came. */
+  size: number;
+  /** Calls running, and waiting. */
+  readonly running: number;
+  readonly queued: number;
+  /** Serve these services here too (a name served already throws). */
+  add(...services: ServiceDef[]): ServicePool;
+  /** Names of the services served here. */
+  names(): string[];
+}
+
+/** The shipped module `mitogen:service` (service.ts), loaded on first use. */
+const servicesOf = (router: Router) =>
+  router.requireModule("mitogen:service") as Promise<unknown> as Promise<{
+    pool(router: Router): ServicePool;
+    onCallService(router: Router, msg: Message): void;
   }>;
 
 /** Options of {@link Router.addHandler}. */
@@ -154,6 +244,32 @@ export class Router implements Binder, AsyncDisposable {
     const below = (_m: Message, s: Stream | null) => s !== null && s !== this.parent;
     this.addHandler((msg) => this.#onGetModule(msg), { handle: HANDLE.GET_MODULE, policy: below });
     this.addHandler((msg, stream) => this.#onAllocateId(msg, stream as Stream), { handle: HANDLE.ALLOCATE_ID, policy: below });
+    // Services are served by the shipped mitogen:service, loaded on the first call; it checks each call's policy.
+    this.addHandler(
+      (msg) =>
+        void servicesOf(this).then(
+          (m) => m.onCallService(this, msg),
+          (err: unknown) => replyError(msg, err, this),
+        ),
+      { handle: HANDLE.CALL_SERVICE },
+    );
+  }
+
+  /**
+   * The services of this context and their pool, with `services` added: callable from other contexts
+   * as their policies allow ({@link Context.callService}). Any context can serve.
+   *
+   * @example
+   * ```ts
+   * import { defineService, Router } from "mitogen";
+   * await using router = new Router();
+   * const pool = await router.serve(defineService({ name: "echo", methods: { echo: { run: (v: unknown) => v } } }));
+   * pool.size = 4; // at most 4 calls at once
+   * console.log(pool.names()); // ["echo"]
+   * ```
+   */
+  async serve(...services: ServiceDef[]): Promise<ServicePool> {
+    return (await servicesOf(this)).pool(this).add(...services);
   }
 
   // -- shipped modules ------------------------------------------------------

@@ -145,6 +145,43 @@ export const moduleCall: Measure = {
 };
 
 // ---------------------------------------------------------------------------
+// a service call vs a plain ctx.call of the same work
+
+type ZeroServiceModule = typeof import("./fixtures/zero-service.ts");
+
+async function benchServiceCall(): Promise<void> {
+  const name = "callService vs ctx.call";
+  try {
+    const r = await bounded(60_000, async (scope) => {
+      const router = scope.add(newRouter());
+      const ctx = await router.local({ runtime, name: "svccall" });
+      const mod = await ctx.import<ZeroServiceModule>(new URL("./fixtures/zero-service.ts", import.meta.url));
+      await mod.serveZero();
+      const viaService = () => ctx.callService("bench.zero", "zero");
+      const viaCall = () => ctx.call(zero);
+      await perOpMicros(viaService, 3000, 1500);
+      await perOpMicros(viaCall, 3000, 1500);
+      return rounds(
+        P.rounds,
+        15_000 * P.budget,
+        () => perOpMicros(viaService, P.rttOps, P.rttMs),
+        () => perOpMicros(viaCall, P.rttOps, P.rttMs),
+      );
+    });
+    ratioRow(name, r, 1, " us", 1.1, "<= 1.10x");
+  } catch (err) {
+    failed(name, err);
+  }
+}
+
+/** A service call against a plain ctx.call of the same work. */
+export const serviceCall: Measure = {
+  key: "service-call",
+  run: benchServiceCall,
+  reference: () => ['not raw: a plain ctx.call(() => 0) on the same child, interleaved with `ctx.callService("bench.zero", "zero")` of a service served there'],
+};
+
+// ---------------------------------------------------------------------------
 // 1000 concurrent calls to one child
 
 const CONCURRENT = 1000;

@@ -22,7 +22,7 @@ import os from "node:os";
 import { teardownHosts } from "../lab/hosts.ts";
 import { boot, fleet, runtimes } from "./boot.ts";
 import { echoThroughput, senderStream } from "./bulk.ts";
-import { callRoundTrip, concurrentCalls, moduleCall, viaHop } from "./calls.ts";
+import { callRoundTrip, concurrentCalls, moduleCall, serviceCall, viaHop } from "./calls.ts";
 import { cli } from "./cli.ts";
 import { putHops, putLocal, rsync } from "./files.ts";
 import { denoExe, detail, kind, logged, type Measure, options, P, quick, row, type Verdict, verdicts, wanted } from "./harness.ts";
@@ -44,6 +44,7 @@ const LOCAL: readonly Measure[] = [
   sizes,
   firstImport,
   moduleCall,
+  serviceCall,
   concurrentCalls,
   senderStream,
   runtimes,
