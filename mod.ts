@@ -24,7 +24,7 @@ export { Channel, Receiver, Sender } from "./channels.ts";
 export type { ReceiverOptions } from "./channels.ts";
 export { contextId, isMaster, parentId, parentIds } from "./roles.ts";
 export { log } from "./logapi.ts";
-export type { LogLevel, LogRecord, LogSource } from "./logapi.ts";
+export type { Logger, LogLevel, LogRecord, LogSource } from "./logapi.ts";
 export { takesEcontext, takesRouter } from "./calls.ts";
 export type { CallOptions } from "./calls.ts";
 export type { CallContext } from "./dispatch.ts";
@@ -33,6 +33,7 @@ export type { FileFailure, FileOptions, FileProgress, FileResult, Remote, Shutdo
 export { Broker } from "./router.ts";
 export type {
   ContainerOptions,
+  ContextInfo,
   JailOptions,
   KubectlOptions,
   Listener,
