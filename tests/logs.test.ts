@@ -270,7 +270,7 @@ test("the log option takes LogTape-, pino- and console-style loggers", async () 
   assert.equal(pinoMaster[0], "warn");
   assert.equal((pinoMaster[1] as Fields).version, 3);
   assert.equal((pinoMaster[1] as Fields).mitogen.source, "user");
-  // A line a child printed: info from a node child's stdout, warn from a deno child's (moved to stderr).
+  // A line a child printed: at info, from a node child's stdout or a deno child's (moved to stderr).
   assert.ok(pino.calls.some((c) => c[2] === "printed {braces}" && (c[1] as Fields).mitogen.source.startsWith("std")));
   assert.match(printed, /\[console\] printed \{braces\}/);
   assert.match(printed, /\[master\] from master \{ version: 3 \}/);
