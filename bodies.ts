@@ -95,13 +95,25 @@ export const serviceBody: Body<ServiceBody> = body(HANDLE.CALL_SERVICE, "args");
 // ---------------------------------------------------------------------------
 // FORWARD_LOG (102), to the master, reply_to 0
 //
-//   [contextId, name, level, source, message, path, time, data]
+//   [contextId, name, level, source, message, path, time, data, category?]
 //
 //   level    debug, info, warn, error          time   ms since the epoch, the sender's clock
 //   source   log, user, stdout, stderr         data   any value, or its JSON text cut at 64 KiB
+//   category the logger's name; left out when it is its source's default
+//            (log: "mitogen", user: "user", stdout: "stdout", stderr: "stderr")
 
 /** A FORWARD_LOG body. */
-export type LogBody = [contextId: number, name: string, level: LogLevel, source: LogSource, message: string, path: string[], time: number, data: unknown];
+export type LogBody = [
+  contextId: number,
+  name: string,
+  level: LogLevel,
+  source: LogSource,
+  message: string,
+  path: string[],
+  time: number,
+  data: unknown,
+  category?: string,
+];
 
 /** FORWARD_LOG. */
 export const logBody: Body<LogBody> = body(HANDLE.FORWARD_LOG);
@@ -109,10 +121,13 @@ export const logBody: Body<LogBody> = body(HANDLE.FORWARD_LOG);
 // ---------------------------------------------------------------------------
 // ADD_ROUTE (103), to the immediate parent, passed on unchanged up to the master
 //
-//   [id, name, parent, runtime]       runtime: "node 12.22.12", "deno 2.9.6", "session", or nil
+//   [id, name, parent, runtime, method?]
+//
+//   runtime  "node 12.22.12", "deno 2.9.6", "session", or nil
+//   method   how it was started: "local", "ssh", "sudo", "docker"..., "session"; nil or left out: not known
 
 /** An ADD_ROUTE body. */
-export type AddRouteBody = [id: number, name: string, parent: number, runtime: string | null];
+export type AddRouteBody = [id: number, name: string, parent: number, runtime: string | null, method?: string | null];
 
 /** ADD_ROUTE. */
 export const addRouteBody: Body<AddRouteBody> = body(HANDLE.ADD_ROUTE);

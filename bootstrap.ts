@@ -98,7 +98,7 @@ export async function bootstrap(
       tail.push(line);
       if (tail.length > 20) tail.shift();
     }
-    router.logRecord(logRecordOf(spec.id, spec.name, [...router.path, spec.name], source === "stderr" ? "warn" : "info", source, line));
+    router.logRecord(logRecordOf(spec.id, spec.name, [...router.path, spec.name], "info", source, line));
   };
   if (child.stdout) forwardLines(router, child.stdout, output("stdout"));
   // Prompts come without a newline: let the method see unfinished lines while connecting.
@@ -126,7 +126,7 @@ export async function bootstrap(
         resolve(child.status());
       });
     });
-  const link: ChildLink = { stream, stop, ended };
+  const link: ChildLink = { stream, stop, ended, method: spec.label ?? spec.method.kind };
 
   // Frames that arrive between CONNECTED and adoption are held, not lost.
   const early: Message[] = [];

@@ -120,6 +120,8 @@ export class Context implements WireRef, AsyncDisposable {
    * not known here (a context above this one). The master bundles `import`ed modules for it.
    */
   runtime: string | null = null;
+  /** How it was started (`local`, `ssh`, `sudo`, `docker`..., `session` for an attached one); null when not known here. */
+  method: string | null = null;
   #disconnected: string | null = null;
   #waiters: ((reason: string) => void)[] = [];
 

@@ -19,6 +19,10 @@ export interface Starting {
   connectTimeout: number;
   /** Its method ("local", "ssh", ...): a child on this machine watches this context's pid. */
   method: { kind: string };
+  /** The method as contexts list it (`docker` where `method.kind` is `wrap`); default `method.kind`. */
+  label?: string;
+  /** Named by default after the process: `name` is the prefix, `.<pid>` is added once it runs. */
+  namedByPid?: boolean;
 }
 
 /** How to start one child process, whatever the method. */
@@ -61,6 +65,8 @@ type W = Parameters<typeof nodeTransport>[1];
 export interface Spawned {
   /** What was started, for messages ("ssh", "/usr/bin/node"). */
   what: string;
+  /** Its process id, when it is a process here (a default `local.<pid>` name takes it). */
+  pid?: number;
   reader: R;
   writer: W;
   /** User output, when the stream is elsewhere (a local node child's stdout). */
@@ -108,6 +114,7 @@ export async function spawnLaunch(launch: Launch): Promise<Spawned> {
   }
   return {
     what: launch.exe,
+    ...(proc.pid === undefined ? {} : { pid: proc.pid }),
     reader,
     writer,
     ...(launch.stdoutIsOutput ? { stdout } : {}),
@@ -151,6 +158,7 @@ function denoLaunch(launch: Launch): Spawned {
   pid = p.pid;
   return {
     what: launch.exe,
+    pid,
     reader: p.stdout,
     writer: p.stdin,
     stderr: p.stderr,

@@ -24,15 +24,16 @@
  * @module
  */
 import { MitogenError } from "./errors.ts";
-import { asyncDispose, builtin, nodeProcess } from "./runtime.ts";
+import { asyncDispose, builtin, deno, nodeProcess } from "./runtime.ts";
 import { nodeTransport } from "./transport.ts";
 import { FIRST_DYNAMIC_HANDLE, HANDLE, handleName, Message } from "./frames.ts";
 import { Stream } from "./stream.ts";
 import { type Body, configureBody } from "./bodies.ts";
-import { installDispatcher } from "./dispatch.ts";
+import { type CallContext, installDispatcher } from "./dispatch.ts";
+import { takesRouter } from "./calls.ts";
 import type { ChildLink, Router } from "./router.ts";
 import { acceptWithKey, HandshakeError, type SealedServer, sealedServer } from "./handshake.ts";
-import type { Listener, ListenOptions, ListenRoute } from "./options.ts";
+import type { ContextInfo, Listener, ListenOptions, ListenRoute } from "./options.ts";
 
 /** The runtime a session's context has in the tree (ADD_ROUTE), so listeners above know it is one. */
 const SESSION_RUNTIME = "session";
@@ -45,8 +46,8 @@ const HANDSHAKE_MS = 5_000;
 /** Refusals after the first in this window are counted, and logged as one line at its end. */
 const REFUSAL_WINDOW_MS = 10_000;
 
-/** Streams of attached sessions, of every listener in this process. */
-const sessionStreams = new WeakSet<Stream>();
+/** Streams of attached sessions, of every listener in this process, and their listener's `route`. */
+const sessionStreams = new WeakMap<Stream, ListenRoute>();
 const forwarding = new WeakSet<Router>();
 
 /** The checks of the module doc, for one message from a session of a listener routing to `route`. */
@@ -107,6 +108,36 @@ function serveForwardedModules(router: Router): void {
     { handle: HANDLE.FORWARD_MODULE, policy: (_m, stream) => stream !== null && sessionStreams.has(stream) },
   );
 }
+
+/** The contexts routed below `router` (attached sessions too, unless `sessions` is false), the oldest first. */
+export function contextsBelow(router: Router, sessions = true): ContextInfo[] {
+  return router
+    .routedIds()
+    .sort((a, b) => a - b)
+    .flatMap((id) => {
+      const c = router.contextById(id);
+      return !sessions && c.runtime === SESSION_RUNTIME
+        ? []
+        : [{ id, name: c.name, method: c.method, parent: router.parentOf(id) ?? null, runtime: c.runtime }];
+    });
+}
+
+/**
+ * What a caller of this context may reach, as `router.contexts()` lists it: this context, and
+ * the contexts below it but attached sessions, or, for a session of a `route: "listener"`
+ * listener, this context only. An attached session's `contexts()` is this call.
+ */
+export const reachable: (call: CallContext) => ContextInfo[] = takesRouter(({ router, msg }: CallContext): ContextInfo[] => {
+  const from = router.routeTo(msg.src);
+  const self: ContextInfo = {
+    id: router.myId,
+    name: router.name,
+    method: null,
+    parent: router.parentIds[0] ?? null,
+    runtime: deno ? `deno ${(deno as unknown as { version: { deno: string } }).version.deno}` : `node ${nodeProcess().versions.node}`,
+  };
+  return from && sessionStreams.get(from) === "listener" ? [self] : [self, ...contextsBelow(router, false)];
+});
 
 const base64 = (s: string): Uint8Array => new Uint8Array(builtin("node:buffer").Buffer.from(s, "base64"));
 
@@ -364,13 +395,14 @@ export async function listen(router: Router, options: ListenOptions): Promise<Li
     const link: ChildLink = {
       stream,
       runtime: SESSION_RUNTIME,
+      method: SESSION_RUNTIME,
       stop: () => {
         stream.close();
         return Promise.resolve();
       },
       admit: (msg) => admit(router, route, msg),
     };
-    sessionStreams.add(stream);
+    sessionStreams.set(stream, route);
     live.add(stream);
     router.addChild(link, id, name);
     const onClose = stream.onClose;

@@ -23,6 +23,10 @@ export interface LevelLogger {
   info(...args: never[]): unknown;
   warn(...args: never[]): unknown;
   error(...args: never[]): unknown;
+  /** LogTape's: the logger of a subcategory ({@link logTo} hands each record to the one of its category). */
+  getChild?(...args: never[]): unknown;
+  /** pino's: a child logger with bindings ({@link logTo} makes one per category, bound as `{ category }`). */
+  child?(...args: never[]): unknown;
 }
 
 /**
@@ -217,12 +221,18 @@ function styleOf(logger: LevelLogger): LoggerStyle {
   return "console";
 }
 
+/** Most child loggers {@link logTo} keeps (one per category); past it, it starts again. */
+const MAX_CHILD_LOGGERS = 1000;
+
 /**
  * A sink for the `log` option that hands records to a logger object (the Router does this itself
  * when `log` is an object). `style` says how it is called (default: detected, see
  * {@link LoggerStyle}): LogTape gets `(message, fields)`, pino `(fields, message)`, where `fields` is
  * the record's data (a plain object's keys, or `{ data }`) plus `mitogen: { time, context, source }`;
- * console gets `("[a -> b] message", data)`. Each record goes to the method of its level.
+ * console gets `("[a -> b] message", data)`. Each record goes to the method of its level, of the
+ * logger of its category where the logger has them: LogTape's `getChild(["db", "pool"])` for
+ * category `db.pool`, pino's `child({ category: "db.pool" })`; so the logger's own configuration
+ * can filter by category (`mitogen`, `stdout`, `stderr`, `user`, or user code's `log.child` names).
  *
  * @example
  * ```ts
@@ -232,8 +242,21 @@ function styleOf(logger: LevelLogger): LoggerStyle {
  * ```
  */
 export function logTo(logger: LevelLogger, style: LoggerStyle = styleOf(logger)): LogSink {
+  const children = new Map<string, LevelLogger>();
+  const of = (category: string): LevelLogger => {
+    let child = children.get(category);
+    if (!child) {
+      if (style === "logtape" && typeof logger.getChild === "function") child = (logger.getChild as (sub: string[]) => LevelLogger)(category.split("."));
+      else if (style === "pino" && typeof logger.child === "function") child = (logger.child as (bindings: object) => LevelLogger)({ category });
+      else child = logger;
+      if (children.size >= MAX_CHILD_LOGGERS) children.clear();
+      children.set(category, child);
+    }
+    return child;
+  };
   return (record) => {
-    const method = (logger[record.level] as (...args: unknown[]) => unknown).bind(logger);
+    const to = typeof record.category === "string" && record.category ? of(record.category) : logger;
+    const method = (to[record.level] as (...args: unknown[]) => unknown).bind(to);
     if (style === "pino") method(fieldsOf(record), record.message);
     else if (style === "logtape")
       method(

@@ -9,7 +9,7 @@ import { CORE, DEFAULT_MAX_MESSAGE_SIZE, HANDLE, type Message } from "./frames.t
 import type { Stream } from "./stream.ts";
 import { type LogLevel, type LogRecord, logRecordOf, type LogSource, setActiveRouter } from "./logapi.ts";
 import type { Context } from "./context.ts";
-import type { SshOptions } from "./options.ts";
+import type { ContextInfo, SshOptions } from "./options.ts";
 import { defineService, Router as CoreRouter, type ServiceDef } from "./router.ts";
 import { logBody } from "./bodies.ts";
 import { bundle, bundleTarget, mapStack, moduleFile } from "./bundler.ts";
@@ -190,10 +190,57 @@ export class Router extends CoreRouter {
     await Promise.all(ids.map((id) => this.disconnect(this.contextById(id))));
   }
 
+  /**
+   * The contexts this router can reach, the oldest first: for the master every context below it
+   * (attached sessions too), with the name, method (`local`, `ssh`, `sudo`...), parent and
+   * runtime each was announced with; for an attached session the listening context and, as its
+   * listener's `route` admits, the contexts below it (asked of the listener).
+   *
+   * @example
+   * ```ts
+   * import { Router } from "mitogen";
+   * await using router = new Router();
+   * const a = await router.local({ name: "a" });
+   * await router.local({ via: a });
+   * console.log(await router.contexts()); // [{ id: 1, name: "a", method: "local", parent: 0, ... }, { id: 2, name: "local.4242", parent: 1, ... }]
+   * ```
+   */
+  contexts(): Promise<ContextInfo[]> {
+    return Promise.resolve(listenModule.contextsBelow(this));
+  }
+
+  /**
+   * The one context {@link Router.contexts} lists under `name`; throws if there is none, or more
+   * than one (default names such as `sudo.root` repeat: give contexts names, or pick by `parent`).
+   *
+   * @example
+   * ```ts
+   * import { Router } from "mitogen";
+   * await using router = new Router();
+   * await router.local({ name: "worker" });
+   * const worker = await router.contextByName("worker");
+   * console.log(await worker.call(() => 1 + 1)); // 2
+   * ```
+   */
+  async contextByName(name: string): Promise<Context> {
+    const found = (await this.contexts()).filter((c) => c.name === name);
+    const [info] = found;
+    if (!info || found.length > 1)
+      throw new MitogenError(
+        info
+          ? `${found.length} contexts are named ${name} (ids ${found.map((c) => c.id).join(", ")}): give them names, or pick one from contexts()`
+          : `no context named ${name} is reachable from ${this.name}`,
+      );
+    const ctx = this.contextById(info.id, name);
+    ctx.runtime ??= info.runtime;
+    ctx.method ??= info.method;
+    return ctx;
+  }
+
   #onForwardLog(msg: Message, stream: Stream | null): void {
     const rec = logBody.decode(msg);
     if (!Array.isArray(rec)) return;
-    const [id, name, level, source, text, path, time, data] = rec;
+    const [id, name, level, source, text, path, time, data, category] = rec;
     if (typeof id !== "number" || typeof text !== "string") return;
     // A context may speak for itself and for contexts behind it (its children, even before
     // their route is announced), never for a context routed elsewhere.
@@ -209,6 +256,7 @@ export class Router extends CoreRouter {
       (source === "stdout" || source === "stderr" || source === "user" ? source : "log") as LogSource,
       text,
       data,
+      typeof category === "string" ? category : undefined,
     );
     if (typeof time === "number" && Number.isFinite(time)) record.time = time;
     this.logRecord(record);
@@ -278,7 +326,7 @@ export class Router extends CoreRouter {
     await this.requireModule("mitogen:parent");
     const id = await this.allocateId();
     const { connectSsh2 } = await import("./ssh2.ts");
-    return connectSsh2(this, options, id, options.name ?? `ssh.${options.hostname}.${id}`);
+    return connectSsh2(this, options, id, options.name ?? `ssh.${parentModule.sshWhere(options)}`);
   }
 
   /**

@@ -24,7 +24,7 @@ export { Channel, Receiver, Sender } from "./channels.ts";
 export type { ReceiverOptions } from "./channels.ts";
 export { contextId, isMaster, parentId, parentIds } from "./roles.ts";
 export { log } from "./logapi.ts";
-export type { LogLevel, LogRecord, LogSource } from "./logapi.ts";
+export type { Logger, LogLevel, LogRecord, LogSource } from "./logapi.ts";
 export { takesEcontext, takesRouter } from "./calls.ts";
 export type { ArgsIn, ArgsOut, ArgSpec, CallOptions, StandardResult, StandardSchemaV1 } from "./calls.ts";
 export type { CallContext } from "./dispatch.ts";
@@ -46,6 +46,7 @@ export type { ServiceCall, ServiceDef, ServiceMethod, ServiceMethods, ServicePol
 export { ServiceError } from "./service.ts";
 export type {
   ContainerOptions,
+  ContextInfo,
   JailOptions,
   KubectlOptions,
   Listener,

@@ -165,6 +165,18 @@ export interface ListenOptions {
   maxPendingPerSource?: number;
 }
 
+/** A context a router can reach, as `router.contexts()` lists it. */
+export interface ContextInfo {
+  id: number;
+  name: string;
+  /** How it was started: `local`, `ssh`, `sudo`, `docker`..., `session` (attached); null when not known (a listening context's own). */
+  method: string | null;
+  /** The context that started it (the master is 0); null for the master. */
+  parent: number | null;
+  /** Its runtime (`node 22.12.0`, `deno 2.1.4`), `session` for an attached one; null when not known. */
+  runtime: string | null;
+}
+
 /** A listening socket; `await using` closes it. */
 export interface Listener extends AsyncDisposable {
   /** The unix socket's path, or null for TCP. */

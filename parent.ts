@@ -33,8 +33,11 @@ export function local(router: Router, options: LocalOptions): Promise<Context> {
     ...(options.env ? { env: options.env } : {}),
     ...(options.cwd ? { cwd: options.cwd } : {}),
   };
-  return start(router, options, method, "local.");
+  return start(router, options, method, "local");
 }
+
+/** Where an ssh context is, in its default name (`ssh.web1`, `ssh.web1:2222`), as Mitogen's. */
+export const sshWhere = (o: { hostname: string; port?: number }): string => (o.port && o.port !== 22 ? `${o.hostname}:${o.port}` : o.hostname);
 
 /** {@link Router.ssh}: start a context on another machine through the OpenSSH client. */
 export function ssh(router: Router, options: SshOptions): Promise<Context> {
@@ -53,7 +56,7 @@ export function ssh(router: Router, options: SshOptions): Promise<Context> {
     compression: options.compression ?? false,
     runtime: options.runtime ?? "auto",
   };
-  return start(router, options, method, `ssh.${options.hostname}.`);
+  return start(router, options, method, "ssh", sshWhere(options));
 }
 
 /** {@link Router.sudo}: start a context as another user on the machine of `router` (or of `options.via`). */
@@ -67,7 +70,7 @@ export function sudo(router: Router, options: SudoOptions): Promise<Context> {
     sudoArgs: options.sudoArgs ?? [],
     ...(options.runtime ? { runtime: options.runtime } : {}),
   };
-  return start(router, options, method, `sudo.${username}.`);
+  return start(router, options, method, "sudo", username);
 }
 
 const wrap = (argv: (string | false | undefined)[], runtime?: string): Method => ({
@@ -79,13 +82,13 @@ const wrap = (argv: (string | false | undefined)[], runtime?: string): Method =>
 /** {@link Router.docker}: `docker exec -i [-u user] <container> /bin/sh -c ...`. */
 export function docker(router: Router, o: ContainerOptions): Promise<Context> {
   const argv = wrap([o.path ?? "docker", "exec", "-i", ...(o.username ? ["-u", o.username] : []), ...(o.args ?? []), o.container], o.runtime);
-  return start(router, o, argv, `docker.${o.container}.`);
+  return start(router, o, argv, "docker", o.container);
 }
 
 /** {@link Router.podman}: `podman exec -i [-u user] <container> /bin/sh -c ...`. */
 export function podman(router: Router, o: ContainerOptions): Promise<Context> {
   const argv = wrap([o.path ?? "podman", "exec", "-i", ...(o.username ? ["-u", o.username] : []), ...(o.args ?? []), o.container], o.runtime);
-  return start(router, o, argv, `podman.${o.container}.`);
+  return start(router, o, argv, "podman", o.container);
 }
 
 /** {@link Router.buildah}: `buildah run [--user=user] -- <container> /bin/sh -c ...` (a working container), as Mitogen's buildah.py. */
@@ -109,19 +112,19 @@ export function kubectl(router: Router, o: KubectlOptions): Promise<Context> {
     ],
     o.runtime,
   );
-  return start(router, o, argv, `kubectl.${o.pod}.`);
+  return start(router, o, argv, "kubectl", o.pod);
 }
 
 /** {@link Router.lxc}: `lxc-attach -n <container> -- /bin/sh -c ...` (classic LXC). */
 export function lxc(router: Router, o: ContainerOptions): Promise<Context> {
   const argv = wrap([o.path ?? "lxc-attach", ...(o.args ?? []), "-n", o.container, "--"], o.runtime);
-  return start(router, o, argv, `lxc.${o.container}.`);
+  return start(router, o, argv, "lxc", o.container);
 }
 
 /** {@link Router.lxd}: `lxc exec --mode=non-interactive <container> -- /bin/sh -c ...` (LXD, Incus). */
 export function lxd(router: Router, o: ContainerOptions): Promise<Context> {
   const argv = wrap([o.path ?? "lxc", "exec", "--mode=non-interactive", ...(o.args ?? []), o.container, "--"], o.runtime);
-  return start(router, o, argv, `lxd.${o.container}.`);
+  return start(router, o, argv, "lxd", o.container);
 }
 
 /** {@link Router.incus}: `incus exec --mode=non-interactive <container> -- /bin/sh -c ...`, as Mitogen's incus.py. */
@@ -133,13 +136,13 @@ export function incus(router: Router, o: ContainerOptions): Promise<Context> {
 /** {@link Router.setns}: enter every namespace of process `pid` (`nsenter -t <pid> -a`); needs root. */
 export function setns(router: Router, o: SetnsOptions): Promise<Context> {
   const argv = wrap([o.path ?? "nsenter", "-t", String(o.pid), "-a", ...(o.args ?? []), "--"], o.runtime);
-  return start(router, o, argv, `setns.${o.pid}.`);
+  return start(router, o, argv, "setns", String(o.pid));
 }
 
 /** {@link Router.jail}: `jexec [-U user] <jail> /bin/sh -c ...` (FreeBSD). */
 export function jail(router: Router, o: JailOptions): Promise<Context> {
   const argv = wrap([o.path ?? "jexec", ...(o.username ? ["-U", o.username] : []), ...(o.args ?? []), o.jail], o.runtime);
-  return start(router, o, argv, `jail.${o.jail}.`);
+  return start(router, o, argv, "jail", o.jail);
 }
 
 /** {@link Router.su}: start a context as another user through su (in a pty). */
@@ -162,7 +165,7 @@ function terminalMethod(router: Router, kind: "su" | "doas", o: SuOptions): Prom
     ...(o.path ? { path: o.path } : {}),
     ...(o.runtime ? { runtime: o.runtime } : {}),
   };
-  return start(router, o, method, `${kind}.${username}.`);
+  return start(router, o, method, kind, username);
 }
 
 /** Run in a `via` context: allocate an id, start a child there. Resolves with its id and name. */
@@ -172,7 +175,8 @@ export const proxyConnect: (spec: ProxySpec, call: { router: Router }) => Promis
       call.router,
       { ...(spec.name === undefined ? {} : { name: spec.name }), connectTimeout: spec.connectTimeout },
       spec.method,
-      spec.prefix,
+      spec.label,
+      spec.where,
     );
     return [ctx.contextId, ctx.name];
   },

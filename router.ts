@@ -12,7 +12,7 @@ import { DEFAULT_MAX_MESSAGE_SIZE, FIRST_DYNAMIC_HANDLE, HANDLE, handleName, Mes
 import type { LinkCounts, Stream } from "./stream.ts";
 import { FlowControl } from "./flow.ts";
 import { Sender } from "./channels.ts";
-import { type LogLevel, type LogRecord, type LogSource, logRecordOf, safeJson } from "./logapi.ts";
+import { defaultCategory, type LogLevel, type LogRecord, type LogSource, logRecordOf, safeJson } from "./logapi.ts";
 import { addRouteBody, type Body, delRouteBody, logBody, type LogBody } from "./bodies.ts";
 import { type ArgSpec, type ArgsOut, type ChainState, evaluateModule, replyError, replySafely } from "./calls.ts";
 import { Context, type FileOptions, type FileResult } from "./context.ts";
@@ -154,6 +154,8 @@ export interface ChildLink {
   stream: Stream;
   /** The child's runtime, as its first stage reported it (`node 12.22.12`, `deno 2.9.6`). */
   runtime?: string;
+  /** How it was started: `local`, `ssh`, `sudo`, `docker`..., `session`. */
+  method?: string;
   /** Ask the child to stop; resolves when it has gone (killing it after a grace period). */
   stop(): Promise<void>;
   /** How its process ended ("exited with code 3"), waiting at most `ms` for it; null if it still runs. */
@@ -659,7 +661,8 @@ export class Router implements Binder, AsyncDisposable {
     const ctx = this.contextById(remoteId, name);
     ctx.name = name;
     ctx.runtime = link.runtime ?? null;
-    this.#announce(addRouteBody, [remoteId, name, this.myId, ctx.runtime]);
+    ctx.method = link.method ?? null;
+    this.#announce(addRouteBody, [remoteId, name, this.myId, ctx.runtime, ctx.method]);
     return ctx;
   }
 
@@ -684,7 +687,7 @@ export class Router implements Binder, AsyncDisposable {
   }
 
   #onAddRoute(msg: Message, stream: Stream | null): void {
-    const [id, name, parent, runtime] = addRouteBody.decode(msg);
+    const [id, name, parent, runtime, method] = addRouteBody.decode(msg);
     // Only an id this context allocated through that stream, below a parent behind it too: no child takes another's id.
     const ids = stream ? this.#allocated.get(stream) : undefined;
     if (!stream || !ids?.has(id) || (parent !== stream.remoteId && this.#routes.get(parent) !== stream)) {
@@ -694,8 +697,10 @@ export class Router implements Binder, AsyncDisposable {
     ids.delete(id);
     this.#routes.set(id, stream);
     this.#parentOf.set(id, parent);
-    this.contextById(id, typeof name === "string" ? name : null).runtime = typeof runtime === "string" ? runtime : null;
-    this.#announce(addRouteBody, [id, name, parent, runtime ?? null]);
+    const ctx = this.contextById(id, typeof name === "string" ? name : null);
+    ctx.runtime = typeof runtime === "string" ? runtime : null;
+    ctx.method = typeof method === "string" ? method : null;
+    this.#announce(addRouteBody, [id, name, parent, ctx.runtime, ctx.method]);
   }
 
   #onDelRoute(msg: Message, stream: Stream | null): void {
@@ -937,13 +942,13 @@ export class Router implements Binder, AsyncDisposable {
   // -- logging --------------------------------------------------------------
 
   /** Log from this context, with optional structured `data`. The master hands it to its logger; children forward it. */
-  log(level: LogLevel, message: string, source: LogSource = "log", data?: unknown): void {
+  log(level: LogLevel, message: string, source: LogSource = "log", data?: unknown, category?: string): void {
     // What a peer can provoke (a warning per bad frame) is bounded: past LOG_PER_SECOND, only counted.
     if (source === "log" && level !== "debug") {
       this.#tick();
       if (++this.#logged > LOG_PER_SECOND) return;
     }
-    this.logRecord(logRecordOf(this.myId, this.name, this.path, level, source, message, data));
+    this.logRecord(logRecordOf(this.myId, this.name, this.path, level, source, message, data, category));
   }
 
   /** Deliver a log record: children forward to the master (FORWARD_LOG). */
@@ -951,6 +956,7 @@ export class Router implements Binder, AsyncDisposable {
     if (!this.parent || this.parent.closed) return;
     if (rec.level === "debug" && !this.debug) return;
     const fields: LogBody = [rec.contextId, rec.name, rec.level, rec.source, rec.message, rec.path, rec.time, rec.data];
+    if (rec.category !== defaultCategory(rec.source)) fields.push(rec.category);
     let msg: Message;
     // To the master: dst 0, a new message's own.
     try {

@@ -18,6 +18,7 @@ import { nodeTransport, type Transport } from "./transport.ts";
 import { HANDLE } from "./frames.ts";
 import { Stream } from "./stream.ts";
 import type { Context } from "./context.ts";
+import type { ContextInfo } from "./options.ts";
 import { type ChildConfig, configureBody } from "./bodies.ts";
 import { connectSealed, connectWithKey, type KeyPair } from "./handshake.ts";
 import { Router, type RouterOptions } from "./master.ts";
@@ -61,6 +62,12 @@ class SessionRouter extends Router {
         "an attached session cannot start contexts of its own: start them from the listening context (session.context, with a takesRouter call)",
       ),
     );
+  }
+
+  /** The listening context and what its listener's `route` admits below it, as the listener says (`reachable` in listen.ts). */
+  override async contexts(): Promise<ContextInfo[]> {
+    const listener = this.contextById(this.parentIds[0] as number);
+    return (await listener.callModule("mitogen:listen", "reachable")) as ContextInfo[];
   }
 
   /** Bundle here, then hand the code to the listener, which the tree below fetches modules from. */

@@ -64,7 +64,7 @@ export async function connectSsh2(router: Router, options: SshOptions, id: numbe
     options.privateKey instanceof Secret
       ? options.privateKey.reveal()
       : (options.privateKey ?? (options.identityFile ? readFileSync(options.identityFile) : undefined));
-  const spec: ConnectSpec = { id, name, connectTimeout: options.connectTimeout ?? 30_000, method: { kind: "local" } };
+  const spec: ConnectSpec = { id, name, connectTimeout: options.connectTimeout ?? 30_000, method: { kind: "local" }, label: "ssh" };
   let refusal: string | null = null;
   const client = new Client();
 

@@ -57,15 +57,21 @@ async function spawnAndBootstrap(router: Router, spec: ConnectSpec, launch: Laun
     launch.cleanup?.();
     throw err;
   }
+  if (spec.namedByPid && child.pid !== undefined) spec.name = `${spec.name}.${child.pid}`;
   step(router, spec, t0, "spawn", `started ${launch.exe}`);
   return bootstrap(router, spec, child, launch, t0);
 }
 
-/** What `proxyConnect` needs: a spec whose id (and default name) the `via` context makes. */
+/**
+ * What `proxyConnect` needs: a spec whose id (and default name) the `via` context makes. The
+ * default name says what and where, as Mitogen's: `<label>.<where>` (`ssh.web1`, `sudo.root`,
+ * `docker.app`), or `<label>.<pid>` without `where` (`local.4242`).
+ */
 export interface ProxySpec {
   name?: string;
-  /** Default name, before the id: `local.` names the context `local.<id>`. */
-  prefix: string;
+  /** The method as contexts list it: local, ssh, sudo, docker... */
+  label: string;
+  where?: string;
   connectTimeout: number;
   method: Method;
 }
@@ -75,16 +81,25 @@ export async function start(
   router: Router,
   options: { name?: string; via?: Context; connectTimeout?: number },
   method: Method,
-  prefix: string,
+  label: string,
+  where?: string,
 ): Promise<Context> {
   const connectTimeout = options.connectTimeout ?? 30_000;
   const via = options.via;
   if (!via) {
     const id = await router.allocateId();
-    return connect(router, { id, name: options.name ?? `${prefix}${id}`, connectTimeout, method });
+    const byPid = options.name === undefined && where === undefined;
+    const name = options.name ?? (where === undefined ? label : `${label}.${where}`);
+    return connect(router, { id, name, connectTimeout, method, label, ...(byPid ? { namedByPid: true } : {}) });
   }
   // The via context allocates the id: every id a context announces was allocated through its own link.
-  const spec: ProxySpec = { ...(options.name === undefined ? {} : { name: options.name }), prefix, connectTimeout, method };
+  const spec: ProxySpec = {
+    ...(options.name === undefined ? {} : { name: options.name }),
+    label,
+    ...(where === undefined ? {} : { where }),
+    connectTimeout,
+    method,
+  };
   const [id, name] = (await via.callModule("mitogen:parent", "proxyConnect", spec)) as [number, string];
   const ctx = router.contextById(id, name);
   ctx.via = via;

@@ -6,11 +6,28 @@ import assert from "node:assert/strict";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { describe, test } from "node:test";
-import { CallError, ChannelError, Latch, MitogenError, Receiver, Select, type Sender } from "../mod.ts";
-import { alive, checkLeaks, quietRouter, routerWithLogs, RUNTIMES, waitFor } from "./helpers.ts";
+import { after, describe, test } from "node:test";
+import { CallError, ChannelError, type ContextInfo, Latch, MitogenError, Receiver, type Router, Select, type Sender } from "../mod.ts";
+import { alive, checkLeaks, quietRouter, routerWithLogs, RUNTIMES, underDeno, waitFor } from "./helpers.ts";
 
 checkLeaks();
+
+// Stand-ins for ssh and sudo that run the command they were given here (as tests/containers.test.ts's).
+const standins = mkdtempSync(join(tmpdir(), "mitogen-names-"));
+after(() => rmSync(standins, { recursive: true, force: true }));
+const SSH = join(standins, "ssh");
+writeFileSync(SSH, '#!/bin/sh\nfor a; do last=$a; done\nexec /bin/sh -c "$last"\n', { mode: 0o755 });
+const SUDO = join(standins, "sudo");
+writeFileSync(SUDO, '#!/bin/sh\nwhile [ "$1" != -- ]; do shift; done\nshift\nexec "$@"\n', { mode: 0o755 });
+
+/** `router.contexts()` polled until `cond` holds. */
+async function contextsWhen(router: Router, cond: (list: ContextInfo[]) => boolean): Promise<ContextInfo[]> {
+  for (let i = 0; ; i++) {
+    const list = await router.contexts();
+    if (cond(list) || i > 100) return list;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
 
 for (const runtime of RUNTIMES) {
   describe(`${runtime} child`, () => {
@@ -295,6 +312,56 @@ for (const runtime of RUNTIMES) {
       assert.deepEqual(await ctx.call(() => [process.env.MITO_X, process.cwd()]), ["42", "/tmp"]);
       await ctx.call(() => console.log("hello from envy"));
       await waitFor(() => logs.records.some((r) => r.name === "envy" && r.message === "hello from envy"), 5000, "log line");
+    });
+
+    test("default names say what and where, as Mitogen's: local.<pid>, ssh.<host>[:<port>], sudo.<user>; a record's path is the via chain", async () => {
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
+      const a = await router.local({ runtime });
+      const pid = (await a.call(() => process.pid)) as number;
+      assert.match(a.name, /^local\.\d+$/);
+      // Behind Deno a node child is started through /bin/sh: the pid is the shell's.
+      if (!(underDeno && runtime === "node")) assert.equal(a.name, `local.${pid}`);
+      const web = await router.ssh({ hostname: "web1", port: 2222, sshPath: SSH, runtime, via: a });
+      assert.equal(web.name, "ssh.web1:2222");
+      assert.equal((await router.ssh({ hostname: "web2", port: 22, sshPath: SSH, runtime })).name, "ssh.web2");
+      const root = await router.sudo({ sudoPath: SUDO, runtime, via: web });
+      assert.equal(root.name, "sudo.root");
+      assert.equal((await router.sudo({ username: "www", sudoPath: SUDO, runtime })).name, "sudo.www");
+      await root.call(() => console.error("from the bottom"));
+      await waitFor(() => logs.records.some((r) => r.message === "from the bottom"), 5000, "the record");
+      const rec = logs.records.find((r) => r.message === "from the bottom");
+      assert.deepEqual(rec?.path, ["master", a.name, "ssh.web1:2222", "sudo.root"]);
+    });
+
+    test("contexts() lists what the router reaches: ids, names, methods, parents, runtimes; contextByName finds one", async () => {
+      await using router = quietRouter();
+      const a = await router.local({ runtime, name: "list-a" });
+      const b = await router.local({ runtime, via: a });
+      const c1 = await router.sudo({ sudoPath: SUDO, runtime, via: a });
+      const c2 = await router.sudo({ sudoPath: SUDO, runtime, via: b });
+      const list = await router.contexts();
+      assert.deepEqual(
+        list.map(({ runtime: _, ...rest }) => rest),
+        [
+          { id: a.contextId, name: "list-a", method: "local", parent: 0 },
+          { id: b.contextId, name: b.name, method: "local", parent: a.contextId },
+          { id: c1.contextId, name: "sudo.root", method: "sudo", parent: a.contextId },
+          { id: c2.contextId, name: "sudo.root", method: "sudo", parent: b.contextId },
+        ],
+      );
+      for (const info of list) assert.match(String(info.runtime), new RegExp(`^${runtime} \\d+\\.`));
+      assert.equal(await router.contextByName("list-a"), a);
+      assert.equal(await router.contextByName(b.name), b);
+      await assert.rejects(router.contextByName("sudo.root"), new RegExp(`2 contexts are named sudo\\.root \\(ids ${c1.contextId}, ${c2.contextId}\\)`));
+      await assert.rejects(router.contextByName("nowhere"), /no context named nowhere/);
+      await c2.shutdown({ wait: true });
+      const after = await contextsWhen(router, (l) => l.length === 3);
+      assert.deepEqual(
+        after.map((c) => c.id),
+        [a.contextId, b.contextId, c1.contextId],
+      );
+      assert.equal(await router.contextByName("sudo.root"), c1);
     });
 
     test("Select over parallel calls and a latch", async () => {

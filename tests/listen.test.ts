@@ -130,6 +130,48 @@ for (const runtime of RUNTIMES) {
       assert.equal(await c.call(() => "tree still works"), "tree still works");
     });
 
+    test('a session lists what its route admits and looks contexts up by name: the listening context and those below, no session; route "listener": the listening context only', async () => {
+      await using router = quietRouter();
+      const { a, b, c } = await tree(router, runtime);
+      const path = sockPath();
+      const narrow = sockPath();
+      await a.call(startListening, { path });
+      await b.call(startListening, { path: narrow, route: "listener" });
+      try {
+        await using session = await connect({ path, log: () => {} });
+        await using other = await connect({ path, log: () => {} });
+        await using below = await connect({ path: narrow, log: () => {} });
+        const list = await session.router.contexts();
+        assert.deepEqual(
+          list.map(({ runtime: _, ...rest }) => rest),
+          [
+            { id: a.contextId, name: "a", method: null, parent: 0 },
+            { id: b.contextId, name: "b", method: "local", parent: a.contextId },
+            { id: c.contextId, name: "c", method: "local", parent: b.contextId },
+          ],
+        );
+        assert.match(String(list[0]?.runtime), new RegExp(`^${runtime} \\d`));
+        assert.match(String(list[2]?.runtime), /^deno \d/);
+        const sc = await session.router.contextByName("c");
+        assert.equal(sc.contextId, c.contextId);
+        assert.equal(await sc.call(() => typeof (globalThis as { Deno?: unknown }).Deno), "object");
+        await assert.rejects(session.router.contextByName(`session.${other.router.myId}`), /no context named/);
+        assert.deepEqual(
+          (await below.router.contexts()).map((i) => [i.id, i.name]),
+          [[b.contextId, "b"]],
+        );
+        // The master lists the sessions too.
+        const all = await router.contexts();
+        assert.deepEqual(
+          all.filter((i) => i.method === "session").map((i) => [i.id, i.runtime]),
+          [session, other, below].map((s) => [s.router.myId, "session"]),
+        );
+      } finally {
+        await a.call(stopListening);
+        await b.call(stopListening);
+      }
+    });
+
     test('allow: "listener" admits calls into the listening context only', async () => {
       await using router = quietRouter();
       const { a, b } = await tree(router, runtime);

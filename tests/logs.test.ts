@@ -46,6 +46,7 @@ for (const runtime of RUNTIMES) {
           source: "user",
           context,
           message: "deployed",
+          category: "user",
           data: { version: 3, host: "a" },
           contextId: b.contextId,
           name: "rec-leaf",
@@ -80,6 +81,35 @@ for (const runtime of RUNTIMES) {
       const caught = logs.records.find((r) => r.message === "caught")?.data as { err: { stack: string }; step: number };
       assert.equal(caught.step, 2);
       assert.match(caught.err.stack, new RegExp(`fixtures/logging\\.ts:${line}:\\d+`));
+    });
+
+    test("records keep the name of the logger that made them: log.child names, user, mitogen; printed lines at info under stdout and stderr (Mitogen: stdout.[ctx], stderr.[ctx] at INFO)", async () => {
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
+      const a = await router.local({ runtime, name: "cat-top" });
+      const b = await router.local({ runtime, name: "cat-leaf", via: a });
+      const m = await b.import<Logging>(LOGGING);
+      await m.named();
+      b.callNoReply(() => {
+        throw new Error("no one waits");
+      });
+      const by = (message: string) => logs.records.find((r) => r.name === "cat-leaf" && r.message.startsWith(message));
+      await waitFor(() => ["printed to stdout", "printed to stderr", "callNoReply failed"].every((t) => by(t)), 5000, "the leaf's records");
+      const seen = (message: string) => {
+        const r = by(message);
+        return [r?.category, r?.level, r?.source];
+      };
+      assert.deepEqual(seen("from db"), ["db", "info", "user"]);
+      assert.deepEqual(by("from db")?.data, { q: 1 });
+      assert.deepEqual(seen("from db.pool"), ["db.pool", "warn", "user"]);
+      assert.deepEqual(seen("from plain log"), ["user", "info", "user"]);
+      assert.deepEqual(seen("callNoReply failed"), ["mitogen", "warn", "log"]);
+      assert.deepEqual(seen("printed to stderr"), ["stderr", "info", "stderr"]);
+      // stdout: its own category, unless a shell behind Deno joined it to stderr.
+      const out = by("printed to stdout");
+      assert.equal(out?.level, "info");
+      assert.equal(out?.category, out?.source);
+      assert.deepEqual(by("printed to stderr")?.path, ["master", "cat-top", "cat-leaf"]);
     });
 
     test("each connection step is a debug record of the starting context, with ms", async () => {
@@ -240,7 +270,7 @@ test("the log option takes LogTape-, pino- and console-style loggers", async () 
   assert.equal(pinoMaster[0], "warn");
   assert.equal((pinoMaster[1] as Fields).version, 3);
   assert.equal((pinoMaster[1] as Fields).mitogen.source, "user");
-  // A line a child printed: info from a node child's stdout, warn from a deno child's (moved to stderr).
+  // A line a child printed: at info, from a node child's stdout or a deno child's (moved to stderr).
   assert.ok(pino.calls.some((c) => c[2] === "printed {braces}" && (c[1] as Fields).mitogen.source.startsWith("std")));
   assert.match(printed, /\[console\] printed \{braces\}/);
   assert.match(printed, /\[master\] from master \{ version: 3 \}/);
@@ -249,6 +279,56 @@ test("the log option takes LogTape-, pino- and console-style loggers", async () 
   const sink = logTo({ debug: () => {}, info: (...a: unknown[]) => seen.push(a), warn: () => {}, error: () => {} }, "pino");
   sink(record({ data: "plain" }));
   assert.deepEqual(seen, [[{ data: "plain", mitogen: { time: record({}).time, context: record({}).context, source: "user" } }, "up"]]);
+});
+
+test("logTo hands each record to the logger of its category: LogTape's getChild, pino's child (one per category)", () => {
+  const made: unknown[] = [];
+  const tape = logtapeLike();
+  const tapeChildren = new Map<string, ReturnType<typeof logtapeLike>>();
+  const tapeWithChildren = Object.assign(tape, {
+    getChild(sub: string[]) {
+      made.push(["tape", sub]);
+      const key = sub.join(".");
+      if (!tapeChildren.has(key)) tapeChildren.set(key, logtapeLike());
+      return tapeChildren.get(key);
+    },
+  });
+  const pino = pinoLike();
+  const pinoChildren: { bindings: object; logger: ReturnType<typeof pinoLike> }[] = [];
+  const pinoWithChildren = Object.assign(pino, {
+    child(bindings: object) {
+      const logger = pinoLike();
+      pinoChildren.push({ bindings, logger });
+      return logger;
+    },
+  });
+  const toTape = logTo(tapeWithChildren);
+  const toPino = logTo(pinoWithChildren);
+  for (const category of ["db.pool", "db.pool", "stdout", "mitogen"]) {
+    toTape(record({ category, message: category }));
+    toPino(record({ category, message: category }));
+  }
+  assert.deepEqual(made, [
+    ["tape", ["db", "pool"]],
+    ["tape", ["stdout"]],
+    ["tape", ["mitogen"]],
+  ]);
+  assert.equal(tape.calls.length, 0, "nothing to the logger itself");
+  assert.deepEqual(
+    tapeChildren.get("db.pool")?.calls.map((c) => c[1]),
+    ["db.pool", "db.pool"],
+  );
+  assert.deepEqual(
+    pinoChildren.map((c) => c.bindings),
+    [{ category: "db.pool" }, { category: "stdout" }, { category: "mitogen" }],
+  );
+  assert.deepEqual(
+    pinoChildren[0]?.logger.calls.map((c) => c[2]),
+    ["db.pool", "db.pool"],
+  );
+  // A record without a category (made by hand) goes to the logger itself.
+  toPino(record({}));
+  assert.equal(pino.calls.length, 1);
 });
 
 test("logToFile writes time-stamped lines from level up, emptying the file first", async () => {
