@@ -94,7 +94,7 @@ export function podman(router: Router, o: ContainerOptions): Promise<Context> {
 /** {@link Router.buildah}: `buildah run [--user=user] -- <container> /bin/sh -c ...` (a working container), as Mitogen's buildah.py. */
 export function buildah(router: Router, o: ContainerOptions): Promise<Context> {
   const argv = wrap([o.path ?? "buildah", "run", ...(o.username ? [`--user=${o.username}`] : []), ...(o.args ?? []), "--", o.container], o.runtime);
-  return start(router, o, argv, `buildah.${o.container}.`);
+  return start(router, o, argv, "buildah", o.container);
 }
 
 /** {@link Router.kubectl}: `kubectl exec -i [-n namespace] [-c container] <pod> -- /bin/sh -c ...`. */
@@ -130,7 +130,7 @@ export function lxd(router: Router, o: ContainerOptions): Promise<Context> {
 /** {@link Router.incus}: `incus exec --mode=non-interactive <container> -- /bin/sh -c ...`, as Mitogen's incus.py. */
 export function incus(router: Router, o: ContainerOptions): Promise<Context> {
   const argv = wrap([o.path ?? "incus", "exec", "--mode=non-interactive", ...(o.args ?? []), o.container, "--"], o.runtime);
-  return start(router, o, argv, `incus.${o.container}.`);
+  return start(router, o, argv, "incus", o.container);
 }
 
 /** {@link Router.setns}: enter every namespace of process `pid` (`nsenter -t <pid> -a`); needs root. */

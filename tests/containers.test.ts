@@ -46,39 +46,42 @@ const argvOf = (tool: string) =>
     .split("\n")
     .filter(Boolean);
 
-const cases: [string, (r: Router) => Promise<Context>, string, string[]][] = [
-  ["docker", (r) => r.docker({ container: "web1", username: "app" }), "docker", ["exec", "-i", "-u", "app", "web1"]],
-  ["podman", (r) => r.podman({ container: "db1" }), "podman", ["exec", "-i", "db1"]],
+/** Method, start, the tool it runs, that tool's argv, and the context's default name (as Mitogen names it). */
+const cases: [string, (r: Router) => Promise<Context>, string, string[], string][] = [
+  ["docker", (r) => r.docker({ container: "web1", username: "app" }), "docker", ["exec", "-i", "-u", "app", "web1"], "docker.web1"],
+  ["podman", (r) => r.podman({ container: "db1" }), "podman", ["exec", "-i", "db1"], "podman.db1"],
   // mitogen/buildah.py: buildah run [--user=<username>] -- <container> <boot command>
-  ["buildah", (r) => r.buildah({ container: "working1", username: "app" }), "buildah", ["run", "--user=app", "--", "working1"]],
-  ["buildah", (r) => r.buildah({ container: "working2" }), "buildah", ["run", "--", "working2"]],
-  ["kubectl", (r) => r.kubectl({ pod: "api-0", namespace: "prod", container: "main" }), "kubectl", ["exec", "-i", "-n", "prod", "-c", "main", "api-0", "--"]],
-  ["lxc", (r) => r.lxc({ container: "box" }), "lxc-attach", ["-n", "box", "--"]],
-  ["lxd", (r) => r.lxd({ container: "box2" }), "lxc", ["exec", "--mode=non-interactive", "box2", "--"]],
+  ["buildah", (r) => r.buildah({ container: "working1", username: "app" }), "buildah", ["run", "--user=app", "--", "working1"], "buildah.working1"],
+  ["buildah", (r) => r.buildah({ container: "working2" }), "buildah", ["run", "--", "working2"], "buildah.working2"],
+  [
+    "kubectl",
+    (r) => r.kubectl({ pod: "api-0", namespace: "prod", container: "main" }),
+    "kubectl",
+    ["exec", "-i", "-n", "prod", "-c", "main", "api-0", "--"],
+    "kubectl.api-0",
+  ],
+  ["lxc", (r) => r.lxc({ container: "box" }), "lxc-attach", ["-n", "box", "--"], "lxc.box"],
+  ["lxd", (r) => r.lxd({ container: "box2" }), "lxc", ["exec", "--mode=non-interactive", "box2", "--"], "lxd.box2"],
   // mitogen/incus.py: incus exec --mode=non-interactive <container> -- <boot command>
-  ["incus", (r) => r.incus({ container: "box3", args: ["--user", "0"] }), "incus", ["exec", "--mode=non-interactive", "--user", "0", "box3", "--"]],
-  ["setns", (r) => r.setns({ pid: 4242 }), "nsenter", ["-t", "4242", "-a", "--"]],
-  ["jail", (r) => r.jail({ jail: "www", username: "www" }), "jexec", ["-U", "www", "www"]],
+  [
+    "incus",
+    (r) => r.incus({ container: "box3", args: ["--user", "0"] }),
+    "incus",
+    ["exec", "--mode=non-interactive", "--user", "0", "box3", "--"],
+    "incus.box3",
+  ],
+  ["setns", (r) => r.setns({ pid: 4242 }), "nsenter", ["-t", "4242", "-a", "--"], "setns.4242"],
+  ["jail", (r) => r.jail({ jail: "www", username: "www" }), "jexec", ["-U", "www", "www"], "jail.www"],
 ];
 
-const NAMES: Record<string, string> = {
-  docker: "docker.web1",
-  podman: "podman.db1",
-  kubectl: "kubectl.api-0",
-  lxc: "lxc.box",
-  lxd: "lxd.box2",
-  setns: "setns.4242",
-  jail: "jail.www",
-};
-
-for (const [method, start, tool, expected] of cases) {
+for (const [method, start, tool, expected, name] of cases) {
   test(`${method}: the right command line, then a working context (${expected.join(" ")})`, async () => {
     await using router = quietRouter();
     const ctx = await start(router);
     assert.deepEqual(argvOf(tool), expected);
     assert.equal(await ctx.call((x: number) => x * 2, 21), 42);
     // Named as Mitogen names them: what and where.
-    assert.equal(ctx.name, NAMES[method]);
+    assert.equal(ctx.name, name);
   });
 }
 
