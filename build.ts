@@ -302,7 +302,7 @@ if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) 
   console.log(`  lowered for node 12    ${kib(payloads.coreLoweredRaw)} raw, ${kib(payloads.coreLowered.byteLength)} compressed`);
   console.log(`  made of ${payloads.coreFiles.join(", ")} (what the core build read)`);
   for (const name of Object.keys(SHIPPED) as ShippedName[]) {
-    console.log(`${`${name} module`.padEnd(24)}${kib(payloads.modulesRaw[name])} raw, ${kib(payloads.modules[name].byteLength)} compressed`);
+    console.log(`${`${name} module`.padEnd(31)}${kib(payloads.modulesRaw[name])} raw, ${kib(payloads.modules[name].byteLength)} compressed`);
   }
   if (Math.max(payloads.core.byteLength, payloads.coreLowered.byteLength) > 40 * 1024) {
     console.error("child payload is over its 40 KiB ceiling");

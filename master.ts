@@ -19,7 +19,9 @@ import * as tunnelModule from "./tunnel.ts";
 import * as filesModule from "./files.ts";
 import * as listenModule from "./listen.ts";
 import * as serviceModule from "./service.ts";
-import { payloads, type ShippedName } from "./payload.ts";
+import * as fileServiceModule from "./fileservice.ts";
+import * as contextServiceModule from "./contextservice.ts";
+import { payloads, SERVICES, type ShippedName } from "./payload.ts";
 import { cleanRecord, defaultLogger, LEVELS, type LevelLogger, type LogSink, levelFromEnv, textLogger, toSink } from "./logs.ts";
 
 export { defaultLogger };
@@ -31,6 +33,8 @@ const BUILT_IN: Record<ShippedName, Record<string, unknown>> = {
   "mitogen:files": filesModule as unknown as Record<string, unknown>,
   "mitogen:listen": listenModule as unknown as Record<string, unknown>,
   "mitogen:service": serviceModule as unknown as Record<string, unknown>,
+  "mitogen:fileservice": fileServiceModule as unknown as Record<string, unknown>,
+  "mitogen:contextservice": contextServiceModule as unknown as Record<string, unknown>,
 };
 
 /** Options of the master {@link Router}. */
@@ -301,6 +305,8 @@ export class Router extends CoreRouter {
   /** @internal mitogen:service activating `name` here: the locator, or the module registered under it, imported. */
   async loadService(name: string): Promise<ServiceDef | undefined> {
     if (name === serviceModule.LOCATOR) return this.#locator;
+    const shipped = Object.hasOwn(SERVICES, name) ? SERVICES[name] : undefined;
+    if (shipped) return serviceModule.findService(await this.requireModule(shipped), name);
     const file = this.#registry.get(name);
     return file === undefined ? undefined : serviceModule.findService(await import(pathToFileURL(file).href), name);
   }
@@ -312,6 +318,7 @@ export class Router extends CoreRouter {
     methods: {
       locate: {
         run: ({ name }: { name?: unknown }, { caller }) => {
+          if (typeof name === "string" && Object.hasOwn(SERVICES, name)) return SERVICES[name];
           const file = typeof name === "string" ? this.#registry.get(name) : undefined;
           return file === undefined ? null : this.bundleModule(pathToFileURL(file), caller.runtime);
         },

@@ -23,7 +23,21 @@ export const SHIPPED = {
   "mitogen:listen": "listen.ts",
   /** Services: the pool, policies, argument checks, activation (router.serve, CALL_SERVICE). */
   "mitogen:service": "service.ts",
+  /** The file service and pushes (Mitogen's FileService, PushFileService): files fetched through the tree, cached per hop. */
+  "mitogen:fileservice": "fileservice.ts",
+  /** The context service (Mitogen's ContextService): one context per spec, shared by every caller. */
+  "mitogen:contextservice": "contextservice.ts",
 } as const;
+
+/**
+ * The library's own services, by the name they are called by, and the shipped module that defines
+ * each: a context activates one on its first call, as a service registered at the master
+ * (`router.registerService`), without being registered.
+ */
+export const SERVICES: Record<string, ShippedName> = {
+  "mitogen.FileService": "mitogen:fileservice",
+  "mitogen.ContextService": "mitogen:contextservice",
+};
 
 /** A library module shipped to children on demand. */
 export type ShippedName = keyof typeof SHIPPED;
