@@ -93,6 +93,16 @@ async function getOrStart(router: Router, spec: ContextSpec, depth = 0): Promise
  * The context service (Mitogen's ContextService): `get(spec)` returns the context of that spec,
  * starting it on the first call; later calls from anyone (children, attached sessions) get the same.
  * Policy: parents, as Mitogen's (this context, its parents, and sessions its listener vouches for).
+ *
+ * @example
+ * ```ts
+ * import { contextService, Router } from "mitogen";
+ * await using router = new Router();
+ * const spec = { method: "local", options: { name: "worker" } } as const;
+ * const a = await router.myself().service(contextService).get(spec);
+ * const b = await router.myself().callService(contextService, "get", spec);
+ * console.log(a === b); // true
+ * ```
  */
 export const contextService = defineService({
   name: CONTEXT_SERVICE,
@@ -108,6 +118,20 @@ export const services: ServiceDef[] = [contextService];
  * The context of `spec` from the context service of `server` (the master's `router.myself()`, or an
  * attached session's `session.context`): started there on the first call for that spec, the same
  * context for every later caller, in this process or any other attached to it.
+ *
+ * @example
+ * ```ts
+ * import { connect, getContext, Router } from "mitogen";
+ * import { tmpdir } from "node:os";
+ * await using router = new Router();
+ * await using listener = await router.listen({ path: `${tmpdir()}/mitogen-example.sock` });
+ * // Two processes attached to the same master (here two sessions of this one):
+ * await using one = await connect({ path: listener.path as string });
+ * await using two = await connect({ path: listener.path as string });
+ * const spec = { method: "local", options: { name: "web1" } } as const; // { method: "ssh", options: { hostname: "web1" } } alike
+ * const [a, b] = await Promise.all([getContext(one.context, spec), getContext(two.context, spec)]);
+ * console.log(a.contextId === b.contextId, (await router.contexts()).length); // true 3 (web1 and the two sessions)
+ * ```
  */
 export function getContext(server: Context, spec: ContextSpec): Promise<Context> {
   return server.callService(CONTEXT_SERVICE, "get", spec) as Promise<Context>;

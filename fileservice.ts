@@ -41,7 +41,7 @@ function call<T>(fn: (...args: any[]) => void, ...args: unknown[]): Promise<T> {
   return new Promise((resolve, reject) => fn(...args, (err: Error | null, value: T) => (err ? reject(err) : resolve(value))));
 }
 
-/** A refused or failed fetch: the caller sees a CallError of this name. */
+/** A refused or failed fetch: the caller sees a CallError of this name (`remoteName === "FileServiceError"`). */
 export class FileServiceError extends MitogenError {
   override name = "FileServiceError";
 }
@@ -101,6 +101,20 @@ async function realPath(file: string, what: string): Promise<string> {
  * `prefixes` (Mitogen's `FileService.register` and `register_prefix`) through {@link FILE_SERVICE}.
  * Each is resolved now (symbolic links included); a fetch is allowed only if its path, resolved the
  * same way, is one of these files or below one of these directories, and has no `..` segment.
+ *
+ * @example
+ * ```ts
+ * import { type CallContext, registerFiles, Router, takesRouter } from "mitogen";
+ * await using router = new Router();
+ * await registerFiles(router, { paths: ["/etc/hostname"], prefixes: ["/usr/share/zoneinfo"] });
+ * const hop = await router.local({ name: "hop" });
+ * const leaf = await router.local({ name: "leaf", via: hop });
+ * // In the leaf: its own file service fetches through the hop (which keeps a copy), from the master.
+ * const bytes = await leaf.call(
+ *   takesRouter(({ router }: CallContext) => router.myself().callService("mitogen.FileService", "read", { path: "/etc/hostname" })),
+ * );
+ * console.log(new TextDecoder().decode(bytes as Uint8Array)); // web1
+ * ```
  */
 export async function registerFiles(router: Router, options: { paths?: string[]; prefixes?: string[] }): Promise<void> {
   const reg = registryOf(router);
@@ -444,6 +458,23 @@ const aSender: StandardSchemaV1<Sender> = {
  * - `read({ path })`: the file's bytes (a small file).
  * - `prefetch({ path })`: fetch it into this context's cache ahead of need (what {@link pushFiles}
  *   calls); `{ bytes }`.
+ *
+ * @example
+ * ```ts
+ * import { type CallContext, fileService, registerFiles, Router, takesRouter } from "mitogen";
+ * import { tmpdir } from "node:os";
+ * await using router = new Router();
+ * await registerFiles(router, { paths: ["/etc/hostname"] });
+ * const child = await router.local();
+ * const to = `${tmpdir()}/hostname-copy`;
+ * const copied = await child.call(
+ *   takesRouter((to: string, { router }: CallContext) =>
+ *     router.myself().service<typeof fileService>("mitogen.FileService").get({ path: "/etc/hostname", to }),
+ *   ),
+ *   to,
+ * );
+ * console.log(copied); // { bytes: 5, sha256: "..." }
+ * ```
  */
 export const fileService = defineService({
   name: FILE_SERVICE,
@@ -491,7 +522,19 @@ export const fileService = defineService({
 /**
  * Push `paths` (files of the master) to `context` ahead of need, as Mitogen's PushFileService: each
  * context on its via chain fetches them once and keeps a copy for its children, and `context`
- * holds them for a later `get` or `read`. Pushing lets that chain fetch these files, registered or not.
+ * holds them for a later `get` or `read`. Pushing grants these files, registered or not, to the
+ * master's child on that chain (so to it and the contexts below it), and to no other context.
+ *
+ * @example
+ * ```ts
+ * import { type CallContext, pushFiles, Router, takesRouter } from "mitogen";
+ * await using router = new Router();
+ * const hop = await router.local({ name: "hop" });
+ * const leaf = await router.local({ name: "leaf", via: hop });
+ * await pushFiles(router, leaf, ["/etc/hostname"]); // hop and leaf hold it now
+ * const read = takesRouter(({ router }: CallContext) => router.myself().callService("mitogen.FileService", "read", { path: "/etc/hostname" }));
+ * console.log((await leaf.call(read) as Uint8Array).length); // 5
+ * ```
  */
 export async function pushFiles(router: Router, context: Context, paths: string[]): Promise<void> {
   const reg = registryOf(router);
