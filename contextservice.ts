@@ -11,7 +11,7 @@
  */
 import { MitogenError } from "./errors.ts";
 import { Context } from "./context.ts";
-import { defineService, type Router, type ServiceDef } from "./router.ts";
+import { defineService, type Router, type ServiceCall, type ServiceDef } from "./router.ts";
 
 /** The name the context service is called by (Mitogen's `mitogen.service.ContextService`). */
 export const CONTEXT_SERVICE = "mitogen.ContextService";
@@ -89,6 +89,11 @@ async function getOrStart(router: Router, spec: ContextSpec, depth = 0): Promise
   return ctx;
 }
 
+/** The context service's method (see {@link contextService}): the context of a spec. */
+export interface ContextServiceMethods {
+  get: { run(spec: ContextSpec, call: ServiceCall): Promise<Context> };
+}
+
 /**
  * The context service (Mitogen's ContextService): `get(spec)` returns the context of that spec,
  * starting it on the first call; later calls from anyone (children, attached sessions) get the same.
@@ -104,7 +109,7 @@ async function getOrStart(router: Router, spec: ContextSpec, depth = 0): Promise
  * console.log(a === b); // true
  * ```
  */
-export const contextService = defineService({
+export const contextService: ServiceDef<typeof CONTEXT_SERVICE, ContextServiceMethods> = defineService({
   name: CONTEXT_SERVICE,
   methods: {
     get: { run: (spec: ContextSpec, { router }) => getOrStart(router, spec) },

@@ -23,7 +23,7 @@ import { builtin, nodeProcess } from "./runtime.ts";
 import { Receiver, type Sender } from "./channels.ts";
 import type { Context } from "./context.ts";
 import type { StandardSchemaV1 } from "./calls.ts";
-import { defineService, type Router, type ServiceDef } from "./router.ts";
+import { defineService, type Router, type ServiceCall, type ServiceDef, type ServicePolicy } from "./router.ts";
 
 /** The name the file service is called by (Mitogen's `mitogen.service.FileService`). */
 export const FILE_SERVICE = "mitogen.FileService";
@@ -445,6 +445,25 @@ const aSender: StandardSchemaV1<Sender> = {
   },
 };
 
+/** A file service method as its callers see it: its argument `A`, checked field by field, and its result `R`. */
+export interface FileServiceMethod<A, R> {
+  policy?: ServicePolicy;
+  args: { [K in keyof A]: StandardSchemaV1<A[K]> };
+  run(args: A, call: ServiceCall): Promise<R>;
+}
+
+/** The file service's methods (see {@link fileService}). */
+export interface FileServiceMethods {
+  /** Stream `path` through `data` (what a hop asks its parent). */
+  fetch: FileServiceMethod<{ path: string; data: Sender }, { bytes: number; sha256: string }>;
+  /** Write `path` to `to` here. */
+  get: FileServiceMethod<{ path: string; to: string }, { bytes: number; sha256: string }>;
+  /** The bytes of `path`. */
+  read: FileServiceMethod<{ path: string }, Uint8Array>;
+  /** Fetch `path` into this context's cache ahead of need. */
+  prefetch: FileServiceMethod<{ path: string }, { bytes: number }>;
+}
+
 /**
  * The file service (Mitogen's FileService with PushFileService's `get`): in the master it serves
  * registered files ({@link registerFiles}); in any other context the files it fetched from its
@@ -476,7 +495,7 @@ const aSender: StandardSchemaV1<Sender> = {
  * console.log(copied); // { bytes: 5, sha256: "..." }
  * ```
  */
-export const fileService = defineService({
+export const fileService: ServiceDef<typeof FILE_SERVICE, FileServiceMethods> = defineService({
   name: FILE_SERVICE,
   methods: {
     fetch: {

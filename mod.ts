@@ -45,8 +45,9 @@ export { Broker, defineService } from "./router.ts";
 export type { ServiceCall, ServiceDef, ServiceMethod, ServiceMethods, ServicePolicy, ServicePool } from "./router.ts";
 export { ServiceError } from "./service.ts";
 export { FileServiceError, fileService, pushFiles, registerFiles } from "./fileservice.ts";
+export type { FileServiceMethod, FileServiceMethods } from "./fileservice.ts";
 export { contextService, getContext } from "./contextservice.ts";
-export type { ContextMethod, ContextSpec } from "./contextservice.ts";
+export type { ContextMethod, ContextServiceMethods, ContextSpec } from "./contextservice.ts";
 export type {
   ContainerOptions,
   ContextInfo,
