@@ -12,7 +12,7 @@
 import { MitogenError, TimeoutError } from "./errors.ts";
 import { Abort } from "./runtime.ts";
 import type { Message } from "./frames.ts";
-import { serviceBody } from "./bodies.ts";
+import { type ServiceBody, serviceBody } from "./bodies.ts";
 import { replyError, replySafely, type StandardResult, type StandardSchemaV1 } from "./calls.ts";
 import type { Context } from "./context.ts";
 import type { Router, ServiceCall, ServiceDef, ServiceMethod, ServicePool } from "./router.ts";
@@ -24,6 +24,8 @@ export const LOCATOR = "mitogen.services";
 export class ServiceError extends MitogenError {
   override name = "ServiceError";
 }
+
+const own = Object.prototype.hasOwnProperty;
 
 /** Default of {@link ServicePool.size}. */
 const POOL_SIZE = 16;
@@ -125,7 +127,11 @@ function makePool(router: Router): Pool {
     let what = "a service";
     try {
       const body = serviceBody.decode(msg);
-      const [name, method, sent, lim] = Array.isArray(body) ? body : [];
+      const b: Partial<ServiceBody> = Array.isArray(body) ? body : [];
+      const name = b[0];
+      const method = b[1];
+      const sent = b[2];
+      const lim = b[3];
       if (typeof name !== "string" || typeof method !== "string") throw new ServiceError("CALL_SERVICE needs [service, method, args]");
       what = `${name}.${method}`;
       const call = new Call(router, router.contextById(msg.src), msg);
@@ -152,7 +158,8 @@ function makePool(router: Router): Pool {
   /** The policy first (a refusal is logged here), then the method and its argument's check. */
   function admit(call: Call, service: ServiceDef, method: string, sent: unknown, what: string): void {
     try {
-      const m = Object.hasOwn(service.methods, method) ? (service.methods as Record<string, ServiceMethod>)[method] : undefined;
+      // Not Object.hasOwn: a Node 12 child runs this module too.
+      const m = own.call(service.methods, method) ? (service.methods as Record<string, ServiceMethod>)[method] : undefined;
       const policy = m?.policy ?? service.policy ?? "parents";
       if (typeof policy === "function")
         predicate(policy, call).then(
