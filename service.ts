@@ -100,6 +100,7 @@ function makePool(router: Router): Pool {
   const activating = new Map<string, Promise<ServiceDef>>();
   const waiting: Waiting[] = [];
   let running = 0;
+  let draining = false;
 
   const self: Pool = {
     size: POOL_SIZE,
@@ -232,8 +233,21 @@ function makePool(router: Router): Pool {
       if (!noReply && call.msg.replyTo) replySafely(call.msg, value, router);
       settle(call);
     }
-    const next = running < self.size ? waiting.shift() : undefined;
-    if (next) run(next.call, next.m, next.args, next.what, next.noReply);
+    drain();
+  }
+
+  /** Start the calls waiting while there is room: in a loop, not from each ending method (a queue of synchronous ones would nest). */
+  function drain(): void {
+    if (draining) return;
+    draining = true;
+    try {
+      for (let next = waiting[0]; next && running < self.size; next = waiting[0]) {
+        waiting.shift();
+        run(next.call, next.m, next.args, next.what, next.noReply);
+      }
+    } finally {
+      draining = false;
+    }
   }
 
   /** Answer `call` with `err`, or log it when nobody hears an answer. */

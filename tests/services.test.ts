@@ -220,6 +220,24 @@ test("the pool runs at most `size` calls at once, the others in the order they c
   assert.deepEqual(order, [0, 1, 2, 3, 4, 5]);
 });
 
+test("a long queue of synchronous methods behind a full pool drains in a loop, not nested (no stack overflow)", async () => {
+  await using router = quietRouter();
+  let release = () => {};
+  const gate = new Promise<void>((r) => (release = r));
+  const pool = await router.serve(defineService({ name: "test.queue", methods: { hold: { run: () => gate }, echo: { run: (v: unknown) => v } } }));
+  pool.size = 1;
+  const me = router.myself();
+  const first = me.callService("test.queue", "hold");
+  const all = Array.from({ length: 20_000 }, (_, i) => me.callService("test.queue", "echo", i));
+  assert.equal(pool.queued, 20_000);
+  release();
+  await first;
+  const got = await Promise.all(all);
+  assert.equal(got.length, 20_000);
+  assert.equal(got[19_999], 19_999);
+  assert.equal(pool.running, 0);
+});
+
 test("a service call past its deadline while it waits for a place in the pool does not start", async () => {
   await using router = quietRouter();
   let release = () => {};
