@@ -78,16 +78,17 @@ export const callBody: Body<CallBody> = body(HANDLE.CALL_FUNCTION, "args");
 // ---------------------------------------------------------------------------
 // CALL_SERVICE (110), to the context serving the service
 //
-//   [service, method, args]
+//   [service, method, args, limits?]
 //
 //   service  the name it was defined (and, at the master, registered) under
 //   method   one of its methods' names
 //   args     the one argument of the method, any value (checked by the method's `args`)
+//   limits   as CALL_FUNCTION's (CANCEL_CALL cancels it too); left out or undefined: none
 //   reply    the method's result; a noReply method's caller hears nil once the call is admitted;
 //            reply_to 0: no answer at all (callServiceNoReply)
 
 /** A CALL_SERVICE body. */
-export type ServiceBody = [service: string, method: string, args: unknown];
+export type ServiceBody = [service: string, method: string, args: unknown, limits?: CallLimits];
 
 /** CALL_SERVICE: a body that cannot be encoded is named by its argument (`args.cb`). */
 export const serviceBody: Body<ServiceBody> = body(HANDLE.CALL_SERVICE, "args");

@@ -248,18 +248,18 @@ export class Context implements WireRef, AsyncDisposable {
     ...args: ServiceArgs<S["methods"][K]>
   ): Promise<ServiceResult<S["methods"][K]>>;
   callService(service: string, method: string, args?: unknown): Promise<unknown>;
-  async callService(service: string | ServiceShape, method: string, args?: unknown): Promise<unknown> {
-    return this.sendAwait(serviceMessage(service, method, args));
+  callService(service: string | ServiceShape, method: string, args?: unknown): Promise<unknown> {
+    return this.#scope().callService(service as string, method, args);
   }
 
   /** As {@link Context.callService}, returning the Receiver of its reply (Mitogen's `call_service_async`). */
   callServiceAsync(service: string | ServiceShape, method: string, args?: unknown): Receiver {
-    return this.sendAsync(serviceMessage(service, method, args));
+    return this.#scope().callServiceAsync(service, method, args);
   }
 
   /** As {@link Context.callService}, without a reply: a failure is logged where the service runs. */
   callServiceNoReply(service: string | ServiceShape, method: string, args?: unknown): void {
-    this.send(serviceMessage(service, method, args));
+    this.send(serviceMessage(service, method, args, {}));
   }
 
   /**
@@ -276,9 +276,7 @@ export class Context implements WireRef, AsyncDisposable {
    * ```
    */
   service<S extends ServiceShape>(service: S | S["name"]): ServiceClient<S> {
-    return new Proxy({} as ServiceClient<S>, {
-      get: (_, method) => (typeof method === "string" && method !== "then" ? (args?: unknown) => this.callService(service as string, method, args) : undefined),
-    });
+    return this.#scope().service(service);
   }
 
   /**
@@ -415,9 +413,12 @@ export class Context implements WireRef, AsyncDisposable {
   }
 }
 
-/** A CALL_SERVICE message: `method` of `service` (a name or a definition) with `args`. */
-const serviceMessage = (service: string | ServiceShape, method: string, args: unknown): Message =>
-  serviceBody.encode([typeof service === "string" ? service : service.name, method, args]);
+/** A CALL_SERVICE message: `method` of `service` (a name or a definition) with `args`, under `options`. */
+const serviceMessage = (service: string | ServiceShape, method: string, args: unknown, options: CallOptions): Message => {
+  const lim = limits(options);
+  const name = typeof service === "string" ? service : service.name;
+  return serviceBody.encode(lim ? [name, method, args, lim] : [name, method, args]);
+};
 
 /** The shipped module `mitogen:files` (files.ts), loaded on first use. */
 const files = (router: ContextHost) => router.requireModule("mitogen:files") as Promise<unknown> as Promise<FilesModule>;
@@ -454,6 +455,46 @@ export class CallScope {
   /** As {@link Context.callModule}. */
   callModule(module: string, name: string, ...args: unknown[]): Promise<unknown> {
     return this.#request(() => callBody.encode(chained([CALL.MODULE, `${module}#${name}`, args, 0, limits(this.options)], this.chainId)));
+  }
+
+  /**
+   * As {@link Context.callService}, under this scope's options: past the deadline, or once the signal
+   * aborts, the caller rejects (TimeoutError, AbortError) and the method's `signal` aborts where it
+   * runs. A chain does not order its service calls.
+   *
+   * @example
+   * ```ts
+   * import { defineService, Router } from "mitogen";
+   * const slow = defineService({
+   *   name: "slow",
+   *   policy: "any",
+   *   methods: { wait: { run: (_: unknown, { signal }) => new Promise(() => signal.addEventListener("abort", () => console.log("stopped:", signal.reason.name))) } },
+   * });
+   * await using router = new Router();
+   * await router.serve(slow);
+   * await router.myself().with({ timeout: 100 }).callService("slow", "wait").catch((e) => console.log(e.name)); // TimeoutError
+   * ```
+   */
+  callService<S extends ServiceShape, K extends keyof S["methods"] & string>(
+    service: S,
+    method: K,
+    ...args: ServiceArgs<S["methods"][K]>
+  ): Promise<ServiceResult<S["methods"][K]>>;
+  callService(service: string, method: string, args?: unknown): Promise<unknown>;
+  callService(service: string | ServiceShape, method: string, args?: unknown): Promise<unknown> {
+    return this.#request(() => serviceMessage(service, method, args, this.options));
+  }
+
+  /** As {@link Context.callServiceAsync}. */
+  callServiceAsync(service: string | ServiceShape, method: string, args?: unknown): Receiver {
+    return this.#start(serviceMessage(service, method, args, this.options));
+  }
+
+  /** As {@link Context.service}: its methods called under this scope's options. */
+  service<S extends ServiceShape>(service: S | S["name"]): ServiceClient<S> {
+    return new Proxy({} as ServiceClient<S>, {
+      get: (_, method) => (typeof method === "string" && method !== "then" ? (args?: unknown) => this.callService(service as string, method, args) : undefined),
+    });
   }
 
   /** A new {@link CallChain} into the context, its calls under this scope's options (see {@link Context.chain}). */

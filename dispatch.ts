@@ -1,10 +1,10 @@
 /**
- * Serving CALL_FUNCTION (and CANCEL_CALL): the callee's side of a call, with the CallContext a
+ * Serving CALL_FUNCTION: the callee's side of a call, with the CallContext a
  * takesRouter function gets. The body is bodies.ts's, shipped code calls.ts's. Part of the child payload.
  *
  * @module
  */
-import { AbortError, type CallError, MitogenError, TimeoutError } from "./errors.ts";
+import { type CallError, MitogenError, TimeoutError } from "./errors.ts";
 import { Abort, hasOwn } from "./runtime.ts";
 import { HANDLE, type Message } from "./frames.ts";
 import { CALL, type CallLimits, callBody, moduleTarget } from "./bodies.ts";
@@ -30,15 +30,8 @@ const dispatching = new WeakSet<Router>();
 export function installDispatcher(router: Router): void {
   if (dispatching.has(router)) return;
   dispatching.add(router);
-  // Calls that can be cancelled, by "<caller id>:<reply handle>": only their caller can.
-  const running = new Map<string, AbortController>();
-  router.addHandler(
-    (msg) => {
-      const handle = msg.unpickle();
-      running.get(`${msg.src}:${handle}`)?.abort(new AbortError(`call cancelled by its caller (context ${msg.src})`));
-    },
-    { handle: HANDLE.CANCEL_CALL },
-  );
+  // Calls that can be cancelled, by "<caller id>:<reply handle>": only their caller can (the router serves CANCEL_CALL).
+  const running = router.cancels;
   // A chained call's failure is not logged: the chain's next call raises it (Mitogen's CallChain).
   const fail = (msg: Message, err: unknown, kind: number, chained?: boolean): CallError => {
     const error = replyError(msg, withHint(err, kind, router), router);

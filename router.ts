@@ -5,7 +5,7 @@
  *
  * @module
  */
-import { type CallError, MitogenError, StreamError } from "./errors.ts";
+import { AbortError, type CallError, MitogenError, StreamError } from "./errors.ts";
 import type { Binder } from "./codec.ts";
 import { asyncDispose, builtin, builtinsReady } from "./runtime.ts";
 import { DEFAULT_MAX_MESSAGE_SIZE, FIRST_DYNAMIC_HANDLE, HANDLE, handleName, Message } from "./frames.ts";
@@ -60,6 +60,11 @@ export interface ServiceCall {
   caller: Context;
   /** The CALL_SERVICE message. */
   msg: Message;
+  /**
+   * Aborted when the caller cancels or the call's deadline passes (`ctx.with({ timeout, signal })`),
+   * as a call's CallContext `signal`: pass it on to nested calls so they end too.
+   */
+  readonly signal: AbortSignal;
 }
 
 /** One method of a service. */
@@ -127,11 +132,8 @@ export interface ServicePool {
 }
 
 /** The shipped module `mitogen:service` (service.ts), loaded on first use. */
-const servicesOf = (router: Router) =>
-  router.requireModule("mitogen:service") as Promise<unknown> as Promise<{
-    pool(router: Router): ServicePool;
-    onCallService(router: Router, msg: Message): void;
-  }>;
+const servicesOf = (router: Router) => router.requireModule("mitogen:service") as Promise<unknown> as Promise<ServiceModule>;
+type ServiceModule = { pool(router: Router): ServicePool; onCallService(router: Router, msg: Message): void };
 
 /** Options of {@link Router.addHandler}. */
 export interface HandlerOptions {
@@ -214,6 +216,8 @@ export class Router implements Binder, AsyncDisposable {
   readonly flow: FlowControl = new FlowControl(this);
   /** @internal The call chains served here (dispatch.ts), by "<caller id>:<chain>", while busy or failed. */
   readonly chains: Map<string, ChainState> = new Map();
+  /** @internal Calls and service calls running here that their caller may cancel (CANCEL_CALL), by "<caller id>:<reply handle>". */
+  readonly cancels: Map<string, AbortController> = new Map();
   readonly #fetching = new Map<string, Promise<Uint8Array>>();
   readonly #loading = new Map<string, Promise<Record<string, unknown>>>();
 
@@ -248,13 +252,21 @@ export class Router implements Binder, AsyncDisposable {
     this.addHandler((msg, stream) => this.#onAllocateId(msg, stream as Stream), { handle: HANDLE.ALLOCATE_ID, policy: below });
     // Services are served by the shipped mitogen:service, loaded on the first call; it checks each call's policy.
     this.addHandler(
-      (msg) =>
-        void servicesOf(this).then(
-          (m) => m.onCallService(this, msg),
-          (err: unknown) => replyError(msg, err, this),
-        ),
+      (msg) => {
+        const m = this.modules.get("mitogen:service") as ServiceModule | undefined;
+        if (m) m.onCallService(this, msg);
+        else
+          servicesOf(this).then(
+            (m) => m.onCallService(this, msg),
+            (err: unknown) => replyError(msg, err, this),
+          );
+      },
       { handle: HANDLE.CALL_SERVICE },
     );
+    // Only a call's caller can cancel it: the key holds the sender's id.
+    this.addHandler((msg) => this.cancels.get(`${msg.src}:${msg.unpickle()}`)?.abort(new AbortError(`call cancelled by its caller (context ${msg.src})`)), {
+      handle: HANDLE.CANCEL_CALL,
+    });
   }
 
   /**

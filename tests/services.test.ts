@@ -4,7 +4,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, test } from "node:test";
-import { type CallContext, CallError, connect, defineService, type StandardSchemaV1, takesRouter } from "../mod.ts";
+import { AbortError, type CallContext, CallError, connect, defineService, type StandardSchemaV1, TimeoutError, takesRouter } from "../mod.ts";
 import { z } from "zod";
 import { checkLeaks, quietRouter, routerWithLogs, RUNTIMES, waitFor } from "./helpers.ts";
 
@@ -114,6 +114,78 @@ for (const runtime of RUNTIMES) {
       const fromBelow = takesRouter((call: CallContext) => call.router.contextById(0).callService("fixture.lazy", "where"));
       assert.deepEqual(await b.call(fromBelow), { name: "master", isMaster: true });
     });
+
+    test("as Mitogen's Activator (service.py), only a call from a parent activates a service a context does not serve yet", async () => {
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
+      router.registerService("fixture.lazy", FIXTURE);
+      const a = await router.local({ runtime, name: "svc-activate" });
+      const b = await router.local({ runtime, name: "svc-activate-sibling" });
+      const inB = await b.import<Fixture>(FIXTURE);
+      await assert.rejects(
+        inB.callFromHere(a.contextId, "fixture.lazy", "where", undefined),
+        new RegExp(
+          `service fixture\\.lazy is not served in svc-activate yet, and only a call from a parent activates one: \\S+ \\(context ${b.contextId}\\) is not one`,
+        ),
+      );
+      await waitFor(() =>
+        logs.records.some((r) => r.name === "svc-activate" && r.level === "warn" && /only a call from a parent activates one/.test(r.message)),
+      );
+      assert.deepEqual(await a.callService("fixture.lazy", "where"), { name: "svc-activate", isMaster: false });
+      // Served now, its policy ("any") lets the sibling in.
+      assert.deepEqual(await inB.callFromHere(a.contextId, "fixture.lazy", "where", undefined), { name: "svc-activate", isMaster: false });
+    });
+
+    test("ctx.with({ timeout, signal }) reaches a service call: the caller rejects as ctx.call does, the method's signal aborts where it runs", async () => {
+      await using router = quietRouter();
+      const a = await router.local({ runtime, name: "svc-limits" });
+      const inA = await a.import<Fixture>(FIXTURE);
+      await inA.serveHere(["waiter"]);
+      await assert.rejects(a.with({ timeout: 100 }).callService("fixture.waiter", "wait"), TimeoutError);
+      const controller = new AbortController();
+      const cancelled = a.with({ signal: controller.signal }).callService("fixture.waiter", "wait");
+      setTimeout(() => controller.abort(), 50);
+      await assert.rejects(cancelled, AbortError);
+      assert.deepEqual((await inA.abortedHere(2)).sort(), [
+        "AbortError: call cancelled by its caller (context 0)",
+        "TimeoutError: deadline of 100 ms passed in svc-limits",
+      ]);
+    });
+
+    test("a child's deadline and signal reach a service of its master", async () => {
+      await using router = quietRouter();
+      const reasons: string[] = [];
+      const wait = (_: unknown, { signal }: { signal: AbortSignal }) =>
+        new Promise((resolve) =>
+          signal.addEventListener("abort", () => {
+            reasons.push(`${signal.reason?.name}: ${signal.reason?.message}`);
+            resolve(0);
+          }),
+        );
+      await router.serve(defineService({ name: "test.waiter", policy: "children", methods: { wait: { run: wait } } }));
+      const a = await router.local({ runtime, name: "svc-limits-up" });
+      const ask = takesRouter(async (call: CallContext) => {
+        const master = call.router.contextById(0);
+        const names: string[] = [];
+        await master
+          .with({ timeout: 100 })
+          .callService("test.waiter", "wait")
+          .catch((e: Error) => names.push(e.name));
+        const c = new AbortController();
+        setTimeout(() => c.abort(), 50);
+        await master
+          .with({ signal: c.signal })
+          .callService("test.waiter", "wait")
+          .catch((e: Error) => names.push(e.name));
+        return names;
+      });
+      assert.deepEqual(await a.call(ask), ["TimeoutError", "AbortError"]);
+      await waitFor(() => reasons.length === 2);
+      assert.deepEqual(reasons.sort(), [
+        `AbortError: call cancelled by its caller (context ${a.contextId})`,
+        "TimeoutError: deadline of 100 ms passed in master",
+      ]);
+    });
   });
 }
 
@@ -146,6 +218,46 @@ test("the pool runs at most `size` calls at once, the others in the order they c
   assert.deepEqual(await all, [0, 1, 2, 3, 4, 5]);
   assert.equal(most, 2);
   assert.deepEqual(order, [0, 1, 2, 3, 4, 5]);
+});
+
+test("a long queue of synchronous methods behind a full pool drains in a loop, not nested (no stack overflow)", async () => {
+  await using router = quietRouter();
+  let release = () => {};
+  const gate = new Promise<void>((r) => (release = r));
+  const pool = await router.serve(defineService({ name: "test.queue", methods: { hold: { run: () => gate }, echo: { run: (v: unknown) => v } } }));
+  pool.size = 1;
+  const me = router.myself();
+  const first = me.callService("test.queue", "hold");
+  const all = Array.from({ length: 20_000 }, (_, i) => me.callService("test.queue", "echo", i));
+  assert.equal(pool.queued, 20_000);
+  release();
+  await first;
+  const got = await Promise.all(all);
+  assert.equal(got.length, 20_000);
+  assert.equal(got[19_999], 19_999);
+  assert.equal(pool.running, 0);
+});
+
+test("a service call past its deadline while it waits for a place in the pool does not start", async () => {
+  await using router = quietRouter();
+  let release = () => {};
+  const gate = new Promise<void>((r) => (release = r));
+  const ran: string[] = [];
+  const hold = async (v: unknown) => {
+    ran.push(String(v));
+    await gate;
+  };
+  const pool = await router.serve(defineService({ name: "test.gated", methods: { hold: { run: hold } } }));
+  pool.size = 1;
+  const me = router.myself();
+  const first = me.callService("test.gated", "hold", "first");
+  await assert.rejects(me.with({ timeout: 50 }).callService("test.gated", "hold", "late"), TimeoutError);
+  assert.equal(pool.queued, 1);
+  release();
+  await first;
+  await me.callService("test.gated", "hold", "after");
+  assert.deepEqual(ran, ["first", "after"]);
+  assert.equal(pool.queued, 0);
 });
 
 test("noReply: the caller hears at once, the method runs after; its failure is logged where it ran", async () => {
