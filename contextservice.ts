@@ -1,7 +1,7 @@
 /**
  * `mitogen:contextservice`: Mitogen's ContextService, a shipped module a context loads on the first
- * call of {@link CONTEXT_SERVICE} (activation: the master maps the name to this module, see SERVICES
- * in payload.ts). The context that serves it (the master, or a listening context) keeps one context
+ * call of {@link CONTEXT_SERVICE} (activation: the master maps the name to this module, see
+ * LIBRARY_SERVICES in service.ts). The context that serves it (the master, or a listening context) keeps one context
  * per spec (method, options, via chain): every caller that asks for the same spec, attached sessions
  * included, gets the same context, started once, so several processes attached to one long-lived
  * master share one connection per host. A context that goes away is forgotten (the next `get` starts

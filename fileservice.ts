@@ -1,7 +1,7 @@
 /**
  * `mitogen:fileservice`: Mitogen's FileService and PushFileService, a shipped module each context
  * loads on the first call of {@link FILE_SERVICE} (activation: the master maps the name to this
- * module, see SERVICES in payload.ts).
+ * module, see LIBRARY_SERVICES in service.ts).
  *
  * The master serves the files it registered ({@link registerFiles}); any other context serves the
  * files it fetched, from a cache of its own, so a fan-out of N children behind one hop crosses the

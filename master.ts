@@ -21,7 +21,7 @@ import * as listenModule from "./listen.ts";
 import * as serviceModule from "./service.ts";
 import * as fileServiceModule from "./fileservice.ts";
 import * as contextServiceModule from "./contextservice.ts";
-import { payloads, SERVICES, type ShippedName } from "./payload.ts";
+import { payloads, type ShippedName } from "./payload.ts";
 import { cleanRecord, defaultLogger, LEVELS, type LevelLogger, type LogSink, levelFromEnv, textLogger, toSink } from "./logs.ts";
 
 export { defaultLogger };
@@ -305,7 +305,7 @@ export class Router extends CoreRouter {
   /** @internal mitogen:service activating `name` here: the locator, or the module registered under it, imported. */
   async loadService(name: string): Promise<ServiceDef | undefined> {
     if (name === serviceModule.LOCATOR) return this.#locator;
-    const shipped = Object.hasOwn(SERVICES, name) ? SERVICES[name] : undefined;
+    const shipped = Object.hasOwn(serviceModule.LIBRARY_SERVICES, name) ? (serviceModule.LIBRARY_SERVICES[name] as ShippedName) : undefined;
     if (shipped) return serviceModule.findService(await this.requireModule(shipped), name);
     const file = this.#registry.get(name);
     return file === undefined ? undefined : serviceModule.findService(await import(pathToFileURL(file).href), name);
@@ -318,7 +318,7 @@ export class Router extends CoreRouter {
     methods: {
       locate: {
         run: ({ name }: { name?: unknown }, { caller }) => {
-          if (typeof name === "string" && Object.hasOwn(SERVICES, name)) return SERVICES[name];
+          if (typeof name === "string" && Object.hasOwn(serviceModule.LIBRARY_SERVICES, name)) return serviceModule.LIBRARY_SERVICES[name];
           const file = typeof name === "string" ? this.#registry.get(name) : undefined;
           return file === undefined ? null : this.bundleModule(pathToFileURL(file), caller.runtime);
         },

@@ -29,16 +29,6 @@ export const SHIPPED = {
   "mitogen:contextservice": "contextservice.ts",
 } as const;
 
-/**
- * The library's own services, by the name they are called by, and the shipped module that defines
- * each: a context activates one on its first call, as a service registered at the master
- * (`router.registerService`), without being registered.
- */
-export const SERVICES: Record<string, ShippedName> = {
-  "mitogen.FileService": "mitogen:fileservice",
-  "mitogen.ContextService": "mitogen:contextservice",
-};
-
 /** A library module shipped to children on demand. */
 export type ShippedName = keyof typeof SHIPPED;
 

@@ -20,6 +20,16 @@ import type { Router, ServiceCall, ServiceDef, ServiceMethod, ServicePool } from
 /** The master's own service that tells a context which module defines a service: `locate({ name })`. */
 export const LOCATOR = "mitogen.services";
 
+/**
+ * The library's own services, by the name they are called by, and the shipped module that defines
+ * each: activated on a first call without being registered, whoever calls (loading the library's
+ * own module runs no one's code; each method's policy then decides).
+ */
+export const LIBRARY_SERVICES: Readonly<Record<string, string>> = {
+  "mitogen.FileService": "mitogen:fileservice",
+  "mitogen.ContextService": "mitogen:contextservice",
+};
+
 /** A refused call, a failed argument check, an unknown service or method. The caller sees a CallError of this name. */
 export class ServiceError extends MitogenError {
   override name = "ServiceError";
@@ -261,11 +271,13 @@ function makePool(router: Router): Pool {
   /**
    * Load service `name`, once however many calls ask at the same time. As Mitogen's Activator, only a
    * call from a parent (or this context) loads one; at the master, a service it registered is loaded
-   * for any caller (registering it there is the master's own choice, as adding one to Mitogen's Pool).
+   * for any caller (registering it there is the master's own choice, as adding one to Mitogen's Pool),
+   * and anywhere, one of {@link LIBRARY_SERVICES}.
    */
   function activate(name: string, call: Call): Promise<ServiceDef> {
     const { msg, caller } = call;
-    if (!(router as Router & Registry).loadService && !fromParent(router, msg)) {
+    const library = Object.hasOwn(LIBRARY_SERVICES, name);
+    if (!(router as Router & Registry).loadService && !library && !fromParent(router, msg)) {
       const text = `service ${name} is not served in ${router.name} yet, and only a call from a parent activates one: ${caller.name} (context ${caller.contextId}) is not one`;
       router.log("warn", text, "log", { service: name, caller: caller.contextId });
       return Promise.reject(new ServiceError(text));
