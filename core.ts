@@ -7,18 +7,18 @@
  * The payload's floors, lowest first: a file imports only files on floors below its own, not even a
  * type from above (`npm run cycles` prints the whole repository's):
  *
- *   0  errors (error classes), roles (isMaster, contextId...), logapi (log, LogRecord), runtime (shims),
- *      bytes (allocator, views), watchdog (the parent watchdog)
- *   1  codec (values on the wire)
- *   2  frames (handles, header, Message)
- *   3  stream (frames over a Transport), flow (credit windows), select (Latch, Select),
- *      bodies (the reserved handles' bodies), calls (shipped code)
- *   4  channels (Receiver, Sender, Channel)
- *   5  context (Context, CallScope)
- *   6  options (types: the connection methods' and listeners' options)
- *   7  router (Router)
- *   8  dispatch (serving calls)
- *   9  child (childMain)
+ *   0  errors (error classes), roles (isMaster, contextId...), logapi (log, LogRecord), runtime (shims)
+ *   1  bytes (allocator, views), watchdog (the parent watchdog)
+ *   2  chunks (unread input), codec (values on the wire), transport (Transport over streams)
+ *   3  frames (handles, header, Message)
+ *   4  stream (frames over a Transport), flow (credit windows), select (Latch, Select),
+ *      bodies (the reserved handles' bodies)
+ *   5  calls (making calls, shipped code), channels (Receiver, Sender, Channel)
+ *   6  context (Context, CallScope)
+ *   7  options (types: the connection methods' and listeners' options)
+ *   8  router (Router)
+ *   9  dispatch (serving calls)
+ *  10  child (childMain)
  *
  * @module
  */
