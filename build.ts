@@ -30,7 +30,7 @@ import { deflateRawSync } from "node:zlib";
 import { mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
-import { type Payloads, SHIPPED, type ShippedName } from "./payload.ts";
+import { type Payloads, type PayloadsJson, PREBUILT, SHIPPED, type ShippedName } from "./payload.ts";
 import { CORE } from "./frames.ts";
 import { ESBUILD_VERSION } from "./bundler.ts";
 import * as runningCore from "./core.ts";
@@ -228,16 +228,18 @@ export async function buildDist(): Promise<{ bundle: number; payloads: Payloads 
   const pinned = (JSON.parse(readFileSync(`${root}/package.json`, "utf8")) as { dependencies: Record<string, string> }).dependencies.esbuild;
   if (pinned !== ESBUILD_VERSION) throw new Error(`bundler.ts ESBUILD_VERSION is ${ESBUILD_VERSION}, package.json pins esbuild ${pinned}`);
   const p = await buildPayloads();
-  const define = {
-    MITOGEN_PAYLOADS: JSON.stringify({
-      core: Buffer.from(p.core).toString("base64"),
-      coreLowered: Buffer.from(p.coreLowered).toString("base64"),
-      modules: Object.fromEntries(Object.entries(p.modules).map(([k, v]) => [k, Buffer.from(v).toString("base64")])),
-      coreRaw: p.coreRaw,
-      coreLoweredRaw: p.coreLoweredRaw,
-      modulesRaw: p.modulesRaw,
-    }),
+  const json: PayloadsJson = {
+    core: Buffer.from(p.core).toString("base64"),
+    coreLowered: Buffer.from(p.coreLowered).toString("base64"),
+    modules: Object.fromEntries(Object.entries(p.modules).map(([k, v]) => [k, Buffer.from(v).toString("base64")])) as PayloadsJson["modules"],
+    coreRaw: p.coreRaw,
+    coreLoweredRaw: p.coreLoweredRaw,
+    modulesRaw: p.modulesRaw,
   };
+  const define = { MITOGEN_PAYLOADS: JSON.stringify(json) };
+  // The same payloads for a copy of the sources served over http (JSR), which cannot build them.
+  mkdirSync(`${root}/dist`, { recursive: true });
+  writeFileSync(`${root}/${PREBUILT.slice(2)}`, JSON.stringify(json));
   const outfile = `${root}/dist/mitogen.mjs`;
   const { text } = await script({
     entryPoints: ["cli.ts"],

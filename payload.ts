@@ -1,12 +1,15 @@
 /**
  * The compressed payloads a master sends: the core (every child) and the
  * library's shipped modules (e.g. the parent module, for children that start
- * children). In `dist/mitogen.mjs` they
- * are constants written at build time; running from source, they are built
- * once per process with esbuild (see build.ts).
+ * children). In `dist/mitogen.mjs` they are constants written at build time;
+ * a copy of the sources served over http (JSR) reads them from
+ * dist/payloads.json, written by the build that preceded its publishing;
+ * running from source files, they are built once per process with esbuild
+ * (see build.ts).
  *
  * @module
  */
+import { MitogenError } from "./errors.ts";
 
 /**
  * The library's own shipped modules, by name, and their source: the master has each built in, and a
@@ -45,33 +48,55 @@ export interface Payloads {
   modulesRaw: Record<ShippedName, number>;
 }
 
-declare const MITOGEN_PAYLOADS:
-  | {
-      core: string;
-      coreLowered: string;
-      modules: Record<ShippedName, string>;
-      coreRaw: number;
-      coreLoweredRaw: number;
-      modulesRaw: Record<ShippedName, number>;
-    }
-  | undefined;
+/** The payloads as JSON: base64 for the bytes. The single file has them built in; a copy of the sources served over http (JSR) has them in dist/payloads.json. */
+export interface PayloadsJson {
+  core: string;
+  coreLowered: string;
+  modules: Record<ShippedName, string>;
+  coreRaw: number;
+  coreLoweredRaw: number;
+  modulesRaw: Record<ShippedName, number>;
+}
+
+declare const MITOGEN_PAYLOADS: PayloadsJson | undefined;
+
+/** Where a copy of the sources that is not on disk (JSR, any http server) finds its payloads, built when it was published. */
+export const PREBUILT = "./dist/payloads.json";
 
 const decode = (b64: string): Uint8Array => new Uint8Array(Buffer.from(b64, "base64"));
 
+const fromJson = (p: PayloadsJson): Payloads => ({
+  core: decode(p.core),
+  coreLowered: decode(p.coreLowered),
+  modules: Object.fromEntries(Object.entries(p.modules).map(([k, v]) => [k, decode(v)])) as Record<ShippedName, Uint8Array>,
+  coreRaw: p.coreRaw,
+  coreLoweredRaw: p.coreLoweredRaw,
+  modulesRaw: p.modulesRaw,
+});
+
+/** The payloads a copy of the sources served from `here` (not a file) was published with. */
+async function prebuilt(here: string): Promise<Payloads> {
+  const url = new URL(PREBUILT, here).href;
+  try {
+    const json = (await import(url, { with: { type: "json" } })) as { default: PayloadsJson };
+    return fromJson(json.default);
+  } catch (err) {
+    throw new MitogenError(
+      `mitogen was loaded from ${here}, not from files, and its prebuilt payloads (${url}) did not load: publish with \`npm run publish:jsr\`, which builds them first`,
+      { cause: err },
+    );
+  }
+}
+
 let cached: Promise<Payloads> | null = null;
 
-/** The payloads, built or decoded once per process. */
+/** The payloads, built or decoded once per process: built in (the single file), prebuilt (served over http) or built from the sources here. */
 export function payloads(): Promise<Payloads> {
   cached ??=
-    typeof MITOGEN_PAYLOADS === "undefined"
-      ? import(new URL("./build.ts", import.meta.url).href).then((m: { buildPayloads(): Promise<Payloads> }) => m.buildPayloads())
-      : Promise.resolve({
-          core: decode(MITOGEN_PAYLOADS.core),
-          coreLowered: decode(MITOGEN_PAYLOADS.coreLowered),
-          modules: Object.fromEntries(Object.entries(MITOGEN_PAYLOADS.modules).map(([k, v]) => [k, decode(v)])) as Record<ShippedName, Uint8Array>,
-          coreRaw: MITOGEN_PAYLOADS.coreRaw,
-          coreLoweredRaw: MITOGEN_PAYLOADS.coreLoweredRaw,
-          modulesRaw: MITOGEN_PAYLOADS.modulesRaw,
-        });
+    typeof MITOGEN_PAYLOADS !== "undefined"
+      ? Promise.resolve(fromJson(MITOGEN_PAYLOADS))
+      : !import.meta.url.startsWith("file:")
+        ? prebuilt(import.meta.url)
+        : import(new URL("./build.ts", import.meta.url).href).then((m: { buildPayloads(): Promise<Payloads> }) => m.buildPayloads());
   return cached;
 }

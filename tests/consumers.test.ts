@@ -263,20 +263,22 @@ test("npx mitogen demo from the package, on a machine with node only", async () 
   assert.match(out, /b shut down \(and c with it\); done/);
 });
 
-test("JSR: deno publish --dry-run passes (no slow types), publishing the library only; mod.ts imports from a URL", async (t) => {
+test("JSR: deno publish --dry-run passes (no slow types), publishing the library only; mod.ts imported from a URL starts node and deno children, calls and imports", async (t) => {
   if (!deno) return void t.skip(missing("no deno"));
   const out = await run(deno, ["publish", "--dry-run", "--allow-dirty"], root, {}, true);
   assert.doesNotMatch(out, /error\[/, "no slow-type (or other) errors");
   const listed = out.slice(out.indexOf("Simulating publish"));
   assert.match(out, /Dry run complete/);
-  assert.doesNotMatch(listed, /\/(tests|bench|examples|dist|node_modules)\//, "no tests, bench, examples or dist");
+  assert.doesNotMatch(listed.replace(/\/dist\/payloads\.json \(/, ""), /\/(tests|bench|examples|dist|node_modules)\//, "no tests, bench, examples or dist");
+  assert.match(listed, /\/dist\/payloads\.json \(/, "the prebuilt payloads, for a consumer importing over http");
   assert.match(listed, /\/mod\.ts \(/);
   assert.match(listed, /\/LICENSE \(/);
   // mod.ts from a URL: served over http, the npm names mapped as JSR would rewrite them
   const server: Server = createServer((req, res) => {
     const name = (req.url ?? "/").slice(1);
-    if (!/^[\w.-]+\.ts$/.test(name) || !existsSync(join(root, name))) return void res.writeHead(404).end();
-    res.writeHead(200, { "content-type": "application/typescript" }).end(readFileSync(join(root, name)));
+    const json = name === "dist/payloads.json";
+    if (!(json || /^[\w.-]+\.ts$/.test(name)) || !existsSync(join(root, name))) return void res.writeHead(404).end();
+    res.writeHead(200, { "content-type": json ? "application/json" : "application/typescript" }).end(readFileSync(join(root, name)));
   });
   await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
   // The test's own server: it is closed below, but under load its handle has outlived the leak
@@ -288,10 +290,20 @@ test("JSR: deno publish --dry-run passes (no slow types), publishing the library
     const deps = JSON.parse(readFileSync(join(root, "package.json"), "utf8")).dependencies as Record<string, string>;
     write(dir, {
       "deno.json": JSON.stringify({ imports: Object.fromEntries(Object.entries(deps).map(([k, v]) => [k, `npm:${k}@${v}`])) }),
-      "main.ts": `const m = await import("http://127.0.0.1:${port}/mod.ts");\nconsole.log(typeof m.Router, typeof m.Context);\n`,
+      "twice.ts": "export function twice(x: number): number { return 2 * x; }\n",
+      // As a JSR consumer: children on both runtimes (their cores are the prebuilt payloads), a call, an import.
+      "main.ts": [
+        `const { Router } = await import("http://127.0.0.1:${port}/mod.ts");`,
+        "await using router = new Router();",
+        `for (const runtime of ["node", "deno"]) {`,
+        "  const ctx = await router.local({ runtime });",
+        "  const mod = await ctx.import(new URL(\"./twice.ts\", import.meta.url));",
+        "  console.log(runtime, await ctx.call(() => 6 * 7), await mod.twice(21));",
+        "}",
+      ].join("\n"),
     });
     const got = await run(deno, ["run", "-A", "main.ts"], dir);
-    assert.equal(got.trim(), "function function");
+    assert.equal(got.trim(), "node 42 42\ndeno 42 42");
   } finally {
     // Deno's fetch keeps its connection alive: end it, or close() waits for it.
     server.closeAllConnections();
