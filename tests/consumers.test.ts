@@ -297,7 +297,7 @@ test("JSR: deno publish --dry-run passes (no slow types), publishing the library
         "await using router = new Router();",
         `for (const runtime of ["node", "deno"]) {`,
         "  const ctx = await router.local({ runtime });",
-        "  const mod = await ctx.import(new URL(\"./twice.ts\", import.meta.url));",
+        '  const mod = await ctx.import(new URL("./twice.ts", import.meta.url));',
         "  console.log(runtime, await ctx.call(() => 6 * 7), await mod.twice(21));",
         "}",
       ].join("\n"),
