@@ -225,7 +225,8 @@ export async function buildPayloads(): Promise<Payloads & { coreFiles: string[] 
 
 /** Write dist/mitogen.mjs; returns the sizes it printed. */
 export async function buildDist(): Promise<{ bundle: number; payloads: Payloads & { coreFiles: string[] } }> {
-  const pinned = (JSON.parse(readFileSync(`${root}/package.json`, "utf8")) as { dependencies: Record<string, string> }).dependencies.esbuild;
+  const pkg = JSON.parse(readFileSync(`${root}/package.json`, "utf8")) as { version: string; dependencies: Record<string, string> };
+  const pinned = pkg.dependencies.esbuild;
   if (pinned !== ESBUILD_VERSION) throw new Error(`bundler.ts ESBUILD_VERSION is ${ESBUILD_VERSION}, package.json pins esbuild ${pinned}`);
   const p = await buildPayloads();
   const json: PayloadsJson = {
@@ -236,7 +237,8 @@ export async function buildDist(): Promise<{ bundle: number; payloads: Payloads 
     coreLoweredRaw: p.coreLoweredRaw,
     modulesRaw: p.modulesRaw,
   };
-  const define = { MITOGEN_PAYLOADS: JSON.stringify(json) };
+  // The version goes into the file: a copy of it alone still says which it is (`mitogen --version`).
+  const define = { MITOGEN_PAYLOADS: JSON.stringify(json), MITOGEN_VERSION: JSON.stringify(pkg.version) };
   // The same payloads for a copy of the sources served over http (JSR), which cannot build them.
   mkdirSync(`${root}/dist`, { recursive: true });
   writeFileSync(`${root}/${PREBUILT.slice(2)}`, JSON.stringify(json));

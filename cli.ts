@@ -32,17 +32,18 @@ examples:
   mitogen put web1,web2 ./app.tar.gz /srv/app.tar.gz
 `;
 
-/** The package's version, from the package.json beside the file (dist/ or the sources). */
+declare const MITOGEN_VERSION: string | undefined;
+
+/** The package's version: built into dist/mitogen.mjs, or from the package.json beside the sources. */
 function version(): string {
-  for (const rel of ["../package.json", "./package.json"]) {
-    try {
-      const pkg = JSON.parse(readFileSync(fileURLToPath(new URL(rel, import.meta.url)), "utf8")) as { name?: string; version?: string };
-      if (pkg.name === "mitogen" && pkg.version) return pkg.version;
-    } catch {
-      // not there
-    }
+  if (typeof MITOGEN_VERSION === "string") return MITOGEN_VERSION;
+  try {
+    const pkg = JSON.parse(readFileSync(fileURLToPath(new URL("./package.json", import.meta.url)), "utf8")) as { name?: string; version?: string };
+    if (pkg.name === "mitogen" && pkg.version) return pkg.version;
+  } catch {
+    // not there
   }
-  return "unknown (no package.json beside this file)";
+  return "unknown (neither built nor beside its package.json)";
 }
 
 /** Where the demo's remote module is: beside cli.ts, or one level up from dist/. */

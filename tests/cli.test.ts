@@ -145,6 +145,15 @@ test("usage errors exit 2 with the command's usage; --help on every command; hel
   const v = await mitogen(["--version"]);
   const pkg = JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8")) as { version: string };
   assert.equal(v.stdout, `mitogen ${pkg.version}\n`);
+  // The single file copied alone, with no package.json anywhere near it, still knows its version.
+  const alone = mkdtempSync(join(tmpdir(), "mitogen-alone-"));
+  try {
+    writeFileSync(join(alone, "mitogen.mjs"), readFileSync(DIST));
+    const copied = await promisify(execFile)(node, [join(alone, "mitogen.mjs"), "--version"]);
+    assert.equal(copied.stdout, `mitogen ${pkg.version}\n`);
+  } finally {
+    rmSync(alone, { recursive: true, force: true });
+  }
   const help = await mitogen(["help"]);
   assert.equal(help.code, 0);
   for (const c of Object.keys(COMMANDS)) assert.match(help.stdout, new RegExp(`\\n  ${c} `));
