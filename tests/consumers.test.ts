@@ -66,6 +66,12 @@ function write(dir: string, files: Record<string, string>): void {
   for (const [name, text] of Object.entries(files)) writeFileSync(join(dir, name), text);
 }
 
+/** deno.json's imports of npm packages (what a JSR consumer resolves the sources' bare names to). */
+function denoImports(): Record<string, string> {
+  const { imports } = JSON.parse(readFileSync(join(root, "deno.json"), "utf8")) as { imports: Record<string, string> };
+  return Object.fromEntries(Object.entries(imports).filter(([, v]) => v.startsWith("npm:")));
+}
+
 /** A project with the packed package installed as npm would, dependencies linked from this checkout. */
 async function project(prefix: string): Promise<string> {
   const dir = temp(prefix);
@@ -132,6 +138,12 @@ after(() => {
 test("package.json: ssh2 optional, licence file, metadata, types/import/require", () => {
   const pkg = JSON.parse(readFileSync(join(root, "package.json"), "utf8"));
   assert.equal(pkg.dependencies.ssh2, undefined);
+  // What the single file imports at run time; the libraries it has built in are the build's.
+  assert.deepEqual(Object.keys(pkg.dependencies), ["esbuild"]);
+  for (const built of ["@msgpack/msgpack", "tweetnacl"]) assert.ok(pkg.devDependencies[built], built);
+  const { imports } = JSON.parse(readFileSync(join(root, "deno.json"), "utf8"));
+  for (const lib of ["@msgpack/msgpack", "esbuild", "tweetnacl"])
+    assert.equal(imports[lib], `npm:${lib}@${pkg.dependencies[lib] ?? pkg.devDependencies[lib]}`, `deno.json maps ${lib} as package.json pins it`);
   assert.ok(pkg.optionalDependencies.ssh2);
   assert.match(readFileSync(join(root, "LICENSE"), "utf8"), /BSD 3-Clause/);
   for (const key of ["repository", "keywords", "homepage", "license", "description"]) assert.ok(pkg[key], key);
@@ -287,9 +299,9 @@ test("JSR: deno publish --dry-run passes (no slow types), publishing the library
   try {
     const port = (server.address() as { port: number }).port;
     const dir = temp("url");
-    const deps = JSON.parse(readFileSync(join(root, "package.json"), "utf8")).dependencies as Record<string, string>;
     write(dir, {
-      "deno.json": JSON.stringify({ imports: Object.fromEntries(Object.entries(deps).map(([k, v]) => [k, `npm:${k}@${v}`])) }),
+      // As JSR rewrites them: deno.json's npm: names.
+      "deno.json": JSON.stringify({ imports: denoImports() }),
       "twice.ts": "export function twice(x: number): number { return 2 * x; }\n",
       // As a JSR consumer: children on both runtimes (their cores are the prebuilt payloads), a call, an import.
       "main.ts": [
