@@ -8,15 +8,17 @@
  * its content hash, so a changed file is a new module and an unchanged one is
  * bundled once per master process.
  *
- * Under Deno it also resolves what Deno users write: `npm:` specifiers and
- * the names of the nearest deno.json's `imports` (see {@link denoResolve}),
+ * Under Deno it also resolves what Deno users write: `npm:` and `jsr:`
+ * specifiers and the names of the nearest deno.json's `imports` (see
+ * {@link denoResolve}, {@link jsrResolve}; under Node `jsr:` is refused),
  * and it takes esbuild from `npm:esbuild@<ESBUILD_VERSION>` when there is no
  * `esbuild` to import.
  *
  * @module
  */
 import { createHash } from "node:crypto";
-import { existsSync, readFileSync, statSync } from "node:fs";
+import { existsSync, readFileSync, realpathSync, statSync } from "node:fs";
+import { execFile } from "node:child_process";
 import { createRequire, isBuiltin, SourceMap } from "node:module";
 import { basename, dirname, isAbsolute, join, resolve } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
@@ -37,7 +39,11 @@ type Entry = Bundle & { inputs: [path: string, mtimeMs: number, size: number][] 
 
 /** The esbuild a Deno master without one fetches (`npm:esbuild@...`); build.ts checks it is package.json's. */
 export const ESBUILD_VERSION = "0.28.2";
-/** This package's own entry points, and the core's files that define its public names: importing them from a shipped module means the running core. */
+/**
+ * This package's own entry points, and the core's files that define its public names: importing them
+ * from a shipped module means the running core. So does the file this module was loaded from, which
+ * is the single file (`./mitogen.mjs`, copied beside the script) when the library runs from it.
+ */
 const OWN_FILES = ["mod.ts", "core.ts", "frames.ts", "stream.ts", "select.ts", "channels.ts", "context.ts", "router.ts", "calls.ts", "master.ts", "cli.ts"];
 /** Files whose stack frames are this library's, not the caller of ctx.import (see {@link callerFile}). */
 const LIBRARY_FRAMES = new Set([
@@ -45,10 +51,23 @@ const LIBRARY_FRAMES = new Set([
   ...["bundler.ts", "master.ts", "core.ts", "context.ts", "router.ts", "session.ts"].map((f) => new URL(f, import.meta.url).href),
 ]);
 let own: Set<string> | undefined;
-/** OWN_FILES as paths; empty when this module was loaded from elsewhere than a file (a URL, JSR). */
+/** OWN_FILES and this module's own file, as real paths; empty when this module was loaded from elsewhere than a file (a URL, JSR). */
 function ownFiles(): Set<string> {
-  own ??= new Set(import.meta.url.startsWith("file:") ? OWN_FILES.map((f) => fileURLToPath(new URL(f, import.meta.url))) : []);
+  own ??= new Set(
+    import.meta.url.startsWith("file:")
+      ? [import.meta.url, ...OWN_FILES.map((f) => new URL(f, import.meta.url).href)].map((url) => real(fileURLToPath(url)))
+      : [],
+  );
   return own;
+}
+
+/** `path` with its symlinks resolved, or as it is when it does not exist. */
+function real(path: string): string {
+  try {
+    return realpathSync(path);
+  } catch {
+    return path;
+  }
 }
 const cache = new Map<string, Promise<Entry>>();
 /** Source maps of every module bundled here, by module name, for {@link mapStack}. */
@@ -181,13 +200,14 @@ async function build(file: string, target: string): Promise<Entry> {
           name: "mitogen-is-the-running-core",
           setup(b) {
             b.onResolve({ filter: /^mitogen$/ }, () => ({ path: "mitogen", external: true }));
-            b.onResolve({ filter: /\.ts$/ }, (args) => {
-              const target = resolve(args.resolveDir, args.path);
-              return ownFiles().has(target) ? { path: "mitogen", external: true } : undefined;
+            b.onResolve({ filter: /\.[cm]?[jt]s$/ }, (args) => {
+              if (!/^(\.\.?\/|\/|file:)/.test(args.path)) return undefined;
+              const target = args.path.startsWith("file:") ? fileURLToPath(args.path) : resolve(args.resolveDir, args.path);
+              return ownFiles().has(real(target)) ? { path: "mitogen", external: true } : undefined;
             });
           },
         },
-        ...(isDeno ? [denoResolve()] : []),
+        ...(isDeno ? [denoResolve(), jsrResolve()] : [jsrRefused()]),
       ],
     });
     const js = out.outputFiles?.find((f) => f.path.endsWith(".js"))?.text ?? "";
@@ -197,7 +217,9 @@ async function build(file: string, target: string): Promise<Entry> {
     // Stack frames of the shipped code then read mitogen:///<name>:line:col (see mapStack).
     const text = `${js}\n//# sourceURL=mitogen:///${name}\n`;
     if (mapText) maps.set(name, { map: new SourceMap(JSON.parse(mapText)), dir: dirname(file) });
-    const inputs: Entry["inputs"] = Object.keys(out.metafile?.inputs ?? {}).map((p) => {
+    // Files only: what Deno's graph gave (`deno-graph:https://...`) is immutable in its cache.
+    const files = Object.keys(out.metafile?.inputs ?? {}).filter((p) => !p.startsWith("deno-graph:"));
+    const inputs: Entry["inputs"] = files.map((p) => {
       const abs = resolve(dirname(file), p);
       const st = statSync(abs);
       return [abs, st.mtimeMs, st.size];
@@ -297,9 +319,10 @@ function denoResolve(): import("esbuild").Plugin {
         const to = map ? mapped(args.path, map.imports) : null;
         if (to !== null) {
           if (to.startsWith("npm:")) return npm(to, importer, args.kind);
+          if (to.startsWith("jsr:")) return b.resolve(to, { resolveDir: map?.dir ?? args.resolveDir, kind: args.kind });
           if (/^\.\.?\//.test(to)) return { path: resolve(map?.dir ?? args.resolveDir, to) };
           if (to.startsWith("file:")) return { path: fileURLToPath(to) };
-          return { errors: [{ text: `${args.path} maps to ${to} in deno.json: only npm:, relative and file: targets can be shipped` }] };
+          return { errors: [{ text: `${args.path} maps to ${to} in deno.json: only npm:, jsr:, relative and file: targets can be shipped` }] };
         }
         // Inside a package in Deno's npm cache (no node_modules there): Deno's require knows its dependencies.
         if (!importer.includes("/npm/registry.")) return undefined;
@@ -308,6 +331,114 @@ function denoResolve(): import("esbuild").Plugin {
         } catch {
           return undefined;
         }
+      });
+    },
+  };
+}
+
+/** A module of Deno's graph (`deno info --json`): its file in Deno's cache, its kind and its imports, resolved. */
+interface GraphModule {
+  local: string;
+  mediaType: string;
+  deps: Map<string, string>;
+}
+
+/** The modules of every graph `deno info` gave this process, by specifier. */
+const graph = new Map<string, GraphModule>();
+/** `jsr:` specifiers already resolved, per directory they were asked from: the specifier of their first module. */
+const jsrRoots = new Map<string, Promise<string>>();
+
+/** `deno info --json <spec>` run from `dir` (so that its deno.json and lock file apply): Deno fetches and caches the graph. */
+function denoInfo(spec: string, dir: string): Promise<string> {
+  const key = `${dir}\0${spec}`;
+  let p = jsrRoots.get(key);
+  if (!p) {
+    p = new Promise<string>((resolveRoot, reject) => {
+      const deno = (globalThis as unknown as { Deno: { execPath(): string } }).Deno;
+      execFile(deno.execPath(), ["info", "--json", spec], { cwd: dir, maxBuffer: 64 << 20, env: { ...process.env, NO_COLOR: "1" } }, (err, stdout, stderr) => {
+        if (err) return reject(new MitogenError(`deno info ${spec} failed: ${stderr.trim() || err.message}`, { cause: err }));
+        const info = JSON.parse(stdout) as {
+          redirects?: Record<string, string>;
+          modules: { specifier: string; local?: string; mediaType?: string; dependencies?: { specifier: string; code?: { specifier: string } }[] }[];
+        };
+        for (const m of info.modules) {
+          if (!m.local || !m.mediaType) continue;
+          graph.set(m.specifier, {
+            local: m.local,
+            mediaType: m.mediaType,
+            deps: new Map((m.dependencies ?? []).flatMap((d) => (d.code ? [[d.specifier, d.code.specifier]] : []))),
+          });
+        }
+        const root = info.redirects?.[spec] ?? spec;
+        if (!graph.has(root)) return reject(new MitogenError(`deno info ${spec}: its module is not in Deno's cache`));
+        resolveRoot(root);
+      });
+    });
+    jsrRoots.set(key, p);
+    p.catch(() => jsrRoots.delete(key));
+  }
+  return p;
+}
+
+const LOADERS: Record<string, "ts" | "tsx" | "js" | "jsx" | "json"> = {
+  TypeScript: "ts",
+  Mts: "ts",
+  Cts: "ts",
+  TSX: "tsx",
+  JavaScript: "js",
+  Mjs: "js",
+  Cjs: "js",
+  JSX: "jsx",
+  Json: "json",
+};
+
+/**
+ * Deno only: `jsr:` specifiers resolved as Deno resolves them (`deno info`, with the importer's
+ * deno.json and lock file), their files read from Deno's cache, and their own imports followed
+ * through the same graph (`npm:` ones as {@link denoResolve} does).
+ */
+function jsrResolve(): import("esbuild").Plugin {
+  return {
+    name: "mitogen-jsr",
+    setup(b) {
+      b.onResolve({ filter: /^jsr:/ }, async (args) => {
+        try {
+          return { path: await denoInfo(args.path, args.resolveDir), namespace: "deno-graph" };
+        } catch (err) {
+          return { errors: [{ text: (err as Error).message }] };
+        }
+      });
+      b.onResolve({ filter: /.*/, namespace: "deno-graph" }, (args) => {
+        const to = graph.get(args.importer)?.deps.get(args.path);
+        if (args.path.startsWith("node:") || isBuiltin(args.path)) return { path: args.path, external: true };
+        if (to?.startsWith("npm:")) return b.resolve(to, { resolveDir: process.cwd(), kind: args.kind });
+        if (to && graph.has(to)) return { path: to, namespace: "deno-graph" };
+        return { errors: [{ text: `${args.path}, imported by ${args.importer}, is not in Deno's graph of it` }] };
+      });
+      b.onLoad({ filter: /.*/, namespace: "deno-graph" }, (args) => {
+        const m = graph.get(args.path);
+        const loader = m ? LOADERS[m.mediaType] : undefined;
+        if (!m || !loader) return { errors: [{ text: `${args.path}: cannot ship a module of type ${m?.mediaType ?? "unknown"}` }] };
+        return { contents: readFileSync(m.local, "utf8"), loader };
+      });
+    },
+  };
+}
+
+/** Node: a `jsr:` specifier is refused, saying what to do instead. */
+function jsrRefused(): import("esbuild").Plugin {
+  return {
+    name: "mitogen-jsr-refused",
+    setup(b) {
+      b.onResolve({ filter: /^jsr:/ }, (args) => {
+        const name = /^jsr:\/?(@[^/@]+\/[^/@]+)/.exec(args.path)?.[1] ?? "@scope/name";
+        return {
+          errors: [
+            {
+              text: `${args.path}: jsr: specifiers are resolved on a Deno master only (Deno's own resolution and cache); on Node, add the package from npm (npx jsr add ${name}) and import it by its npm name`,
+            },
+          ],
+        };
       });
     },
   };

@@ -166,7 +166,7 @@ test("From Deno (README): the copied single file runs and type-checks", async (t
   await run(deno, ["check", "main.ts"], dir);
 });
 
-test("Deno single file: a shipped module imports npm: and import-map names; deno check sees real types", async (t) => {
+test("Deno single file: a shipped module imports npm: and import-map names, and the copied file as the running core; deno check sees real types", async (t) => {
   if (!deno) return void t.skip(missing("no deno"));
   const dir = temp("deno-npm");
   copyFileSync(join(root, "dist", "mitogen.mjs"), join(dir, "mitogen.mjs"));
@@ -176,8 +176,10 @@ test("Deno single file: a shipped module imports npm: and import-map names; deno
     "remote.ts": `import { dequal } from "npm:dequal@2.0.3";
 import nacl from "nacl";
 import { twice } from "lib/twice.ts";
-export function probe(a: unknown, b: unknown): { equal: boolean; key: number; twice: number; runtime: string } {
-  return { equal: dequal(a, b), key: nacl.box.keyPair().publicKey.length, twice: twice(4), runtime: "Deno" in globalThis ? "deno" : "node" };
+import { isMaster, log } from "./mitogen.mjs";
+export function probe(a: unknown, b: unknown): { equal: boolean; key: number; twice: number; runtime: string; master: boolean } {
+  log.info("probing");
+  return { equal: dequal(a, b), key: nacl.box.keyPair().publicKey.length, twice: twice(4), runtime: "Deno" in globalThis ? "deno" : "node", master: isMaster };
 }
 `,
     "main.ts": `import { Router } from "./mitogen.mjs";
@@ -209,7 +211,7 @@ void typed;
   mkdirSync(join(dir, "lib"));
   write(join(dir, "lib"), { "twice.ts": "export const twice = (n: number): number => n * 2;\n" });
   const out = await run(deno, ["run", "-A", "main.ts"], dir);
-  const want = (runtime: string) => ({ equal: true, key: 32, twice: 8, runtime });
+  const want = (runtime: string) => ({ equal: true, key: 32, twice: 8, runtime, master: false });
   assert.deepEqual(JSON.parse(out.trim()), [want("node"), want("deno")]);
   await run(deno, ["check", "main.ts"], dir);
   // and it is the declarations that pass: a wrong type fails the check

@@ -7,7 +7,10 @@ import { describe, test } from "node:test";
 import { pathToFileURL } from "node:url";
 import { type CallContext, CallError, MitogenError, Receiver, takesRouter } from "../mod.ts";
 import { inflateRawSync } from "node:zlib";
+import { createHash } from "node:crypto";
+import { createServer } from "node:http";
 import { bundle, bundleTarget } from "../bundler.ts";
+import { isDeno } from "../runtime.ts";
 import { checkLeaks, quietRouter, routerWithLogs, RUNTIMES, waitFor } from "./helpers.ts";
 
 checkLeaks();
@@ -166,6 +169,62 @@ test("a module that fails to bundle names the file and line; the context stays u
     );
     assert.equal(await ctx.call(() => "usable"), "usable");
   } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+/** A JSR registry of one package, `@test/quad` 1.0.0 (two files), as Deno fetches from `JSR_URL`. */
+async function fakeJsr(): Promise<{ url: string; close(): Promise<void> }> {
+  const files: Record<string, string> = {
+    "/mod.ts": 'import { twice } from "./lib.ts";\nexport const quad = (n: number): number => twice(twice(n));\n',
+    "/lib.ts": "export const twice = (n: number): number => 2 * n;\n",
+  };
+  const sha = (text: string) => `sha256-${createHash("sha256").update(text).digest("hex")}`;
+  const manifest = Object.fromEntries(Object.entries(files).map(([k, v]) => [k, { size: v.length, checksum: sha(v) }]));
+  const routes: Record<string, string> = {
+    "/@test/quad/meta.json": JSON.stringify({ scope: "test", name: "quad", latest: "1.0.0", versions: { "1.0.0": {} } }),
+    "/@test/quad/1.0.0_meta.json": JSON.stringify({ manifest, exports: { ".": "./mod.ts" } }),
+    ...Object.fromEntries(Object.entries(files).map(([k, v]) => [`/@test/quad/1.0.0${k}`, v])),
+  };
+  const server = createServer((req, res) => {
+    const body = routes[req.url ?? ""];
+    if (body === undefined) return void res.writeHead(404).end();
+    res.writeHead(200, { "content-type": req.url?.endsWith(".ts") ? "application/typescript" : "application/json" }).end(body);
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  const { port } = server.address() as { port: number };
+  return {
+    url: `http://127.0.0.1:${port}/`,
+    close: async () => {
+      server.closeAllConnections();
+      await new Promise((r) => server.close(r));
+    },
+  };
+}
+
+test("jsr: in a shipped module: bundled through Deno's own resolution on a Deno master; on Node refused, saying what to do", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "mitogen-jsr-"));
+  const saved = { JSR_URL: process.env.JSR_URL, DENO_DIR: process.env.DENO_DIR };
+  const registry = await fakeJsr();
+  try {
+    writeFileSync(join(dir, "uses-jsr.ts"), 'import { quad } from "jsr:@test/quad";\nexport const probe = (n: number): number => quad(n);\n');
+    // deno info, run by the master, fetches from this registry into a cache of the test's own.
+    process.env.JSR_URL = registry.url;
+    process.env.DENO_DIR = join(dir, "deno-dir");
+    await using router = quietRouter();
+    const ctx = await router.local({ name: "jsr" });
+    const uses = pathToFileURL(join(dir, "uses-jsr.ts"));
+    if (isDeno) {
+      const mod = await ctx.import<{ probe(n: number): number }>(uses);
+      assert.equal(await mod.probe(3), 12);
+    } else {
+      await assert.rejects(ctx.import(uses), /jsr:@test\/quad: jsr: specifiers are resolved on a Deno master only .*npx jsr add @test\/quad/);
+    }
+  } finally {
+    for (const [k, v] of Object.entries(saved))
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+    await registry.close();
     rmSync(dir, { recursive: true, force: true });
   }
 });
