@@ -12,6 +12,7 @@ import type { Launch, Starting } from "./launch.ts";
 import { failedExec, pdeathsigTool } from "./setpriv.ts";
 import { denoSpawn, killGroup } from "./spawn.ts";
 import { notRuntime } from "./versions.ts";
+import { which } from "./which.ts";
 
 /** What the local method needs (see LocalOptions); plain data, so it can be sent to a `via` context. */
 export interface LocalSpec {
@@ -96,11 +97,17 @@ export async function localLaunch(spec: Starting, m: LocalSpec, t0: number): Pro
   const stage = firstStage(cmd.kind);
   const env: Record<string, string | undefined> = { ...nodeProcess().env, DENO_NO_UPDATE_CHECK: "1", DENO_NO_PROMPT: "1", ...m.env };
   if (isDeno && cmd.kind === "node") {
+    // A bare `node` is looked up here: where there is none, Deno's child processes would run its own
+    // node shim, which is no Node ("require is not defined").
+    const exe = cmd.exe === "node" ? which("node", env.PATH) : cmd.exe;
+    if (exe === null) {
+      throw new StreamError(`${spec.name}: runtime "node": no node on PATH (${env.PATH ?? ""}); install Node, or give runtime: "deno" or the path of a node`);
+    }
     // Deno starts processes with three pipes only (see spawnLaunch): a node child's stream is moved
     // to fds 3 and 4 by a shell, as behind ssh, and what it prints arrives as stderr.
     return {
       exe: "/bin/sh",
-      args: ["-c", remoteCommand(cmd.exe, spec.name, false, true, true)],
+      args: ["-c", remoteCommand(exe, spec.name, false, true, true)],
       env,
       ...(m.cwd === undefined ? {} : { cwd: m.cwd }),
       streamOn: "stdio",

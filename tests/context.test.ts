@@ -384,6 +384,19 @@ test("a failing connect names the problem and leaves nothing behind", async () =
   await assert.rejects(router.local({ runtime: "/bin/false" }), /\/bin\/false is not node or deno .*children need node 12 or later, or deno 1\.46 or later/);
 });
 
+test("runtime node with no node on PATH says so (a Deno master would otherwise run Deno's node shim)", async () => {
+  await using router = quietRouter();
+  const empty = mkdtempSync(join(tmpdir(), "mitogen-nopath-"));
+  try {
+    const started = router.local({ runtime: "node", env: { PATH: empty } });
+    // A Node master runs its own executable, found without PATH.
+    if (underDeno) await assert.rejects(started, new RegExp(`runtime "node": no node on PATH \\(${empty}\\); install Node, or give runtime: "deno"`));
+    else assert.equal(await (await started).call(() => typeof require), "function");
+  } finally {
+    rmSync(empty, { recursive: true, force: true });
+  }
+});
+
 test("a child that never becomes ready hits connectTimeout", async () => {
   await using router = quietRouter();
   const dir = mkdtempSync(join(tmpdir(), "mitogen-test-"));
