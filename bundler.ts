@@ -159,6 +159,16 @@ const isDeno = typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
 
 type Esbuild = typeof import("esbuild");
 
+/** What a Deno master without `--allow-run` for esbuild is told. */
+const RUN_DENIED =
+  "which this Deno process may not start: run deno with --allow-run, or name esbuild's binary in --allow-run=... (under Deno's npm cache: .../@esbuild/<platform>/<version>/bin/esbuild)";
+
+/** Under Deno: whether starting processes is not granted everywhere (esbuild's own start then fails with "reading 'unref'"). */
+function runDenied(): boolean {
+  const deno = (globalThis as { Deno?: { permissions: { querySync(d: { name: "run" }): { state: string } } } }).Deno;
+  return deno !== undefined && deno.permissions.querySync({ name: "run" }).state !== "granted";
+}
+
 /** esbuild from the master's node_modules, or under Deno from npm (Deno fetches it). */
 async function loadEsbuild(): Promise<Esbuild> {
   try {
@@ -227,7 +237,7 @@ async function build(file: string, target: string): Promise<Entry> {
     return { name, code: deflateRawSync(text), rawSize: Buffer.byteLength(text), inputs };
   } catch (err) {
     const errors = (err as { errors?: { text: string; location?: { file: string; line: number; column: number } | null }[] }).errors;
-    if (!errors?.length) throw err;
+    if (!errors?.length) throw runDenied() ? new MitogenError(`ctx.import() runs esbuild, ${RUN_DENIED}`, { cause: err }) : err;
     const where = errors.map((e) => (e.location ? `${resolve(dirname(file), e.location.file)}:${e.location.line}:${e.location.column}: ${e.text}` : e.text));
     throw new MitogenError(`cannot bundle ${file}:\n${where.join("\n")}`, { cause: err });
   } finally {

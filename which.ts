@@ -19,8 +19,15 @@ export function which(name: string, path: string = nodeProcess().env.PATH ?? "")
     try {
       fs.accessSync(file, fs.constants.X_OK);
       return file;
-    } catch {
-      // not here, or not executable
+    } catch (err) {
+      // Not here, or not executable; or Deno, which asks --allow-sys=uid for X_OK: then the mode says.
+      if (!(err instanceof Error) || /^E[A-Z]+$/.test((err as { code?: string }).code ?? "")) continue;
+      try {
+        const st = fs.statSync(file);
+        if (st.isFile() && (st.mode & 0o111) !== 0) return file;
+      } catch {
+        // not here
+      }
     }
   }
   return null;

@@ -161,8 +161,17 @@ test("From Deno (README): the copied single file runs and type-checks", async (t
   copyFileSync(join(root, "dist", "mitogen.mjs"), join(dir, "mitogen.mjs"));
   copyFileSync(join(root, "dist", "mitogen.d.ts"), join(dir, "mitogen.d.ts"));
   write(dir, { ...readmeFiles("From Deno"), "deno.json": "{}\n" });
-  const out = await run(deno, ["run", "-A", "main.ts"], dir);
+  // With the permissions the README gives, not -A.
+  const readme = readFileSync(join(root, "README.md"), "utf8");
+  const perms = /`deno run (--allow-env --allow-read --allow-run) main\.ts`/.exec(readme)?.[1]?.split(" ");
+  assert.ok(perms, "the README gives deno's permissions");
+  const out = await run(deno, ["run", "--no-prompt", ...perms, "main.ts"], dir);
   assert.deepEqual(out.trim().split("\n"), ["42", "hello b from deno"]);
+  // Without leave to start esbuild, ctx.import says so.
+  await assert.rejects(
+    run(deno, ["run", "--no-prompt", "--allow-env", "--allow-read", "--allow-run=/bin/sh,node,deno", "main.ts"], dir),
+    /ctx\.import\(\) runs esbuild, which this Deno process may not start: run deno with --allow-run/,
+  );
   await run(deno, ["check", "main.ts"], dir);
 });
 
