@@ -13,7 +13,7 @@
  *   are `require("mitogen")`, the running core (see evaluateModule in calls.ts),
  *   lowered for Node 12 (it runs in every context that starts children).
  * - `dist/mitogen.mjs`: `cli.ts` (the library and the CLI) with both payloads
- *   inlined as base64, ASCII only, class and function names kept, `#!/usr/bin/env node`, and a
+ *   inlined as base64, ASCII only, class and function names kept, a launcher (node, or deno without one: {@link LAUNCHER}), and a
  *   `@ts-self-types` reference to its declarations (Deno).
  * - `dist/mitogen.d.ts`: the declarations of `cli.ts`, bundled into one file
  *   by dts-bundle-generator (npm's `types`, Deno's self-types), needing no
@@ -257,7 +257,7 @@ export async function buildDist(): Promise<{ bundle: number; payloads: Payloads 
     external: ["esbuild", "ssh2"],
     // CommonJS dependencies (tweetnacl asks for `crypto`) get a real require.
     banner: {
-      js: '#!/usr/bin/env node\n// @ts-self-types="./mitogen.d.ts"\nimport { createRequire as __mitogenRequire } from "node:module";\nconst require = __mitogenRequire(import.meta.url);',
+      js: `${LAUNCHER}// @ts-self-types="./mitogen.d.ts"\nimport { createRequire as __mitogenRequire } from "node:module";\nconst require = __mitogenRequire(import.meta.url);`,
     },
   });
   mkdirSync(dirname(outfile), { recursive: true });
@@ -270,6 +270,14 @@ export async function buildDist(): Promise<{ bundle: number; payloads: Payloads 
   const bundle = statSync(outfile).size;
   return { bundle, payloads: p };
 }
+
+/**
+ * The single file's first lines: run as a program, sh starts it with node, or with deno where there
+ * is no node. To JavaScript the second line opens a block comment that the third closes; to sh, the
+ * second line's first word is a pattern (slash, star, slash, true) matching /bin/true, and its exec
+ * never returns, so sh never reads the third.
+ */
+export const LAUNCHER: string = '#!/bin/sh\n/*/true;if command -v node >/dev/null 2>&1;then exec node "$0" "$@";fi;exec deno run -A "$0" "$@"\n*/\n';
 
 /** `require("mitogen")`: the ES module through Node's require(esm) (it has no top-level await). */
 const REQUIRE_WRAPPER = `"use strict";

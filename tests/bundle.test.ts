@@ -4,13 +4,15 @@
  */
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { after, before, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
+import { LAUNCHER } from "../build.ts";
 import { runtimeCommand } from "../runtime.ts";
+import { which } from "../which.ts";
 import { checkLeaks } from "./helpers.ts";
 
 checkLeaks();
@@ -54,9 +56,31 @@ after(() => {
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
-test("the bundle is one ASCII file with a node shebang", () => {
+test("run as a program, the single file starts with node, or with deno where there is no node", async () => {
+  const onlyDeno = mkdtempSync(join(tmpdir(), "mitogen-only-deno-"));
+  try {
+    const deno = runtimeCommand("deno").exe;
+    const denoPath = deno.startsWith("/") ? deno : which(deno);
+    assert.ok(denoPath, "deno is on PATH (a devDependency)");
+    symlinkSync(denoPath, join(onlyDeno, "deno"));
+    const runtimeOf = async (path: string) =>
+      (
+        await run(join(dir, "mitogen.mjs"), ["eval", "local", 'typeof Deno === "undefined" ? "node" : "deno"'], {
+          cwd: dir,
+          timeout: 60_000,
+          env: { ...process.env, PATH: path },
+        })
+      ).stdout.trim();
+    assert.match(await runtimeOf(process.env.PATH ?? ""), /"result":"node"/);
+    assert.match(await runtimeOf(onlyDeno), /"result":"deno"/);
+  } finally {
+    rmSync(onlyDeno, { recursive: true, force: true });
+  }
+});
+
+test("the bundle is one ASCII file that starts with its launcher", () => {
   const text = readFileSync(dist, "latin1");
-  assert.ok(text.startsWith("#!/usr/bin/env node\n"));
+  assert.ok(text.startsWith(LAUNCHER));
   assert.equal(text.search(/[\u0080-\u00ff]/), -1, "ASCII only");
   assert.doesNotMatch(text, /from "@msgpack|require\("@msgpack/, "the codec library is inlined");
 });
