@@ -19,11 +19,13 @@
 import { createHash } from "node:crypto";
 import { existsSync, readFileSync, realpathSync, statSync } from "node:fs";
 import { execFile } from "node:child_process";
+import * as nodeModule from "node:module";
 import { createRequire, isBuiltin, SourceMap } from "node:module";
 import { basename, dirname, isAbsolute, join, resolve } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { deflateRawSync } from "node:zlib";
 import { MitogenError } from "./errors.ts";
+import { NeedsBundlerError, plainModule } from "./plainmodule.ts";
 
 /** A bundled module, ready to ship. */
 export interface Bundle {
@@ -189,8 +191,37 @@ async function loadEsbuild(): Promise<Esbuild> {
   }
 }
 
+/** Node's `module.stripTypeScriptTypes`, where this runtime has it. */
+function typeStripper(): Parameters<typeof plainModule>[2] {
+  return (nodeModule as { stripTypeScriptTypes?: Parameters<typeof plainModule>[2] }).stripTypeScriptTypes;
+}
+
+/** Without esbuild: the module as it is, if it needs no bundling (see plainmodule.ts); else why not, and why no esbuild. */
+async function buildPlain(file: string, noEsbuild: Error): Promise<Entry> {
+  let built: { text: string; files: string[] };
+  try {
+    built = await plainModule(file, (path) => ownFiles().has(real(path)), typeStripper());
+  } catch (err) {
+    if (err instanceof NeedsBundlerError) throw new MitogenError(`${err.message} (${noEsbuild.message})`, { cause: noEsbuild });
+    throw err;
+  }
+  const hash = createHash("sha256").update(built.text).digest("hex").slice(0, 16);
+  const name = `${basename(file)}@${hash}`;
+  const text = `${built.text}\n//# sourceURL=mitogen:///${name}\n`;
+  const inputs: Entry["inputs"] = built.files.map((path) => {
+    const st = statSync(path);
+    return [path, st.mtimeMs, st.size];
+  });
+  return { name, code: deflateRawSync(text), rawSize: Buffer.byteLength(text), inputs };
+}
+
 async function build(file: string, target: string): Promise<Entry> {
-  const esbuild = await loadEsbuild();
+  let esbuild: Esbuild;
+  try {
+    esbuild = await loadEsbuild();
+  } catch (err) {
+    return buildPlain(file, err as Error);
+  }
   building++;
   try {
     const out = await esbuild.build({

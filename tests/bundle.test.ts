@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { after, before, test } from "node:test";
@@ -13,6 +13,7 @@ import { promisify } from "node:util";
 import { LAUNCHER } from "../build.ts";
 import { runtimeCommand } from "../runtime.ts";
 import { which } from "../which.ts";
+import { matrix } from "../lab/matrix.ts";
 import { checkLeaks } from "./helpers.ts";
 
 checkLeaks();
@@ -100,6 +101,74 @@ for (const host of ["node", "deno"] as const) {
     });
   });
 }
+
+/** Modules shipped with no esbuild anywhere (the single file copied alone): plain ones go as they are. */
+const PLAIN = {
+  "lib.mjs": 'export const twice = (n) => 2 * n;\nexport default "lib-default";\n',
+  "entry.mjs": [
+    'import { hostname } from "node:os";',
+    'import def, { twice } from "./lib.mjs";',
+    'import * as all from "./lib.mjs";',
+    'import { isMaster, log } from "../mitogen.mjs";',
+    "export function probe(n) {",
+    '  log.info("probing");',
+    "  return [twice(n), def, isMaster, typeof hostname(), Object.keys(all).sort()];",
+    "}",
+    "export { twice as double };",
+    'export * from "./lib.mjs";',
+    'export default function fallback() { return "entry-default"; }',
+    "",
+  ].join("\n"),
+  "typed.ts": 'import { twice } from "./lib.mjs";\ntype N = number;\nexport function t(n: N): N {\n  return twice(n);\n}\n',
+  "npm.mjs": 'import { dequal } from "dequal";\nexport const f = () => dequal(1, 1);\n',
+  "use-plain.mjs": [
+    'import { Router } from "../mitogen.mjs";',
+    "const router = new Router();",
+    "const out = {};",
+    "try {",
+    "  const ctx = await router.local();",
+    '  const entry = await ctx.import(new URL("./entry.mjs", import.meta.url));',
+    "  out.probe = await entry.probe(3);",
+    "  out.double = await entry.double(4);",
+    "  out.twice = await entry.twice(5);",
+    "  out.fallback = await entry.default();",
+    '  for (const name of ["typed.ts", "npm.mjs"]) {',
+    "    try {",
+    "      const m = await ctx.import(new URL(name, import.meta.url));",
+    "      out[name] = await (m.t ?? m.f)(6);",
+    "    } catch (err) {",
+    "      out[name] = err.message;",
+    "    }",
+    "  }",
+    "} finally {",
+    "  await router.shutdown();",
+    "}",
+    "console.log(JSON.stringify(out));",
+    "",
+  ].join("\n"),
+};
+
+test("copied alone (no esbuild), it ships plain modules as they are, TypeScript where the runtime strips types, and says what needs esbuild", async () => {
+  const plain = join(dir, "plain");
+  mkdirSync(plain, { recursive: true });
+  for (const [name, text] of Object.entries(PLAIN)) writeFileSync(join(plain, name), text);
+  const node24 = matrix().find((r) => r.name === "node24" && r.runtime !== null);
+  for (const exe of [runtimeCommand("node").exe, ...(node24 ? [node24.exe] : [])]) {
+    const { stdout } = await run(exe, [join(plain, "use-plain.mjs")], { cwd: plain, timeout: 60_000 });
+    const out = JSON.parse(stdout.trim()) as Record<string, unknown>;
+    assert.deepEqual(out.probe, [6, "lib-default", false, "string", ["default", "twice"]]);
+    assert.equal(out.double, 8);
+    assert.equal(out.twice, 10);
+    assert.equal(out.fallback, "entry-default");
+    assert.match(
+      String(out["npm.mjs"]),
+      /npm\.mjs: it imports "dequal", neither a builtin, "mitogen" nor a relative file: shipping it needs esbuild on the master \(ctx\.import\(\) needs the esbuild package/,
+    );
+    const strips = typeof (await import("node:module")).stripTypeScriptTypes === "function" && exe === process.execPath;
+    if (exe === node24?.exe || strips) assert.equal(out["typed.ts"], 12);
+    else assert.match(String(out["typed.ts"]), /typed\.ts: TypeScript, and this runtime strips no types \(Node 22\.13\+ does\): shipping it needs esbuild/);
+  }
+});
 
 test("copied alone, it runs as the mitogen command", async () => {
   const { stdout } = await run(runtimeCommand("node").exe, ["mitogen.mjs", "eval", "local", "6 * 7"], { cwd: dir, timeout: 60_000 });
