@@ -760,10 +760,9 @@ async function runHosts(command: string, opts: Parsed, act: Action, password: st
       clearTimeout(timer);
       stop.removeEventListener("abort", onStop);
       // Its context goes now, so that everything it printed has arrived (its pipes are read to the end) before its record is written.
-      // The server's stays: what it printed has arrived once a marker it prints after has (flush).
+      // The server's stays: what it printed came before the reply, on the way the reply came.
       if (server && ctx) {
-        const flush = command === "call" || command === "eval";
-        const back = [...held.reverse(), ctx].map((c) => server.release(c, flush).catch(() => {}));
+        const back = [...held.reverse(), ctx].map((c) => server.release(c).catch(() => {}));
         await Promise.race([Promise.all(back), pause(STOP_GRACE)]);
       } else if (ctx) await Promise.race([ctx.shutdown({ wait: true }).catch(() => {}), pause(STOP_GRACE)]);
     }

@@ -33,8 +33,6 @@ export const CONTEXT_IDLE_MS = 10 * 60_000;
 export const SERVER_IDLE_MS = 30 * 60_000;
 /** How long a command waits for the server's handshake before going on without it (ms). */
 const ATTACH_TIMEOUT_MS = 3_000;
-/** How long a flush waits for a context's output to come through (ms). */
-const FLUSH_MS = 5_000;
 
 /** A server directory or socket that cannot be used, and why. */
 export class ServeError extends MitogenError {
@@ -119,16 +117,10 @@ export async function runServer(options: ServerOptions): Promise<Server> {
   const leases = new Map<number, Lease>();
   /** Per context: the command its log records go to (the last to ask for it). */
   const logTo = new Map<number, { session: number; to: Sender }>();
-  const flushes = new Map<string, () => void>();
   const t0 = Date.now();
   let lastActive = t0;
 
   const sink = (r: LogRecord): void => {
-    const flushed = flushes.get(r.message);
-    if (flushed) {
-      flushed();
-      return;
-    }
     // The records of a context (or one below it) go to the command that uses it, as they would without a server.
     for (let id: number | undefined = r.contextId, hops = 0; id !== undefined && id !== 0 && hops < 64; id = router.parentOf(id), hops++) {
       const t = logTo.get(id);
@@ -175,24 +167,6 @@ export async function runServer(options: ServerOptions): Promise<Server> {
       u.last = now;
     }
   };
-  /** Wait until what `ctx` printed so far has come through: it prints a marker, which the sink takes. */
-  const flush = async (ctx: Context): Promise<void> => {
-    const marker = `mitogen-serve-flush-${crypto.randomUUID()}`;
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const seen = new Promise<void>((resolve) => {
-      flushes.set(marker, resolve);
-      timer = setTimeout(resolve, FLUSH_MS);
-    });
-    try {
-      await ctx.with({ timeout: FLUSH_MS }).call((m: string) => console.error(m), marker);
-      await seen;
-    } catch {
-      // gone: nothing more will come
-    } finally {
-      clearTimeout(timer);
-      flushes.delete(marker);
-    }
-  };
 
   const pool = await router.serve(
     defineService({
@@ -218,11 +192,10 @@ export async function runServer(options: ServerOptions): Promise<Server> {
           },
         },
         release: {
-          run: async ({ id, flush: wait }: { id: number; flush?: boolean }, call: ServiceCall): Promise<void> => {
+          run: ({ id }: { id: number }, call: ServiceCall): void => {
             const lease = leases.get(call.caller.contextId);
             const chain = lease?.chains.get(id)?.pop();
             if (!chain) return;
-            if (wait) await flush(router.contextById(id));
             unuse(chain);
             if (lease?.chains.get(id)?.length === 0) {
               lease.chains.delete(id);
@@ -332,8 +305,8 @@ export interface Attached extends AsyncDisposable {
   readonly router: Router;
   /** The server's context of `spec`, started there on first use; held until released. */
   acquire(spec: ContextSpec, signal: AbortSignal): Promise<Context>;
-  /** Give `ctx` back; with `flush`, once what it printed so far has come through. */
-  release(ctx: Context, flush: boolean): Promise<void>;
+  /** Give `ctx` back. */
+  release(ctx: Context): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -390,8 +363,8 @@ export async function attach(log: (r: LogRecord) => void, dir: string = serveDir
     path,
     router: session.router,
     acquire: (spec, signal) => service.with({ signal }).callService(SERVE_SERVICE, "acquire", { spec, logs: logs.toSender() }) as Promise<Context>,
-    release: async (ctx, flush) => {
-      await service.callService(SERVE_SERVICE, "release", { id: ctx.contextId, flush });
+    release: async (ctx) => {
+      await service.callService(SERVE_SERVICE, "release", { id: ctx.contextId });
     },
     close,
     [Symbol.asyncDispose]: close,

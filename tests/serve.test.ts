@@ -101,6 +101,7 @@ test("serve: commands reuse its contexts, and print what they print without it; 
       ["run", "local", "--json", "--", "echo fine"],
       ["eval", "local,local", "--json", `(console.log("said"), console.error("warned"), 1 + 2)`],
       ["eval", "local", "--json", "(() => { throw new RangeError('no') })()"],
+      ["eval", "local", "--json", "(() => { for (let i = 0; i < 5000; i++) console.log('line ' + i); return 1 })()"],
       ["call", "local", "--json", `${tasks}#add`, "[2, 3]"],
       ["call", "local", "--json", `${tasks}#nothing`],
       ["put", "local", "--json", "src.txt", "dst.txt"], // relative: the command's directory
