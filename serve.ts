@@ -14,7 +14,7 @@ import { closeSync, constants, existsSync, lstatSync, mkdirSync, openSync, readF
 import { spawn } from "node:child_process";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { MitogenError } from "./errors.ts";
+import { CallError, MitogenError } from "./errors.ts";
 import { isDeno } from "./runtime.ts";
 import { formatRecord, levelFromEnv } from "./logs.ts";
 import type { LogRecord } from "./logapi.ts";
@@ -34,7 +34,7 @@ export const SERVER_IDLE_MS = 30 * 60_000;
 /** How long a command waits for the server's handshake before going on without it (ms). */
 const ATTACH_TIMEOUT_MS = 3_000;
 
-/** A server directory or socket that cannot be used, and why. */
+/** A server directory that cannot be used, or a context the server could not start (its error's message, as without the server). */
 export class ServeError extends MitogenError {
   override name = "ServeError";
 }
@@ -115,15 +115,17 @@ export async function runServer(options: ServerOptions): Promise<Server> {
   const uses = new Map<number, { inUse: number; last: number }>();
   /** Per attached command: the via chains it leased (by the context it asked for), and where its contexts' log records go. */
   const leases = new Map<number, Lease>();
-  /** Per context: the command its log records go to (the last to ask for it). */
-  const logTo = new Map<number, { session: number; to: Sender }>();
+  /** Per context name: the command its log records go to (the last to ask for it, starting it or not). */
+  const logTo = new Map<string, { session: number; to: Sender }>();
   const t0 = Date.now();
   let lastActive = t0;
 
   const sink = (r: LogRecord): void => {
-    // The records of a context (or one below it) go to the command that uses it, as they would without a server.
-    for (let id: number | undefined = r.contextId, hops = 0; id !== undefined && id !== 0 && hops < 64; id = router.parentOf(id), hops++) {
-      const t = logTo.get(id);
+    // The records of a context (or one below it, or of its start) go to the command that uses it, which
+    // sorts them by host as without a server.
+    const path = Array.isArray(r.path) ? r.path : [];
+    for (let j = path.length - 1; j >= 0; j--) {
+      const t = logTo.get(path[j] as string);
       if (t) {
         t.to.send(r).catch(() => {});
         return;
@@ -152,7 +154,7 @@ export async function runServer(options: ServerOptions): Promise<Server> {
       void caller.disconnected().then(() => {
         for (const chains of made.chains.values()) for (const c of chains) unuse(c);
         made.chains.clear();
-        for (const [id, t] of logTo) if (t.session === caller.contextId) logTo.delete(id);
+        for (const [name, t] of logTo) if (t.session === caller.contextId) logTo.delete(name);
         leases.delete(caller.contextId);
         lastActive = Date.now();
       });
@@ -175,9 +177,13 @@ export async function runServer(options: ServerOptions): Promise<Server> {
       methods: {
         acquire: {
           run: async ({ spec, logs }: { spec: ContextSpec; logs?: Sender }, call: ServiceCall): Promise<Context> => {
+            const lease = leaseOf(call.caller);
+            for (let s: ContextSpec | undefined = spec, n = 0; s && n < 64; s = s.options?.via as ContextSpec | undefined, n++) {
+              const name = s.options?.name;
+              if (logs && typeof name === "string") logTo.set(name, { session: call.caller.contextId, to: logs });
+            }
             const ctx = await contextOf(router, spec);
             if (call.caller.isDisconnected || call.signal?.aborted) return ctx;
-            const lease = leaseOf(call.caller);
             const chain = chainOf(ctx);
             for (const id of chain) {
               const u = use(id);
@@ -187,7 +193,6 @@ export async function runServer(options: ServerOptions): Promise<Server> {
             const held = lease.chains.get(ctx.contextId) ?? [];
             held.push(chain);
             lease.chains.set(ctx.contextId, held);
-            if (logs) logTo.set(ctx.contextId, { session: call.caller.contextId, to: logs });
             return ctx;
           },
         },
@@ -197,10 +202,7 @@ export async function runServer(options: ServerOptions): Promise<Server> {
             const chain = lease?.chains.get(id)?.pop();
             if (!chain) return;
             unuse(chain);
-            if (lease?.chains.get(id)?.length === 0) {
-              lease.chains.delete(id);
-              if (logTo.get(id)?.session === call.caller.contextId) logTo.delete(id);
-            }
+            if (lease?.chains.get(id)?.length === 0) lease.chains.delete(id);
           },
         },
         status: {
@@ -362,7 +364,10 @@ export async function attach(log: (r: LogRecord) => void, dir: string = serveDir
   return {
     path,
     router: session.router,
-    acquire: (spec, signal) => service.with({ signal }).callService(SERVE_SERVICE, "acquire", { spec, logs: logs.toSender() }) as Promise<Context>,
+    acquire: (spec, signal) =>
+      (service.with({ signal }).callService(SERVE_SERVICE, "acquire", { spec, logs: logs.toSender() }) as Promise<Context>).catch((err: unknown) => {
+        throw err instanceof CallError ? new ServeError(err.remoteMessage, { cause: err }) : err;
+      }),
     release: async (ctx) => {
       await service.callService(SERVE_SERVICE, "release", { id: ctx.contextId });
     },

@@ -103,6 +103,7 @@ test("serve: commands reuse its contexts, and print what they print without it; 
       ["eval", "local", "--json", "(() => { throw new RangeError('no') })()"],
       ["eval", "local", "--json", "(() => { for (let i = 0; i < 5000; i++) console.log('line ' + i); return 1 })()"],
       ["call", "local", "--json", `${tasks}#add`, "[2, 3]"],
+      ["eval", "local", "--runtime", "/nonexistent/node", "--json", "1"], // a context that cannot start: the library's error text
       ["call", "local", "--json", `${tasks}#nothing`],
       ["put", "local", "--json", "src.txt", "dst.txt"], // relative: the command's directory
       ["get", "local", "--json", "dst.txt", "got"],
