@@ -11,6 +11,7 @@ import { Receiver, Router } from "./mod.ts";
 import { isStandIn, sshMain } from "./fakessh-standin.ts";
 import { COMMANDS, runCommand, usage } from "./command.ts";
 import { which } from "./which.ts";
+import { SERVE_HELP, serveCommand } from "./serve.ts";
 
 export * from "./mod.ts";
 
@@ -20,6 +21,7 @@ commands:
 ${Object.entries(COMMANDS)
   .map(([name, c]) => `  ${`${name} ${c.args.split(" ")[0]}`.padEnd(18)}${c.summary}`)
   .join("\n")}
+  serve             keep the contexts the commands start, for the next ones (--status, --stop)
   demo              start local Node and Deno contexts, a via chain, calls and a stream
   help [command]    this text, or a command's
   --version         the version
@@ -122,6 +124,10 @@ export async function runCli(argv: string[]): Promise<number> {
   }
   if (command === undefined || command === "help" || command === "--help" || command === "-h") {
     const topic = command === "help" ? rest[0] : undefined;
+    if (topic === "serve") {
+      process.stdout.write(SERVE_HELP);
+      return 0;
+    }
     if (topic && !COMMANDS[topic]) {
       process.stderr.write(`mitogen: no command ${JSON.stringify(topic)}\n${HELP}`);
       return 2;
@@ -130,6 +136,7 @@ export async function runCli(argv: string[]): Promise<number> {
     return command === undefined ? 2 : 0;
   }
   if (COMMANDS[command]) return runCommand(command, rest);
+  if (command === "serve") return serveCommand(rest);
   if (command === "demo") {
     const { values } = parseArgs({ args: rest, options: { help: { type: "boolean", short: "h" } }, strict: false });
     if (values.help) {

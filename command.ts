@@ -15,6 +15,8 @@ import { levelFromEnv } from "./logs.ts";
 import { type Context, type LogRecord, Receiver, Router, type Sender, TimeoutError } from "./mod.ts";
 import { joinParts } from "./bytes.ts";
 import { callExec } from "./tunnel.ts";
+import type { ContextSpec } from "./contextservice.ts";
+import { attach } from "./serve.ts";
 
 /** One target as given: `local`, or `[user@]host[:port]`. */
 export interface Target {
@@ -59,6 +61,7 @@ const COMMON_OPTIONS = {
   timeout: { type: "string" },
   "check-host-keys": { type: "boolean" },
   json: { type: "boolean" },
+  "no-serve": { type: "boolean" },
   help: { type: "boolean", short: "h" },
 } as const;
 
@@ -80,6 +83,7 @@ options:
   --timeout MS              per host, connecting included (default 60000)
   --check-host-keys         refuse unknown host keys (default: learn new ones, refuse changed)
   --json                    one JSON object per host per line (the default when stdout is not a terminal)
+  --no-serve                start contexts of its own, not those of a running mitogen serve
   -h, --help                this text`;
 
 /** The commands, their argument shapes and help. */
@@ -209,6 +213,7 @@ interface Parsed {
   timeout: number;
   checkHostKeys: boolean;
   json: boolean;
+  serve: boolean;
 }
 
 function parse(command: string, argv: string[]): Parsed | "help" {
@@ -258,6 +263,7 @@ function parse(command: string, argv: string[]): Parsed | "help" {
     timeout,
     checkHostKeys: v["check-host-keys"] ?? false,
     json: v.json ?? !process.stdout.isTTY,
+    serve: !v["no-serve"],
   };
 }
 
@@ -655,7 +661,10 @@ export async function runCommand(command: string, argv: string[]): Promise<numbe
 /** Run `act` on every target, `forks` at a time, writing each host's record; resolves with how many failed. */
 async function runHosts(command: string, opts: Parsed, act: Action, password: string | undefined, stop: AbortSignal): Promise<number> {
   const logs = new HostLogs(opts.targets);
-  await using router = new Router({ log: logs.sink });
+  // With a `mitogen serve` running, its contexts (serve.ts): got per target spec and given back, not started and shut down here.
+  await using server = opts.serve ? await attach(logs.sink) : null;
+  await using own = server ? null : new Router({ log: logs.sink });
+  const router = server?.router ?? (own as Router);
   const live = opts.json ? null : await LiveList.open(opts.targets);
   // With --json a record is written as it comes and only what the summary needs is kept.
   const results: HostResult[] = new Array(opts.targets.length);
@@ -675,9 +684,24 @@ async function runHosts(command: string, opts: Parsed, act: Action, password: st
     t.local
       ? router.local({ name: t.label, ...(opts.runtime && opts.runtime !== "auto" ? { runtime: opts.runtime } : {}), ...(via ? { via } : {}) })
       : router.ssh(sshOptions(t, via));
+  // A target as the server's spec: the same options, less the per-command connect timeout, paths made absolute.
+  const specOf = (t: Target, via: ContextSpec | undefined): ContextSpec => {
+    const { connectTimeout: _, sshArgs: _args, identityFile, ...rest } = sshOptions(t, undefined) as Record<string, unknown>;
+    const options = t.local
+      ? { name: t.label, ...(opts.runtime && opts.runtime !== "auto" ? { runtime: opts.runtime } : {}) }
+      : {
+          ...rest,
+          ...(typeof identityFile === "string" ? { identityFile: resolve(identityFile) } : {}),
+          ...(!via && opts.sshConfig ? { sshArgs: ["-F", resolve(opts.sshConfig)] } : {}),
+        };
+    return { method: t.local ? "local" : "ssh", options: { ...options, ...(via ? { via } : {}) } };
+  };
+  let viaSpec: ContextSpec | undefined;
+  for (const hop of opts.via) viaSpec = specOf(hop, viaSpec);
   // The bastions, once, in order; a failure there fails every target with its reason.
   let via: Promise<Context | undefined> = Promise.resolve(undefined);
-  for (const hop of opts.via) via = via.then((prev) => connect(hop, prev));
+  if (server && viaSpec) via = server.acquire(viaSpec, stop);
+  else if (!server) for (const hop of opts.via) via = via.then((prev) => connect(hop, prev));
   via.catch(() => {});
   let next = 0;
   const one = async (i: number, t: Target): Promise<HostResult> => {
@@ -691,22 +715,20 @@ async function runHosts(command: string, opts: Parsed, act: Action, password: st
     stop.addEventListener("abort", onStop, { once: true });
     const timer = setTimeout(() => mine.abort(new TimeoutError(`timed out after ${opts.timeout} ms`)), opts.timeout);
     let ctx: Context | undefined;
+    const held: Context[] = [];
     let acting = false;
     try {
       const job = (async () => {
         const hop = await via.catch((err: unknown) => {
           throw new Error(`via ${opts.via.map((v) => v.label).join(",")}: ${reason(err)}`);
         });
-        let c = await connect(t, hop);
+        let c = server ? await server.acquire(specOf(t, viaSpec), mine.signal) : await connect(t, hop);
         ctx = c;
-        if (opts.sudo)
-          c = await router.sudo({
-            username: opts.sudo,
-            via: c,
-            name: `${t.label}:sudo`,
-            connectTimeout: opts.timeout,
-            ...(password !== undefined ? { password } : {}),
-          });
+        const sudo = { username: opts.sudo as string, name: `${t.label}:sudo`, ...(password !== undefined ? { password } : {}) };
+        if (opts.sudo && server) {
+          c = await server.acquire({ method: "sudo", options: { ...sudo, via: specOf(t, viaSpec) } }, mine.signal);
+          held.push(c);
+        } else if (opts.sudo) c = await router.sudo({ ...sudo, via: c, connectTimeout: opts.timeout });
         if (mine.signal.aborted) throw mine.signal.reason;
         live?.set(i, "running");
         acting = true;
@@ -738,7 +760,11 @@ async function runHosts(command: string, opts: Parsed, act: Action, password: st
       clearTimeout(timer);
       stop.removeEventListener("abort", onStop);
       // Its context goes now, so that everything it printed has arrived (its pipes are read to the end) before its record is written.
-      if (ctx) await Promise.race([ctx.shutdown({ wait: true }).catch(() => {}), pause(STOP_GRACE)]);
+      // The server's stays: what it printed came before the reply, on the way the reply came.
+      if (server && ctx) {
+        const back = [...held.reverse(), ctx].map((c) => server.release(c).catch(() => {}));
+        await Promise.race([Promise.all(back), pause(STOP_GRACE)]);
+      } else if (ctx) await Promise.race([ctx.shutdown({ wait: true }).catch(() => {}), pause(STOP_GRACE)]);
     }
   };
   let failed = 0;

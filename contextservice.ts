@@ -89,6 +89,11 @@ async function getOrStart(router: Router, spec: ContextSpec, depth = 0): Promise
   return ctx;
 }
 
+/** The context of `spec` from `router`'s own context service, as its `get` gives it, without a service call (`mitogen serve` leases contexts with it). */
+export function contextOf(router: Router, spec: ContextSpec): Promise<Context> {
+  return getOrStart(router, spec);
+}
+
 /** The context service's method (see {@link contextService}): the context of a spec. */
 export interface ContextServiceMethods {
   get: { run(spec: ContextSpec, call: ServiceCall): Promise<Context> };
