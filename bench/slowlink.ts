@@ -300,6 +300,7 @@ function catThrough(argv: readonly string[], src: string, limitMs = 60_000): Pro
     let ms = 0;
     const timer = setTimeout(() => proc.kill("SIGKILL"), limitMs);
     proc.stderr?.setEncoding("utf8").on("data", (t: string) => (err = (err + t).slice(-2000)));
+    proc.stdin?.on("error", () => {}); // an ssh that ends early: its exit says why
     proc.stdout?.setEncoding("utf8").on("data", (t: string) => {
       out += t;
       if (!t0 && out.includes(READY)) {
