@@ -58,8 +58,8 @@ export interface RouterStats {
   contexts: number;
   /** Streams to directly connected contexts. */
   streams: number;
-  /** Bytes of frames over each of those streams (headers included), by the context at the other end. */
-  links: { id: number; name: string; bytesIn: number; bytesOut: number }[];
+  /** Bytes of frames over each of those streams (headers included) and the frames, by the context at the other end. */
+  links: { id: number; name: string; bytesIn: number; bytesOut: number; framesIn: number; framesOut: number }[];
   /** Modules (the core payloads and shipped modules included) sent in answer to GET_MODULE, and their compressed bytes. */
   modulesSent: number;
   moduleBytesSent: number;

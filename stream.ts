@@ -65,6 +65,9 @@ function sameHeader(msg: Message, wire: Uint8Array): boolean {
 export interface LinkCounts {
   bytesIn: number;
   bytesOut: number;
+  /** Frames (messages) each way. */
+  framesIn: number;
+  framesOut: number;
 }
 
 /** A bootstrap marker a Stream waits for (see {@link Stream.expectMarker}). */
@@ -108,7 +111,7 @@ export class Stream {
   /** True for a frame this end only passes on (the router sets it): a large one then keeps its chunks. */
   relays: (dst: number) => boolean = () => false;
   /** Bytes of frames written to and read from this link (headers included). */
-  readonly counts: LinkCounts = { bytesIn: 0, bytesOut: 0 };
+  readonly counts: LinkCounts = { bytesIn: 0, bytesOut: 0, framesIn: 0, framesOut: 0 };
   readonly #transport: Transport;
   /** Unread input. */
   readonly #in = new Chunks();
@@ -210,6 +213,7 @@ export class Stream {
     if (this.#closed) return;
     const size = FRAME.HEADER_SIZE + msg.length;
     this.counts.bytesOut += size;
+    this.counts.framesOut++;
     if (msg.length > SMALL_FRAME) {
       this.#writeBatch();
       this.#transport.write([writeHeader(msg), ...msg.parts]);
@@ -394,6 +398,7 @@ export class Stream {
               if (this.relays(msg.dst)) msg._wire = view(c, at, end);
               this.#in.skip(end - at);
               this.#budget -= 512 + (length >> 4);
+              this.counts.framesIn++;
               this.onMessage(msg);
               continue;
             }
@@ -430,6 +435,7 @@ export class Stream {
         this.#header = null;
         msg._setData(parts, length);
         this.#budget -= 512 + (length >> 4);
+        this.counts.framesIn++;
         this.onMessage(msg);
       }
     } catch (err) {

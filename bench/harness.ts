@@ -16,10 +16,35 @@ import type { Runtime } from "./raw.ts";
 // ---------------------------------------------------------------------------
 // Options
 
+/** The one-way delay of the slow link when `--slow-link` names none (ms). */
+export const SLOW_LINK_DEFAULT_MS = 40;
+/** Keys of the slow-link measures start with this; they run only when `--slow-link` or `--only` asks. */
+export const SLOW_PREFIX = "slow-";
+
+// `--slow-link [D]`: the value is optional, which parseArgs cannot say; a number after the flag is its value.
+const argv = process.argv.slice(2);
+let slowLinkArg: string | undefined;
+for (let i = 0; i < argv.length; i++) {
+  const a = argv[i] as string;
+  if (a === "--slow-link") {
+    const next = argv[i + 1];
+    const given = next !== undefined && /^\d+(\.\d+)?$/.test(next);
+    slowLinkArg = given ? next : String(SLOW_LINK_DEFAULT_MS);
+    argv.splice(i, given ? 2 : 1);
+    i--;
+  } else if (a.startsWith("--slow-link=")) {
+    slowLinkArg = a.slice("--slow-link=".length);
+    argv.splice(i, 1);
+    i--;
+  }
+}
+
 /** The command line of `bench/run.ts` (see its usage). */
-export const options: { runtime: string; quick: boolean; only?: string; help: boolean } = parseArgs({
+export const options: { runtime: string; quick: boolean; only?: string; "hosts-wait": string; help: boolean } = parseArgs({
+  args: argv,
   options: {
     runtime: { type: "string", default: "node" },
+    "hosts-wait": { type: "string", default: "20" },
     quick: { type: "boolean", default: false },
     only: { type: "string" },
     help: { type: "boolean", short: "h", default: false },
@@ -29,14 +54,30 @@ if (options.runtime !== "node" && options.runtime !== "deno") {
   console.error(`bench: --runtime must be node or deno, not ${JSON.stringify(options.runtime)}`);
   process.exit(2);
 }
+/** The one-way delay of the slow link (`--slow-link [D]`, ms). */
+export const slowDelay: number = Number(slowLinkArg ?? SLOW_LINK_DEFAULT_MS);
+if (!(slowDelay > 0)) {
+  console.error(`bench: --slow-link takes a one-way delay in ms above 0, not ${JSON.stringify(slowLinkArg)}`);
+  process.exit(2);
+}
+/** How long the lab's hosts may take to be set up (`--hosts-wait <s>`): more than a second means another process holds them. */
+export const hostsWaitMs: number = Number(options["hosts-wait"]) * 1000;
+if (!(hostsWaitMs > 0)) {
+  console.error(`bench: --hosts-wait takes seconds above 0, not ${JSON.stringify(options["hosts-wait"])}`);
+  process.exit(2);
+}
 /** The runtime of the children: mitogen's and the raw references'. */
 export const kind: "node" | "deno" = options.runtime;
 /** Fewer rounds and shorter budgets (`--quick`). */
 export const quick: boolean = options.quick;
 /** Measures to run (`--only call-rtt,boot`), by key; all when not given. */
 const only = options.only ? new Set(options.only.split(",").map((k) => k.trim())) : null;
-/** Whether the measure of `key` is to run. */
-export const wanted = (key: string): boolean => !only || only.has(key);
+/**
+ * Whether the measure of `key` is to run: those `--only` names; without it, the slow-link measures
+ * with `--slow-link` and the others without.
+ */
+export const wanted = (key: string): boolean =>
+  only ? only.has(key) || (slowLinkArg !== undefined && key.startsWith(SLOW_PREFIX)) : (slowLinkArg !== undefined) === key.startsWith(SLOW_PREFIX);
 
 // The deno binary: the project's own, else whatever PATH has.
 const localDeno = fileURLToPath(new URL("../node_modules/.bin/deno", import.meta.url));

@@ -13,10 +13,8 @@ import { join } from "node:path";
 import { setupHosts, type TestHosts, teardownHosts } from "../lab/hosts.ts";
 import type { SshOptions } from "../mod.ts";
 import { shellQuote } from "../firststage.ts";
-import { denoExe, detail, kind } from "./harness.ts";
+import { denoExe, detail, hostsWaitMs, kind } from "./harness.ts";
 
-/** Setup is well under a second; longer means another process holds the hosts' lock (setup would wait up to 300 s). */
-const HOSTS_SETUP_MS = 20_000;
 /** connectTimeout of every ssh() of the bench. */
 export const SSH_CONNECT_MS = 20_000;
 
@@ -111,14 +109,14 @@ export async function runOnHosts(measures: readonly HostMeasure[]): Promise<void
   };
   const setup = setupHosts();
   let timer: ReturnType<typeof setTimeout> | undefined;
-  const late = new Promise<"late">((resolve) => (timer = setTimeout(() => resolve("late"), HOSTS_SETUP_MS)));
+  const late = new Promise<"late">((resolve) => (timer = setTimeout(() => resolve("late"), hostsWaitMs)));
   let hosts: TestHosts;
   try {
     const got = await Promise.race([setup, late]);
     if (got === "late") {
       // Whatever the setup still builds is torn down when it is done (waited for a little, below).
       const cleanup = setup.then((h) => ("skip" in h ? undefined : teardownHosts())).catch(() => {});
-      skipAll(`test hosts not set up within ${HOSTS_SETUP_MS / 1000} s (another process holding them?)`);
+      skipAll(`test hosts not set up within ${hostsWaitMs / 1000} s (another process holding them? --hosts-wait)`);
       await Promise.race([cleanup, new Promise((r) => setTimeout(r, 5000))]);
       return;
     }

@@ -4,7 +4,7 @@
  * order round by round, and reports the median of the rounds with the
  * spread (min..max) and its goal.
  *
- *   node --import tsx bench/run.ts [--runtime node|deno] [--quick] [--only call-rtt,boot,ssh-rtt]
+ *   node --import tsx bench/run.ts [--runtime node|deno] [--quick] [--only call-rtt,boot,ssh-rtt] [--slow-link [D]]
  *
  * Each measure lives in a file named for what it measures (calls, boot,
  * bulk, sizes, imports, files, sessions, cli, ssh); bench/harness.ts holds
@@ -12,7 +12,8 @@
  * runtime of the matrix (lab/matrix.ts) that is installed (`bash
  * .ci/install-runtimes`). The measures of bench/ssh.ts, "put-hops" and
  * "rsync" run on the lab's netns hosts (lab/hosts.ts: root and sshd), or say
- * why they skip. The footer explains each measure's raw reference. For CPU
+ * why they skip; so do those of bench/slowlink.ts (keys slow-*), which run only with `--slow-link
+ * [D]` or when `--only` names them. The footer explains each measure's raw reference. For CPU
  * profiles of the call path, see bench/profile.ts.
  *
  * @module
@@ -25,13 +26,30 @@ import { echoThroughput, senderStream } from "./bulk.ts";
 import { callRoundTrip, concurrentCalls, moduleCall, serviceCall, viaHop } from "./calls.ts";
 import { cli } from "./cli.ts";
 import { putHops, putLocal, rsync } from "./files.ts";
-import { denoExe, detail, kind, logged, type Measure, options, P, quick, row, type Verdict, verdicts, wanted } from "./harness.ts";
+import {
+  denoExe,
+  detail,
+  kind,
+  logged,
+  SLOW_LINK_DEFAULT_MS,
+  SLOW_PREFIX,
+  slowDelay,
+  type Measure,
+  options,
+  P,
+  quick,
+  row,
+  type Verdict,
+  verdicts,
+  wanted,
+} from "./harness.ts";
 import { firstImport } from "./imports.ts";
 import { num } from "./lib.ts";
 import { type HostMeasure, hostsUp, runOnHosts } from "./on-hosts.ts";
 import { killAll } from "./raw.ts";
 import { sessions } from "./sessions.ts";
 import { sizes } from "./sizes.ts";
+import { slowBoot, slowBulk, slowImport, slowVia } from "./slowlink.ts";
 import { rootOnInner, sshBoot, sshRoundTrip } from "./ssh.ts";
 
 /** The measures run here, in order. */
@@ -53,12 +71,12 @@ const LOCAL: readonly Measure[] = [
   cli,
 ];
 /** The measures run on the lab's hosts, set up once for all of them, in order. */
-const ON_HOSTS: readonly HostMeasure[] = [sshBoot, sshRoundTrip, rootOnInner, putHops, rsync];
+const ON_HOSTS: readonly HostMeasure[] = [sshBoot, sshRoundTrip, rootOnInner, putHops, rsync, slowBoot, slowImport, slowVia, slowBulk];
 
 if (options.help) {
-  console.log("usage: node --import tsx bench/run.ts [--runtime node|deno] [--quick] [--only call-rtt,boot,ssh-rtt]");
+  console.log("usage: node --import tsx bench/run.ts [--runtime node|deno] [--quick] [--only call-rtt,boot,ssh-rtt] [--slow-link [D]] [--hosts-wait s]");
   console.log(
-    `measures: ${LOCAL.map((m) => m.key).join(", ")} here; ${ON_HOSTS.map((m) => m.key).join(", ")} on the lab's hosts (root); profiles: bench/profile.ts`,
+    `measures: ${LOCAL.map((m) => m.key).join(", ")} here; ${ON_HOSTS.map((m) => m.key).join(", ")} on the lab's hosts (root), those named slow-* only with --slow-link [D] (one-way delay, default ${SLOW_LINK_DEFAULT_MS} ms) or --only; profiles: bench/profile.ts`,
   );
   process.exit(0);
 }
@@ -101,10 +119,16 @@ async function main(): Promise<number> {
     `children: ${kind}; ${quick ? "quick; " : ""}median [min..max] of ${P.rounds} rounds (echo: ${P.echoRounds}, fleet: ${P.fleetRounds}, ssh boot: ${P.sshRounds}, stream and putFile: ${P.bulkRounds}); ` +
       "ratio = mitogen / raw, paired per round; verdict on the median (echo: on the worst round)",
   );
+  const onHosts = ON_HOSTS.filter((m) => wanted(m.key));
+  if (onHosts.some((m) => m.key.startsWith(SLOW_PREFIX))) {
+    console.log(
+      `slow link: ssh to bastion through lab/slowlink.mjs, ${slowDelay} ms each way (round trip ${2 * slowDelay} ms); bastion to inner direct; ` +
+        `RT = (mitogen - raw) / ${2 * slowDelay} ms, paired per round`,
+    );
+  }
   console.log("");
   row("measure", "mitogen", "raw reference", "ratio", "goal", "");
   const local = LOCAL.filter((m) => wanted(m.key));
-  const onHosts = ON_HOSTS.filter((m) => wanted(m.key));
   for (const m of local) await m.run();
   if (onHosts.length) await runOnHosts(onHosts);
   console.log("");

@@ -161,7 +161,7 @@ test("enableDebug: contexts started afterwards forward their debug records", asy
   assert.deepEqual(steps("dbg-before"), [], "a context started before keeps its setting");
 });
 
-test("getStats: contexts, streams, bytes per link, modules sent", async () => {
+test("getStats: contexts, streams, bytes and frames per link, modules sent", async () => {
   await using router = quietRouter();
   const zero = router.getStats();
   const a = await router.local({ name: "stats-a" });
@@ -176,6 +176,11 @@ test("getStats: contexts, streams, bytes per link, modules sent", async () => {
   assert.equal(link?.name, "stats-a");
   assert.ok((link?.bytesIn ?? 0) > 10_000, "the reply crossed the link");
   assert.ok((link?.bytesOut ?? 0) > 0);
+  // A call and its reply: one frame each way.
+  const frames = () => router.getStats().links[0] ?? { framesIn: Number.NaN, framesOut: Number.NaN };
+  const before = frames();
+  await a.call(() => 0);
+  assert.deepEqual([frames().framesOut - before.framesOut, frames().framesIn - before.framesIn], [1, 1]);
   assert.ok(stats.modulesSent > zero.modulesSent, "stats-a fetched the core for stats-b");
   assert.ok(stats.moduleBytesSent > zero.moduleBytesSent);
 });
