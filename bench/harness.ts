@@ -17,10 +17,11 @@ import type { Runtime } from "./raw.ts";
 // Options
 
 /** The command line of `bench/run.ts` (see its usage). */
-export const options: { runtime: string; quick: boolean; only?: string; help: boolean } = parseArgs({
+export const options: { runtime: string; quick: boolean; only?: string; fleet: boolean; help: boolean } = parseArgs({
   options: {
     runtime: { type: "string", default: "node" },
     quick: { type: "boolean", default: false },
+    fleet: { type: "boolean", default: false },
     only: { type: "string" },
     help: { type: "boolean", short: "h", default: false },
   },
