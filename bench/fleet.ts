@@ -14,12 +14,12 @@
  */
 import { spawn } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
-import { chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
+import { chownSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { COMMANDS } from "../command.ts";
-import { type Fleet, fleetLeftovers, setupFleet } from "../lab/fleet.ts";
+import { childrenOf, type Fleet, fleetSettled, setupFleet } from "../lab/fleet.ts";
 import { findProgram, teardownHosts } from "../lab/hosts.ts";
 import { detail, quick, row } from "./harness.ts";
 import { num, type Stats, spread, stats } from "./lib.ts";
@@ -98,12 +98,10 @@ function treeRss(root: number): number {
     const pid = stack.pop() as number;
     try {
       total += Number(readFileSync(`/proc/${pid}/statm`, "latin1").split(" ")[1]) * PAGE;
-      for (const tid of readdirSync(`/proc/${pid}/task`)) {
-        for (const c of readFileSync(`/proc/${pid}/task/${tid}/children`, "latin1").split(" ")) if (c.trim()) stack.push(Number(c));
-      }
     } catch {
-      // gone meanwhile
+      continue; // gone meanwhile
     }
+    stack.push(...childrenOf(pid));
   }
   return total;
 }
@@ -156,7 +154,7 @@ interface Job {
 interface Tool {
   name: string;
   /** Why it cannot run here, or undefined. */
-  skip: () => string | undefined;
+  unavailable: () => string | undefined;
   steps: (f: Fleet, job: Job) => { argv: string[]; env?: NodeJS.ProcessEnv }[];
   /** Where the file read back from `host` may land (the first that exists). */
   fetched: (job: Job, host: string) => string[];
@@ -167,7 +165,7 @@ const sshOpts = (f: Fleet) => ["-F", f.sshConfigFile];
 const TOOLS: Tool[] = [
   {
     name: "xargs -P 32 ssh (raw)",
-    skip: () => (findProgram("xargs") ? undefined : "no xargs"),
+    unavailable: () => (findProgram("xargs") ? undefined : "no xargs"),
     steps: (f, job) => {
       const x = ["xargs", "-a", job.list, "-P", String(FORKS), "-I{}"];
       return [
@@ -180,7 +178,7 @@ const TOOLS: Tool[] = [
   },
   {
     name: "pdsh -R ssh -f 32",
-    skip: () => (findProgram("pdsh") && findProgram("pdcp") && findProgram("rpdcp") ? undefined : "no pdsh (Debian: pdsh)"),
+    unavailable: () => (findProgram("pdsh") && findProgram("pdcp") && findProgram("rpdcp") ? undefined : "no pdsh (Debian: pdsh)"),
     steps: (f, job) => {
       const env = { ...process.env, PDSH_SSH_ARGS: `-F ${f.sshConfigFile} -x %h` };
       const w = ["-R", "ssh", "-f", String(FORKS), "-w", `^${job.list}`];
@@ -194,7 +192,7 @@ const TOOLS: Tool[] = [
   },
   {
     name: "pssh -p 32",
-    skip: () => (findProgram("parallel-ssh") ? undefined : "no parallel-ssh (Debian: pssh)"),
+    unavailable: () => (findProgram("parallel-ssh") ? undefined : "no parallel-ssh (Debian: pssh)"),
     steps: (f, job) => {
       const h = ["-h", job.list, "-p", String(FORKS), "-t", "0", "-x", `-F ${f.sshConfigFile}`];
       return [
@@ -209,7 +207,7 @@ const TOOLS: Tool[] = [
   ...[[], ["--via", "bastion"]].map(
     (via): Tool => ({
       name: via.length ? "mitogen run --via bastion" : "mitogen run (cold)",
-      skip: () => undefined,
+      unavailable: () => undefined,
       steps: (f, job) => {
         const m = (cmd: string) => [process.execPath, dist, cmd, `@${job.list}`, "--forks", String(FORKS), "--json", "-F", f.sshConfigFile, ...via];
         return [
@@ -223,13 +221,13 @@ const TOOLS: Tool[] = [
   ),
   {
     name: "mitogen run (serve)",
-    skip: () => ("serve" in COMMANDS ? "mitogen serve: not wired into the bench yet" : "no `mitogen serve` yet (issue 24 item 6)"),
+    unavailable: () => ("serve" in COMMANDS ? "mitogen serve: not wired into the bench yet" : "no `mitogen serve` yet (issue 24 item 6)"),
     steps: () => [],
     fetched: () => [],
   },
   {
     name: "library (one script)",
-    skip: () => undefined,
+    unavailable: () => undefined,
     steps: (f, job) => {
       const spec = {
         ...(job.put ? { put: [job.put.src, job.put.dst] } : {}),
@@ -291,7 +289,9 @@ async function runTool(f: Fleet, tool: Tool, job: Job, sha: string): Promise<Sam
       if (createHash("sha256").update(readFileSync(file)).digest("hex") !== sha) throw new Error(`${tool.name}: ${h}'s file read back differs`);
     }
   }
-  await noLeftovers(f, tool.name);
+  await fleetSettled(f).catch((err: unknown) => {
+    throw new Error(`${tool.name}: ${err instanceof Error ? err.message : String(err)}`);
+  });
   return { ms, peak, local: cpuOf(GROUPS.local) - cpu0.local, remote: cpuOf(GROUPS.remote) - cpu0.remote };
 }
 
@@ -301,17 +301,6 @@ interface Sample {
   peak: number;
   local: number;
   remote: number;
-}
-
-/** Throw if processes are still on the fleet or on bastion (other than their sshd) 5 s after a tool ended. */
-async function noLeftovers(f: Fleet, what: string): Promise<void> {
-  const bastionLeft = async () => (await fleetLeftovers({ ...f, namespace: "mitogen-bastion", sshdPid: sshdPid(f, "bastion") })).length;
-  for (let i = 0; i < 100; i++) {
-    const left = (await fleetLeftovers(f)).length + (await bastionLeft());
-    if (!left) return;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`${what}: processes left on the hosts: fleet ${(await fleetLeftovers(f)).join(" ")}; bastion: ${await bastionLeft()}`);
 }
 
 const MIB = 1024 * 1024;
@@ -407,7 +396,7 @@ export async function runFleet(): Promise<void> {
     for (const job of [wide, seven]) {
       const results = new Map<Tool, Sample[] | string>();
       for (const t of TOOLS) {
-        const why = t.skip();
+        const why = t.unavailable();
         results.set(t, why ? `SKIP: ${why}` : []);
       }
       for (let round = 0; round < ROUNDS; round++) {

@@ -15,7 +15,7 @@
  *
  * @module
  */
-import { appendFileSync, mkdirSync, readFileSync } from "node:fs";
+import { appendFileSync, mkdirSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, before } from "node:test";
 import { FLEET_NS, FLEET_VETH, hostsSkip, NS, run, setupHosts, startSshd, type TestHosts, teardownHosts } from "./hosts.ts";
@@ -98,13 +98,40 @@ function userHome(user: string): string {
   return entry[5];
 }
 
-/** The pids in the fleet's namespace other than its listening sshd: what sessions left running (empty once all have ended). */
-export async function fleetLeftovers(fleet: Fleet): Promise<number[]> {
-  const r = await run(["ip", "netns", "pids", fleet.namespace], { allowFail: true });
+/** The pids in namespace `ns` other than `sshdPid`: what its sessions left running. */
+async function leftIn(ns: string, sshdPid: number): Promise<number[]> {
+  const r = await run(["ip", "netns", "pids", ns], { allowFail: true });
   return r.stdout
     .split(/\s+/)
     .map(Number)
-    .filter((pid) => pid > 0 && pid !== fleet.sshdPid);
+    .filter((pid) => pid > 0 && pid !== sshdPid);
+}
+
+/**
+ * Resolve once nothing but their sshds runs on the fleet and on bastion (what the last sessions
+ * ran takes a moment to go); throw naming what is left after `ms`.
+ */
+export async function fleetSettled(fleet: Fleet, ms = 5000): Promise<void> {
+  const bastionSshd = Number(readFileSync(join(fleet.dir, "bastion", "sshd.pid"), "utf8").trim());
+  const end = Date.now() + ms;
+  for (;;) {
+    const left = { fleet: await leftIn(fleet.namespace, fleet.sshdPid), bastion: await leftIn(NS.bastion, bastionSshd) };
+    if (!left.fleet.length && !left.bastion.length) return;
+    if (Date.now() > end) throw new Error(`processes left on the hosts after ${ms} ms: fleet ${left.fleet.join(" ")}; bastion ${left.bastion.join(" ")}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** The pids of the processes right below `pid` (none once it has gone). */
+export function childrenOf(pid: number): number[] {
+  const out: number[] = [];
+  try {
+    for (const tid of readdirSync(`/proc/${pid}/task`))
+      for (const c of readFileSync(`/proc/${pid}/task/${tid}/children`, "latin1").split(" ")) if (c.trim()) out.push(Number(c));
+  } catch {
+    // gone
+  }
+  return out;
 }
 
 /** As lab/hosts.ts's useTestHosts, with a fleet of `count` hosts: set up before the file's tests, torn down after them. */

@@ -6,11 +6,11 @@
  */
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
-import { type Fleet, fleetLeftovers, useFleet } from "../lab/fleet.ts";
+import { childrenOf, type Fleet, fleetSettled, useFleet } from "../lab/fleet.ts";
 import { DIST, NODE } from "./command-runner.ts";
 import { checkLeaks } from "./helpers.ts";
 
@@ -29,18 +29,6 @@ const { skip } = useFleet(HOSTS, (ready) => {
 after(() => {
   if (list) rmSync(join(list, ".."), { recursive: true, force: true });
 });
-
-/** The pids of the processes right below `pid`. */
-function childrenOf(pid: number): number[] {
-  const out: number[] = [];
-  try {
-    for (const tid of readdirSync(`/proc/${pid}/task`))
-      for (const c of readFileSync(`/proc/${pid}/task/${tid}/children`, "latin1").split(" ")) if (c.trim()) out.push(Number(c));
-  } catch {
-    // gone
-  }
-  return out;
-}
 
 /** Run the CLI, counting its ssh clients every 10 ms; its exit code, stdout and the most ssh clients it had at once. */
 function runCounting(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string; most: number }> {
@@ -82,17 +70,6 @@ const byHost = (stdout: string) =>
       .map((l) => [(JSON.parse(l) as { host: string }).host, JSON.parse(l) as Record<string, unknown>]),
   );
 
-/** Wait (bounded) until nothing but the fleet's sshd runs on the fleet. */
-async function fleetEmpty(): Promise<void> {
-  let left: number[] = [];
-  for (let i = 0; i < 100; i++) {
-    left = await fleetLeftovers(fleet);
-    if (!left.length) return;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  assert.fail(`processes left on the fleet: ${left.join(" ")}`);
-}
-
 // Each command outlives a few samples, so --forks hosts overlap.
 const COMMAND = 'echo "$SSH_CONNECTION"; sleep 0.3';
 
@@ -107,7 +84,7 @@ test(`run on ${HOSTS} hosts, ${FORKS} at a time: every host answers, never more 
   }
   assert.ok(r.most >= 2, `hosts ran at the same time (${r.most} ssh clients at most)`);
   assert.ok(r.most <= FORKS, `a host's context (its ssh client) goes once it has answered: ${r.most} at once, --forks ${FORKS}`);
-  await fleetEmpty();
+  await fleetSettled(fleet);
 });
 
 test(`run --via bastion on ${HOSTS} hosts: the bastion opens every connection, one ssh client here`, { skip }, async () => {
@@ -120,5 +97,5 @@ test(`run --via bastion on ${HOSTS} hosts: the bastion opens every connection, o
     assert.equal(client, fleet.fromBastion, `${address} was reached from bastion's link to the fleet`);
   }
   assert.equal(r.most, 1, "the master runs one ssh client: bastion's");
-  await fleetEmpty();
+  await fleetSettled(fleet);
 });
