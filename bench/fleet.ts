@@ -39,6 +39,8 @@ const PAGE = 4096;
 const MARK = 'echo "fleet-ok $SSH_CONNECTION"';
 const MARKED = /fleet-ok \S+ \d+ (\S+) \d+/g;
 
+/** XDG_RUNTIME_DIR of the mitogen lines (private, 0700): the cold ones' holds no server, the serve line's its own. */
+const runtimeDirs = { cold: "", serve: "" };
 const dist = fileURLToPath(new URL("../dist/mitogen.mjs", import.meta.url));
 const libScript = fileURLToPath(new URL("./fixtures/fleet-lib.mjs", import.meta.url));
 
@@ -107,7 +109,7 @@ function treeRss(root: number): number {
 }
 
 /** Run `argv` to its exit 0 (else throw with its stderr's end), its tree's RSS sampled; stdout kept. */
-function measured(argv: readonly string[], env: NodeJS.ProcessEnv = process.env): Promise<Ran> {
+function measured(argv: readonly string[], env: NodeJS.ProcessEnv = process.env, alsoSampled: readonly number[] = []): Promise<Ran> {
   // Into the local group first (the shell execs the tool: same pid, nothing added to the tree).
   const [exe, ...args] = accounting ? ["/bin/sh", "-c", `echo $$ > ${GROUPS.local}/cgroup.procs && exec "$@"`, "sh", ...argv] : (argv as [string, ...string[]]);
   return new Promise((resolve, reject) => {
@@ -115,7 +117,11 @@ function measured(argv: readonly string[], env: NodeJS.ProcessEnv = process.env)
     const proc = spawn(exe as string, args, { stdio: ["ignore", "pipe", "pipe"], env });
     let peak = 0;
     const sample = () => {
-      if (proc.pid) peak = Math.max(peak, treeRss(proc.pid));
+      if (proc.pid)
+        peak = Math.max(
+          peak,
+          [proc.pid, ...alsoSampled].reduce((sum, pid) => sum + treeRss(pid), 0),
+        );
     };
     const sampler = setInterval(sample, SAMPLE_MS);
     let stdout = "";
@@ -156,6 +162,8 @@ interface Tool {
   /** Why it cannot run here, or undefined. */
   unavailable: () => string | undefined;
   steps: (f: Fleet, job: Job) => { argv: string[]; env?: NodeJS.ProcessEnv }[];
+  /** Run with a `mitogen serve` of its own: started, the job run once to warm it, then the job measured (the server's tree included), the server stopped. */
+  serve?: true;
   /** Where the file read back from `host` may land (the first that exists). */
   fetched: (job: Job, host: string) => string[];
 }
@@ -204,27 +212,30 @@ const TOOLS: Tool[] = [
     // pssh 2.3.4 names the directory "<host>:None" where no port is given
     fetched: (job, host) => [host, `${host}:None`].map((d) => join(job.get?.out ?? "", "pssh", d, "file")),
   },
-  ...[[], ["--via", "bastion"]].map(
-    (via): Tool => ({
-      name: via.length ? "mitogen run --via bastion" : "mitogen run (cold)",
-      unavailable: () => undefined,
+  ...(
+    [
+      ["mitogen run (cold)", []],
+      ["mitogen run --via bastion", ["--via", "bastion"]],
+      ["mitogen run (serve)", []],
+    ] as const
+  ).map(
+    ([name, via]): Tool => ({
+      name,
+      ...(name === "mitogen run (serve)" ? { serve: true } : {}),
+      unavailable: () => (name !== "mitogen run (serve)" || "serve" in COMMANDS ? undefined : "no `mitogen serve` yet (issue 24 item 6)"),
       steps: (f, job) => {
+        // A runtime directory of the bench's own: the cold lines find no server there, the serve line its own.
+        const env = { ...process.env, XDG_RUNTIME_DIR: name === "mitogen run (serve)" ? runtimeDirs.serve : runtimeDirs.cold };
         const m = (cmd: string) => [process.execPath, dist, cmd, `@${job.list}`, "--forks", String(FORKS), "--json", "-F", f.sshConfigFile, ...via];
         return [
-          ...(job.put ? [{ argv: [...m("put"), job.put.src, job.put.dst] }] : []),
-          ...job.commands.map((c) => ({ argv: [...m("run"), "--", c] })),
-          ...(job.get ? [{ argv: [...m("get"), job.get.src, join(job.get.out, "mitogen")] }] : []),
+          ...(job.put ? [{ argv: [...m("put"), job.put.src, job.put.dst], env }] : []),
+          ...job.commands.map((c) => ({ argv: [...m("run"), "--", c], env })),
+          ...(job.get ? [{ argv: [...m("get"), job.get.src, join(job.get.out, "mitogen")], env }] : []),
         ];
       },
       fetched: (job, host) => [join(job.get?.out ?? "", "mitogen", host, basename(job.get?.src ?? ""))],
     }),
   ),
-  {
-    name: "mitogen run (serve)",
-    unavailable: () => ("serve" in COMMANDS ? "mitogen serve: not wired into the bench yet" : "no `mitogen serve` yet (issue 24 item 6)"),
-    steps: () => [],
-    fetched: () => [],
-  },
   {
     name: "library (one script)",
     unavailable: () => undefined,
@@ -254,7 +265,11 @@ function checkMarks(job: Job, stdout: string, what: string): void {
   if (extra.length) throw new Error(`${what}: output from hosts not in the list: ${extra.slice(0, 3).join(", ")}`);
 }
 
-/** Run `tool`'s steps for `job`: total wall time, the highest peak RSS of any step; every host's output checked. */
+/**
+ * Run `tool`'s steps for `job`: total wall time, the highest peak RSS of any step; every host's output
+ * checked, then that nothing is left on the hosts. A serve tool's server is started and the job run once
+ * before (untimed), and the server stopped after.
+ */
 async function runTool(f: Fleet, tool: Tool, job: Job, sha: string): Promise<Sample> {
   const cpu0 = { local: cpuOf(GROUPS.local), remote: cpuOf(GROUPS.remote) };
   if (job.get) {
@@ -266,33 +281,52 @@ async function runTool(f: Fleet, tool: Tool, job: Job, sha: string): Promise<Sam
   let peak = 0;
   let commandOut = "";
   const steps = tool.steps(f, job);
-  for (const [i, step] of steps.entries()) {
-    const r = await measured(step.argv, step.env);
-    ms += r.ms;
-    peak = Math.max(peak, r.peak);
-    const isCommand = !(i === 0 && job.put) && !(i === steps.length - 1 && job.get);
-    if (steps.length > 1 && isCommand) checkMarks(job, r.stdout, `${tool.name}, step ${i + 1}`);
-    commandOut += r.stdout;
-  }
-  if (steps.length === 1) {
-    // One invocation for the whole job: every command's mark from every host.
-    const counts = new Map<string, number>();
-    for (const m of commandOut.matchAll(MARKED)) counts.set(m[1] as string, (counts.get(m[1] as string) ?? 0) + 1);
-    const short = job.hosts.filter((h) => (counts.get(h) ?? 0) < job.commands.length);
-    if (short.length)
-      throw new Error(`${tool.name}: ${short.length} hosts did not print all ${job.commands.length} marks (${short.slice(0, 3).join(", ")}...)`);
-  }
-  if (job.get) {
-    for (const h of job.hosts) {
-      const file = tool.fetched(job, h).find(existsSync);
-      if (!file) throw new Error(`${tool.name}: ${h}'s file was not read back to ${tool.fetched(job, h).join(" or ")}`);
-      if (createHash("sha256").update(readFileSync(file)).digest("hex") !== sha) throw new Error(`${tool.name}: ${h}'s file read back differs`);
+  let server: number[] = [];
+  let cpu1: typeof cpu0;
+  try {
+    if (tool.serve) {
+      const env = { ...process.env, XDG_RUNTIME_DIR: runtimeDirs.serve };
+      const started = await measured([process.execPath, dist, "serve"], env);
+      server = [Number(/pid (\d+)/.exec(started.stdout)?.[1])].filter((pid) => pid > 0);
+      for (const step of steps) await measured(step.argv, step.env); // the contexts started, and kept
+      if (job.get) {
+        rmSync(join(job.get.out, "mitogen"), { recursive: true, force: true });
+        mkdirSync(join(job.get.out, "mitogen"));
+      }
+      cpu0.local = cpuOf(GROUPS.local);
+      cpu0.remote = cpuOf(GROUPS.remote);
     }
+    for (const [i, step] of steps.entries()) {
+      const r = await measured(step.argv, step.env, server);
+      ms += r.ms;
+      peak = Math.max(peak, r.peak);
+      const isCommand = !(i === 0 && job.put) && !(i === steps.length - 1 && job.get);
+      if (steps.length > 1 && isCommand) checkMarks(job, r.stdout, `${tool.name}, step ${i + 1}`);
+      commandOut += r.stdout;
+    }
+    if (steps.length === 1) {
+      // One invocation for the whole job: every command's mark from every host.
+      const counts = new Map<string, number>();
+      for (const m of commandOut.matchAll(MARKED)) counts.set(m[1] as string, (counts.get(m[1] as string) ?? 0) + 1);
+      const short = job.hosts.filter((h) => (counts.get(h) ?? 0) < job.commands.length);
+      if (short.length)
+        throw new Error(`${tool.name}: ${short.length} hosts did not print all ${job.commands.length} marks (${short.slice(0, 3).join(", ")}...)`);
+    }
+    if (job.get) {
+      for (const h of job.hosts) {
+        const file = tool.fetched(job, h).find(existsSync);
+        if (!file) throw new Error(`${tool.name}: ${h}'s file was not read back to ${tool.fetched(job, h).join(" or ")}`);
+        if (createHash("sha256").update(readFileSync(file)).digest("hex") !== sha) throw new Error(`${tool.name}: ${h}'s file read back differs`);
+      }
+    }
+    cpu1 = { local: cpuOf(GROUPS.local), remote: cpuOf(GROUPS.remote) };
+  } finally {
+    if (tool.serve) await measured([process.execPath, dist, "serve", "--stop"], { ...process.env, XDG_RUNTIME_DIR: runtimeDirs.serve }).catch(() => {});
   }
   await fleetSettled(f).catch((err: unknown) => {
     throw new Error(`${tool.name}: ${err instanceof Error ? err.message : String(err)}`);
   });
-  return { ms, peak, local: cpuOf(GROUPS.local) - cpu0.local, remote: cpuOf(GROUPS.remote) - cpu0.remote };
+  return { ms, peak, local: cpu1.local - cpu0.local, remote: cpu1.remote - cpu0.remote };
 }
 
 /** One run of a tool: wall ms, peak RSS bytes, CPU seconds of its tree and of the hosts. */
@@ -362,6 +396,8 @@ export async function runFleet(): Promise<void> {
     return skipAll(`fleet setup failed: ${err instanceof Error ? err.message.split("\n")[0] : String(err)}`);
   }
   const dir = mkdtempSync(join(os.tmpdir(), "mitogen-bench-fleet-"));
+  runtimeDirs.cold = mkdtempSync(join(os.tmpdir(), "mitogen-bench-fleet-xdg-"));
+  runtimeDirs.serve = mkdtempSync(join(os.tmpdir(), "mitogen-bench-fleet-xdg-"));
   startAccounting(f);
   try {
     const src = join(dir, "payload.bin");
@@ -421,7 +457,7 @@ export async function runFleet(): Promise<void> {
     detail(`${num(content.length / MIB, 0)} MiB file copied; commands print "fleet-ok $SSH_CONNECTION", checked for every host.`);
     rmSync(remote, { recursive: true, force: true });
   } finally {
-    rmSync(dir, { recursive: true, force: true });
+    for (const d of [dir, runtimeDirs.cold, runtimeDirs.serve]) rmSync(d, { recursive: true, force: true });
     await teardownHosts();
     endAccounting();
   }
