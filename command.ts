@@ -6,6 +6,7 @@
  * @module
  */
 import { closeSync, constants, fstatSync, mkdirSync, openSync, readSync, type Stats } from "node:fs";
+import { setMaxListeners } from "node:events";
 import { basename, join, resolve } from "node:path";
 import { ReadStream } from "node:tty";
 import { pathToFileURL } from "node:url";
@@ -636,6 +637,7 @@ export async function runCommand(command: string, argv: string[]): Promise<numbe
   // SIGINT, SIGTERM, SIGHUP: stop every host's command (its process group is killed there), write a
   // record for each host, exit 128 + the signal's number. A second one exits at once.
   const stop = new AbortController();
+  setMaxListeners(0, stop.signal); // one listener per host running, --forks of them: no leak
   let stoppedBy: StopSignal | null = null;
   let hard: ReturnType<typeof setTimeout> | undefined;
   const onSignal = (sig: StopSignal) => {

@@ -40,12 +40,13 @@ for (let i = 0; i < argv.length; i++) {
 }
 
 /** The command line of `bench/run.ts` (see its usage). */
-export const options: { runtime: string; quick: boolean; only?: string; "hosts-wait": string; help: boolean } = parseArgs({
+export const options: { runtime: string; quick: boolean; only?: string; fleet: boolean; "hosts-wait": string; help: boolean } = parseArgs({
   args: argv,
   options: {
     runtime: { type: "string", default: "node" },
     "hosts-wait": { type: "string", default: "20" },
     quick: { type: "boolean", default: false },
+    fleet: { type: "boolean", default: false },
     only: { type: "string" },
     help: { type: "boolean", short: "h", default: false },
   },

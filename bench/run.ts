@@ -43,6 +43,7 @@ import {
   verdicts,
   wanted,
 } from "./harness.ts";
+import { runFleet } from "./fleet.ts";
 import { firstImport } from "./imports.ts";
 import { num } from "./lib.ts";
 import { type HostMeasure, hostsUp, runOnHosts } from "./on-hosts.ts";
@@ -74,7 +75,9 @@ const LOCAL: readonly Measure[] = [
 const ON_HOSTS: readonly HostMeasure[] = [sshBoot, sshRoundTrip, rootOnInner, putHops, rsync, slowBoot, slowImport, slowVia, slowBulk];
 
 if (options.help) {
-  console.log("usage: node --import tsx bench/run.ts [--runtime node|deno] [--quick] [--only call-rtt,boot,ssh-rtt] [--slow-link [D]] [--hosts-wait s]");
+  console.log(
+    "usage: node --import tsx bench/run.ts [--runtime node|deno] [--quick] [--only call-rtt,boot,ssh-rtt] [--slow-link [D]] [--hosts-wait s] | --fleet [--quick]",
+  );
   console.log(
     `measures: ${LOCAL.map((m) => m.key).join(", ")} here; ${ON_HOSTS.map((m) => m.key).join(", ")} on the lab's hosts (root), those named slow-* only with --slow-link [D] (one-way delay, default ${SLOW_LINK_DEFAULT_MS} ms) or --only; profiles: bench/profile.ts`,
   );
@@ -90,11 +93,11 @@ for (const key of options.only?.split(",") ?? []) {
 
 // Whole-run guard: whatever hangs, the run ends (raw children killed; mitogen children see their parent go and exit;
 // the lab's hosts, if up, torn down within 5 s).
-const HARD_LIMIT_MS = quick ? 240_000 : 600_000;
+const HARD_LIMIT_MS = options.fleet ? 1_200_000 : quick ? 240_000 : 600_000;
 setTimeout(() => {
   console.error(`bench: gave up after ${HARD_LIMIT_MS / 1000} s`);
   killAll();
-  const down = hostsUp() ? teardownHosts().catch(() => {}) : Promise.resolve();
+  const down = hostsUp() || options.fleet ? teardownHosts().catch(() => {}) : Promise.resolve();
   void Promise.race([down, new Promise((r) => setTimeout(r, 5000))]).finally(() => process.exit(1));
 }, HARD_LIMIT_MS).unref();
 
@@ -115,6 +118,12 @@ function machine(): string {
 async function main(): Promise<number> {
   const t0 = performance.now();
   console.log(`mitogen bench on ${machine()}`);
+  if (options.fleet) {
+    // The fleet lines alone (bench/fleet.ts): minutes of ssh logins, not part of the default run.
+    row("fleet line", "wall time", "raw (xargs ssh)", "ratio to raw", "goal", "");
+    await runFleet();
+    return verdicts.includes("ERROR") ? 1 : 0;
+  }
   console.log(
     `children: ${kind}; ${quick ? "quick; " : ""}median [min..max] of ${P.rounds} rounds (echo: ${P.echoRounds}, fleet: ${P.fleetRounds}, ssh boot: ${P.sshRounds}, stream and putFile: ${P.bulkRounds}); ` +
       "ratio = mitogen / raw, paired per round; verdict on the median (echo: on the worst round)",

@@ -85,9 +85,12 @@ const LOCK = join(tmpdir(), "mitogen-test-hosts.lock");
 const LOCK_WAIT_MS = 300_000;
 const SSHD_PORT = 22;
 
-const NS = { bastion: "mitogen-bastion", inner: "mitogen-inner" } as const;
+export const NS = { bastion: "mitogen-bastion", inner: "mitogen-inner" } as const;
 /** The runner's end of the runner–bastion veth (the other ends live inside the namespaces). */
 const RUNNER_VETH = "mitogen-bas";
+/** lab/fleet.ts's namespace and the runner's end of its veth: named here so that teardown finds them too. */
+export const FLEET_NS = "mitogen-fleet";
+export const FLEET_VETH = "mitogen-flt";
 const NET = {
   runner: "10.231.1.1", // runner side of link 1 (10.231.1.0/30)
   bastion: "10.231.1.2", // bastion side of link 1
@@ -361,14 +364,16 @@ async function setupNetwork(): Promise<void> {
  * Start a real sshd in namespace `ns`, listening on the host's address only,
  * with an environment of its own: without MITOGEN_TEST_TOKEN, so the per-test
  * leak check does not count the daemon. sshd daemonises, so `run` returns once
- * it has; then wait (bounded) until it listens.
+ * it has; then wait (bounded) until it listens. Its files go in `<dir>/<host.name>`
+ * (made by the caller); `extra` sshd_config lines override the defaults.
  */
-async function startSshd(host: TestHost, ns: string): Promise<void> {
+export async function startSshd(host: Pick<TestHost, "address" | "port"> & { name: string }, ns: string, extra: readonly string[] = []): Promise<void> {
   const dir = join(DIR, host.name);
   const config = join(dir, "sshd_config");
   const pidFile = join(dir, "sshd.pid");
   const lines = [
     "# Written by lab/hosts.ts.",
+    ...extra, // first: sshd takes a keyword's first value
     `ListenAddress ${host.address}:${host.port}`,
     `HostKey ${join(dir, "ssh_host_ed25519_key")}`,
     `PidFile ${pidFile}`,
@@ -464,7 +469,7 @@ async function destroy(): Promise<void> {
     const pid = readPid(join(DIR, name, "sshd.pid"));
     if (pid && alive(pid) && /sshd/.test(readFileSync(`/proc/${pid}/cmdline`, "latin1"))) pids.add(pid);
   }
-  for (const ns of Object.values(NS)) {
+  for (const ns of [...Object.values(NS), FLEET_NS]) {
     const r = await run(["ip", "netns", "pids", ns], { allowFail: true });
     if (r.code !== 0) continue; // no such namespace
     for (const word of r.stdout.split(/\s+/)) if (Number(word) > 0) pids.add(Number(word));
@@ -474,9 +479,9 @@ async function destroy(): Promise<void> {
 
   // Deleting one end of a veth deletes both; deleting them before the
   // namespaces means the names are free at once for the next setup.
-  await run(["ip", "link", "del", RUNNER_VETH], { allowFail: true });
+  for (const veth of [RUNNER_VETH, FLEET_VETH]) await run(["ip", "link", "del", veth], { allowFail: true });
   await run(["ip", "-n", NS.bastion, "link", "del", "to-inner"], { allowFail: true });
-  for (const ns of Object.values(NS)) await run(["ip", "netns", "del", ns], { allowFail: true });
+  for (const ns of [...Object.values(NS), FLEET_NS]) await run(["ip", "netns", "del", ns], { allowFail: true });
   await run(["ip", "route", "del", "blackhole", TEST_RANGE], { allowFail: true });
   for (const name of ["bastion", "inner"]) rmSync(join(DIR, name, "sshd.pid"), { force: true });
 }
