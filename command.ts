@@ -5,7 +5,7 @@
  *
  * @module
  */
-import { closeSync, constants, fstatSync, mkdirSync, openSync, readSync, type Stats } from "node:fs";
+import { closeSync, constants, fstatSync, mkdirSync, openSync, readSync, type Stats, writeFileSync } from "node:fs";
 import { setMaxListeners } from "node:events";
 import { basename, join, resolve } from "node:path";
 import { ReadStream } from "node:tty";
@@ -62,6 +62,9 @@ const COMMON_OPTIONS = {
   timeout: { type: "string" },
   "check-host-keys": { type: "boolean" },
   json: { type: "boolean" },
+  stdin: { type: "boolean", short: "I" },
+  gather: { type: "boolean", short: "b" },
+  "output-dir": { type: "string", short: "o" },
   "no-serve": { type: "boolean" },
   help: { type: "boolean", short: "h" },
 } as const;
@@ -84,13 +87,26 @@ options:
   --timeout MS              per host, connecting included (default 60000)
   --check-host-keys         refuse unknown host keys (default: learn new ones, refuse changed)
   --json                    one JSON object per host per line (the default when stdout is not a terminal)
+  -I, --stdin               send this command's stdin (read to its end first) to every host's
+                            command (run); without it, input on stdin is refused, not dropped
+  -b, --gather              print identical output once, under the list of hosts that gave it
+  -o, --output-dir DIR      also write each host's stdout and stderr (run), or result (call,
+                            eval), to DIR/<host>.stdout, .stderr, .result
   --no-serve                start contexts of its own, not those of a running mitogen serve
   -h, --help                this text`;
 
 /** The commands, their argument shapes and help. */
-export const COMMANDS: Record<string, { args: string; summary: string }> = {
+export const COMMANDS: Record<string, { args: string; summary: string; more?: string }> = {
   run: { args: "TARGETS [options] -- COMMAND...", summary: "run a shell command on each target: exit code, stdout and stderr per host" },
-  call: { args: "TARGETS [options] FILE#EXPORT [JSON_ARGS]", summary: "call an exported function of a module (shipped with ctx.import) on each target" },
+  call: {
+    args: "TARGETS [options] FILE#EXPORT [JSON_ARGS]",
+    summary: "call an exported function of a module (shipped with ctx.import) on each target",
+    more: `JSON_ARGS is one JSON value: an array is spread as the arguments, anything else is the one
+argument; none calls the function with none.
+  mitogen call web1 ./tasks.ts#add '[1, 2]'            add(1, 2)
+  mitogen call web1 ./tasks.ts#inventory '{"deep":true}'  inventory({ deep: true })
+  mitogen call web1 ./tasks.ts#tag '[["a", "b"]]'     tag(["a", "b"]): an array as the one argument`,
+  },
   eval: { args: "TARGETS [options] EXPR", summary: "evaluate a JavaScript expression on each target" },
   put: { args: "TARGETS [options] SRC DST", summary: "copy a local file to DST on each target" },
   get: { args: "TARGETS [options] SRC DSTDIR", summary: "copy SRC from each target to DSTDIR/<host>/<name>" },
@@ -99,7 +115,7 @@ export const COMMANDS: Record<string, { args: string; summary: string }> = {
 /** The help of `command`. */
 export function usage(command: string): string {
   const c = COMMANDS[command];
-  return c ? `usage: mitogen ${command} ${c.args}\n\n${c.summary}\n\n${COMMON_HELP}\n` : "";
+  return c ? `usage: mitogen ${command} ${c.args}\n\n${c.summary}\n${c.more ? `\n${c.more}\n` : ""}\n${COMMON_HELP}\n` : "";
 }
 
 /** The largest targets file read (`@FILE`): a host list, not a disk. */
@@ -215,6 +231,10 @@ interface Parsed {
   checkHostKeys: boolean;
   json: boolean;
   serve: boolean;
+  /** `--stdin`: what every host's command reads. */
+  input?: Uint8Array;
+  gather: boolean;
+  outputDir?: string;
 }
 
 function parse(command: string, argv: string[]): Parsed | "help" {
@@ -249,6 +269,10 @@ function parse(command: string, argv: string[]): Parsed | "help" {
   if (v.runtime !== undefined && !/^(node|deno|auto|\/.+)$/.test(v.runtime))
     throw new UsageError(`--runtime must be node, deno, auto or a path, not ${JSON.stringify(v.runtime)}`);
   if (v.password && v["password-file"]) throw new UsageError("--password and --password-file: choose one");
+  if (v.stdin && command !== "run") throw new UsageError("--stdin is for run: other commands read no input");
+  if (v.gather && v.json) throw new UsageError("--gather prints text: it does not go with --json");
+  if (!v.stdin) refuseInput(command);
+  const input = v.stdin ? readInput() : undefined;
   return {
     targets: parseTargets(targetSpec),
     rest: command === "run" ? after : command === "eval" ? [rest.join(" ")] : rest,
@@ -263,9 +287,73 @@ function parse(command: string, argv: string[]): Parsed | "help" {
     forks,
     timeout,
     checkHostKeys: v["check-host-keys"] ?? false,
-    json: v.json ?? !process.stdout.isTTY,
+    json: v.json ?? (!process.stdout.isTTY && !v.gather),
     serve: !v["no-serve"],
+    ...(input ? { input } : {}),
+    gather: v.gather ?? false,
+    ...(v["output-dir"] ? { outputDir: v["output-dir"] } : {}),
   };
+}
+
+/** The most `--stdin` takes: it is held in memory and sent to every host. */
+export const MAX_INPUT: number = 64 * 1024 * 1024;
+
+/** `--stdin`: this process's stdin, read to its end; a UsageError past {@link MAX_INPUT} or from a terminal. */
+function readInput(): Uint8Array {
+  if (process.stdin.isTTY) throw new UsageError("--stdin reads stdin to its end, which is a terminal here: pipe or redirect the input");
+  const parts: Buffer[] = [];
+  let size = 0;
+  for (;;) {
+    const buf = Buffer.alloc(Math.min(1 << 20, MAX_INPUT + 1 - size));
+    let n: number;
+    try {
+      n = readSync(0, buf, 0, buf.length, null);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === "EAGAIN") continue; // a non-blocking stdin: wait for more
+      if ((err as NodeJS.ErrnoException).code === "EOF") break;
+      throw new UsageError(`cannot read stdin: ${reason(err)}`);
+    }
+    if (n === 0) break;
+    parts.push(buf.subarray(0, n));
+    size += n;
+    if (size > MAX_INPUT) throw new UsageError(`--stdin takes at most ${MAX_INPUT} bytes (it is sent to every host); put bigger input on the hosts with put`);
+  }
+  return Buffer.concat(parts, size);
+}
+
+/**
+ * Without `--stdin`: input waiting on stdin (a file with bytes, or a pipe with bytes already in it,
+ * as `echo x | mitogen run ...` makes) is refused rather than dropped. A pipe no one has written to
+ * yet (as a test harness leaves one) passes, and so does a socket (it cannot be looked into without
+ * reading it): what they may carry later is not looked at.
+ */
+function refuseInput(command: string): void {
+  if (process.stdin.isTTY) return;
+  let waiting = false;
+  try {
+    const st = fstatSync(0);
+    if (st.isFile()) waiting = st.size > 0;
+    else if (st.isFIFO()) {
+      // A second opening of the pipe, non-blocking: a byte there means someone piped input.
+      const fd = openSync("/proc/self/fd/0", constants.O_RDONLY | constants.O_NONBLOCK);
+      try {
+        waiting = readSync(fd, Buffer.alloc(1), 0, 1, null) > 0;
+      } catch {
+        // EAGAIN: nothing in it
+      } finally {
+        closeSync(fd);
+      }
+    }
+  } catch {
+    return; // no stdin, or one that cannot be looked at: nothing to refuse
+  }
+  if (waiting) {
+    const hint =
+      command === "run"
+        ? "give -I (--stdin) to send it to every host's command, or redirect stdin from /dev/null"
+        : `${command} reads no input: redirect stdin from /dev/null`;
+    throw new UsageError(`stdin holds input, which would be dropped: ${hint}`);
+  }
 }
 
 /** Ask for a password on the terminal, without echo; once. */
@@ -366,12 +454,12 @@ function pause(ms: number, signal?: AbortSignal): Promise<void> {
 type Outcome = Omit<HostResult, "host" | "ms">;
 
 /**
- * Run `command` in `ctx` through mitogen:tunnel, with no input; its status and output. When
+ * Run `command` in `ctx` through mitogen:tunnel, with `input` (or none); its status and output. When
  * `signal` aborts (a timeout, an interrupt) the call is cancelled, which kills the command's
  * process group there; this waits (up to {@link STOP_GRACE}) for its output to end, so what it
  * printed so far is kept, then rejects with the signal's reason carrying that output.
  */
-async function runIn(router: Router, ctx: Context, command: string, timeout: number, signal: AbortSignal): Promise<Outcome> {
+async function runIn(router: Router, ctx: Context, command: string, timeout: number, signal: AbortSignal, input?: Uint8Array): Promise<Outcome> {
   const out = new Receiver(router, { respondent: ctx });
   const err = new Receiver(router, { respondent: ctx });
   const ctl = new Receiver(router, { respondent: ctx });
@@ -382,7 +470,12 @@ async function runIn(router: Router, ctx: Context, command: string, timeout: num
   try {
     const call = callExec(ctx.with({ timeout, signal }), { command, ctl: ctl.toSender(), stdout: out.toSender(), stderr: err.toSender() });
     void ctl.getData().then(
-      (ready) => (ready as { ready: Sender }).ready.close(),
+      async (ready) => {
+        const stdin = (ready as { ready: Sender }).ready;
+        // Blocks of at most 1 MiB, each as the window allows; then EOF.
+        for (let at = 0; input && at < input.byteLength; at += 1 << 20) await stdin.send(input.subarray(at, at + (1 << 20)));
+        stdin.close();
+      },
       () => {},
     );
     try {
@@ -428,7 +521,7 @@ function action(command: string, p: Parsed): Action {
   switch (command) {
     case "run": {
       const line = p.rest.join(" ");
-      return (router, ctx, _t, signal) => runIn(router, ctx, line, p.timeout, signal);
+      return (router, ctx, _t, signal) => runIn(router, ctx, line, p.timeout, signal, p.input);
     }
     case "call": {
       const [file, name] = (a as string).split("#");
@@ -538,9 +631,49 @@ class LiveList {
   }
 }
 
+/** What one host's record shows as text, each line after `prefix` (`web1: `, or none when gathered). */
+function hostText(r: HostResult, prefix: string, exitCode = false): string {
+  const prefixed = (out: string, head: string) => `${out.replace(/\n$/, "").replace(/^/gm, head)}\n`;
+  let text = "";
+  if (r.output) text += prefixed(r.output, `${prefix}(output) `);
+  if (r.stdout) text += prefixed(r.stdout, prefix);
+  if (r.stderr) text += prefixed(r.stderr, `${prefix}(stderr) `);
+  if (r.result !== undefined) text += `${prefix}${JSON.stringify(r.result)}\n`;
+  if (r.error) text += `${prefix}${r.interrupted ? "" : "error: "}${r.error}\n`;
+  if (exitCode && r.exitCode !== undefined && r.exitCode !== 0) text += `${prefix}(exit ${r.exitCode})\n`;
+  return text;
+}
+
+/** `--gather`: each distinct output once, under the hosts that gave it (as clush -b, dshbak -c), the most common first. */
+function gathered(results: HostResult[]): string {
+  const groups = new Map<string, string[]>();
+  for (const r of results) {
+    const text = hostText(r, "", true) || "(no output)\n";
+    const hosts = groups.get(text);
+    if (hosts) hosts.push(r.host);
+    else groups.set(text, [r.host]);
+  }
+  let out = "";
+  for (const [text, hosts] of [...groups].sort((a, b) => b[1].length - a[1].length)) {
+    const head = `${hosts.join(",")} (${hosts.length})`;
+    const rule = "-".repeat(Math.min(Math.max(head.length, 16), 80));
+    out += `${rule}\n${head}\n${rule}\n${text}`;
+  }
+  return out;
+}
+
+/** `--output-dir`: the host's stdout, stderr (with what its contexts printed) and result, each in a file of its own. */
+function writeHostFiles(dir: string, r: HostResult): void {
+  const base = join(dir, r.host.replace(/[/\\]/g, "_"));
+  writeFileSync(`${base}.stdout`, r.stdout ?? "");
+  writeFileSync(`${base}.stderr`, `${r.output ?? ""}${r.stderr ?? ""}${r.error ? `mitogen: ${r.error}\n` : ""}`);
+  if (r.result !== undefined) writeFileSync(`${base}.result`, `${JSON.stringify(r.result)}\n`);
+}
+
 /** The message of a failure, as the library words it. */
 function reason(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
+  // ssh ends its lines with \r\n when it has a terminal: none of that in a record.
+  return (err instanceof Error ? err.message : String(err)).replace(/\r+(?=\n|$)/g, "");
 }
 
 /** The most bytes a --password-file may hold. */
@@ -628,6 +761,7 @@ export async function runCommand(command: string, argv: string[]): Promise<numbe
   const opts = p;
   let password: string | undefined;
   try {
+    if (opts.outputDir) mkdirSync(opts.outputDir, { recursive: true });
     if (opts.passwordFile) password = readPasswordFile(opts.passwordFile);
     else if (opts.passwordPrompt) password = await askPassword("password: ");
   } catch (err) {
@@ -667,7 +801,8 @@ async function runHosts(command: string, opts: Parsed, act: Action, password: st
   await using server = opts.serve ? await attach(logs.sink) : null;
   await using own = server ? null : new Router({ log: logs.sink });
   const router = server?.router ?? (own as Router);
-  const live = opts.json ? null : await LiveList.open(opts.targets);
+  // The live list is for a terminal; text to a pipe (--gather) is only the end's.
+  const live = opts.json || !process.stdout.isTTY ? null : await LiveList.open(opts.targets);
   // With --json a record is written as it comes and only what the summary needs is kept.
   const results: HostResult[] = new Array(opts.targets.length);
   const sshOptions = (t: Target, via: Context | undefined) => ({
@@ -788,6 +923,7 @@ async function runHosts(command: string, opts: Parsed, act: Action, password: st
         result.interrupted ? "interrupted" : result.ok ? "ok" : "failed",
         result.ok ? (result.exitCode !== undefined ? `exit ${result.exitCode}` : "") : (result.error ?? `exit ${result.exitCode}`),
       );
+      if (opts.outputDir) writeHostFiles(opts.outputDir, result);
       if (opts.json) process.stdout.write(`${JSON.stringify(result)}\n`);
       else results[i] = result;
     }
@@ -795,14 +931,8 @@ async function runHosts(command: string, opts: Parsed, act: Action, password: st
   await Promise.all(Array.from({ length: Math.min(opts.forks, opts.targets.length) }, worker));
   live?.done();
   if (!opts.json) {
-    const prefixed = (out: string, prefix: string) => `${out.replace(/\n$/, "").replace(/^/gm, prefix)}\n`;
-    for (const r of results) {
-      if (r.output) process.stdout.write(prefixed(r.output, `${r.host} (output): `));
-      if (r.stdout) process.stdout.write(prefixed(r.stdout, `${r.host}: `));
-      if (r.stderr) process.stdout.write(prefixed(r.stderr, `${r.host} (stderr): `));
-      if (r.result !== undefined) process.stdout.write(`${r.host}: ${JSON.stringify(r.result)}\n`);
-      if (r.error) process.stdout.write(`${r.host}: ${r.interrupted ? "" : "error: "}${r.error}\n`);
-    }
+    if (opts.gather) process.stdout.write(gathered(results));
+    else for (const r of results) process.stdout.write(hostText(r, `${r.host}: `));
     const s = slowest as { host: string; ms: number } | null;
     const parts = [`${opts.targets.length - failed} ok`, `${failed - interrupted} failed`, ...(interrupted ? [`${interrupted} interrupted`] : [])];
     process.stdout.write(`\n${parts.join(", ")}${s ? `; slowest ${s.host} (${(s.ms / 1000).toFixed(1)} s)` : ""}\n`);

@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { type ChildProcess, execFile, spawn } from "node:child_process";
-import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -175,6 +175,89 @@ test("on a terminal: a live per-host list, then each host's output and a summary
   assert.match(plain, /✔ local#2\s+ok/);
   assert.match(plain, /^local: hi$/m);
   assert.match(plain, /2 ok, 0 failed; slowest local(#2)? \(\d+\.\d s\)/);
+});
+
+/** `mitogen ...args` with `input` on its stdin (then closed), and `env` added. */
+function mitogenFed(args: string[], input: string, env: Record<string, string> = {}): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((done) => {
+    const child = spawn(node, [DIST, ...args], { env: { ...process.env, NO_COLOR: "1", ...env }, stdio: ["pipe", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (d: Buffer) => (stdout += d));
+    child.stderr.on("data", (d: Buffer) => (stderr += d));
+    const timer = setTimeout(() => child.kill("SIGKILL"), 60_000);
+    child.on("close", (code) => {
+      clearTimeout(timer);
+      done({ code: code ?? 1, stdout, stderr });
+    });
+    child.stdin.end(input);
+  });
+}
+
+test("-I sends stdin to every host's command; without it input on stdin is refused, not dropped", async () => {
+  const fed = await mitogenFed(["run", "local,local", "-I", "--json", "--", "cat; echo end"], "line one\nline two\n");
+  assert.equal(fed.code, 0, fed.stderr);
+  assert.deepEqual(
+    lines(fed.stdout).map((l) => l.stdout),
+    ["line one\nline two\nend\n", "line one\nline two\nend\n"],
+  );
+  // A shell's pipe, as `echo x | mitogen run ...` makes.
+  const piped = (args: string) =>
+    new Promise<{ code: number; stderr: string }>((done) =>
+      execFile("/bin/sh", ["-c", `printf 'lost?\\n' | "$0" "$1" ${args}`, node, DIST], { timeout: 60_000 }, (err, _out, stderr) =>
+        done({ code: err ? Number((err as { code?: number }).code ?? 1) : 0, stderr }),
+      ),
+    );
+  const dropped = await piped("run local --json -- cat");
+  assert.equal(dropped.code, 2);
+  assert.match(dropped.stderr, /^mitogen run: stdin holds input, which would be dropped: give -I \(--stdin\)/);
+  const evalPiped = await piped("eval local 1");
+  assert.equal(evalPiped.code, 2);
+  assert.match(evalPiped.stderr, /eval reads no input: redirect stdin from \/dev\/null/);
+  const notRun = await mitogenFed(["eval", "local", "1", "-I"], "x");
+  assert.equal(notRun.code, 2);
+  assert.match(notRun.stderr, /--stdin is for run/);
+  // An empty pipe left open (as this test's other commands have) is no input.
+  const r = await mitogen(["run", "local", "--json", "--", "cat </dev/null; echo ok"]);
+  assert.equal(r.code, 0, r.stderr);
+});
+
+test("-b gathers identical output under its hosts; -o writes each host's output to files", async () => {
+  const g = await mitogen(["run", "local,local,local", "-b", "--", "echo same"]);
+  assert.equal(g.code, 0, g.stderr);
+  assert.match(g.stdout, /^-+\nlocal,local#2,local#3 \(3\)\n-+\nsame\n\n3 ok, 0 failed; slowest /);
+  // Each its own pid: two groups of one.
+  const split = await mitogen(["run", "local,local", "-b", "--", "echo $$"]);
+  assert.equal(split.stdout.match(/^local(#2)? \(1\)$/gm)?.length, 2, split.stdout);
+  const fails = await mitogen(["run", "local,local", "--gather", "--", "echo x; exit 4"]);
+  assert.equal(fails.code, 1);
+  assert.match(fails.stdout, /local,local#2 \(2\)\n-+\nx\n\(exit 4\)\n/);
+  assert.equal((await mitogen(["run", "local", "-b", "--json", "--", "true"])).code, 2);
+  const dir = join(scratch, "out");
+  const o = await mitogen(["run", "local,local", "-o", dir, "--json", "--", "echo out; echo err >&2"]);
+  assert.equal(o.code, 0, o.stderr);
+  for (const host of ["local", "local#2"]) {
+    assert.equal(readFileSync(join(dir, `${host}.stdout`), "utf8"), "out\n");
+    assert.equal(readFileSync(join(dir, `${host}.stderr`), "utf8"), "err\n");
+  }
+  const e = await mitogen(["eval", "local", "-o", dir, "6 * 7"]);
+  assert.equal(e.code, 0, e.stderr);
+  assert.equal(readFileSync(join(dir, "local.result"), "utf8"), "42\n");
+});
+
+test("call's help says how JSON_ARGS become arguments; an ssh error's trailing \\r is not in the record", async () => {
+  const help = await mitogen(["call", "--help"]);
+  assert.match(help.stdout, /JSON_ARGS is one JSON value: an array is spread as the arguments/);
+  assert.match(help.stdout, /mitogen call web1 \.\/tasks\.ts#add '\[1, 2\]' +add\(1, 2\)/);
+  // An ssh that fails as one on a terminal does: its lines end with \r\n.
+  const bin = join(scratch, "crlf-bin");
+  mkdirSync(bin, { recursive: true });
+  writeFileSync(join(bin, "ssh"), "#!/bin/sh\nprintf 'ssh: connect to host web1 port 22: Connection refused\\r\\n' >&2\nexit 255\n", { mode: 0o755 });
+  const r = await mitogenFed(["run", "web1", "--json", "--", "true"], "", { PATH: `${bin}:${process.env.PATH}` });
+  assert.equal(r.code, 1);
+  const [line] = lines(r.stdout);
+  assert.match(String(line?.error), /Connection refused/);
+  assert.doesNotMatch(String(line?.error), /\r/);
 });
 
 test("a missing runtime is that host's error, in the library's words; the others go on", async () => {
