@@ -8,7 +8,7 @@ import { createHash } from "node:crypto";
 import { closeSync, openSync, readdirSync, readFileSync, truncateSync, writeFileSync, writeSync } from "node:fs";
 import { afterEach, beforeEach } from "node:test";
 import type { Transport } from "../transport.ts";
-import { type CallContext, type LogRecord, Router, type RouterOptions, takesRouter } from "../mod.ts";
+import { type CallContext, type Context, type LogRecord, Router, type RouterOptions, takesRouter } from "../mod.ts";
 
 /** Every process this test file starts inherits this variable, so leaks are found even when orphaned. */
 export const TOKEN = `MITOGEN_TEST_TOKEN=${process.pid}-${Date.now()}`;
@@ -121,6 +121,13 @@ export function routerWithLogs(options: Omit<RouterOptions, "log"> = {}): { rout
   const logs = captureLogs();
   const router = new Router({ log: logs.log, ...options });
   return { router, logs, [Symbol.asyncDispose]: () => router[Symbol.asyncDispose]() };
+}
+
+/** The context `start` resolves with, once connected: a start `via` another context resolves before (see Context.connected). */
+export async function whenConnected(start: Promise<Context>): Promise<Context> {
+  const ctx = await start;
+  await ctx.connected();
+  return ctx;
 }
 
 /** Wait until `cond()` holds, polling; fails after `ms`. */
