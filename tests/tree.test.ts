@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import type { Router } from "../mod.ts";
+import { CallError, ChannelError, type Router } from "../mod.ts";
 import { checkLeaks, quietRouter, routerWithLogs, waitFor, whenConnected } from "./helpers.ts";
 import { hostTree, type TestHosts, useTestHosts } from "../lab/hosts.ts";
 
@@ -61,6 +61,26 @@ test("siblings talk across hosts, unless the router is unidirectional", { skip }
       await waitFor(() => logs.records.some((r) => /unidirectional mode forbids/.test(r.message)), 5000, "refusal logged");
     }
   }
+});
+
+test("a via start to a host that refuses: the call sent meanwhile rejects with the start's error, nothing is left running", { skip }, async () => {
+  await using router = quietRouter();
+  const bastion = await router.ssh({ hostname: "bastion", sshArgs: ["-F", hosts.sshConfigFile], name: "bastion" });
+  const bad = await router.ssh({ hostname: hosts.inner.address, port: 1, via: bastion, name: "refused" });
+  const queued = bad.call(() => 1);
+  const err = await bad.connected().then(
+    () => null,
+    (e: unknown) => e,
+  );
+  assert.ok(err instanceof CallError && /Connection refused/.test(err.message), `${err}`);
+  const first = await queued.then(
+    () => null,
+    (e: unknown) => e,
+  );
+  assert.ok(first instanceof ChannelError && err.message.endsWith(first.message), `${first} (the start said ${err.message})`);
+  const ssh = await bastion.call(() => process.getBuiltinModule("node:child_process").execSync("pgrep -u $(id -u) -x ssh || true").toString().trim());
+  assert.equal(ssh, "", "no ssh left on bastion");
+  assert.equal(await bastion.call(() => "bastion unharmed"), "bastion unharmed");
 });
 
 test("sudo: a wrong password and a missing one fail at once, with distinct errors", { skip }, async () => {
