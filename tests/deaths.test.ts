@@ -211,16 +211,16 @@ for (const runtime of RUNTIMES) {
       await kid.connected();
       assert.ok(kid.runtime?.startsWith(runtime), `${kid.runtime}`);
       const bad = await router.local({ runtime: join(dir, "no-such-runtime"), name: "bad", via: hop });
-      const queued = bad.call(() => 1);
+      const queued = bad.call(() => 1).then(
+        () => null,
+        (e: unknown) => e,
+      );
       const err = await bad.connected().then(
         () => null,
         (e: unknown) => e,
       );
       assert.ok(err instanceof CallError && /cannot start .*no-such-runtime/.test(err.message), `${err}`);
-      const first = await queued.then(
-        () => null,
-        (e: unknown) => e,
-      );
+      const first = await queued;
       assert.ok(first instanceof ChannelError && err.message.endsWith(first.message), `${first} (the start said ${err.message})`);
       await failsWith(
         bad.call(() => 1),

@@ -67,16 +67,16 @@ test("a via start to a host that refuses: the call sent meanwhile rejects with t
   await using router = quietRouter();
   const bastion = await router.ssh({ hostname: "bastion", sshArgs: ["-F", hosts.sshConfigFile], name: "bastion" });
   const bad = await router.ssh({ hostname: hosts.inner.address, port: 1, via: bastion, name: "refused" });
-  const queued = bad.call(() => 1);
+  const queued = bad.call(() => 1).then(
+    () => null,
+    (e: unknown) => e,
+  );
   const err = await bad.connected().then(
     () => null,
     (e: unknown) => e,
   );
   assert.ok(err instanceof CallError && /Connection refused/.test(err.message), `${err}`);
-  const first = await queued.then(
-    () => null,
-    (e: unknown) => e,
-  );
+  const first = await queued;
   assert.ok(first instanceof ChannelError && err.message.endsWith(first.message), `${first} (the start said ${err.message})`);
   const ssh = await bastion.call(() => process.getBuiltinModule("node:child_process").execSync("pgrep -u $(id -u) -x ssh || true").toString().trim());
   assert.equal(ssh, "", "no ssh left on bastion");
