@@ -211,10 +211,12 @@ for (const runtime of RUNTIMES) {
       await kid.connected();
       assert.ok(kid.runtime?.startsWith(runtime), `${kid.runtime}`);
       const bad = await router.local({ runtime: join(dir, "no-such-runtime"), name: "bad", via: hop });
-      const queued = bad.call(() => 1).then(
-        () => null,
-        (e: unknown) => e,
-      );
+      const queued = bad
+        .call(() => 1)
+        .then(
+          () => null,
+          (e: unknown) => e,
+        );
       const err = await bad.connected().then(
         () => null,
         (e: unknown) => e,

@@ -67,10 +67,12 @@ test("a via start to a host that refuses: the call sent meanwhile rejects with t
   await using router = quietRouter();
   const bastion = await router.ssh({ hostname: "bastion", sshArgs: ["-F", hosts.sshConfigFile], name: "bastion" });
   const bad = await router.ssh({ hostname: hosts.inner.address, port: 1, via: bastion, name: "refused" });
-  const queued = bad.call(() => 1).then(
-    () => null,
-    (e: unknown) => e,
-  );
+  const queued = bad
+    .call(() => 1)
+    .then(
+      () => null,
+      (e: unknown) => e,
+    );
   const err = await bad.connected().then(
     () => null,
     (e: unknown) => e,
