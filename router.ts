@@ -377,10 +377,13 @@ export class Router implements Binder, AsyncDisposable {
     if (!stream || stream.closed || stream.remoteId === null) return;
     const next = stream.remoteId;
     const modules: [string, Uint8Array | null][] = [];
+    let room = this.maxMessageSize - 4096;
     for (const name of names) {
+      // Code that would not fit is left to GET_MODULE, which says so.
       const code = this.moduleCode.get(name);
-      if (this.#held.get(to)?.has(name) || (!code && !this.#held.get(next)?.has(name))) continue;
+      if (this.#held.get(to)?.has(name) || !(this.#held.get(next)?.has(name) || (code && code.byteLength < room))) continue;
       const sent = this.#hold(next, name) ? null : (code ?? null);
+      room -= sent?.byteLength ?? 0;
       modules.push([name, sent]);
       this.#hold(to, name);
       if (sent) {
