@@ -232,6 +232,8 @@ export class Router implements Binder, AsyncDisposable {
   readonly #held = new Map<number, Set<string>>();
   /** Children about to start here (LOAD_MODULE's ids): the messages for each, held until it is connected. */
   readonly #pending = new Map<number, Message[]>();
+  /** Ids to be started by such a child, once it is: their messages wait with its own. */
+  readonly #later = new Map<number, number>();
   /** The parent of each context routed below this one, as adopted (ADD_ROUTE). */
   readonly #parentOf = new Map<number, number>();
   /** Why each lost context is gone, for dead messages to it. */
@@ -373,9 +375,11 @@ export class Router implements Binder, AsyncDisposable {
    * Does nothing for a context not below this one, or for a module this one lacks.
    */
   pushDown(to: number, names: string[], ids: number[] = []): void {
-    const stream = this.#routes.get(to);
-    if (!stream || stream.closed || stream.remoteId === null) return;
-    const next = stream.remoteId;
+    // A child still starting here gets it with the messages held for it.
+    const held = this.#pending.get(to);
+    const stream = held ? undefined : (this.#routes.get(to) ?? (this.#parentOf.has(to) ? this.#allocated.get(to) : undefined));
+    const next = held ? to : stream?.remoteId;
+    if (next === undefined || next === null || stream?.closed) return;
     const modules: [string, Uint8Array | null][] = [];
     let room = this.maxMessageSize - 4096;
     for (const name of names) {
@@ -392,10 +396,14 @@ export class Router implements Binder, AsyncDisposable {
       }
     }
     for (const id of ids) {
-      this.#allocated.set(id, stream);
+      if (stream) this.#allocated.set(id, stream);
+      else this.#later.set(id, to);
       this.#parentOf.set(id, to);
     }
-    if (modules.length || ids.length) stream.send(loadModuleBody.encode([to, modules, ids], { dst: next, src: this.myId, auth: this.myId }));
+    if (!modules.length && !ids.length) return;
+    const msg = loadModuleBody.encode([to, modules, ids], { dst: next, src: this.myId, auth: this.myId });
+    if (stream) stream.send(msg);
+    else held?.push(msg);
   }
 
   /** LOAD_MODULE from the parent: keep the modules, pass the rest on toward `to`; ids for this context's children are awaited. */
@@ -422,6 +430,7 @@ export class Router implements Binder, AsyncDisposable {
     if (this.#routes.has(id) || (!held && !this.#allocated.has(id))) return;
     this.#pending.delete(id);
     this.#allocated.delete(id);
+    for (const [later, by] of this.#later) if (by === id) this.#later.delete(later);
     for (const msg of held ?? []) this.#sendDead(msg, reason);
     this.#lost(id, reason);
   }
@@ -725,7 +734,7 @@ export class Router implements Binder, AsyncDisposable {
 
   /** @internal Is `id` a context starting here or below (see {@link pushDown}), not connected yet? */
   starting(id: number): boolean {
-    return this.#pending.has(id) || (this.#allocated.has(id) && this.#parentOf.has(id));
+    return this.#pending.has(id) || this.#later.has(id) || (this.#allocated.has(id) && this.#parentOf.has(id));
   }
 
   /** Ids of the contexts routed below this one. */
@@ -734,7 +743,7 @@ export class Router implements Binder, AsyncDisposable {
   }
 
   #canReach(id: number): boolean {
-    return id === this.myId || this.#routes.has(id) || this.#allocated.has(id) || this.#pending.has(id) || (this.parent !== null && !this.parent.closed);
+    return id === this.myId || this.#routes.has(id) || this.#allocated.has(id) || this.starting(id) || (this.parent !== null && !this.parent.closed);
   }
 
   // -- streams and routes ---------------------------------------------------
@@ -759,9 +768,14 @@ export class Router implements Binder, AsyncDisposable {
     ctx.runtime = link.runtime ?? null;
     ctx.method = link.method ?? null;
     this.#announce(addRouteBody, [remoteId, name, this.myId, ctx.runtime, ctx.method]);
-    // What was sent to it while it started goes now, in order.
+    // What was sent to it while it started goes now, in order; the ids it is to start route through it.
     const held = this.#pending.get(remoteId);
     this.#pending.delete(remoteId);
+    for (const [id, by] of this.#later) {
+      if (by !== remoteId) continue;
+      this.#later.delete(id);
+      this.#allocated.set(id, stream);
+    }
     for (const msg of held ?? []) stream.send(msg);
     return ctx;
   }
@@ -960,8 +974,8 @@ export class Router implements Binder, AsyncDisposable {
     }
     let out = this.#routes.get(msg.dst);
     if (!out) {
-      // A child starting here: held until it is connected (see pushDown).
-      const held = this.#pending.get(msg.dst);
+      // A child starting here, or one it is to start: held until it is connected (see pushDown).
+      const held = this.#pending.get(msg.dst) ?? this.#pending.get(this.#later.get(msg.dst) ?? -1);
       if (held) {
         if (msg.handle === HANDLE.SHUTDOWN) this.#shutdownSent.add(msg.dst);
         held.push(msg);

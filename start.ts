@@ -106,7 +106,7 @@ export async function start(
     connectTimeout,
     method,
   };
-  if (!router.routeTo(via.contextId)) {
+  if (!router.routeTo(via.contextId) && !router.starting(via.contextId)) {
     // Not below us: the via context allocates the id (every id a context announces was allocated through its own link).
     const [id, named] = (await via.callModule("mitogen:parent", "proxyConnect", spec)) as [number, string];
     const ctx = router.contextById(id, named);

@@ -210,6 +210,15 @@ for (const runtime of RUNTIMES) {
       );
       await kid.connected();
       assert.ok(kid.runtime?.startsWith(runtime), `${kid.runtime}`);
+      // A chain started at once: each start waits in the hop above it, and nothing comes up to ask.
+      const c1 = await router.local({ runtime, name: "c1", via: hop });
+      const c2 = await router.local({ runtime, name: "c2", via: c1 });
+      assert.deepEqual(await c2.call(takesRouter(({ router }: CallContext) => router.path)), ["master", "starter", "c1", "c2"]);
+      assert.deepEqual(
+        frames.up.filter((h) => h === "ALLOCATE_ID" || h === "GET_MODULE"),
+        [],
+        "nothing asked of the master for the chain",
+      );
       const bad = await router.local({ runtime: join(dir, "no-such-runtime"), name: "bad", via: hop });
       const queued = bad
         .call(() => 1)
