@@ -226,7 +226,7 @@ export class Router implements Binder, AsyncDisposable {
   readonly #links = new Map<Stream, ChildLink>();
   readonly #contexts = new Map<number, Context>();
   readonly #respondents = new Map<number, Set<number>>();
-  /** Ids allocated through each child stream (ALLOCATE_ID, LOAD_MODULE), until announced by ADD_ROUTE: routed there meanwhile. */
+  /** Ids allocated through each child stream (ALLOCATE_ID, LOAD_MODULE), until announced by ADD_ROUTE; LOAD_MODULE's are routed there meanwhile. */
   readonly #allocated = new Map<number, Stream>();
   /** Shipped modules each context below holds, as far as this one sent them (LOAD_MODULE, GET_MODULE answers). */
   readonly #held = new Map<number, Set<string>>();
@@ -743,7 +743,7 @@ export class Router implements Binder, AsyncDisposable {
   }
 
   #canReach(id: number): boolean {
-    return id === this.myId || this.#routes.has(id) || this.#allocated.has(id) || this.starting(id) || (this.parent !== null && !this.parent.closed);
+    return id === this.myId || this.#routes.has(id) || this.starting(id) || (this.parent !== null && !this.parent.closed);
   }
 
   // -- streams and routes ---------------------------------------------------
@@ -981,7 +981,8 @@ export class Router implements Binder, AsyncDisposable {
         held.push(msg);
         return;
       }
-      out = this.#allocated.get(msg.dst) ?? this.parent ?? undefined;
+      // One being started below (not merely allocated, ALLOCATE_ID) is routed toward it.
+      out = (this.#parentOf.has(msg.dst) ? this.#allocated.get(msg.dst) : undefined) ?? this.parent ?? undefined;
     }
     if (!out || out.closed) {
       const later = out && this.#closing.get(out);
