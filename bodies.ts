@@ -145,6 +145,21 @@ export type DelRouteBody = [id: number, reason: string];
 export const delRouteBody: Body<DelRouteBody> = body(HANDLE.DEL_ROUTE);
 
 // ---------------------------------------------------------------------------
+// LOAD_MODULE (107), from a parent, hop by hop toward `to`: what `to` is about to need
+//
+//   [to, modules, ids]
+//
+//   modules  [name, code][]: code the raw-deflated script, or nil where the receiving hop holds it
+//   ids      ids of children `to` is about to start: each hop routes them toward `to` until
+//            announced; `to` holds the messages for each until it is connected
+
+/** A LOAD_MODULE body. */
+export type LoadModuleBody = [to: number, modules: [name: string, code: Uint8Array | null][], ids: number[]];
+
+/** LOAD_MODULE. */
+export const loadModuleBody: Body<LoadModuleBody> = body(HANDLE.LOAD_MODULE);
+
+// ---------------------------------------------------------------------------
 // CONFIGURE (112), the first frame from a parent to a new child (or a listener to a session)
 //
 //   { contextId, parentIds, name, path, maxMessageSize, unidirectional, debug, parentPid?, codeCache? }

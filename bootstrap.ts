@@ -174,6 +174,8 @@ export async function bootstrap(
     stream.writeRaw(length);
     stream.writeRaw(payload);
     if (sent.rest) stream.writeRaw(sent.rest);
+    // A child given the compressed core keeps it, to start children of its own.
+    if (payload === core) router.noteHeld(spec.id, runtime.core);
     step(router, spec, t0, "payload", `payload sent (${runtime.core}, ${payload.byteLength} bytes)`);
     const config: ChildConfig = {
       contextId: spec.id,

@@ -35,6 +35,8 @@ export interface Bundle {
   code: Uint8Array;
   /** Bytes before compression. */
   rawSize: number;
+  /** The names the module exports, as the script's own export table gives them; null where it has none (a CommonJS entry). */
+  exports: string[] | null;
 }
 
 type Entry = Bundle & { inputs: [path: string, mtimeMs: number, size: number][] };
@@ -212,7 +214,8 @@ async function buildPlain(file: string, noEsbuild: Error): Promise<Entry> {
     const st = statSync(path);
     return [path, st.mtimeMs, st.size];
   });
-  return { name, code: deflateRawSync(text), rawSize: Buffer.byteLength(text), inputs };
+  // Its export names are known once it has loaded (the child answers them).
+  return { name, code: deflateRawSync(text), rawSize: Buffer.byteLength(text), exports: null, inputs };
 }
 
 async function build(file: string, target: string): Promise<Entry> {
@@ -265,7 +268,7 @@ async function build(file: string, target: string): Promise<Entry> {
       const st = statSync(abs);
       return [abs, st.mtimeMs, st.size];
     });
-    return { name, code: deflateRawSync(text), rawSize: Buffer.byteLength(text), inputs };
+    return { name, code: deflateRawSync(text), rawSize: Buffer.byteLength(text), exports: exportNames(js), inputs };
   } catch (err) {
     const errors = (err as { errors?: { text: string; location?: { file: string; line: number; column: number } | null }[] }).errors;
     if (!errors?.length) throw runDenied() ? new MitogenError(`ctx.import() runs esbuild, ${RUN_DENIED}`, { cause: err }) : err;
@@ -281,6 +284,26 @@ async function build(file: string, target: string): Promise<Entry> {
       (idle as { unref?: () => void }).unref?.();
     }
   }
+}
+
+/**
+ * The export names of esbuild's CommonJS script for an ES module entry: the keys of the `__export(x, {...})`
+ * table whose object `module.exports = __toCommonJS(x)` sets. Null when there is none, or `export *` adds to it.
+ */
+export function exportNames(js: string): string[] | null {
+  const object = /^module\.exports = __toCommonJS\(([\w$]+)\);$/m.exec(js)?.[1];
+  // `export * from` re-exports what is known only once it runs.
+  if (!object || js.includes(`__reExport(${object},`)) return null;
+  const start = js.indexOf(`__export(${object}, {\n`);
+  const end = start < 0 ? -1 : js.indexOf("\n});", start);
+  if (end < 0) return js.includes(`__export(${object},`) ? null : [];
+  const names: string[] = [];
+  for (const line of js.slice(start, end).split("\n").slice(1)) {
+    const m = /^\s+(?:([\w$]+)|("(?:[^"\\]|\\.)*")): \(\) =>/.exec(line);
+    if (!m) return null;
+    names.push(m[1] ?? (JSON.parse(m[2] as string) as string));
+  }
+  return names;
 }
 
 /** The `imports` of the deno.json (or deno.jsonc without comments) nearest `dir`, and its directory; cached per directory. */

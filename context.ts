@@ -22,7 +22,10 @@ export interface ContextHost extends ChannelHost {
   delHandler(handle: number): void;
   _expectReply(respondent: number, fn: (msg: Message) => void): number;
   bundleModule(specifier: string | URL, runtime: string | null): Promise<string>;
+  /** The exported names of a module bundled here, when the bundle tells (see {@link ContextHost.bundleModule}). */
+  moduleExports?(name: string): string[] | undefined;
   requireModule(name: string): Promise<Record<string, unknown>>;
+  pushDown(to: number, names: string[], ids?: number[]): void;
 }
 
 /** Options of {@link Context.putFile}, {@link Context.getFile} and {@link Router.putFile}. */
@@ -124,6 +127,7 @@ export class Context implements WireRef, AsyncDisposable {
   method: string | null = null;
   #disconnected: string | null = null;
   #waiters: ((reason: string) => void)[] = [];
+  #connecting: Promise<void> | null = null;
 
   constructor(router: ContextHost, contextId: number, name: string) {
     this.router = router;
@@ -372,6 +376,31 @@ export class Context implements WireRef, AsyncDisposable {
     return (await files(this.router)).getFile(this.router, this, src, dst, options);
   }
 
+  /**
+   * Resolves once the context is connected; rejects with the error its start failed with. A context
+   * started `via` another is returned as soon as the request to start it is sent, and calls to it wait
+   * in the `via` context until it is connected (or fail with that error): this waits for that.
+   *
+   * @example
+   * ```ts
+   * import { Router } from "mitogen";
+   * await using router = new Router();
+   * const hop = await router.local();
+   * const child = await router.local({ via: hop, name: "child" });
+   * await child.connected();
+   * console.log(await child.call(() => 6 * 7)); // 42
+   * ```
+   */
+  connected(): Promise<void> {
+    return this.#connecting ?? Promise.resolve();
+  }
+
+  /** @internal The start of this context: {@link Context.connected} follows it. */
+  _connecting(start: Promise<void>): void {
+    this.#connecting = start;
+    start.catch(() => {});
+  }
+
   /** Resolves with the reason once the context is gone. */
   disconnected(): Promise<string> {
     if (this.#disconnected !== null) return Promise.resolve(this.#disconnected);
@@ -454,6 +483,8 @@ export class CallScope {
 
   /** As {@link Context.callModule}. */
   callModule(module: string, name: string, ...args: unknown[]): Promise<unknown> {
+    // The module goes ahead of the call where the callee is below us and not known to hold it.
+    this.context.router.pushDown(this.context.contextId, [module]);
     return this.#request(() => callBody.encode(chained([CALL.MODULE, `${module}#${name}`, args, 0, limits(this.options)], this.chainId)));
   }
 
@@ -518,11 +549,35 @@ export class CallScope {
 
   /** As {@link Context.import}; the functions returned carry this scope's options. */
   async import<T>(specifier: string | URL): Promise<Remote<T>> {
-    const name = await this.context.router.bundleModule(specifier, this.context.runtime);
+    const ctx = this.context;
+    // Bundled for its runtime: a context still starting tells it once connected.
+    if (ctx.runtime === null) await ctx.connected();
+    const router = ctx.router;
+    const name = await router.bundleModule(specifier, ctx.runtime);
+    router.pushDown(ctx.contextId, [name]);
     const load = callBody.encode(chained([CALL.LOAD, name, [], 0, limits(this.options)], this.chainId));
-    const exported = (await this.#start(load).get()).unpickle() as string[];
+    const loaded = this.#start(load)
+      .get()
+      .then((reply) => reply.unpickle() as string[]);
     const remote: Record<string, (...args: unknown[]) => Promise<unknown>> = {};
-    for (const fn of exported) remote[fn] = (...args) => this.callModule(name, fn, ...args);
+    let failed: { error: unknown } | null = null;
+    const add = (fn: string) => (remote[fn] = (...args) => (failed ? Promise.reject(failed.error) : this.callModule(name, fn, ...args)));
+    const known = router.moduleExports?.(name);
+    if (!known) {
+      for (const fn of await loaded) add(fn);
+      return remote as Remote<T>;
+    }
+    // The bundle names the exports: the first calls go behind the load, and fail as it does. Exports that
+    // are not functions go once it answers.
+    for (const fn of known) add(fn);
+    loaded.then(
+      (fns) => {
+        for (const fn of known) if (!fns.includes(fn)) delete remote[fn];
+      },
+      (error: unknown) => {
+        failed = { error };
+      },
+    );
     return remote as Remote<T>;
   }
 

@@ -59,9 +59,9 @@ function admit(router: Router, route: ListenRoute, msg: Message): string | null 
   if (msg.dst !== router.myId) {
     if (route === "listener" || h === HANDLE.FORWARD_MODULE) return `this listener admits messages to ${router.name} only`;
     const out = router.routeTo(msg.dst);
-    if (!out) return `context ${msg.dst} is not below ${router.name}`;
+    if (!out && !router.starting(msg.dst)) return `context ${msg.dst} is not below ${router.name}`;
     // A session of this listener, or (as ADD_ROUTE told) of one further down.
-    if (sessionStreams.has(out) || router.contextById(msg.dst).runtime === SESSION_RUNTIME)
+    if ((out && sessionStreams.has(out)) || router.contextById(msg.dst).runtime === SESSION_RUNTIME)
       return `context ${msg.dst} is an attached session: sessions cannot reach each other`;
   }
   msg.auth = router.myId;

@@ -60,7 +60,7 @@ export interface RouterStats {
   streams: number;
   /** Bytes of frames over each of those streams (headers included) and the frames, by the context at the other end. */
   links: { id: number; name: string; bytesIn: number; bytesOut: number; framesIn: number; framesOut: number }[];
-  /** Modules (the core payloads and shipped modules included) sent in answer to GET_MODULE, and their compressed bytes. */
+  /** Modules (the core payloads and shipped modules included) sent down, asked for (GET_MODULE) or ahead of need (LOAD_MODULE), and their compressed bytes. */
   modulesSent: number;
   moduleBytesSent: number;
 }
@@ -341,9 +341,17 @@ export class Router extends CoreRouter {
    * unchanged) and hold it for GET_MODULE.
    */
   override async bundleModule(specifier: string | URL, runtime: string | null = null): Promise<string> {
-    const { name, code } = await bundle(specifier, bundleTarget(runtime));
+    const { name, code, exports } = await bundle(specifier, bundleTarget(runtime));
     this.moduleCode.set(name, code);
+    if (exports) this.#exports.set(name, exports);
     return name;
+  }
+
+  readonly #exports = new Map<string, string[]>();
+
+  /** The names module `name` (bundled here) exports, when its bundle tells. */
+  moduleExports(name: string): string[] | undefined {
+    return this.#exports.get(name);
   }
 
   /** Remote stacks point into shipped bundles; point them at the original TypeScript instead. */

@@ -168,16 +168,25 @@ function terminalMethod(router: Router, kind: "su" | "doas", o: SuOptions): Prom
   return start(router, o, method, kind, username);
 }
 
-/** Run in a `via` context: allocate an id, start a child there. Resolves with its id and name. */
+/**
+ * Run in a `via` context: start a child there, with the id in `spec` (whose messages this context
+ * holds until it is connected, see Router.pushDown) or one allocated now. Resolves with its id and name;
+ * a failure fails the messages held for it and is reported as its loss (DEL_ROUTE).
+ */
 export const proxyConnect: (spec: ProxySpec, call: { router: Router }) => Promise<[number, string]> = takesRouter(
   async (spec: ProxySpec, call: { router: Router }): Promise<[number, string]> => {
-    const ctx = await start(
-      call.router,
-      { ...(spec.name === undefined ? {} : { name: spec.name }), connectTimeout: spec.connectTimeout },
-      spec.method,
-      spec.label,
-      spec.where,
-    );
-    return [ctx.contextId, ctx.name];
+    try {
+      const ctx = await start(
+        call.router,
+        { ...(spec.id === undefined ? {} : { id: spec.id }), ...(spec.name === undefined ? {} : { name: spec.name }), connectTimeout: spec.connectTimeout },
+        spec.method,
+        spec.label,
+        spec.where,
+      );
+      return [ctx.contextId, ctx.name];
+    } catch (err) {
+      if (spec.id !== undefined) call.router.failChild(spec.id, (err as Error)?.message ?? String(err));
+      throw err;
+    }
   },
 );

@@ -13,7 +13,7 @@ import type { LinkCounts, Stream } from "./stream.ts";
 import { FlowControl } from "./flow.ts";
 import { Sender } from "./channels.ts";
 import { defaultCategory, type LogLevel, type LogRecord, type LogSource, logRecordOf, safeJson } from "./logapi.ts";
-import { addRouteBody, type Body, delRouteBody, logBody, type LogBody } from "./bodies.ts";
+import { addRouteBody, type Body, delRouteBody, loadModuleBody, logBody, type LogBody } from "./bodies.ts";
 import { type ArgSpec, type ArgsOut, type ChainState, evaluateModule, replyError, replySafely } from "./calls.ts";
 import { Context, type FileOptions, type FileResult } from "./context.ts";
 import type {
@@ -208,7 +208,7 @@ export class Router implements Binder, AsyncDisposable {
   /** Compressed code of shipped modules this context holds, for itself and its children. */
   readonly moduleCode: Map<string, Uint8Array> = new Map();
   /**
-   * Counters: modules this context sent to its children (GET_MODULE answers) and their bytes; bytes of
+   * Counters: modules this context sent to its children (GET_MODULE answers, LOAD_MODULE) and their bytes; bytes of
    * frames over each link, by the id of the context at its other end (children and parent).
    */
   readonly stats: { modulesSent: number; moduleBytesSent: number; links: Map<number, LinkCounts> } = { modulesSent: 0, moduleBytesSent: 0, links: new Map() };
@@ -226,8 +226,14 @@ export class Router implements Binder, AsyncDisposable {
   readonly #links = new Map<Stream, ChildLink>();
   readonly #contexts = new Map<number, Context>();
   readonly #respondents = new Map<number, Set<number>>();
-  /** Ids this context allocated for each child stream (ALLOCATE_ID), until announced by ADD_ROUTE. */
-  readonly #allocated = new WeakMap<Stream, Set<number>>();
+  /** Ids allocated through each child stream (ALLOCATE_ID, LOAD_MODULE), until announced by ADD_ROUTE; LOAD_MODULE's are routed there meanwhile. */
+  readonly #allocated = new Map<number, Stream>();
+  /** Shipped modules each context below holds, as far as this one sent them (LOAD_MODULE, GET_MODULE answers). */
+  readonly #held = new Map<number, Set<string>>();
+  /** Children about to start here (LOAD_MODULE's ids): the messages for each, held until it is connected. */
+  readonly #pending = new Map<number, Message[]>();
+  /** Ids to be started by such a child, once it is: their messages wait with its own. */
+  readonly #later = new Map<number, number>();
   /** The parent of each context routed below this one, as adopted (ADD_ROUTE). */
   readonly #parentOf = new Map<number, number>();
   /** Why each lost context is gone, for dead messages to it. */
@@ -249,6 +255,10 @@ export class Router implements Binder, AsyncDisposable {
     });
     const below = (_m: Message, s: Stream | null) => s !== null && s !== this.parent;
     this.addHandler((msg) => this.#onGetModule(msg), { handle: HANDLE.GET_MODULE, policy: below });
+    this.addHandler((msg) => this.#onLoadModule(msg), {
+      handle: HANDLE.LOAD_MODULE,
+      policy: (m, s) => s !== null && s === this.parent && m.auth === this.parentIds[0],
+    });
     this.addHandler((msg, stream) => this.#onAllocateId(msg, stream as Stream), { handle: HANDLE.ALLOCATE_ID, policy: below });
     // Services are served by the shipped mitogen:service, loaded on the first call; it checks each call's policy.
     this.addHandler(
@@ -336,6 +346,7 @@ export class Router implements Binder, AsyncDisposable {
       const name = msg.unpickle();
       if (typeof name !== "string") throw new MitogenError("GET_MODULE needs a module name");
       const code = await this.fetchModuleCode(name);
+      this.#hold(msg.src, name);
       this.stats.modulesSent++;
       this.stats.moduleBytesSent += code.byteLength;
       return code;
@@ -343,6 +354,85 @@ export class Router implements Binder, AsyncDisposable {
       (code) => replySafely(msg, code, this),
       (err: unknown) => replyError(msg, err, this),
     );
+  }
+
+  /** @internal Context `id` below holds module `name` (a child keeps the compressed core it was started with). */
+  noteHeld(id: number, name: string): void {
+    this.#hold(id, name);
+  }
+
+  /** Note that context `id` holds module `name`; true if it was noted already. */
+  #hold(id: number, name: string): boolean {
+    let names = this.#held.get(id);
+    if (!names) this.#held.set(id, (names = new Set()));
+    return names.size === names.add(name).size;
+  }
+
+  /**
+   * Send what context `to` below this one is about to need ahead of the message that needs it, hop by
+   * hop (LOAD_MODULE): the modules `names` it is not known to hold (each hop's copy goes only where
+   * the next hop lacks it) and `ids` of children it is about to start, routed toward it from here on.
+   * Does nothing for a context not below this one, or for a module this one lacks.
+   */
+  pushDown(to: number, names: string[], ids: number[] = []): void {
+    // A child still starting here gets it with the messages held for it.
+    const held = this.#pending.get(to);
+    const stream = held ? undefined : (this.#routes.get(to) ?? (this.#parentOf.has(to) ? this.#allocated.get(to) : undefined));
+    const next = held ? to : stream?.remoteId;
+    if (next === undefined || next === null || stream?.closed) return;
+    const modules: [string, Uint8Array | null][] = [];
+    let room = this.maxMessageSize - 4096;
+    for (const name of names) {
+      // Code that would not fit is left to GET_MODULE, which says so.
+      const code = this.moduleCode.get(name);
+      if (this.#held.get(to)?.has(name) || !(this.#held.get(next)?.has(name) || (code && code.byteLength < room))) continue;
+      const sent = this.#hold(next, name) ? null : (code ?? null);
+      room -= sent?.byteLength ?? 0;
+      modules.push([name, sent]);
+      this.#hold(to, name);
+      if (sent) {
+        this.stats.modulesSent++;
+        this.stats.moduleBytesSent += sent.byteLength;
+      }
+    }
+    for (const id of ids) {
+      if (stream) this.#allocated.set(id, stream);
+      else this.#later.set(id, to);
+      this.#parentOf.set(id, to);
+    }
+    if (!modules.length && !ids.length) return;
+    const msg = loadModuleBody.encode([to, modules, ids], { dst: next, src: this.myId, auth: this.myId });
+    if (stream) stream.send(msg);
+    else held?.push(msg);
+  }
+
+  /** LOAD_MODULE from the parent: keep the modules, pass the rest on toward `to`; ids for this context's children are awaited. */
+  #onLoadModule(msg: Message): void {
+    const [to, modules, ids] = loadModuleBody.decode(msg);
+    if (typeof to !== "number" || !Array.isArray(modules) || !Array.isArray(ids)) return;
+    const names: string[] = [];
+    for (const m of modules) {
+      if (!Array.isArray(m) || typeof m[0] !== "string") continue;
+      if (m[1] instanceof Uint8Array && !this.moduleCode.has(m[0])) this.moduleCode.set(m[0], m[1]);
+      names.push(m[0]);
+    }
+    const fresh = ids.filter((id): id is number => typeof id === "number" && id !== this.myId && !this.#routes.has(id) && !this.parentIds.includes(id));
+    if (to !== this.myId) this.pushDown(to, names, fresh);
+    else for (const id of fresh) if (!this.#pending.has(id)) this.#pending.set(id, []);
+  }
+
+  /**
+   * A child about to start here or below (see {@link pushDown}'s ids) failed to: the messages held for
+   * it are answered dead with `reason`, and it is lost (DEL_ROUTE up) as a child that ended.
+   */
+  failChild(id: number, reason: string): void {
+    const held = this.#pending.get(id);
+    if (this.#routes.has(id) || (!held && !this.#allocated.has(id))) return;
+    this.#pending.delete(id);
+    this.#allocated.delete(id);
+    for (const [later, by] of this.#later) if (by === id) this.#later.delete(later);
+    for (const msg of held ?? []) this.#sendDead(msg, reason);
+    this.#lost(id, reason);
   }
 
   /** A CallError as the caller should see it (the master maps shipped-module frames to their sources). */
@@ -369,9 +459,7 @@ export class Router implements Binder, AsyncDisposable {
     if (!msg.replyTo) return;
     this.allocateId().then(
       (id) => {
-        let ids = this.#allocated.get(stream);
-        if (!ids) this.#allocated.set(stream, (ids = new Set()));
-        ids.add(id);
+        this.#allocated.set(id, stream);
         replySafely(msg, id, this);
       },
       (err: unknown) => replyError(msg, err, this),
@@ -644,13 +732,18 @@ export class Router implements Binder, AsyncDisposable {
     return this.#routes.get(id);
   }
 
+  /** @internal Is `id` a context starting here or below (see {@link pushDown}), not connected yet? */
+  starting(id: number): boolean {
+    return this.#pending.has(id) || this.#later.has(id) || (this.#allocated.has(id) && this.#parentOf.has(id));
+  }
+
   /** Ids of the contexts routed below this one. */
   routedIds(): number[] {
     return [...this.#routes.keys()];
   }
 
   #canReach(id: number): boolean {
-    return id === this.myId || this.#routes.has(id) || (this.parent !== null && !this.parent.closed);
+    return id === this.myId || this.#routes.has(id) || this.starting(id) || (this.parent !== null && !this.parent.closed);
   }
 
   // -- streams and routes ---------------------------------------------------
@@ -675,6 +768,15 @@ export class Router implements Binder, AsyncDisposable {
     ctx.runtime = link.runtime ?? null;
     ctx.method = link.method ?? null;
     this.#announce(addRouteBody, [remoteId, name, this.myId, ctx.runtime, ctx.method]);
+    // What was sent to it while it started goes now, in order; the ids it is to start route through it.
+    const held = this.#pending.get(remoteId);
+    this.#pending.delete(remoteId);
+    for (const [id, by] of this.#later) {
+      if (by !== remoteId) continue;
+      this.#later.delete(id);
+      this.#allocated.set(id, stream);
+    }
+    for (const msg of held ?? []) stream.send(msg);
     return ctx;
   }
 
@@ -701,12 +803,11 @@ export class Router implements Binder, AsyncDisposable {
   #onAddRoute(msg: Message, stream: Stream | null): void {
     const [id, name, parent, runtime, method] = addRouteBody.decode(msg);
     // Only an id this context allocated through that stream, below a parent behind it too: no child takes another's id.
-    const ids = stream ? this.#allocated.get(stream) : undefined;
-    if (!stream || !ids?.has(id) || (parent !== stream.remoteId && this.#routes.get(parent) !== stream)) {
+    if (!stream || this.#allocated.get(id) !== stream || (parent !== stream.remoteId && this.#routes.get(parent) !== stream)) {
       this.log("warn", `refused ADD_ROUTE for ${id} (parent ${parent}) from ${stream?.name}: not allocated through that stream`);
       return;
     }
-    ids.delete(id);
+    this.#allocated.delete(id);
     this.#routes.set(id, stream);
     this.#parentOf.set(id, parent);
     const ctx = this.contextById(id, typeof name === "string" ? name : null);
@@ -720,7 +821,11 @@ export class Router implements Binder, AsyncDisposable {
     if (typeof id !== "number") return;
     const why = typeof reason === "string" ? reason : "route deleted";
     if (stream !== this.parent) {
-      if (this.#routes.get(id) === stream) this.#lost(id, why);
+      // A routed context, or one whose start through that stream failed.
+      if (this.#routes.get(id) === stream || (!this.#routes.has(id) && this.#allocated.get(id) === stream)) {
+        this.#allocated.delete(id);
+        this.#lost(id, why);
+      }
       return;
     }
     // From the parent: a context this one talked to, elsewhere in the tree, is gone (never one below here).
@@ -738,6 +843,7 @@ export class Router implements Binder, AsyncDisposable {
   /** First half of losing `id`: no more routing to it, and whoever waits on it fails at once. */
   #unroute(id: number, reason: string): void {
     this.#routes.delete(id);
+    this.#held.delete(id);
     // The call chains it made here (dispatch.ts) are forgotten.
     for (const key of this.chains.keys()) if (key.startsWith(`${id}:`)) this.chains.delete(key);
     this.#deadReasons.set(id, reason);
@@ -778,6 +884,12 @@ export class Router implements Binder, AsyncDisposable {
     const who = this.#contexts.get(remote)?.name ?? stream.name;
     if (err) this.log("warn", `stream to ${who} failed: ${err.message}`);
     const ids = [...this.#routes].filter(([, s]) => s === stream).map(([id]) => id);
+    // Children still starting below it are lost with it.
+    for (const [id, s] of this.#allocated) {
+      if (s !== stream) continue;
+      this.#allocated.delete(id);
+      if (this.#parentOf.has(id)) ids.push(id);
+    }
     // Calls fail once the exit status is in (at most 500 ms): a death explains a reset or a truncated
     // frame; bad input (a StreamError) is the reason unless the process died of something else.
     // "disconnected" (and DEL_ROUTE upward) waits for the process to exit.
@@ -860,7 +972,18 @@ export class Router implements Binder, AsyncDisposable {
       this.#invoke(msg, inStream);
       return;
     }
-    const out = this.#routes.get(msg.dst) ?? this.parent;
+    let out = this.#routes.get(msg.dst);
+    if (!out) {
+      // A child starting here, or one it is to start: held until it is connected (see pushDown).
+      const held = this.#pending.get(msg.dst) ?? this.#pending.get(this.#later.get(msg.dst) ?? -1);
+      if (held) {
+        if (msg.handle === HANDLE.SHUTDOWN) this.#shutdownSent.add(msg.dst);
+        held.push(msg);
+        return;
+      }
+      // One being started below (not merely allocated, ALLOCATE_ID) is routed toward it.
+      out = (this.#parentOf.has(msg.dst) ? this.#allocated.get(msg.dst) : undefined) ?? this.parent ?? undefined;
+    }
     if (!out || out.closed) {
       const later = out && this.#closing.get(out);
       if (later) void later.then((r) => this.#sendDead(msg, r));
@@ -869,6 +992,7 @@ export class Router implements Binder, AsyncDisposable {
     }
     if (out === inStream) {
       this.log("warn", `dropped ${msg}: it would route back where it came from`);
+      this.#sendDead(msg, this.#deadReasons.get(msg.dst) ?? `no route to context ${msg.dst} from ${this.name}`);
       return;
     }
     if (msg.handle === HANDLE.SHUTDOWN) this.#shutdownSent.add(msg.dst);

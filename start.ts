@@ -15,6 +15,7 @@ import { type SshSpec, sshLaunch } from "./ssh.ts";
 import { type SudoSpec, sudoLaunch } from "./sudo.ts";
 import { type TerminalSpec, terminalLaunch } from "./terminal.ts";
 import { type WrapSpec, wrapLaunch } from "./wrap.ts";
+import { childRuntime } from "./versions.ts";
 
 /** How to reach a new child: on this machine, or over ssh. */
 export type Method =
@@ -68,6 +69,8 @@ async function spawnAndBootstrap(router: Router, spec: ConnectSpec, launch: Laun
  * `docker.app`), or `<label>.<pid>` without `where` (`local.4242`).
  */
 export interface ProxySpec {
+  /** The child's id, allocated by the caller and handed down with the request (LOAD_MODULE); else the `via` context asks for one. */
+  id?: number;
   name?: string;
   /** The method as contexts list it: local, ssh, sudo, docker... */
   label: string;
@@ -76,23 +79,26 @@ export interface ProxySpec {
   method: Method;
 }
 
-/** Resolve a method's options into a spec, start the child here or `via` another context. */
+/**
+ * Resolve a method's options into a spec, start the child here or `via` another context. Started
+ * `via` a context below this one, it resolves once the request is sent: the id and the modules the
+ * `via` context needs go ahead of it (LOAD_MODULE), and calls wait there until the child is connected.
+ */
 export async function start(
   router: Router,
-  options: { name?: string; via?: Context; connectTimeout?: number },
+  options: { id?: number; name?: string; via?: Context; connectTimeout?: number },
   method: Method,
   label: string,
   where?: string,
 ): Promise<Context> {
   const connectTimeout = options.connectTimeout ?? 30_000;
   const via = options.via;
+  const name = options.name ?? (where === undefined ? label : `${label}.${where}`);
   if (!via) {
-    const id = await router.allocateId();
+    const id = options.id ?? (await router.allocateId());
     const byPid = options.name === undefined && where === undefined;
-    const name = options.name ?? (where === undefined ? label : `${label}.${where}`);
     return connect(router, { id, name, connectTimeout, method, label, ...(byPid ? { namedByPid: true } : {}) });
   }
-  // The via context allocates the id: every id a context announces was allocated through its own link.
   const spec: ProxySpec = {
     ...(options.name === undefined ? {} : { name: options.name }),
     label,
@@ -100,8 +106,30 @@ export async function start(
     connectTimeout,
     method,
   };
-  const [id, name] = (await via.callModule("mitogen:parent", "proxyConnect", spec)) as [number, string];
-  const ctx = router.contextById(id, name);
+  if (!router.routeTo(via.contextId) && !router.starting(via.contextId)) {
+    // Not below us: the via context allocates the id (every id a context announces was allocated through its own link).
+    const [id, named] = (await via.callModule("mitogen:parent", "proxyConnect", spec)) as [number, string];
+    const ctx = router.contextById(id, named);
+    ctx.via = via;
+    return ctx;
+  }
+  spec.id = await router.allocateId();
+  const core = via.runtime ? childRuntime(via.runtime, via.name).core : null;
+  router.pushDown(via.contextId, core ? ["mitogen:parent", core] : ["mitogen:parent"], [spec.id]);
+  const ctx = router.contextById(spec.id, name);
   ctx.via = via;
+  const id = spec.id;
+  ctx._connecting(
+    via.callModule("mitogen:parent", "proxyConnect", spec).then(
+      (reply) => {
+        ctx.name = (reply as [number, string])[1];
+      },
+      (err: Error) => {
+        // Calls already sent fail with it too (if the via context could not say so itself).
+        router.failChild(id, err.message);
+        throw err;
+      },
+    ),
+  );
   return ctx;
 }

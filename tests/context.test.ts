@@ -8,7 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { CallError, ChannelError, type ContextInfo, Latch, MitogenError, Receiver, type Router, Select, type Sender } from "../mod.ts";
-import { alive, checkLeaks, quietRouter, routerWithLogs, RUNTIMES, underDeno, waitFor } from "./helpers.ts";
+import { alive, checkLeaks, quietRouter, routerWithLogs, RUNTIMES, underDeno, waitFor, whenConnected } from "./helpers.ts";
 
 checkLeaks();
 
@@ -337,9 +337,9 @@ for (const runtime of RUNTIMES) {
     test("contexts() lists what the router reaches: ids, names, methods, parents, runtimes; contextByName finds one", async () => {
       await using router = quietRouter();
       const a = await router.local({ runtime, name: "list-a" });
-      const b = await router.local({ runtime, via: a });
-      const c1 = await router.sudo({ sudoPath: SUDO, runtime, via: a });
-      const c2 = await router.sudo({ sudoPath: SUDO, runtime, via: b });
+      const b = await whenConnected(router.local({ runtime, via: a }));
+      const c1 = await whenConnected(router.sudo({ sudoPath: SUDO, runtime, via: a }));
+      const c2 = await whenConnected(router.sudo({ sudoPath: SUDO, runtime, via: b }));
       const list = await router.contexts();
       assert.deepEqual(
         list.map(({ runtime: _, ...rest }) => rest),

@@ -11,8 +11,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { runtimeCommand } from "../runtime.ts";
-import { type CallContext, ChannelError, type Context, type Sender, takesRouter } from "../mod.ts";
-import { alive, checkLeaks, leakedProcesses, quietRouter, routerWithLogs, RUNTIMES, underDeno, waitFor } from "./helpers.ts";
+import { type CallContext, CallError, ChannelError, type Context, type Sender, takesRouter } from "../mod.ts";
+import { alive, checkLeaks, leakedProcesses, linkFrames, quietRouter, routerWithLogs, RUNTIMES, underDeno, waitFor, whenConnected } from "./helpers.ts";
 
 checkLeaks();
 
@@ -196,10 +196,55 @@ for (const runtime of RUNTIMES) {
       }
     });
 
+    test("a via start returns once its request is sent, with no round trip first; a failed one rejects the calls sent meanwhile with its error", async () => {
+      await using router = quietRouter();
+      const hop = await router.local({ runtime, name: "starter" });
+      const frames = linkFrames(router, hop);
+      const kid = await router.local({ runtime, name: "kid", via: hop });
+      assert.equal(await kid.call(() => 7), 7);
+      assert.deepEqual(frames.down, ["LOAD_MODULE", "CALL_FUNCTION", "CALL_FUNCTION"], "the id and modules, the start, the call");
+      assert.deepEqual(
+        frames.up.filter((h) => h === "ALLOCATE_ID" || h === "GET_MODULE"),
+        [],
+        "nothing asked of the master",
+      );
+      await kid.connected();
+      assert.ok(kid.runtime?.startsWith(runtime), `${kid.runtime}`);
+      // A chain started at once: each start waits in the hop above it, and nothing comes up to ask.
+      const c1 = await router.local({ runtime, name: "c1", via: hop });
+      const c2 = await router.local({ runtime, name: "c2", via: c1 });
+      assert.deepEqual(await c2.call(takesRouter(({ router }: CallContext) => router.path)), ["master", "starter", "c1", "c2"]);
+      assert.deepEqual(
+        frames.up.filter((h) => h === "ALLOCATE_ID" || h === "GET_MODULE"),
+        [],
+        "nothing asked of the master for the chain",
+      );
+      const bad = await router.local({ runtime: join(dir, "no-such-runtime"), name: "bad", via: hop });
+      const queued = bad
+        .call(() => 1)
+        .then(
+          () => null,
+          (e: unknown) => e,
+        );
+      const err = await bad.connected().then(
+        () => null,
+        (e: unknown) => e,
+      );
+      assert.ok(err instanceof CallError && /cannot start .*no-such-runtime/.test(err.message), `${err}`);
+      const first = await queued;
+      assert.ok(first instanceof ChannelError && err.message.endsWith(first.message), `${first} (the start said ${err.message})`);
+      await failsWith(
+        bad.call(() => 1),
+        first.message,
+      );
+      assert.equal(await bad.disconnected(), first.message);
+      assert.equal(await hop.call(() => "unharmed"), "unharmed");
+    });
+
     test("a hop killed while it relays a large frame rejects the call at once, and the router stays usable", async () => {
       await using router = quietRouter();
       const hop = await router.local({ runtime, name: "relay" });
-      const leaf = await router.local({ runtime, name: "leaf", via: hop });
+      const leaf = await whenConnected(router.local({ runtime, name: "leaf", via: hop }));
       const hopPid = await pidOf(hop);
       // 120 MiB takes the hop a few hundred ms to pass on: it dies with part of the frame through it.
       const big = new Uint8Array(120 * 1024 * 1024);

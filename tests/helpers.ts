@@ -8,7 +8,8 @@ import { createHash } from "node:crypto";
 import { closeSync, openSync, readdirSync, readFileSync, truncateSync, writeFileSync, writeSync } from "node:fs";
 import { afterEach, beforeEach } from "node:test";
 import type { Transport } from "../transport.ts";
-import { type CallContext, type LogRecord, Router, type RouterOptions, takesRouter } from "../mod.ts";
+import { FIRST_DYNAMIC_HANDLE, HANDLE_NAME, type Message } from "../frames.ts";
+import { type CallContext, type Context, type LogRecord, Router, type RouterOptions, takesRouter } from "../mod.ts";
 
 /** Every process this test file starts inherits this variable, so leaks are found even when orphaned. */
 export const TOKEN = `MITOGEN_TEST_TOKEN=${process.pid}-${Date.now()}`;
@@ -121,6 +122,36 @@ export function routerWithLogs(options: Omit<RouterOptions, "log"> = {}): { rout
   const logs = captureLogs();
   const router = new Router({ log: logs.log, ...options });
   return { router, logs, [Symbol.asyncDispose]: () => router[Symbol.asyncDispose]() };
+}
+
+/**
+ * The frames on `router`'s link to its child `ctx` from now on, as the handles they went to: `up`
+ * (arriving from it) and `down` (sent to it). Reserved handles by name, dynamic ones as "reply".
+ */
+export function linkFrames(router: Router, ctx: Context): { up: string[]; down: string[] } {
+  const link = router.children.find((l) => l.stream.remoteId === ctx.contextId);
+  if (!link) throw new Error(`${ctx.name} is no child of ${router.name}`);
+  const seen = { up: [] as string[], down: [] as string[] };
+  const name = (m: Message) => (m.handle >= FIRST_DYNAMIC_HANDLE ? "reply" : (HANDLE_NAME[m.handle] ?? String(m.handle)));
+  const s = link.stream;
+  const on = s.onMessage;
+  s.onMessage = (m) => {
+    seen.up.push(name(m));
+    on(m);
+  };
+  const send = s.send.bind(s);
+  s.send = (m) => {
+    seen.down.push(name(m));
+    return send(m);
+  };
+  return seen;
+}
+
+/** The context `start` resolves with, once connected: a start `via` another context resolves before (see Context.connected). */
+export async function whenConnected(start: Promise<Context>): Promise<Context> {
+  const ctx = await start;
+  await ctx.connected();
+  return ctx;
 }
 
 /** Wait until `cond()` holds, polling; fails after `ms`. */

@@ -24,7 +24,7 @@ import {
   type Sender,
   takesRouter,
 } from "../mod.ts";
-import { checkLeaks, quietRouter, routerWithLogs, RUNTIMES, underDeno, waitFor } from "./helpers.ts";
+import { checkLeaks, quietRouter, routerWithLogs, RUNTIMES, underDeno, waitFor, whenConnected } from "./helpers.ts";
 
 checkLeaks();
 
@@ -57,8 +57,8 @@ const sessionsNow = () => ((globalThis as unknown as { listeners?: { sessions: n
 /** master -> a (the listener, on `runtime`) -> b -> c. */
 async function tree(router: Router, runtime: string): Promise<{ a: Context; b: Context; c: Context }> {
   const a = await router.local({ runtime, name: "a" });
-  const b = await router.local({ name: "b", via: a });
-  const c = await router.local({ name: "c", via: b, runtime: "deno" });
+  const b = await whenConnected(router.local({ name: "b", via: a }));
+  const c = await whenConnected(router.local({ name: "c", via: b, runtime: "deno" }));
   return { a, b, c };
 }
 

@@ -11,7 +11,7 @@ import { createHash } from "node:crypto";
 import { createServer } from "node:http";
 import { bundle, bundleTarget } from "../bundler.ts";
 import { isDeno } from "../runtime.ts";
-import { checkLeaks, quietRouter, routerWithLogs, RUNTIMES, waitFor } from "./helpers.ts";
+import { checkLeaks, linkFrames, quietRouter, routerWithLogs, RUNTIMES, waitFor, whenConnected } from "./helpers.ts";
 
 checkLeaks();
 
@@ -130,6 +130,46 @@ test("a module imported in 10 contexts below one parent crosses the master's lin
   assert.equal(router.stats.modulesSent - before, 1, "the master sent the module once");
   const parentSent = await parent.call(takesRouter((call: CallContext) => call.router.stats.modulesSent));
   assert.ok((parentSent as number) >= 10, `the parent served its ten children (${parentSent})`);
+});
+
+test("a first import and its first call go in one flight: the module ahead of them, no GET_MODULE, no wait for the export names", async () => {
+  await using router = quietRouter();
+  const hop = await router.local({ name: "one-flight-hop" });
+  const leaf = await whenConnected(router.local({ name: "one-flight-leaf", via: hop }));
+  const frames = linkFrames(router, hop);
+  const tasks = await leaf.import<Tasks>(TASKS);
+  assert.deepEqual(frames.up, [], "import resolved before anything came back");
+  assert.equal(await tasks.add(2, 3), 5);
+  assert.deepEqual(frames.down, ["LOAD_MODULE", "CALL_FUNCTION", "CALL_FUNCTION"], "module, LOAD, call");
+  await waitFor(() => frames.up.length === 2, 5000, "the LOAD's reply");
+  assert.deepEqual(frames.up, ["reply", "reply"], "no GET_MODULE from below");
+  // The hop kept it: a sibling below it gets it from there.
+  const sibling = await whenConnected(router.local({ name: "one-flight-sibling", via: hop }));
+  frames.down.length = 0;
+  assert.equal(await (await sibling.import<Tasks>(TASKS)).add(1, 1), 2);
+  const pushed = frames.down.filter((h) => h === "LOAD_MODULE").length;
+  assert.equal(pushed, 1, "one LOAD_MODULE, naming the module the hop holds");
+});
+
+test("a module that throws as it loads: import resolves, its calls reject with the error; exports that are not functions go", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "mitogen-mod-"));
+  try {
+    await using router = quietRouter();
+    const ctx = await router.local({ name: "thrower" });
+    const bad = join(dir, "bad.ts");
+    writeFileSync(bad, 'export function f(): number {\n  return 1;\n}\nthrow new TypeError("broken at load");\n');
+    const mod = await ctx.import<{ f(): number }>(pathToFileURL(bad));
+    assert.deepEqual(Object.keys(mod), ["f"]);
+    for (let i = 0; i < 2; i++)
+      await assert.rejects(mod.f(), (err: unknown) => err instanceof CallError && err.remoteName === "TypeError" && /broken at load/.test(err.message));
+    const mixed = join(dir, "mixed.ts");
+    writeFileSync(mixed, "export const n = 5;\nexport function g(): number {\n  return n;\n}\n");
+    const m = await ctx.import<{ g(): number }>(pathToFileURL(mixed));
+    assert.equal(await m.g(), 5);
+    await waitFor(() => Object.keys(m).join() === "g", 5000, "n removed once the load answered");
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test("editing a module between two imports re-sends it; an unchanged one is reused", async () => {

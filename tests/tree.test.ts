@@ -4,8 +4,8 @@
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import type { Router } from "../mod.ts";
-import { checkLeaks, quietRouter, routerWithLogs, waitFor } from "./helpers.ts";
+import { CallError, ChannelError, type Router } from "../mod.ts";
+import { checkLeaks, quietRouter, routerWithLogs, waitFor, whenConnected } from "./helpers.ts";
 import { hostTree, type TestHosts, useTestHosts } from "../lab/hosts.ts";
 
 checkLeaks();
@@ -63,13 +63,35 @@ test("siblings talk across hosts, unless the router is unidirectional", { skip }
   }
 });
 
+test("a via start to a host that refuses: the call sent meanwhile rejects with the start's error, nothing is left running", { skip }, async () => {
+  await using router = quietRouter();
+  const bastion = await router.ssh({ hostname: "bastion", sshArgs: ["-F", hosts.sshConfigFile], name: "bastion" });
+  const bad = await router.ssh({ hostname: hosts.inner.address, port: 1, via: bastion, name: "refused" });
+  const queued = bad
+    .call(() => 1)
+    .then(
+      () => null,
+      (e: unknown) => e,
+    );
+  const err = await bad.connected().then(
+    () => null,
+    (e: unknown) => e,
+  );
+  assert.ok(err instanceof CallError && /Connection refused/.test(err.message), `${err}`);
+  const first = await queued;
+  assert.ok(first instanceof ChannelError && err.message.endsWith(first.message), `${first} (the start said ${err.message})`);
+  const ssh = await bastion.call(() => process.getBuiltinModule("node:child_process").execSync("pgrep -u $(id -u) -x ssh || true").toString().trim());
+  assert.equal(ssh, "", "no ssh left on bastion");
+  assert.equal(await bastion.call(() => "bastion unharmed"), "bastion unharmed");
+});
+
 test("sudo: a wrong password and a missing one fail at once, with distinct errors", { skip }, async () => {
   await using router = quietRouter();
   const bastion = await router.ssh({ hostname: "bastion", sshArgs: ["-F", hosts.sshConfigFile], name: "bastion" });
   const t0 = Date.now();
-  await assert.rejects(router.sudo({ via: bastion, password: "wrong" }), /sudo to root: incorrect password/);
-  await assert.rejects(router.sudo({ via: bastion }), /sudo to root: password required/);
-  await assert.rejects(router.sudo({ via: bastion, username: "no-such-user", password: hosts.password }), /sudo to no-such-user/);
+  await assert.rejects(whenConnected(router.sudo({ via: bastion, password: "wrong" })), /sudo to root: incorrect password/);
+  await assert.rejects(whenConnected(router.sudo({ via: bastion })), /sudo to root: password required/);
+  await assert.rejects(whenConnected(router.sudo({ via: bastion, username: "no-such-user", password: hosts.password })), /sudo to no-such-user/);
   assert.ok(Date.now() - t0 < 20_000, "no timeouts");
   assert.equal(await bastion.call(() => "bastion unharmed"), "bastion unharmed");
 });
@@ -89,8 +111,8 @@ test("su and doas run in a pty: the right password works, a wrong or missing one
     "8-bit clean through the pty",
   );
   const t0 = Date.now();
-  await assert.rejects(router.su({ via: bastion, username: hosts.user, password: "wrong" }), /su to mitogen-test: incorrect password/);
-  await assert.rejects(router.su({ via: bastion, username: hosts.user }), /su to mitogen-test: password required/);
+  await assert.rejects(whenConnected(router.su({ via: bastion, username: hosts.user, password: "wrong" })), /su to mitogen-test: incorrect password/);
+  await assert.rejects(whenConnected(router.su({ via: bastion, username: hosts.user })), /su to mitogen-test: password required/);
   assert.ok(Date.now() - t0 < 20_000, "no timeouts");
   if (!(await bastion.call(() => process.getBuiltinModule("node:fs").existsSync("/usr/bin/doas")))) {
     if (process.env.CI === "true") assert.fail("doas is not installed: .ci/run installs it");
@@ -99,8 +121,8 @@ test("su and doas run in a pty: the right password works, a wrong or missing one
   }
   const root = await router.doas({ via: bastion, password: hosts.password, name: "doas-root" });
   assert.equal(await root.call(me), "root");
-  await assert.rejects(router.doas({ via: bastion, password: "wrong" }), /doas to root: incorrect password/);
-  await assert.rejects(router.doas({ via: bastion }), /doas to root: password required/);
+  await assert.rejects(whenConnected(router.doas({ via: bastion, password: "wrong" })), /doas to root: incorrect password/);
+  await assert.rejects(whenConnected(router.doas({ via: bastion })), /doas to root: password required/);
   // doas.conf lets the test user become root only
-  await assert.rejects(router.doas({ via: bastion, username: "nobody", password: hosts.password }), /doas to nobody: not allowed/);
+  await assert.rejects(whenConnected(router.doas({ via: bastion, username: "nobody", password: hosts.password })), /doas to nobody: not allowed/);
 });

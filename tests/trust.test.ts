@@ -119,6 +119,25 @@ for (const runtime of RUNTIMES) {
       assert.equal(await g.call(() => "g still answers"), "g still answers");
     });
 
+    test("LOAD_MODULE is taken only from the parent: a sibling's modules and ids are refused", async () => {
+      await using fixture = routerWithLogs();
+      const { router, logs } = fixture;
+      const a = await router.local({ runtime, name: "lm-a" });
+      const b = await router.local({ runtime, name: "lm-b" });
+      await a.call(
+        takesRouter((to: number, { router, msg }: CallContext) => {
+          const M = msg.constructor as typeof Message;
+          for (const dst of [to, 0]) router.route(M.encoded([to, [["forged@0000000000000000", new Uint8Array(8)]], [4242]], { dst, handle: 107 }));
+        }),
+        b.contextId,
+      );
+      const refusedAt = (name: string) => logs.records.some((r) => r.name === name && /refused .*LOAD_MODULE.*policy/.test(r.message));
+      await waitFor(() => refusedAt("lm-b") && refusedAt("master"), 10_000, "both refusals logged");
+      const kept = await b.call(takesRouter(({ router }: CallContext) => [router.moduleCode.has("forged@0000000000000000"), router.starting(4242)]));
+      assert.deepEqual(kept, [false, false]);
+      assert.equal(router.starting(4242), false);
+    });
+
     test("every remote throw ends the call with a CallError, and the child stays usable", async () => {
       await using fixture = routerWithLogs({ maxMessageSize: 1024 * 1024 });
       const { router, logs } = fixture;

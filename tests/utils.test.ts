@@ -165,7 +165,7 @@ test("getStats: contexts, streams, bytes and frames per link, modules sent", asy
   await using router = quietRouter();
   const zero = router.getStats();
   const a = await router.local({ name: "stats-a" });
-  await router.local({ name: "stats-b", via: a });
+  await (await router.local({ name: "stats-b", via: a })).connected();
   await a.call(() => "x".repeat(10_000));
   const stats = router.getStats();
   assert.equal(stats.contexts, 2);
