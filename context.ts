@@ -372,6 +372,33 @@ export class Context implements WireRef, AsyncDisposable {
     return (await files(this.router)).getFile(this.router, this, src, dst, options);
   }
 
+  #connected: Promise<this> | null = null;
+
+  /**
+   * Resolves once the context has connected (Mitogen's `router.ssh()` returns then); rejects with the
+   * error its start failed with, the one its calls reject with. A method that cannot be asked for a
+   * password on the stream (ssh) resolves as soon as it has sent the core, so that the first calls go
+   * with it: await this where a failure must be seen before anything else is done.
+   *
+   * @example
+   * ```ts no_run: needs an ssh server, here a host named web1
+   * import { Router } from "mitogen";
+   * await using router = new Router();
+   * const web = await router.ssh({ hostname: "web1" });
+   * await web.connected().catch((err) => console.log(`web1 is out: ${err.message}`));
+   * ```
+   */
+  connected(): Promise<this> {
+    return this.#connected ?? Promise.resolve(this);
+  }
+
+  /** @internal Its start goes on: `connected()` waits for `until`. */
+  _connecting(until: Promise<unknown>): void {
+    const p = until.then(() => this);
+    p.catch(() => {});
+    this.#connected = p;
+  }
+
   /** Resolves with the reason once the context is gone. */
   disconnected(): Promise<string> {
     if (this.#disconnected !== null) return Promise.resolve(this.#disconnected);

@@ -178,6 +178,8 @@ export const proxyConnect: (spec: ProxySpec, call: { router: Router }) => Promis
       spec.label,
       spec.where,
     );
+    // The caller learns of a failed start here, as a CallError.
+    await ctx.connected();
     return [ctx.contextId, ctx.name];
   },
 );
