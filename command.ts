@@ -699,18 +699,29 @@ async function runHosts(command: string, opts: Parsed, act: Action, password: st
         });
         let c = await connect(t, hop);
         ctx = c;
+        // An ssh context is handed out before it has connected: a failed start fails what is done with it, with
+        // its own error, which is what this host reports, whichever step meets it first.
+        const started = c.connected();
+        const unless = <T>(step: Promise<T>) => Promise.race([step, started.then(() => step)]);
         if (opts.sudo)
-          c = await router.sudo({
-            username: opts.sudo,
-            via: c,
-            name: `${t.label}:sudo`,
-            connectTimeout: opts.timeout,
-            ...(password !== undefined ? { password } : {}),
-          });
+          c = await unless(
+            router.sudo({
+              username: opts.sudo,
+              via: c,
+              name: `${t.label}:sudo`,
+              connectTimeout: opts.timeout,
+              ...(password !== undefined ? { password } : {}),
+            }),
+          );
         if (mine.signal.aborted) throw mine.signal.reason;
-        live?.set(i, "running");
-        acting = true;
-        return act(router, c, t, mine.signal);
+        started.then(
+          () => {
+            live?.set(i, "running");
+            acting = true;
+          },
+          () => {},
+        );
+        return unless(act(router, c, t, mine.signal));
       })();
       job.catch(() => {});
       // Connecting is left behind at once when stopped (shutting the router down ends it); `run` ends its command first.

@@ -161,7 +161,7 @@ test("a failed start fails its first call, later calls and connected() with the 
       /password required/,
     ],
     ["no runtime", bastion({ runtime: "/nonexistent/node" }), /^no runtime: ssh exited with code 127 before connecting; stderr:\n.*nonexistent\/node/s],
-    ["refused", { hostname: "127.0.0.1", port: 1, checkHostKeys: "ignore" }, /^ssh to 127\.0\.0\.1: connect to host 127\.0\.0\.1 port 1: Connection refused$/],
+    ["refused", { hostname: "127.0.0.1", port: 1, checkHostKeys: "ignore" }, /^ssh to 127\.0\.0\.1: connect to host 127\.0\.0\.1 port 1: Connection refused/],
   ] as const) {
     const ctx = await router.ssh({ ...options, name: what });
     // Sent before the start failed (queued behind CONFIGURE), and after it: the same error, not a ChannelError.
