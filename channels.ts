@@ -186,11 +186,11 @@ export class Receiver implements AsyncIterable<Message>, AsyncDisposable, Select
   }
 }
 
-function deadError(msg: Message): ChannelError {
+function deadError(msg: Message): Error {
   try {
     msg.unpickle();
   } catch (err) {
-    if (err instanceof ChannelError) return err;
+    if (err instanceof ChannelError || err === msg._error) return err as Error;
   }
   return new ChannelError("channel closed");
 }

@@ -1,13 +1,15 @@
 /**
  * The core payload a child gets, behind one function (`coreToSend`): the compressed core, the
  * core's plain script, or, for a local node child, a small loader followed by the script and V8's
- * code cache for that runtime (asked of the first such child). Part of `mitogen:parent`.
+ * code cache for that runtime (asked of the first such child); and a pipelined start's first
+ * payload, the core picker (`pickerToSend`). Part of `mitogen:parent`.
  *
  * @module
  */
 import { builtin } from "./runtime.ts";
 import { joinParts } from "./bytes.ts";
 import type { Router } from "./router.ts";
+import { corePicker } from "./firststage.ts";
 
 /** What a child's first stage is sent after the payload's length, and the code cache asked of it. */
 export interface CoreToSend {
@@ -30,6 +32,17 @@ export function coreToSend(router: Router, core: Uint8Array, id: number, plain: 
   const cached = cacheKey === undefined ? null : codeCached(router, cacheKey, core, id);
   if (!cached) return { payload: plain ? plainCore(core) : core, rest: null, drop: () => {} };
   return { payload: LOADER, ...cached };
+}
+
+let pickers: { plain: Uint8Array; deflated: Uint8Array } | null = null;
+
+/** The payload of a pipelined start (see {@link corePicker}), plain or deflated. */
+export function pickerToSend(plain: boolean | undefined): Uint8Array {
+  if (!pickers) {
+    const text = new TextEncoder().encode(corePicker());
+    pickers = { plain: text, deflated: new Uint8Array(builtin("node:zlib").deflateRawSync(text)) };
+  }
+  return plain ? pickers.plain : pickers.deflated;
 }
 
 const plainCores = new WeakMap<Uint8Array, Uint8Array>();

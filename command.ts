@@ -862,14 +862,23 @@ async function runHosts(command: string, opts: Parsed, act: Action, password: st
         let c = server ? await server.acquire(specOf(t, viaSpec), mine.signal) : await connect(t, hop);
         ctx = c;
         const sudo = { username: opts.sudo as string, name: `${t.label}:sudo`, ...(password !== undefined ? { password } : {}) };
+        // An ssh context is handed out before it has connected: a failed start fails what is done with it, with
+        // its own error, which is what this host reports, whichever step meets it first.
+        const started = c.connected();
+        const unless = <T>(step: Promise<T>) => Promise.race([step, started.then(() => step)]);
         if (opts.sudo && server) {
           c = await server.acquire({ method: "sudo", options: { ...sudo, via: specOf(t, viaSpec) } }, mine.signal);
           held.push(c);
-        } else if (opts.sudo) c = await router.sudo({ ...sudo, via: c, connectTimeout: opts.timeout });
+        } else if (opts.sudo) c = await unless(router.sudo({ ...sudo, via: c, connectTimeout: opts.timeout }));
         if (mine.signal.aborted) throw mine.signal.reason;
-        live?.set(i, "running");
-        acting = true;
-        return act(router, c, t, mine.signal);
+        started.then(
+          () => {
+            live?.set(i, "running");
+            acting = true;
+          },
+          () => {},
+        );
+        return unless(act(router, c, t, mine.signal));
       })();
       job.catch(() => {});
       // Connecting is left behind at once when stopped (shutting the router down ends it); `run` ends its command first.

@@ -127,7 +127,7 @@ export class Context implements WireRef, AsyncDisposable {
   method: string | null = null;
   #disconnected: string | null = null;
   #waiters: ((reason: string) => void)[] = [];
-  #connecting: Promise<void> | null = null;
+  #connected: Promise<this> | null = null;
 
   constructor(router: ContextHost, contextId: number, name: string) {
     this.router = router;
@@ -377,28 +377,31 @@ export class Context implements WireRef, AsyncDisposable {
   }
 
   /**
-   * Resolves once the context is connected; rejects with the error its start failed with. A context
-   * started `via` another is returned as soon as the request to start it is sent, and calls to it wait
-   * in the `via` context until it is connected (or fail with that error): this waits for that.
+   * Resolves once the context has connected (Mitogen's `router.ssh()` returns then); rejects with the
+   * error its start failed with, the one its calls reject with. A method that cannot be asked for a
+   * password on the stream (ssh) resolves as soon as it has sent the core, and a context started
+   * `via` another as soon as the request to start it is sent, so that the first calls go with them
+   * (they wait in the `via` context until it is connected): await this where a failure must be seen
+   * before anything else is done.
    *
    * @example
    * ```ts
    * import { Router } from "mitogen";
    * await using router = new Router();
    * const hop = await router.local();
-   * const child = await router.local({ via: hop, name: "child" });
-   * await child.connected();
+   * const child = await (await router.local({ via: hop, name: "child" })).connected();
    * console.log(await child.call(() => 6 * 7)); // 42
    * ```
    */
-  connected(): Promise<void> {
-    return this.#connecting ?? Promise.resolve();
+  connected(): Promise<this> {
+    return this.#connected ?? Promise.resolve(this);
   }
 
-  /** @internal The start of this context: {@link Context.connected} follows it. */
-  _connecting(start: Promise<void>): void {
-    this.#connecting = start;
-    start.catch(() => {});
+  /** @internal Its start goes on: `connected()` waits for `until`. */
+  _connecting(until: Promise<unknown>): void {
+    const p = until.then(() => this);
+    p.catch(() => {});
+    this.#connected = p;
   }
 
   /** Resolves with the reason once the context is gone. */

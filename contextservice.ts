@@ -67,7 +67,8 @@ async function getOrStart(router: Router, spec: ContextSpec, depth = 0): Promise
   let pending = known.get(key);
   if (!pending) {
     const start = (router as unknown as Record<string, (o: unknown) => Promise<Context>>)[method] as (o: unknown) => Promise<Context>;
-    const made: Promise<Context> = start.call(router, options);
+    // Connected, as Mitogen's: a start that fails fails this call (and is not kept).
+    const made: Promise<Context> = start.call(router, options).then((ctx) => ctx.connected());
     known.set(key, made);
     made.then(
       (ctx) => {

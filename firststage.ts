@@ -10,7 +10,7 @@
 import { isDeno, runtimeCommand } from "./runtime.ts";
 import { PDEATHSIG_ENV } from "./watchdog.ts";
 import { MARKER } from "./frames.ts";
-import { notRuntime, OLDEST } from "./versions.ts";
+import { MODERN_NODE, notRuntime, OLDEST } from "./versions.ts";
 
 /**
  * How a Deno child runs its first stage. `--unstable-ffi`: Deno 1.46 has
@@ -51,8 +51,8 @@ export function firstStage(kind: "node" | "deno", fds: "socket" | "split" | "tty
       `console.log("${MARKER.READY}deno "+Deno.version.deno);` +
       `const b=await r(new DataView((await r(4)).buffer).getUint32(0));` +
       (plain
-        ? run("new TextDecoder().decode(b)", "{name:N}")
-        : run(`await new Response(new Response(b).body.pipeThrough(new DecompressionStream("deflate-raw"))).text()`, "{name:N,payload:b}"))
+        ? run("new TextDecoder().decode(b)", "{name:N,read:r}")
+        : run(`await new Response(new Response(b).body.pipeThrough(new DecompressionStream("deflate-raw"))).text()`, "{name:N,payload:b,read:r}"))
     );
   }
   // Locally fd 3 is one socket both ways; through a shell (ssh) fd 3 reads and fd 4 writes.
@@ -71,6 +71,34 @@ export function firstStage(kind: "node" | "deno", fds: "socket" | "split" | "tty
     `${run(plain ? "p" : `g("zlib").inflateRawSync(p)`, `{socket:s,${fds === "socket" ? "" : "out:w,"}name:N,${plain ? "" : "payload:p,"}require:g}`)}},` +
     `h=()=>e("EOF before payload");` +
     `let b,n;s.on("data",f).on("end",h)`
+  );
+}
+
+/**
+ * What a pipelined start sends first, before it knows the child's runtime (see {@link firstStage},
+ * which runs it as a payload): it reads the `length | core` that follows it, the ES2022 core, and
+ * runs that. A Node too old for it (before 16.11) skips it, then skips the frames after it (the
+ * parent sent them before READY) up to the `length | core` the parent sends once READY says so
+ * (the core lowered for Node 12), runs that and hands the frames back to the socket. Deno reads
+ * with the first stage's exact reader (`B.read`). Deflated or not as the first stage expects
+ * (`B.payload` is there when deflated, and becomes the core's bytes).
+ */
+export function corePicker(): string {
+  const [major, minor] = MODERN_NODE;
+  return (
+    `if(B.socket){const s=B.socket,z=B.payload,v=process.versions.node.split(".").map(Number),o=v[0]<${major}||v[0]==${major}&&v[1]<${minor},` +
+    `e=m=>{console.error("mitogen("+B.name+"): "+m);process.exit(1)},` +
+    `go=(p,r)=>{s.pause().off("data",f).off("end",h);r.length&&s.unshift(r);if(z)B.payload=p;` +
+    `try{new Function("B",z?B.require("zlib").inflateRawSync(p)+"":p+"")(B)}catch(x){e("bad payload: "+x)}},` +
+    `f=d=>{b=b?Buffer.concat([b,d]):d;` +
+    `if(!k){if(b.length<4||b.length<(n=b.readUInt32BE()+4))return;if(!o)return go(b.subarray(4,n),b.subarray(n));b=b.subarray(n);k=1}` +
+    // Frames start with "MG" (77, 71); a core's length with 0 (it is under 16 MiB).
+    `for(let i=0;b.length>=i+4;)if(b[i]==77&&b[i+1]==71){if(b.length<i+28)return;i+=28+b.readUInt32BE(i+24)}` +
+    `else{const m=i+4+b.readUInt32BE(i);if(b.length<m)return;return go(b.subarray(i+4,m),Buffer.concat([b.subarray(0,i),b.subarray(m)]))}},` +
+    `h=()=>e("EOF before payload");let b,n,k;s.on("data",f).on("end",h).resume()}` +
+    `else(async()=>{const r=B.read,z=B.payload,p=await r(new DataView((await r(4)).buffer).getUint32(0));if(z)B.payload=p;` +
+    `new Function("B",z?await new Response(new Response(p).body.pipeThrough(new DecompressionStream("deflate-raw"))).text():new TextDecoder().decode(p))(B)})()` +
+    `.catch(x=>{console.error("mitogen("+B.name+"): bad payload: "+x);Deno.exit(1)})`
   );
 }
 

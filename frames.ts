@@ -125,6 +125,8 @@ export class Message {
   _wire: Uint8Array | null = null;
   /** @internal The data with room for the header in front (from {@link Message.encoded}): the first send writes the header there. */
   _framed: Uint8Array | null = null;
+  /** @internal A dead message's error, where this router knows a better one than its reason (a failed start): thrown by unpickle, never sent. */
+  declare _error?: Error;
   #parts: readonly Uint8Array[];
   #length: number;
 
@@ -162,9 +164,10 @@ export class Message {
   }
 
   /** A dead message: the channel it answers is over, for `reason`. */
-  static dead(reason: string, fields?: MessageFields): Message {
+  static dead(reason: string, fields?: MessageFields, error?: Error): Message {
     const msg = Message.encoded(reason, fields);
     msg.replyTo = HANDLE.IS_DEAD;
+    if (error) msg._error = error;
     return msg;
   }
 
@@ -199,7 +202,7 @@ export class Message {
   unpickle(options?: { throwDead?: boolean }): unknown {
     if (this.flags & FRAME.FLAG_RAW) return this.data;
     const value = decodeValue(this.data, (this.flags & FRAME.FLAG_BLOBS) !== 0, this.router);
-    if (this.isDead && options?.throwDead !== false) throw new ChannelError(typeof value === "string" ? value : "channel closed");
+    if (this.isDead && options?.throwDead !== false) throw this._error ?? new ChannelError(typeof value === "string" ? value : "channel closed");
     if (value instanceof CallError) throw this.router ? this.router.rewriteCallError(value) : value;
     return value;
   }

@@ -37,6 +37,11 @@ export interface Launch {
   streamOn: "fd3" | "stdio";
   /** The first stage takes the core as it is, not deflated: the link is on this machine, or compressed by ssh. */
   plain?: boolean;
+  /**
+   * No prompt can come on the stream (OpenSSH asks through SSH_ASKPASS): the core and CONFIGURE go at
+   * once, without waiting for READY, and the child is handed out before it has connected.
+   */
+  pipeline?: boolean;
   /** A local node child: the core goes with V8's code cache for it, kept under this key (see codecache.ts). */
   codeCache?: string;
   /** The child's stdout is user output (only when the stream is elsewhere). */

@@ -183,6 +183,8 @@ export const proxyConnect: (spec: ProxySpec, call: { router: Router }) => Promis
         spec.label,
         spec.where,
       );
+      // A pipelined start returns before it is connected: its failure is learnt here.
+      await ctx.connected();
       return [ctx.contextId, ctx.name];
     } catch (err) {
       if (spec.id !== undefined) call.router.failChild(spec.id, (err as Error)?.message ?? String(err));

@@ -163,6 +163,11 @@ export interface ChildLink {
   /** How its process ended ("exited with code 3"), waiting at most `ms` for it; null if it still runs. */
   ended?(ms: number): Promise<string | null>;
   /**
+   * A child adopted before it has connected (a pipelined start): settles once it has (CONNECTED), or
+   * rejects with why it could not; calls to it, and the stream's end meanwhile, then fail with that error.
+   */
+  connecting?: Promise<unknown>;
+  /**
    * For a stream that is not a child of ours (an attached session, see listen.ts): checks, and may
    * rewrite, each message from it before it is routed; a string refuses the message with that reason.
    */
@@ -238,6 +243,8 @@ export class Router implements Binder, AsyncDisposable {
   readonly #parentOf = new Map<number, number>();
   /** Why each lost context is gone, for dead messages to it. */
   readonly #deadReasons = new Map<number, string>();
+  /** The error each context adopted while connecting failed with, for dead messages to it here. */
+  readonly #startErrors = new Map<number, Error>();
   /** Ids SHUTDOWN went to from here, so their exit reads "was shut down". */
   readonly #shutdownSent = new Set<number>();
   /** Streams closed whose reason is still to come (the exit status), for dead messages meanwhile. */
@@ -654,7 +661,7 @@ export class Router implements Binder, AsyncDisposable {
       if (!set) this.#respondents.set(respondent, (set = new Set()));
       set.add(handle);
       if (!this.#canReach(respondent))
-        queueMicrotask(() => this.#deliverDead(handle, this.#deadReasons.get(respondent) ?? `context ${respondent} is not connected`));
+        queueMicrotask(() => this.#deliverDead(handle, this.#deadReasons.get(respondent) ?? `context ${respondent} is not connected`, respondent));
     }
     return handle;
   }
@@ -667,10 +674,15 @@ export class Router implements Binder, AsyncDisposable {
     if (h.respondent !== null) this.#respondents.get(h.respondent)?.delete(handle);
   }
 
-  #deliverDead(handle: number, reason: string): void {
+  /** Fail `handle`'s handler with a dead message: `reason`, or the error `about`'s start failed with. */
+  #deliverDead(handle: number, reason: string, about?: number): void {
     const h = this.#handlers.get(handle);
     if (!h) return;
-    const msg = Message.dead(reason, { dst: this.myId, src: this.myId, auth: this.myId, handle });
+    const msg = Message.dead(
+      reason,
+      { dst: this.myId, src: this.myId, auth: this.myId, handle },
+      about === undefined ? undefined : this.#startErrors.get(about),
+    );
     msg.router = this;
     this.delHandler(handle);
     h.fn(msg, null);
@@ -748,8 +760,11 @@ export class Router implements Binder, AsyncDisposable {
 
   // -- streams and routes ---------------------------------------------------
 
-  /** Adopt a child's stream: route `remoteId` through it. */
-  addChild(link: ChildLink, remoteId: number, name: string): Context {
+  /**
+   * Adopt a child's stream: route `remoteId` through it. `announce` false (a child adopted while it
+   * connects, its runtime not known yet) leaves ADD_ROUTE to {@link Router.announceChild}.
+   */
+  addChild(link: ChildLink, remoteId: number, name: string, announce = true): Context {
     if (this.#shuttingDown) {
       void link.stop();
       throw new MitogenError(`router ${this.name} shut down while ${name} was connecting`);
@@ -765,9 +780,9 @@ export class Router implements Binder, AsyncDisposable {
     this.stats.links.set(remoteId, stream.counts);
     const ctx = this.contextById(remoteId, name);
     ctx.name = name;
-    ctx.runtime = link.runtime ?? null;
     ctx.method = link.method ?? null;
-    this.#announce(addRouteBody, [remoteId, name, this.myId, ctx.runtime, ctx.method]);
+    if (link.connecting) ctx._connecting(link.connecting);
+    if (announce) this.announceChild(link);
     // What was sent to it while it started goes now, in order; the ids it is to start route through it.
     const held = this.#pending.get(remoteId);
     this.#pending.delete(remoteId);
@@ -778,6 +793,14 @@ export class Router implements Binder, AsyncDisposable {
     }
     for (const msg of held ?? []) stream.send(msg);
     return ctx;
+  }
+
+  /** A child adopted by {@link Router.addChild}: note its runtime, tell the parent (ADD_ROUTE). */
+  announceChild(link: ChildLink): void {
+    const id = link.stream.remoteId as number;
+    const ctx = this.contextById(id);
+    ctx.runtime = link.runtime ?? null;
+    this.#announce(addRouteBody, [id, ctx.name, this.myId, ctx.runtime, ctx.method]);
   }
 
   /** Adopt the stream to the parent. */
@@ -850,7 +873,7 @@ export class Router implements Binder, AsyncDisposable {
     this.#shutdownSent.delete(id);
     const handles = this.#respondents.get(id);
     this.#respondents.delete(id);
-    for (const h of handles ?? []) this.#deliverDead(h, reason);
+    for (const h of handles ?? []) this.#deliverDead(h, reason, id);
     // Children that sent to it may wait on it too: tell them (Mitogen's _propagate_down).
     for (const s of this.#links.keys()) {
       if (s.talkedTo.delete(id) && !s.closed && s.remoteId !== null && s.remoteId !== id) {
@@ -893,7 +916,19 @@ export class Router implements Binder, AsyncDisposable {
     // Calls fail once the exit status is in (at most 500 ms): a death explains a reset or a truncated
     // frame; bad input (a StreamError) is the reason unless the process died of something else.
     // "disconnected" (and DEL_ROUTE upward) waits for the process to exit.
-    const reason = (link?.ended ? link.ended(500) : Promise.resolve(null)).then((status) => {
+    // A child closed while connecting is gone for the reason its start failed.
+    const failed = link?.connecting
+      ? link.connecting.then(
+          () => null,
+          (e: Error) => e,
+        )
+      : Promise.resolve(null);
+    const reason = failed.then(async (e) => {
+      if (e) {
+        this.#startErrors.set(remote, e);
+        return e.message;
+      }
+      const status = link?.ended ? await link.ended(500) : null;
       const how =
         status !== null && status !== "exited with code 0"
           ? status
@@ -986,8 +1021,9 @@ export class Router implements Binder, AsyncDisposable {
     }
     if (!out || out.closed) {
       const later = out && this.#closing.get(out);
-      if (later) void later.then((r) => this.#sendDead(msg, r));
-      else this.#sendDead(msg, this.#deadReasons.get(msg.dst) ?? `no route to context ${msg.dst} from ${this.name}`);
+      // A context whose start failed: its calls fail with that error here (a caller elsewhere gets its text).
+      if (later) void later.then((r) => this.#sendDead(msg, r, this.#startErrors.get(msg.dst)));
+      else this.#sendDead(msg, this.#deadReasons.get(msg.dst) ?? `no route to context ${msg.dst} from ${this.name}`, this.#startErrors.get(msg.dst));
       return;
     }
     if (out === inStream) {
@@ -1038,7 +1074,7 @@ export class Router implements Binder, AsyncDisposable {
    * Answer `msg` with a dead message. Those a context provokes from elsewhere are counted per second,
    * and past {@link DEAD_PER_SECOND}, or while its link is congested, dropped.
    */
-  #sendDead(msg: Message, reason: string): void {
+  #sendDead(msg: Message, reason: string, error?: Error): void {
     const src = msg.src;
     if (!msg.replyTo || msg.isDead) return;
     if (src !== this.myId) {
@@ -1049,7 +1085,7 @@ export class Router implements Binder, AsyncDisposable {
       (n[ok ? 0 : 1] as number)++;
       if (!ok) return;
     }
-    this.route(Message.dead(reason, { dst: src, handle: msg.replyTo }));
+    this.route(Message.dead(reason, { dst: src, handle: msg.replyTo }, error));
   }
 
   /** Dead replies sent and dropped in this second, by the context they answer. */

@@ -81,6 +81,7 @@ export function sshLaunch(spec: Starting, m: SshSpec): Launch {
     streamOn: "stdio",
     stdoutIsOutput: false,
     plain: m.compression,
+    pipeline: true,
     watch(line) {
       if (line.startsWith(ASKPASS_MARK)) {
         prompts++;

@@ -147,6 +147,7 @@ export async function connectSsh2(router: Router, options: SshOptions, id: numbe
     onError: (cb) => client.on("error", (err: Error) => cb(new StreamError(`ssh to ${who}: ${err.message}`, { cause: err }))),
   };
   return bootstrap(router, spec, child, {
+    pipeline: true,
     watch: (line) => {
       const missing = missingRuntime(line);
       return missing ? new StreamError(`ssh to ${who}: ${missing}`) : undefined;

@@ -189,6 +189,8 @@ export interface Boot {
   socket?: NodeReadable & NodeWritable;
   /** Node: the socket to write to, when not `socket` (fd 4, through a shell). */
   out?: NodeWritable;
+  /** Deno: the first stage's exact reader (a pipelined start's core picker reads the core with it). */
+  read?: (n: number) => Promise<Uint8Array>;
   /** Deno: bytes read past the payload (none: the Deno first stage reads exactly). */
   rest?: Uint8Array;
   /** Node: the first stage's `require`, for builtins where `process.getBuiltinModule` is missing (Node < 20.16). */

@@ -11,7 +11,7 @@ import { StreamError } from "./errors.ts";
 /** The oldest runtimes a child runs on: [major, minor]. */
 export const OLDEST = { node: [12, 0], deno: [1, 46] } as const;
 /** Node before this runs the core lowered for Node 12 (no ES2022 class syntax). */
-const MODERN_NODE = [16, 11] as const;
+export const MODERN_NODE = [16, 11] as const;
 const dotted = ([major, minor]: readonly number[]) => (minor ? `${major}.${minor}` : `${major}`);
 const SUPPORTED = `children need node ${dotted(OLDEST.node)} or later, or deno ${dotted(OLDEST.deno)} or later`;
 

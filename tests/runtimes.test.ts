@@ -55,6 +55,12 @@ const selfReport = () =>
     ? `deno ${(globalThis as unknown as { Deno: { version: { deno: string } } }).Deno.version.deno}`
     : `node ${process.versions.node}`;
 
+/** Node before 16.11 runs the core lowered for Node 12; everything else the ES2022 one. */
+const coreOf = (runtime: string) => {
+  const [major, minor] = runtime.slice(5).split(".").map(Number) as [number, number];
+  return runtime.startsWith("node") && (major < 16 || (major === 16 && minor < 11)) ? CORE.LOWERED : CORE.MODERN;
+};
+
 async function scenario(
   router: Router,
   logs: ReturnType<typeof captureLogs>,
@@ -73,12 +79,7 @@ async function scenario(
       logs.lines(name).filter((l) => l.startsWith("watchdog:")),
       ["watchdog: kernel"],
     );
-  // Node before 16.11 runs the core lowered for Node 12; everything else the ES2022 one. A local child gets the
-  // core as a plain script and keeps none: it fetches the compressed one a child of its own needs (below).
-  const coreOf = (runtime: string) => {
-    const [major, minor] = runtime.slice(5).split(".").map(Number) as [number, number];
-    return runtime.startsWith("node") && (major < 16 || (major === 16 && minor < 11)) ? CORE.LOWERED : CORE.MODERN;
-  };
+  // A local child gets the core as a plain script and keeps none: it fetches the compressed one a child of its own needs (below).
   assert.deepEqual(await ctx.call(coresKept), []);
 
   const tasks = await ctx.import<Tasks>(TASKS);
@@ -165,6 +166,8 @@ before(() => {
   writeFileSync(join(dir, "shell-tool"), `#!/bin/sh\nwhile [ $# -gt 0 ] && [ "$1" != /bin/sh ]; do shift; done\nexec env PATH="$MITOGEN_TEST_PATH" "$@"\n`, {
     mode: 0o755,
   });
+  // Stand-in for ssh: drop the options, the "--" and the host; run the remote command here.
+  writeFileSync(join(dir, "ssh"), `#!/bin/sh\nwhile [ $# -gt 0 ] && [ "$1" != -- ]; do shift; done\nexec /bin/sh -c "$3"\n`, { mode: 0o755 });
 });
 
 after(() => rmSync(dir, { recursive: true, force: true }));
@@ -234,4 +237,34 @@ test('runtime "auto" runs the newest of node and nodejs, and deno when no node i
   assert.equal(deno.runtime, ALL.find((r) => r.name === "deno1.46")?.runtime);
   assert.equal(await deno.call(selfReport), deno.runtime);
   await quick(behindShell(router, pathOf("auto4", { node: (OLD as { exe: string }).exe }), { name: "auto.old" }), /node 10\.\d+\.\d+ is too old/);
+});
+
+test("a pipelined start (ssh's) on every runtime: calls sent before READY run on the core the runtime can run", { skip: skipReason(MISSING) }, async () => {
+  assertInstalled(MISSING);
+  await using router = quietRouter();
+  const start = (exe: string, name: string, compression: boolean) =>
+    router.ssh({ hostname: "here", sshPath: join(dir, "ssh"), runtime: exe, compression, name, connectTimeout: 30_000 });
+  const results = await Promise.allSettled(
+    ALL.map(async (r, i) => {
+      // Deflated or plain (ssh -C), alternately: the picker and the core it reads come in the first stage's form.
+      const compression = i % 2 === 1;
+      const ctx = await start(r.exe, `p.${r.name}`, compression);
+      assert.equal(ctx.runtime, null, "handed out before its READY line was read");
+      const [who, sum] = await Promise.all([ctx.call(selfReport), ctx.call((a: number, b: number) => a + b, 40, 2)]);
+      assert.equal(who, r.runtime);
+      assert.equal(sum, 42);
+      assert.equal(await ctx.connected(), ctx);
+      assert.equal(ctx.runtime, r.runtime);
+      assert.deepEqual(await ctx.call(coresKept), compression ? [] : [coreOf(r.runtime as string)], "the core it runs, kept for its children");
+      await ctx.shutdown({ wait: true });
+    }),
+  );
+  const failed = results.flatMap((res, i) => (res.status === "rejected" ? [`${ALL[i]?.name}: ${(res.reason as Error)?.stack ?? res.reason}`] : []));
+  assert.deepEqual(failed, [], failed.join("\n\n"));
+  if (OLD) {
+    // Too old for either core: the version gate's error fails the first call.
+    const ctx = await start(OLD.exe, "p.old", false);
+    const err = await ctx.call(() => 1).catch((e: unknown) => e);
+    assert.match(String(err), new RegExp(`StreamError: p\\.old: node ${OLD.runtime.slice(5).replace(/\./g, "\\.")} is too old: ${RANGE.source}`));
+  }
 });

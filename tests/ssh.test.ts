@@ -11,7 +11,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
 import { CORE } from "../frames.ts";
-import { ChannelError, type Context, Secret, type SshOptions } from "../mod.ts";
+import { ChannelError, type Context, Secret, type SshOptions, StreamError } from "../mod.ts";
 import { checkLeaks, coresKept, quietRouter, routerWithLogs } from "./helpers.ts";
 import { findProgram, run, type TestHosts, useTestHosts } from "../lab/hosts.ts";
 
@@ -40,6 +40,9 @@ function denoPath(): string {
   if (!found) throw new Error("deno not found");
   return realpathSync(found);
 }
+
+/** A start, waited for until connected (router.ssh() resolves before, see Context.connected). */
+const connected = (start: Promise<Context>): Promise<Context> => start.then((ctx) => ctx.connected());
 
 const inNamespace = () => Object.values(process.getBuiltinModule("node:os").networkInterfaces()).flatMap((list) => (list ?? []).map((i) => i.address));
 
@@ -96,9 +99,9 @@ test("passwords: the right one works, a wrong one and a missing one fail at once
   const ok = await router.ssh(bastion({ sshArgs: ["-F", hosts.sshConfigFile, ...noKey], password: hosts.password }));
   assert.equal(await ok.call(() => "in"), "in");
   const t0 = Date.now();
-  await assert.rejects(router.ssh(bastion({ sshArgs: ["-F", hosts.sshConfigFile, ...noKey], password: "wrong" })), /incorrect password/);
+  await assert.rejects(connected(router.ssh(bastion({ sshArgs: ["-F", hosts.sshConfigFile, ...noKey], password: "wrong" }))), /incorrect password/);
   assert.ok(Date.now() - t0 < 15_000, "no timeout wait");
-  await assert.rejects(router.ssh(bastion({ sshArgs: ["-F", hosts.sshConfigFile, ...noKey] })), /password required/);
+  await assert.rejects(connected(router.ssh(bastion({ sshArgs: ["-F", hosts.sshConfigFile, ...noKey] }))), /password required/);
 });
 
 test("host keys: unknown under each policy, changed under enforce", { skip }, async () => {
@@ -111,7 +114,7 @@ test("host keys: unknown under each policy, changed under enforce", { skip }, as
     username: hosts.user,
     ...extra,
   });
-  await assert.rejects(router.ssh(direct({ knownHostsFile: empty, checkHostKeys: "enforce" })), /unknown host key \(checkHostKeys: enforce\)/);
+  await assert.rejects(connected(router.ssh(direct({ knownHostsFile: empty, checkHostKeys: "enforce" }))), /unknown host key \(checkHostKeys: enforce\)/);
   const learned = join(scratch, "known_hosts.learned");
   writeFileSync(learned, "");
   const accepted = await router.ssh(direct({ knownHostsFile: learned, checkHostKeys: "accept" }));
@@ -122,8 +125,8 @@ test("host keys: unknown under each policy, changed under enforce", { skip }, as
   assert.equal(await ignored.call(() => 2), 2);
   const wrong = join(scratch, "known_hosts.wrong");
   writeFileSync(wrong, `${hosts.bastion.address} ${hosts.inner.hostKeyPub}\n`);
-  await assert.rejects(router.ssh(direct({ knownHostsFile: wrong, checkHostKeys: "enforce" })), /host key has CHANGED/);
-  await assert.rejects(router.ssh(direct({ knownHostsFile: wrong, checkHostKeys: "accept" })), /CHANGED|host key/);
+  await assert.rejects(connected(router.ssh(direct({ knownHostsFile: wrong, checkHostKeys: "enforce" }))), /host key has CHANGED/);
+  await assert.rejects(connected(router.ssh(direct({ knownHostsFile: wrong, checkHostKeys: "accept" }))), /CHANGED|host key/);
 });
 
 test("connectTimeout against a server that never speaks", { skip }, async () => {
@@ -134,12 +137,44 @@ test("connectTimeout against a server that never speaks", { skip }, async () => 
   const port = (server.address() as { port: number }).port;
   try {
     const t0 = Date.now();
-    await assert.rejects(router.ssh({ hostname: "127.0.0.1", port, connectTimeout: 1500, checkHostKeys: "ignore" }), /not connected within 1500 ms|timed out/);
+    await assert.rejects(
+      connected(router.ssh({ hostname: "127.0.0.1", port, connectTimeout: 1500, checkHostKeys: "ignore" })),
+      /not connected within 1500 ms|timed out/,
+    );
     assert.ok(Date.now() - t0 < 6000);
   } finally {
     for (const s of held) s.destroy();
     await new Promise((r) => server.close(r));
   }
+});
+
+test("a failed start fails its first call, later calls and connected() with the one error, and leaves nothing running", { skip }, async () => {
+  await using router = quietRouter();
+  const empty = join(scratch, "known_hosts.early");
+  writeFileSync(empty, "");
+  const direct = { hostname: hosts.bastion.address, identityFile: hosts.identityFile, username: hosts.user };
+  for (const [what, options, pattern] of [
+    ["unknown host key", { ...direct, knownHostsFile: empty, checkHostKeys: "enforce" }, /^ssh to .*: unknown host key \(checkHostKeys: enforce\)$/],
+    [
+      "wrong key",
+      bastion({ identityFile: join(scratch, "no-such-key"), sshArgs: ["-F", hosts.sshConfigFile, "-o", "PubkeyAuthentication=no"] }),
+      /password required/,
+    ],
+    ["no runtime", bastion({ runtime: "/nonexistent/node" }), /^no runtime: ssh exited with code 127 before connecting; stderr:\n.*nonexistent\/node/s],
+    ["refused", { hostname: "127.0.0.1", port: 1, checkHostKeys: "ignore" }, /^ssh to 127\.0\.0\.1: connect to host 127\.0\.0\.1 port 1: Connection refused/],
+  ] as const) {
+    const ctx = await router.ssh({ ...options, name: what });
+    // Sent before the start failed (queued behind CONFIGURE), and after it: the same error, not a ChannelError.
+    const first = await ctx.call(() => 1).catch((e: unknown) => e);
+    assert.ok(first instanceof StreamError, `${what}: ${first}`);
+    assert.match(first.message, pattern);
+    assert.equal(await ctx.connected().catch((e: unknown) => e), first, `${what}: connected() rejects with it`);
+    assert.equal(await ctx.call(() => 2).catch((e: unknown) => e), first, `${what}: a later call too`);
+    assert.equal(await ctx.disconnected(), first.message);
+  }
+  // Nobody asks: no unhandled rejection (the test run would fail on one), the context just ends.
+  const unasked = await router.ssh(bastion({ runtime: "/nonexistent/node", name: "unasked" }));
+  assert.match(await unasked.disconnected(), /exited with code 127 before connecting/);
 });
 
 /** Pids of our own ssh clients talking to `address`. */
