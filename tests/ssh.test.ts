@@ -195,8 +195,9 @@ function sshClientsTo(address: string): number[] {
 
 test("killing the ssh connection to bastion rejects every pending call below it at once", { skip }, async () => {
   await using router = quietRouter();
-  const a = await router.ssh(bastion());
-  const b = await router.ssh({ hostname: hosts.inner.address, via: a, name: "inner", sshArgs: ["-o", "SendEnv=MITOGEN_TEST_TOKEN"] });
+  // Both connected first: this is about a connection that breaks, not a start that fails.
+  const a = await (await router.ssh(bastion())).connected();
+  const b = await (await router.ssh({ hostname: hosts.inner.address, via: a, name: "inner", sshArgs: ["-o", "SendEnv=MITOGEN_TEST_TOKEN"] })).connected();
   const forever = () => new Promise(() => {});
   const pending = [a.call(forever), b.call(forever)].map((p) => assert.rejects(p, ChannelError));
   const clients = sshClientsTo(hosts.bastion.address);
