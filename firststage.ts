@@ -169,7 +169,9 @@ export function remoteCommand(runtime: string, name: string, terminal = false, p
       `*)echo "mitogen: ${exe.replace(/["$`\\]/g, "")} is not node or deno; its --version says: $v" >&2;exit 126;;esac`
     );
   }
-  return runtimeCommand(runtime).kind === "deno" ? deno(exe) : node(exe);
+  // A runtime the target lacks is named as such, not left to the shell's "exec: deno: not found".
+  const guard = `command -v ${exe} >/dev/null 2>&1||{ echo "mitogen: no ${exe.replace(/["$`\\]/g, "")} found on $(hostname)" >&2;exit 127;};`;
+  return guard + (runtimeCommand(runtime).kind === "deno" ? deno(exe) : node(exe));
 }
 
 /** This context's own executable, which is also there for another user on the same machine. */
@@ -179,7 +181,7 @@ export function ownRuntime(): string {
 
 /** The remote command's complaint that the target has no runtime (see remoteCommand), or null. */
 export function missingRuntime(line: string): string | null {
-  if (/neither node nor deno found/.test(line)) return line.replace(/^mitogen: /, "");
+  if (/^mitogen: (neither node nor deno|no .+) found on /.test(line)) return line.replace(/^mitogen: /, "");
   const odd = /mitogen: (.*) is not node or deno; its --version says: ?(.*)/.exec(line);
   return odd ? notRuntime(odd[1] ?? "", odd[2] ?? "") : null;
 }

@@ -160,7 +160,9 @@ test("a failed start fails its first call, later calls and connected() with the 
       bastion({ identityFile: join(scratch, "no-such-key"), sshArgs: ["-F", hosts.sshConfigFile, "-o", "PubkeyAuthentication=no"] }),
       /password required/,
     ],
-    ["no runtime", bastion({ runtime: "/nonexistent/node" }), /^no runtime: ssh exited with code 127 before connecting; stderr:\n.*nonexistent\/node/s],
+    // Named as such (not the shell's "exec: ...: not found"), and at once.
+    ["no runtime", bastion({ runtime: "/nonexistent/node" }), /^ssh to .*: no \/nonexistent\/node found on [\w.-]+$/],
+    ["no deno", bastion({ runtime: "deno" }), /^ssh to .*: no deno found on [\w.-]+$/],
     ["refused", { hostname: "127.0.0.1", port: 1, checkHostKeys: "ignore" }, /^ssh to 127\.0\.0\.1: connect to host 127\.0\.0\.1 port 1: Connection refused/],
   ] as const) {
     const ctx = await router.ssh({ ...options, name: what });
@@ -174,7 +176,7 @@ test("a failed start fails its first call, later calls and connected() with the 
   }
   // Nobody asks: no unhandled rejection (the test run would fail on one), the context just ends.
   const unasked = await router.ssh(bastion({ runtime: "/nonexistent/node", name: "unasked" }));
-  assert.match(await unasked.disconnected(), /exited with code 127 before connecting/);
+  assert.match(await unasked.disconnected(), /no \/nonexistent\/node found on/);
 });
 
 /** Pids of our own ssh clients talking to `address`. */
