@@ -97,5 +97,5 @@ test("a container method through a via context, and a missing runtime named clea
   const hop = await router.local({ name: "hop" });
   const inside = await router.docker({ container: "web2", via: hop });
   assert.equal(await inside.call(() => "via hop"), "via hop");
-  await assert.rejects(router.podman({ container: "db2", runtime: "/no/such/node" }), /exited with code 127/);
+  await assert.rejects(router.podman({ container: "db2", runtime: "/no/such/node" }), /^StreamError: podman\.db2: no \/no\/such\/node found on \S+$/);
 });
