@@ -7,7 +7,7 @@
 import { builtin, isDeno, nodeProcess, runtimeCommand } from "./runtime.ts";
 import { PDEATHSIG_ENV } from "./watchdog.ts";
 import { StreamError, TimeoutError } from "./errors.ts";
-import { DENO_EVAL, firstStage, oddName, remoteCommand } from "./firststage.ts";
+import { DENO_EVAL, firstStage, missingRuntime, oddName, remoteCommand } from "./firststage.ts";
 import type { Launch, Starting } from "./launch.ts";
 import { failedExec, pdeathsigTool } from "./setpriv.ts";
 import { denoSpawn, killGroup } from "./spawn.ts";
@@ -114,7 +114,11 @@ export async function localLaunch(spec: Starting, m: LocalSpec, t0: number): Pro
       plain: true,
       codeCache: `${cmd.exe}\0${env.NODE_OPTIONS ?? ""}`,
       stdoutIsOutput: false,
-      watch: (line) => (line.includes(`${cmd.exe}: not found`) ? new StreamError(`cannot start ${cmd.exe}: not found (ENOENT)`) : failedExec(line, cmd.exe)),
+      // The shell's complaint, or the remote command's own (see remoteCommand): as a failed spawn says it.
+      watch: (line) =>
+        line.includes(`${cmd.exe}: not found`) || missingRuntime(line)
+          ? new StreamError(`cannot start ${cmd.exe}: not found (ENOENT)`)
+          : failedExec(line, cmd.exe),
     };
   }
   // The kernel kills a node child when this process dies (see watchParent in watchdog.ts); Deno does it itself.
