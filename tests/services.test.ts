@@ -155,11 +155,13 @@ for (const runtime of RUNTIMES) {
     test("a child's deadline and signal reach a service of its master", async () => {
       await using router = quietRouter();
       const reasons: string[] = [];
+      let settled = 0;
+      // It answers well after its signal: the caller's own deadline (the same 100 ms) always fires first.
       const wait = (_: unknown, { signal }: { signal: AbortSignal }) =>
         new Promise((resolve) =>
           signal.addEventListener("abort", () => {
             reasons.push(`${signal.reason?.name}: ${signal.reason?.message}`);
-            resolve(0);
+            setTimeout(() => resolve(settled++), 300);
           }),
         );
       await router.serve(defineService({ name: "test.waiter", policy: "children", methods: { wait: { run: wait } } }));
@@ -185,6 +187,7 @@ for (const runtime of RUNTIMES) {
         `AbortError: call cancelled by its caller (context ${a.contextId})`,
         "TimeoutError: deadline of 100 ms passed in master",
       ]);
+      await waitFor(() => settled === 2);
     });
   });
 }
