@@ -258,3 +258,15 @@ export function standInPid(word: string): number | undefined {
   }
   return undefined;
 }
+
+/** The CLI's `--json` records, without their times, sorted by host: what two runs of one command can be compared by. */
+export const records = (stdout: string): Record<string, unknown>[] =>
+  stdout
+    .trim()
+    .split("\n")
+    .filter(Boolean)
+    .map((l) => {
+      const { ms: _, ...rest } = JSON.parse(l) as Record<string, unknown>;
+      return rest;
+    })
+    .sort((a, b) => String(a.host).localeCompare(String(b.host)));

@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
 import { DIST, NODE } from "./command-runner.ts";
-import { alive, checkLeaks, waitFor } from "./helpers.ts";
+import { alive, checkLeaks, waitFor, records } from "./helpers.ts";
 import { type TestHosts, useTestHosts } from "../lab/hosts.ts";
 
 checkLeaks();
@@ -34,17 +34,6 @@ function mitogen(xdg: string, args: string[]): Promise<{ code: number; stdout: s
     });
   });
 }
-
-const records = (stdout: string) =>
-  stdout
-    .trim()
-    .split("\n")
-    .filter(Boolean)
-    .map((l) => {
-      const { ms: _, ...rest } = JSON.parse(l) as Record<string, unknown>;
-      return rest;
-    })
-    .sort((a, b) => String(a.host).localeCompare(String(b.host)));
 
 /** The ssh clients `pid` started (its children running ssh). */
 function sshChildren(pid: number): number[] {

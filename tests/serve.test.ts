@@ -11,7 +11,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { after, test } from "node:test";
 import { DIST, NODE } from "./command-runner.ts";
-import { alive, checkLeaks, waitFor } from "./helpers.ts";
+import { alive, checkLeaks, waitFor, records } from "./helpers.ts";
 import { serveDir } from "../serve.ts";
 
 checkLeaks();
@@ -37,17 +37,6 @@ function mitogen(xdg: string, args: string[], options: { cwd?: string; timeout?:
     );
   });
 }
-
-const records = (stdout: string) =>
-  stdout
-    .trim()
-    .split("\n")
-    .filter(Boolean)
-    .map((l) => {
-      const { ms: _, ...rest } = JSON.parse(l) as Record<string, unknown>;
-      return rest;
-    })
-    .sort((a, b) => String(a.host).localeCompare(String(b.host)));
 
 type Status = { pid: number; contexts: { id: number; name: string; inUse: number; idleMs: number }[] };
 
