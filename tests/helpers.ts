@@ -74,7 +74,22 @@ export async function assertNoLeaks(baseline: string[]): Promise<void> {
     const i = extra.indexOf(r);
     if (i >= 0) extra.splice(i, 1);
   }
-  assert.deepEqual(extra, [], "handles or timers left behind");
+  assert.deepEqual(extra, [], `handles or timers left behind; the live handles: ${describeHandles()}`);
+}
+
+/** What the live handles are (Node only), so a leak the check finds names its owner. */
+function describeHandles(): string {
+  const get = (process as { _getActiveHandles?: () => object[] })._getActiveHandles;
+  if (!get) return "(not known under this runtime)";
+  const name = (h: object): string => {
+    if (h === process.stdin) return "stdin";
+    if (h === process.stdout) return "stdout";
+    if (h === process.stderr) return "stderr";
+    const { spawnfile, spawnargs, _handle } = h as { spawnfile?: string; spawnargs?: string[]; _handle?: { fd?: number } };
+    if (spawnfile) return `child ${spawnargs?.join(" ").slice(0, 120)}`;
+    return `${h.constructor.name}${_handle?.fd !== undefined ? ` fd ${_handle.fd}` : ""}`;
+  };
+  return get.call(process).map(name).join(", ");
 }
 
 /** Install the leak check around every test of the calling file. */

@@ -23,7 +23,7 @@ test("bench/profile.ts profiles the master and a child with a readable payload",
   const out = mkdtempSync(join(tmpdir(), "mitogen-profile-test-"));
   try {
     const node = runtimeCommand("node").exe;
-    // Sampled every 10 us: childMain runs once, briefly, and at the default 100 us a sample missed it about 1 run in 10.
+    // Sampled every 10 us, so the functions every call passes through are caught even on a busy machine.
     const { stdout } = await run(node, ["--import", "tsx", "bench/profile.ts", "--calls", "2000", "--top", "40", "--interval", "10", "--out", out], {
       cwd: root,
       timeout: 90_000,
@@ -37,7 +37,8 @@ test("bench/profile.ts profiles the master and a child with a readable payload",
     const profile = JSON.parse(readFileSync(join(out, "child", child[0] as string), "utf8")) as { nodes: { callFrame: { functionName: string } }[] };
     const names = new Set(profile.nodes.map((n) => n.callFrame.functionName));
     // Functions of the core keep their names in the child (minified, they would be one or two letters).
-    for (const name of ["childMain", "writeHeader", "headerAt"]) assert.ok(names.has(name), `the child's profile names ${name}`);
+    // Only functions on every call's path: childMain runs once, briefly, and a loaded CI machine's samples missed it.
+    for (const name of ["route", "unpickle", "writeHeader", "headerAt"]) assert.ok(names.has(name), `the child's profile names ${name}`);
     const childPart = stdout.slice(stdout.indexOf("\nchild:"));
     assert.match(childPart, /^child: .*busy [\d.]+ us per call$/m);
     assert.match(childPart, /\(\(payload\):\d+:\d+\)/, "the summary lists payload functions");
