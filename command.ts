@@ -11,6 +11,7 @@ import { basename, join, resolve } from "node:path";
 import { ReadStream } from "node:tty";
 import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
+import { constants as os } from "node:os";
 import type { createLogUpdate } from "log-update";
 import { levelFromEnv } from "./logs.ts";
 import { type Context, type LogRecord, Receiver, Router, type Sender, TimeoutError } from "./mod.ts";
@@ -18,6 +19,8 @@ import { joinParts } from "./bytes.ts";
 import { callExec } from "./tunnel.ts";
 import type { ContextSpec } from "./contextservice.ts";
 import { attach } from "./serve.ts";
+import type { SshOptions } from "./options.ts";
+import { sshExec } from "./sshexec.ts";
 
 /** One target as given: `local`, or `[user@]host[:port]`. */
 export interface Target {
@@ -82,7 +85,8 @@ options:
   -F, --ssh-config FILE     ssh config for the connections this machine makes (the first hop)
   --password                ask once on the terminal for the ssh/sudo password
   --password-file FILE      read it from FILE instead (for scripts with no terminal)
-  --runtime node|deno|auto  the runtime on the targets (default auto)
+  --runtime node|deno|auto  the runtime on the targets (default auto; run on plain
+                            ssh targets starts none unless given)
   --forks N                 hosts at a time (default 10)
   --timeout MS              per host, connecting included (default 60000)
   --check-host-keys         refuse unknown host keys (default: learn new ones, refuse changed)
@@ -480,7 +484,9 @@ async function runIn(router: Router, ctx: Context, command: string, timeout: num
     );
     try {
       const [result] = await Promise.all([call, output]);
-      return { ok: result.code === 0, exitCode: result.code ?? (result.signal ? 128 : null), stdout: stdout.text(), stderr: stderr.text() };
+      // Killed by a signal: 128 + its number, as a shell (and a command run over ssh) says it.
+      const signalled = result.signal ? 128 + ((os.signals as Record<string, number>)[result.signal] ?? 0) : null;
+      return { ok: result.code === 0, exitCode: result.code ?? signalled, stdout: stdout.text(), stderr: stderr.text() };
     } catch (e) {
       if (!signal.aborted) throw e;
       // Cancelled: the command's group is being killed there; its pipes close once it has gone.
@@ -491,6 +497,22 @@ async function runIn(router: Router, ctx: Context, command: string, timeout: num
     out.close();
     err.close();
     ctl.close();
+  }
+}
+
+/**
+ * `run` on a plain ssh target: the command over ssh itself, with no context (sshexec.ts), at
+ * pdsh's cost; the same record as {@link runIn}'s, and stopped the same way.
+ */
+async function runOverSsh(options: SshOptions, command: string, timeout: number, signal: AbortSignal): Promise<Outcome> {
+  const stdout = new Capped();
+  const stderr = new Capped();
+  try {
+    const code = await sshExec(options, command, { connectTimeout: timeout, signal, stdout: (c) => stdout.add(c), stderr: (c) => stderr.add(c) });
+    return { ok: code === 0, exitCode: code, stdout: stdout.text(), stderr: stderr.text() };
+  } catch (e) {
+    if (!signal.aborted) throw e;
+    throw new Stopped(signal.reason, { exitCode: null, stdout: stdout.text(), stderr: stderr.text() });
   }
 }
 
@@ -840,6 +862,9 @@ async function runHosts(command: string, opts: Parsed, act: Action, password: st
   if (server && viaSpec) via = server.acquire(viaSpec, stop);
   else if (!server) for (const hop of opts.via) via = via.then((prev) => connect(hop, prev));
   via.catch(() => {});
+  // `run` needs no context where there is no hop, sudo, input, password, server or asked-for runtime: plain ssh does it.
+  const overSsh =
+    command === "run" && !server && !opts.via.length && !opts.sudo && !opts.input && password === undefined && !opts.runtime ? opts.rest.join(" ") : null;
   let next = 0;
   const one = async (i: number, t: Target): Promise<HostResult> => {
     const t0 = performance.now();
@@ -856,6 +881,11 @@ async function runHosts(command: string, opts: Parsed, act: Action, password: st
     let acting = false;
     try {
       const job = (async () => {
+        if (overSsh !== null && !t.local) {
+          live?.set(i, "running");
+          acting = true;
+          return runOverSsh(sshOptions(t, undefined), overSsh, opts.timeout, mine.signal);
+        }
         const hop = await via.catch((err: unknown) => {
           throw new Error(`via ${opts.via.map((v) => v.label).join(",")}: ${reason(err)}`);
         });

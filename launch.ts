@@ -81,6 +81,8 @@ export interface Spawned {
   gone: Promise<void>;
   /** How it ended ("exited with code 1"), or null while it runs. */
   status(): string | null;
+  /** A process's exit code once it has exited; null while it runs or when a signal ended it. */
+  exitCode?(): number | null;
   kill(): void;
   onError(cb: (err: Error) => void): void;
 }
@@ -135,6 +137,7 @@ export async function spawnLaunch(launch: Launch): Promise<Spawned> {
       });
     }),
     status: () => (proc.exitCode === null && proc.signalCode === null ? null : endedAs(proc.exitCode, proc.signalCode)),
+    exitCode: () => proc.exitCode,
     kill,
     onError: (cb) => proc.once("error", (err) => cb(new StreamError(`cannot start ${launch.exe}: ${err.message}`, { cause: err }))),
   };
@@ -171,6 +174,10 @@ function denoLaunch(launch: Launch): Spawned {
     status: () => {
       const s = p.status();
       return s === null ? null : endedAs(s.code, s.signal);
+    },
+    exitCode: () => {
+      const s = p.status();
+      return s === null || s.signal ? null : s.code;
     },
     kill,
     onError: () => {},

@@ -24,6 +24,7 @@ import { Secret } from "./codec.ts";
 import { StreamError } from "./errors.ts";
 import { takesRouter } from "./calls.ts";
 import { type Method, type ProxySpec, start } from "./start.ts";
+import type { SshSpec } from "./ssh.ts";
 
 /** {@link Router.local}: start a local context below `router`, or below `options.via`. */
 export function local(router: Router, options: LocalOptions): Promise<Context> {
@@ -42,8 +43,12 @@ export const sshWhere = (o: { hostname: string; port?: number }): string => (o.p
 /** {@link Router.ssh}: start a context on another machine through the OpenSSH client. */
 export function ssh(router: Router, options: SshOptions): Promise<Context> {
   if (!options.hostname) return Promise.reject(new StreamError("ssh: hostname is required"));
-  const method: Method = {
-    kind: "ssh",
+  return start(router, options, { kind: "ssh", ...sshSpec(options) }, "ssh", sshWhere(options));
+}
+
+/** SshOptions as the ssh method's plain-data spec, defaults filled in. */
+export function sshSpec(options: SshOptions): SshSpec {
+  return {
     hostname: options.hostname,
     ...(options.username === undefined ? {} : { username: options.username }),
     ...(options.port === undefined ? {} : { port: options.port }),
@@ -56,7 +61,6 @@ export function ssh(router: Router, options: SshOptions): Promise<Context> {
     compression: options.compression ?? false,
     runtime: options.runtime ?? "auto",
   };
-  return start(router, options, method, "ssh", sshWhere(options));
 }
 
 /** {@link Router.sudo}: start a context as another user on the machine of `router` (or of `options.via`). */

@@ -51,8 +51,11 @@ function askpassProgram(): string {
 
 const ASKPASS_MARK = "MITOGEN_ASKPASS";
 
-/** The ssh method's launch builder (options: SshOptions): the OpenSSH client. */
-export function sshLaunch(spec: Starting, m: SshSpec): Launch {
+/**
+ * The ssh method's launch builder (options: SshOptions): the OpenSSH client, running `remote` on
+ * the target (by default the first stage of a child).
+ */
+export function sshLaunch(spec: Starting, m: SshSpec, remote: string = remoteCommand(m.runtime, spec.name, false, true, m.compression)): Launch {
   const host = m.username ? `${m.username}@${m.hostname}` : m.hostname;
   const args = ["-T", "-o", `ConnectTimeout=${Math.max(1, Math.ceil(spec.connectTimeout / 1000))}`, "-o", "ServerAliveInterval=15"];
   if (m.username) args.push("-l", m.username);
@@ -70,7 +73,7 @@ export function sshLaunch(spec: Starting, m: SshSpec): Launch {
   }
   if (m.compression) args.push("-C");
   // With -C ssh compresses the core (in C, on both ends): the child is spared inflating it.
-  args.push(...m.sshArgs, "--", m.hostname, remoteCommand(m.runtime, spec.name, false, true, m.compression));
+  args.push(...m.sshArgs, "--", m.hostname, remote);
   let prompts = 0;
   let changed = false;
   const fail = (what: string) => new StreamError(`ssh to ${host}: ${what}`);

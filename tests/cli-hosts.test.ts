@@ -11,7 +11,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { after, test } from "node:test";
 import { DIST, NODE, mitogen as run } from "./command-runner.ts";
-import { checkLeaks, waitFor } from "./helpers.ts";
+import { checkLeaks, records, waitFor } from "./helpers.ts";
 import { findProgram, type TestHosts, useTestHosts } from "../lab/hosts.ts";
 
 checkLeaks();
@@ -196,4 +196,54 @@ test("--timeout stops the command on an ssh target: nothing is left there", { sk
   assert.equal(r.code, 1);
   assert.deepEqual([byHost(r.stdout).bastion?.error, byHost(r.stdout).bastion?.stdout], ["timed out after 8000 ms", "started\n"]);
   assert.deepEqual(sleeping(three), [], "nothing left on bastion");
+});
+
+test("run on a plain ssh target goes over ssh alone (no runtime there); its records are those of a context's (--runtime node)", { skip }, async () => {
+  const cases = [
+    "echo out; echo err >&2; exit 3",
+    "exit 255", // the command's own 255, not a failed connection
+    "echo before; kill -s TERM $$", // killed by a signal: 128 + its number
+    "cat; echo read nothing", // stdin is /dev/null
+    "printf 'no newline'",
+  ];
+  for (const line of cases) {
+    const plain = await mitogen(["run", "bastion", "-F", hosts.sshConfigFile, "--json", "--", line]);
+    const ctx = await mitogen(["run", "bastion", "-F", hosts.sshConfigFile, "--runtime", "node", "--json", "--", line]);
+    assert.deepEqual(records(plain.stdout), records(ctx.stdout), line);
+    assert.equal(plain.code, ctx.code, line);
+  }
+  const first = await mitogen(["run", "bastion", "-F", hosts.sshConfigFile, "--json", "--", cases[0] as string]);
+  assert.deepEqual(records(first.stdout)[0], { host: "bastion", ok: false, exitCode: 3, stdout: "out\n", stderr: "err\n" });
+  const signalled = await mitogen(["run", "bastion", "-F", hosts.sshConfigFile, "--json", "--", cases[2] as string]);
+  assert.equal(byHost(signalled.stdout).bastion?.exitCode, 143);
+  // No runtime is started: a PATH without node or deno on the target does not matter.
+  const bare = await mitogen(["run", "bastion", "-F", hosts.sshConfigFile, "--json", "--", "PATH=/nonexistent; echo $PATH"]);
+  assert.equal(byHost(bare.stdout).bastion?.stdout, "/nonexistent\n");
+});
+
+test("run over ssh alone: a failed connection is the host's error, as with a context", { skip }, async () => {
+  const refused = `${hosts.bastion.address}:1`; // nothing listens there
+  // The lab's ssh_config, knowing no host key.
+  const known = join(scratch, "empty_known_hosts");
+  writeFileSync(known, "");
+  const config = join(scratch, "ssh_config.unknown");
+  writeFileSync(config, readFileSync(hosts.sshConfigFile, "utf8").replace(/UserKnownHostsFile .*/, `UserKnownHostsFile ${known}`));
+  for (const args of [
+    ["run", refused, "--json"],
+    ["run", "bastion", "-F", config, "--check-host-keys", "--json"],
+  ]) {
+    const plain = await mitogen([...args, "--", "true"]);
+    const ctx = await mitogen([...args, "--runtime", "node", "--", "true"]);
+    assert.equal(plain.code, 1, plain.stdout + plain.stderr);
+    const [a, b] = [records(plain.stdout)[0], records(ctx.stdout)[0]];
+    assert.equal(a?.ok, false);
+    assert.equal(a?.error, b?.error, args.join(" "));
+  }
+});
+
+test("run over ssh alone: what the command leaves running goes when it ends", { skip }, async () => {
+  const left = uniqueSleep();
+  const r = await mitogen(["run", "bastion", "-F", hosts.sshConfigFile, "--json", "--", `${left} >/dev/null 2>&1 & echo started`]);
+  assert.equal(byHost(r.stdout).bastion?.stdout, "started\n", r.stdout + r.stderr);
+  await waitFor(() => running(left).length === 0, 10_000, `${left} to be gone from bastion`);
 });

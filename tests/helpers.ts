@@ -82,14 +82,19 @@ function describeHandles(): string {
   const get = (process as { _getActiveHandles?: () => object[] })._getActiveHandles;
   if (!get) return "(not known under this runtime)";
   const name = (h: object): string => {
-    if (h === process.stdin) return "stdin";
-    if (h === process.stdout) return "stdout";
-    if (h === process.stderr) return "stderr";
-    const { spawnfile, spawnargs, _handle } = h as { spawnfile?: string; spawnargs?: string[]; _handle?: { fd?: number } };
+    // By fd, not by process.stdin & co.: reading those getters would create the streams.
+    const { spawnfile, spawnargs, _handle, readable, writable } = h as {
+      spawnfile?: string;
+      spawnargs?: string[];
+      _handle?: { fd?: number; constructor: { name: string } } | null;
+      readable?: boolean;
+      writable?: boolean;
+    };
     if (spawnfile) return `child ${spawnargs?.join(" ").slice(0, 120)}`;
-    return `${h.constructor.name}${_handle?.fd !== undefined ? ` fd ${_handle.fd}` : ""}`;
+    const how = _handle ? `${_handle.constructor.name} fd ${_handle.fd}` : "no handle (closing)";
+    return `${h.constructor.name} (${how}${readable ? ", readable" : ""}${writable ? ", writable" : ""})`;
   };
-  return get.call(process).map(name).join(", ");
+  return get.call(process).map(name).join("; ");
 }
 
 /** Install the leak check around every test of the calling file. */
