@@ -31,7 +31,8 @@ export function execWrapper(command: string): string {
   // $$ in the watcher is this shell, which waits for the command: alive means stopped early.
   const watcher = `(trap '' HUP INT TERM;while read -r _;do :;done <&3;if kill -0 $$ 2>/dev/null;then kill -s TERM 0;sleep 2;fi;kill -s KILL 0)>/dev/null 2>&1`;
   // Not exec'd: a command killed by a signal exits 128 + its number, as a shell says it (ssh would say 255).
-  return `exec 3<&0 </dev/null;${watcher}& /bin/sh -c ${shellQuote(command)} 3<&-;exit $?`;
+  // This shell's own stderr is /dev/null (bash would add "Terminated"); the command's is the channel's (fd 4).
+  return `exec 3<&0 4>&2 </dev/null 2>/dev/null;${watcher}& /bin/sh -c ${shellQuote(command)} 2>&4 3<&- 4>&-;exit $?`;
 }
 
 /** Where {@link sshExec}'s output goes, and what stops it. */

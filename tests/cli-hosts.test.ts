@@ -216,9 +216,12 @@ test("run on a plain ssh target goes over ssh alone (no runtime there); its reco
   assert.deepEqual(records(first.stdout)[0], { host: "bastion", ok: false, exitCode: 3, stdout: "out\n", stderr: "err\n" });
   const signalled = await mitogen(["run", "bastion", "-F", hosts.sshConfigFile, "--json", "--", cases[2] as string]);
   assert.equal(byHost(signalled.stdout).bastion?.exitCode, 143);
-  // No runtime is started: a PATH without node or deno on the target does not matter.
-  const bare = await mitogen(["run", "bastion", "-F", hosts.sshConfigFile, "--json", "--", "PATH=/nonexistent; echo $PATH"]);
-  assert.equal(byHost(bare.stdout).bastion?.stdout, "/nonexistent\n");
+  // No runtime is started: the command's shell is the login shell's child, not a runtime's (as with --runtime).
+  const parent = "cat /proc/$PPID/comm";
+  const bare = await mitogen(["run", "bastion", "-F", hosts.sshConfigFile, "--json", "--", parent]);
+  assert.equal(byHost(bare.stdout).bastion?.stdout, "bash\n", "the test user's login shell");
+  const ctx = await mitogen(["run", "bastion", "-F", hosts.sshConfigFile, "--runtime", "node", "--json", "--", parent]);
+  assert.equal(byHost(ctx.stdout).bastion?.stdout, "mitogen:bastion\n", "the context (its process title)");
 });
 
 test("run over ssh alone: a failed connection is the host's error, as with a context", { skip }, async () => {
