@@ -130,10 +130,34 @@ export async function spawnLaunch(launch: Launch): Promise<Spawned> {
       proc.once("close", () => resolve());
       proc.once("exit", () => {
         kill();
-        const timer = setTimeout(() => {
-          for (const s of proc.stdio) (s as { destroy?(): void } | null)?.destroy?.();
-        }, 200);
-        proc.once("close", () => clearTimeout(timer));
+        // Our ends close once nothing has come on them for 200 ms. The check runs after a poll phase (setImmediate):
+        // on a busy loop the timer may fire before output already in the pipes is read, which would be lost.
+        // A reader paused by its consumer (flow control) counts as busy: what waits in its pipe is still to be read.
+        const read = () =>
+          proc.stdio.reduce((n, s) => {
+            const pipe = s as { bytesRead?: number; readableFlowing?: boolean | null } | null;
+            return pipe?.readableFlowing === false ? Number.NaN : n + (pipe?.bytesRead ?? 0);
+          }, 0);
+        let seen = read();
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        let closed = false;
+        const check = () => {
+          if (closed) return;
+          const now = read();
+          if (now === seen) for (const s of proc.stdio) (s as { destroy?(): void } | null)?.destroy?.();
+          else {
+            seen = now;
+            arm();
+          }
+        };
+        const arm = () => {
+          timer = setTimeout(() => setImmediate(check), 200);
+        };
+        arm();
+        proc.once("close", () => {
+          closed = true;
+          clearTimeout(timer);
+        });
       });
     }),
     status: () => (proc.exitCode === null && proc.signalCode === null ? null : endedAs(proc.exitCode, proc.signalCode)),

@@ -2,10 +2,12 @@
  * spawn.ts: a Deno.Command child's output is read to its end, also when its
  * reader was paused (flow control) past its exit. A tunnelled command's last
  * output was lost that way under load (fakessh-load.test.ts, 1 line in 1000).
+ * launch.ts (Node): output that comes after the exit is read even when the loop is late.
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { denoSpawn } from "../spawn.ts";
+import { spawnLaunch } from "../launch.ts";
 import { checkLeaks, underDeno, waitFor } from "./helpers.ts";
 
 checkLeaks();
@@ -53,4 +55,36 @@ test("a process left holding the pipe: gone comes once it has been idle for left
   assert.ok(sleeper > 0, out);
   process.kill(sleeper, "SIGKILL");
   assert.ok(waited < 5000, `gone after ${waited} ms`);
+});
+
+const nodeOnly = underDeno ? "spawnLaunch under Deno goes through denoSpawn, tested above" : false;
+
+test("spawnLaunch (Node): output that comes after the exit, while this process is busy, is read, not dropped", { skip: nodeOnly }, async () => {
+  // A process outside the group (setsid) writes 100 ms after the exit, while this process is blocked for 400 ms: the
+  // 200 ms leftover timer is then due before the pipe is read. (Lost that way, `mitogen run` printed nothing for 4 hosts in 200.)
+  const child = await spawnLaunch({
+    exe: "/bin/sh",
+    args: ["-c", "setsid sh -c 'sleep 0.1; echo late' & exit 0"],
+    env: process.env,
+    streamOn: "stdio",
+    stdoutIsOutput: false,
+  });
+  let out = "";
+  child.reader.on("data", (chunk) => (out += new TextDecoder().decode(chunk)));
+  child.stderr.on("data", () => {});
+  child.writer.end();
+  // Spin in the check phase until the exit has been seen (in the poll phase before it), then be busy: at the next turn
+  // of the loop the timer is due, and timers run before the pipe is polled.
+  const t0 = Date.now();
+  await new Promise<void>((resolve, reject) => {
+    const spin = () => {
+      if (child.status() === null) return Date.now() - t0 < 10_000 ? setImmediate(spin) : reject(new Error("no exit in 10 s"));
+      const until = Date.now() + 400;
+      while (Date.now() < until);
+      resolve();
+    };
+    setImmediate(spin);
+  });
+  await child.gone;
+  assert.equal(out, "late\n");
 });
