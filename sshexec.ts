@@ -77,6 +77,7 @@ export async function sshExec(options: SshOptions, command: string, o: ExecOptio
     void child.gone.then(() => clearTimeout(timer));
   };
   o.signal.addEventListener("abort", stop, { once: true });
+  if (o.signal.aborted) stop(); // stopped while ssh was starting
   try {
     await child.gone;
   } finally {
