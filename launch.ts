@@ -133,18 +133,15 @@ export async function spawnLaunch(launch: Launch): Promise<Spawned> {
         // Our ends close once nothing has come on them for 200 ms. The check runs after a poll phase (setImmediate):
         // on a busy loop the timer may fire before output already in the pipes is read, which would be lost.
         // A reader paused by its consumer (flow control) counts as busy: what waits in its pipe is still to be read.
-        const read = () =>
-          proc.stdio.reduce((n, s) => {
-            const pipe = s as { bytesRead?: number; readableFlowing?: boolean | null } | null;
-            return pipe?.readableFlowing === false ? Number.NaN : n + (pipe?.bytesRead ?? 0);
-          }, 0);
+        const pipes = proc.stdio as unknown as ({ bytesRead?: number; readableFlowing?: boolean | null; destroy?(): void } | null)[];
+        const read = () => pipes.reduce((n, p) => n + (p?.bytesRead ?? 0), 0);
         let seen = read();
         let timer: ReturnType<typeof setTimeout> | undefined;
         let closed = false;
         const check = () => {
           if (closed) return;
           const now = read();
-          if (now === seen) for (const s of proc.stdio) (s as { destroy?(): void } | null)?.destroy?.();
+          if (now === seen && !pipes.some((p) => p?.readableFlowing === false)) for (const p of pipes) p?.destroy?.();
           else {
             seen = now;
             arm();
