@@ -35,28 +35,24 @@ export const SHIPPED = {
 /** A library module shipped to children on demand. */
 export type ShippedName = keyof typeof SHIPPED;
 
-/** The compressed payloads and their raw sizes. */
-export interface Payloads {
+/** The compressed payloads (as `B`: bytes, or base64 in JSON) and their raw sizes. */
+interface PayloadSet<B> {
   /** The core for ES2022 runtimes (CORE.MODERN). */
-  core: Uint8Array;
+  core: B;
   /** The core lowered for Node 12 (CORE.LOWERED). */
-  coreLowered: Uint8Array;
+  coreLowered: B;
   /** The shipped modules of {@link SHIPPED}, compressed. */
-  modules: Record<ShippedName, Uint8Array>;
+  modules: Record<ShippedName, B>;
   coreRaw: number;
   coreLoweredRaw: number;
   modulesRaw: Record<ShippedName, number>;
 }
 
+/** The compressed payloads and their raw sizes. */
+export type Payloads = PayloadSet<Uint8Array>;
+
 /** The payloads as JSON: base64 for the bytes. The single file has them built in; a copy of the sources served over http (JSR) has them in dist/payloads.json. */
-export interface PayloadsJson {
-  core: string;
-  coreLowered: string;
-  modules: Record<ShippedName, string>;
-  coreRaw: number;
-  coreLoweredRaw: number;
-  modulesRaw: Record<ShippedName, number>;
-}
+export type PayloadsJson = PayloadSet<string>;
 
 declare const MITOGEN_PAYLOADS: PayloadsJson | undefined;
 

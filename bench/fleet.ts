@@ -360,20 +360,15 @@ function report(job: Job, results: Map<Tool, Sample[] | string>): void {
     const ratio = rawMs ? spread(paired(ms, rawMs), 2, "x") : "";
     const rawCell = rawMs ? spread(stats(rawMs.map((x) => x / 1000)), 2, " s") : "";
     const cold = tool.name === "mitogen run (cold)" && typeof pdsh === "object";
-    const vsPdsh =
+    const againstPdsh = (k: "ms" | "peak") =>
       typeof pdsh === "object"
         ? paired(
-            ms,
-            pdsh.map((x) => x.ms),
+            r.map((x) => x[k]),
+            pdsh.map((x) => x[k]),
           )
         : undefined;
-    const rssVsPdsh =
-      typeof pdsh === "object"
-        ? paired(
-            peak,
-            pdsh.map((x) => x.peak),
-          )
-        : undefined;
+    const vsPdsh = againstPdsh("ms");
+    const rssVsPdsh = againstPdsh("peak");
     const pass = cold && vsPdsh && rssVsPdsh ? (vsPdsh.median <= 1.1 && rssVsPdsh.median <= 2 ? "PASS" : "MISS") : "";
     row(name, spread(stats(ms.map((x) => x / 1000)), 2, " s"), rawCell, ratio, cold ? "<= 1.1x pdsh, RSS <= 2x" : "", pass);
     const perHost = (k: "local" | "remote") => spread(stats(r.map((x) => (x[k] * 1000) / job.hosts.length)), 0, " ms");
