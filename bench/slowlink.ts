@@ -340,6 +340,7 @@ async function benchBulk(hosts: TestHosts, tap: SshTap): Promise<void> {
     const r = await bounded(180_000, async (scope) => {
       const router = scope.add(newRouter());
       const ctx = await router.ssh(slowBastion(hosts, { sshPath: tap.path("slow-bulk") }));
+      await ctx.connected(); // ssh has run the wrapper, which recorded its argv
       const prefix = tap.prefix("slow-bulk");
       const dst = join(dir, "raw.bin");
       const toFile = [...prefix, `echo ${READY}; cat > ${shellQuote(dst)} && sync ${shellQuote(dst)} && echo ${DONE}`];

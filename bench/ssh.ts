@@ -141,6 +141,7 @@ async function benchSshRtt(hosts: TestHosts, tap: SshTap): Promise<void> {
       const router = scope.add(newRouter());
       // Through the wrappers, which exec ssh: the same processes and pipes as without them.
       const bastion = await router.ssh(bastionOptions(hosts, { sshPath: tap.path("rtt-bastion") }));
+      await bastion.connected(); // ssh has run the wrapper, which recorded its argv
       const outer = tap.prefix("rtt-bastion");
       const echoCommand = remoteEcho(rt.kind, hostRuntime);
       sshRttShown.one = shown(outer, hosts.sshConfigFile);
@@ -156,6 +157,7 @@ async function benchSshRtt(hosts: TestHosts, tap: SshTap): Promise<void> {
           runtime: hostRuntime,
           sshPath: tap.path("rtt-inner"),
         });
+        await inner.connected();
         const prefix = tap.prefix("rtt-inner");
         sshRttShown.two = `${shown(outer, hosts.sshConfigFile)} "${shown(prefix, hosts.sshConfigFile)} <echo>"`;
         return [inner, [...outer, [...prefix, echoCommand].map(shellQuote).join(" ")]];
