@@ -218,15 +218,16 @@ export function spawnToExit(rt: Runtime, limitMs = 20_000, without: readonly str
 }
 
 /**
- * Run `argv` (stdin and stdout on /dev/null) and resolve when it has exited 0;
- * otherwise reject with how it ended and the end of its stderr. SIGKILL after
- * `limitMs`.
+ * Run `argv` (stdin and stdout on /dev/null, or `input` written to stdin) and
+ * resolve when it has exited 0; otherwise reject with how it ended and the end
+ * of its stderr. SIGKILL after `limitMs`.
  */
-export function commandToExit(argv: readonly string[], limitMs = 20_000): Promise<void> {
+export function commandToExit(argv: readonly string[], limitMs = 20_000, input?: string): Promise<void> {
   const [exe, ...args] = argv;
   if (!exe) return Promise.reject(new Error("commandToExit: empty argv"));
   return new Promise((resolve, reject) => {
-    const proc = spawn(exe, args, { stdio: ["ignore", "ignore", "pipe"], env: ENV });
+    const proc = spawn(exe, args, { stdio: [input === undefined ? "ignore" : "pipe", "ignore", "pipe"], env: ENV });
+    proc.stdin?.on("error", () => {}).end(input); // the command may exit before reading it all
     live.add(proc);
     let stderr = "";
     proc.stderr?.setEncoding("utf8").on("data", (s: string) => (stderr = (stderr + s).slice(-2000)));

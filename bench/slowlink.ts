@@ -18,7 +18,7 @@ import { bundle, bundleTarget } from "../bundler.ts";
 import { shellQuote } from "../firststage.ts";
 import type { Context, Router, SshOptions } from "../mod.ts";
 import { bounded, num, type Stats, spread, stats, timeMs } from "./lib.ts";
-import { detail, failed, newRouter, P, pidOf, ratioCell, ratios, type Rounds, rounds, row, slowDelay, waitGone, zero } from "./harness.ts";
+import { detail, failed, newRouter, P, pidOf, ratioCell, ratios, type Rounds, rounds, roundsOf, row, slowDelay, waitGone, zero } from "./harness.ts";
 import { bastionOptions, type HostMeasure, hostEval, hostRuntime, type OnHosts, SSH_CONNECT_MS, type SshTap, shown } from "./on-hosts.ts";
 import { commandToExit } from "./raw.ts";
 
@@ -102,6 +102,9 @@ const ran = { boot: "", via: "", bulk: "" };
 
 const BOOT_NAME = `slow ${D} ms: ssh boot + first call`;
 
+/** The remote command of the stdin floor: it reads one byte and ends. */
+const STDIN_FLOOR = "head -c1 >/dev/null";
+
 async function benchBoot(hosts: TestHosts, tap: SshTap): Promise<void> {
   try {
     const r = await bounded(90_000, async (scope) => {
@@ -127,11 +130,17 @@ async function benchBoot(hosts: TestHosts, tap: SshTap): Promise<void> {
       const argv = [...tap.prefix("slow-boot"), hostEval];
       ran.boot = shown(argv, hosts.sshConfigFile);
       const raw = () => timeMs(() => commandToExit(argv, SSH_CONNECT_MS));
+      // The floor of anything fed through stdin: a command that ends once one byte of it has come.
+      const floor = () => timeMs(() => commandToExit([...argv.slice(0, -1), STDIN_FLOOR], SSH_CONNECT_MS, "x"));
       await raw();
-      return { ...(await rounds(P.sshRounds, 30_000 * P.budget, once, raw)), frames };
+      const [mito = [], rawMs = [], floorMs = []] = await roundsOf(P.sshRounds, 30_000 * P.budget, [once, raw, floor]);
+      return { mito, raw: rawMs, floor: floorMs, planned: P.sshRounds, frames };
     });
     roundTripRow(BOOT_NAME, r, 0.5);
+    const rt = (a: readonly number[], b: readonly number[]) => spread(stats(a.map((x, i) => (x - (b[i] ?? Number.NaN)) / (2 * D))), 2, " RT");
     detail(`frames on the master's link to the first call's answer: ${framesText(r.frames)} (the bootstrap's unframed bytes not counted)`);
+    detail(`floor: \`printf x | ssh ... '${STDIN_FLOOR}'\` costs ${rt(r.floor, r.raw)} over the raw reference; mitogen is ${rt(r.mito, r.floor)} over it`);
+    detail("(sshd opens a session's window when its command starts, so stdin reaches the command a round trip after the exec request)");
   } catch (err) {
     failed(BOOT_NAME, err);
   }
@@ -144,7 +153,8 @@ export const slowBoot: HostMeasure = {
   skip: (why) => row(BOOT_NAME, `SKIP: ${why}`, "", "", "<= 0.5 RT", "SKIP"),
   reference: () => [
     `\`${ran.boot || `ssh <the options mitogen's ssh() passed, ProxyCommand slowlink.mjs ${D}> -- bastion ${hostEval}`}\` spawn to exit;`,
-    "mitogen: new Router, ssh() to bastion through the same ProxyCommand, from the ssh() call to the first ctx.call(() => 0)'s answer",
+    "mitogen: new Router, ssh() to bastion through the same ProxyCommand, from the ssh() call to the first ctx.call(() => 0)'s answer;",
+    `floor: the same ssh running '${STDIN_FLOOR}' with "x" on its stdin, spawn to exit`,
   ],
 };
 
