@@ -193,7 +193,7 @@ async function loadEsbuild(): Promise<Esbuild> {
   }
 }
 
-/** Node's `module.stripTypeScriptTypes`, where this runtime has it. */
+/** `node:module`'s `stripTypeScriptTypes` (Node 22.13+, Deno 2.9), where this runtime has it. */
 function typeStripper(): Parameters<typeof plainModule>[2] {
   return (nodeModule as { stripTypeScriptTypes?: Parameters<typeof plainModule>[2] }).stripTypeScriptTypes;
 }

@@ -1,7 +1,7 @@
 /**
  * Master-only: ships a module for {@link Context.import} without esbuild, where it needs no
- * bundling: a plain ES module (or TypeScript, where this runtime strips types: Node's
- * `module.stripTypeScriptTypes`) whose imports are only builtins, `mitogen` (or this library's own
+ * bundling: a plain ES module (or TypeScript, where this runtime strips types: `node:module`'s
+ * `stripTypeScriptTypes`, in Node 22.13+ and Deno 2.9, not 2.5) whose imports are only builtins, `mitogen` (or this library's own
  * file) and relative files that are such modules themselves. Each file's `import` and `export`
  * statements (found by es-module-lexer) become `require` calls and getters, and the files one
  * CommonJS script, as esbuild's would be. Anything else is refused, saying that it needs esbuild.
@@ -19,7 +19,7 @@ export class NeedsBundlerError extends MitogenError {
   override name = "NeedsBundlerError";
 }
 
-/** Node's type stripper, where this runtime has one (Node 22.13+ and 23.2+). */
+/** `node:module`'s type stripper, where this runtime has one (Node 22.13+, Deno 2.9). */
 type Stripper = (code: string, options?: { mode?: "strip" | "transform" }) => string;
 
 /**
@@ -70,7 +70,7 @@ function transform(file: string, visit: (file: string) => string, own: (path: st
   const needs = (what: string) => new NeedsBundlerError(`${file}: ${what}: shipping it needs esbuild on the master`);
   let source = readFileSync(file, "utf8");
   if (/\.[cm]?tsx?$/.test(file)) {
-    if (!strip) throw needs("TypeScript, and this runtime strips no types (Node 22.13+ does)");
+    if (!strip) throw needs("TypeScript, and this runtime strips no types (Node 22.13+ and Deno 2.9 do)");
     try {
       source = strip(source, { mode: "strip" });
     } catch (err) {

@@ -166,7 +166,26 @@ test("copied alone (no esbuild), it ships plain modules as they are, TypeScript 
     );
     const strips = typeof (await import("node:module")).stripTypeScriptTypes === "function" && exe === process.execPath;
     if (exe === node24?.exe || strips) assert.equal(out["typed.ts"], 12);
-    else assert.match(String(out["typed.ts"]), /typed\.ts: TypeScript, and this runtime strips no types \(Node 22\.13\+ does\): shipping it needs esbuild/);
+    else
+      assert.match(
+        String(out["typed.ts"]),
+        /typed\.ts: TypeScript, and this runtime strips no types \(Node 22\.13\+ and Deno 2\.9 do\): shipping it needs esbuild/,
+      );
+  }
+  // A Deno master without esbuild: an empty cache and --cached-only, so npm:esbuild cannot come. Deno 2.9's node:module strips types.
+  const denoDir = mkdtempSync(join(tmpdir(), "mitogen-deno-dir-"));
+  try {
+    const { stdout } = await run(runtimeCommand("deno").exe, ["run", "-A", "--cached-only", join(plain, "use-plain.mjs")], {
+      cwd: plain,
+      timeout: 60_000,
+      env: { ...process.env, DENO_DIR: denoDir, DENO_NO_UPDATE_CHECK: "1" },
+    });
+    const out = JSON.parse(stdout.trim()) as Record<string, unknown>;
+    assert.deepEqual(out.probe, [6, "lib-default", false, "string", ["default", "twice"]]);
+    assert.equal(out["typed.ts"], 12);
+    assert.match(String(out["npm.mjs"]), /npm\.mjs: it imports "dequal".*needs esbuild on the master: under Deno it imports npm:esbuild@[\d.]+, which failed/);
+  } finally {
+    rmSync(denoDir, { recursive: true, force: true });
   }
 });
 
