@@ -28,7 +28,7 @@
 export * from "./errors.ts";
 export { Secret } from "./codec.ts";
 export type { Binder, Encoded, WireRef } from "./codec.ts";
-export { Abort, asyncDispose, builtin, deno, isDeno, nodeProcess, positionalIo, runtimeCommand } from "./runtime.ts";
+export { Abort, asyncDispose, builtin, compiledDeno, deno, isDeno, nodeProcess, positionalIo, runtimeCommand } from "./runtime.ts";
 export type { Compilers, DenoStdio, RuntimeCommand } from "./runtime.ts";
 export { get32, joinParts, put32 } from "./bytes.ts";
 export * from "./chunks.ts";

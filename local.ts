@@ -4,7 +4,7 @@
  *
  * @module
  */
-import { builtin, isDeno, nodeProcess, runtimeCommand } from "./runtime.ts";
+import { builtin, compiledDeno, isDeno, nodeProcess, runtimeCommand } from "./runtime.ts";
 import { PDEATHSIG_ENV } from "./watchdog.ts";
 import { StreamError, TimeoutError } from "./errors.ts";
 import { DENO_EVAL, firstStage, missingRuntime, oddName, remoteCommand } from "./firststage.ts";
@@ -87,6 +87,13 @@ async function probeRuntime(exe: string, who: string, deadline: number, connectT
   throw new StreamError(`${who}: ${notRuntime(exe, said)}`);
 }
 
+/** A program made with `deno compile` starting a deno child where no deno is on PATH: its own executable runs only itself. */
+export function compiledWithoutDeno(name: string, path: string | undefined): StreamError {
+  return new StreamError(
+    `${name}: runtime "deno": this program was made with deno compile, whose executable runs only itself, and there is no deno on PATH (${path ?? ""}); install Deno, or give runtime: the path of a deno, or "node"`,
+  );
+}
+
 /** The local method's launch builder (options: LocalOptions). */
 export async function localLaunch(spec: Starting, m: LocalSpec, t0: number): Promise<Launch> {
   // Default: the runtime of the context doing the starting (decided here, not where the request came from).
@@ -96,6 +103,7 @@ export async function localLaunch(spec: Starting, m: LocalSpec, t0: number): Pro
     : runtimeCommand(runtime);
   const stage = firstStage(cmd.kind);
   const env: Record<string, string | undefined> = { ...nodeProcess().env, DENO_NO_UPDATE_CHECK: "1", DENO_NO_PROMPT: "1", ...m.env };
+  if (compiledDeno && cmd.kind === "deno" && cmd.exe === "deno" && which("deno", env.PATH) === null) throw compiledWithoutDeno(spec.name, env.PATH);
   if (isDeno && cmd.kind === "node") {
     // A bare `node` is looked up here: where there is none, Deno's child processes would run its own
     // node shim, which is no Node ("require is not defined").

@@ -127,7 +127,7 @@ interface DenoGlobal {
   ppid: number;
   pid: number;
   kill(pid: number, signal: string | number): void;
-  build: { os: string };
+  build: { os: string; standalone?: boolean };
   dlopen(path: string, symbols: Record<string, { parameters: string[]; result: string }>): { symbols: Record<string, (...args: number[]) => number> };
 }
 
@@ -296,11 +296,17 @@ export interface RuntimeCommand {
   exe: string;
 }
 
-/** Resolve a runtime option ("node", "deno", or a path) to an executable. */
-export function runtimeCommand(runtime: string): RuntimeCommand {
+/**
+ * Whether this is a program made with `deno compile` (Deno 2's `Deno.build.standalone`): its
+ * executable runs only itself, so it cannot start `deno eval`; deno children take `deno` from PATH.
+ */
+export const compiledDeno: boolean = deno?.build.standalone === true;
+
+/** Resolve a runtime option ("node", "deno", or a path) to an executable: this runtime's own for its own name, unless `compiled`. */
+export function runtimeCommand(runtime: string, compiled: boolean = compiledDeno): RuntimeCommand {
   const self = isDeno ? "deno" : "node";
   if (runtime === "node" || runtime === "deno") {
-    return { kind: runtime, exe: runtime === self ? (deno ? deno.execPath() : process.execPath) : runtime };
+    return { kind: runtime, exe: runtime !== self ? runtime : deno ? (compiled ? "deno" : deno.execPath()) : process.execPath };
   }
   const base = runtime.slice(runtime.lastIndexOf("/") + 1);
   return { kind: base.includes("deno") ? "deno" : "node", exe: runtime };

@@ -8,6 +8,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { CallError, ChannelError, type ContextInfo, Latch, MitogenError, Receiver, type Router, Select, type Sender } from "../mod.ts";
+import { compiledWithoutDeno } from "../local.ts";
+import { deno, runtimeCommand } from "../runtime.ts";
 import { alive, checkLeaks, quietRouter, routerWithLogs, RUNTIMES, underDeno, waitFor, whenConnected } from "./helpers.ts";
 
 checkLeaks();
@@ -395,6 +397,19 @@ test("runtime node with no node on PATH says so (a Deno master would otherwise r
   } finally {
     rmSync(empty, { recursive: true, force: true });
   }
+});
+
+test("a program made with deno compile takes deno from PATH for deno children, and says so where there is none", () => {
+  // `deno compile` needs its runtime from dl.deno.land, which this machine cannot reach: the decision is tested, not a compiled program.
+  const own = underDeno ? "deno" : "node";
+  const ownExe = deno ? deno.execPath() : process.execPath;
+  assert.deepEqual(runtimeCommand(own, false), { kind: own, exe: ownExe });
+  // Compiled, a Deno master's own name means deno on PATH; a Node master's is unchanged.
+  assert.deepEqual(runtimeCommand(own, true), { kind: own, exe: underDeno ? "deno" : ownExe });
+  assert.match(
+    compiledWithoutDeno("local.1", "/empty").message,
+    /^local\.1: runtime "deno": this program was made with deno compile, whose executable runs only itself, and there is no deno on PATH \(\/empty\); install Deno, or give runtime: the path of a deno, or "node"$/,
+  );
 });
 
 test("a child that never becomes ready hits connectTimeout", async () => {
