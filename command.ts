@@ -710,6 +710,20 @@ function readPasswordFile(path: string): string {
   return readSmallFile(path, "--password-file", MAX_PASSWORD_FILE, "is it a password?", open).replace(/\r?\n$/, "");
 }
 
+/** A host's `output` without the lines its `error` already says (ssh's complaint, which a failed start quotes), or undefined if none is left. */
+function besideError(output: string | undefined, error: string | undefined): string | undefined {
+  if (output === undefined || !error) return output;
+  const said = (line: string) => {
+    const text = line.replace(/^[\w.-]+: /, "").trim();
+    return text !== "" && error.includes(text);
+  };
+  const text = output
+    .split("\n")
+    .filter((l) => !said(l))
+    .join("\n");
+  return text.trim() ? text : undefined;
+}
+
 /**
  * Where the log records of the run go: each to the host whose context (or one below it) made it,
  * kept to {@link OUTPUT_CAP} bytes per host; a record of no host still running (a `--via` hop, a
@@ -736,7 +750,8 @@ class HostLogs {
     const path = Array.isArray(r.path) ? r.path : [];
     let host: number | undefined;
     for (let j = path.length - 1; j >= 0 && host === undefined; j--) host = this.#byName.get(path[j] as string);
-    const line = r.source === "stdout" || r.source === "stderr" ? `${r.message}\n` : `[${r.level}] ${r.message}\n`;
+    // A process's own lines lose a trailing \r (ssh ends its complaints with \r\n).
+    const line = r.source === "stdout" || r.source === "stderr" ? `${r.message.replace(/\r$/, "")}\n` : `[${r.level}] ${r.message}\n`;
     const into = host === undefined ? null : this.#open[host];
     if (into) {
       into.add(line);
@@ -952,7 +967,7 @@ async function runHosts(command: string, opts: Parsed, act: Action, password: st
       const t = opts.targets[i];
       if (!t) return;
       const result = await one(i, t);
-      const output = logs.take(i);
+      const output = besideError(logs.take(i), result.error);
       if (output !== undefined) result.output = output;
       if (!result.ok) failed++;
       if (result.interrupted) interrupted++;

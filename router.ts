@@ -905,7 +905,6 @@ export class Router implements Binder, AsyncDisposable {
     }
     const remote = stream.remoteId ?? -1;
     const who = this.#contexts.get(remote)?.name ?? stream.name;
-    if (err) this.log("warn", `stream to ${who} failed: ${err.message}`);
     const ids = [...this.#routes].filter(([, s]) => s === stream).map(([id]) => id);
     // Children still starting below it are lost with it.
     for (const [id, s] of this.#allocated) {
@@ -923,6 +922,8 @@ export class Router implements Binder, AsyncDisposable {
           (e: Error) => e,
         )
       : Promise.resolve(null);
+    // A failed start says why itself (an ssh that could not connect leaves an EPIPE on its stdin): no warning beside it.
+    if (err) void failed.then((e) => this.log(e ? "debug" : "warn", `stream to ${who} failed: ${err.message}`));
     const reason = failed.then(async (e) => {
       if (e) {
         this.#startErrors.set(remote, e);

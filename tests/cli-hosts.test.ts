@@ -224,7 +224,7 @@ test("run on a plain ssh target goes over ssh alone (no runtime there); its reco
   assert.equal(byHost(ctx.stdout).bastion?.stdout, "mitogen:bastion\n", "the context (its process title)");
 });
 
-test("run over ssh alone: a failed connection is the host's error, as with a context", { skip }, async () => {
+test("run over ssh alone: a failed connection is the host's error, as with a context, and said once", { skip }, async () => {
   const refused = `${hosts.bastion.address}:1`; // nothing listens there
   // The lab's ssh_config, knowing no host key.
   const known = join(scratch, "empty_known_hosts");
@@ -241,6 +241,11 @@ test("run over ssh alone: a failed connection is the host's error, as with a con
     const [a, b] = [records(plain.stdout)[0], records(ctx.stdout)[0]];
     assert.equal(a?.ok, false);
     assert.equal(a?.error, b?.error, args.join(" "));
+    // What the error says is not said again as output (with ssh's \r), nor as a warning of the EPIPE it left.
+    const said = String(b?.error).replace(/^ssh to [^:]+: /, "");
+    const output = String(b?.output ?? "");
+    assert.ok(!output.includes(said) && !output.includes("\r"), `${args.join(" ")}: ${JSON.stringify(output)}`);
+    assert.equal(ctx.stderr, "", args.join(" "));
   }
 });
 
