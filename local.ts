@@ -87,10 +87,15 @@ async function probeRuntime(exe: string, who: string, deadline: number, connectT
   throw new StreamError(`${who}: ${notRuntime(exe, said)}`);
 }
 
-/** A program made with `deno compile` starting a deno child where no deno is on PATH: its own executable runs only itself. */
-export function compiledWithoutDeno(name: string, path: string | undefined): StreamError {
+/**
+ * A runtime named `node` or `deno` that is not on PATH. A program made with `deno compile`
+ * (`compiled`) says why it looked there: its own executable runs only itself.
+ */
+export function notOnPath(name: string, kind: "node" | "deno", path: string | undefined, compiled = false): StreamError {
+  const why = compiled ? "this program was made with deno compile, whose executable runs only itself, and there is " : "";
+  const other = kind === "node" ? "deno" : "node";
   return new StreamError(
-    `${name}: runtime "deno": this program was made with deno compile, whose executable runs only itself, and there is no deno on PATH (${path ?? ""}); install Deno, or give runtime: the path of a deno, or "node"`,
+    `${name}: runtime "${kind}": ${why}no ${kind} on PATH (${path ?? ""}); install ${kind === "node" ? "Node" : "Deno"}, or give runtime: "${other}" or the path of a ${kind}`,
   );
 }
 
@@ -103,14 +108,12 @@ export async function localLaunch(spec: Starting, m: LocalSpec, t0: number): Pro
     : runtimeCommand(runtime);
   const stage = firstStage(cmd.kind);
   const env: Record<string, string | undefined> = { ...nodeProcess().env, DENO_NO_UPDATE_CHECK: "1", DENO_NO_PROMPT: "1", ...m.env };
-  if (compiledDeno && cmd.kind === "deno" && cmd.exe === "deno" && which("deno", env.PATH) === null) throw compiledWithoutDeno(spec.name, env.PATH);
-  if (isDeno && cmd.kind === "node") {
-    // A bare `node` is looked up here: where there is none, Deno's child processes would run its own
-    // node shim, which is no Node ("require is not defined").
-    const exe = cmd.exe === "node" ? which("node", env.PATH) : cmd.exe;
-    if (exe === null) {
-      throw new StreamError(`${spec.name}: runtime "node": no node on PATH (${env.PATH ?? ""}); install Node, or give runtime: "deno" or the path of a node`);
-    }
+  // A bare name is looked up here, to say so if it is missing (not "spawn deno ENOENT"). Where there is no node, a
+  // Deno master's child processes would run Deno's own node shim, which is no Node ("require is not defined").
+  const bare = cmd.exe === "node" || cmd.exe === "deno" ? cmd.exe : null;
+  const exe = bare ? which(bare, env.PATH) : cmd.exe;
+  if (bare && exe === null) throw notOnPath(spec.name, bare, env.PATH, compiledDeno && bare === "deno");
+  if (isDeno && cmd.kind === "node" && exe) {
     // Deno starts processes with three pipes only (see spawnLaunch): a node child's stream is moved
     // to fds 3 and 4 by a shell, as behind ssh, and what it prints arrives as stderr.
     return {

@@ -8,7 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { CallError, ChannelError, type ContextInfo, Latch, MitogenError, Receiver, type Router, Select, type Sender } from "../mod.ts";
-import { compiledWithoutDeno } from "../local.ts";
+import { notOnPath } from "../local.ts";
 import { deno, runtimeCommand } from "../runtime.ts";
 import { alive, checkLeaks, quietRouter, routerWithLogs, RUNTIMES, underDeno, waitFor, whenConnected } from "./helpers.ts";
 
@@ -386,7 +386,7 @@ test("a failing connect names the problem and leaves nothing behind", async () =
   await assert.rejects(router.local({ runtime: "/bin/false" }), /\/bin\/false is not node or deno .*children need node 12 or later, or deno 1\.46 or later/);
 });
 
-test("runtime node with no node on PATH says so (a Deno master would otherwise run Deno's node shim)", async () => {
+test("runtime node or deno with none on PATH says so (a Deno master would otherwise run Deno's node shim)", async () => {
   await using router = quietRouter();
   const empty = mkdtempSync(join(tmpdir(), "mitogen-nopath-"));
   try {
@@ -394,6 +394,14 @@ test("runtime node with no node on PATH says so (a Deno master would otherwise r
     // A Node master runs its own executable, found without PATH.
     if (underDeno) await assert.rejects(started, new RegExp(`runtime "node": no node on PATH \\(${empty}\\); install Node, or give runtime: "deno"`));
     else assert.equal(await (await started).call(() => typeof require), "function");
+    // The other runtime is looked up on PATH, and named where it is missing (not "spawn deno ENOENT").
+    const other = underDeno ? "node" : "deno";
+    await assert.rejects(
+      router.local({ runtime: other, env: { PATH: empty } }),
+      new RegExp(
+        `^StreamError: local: runtime "${other}": no ${other} on PATH \\(${empty}\\); install ${underDeno ? "Node" : "Deno"}, or give runtime: "${underDeno ? "deno" : "node"}" or the path of a ${other}$`,
+      ),
+    );
   } finally {
     rmSync(empty, { recursive: true, force: true });
   }
@@ -407,8 +415,8 @@ test("a program made with deno compile takes deno from PATH for deno children, a
   // Compiled, a Deno master's own name means deno on PATH; a Node master's is unchanged.
   assert.deepEqual(runtimeCommand(own, true), { kind: own, exe: underDeno ? "deno" : ownExe });
   assert.match(
-    compiledWithoutDeno("local.1", "/empty").message,
-    /^local\.1: runtime "deno": this program was made with deno compile, whose executable runs only itself, and there is no deno on PATH \(\/empty\); install Deno, or give runtime: the path of a deno, or "node"$/,
+    notOnPath("local.1", "deno", "/empty", true).message,
+    /^local\.1: runtime "deno": this program was made with deno compile, whose executable runs only itself, and there is no deno on PATH \(\/empty\); install Deno, or give runtime: "node" or the path of a deno$/,
   );
 });
 
