@@ -54,12 +54,21 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
  * timer beyond `baseline`. Waits up to 3 s for exits already under way.
  */
 export async function assertNoLeaks(baseline: string[]): Promise<void> {
+  /** What is live now and was not in `baseline` (as a multiset: one of the baseline's may be gone while a new one is closing). */
+  const extraNow = () => {
+    const extra = resources();
+    for (const r of baseline) {
+      const i = extra.indexOf(r);
+      if (i >= 0) extra.splice(i, 1);
+    }
+    return extra;
+  };
   let procs = leakedProcesses();
-  let res = resources();
-  for (let i = 0; i < 60 && (procs.length || res.length > baseline.length); i++) {
+  let extra = extraNow();
+  for (let i = 0; i < 60 && (procs.length || extra.length); i++) {
     await sleep(50);
     procs = leakedProcesses();
-    res = resources();
+    extra = extraNow();
   }
   for (const p of procs) {
     try {
@@ -69,11 +78,6 @@ export async function assertNoLeaks(baseline: string[]): Promise<void> {
     }
   }
   assert.deepEqual(procs, [], "child processes left behind");
-  const extra = [...res];
-  for (const r of baseline) {
-    const i = extra.indexOf(r);
-    if (i >= 0) extra.splice(i, 1);
-  }
   assert.deepEqual(extra, [], `handles or timers left behind; the live handles: ${describeHandles()}`);
 }
 
