@@ -105,6 +105,15 @@ const BOOT_NAME = `slow ${D} ms: ssh boot + first call`;
 /** The remote command of the stdin floor: it reads one byte and ends. */
 const STDIN_FLOOR = "head -c1 >/dev/null";
 
+/** Extra round trips of `a` over `b`, paired per round. */
+const extraRT = (a: readonly number[], b: readonly number[]): string => spread(stats(a.map((x, i) => (x - (b[i] ?? Number.NaN)) / (2 * D))), 2, " RT");
+
+/** The detail lines of a stdin floor: the raw command behind `printf x |` (`shape`), measured in the same rounds. */
+function floorDetail(shape: string, r: { mito: number[]; raw: number[]; floor: number[] }): void {
+  detail(`floor: \`printf x | ssh ... ${shape}\` costs ${extraRT(r.floor, r.raw)} over the raw reference; mitogen is ${extraRT(r.mito, r.floor)} over it`);
+  detail("(sshd opens a session's window when its command starts, so stdin reaches the command a round trip after the exec request)");
+}
+
 async function benchBoot(hosts: TestHosts, tap: SshTap): Promise<void> {
   try {
     const r = await bounded(90_000, async (scope) => {
@@ -137,10 +146,8 @@ async function benchBoot(hosts: TestHosts, tap: SshTap): Promise<void> {
       return { mito, raw: rawMs, floor: floorMs, planned: P.sshRounds, frames };
     });
     roundTripRow(BOOT_NAME, r, 0.5);
-    const rt = (a: readonly number[], b: readonly number[]) => spread(stats(a.map((x, i) => (x - (b[i] ?? Number.NaN)) / (2 * D))), 2, " RT");
     detail(`frames on the master's link to the first call's answer: ${framesText(r.frames)} (the bootstrap's unframed bytes not counted)`);
-    detail(`floor: \`printf x | ssh ... '${STDIN_FLOOR}'\` costs ${rt(r.floor, r.raw)} over the raw reference; mitogen is ${rt(r.mito, r.floor)} over it`);
-    detail("(sshd opens a session's window when its command starts, so stdin reaches the command a round trip after the exec request)");
+    floorDetail(`'${STDIN_FLOOR}'`, r);
   } catch (err) {
     failed(BOOT_NAME, err);
   }
@@ -257,12 +264,17 @@ async function benchVia(hosts: TestHosts, tap: SshTap): Promise<void> {
       const outer = tap.prefix("slow-via-bastion");
       const inner = tap.prefix("slow-via-inner");
       ran.via = `${shown(outer, hosts.sshConfigFile)} "${shown(inner, hosts.sshConfigFile)} ${hostEval}"`;
-      const argv = [...outer, [...inner, hostEval].map(shellQuote).join(" ")];
-      const raw = () => timeMs(() => commandToExit(argv, SSH_CONNECT_MS));
+      const nested = [...inner, hostEval].map(shellQuote).join(" ");
+      const raw = () => timeMs(() => commandToExit([...outer, nested], SSH_CONNECT_MS));
+      // The floor: bastion's shell starts the nested ssh once a byte of stdin has come (as a start request does).
+      const floor = () => timeMs(() => commandToExit([...outer, `${STDIN_FLOOR}; ${nested}`], SSH_CONNECT_MS, "x"));
       await raw();
-      return { ...(await rounds(Math.min(P.rounds, 5), 40_000 * P.budget, once, raw)), frames, split };
+      const n = Math.min(P.rounds, 5);
+      const [mito = [], rawMs = [], floorMs = []] = await roundsOf(n, 40_000 * P.budget, [once, raw, floor]);
+      return { mito, raw: rawMs, floor: floorMs, planned: n, frames, split };
     });
     roundTripRow(VIA_NAME, r, 1.5);
+    floorDetail(`"${STDIN_FLOOR}; ssh ... ${hostEval}"`, r);
     const part = (xs: number[]) => spread(stats(xs), 0, " ms");
     detail(
       `split: ssh() to bastion ${part(r.split.bastion)}, then inner via it + call ${part(r.split.inner)}; a second context via the same bastion ${part(r.split.again)}; ` +
@@ -280,7 +292,8 @@ export const slowVia: HostMeasure = {
   skip: (why) => row(VIA_NAME, `SKIP: ${why}`, "", "", "<= 1.5 RT", "SKIP"),
   reference: () => [
     `\`${ran.via || `ssh <slow link> -- bastion "ssh <the options bastion's ssh() passed> -- <inner> ${hostEval}"`}\` spawn to exit (nested ssh, bastion's shell);`,
-    "mitogen: ssh() to bastion over the slow link, ssh() to inner via it, one call on inner, from the first ssh() call to the answer; the detail splits it",
+    "mitogen: ssh() to bastion over the slow link, ssh() to inner via it, one call on inner, from the first ssh() call to the answer; the detail splits it;",
+    `floor: the same with '${STDIN_FLOOR}; ' before the nested ssh and "x" on its stdin`,
   ],
 };
 
