@@ -186,7 +186,7 @@ test("getStats: contexts, streams, bytes and frames per link, modules sent", asy
 });
 
 test("the leak check waits for what is still ending, even when as many of the baseline's have gone meanwhile", {
-  skip: underDeno ? "Deno has no process.getActiveResourcesInfo: the leak check counts processes only" : false,
+  skip: underDeno ? "Deno's process.getActiveResourcesInfo() lists nothing: there the leak check counts processes only" : false,
 }, async () => {
   // The baseline as it was with two timers that have fired since (the count of live resources is back where it was).
   const now = process.getActiveResourcesInfo().filter((r) => r !== "TTYWrap" && r !== "FSReqCallback");
