@@ -40,7 +40,8 @@ function forwardLines(
     for (;;) {
       const nl = partial.indexOf("\n");
       if (nl >= 0 && nl <= MAX_LINE) {
-        sink(partial.slice(0, nl));
+        // A line ends at \n or \r\n (ssh ends its complaints with \r\n): no \r in a log line or an error quoting it.
+        sink(partial.slice(0, partial[nl - 1] === "\r" ? nl - 1 : nl));
         partial = partial.slice(nl + 1);
       } else if (partial.length > MAX_LINE) {
         sink(partial.slice(0, MAX_LINE));

@@ -750,8 +750,7 @@ class HostLogs {
     const path = Array.isArray(r.path) ? r.path : [];
     let host: number | undefined;
     for (let j = path.length - 1; j >= 0 && host === undefined; j--) host = this.#byName.get(path[j] as string);
-    // A process's own lines lose a trailing \r (ssh ends its complaints with \r\n).
-    const line = r.source === "stdout" || r.source === "stderr" ? `${r.message.replace(/\r$/, "")}\n` : `[${r.level}] ${r.message}\n`;
+    const line = r.source === "stdout" || r.source === "stderr" ? `${r.message}\n` : `[${r.level}] ${r.message}\n`;
     const into = host === undefined ? null : this.#open[host];
     if (into) {
       into.add(line);

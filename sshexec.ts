@@ -87,14 +87,14 @@ export async function sshExec(options: SshOptions, command: string, o: ExecOptio
   const code = child.exitCode?.() ?? null;
   if (code !== 255) return code;
   // 255: ssh's own failure, or the command's exit status.
-  const lines = said.split("\n").filter((l) => l.trim());
+  const lines = said.split(/\r?\n/).filter((l) => l.trim());
   for (const line of lines) {
     const verdict = launch.watch?.(line, () => {});
     if (verdict instanceof Error) throw verdict;
   }
   const last = lines.at(-1) ?? "";
   if (!sawOutput && /^(ssh: |kex_exchange_identification|Connection (closed|reset) by|banner exchange|Bad owner|Can't open user config)/.test(last)) {
-    throw new StreamError(`ssh to ${options.hostname}: ${last.replace(/^ssh: /, "").replace(/\r$/, "")}`);
+    throw new StreamError(`ssh to ${options.hostname}: ${last.replace(/^ssh: /, "")}`);
   }
   return code;
 }

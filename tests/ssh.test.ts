@@ -163,7 +163,7 @@ test("a failed start fails its first call, later calls and connected() with the 
     // Named as such (not the shell's "exec: ...: not found"), and at once.
     ["no runtime", bastion({ runtime: "/nonexistent/node" }), /^ssh to .*: no \/nonexistent\/node found on [\w.-]+$/],
     ["no deno", bastion({ runtime: "deno" }), /^ssh to .*: no deno found on [\w.-]+$/],
-    ["refused", { hostname: "127.0.0.1", port: 1, checkHostKeys: "ignore" }, /^ssh to 127\.0\.0\.1: connect to host 127\.0\.0\.1 port 1: Connection refused/],
+    ["refused", { hostname: "127.0.0.1", port: 1, checkHostKeys: "ignore" }, /^ssh to 127\.0\.0\.1: connect to host 127\.0\.0\.1 port 1: Connection refused$/],
   ] as const) {
     const ctx = await router.ssh({ ...options, name: what });
     // Sent before the start failed (queued behind CONFIGURE), and after it: the same error, not a ChannelError.
