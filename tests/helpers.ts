@@ -41,7 +41,8 @@ export function leakedProcesses(): { pid: number; cmd: string }[] {
   return out;
 }
 
-function resources(): string[] {
+/** The live handles and timers the leak check counts (those of the runner's own stdio and file reads left out). */
+export function resources(): string[] {
   const info = (process as { getActiveResourcesInfo?: () => string[] }).getActiveResourcesInfo?.() ?? [];
   // Stdio handles of the test runner itself come and go; count what tests create.
   return info.filter((r) => r !== "TTYWrap" && r !== "FSReqCallback").sort();

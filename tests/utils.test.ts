@@ -4,7 +4,7 @@ import { spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { test } from "node:test";
 import { type LogRecord, main, type Router, runWithRouter, withRouter } from "../mod.ts";
-import { alive, assertNoLeaks, captureLogs, checkLeaks, quietRouter, routerWithLogs, underDeno, waitFor } from "./helpers.ts";
+import { alive, assertNoLeaks, captureLogs, checkLeaks, quietRouter, resources, routerWithLogs, underDeno, waitFor } from "./helpers.ts";
 
 checkLeaks();
 
@@ -189,8 +189,7 @@ test("the leak check waits for what is still ending, even when as many of the ba
   skip: underDeno ? "Deno's process.getActiveResourcesInfo() lists nothing: there the leak check counts processes only" : false,
 }, async () => {
   // The baseline as it was with two timers that have fired since (the count of live resources is back where it was).
-  const now = process.getActiveResourcesInfo().filter((r) => r !== "TTYWrap" && r !== "FSReqCallback");
-  const baseline = [...now, "Timeout", "Timeout"].sort();
+  const baseline = [...resources(), "Timeout", "Timeout"].sort();
   // A process (and its stdout pipe) that ends 200 ms from now, without the test token (it is no leaked process).
   const child = spawn("/bin/sleep", ["0.2"], { stdio: ["ignore", "pipe", "ignore"], env: {} });
   child.stdout.resume();
