@@ -150,8 +150,8 @@ function relativeToCaller(specifier: string): string {
 /** The first file in `stack` that is not this library's (a path), or null. */
 export function callerFile(stack: string): string | null {
   for (const line of stack.split("\n").slice(1)) {
-    // "    at f (file:///a/b.ts:1:2)", "    at file:///a/b.ts:1:2", "    at /a/b.js:1:2"
-    const m = /(?:\(|at )((?:file:\/\/|\/)[^()]*?):\d+:\d+\)?$/.exec(line.trim());
+    // "    at f (file:///a/b.ts:1:2)", "    at file:///a/b.ts:1:2", "    at /a/b.js:1:2", "    at async file:///a/b.ts:1:2"
+    const m = /(?:\(|at (?:async )?)((?:file:\/\/|\/)[^()]*?):\d+:\d+\)?$/.exec(line.trim());
     if (!m?.[1]) continue;
     const url = m[1].startsWith("file:") ? m[1] : pathToFileURL(m[1]).href;
     if (!LIBRARY_FRAMES.has(url)) return fileURLToPath(url);

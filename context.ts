@@ -22,6 +22,8 @@ export interface ContextHost extends ChannelHost {
   delHandler(handle: number): void;
   _expectReply(respondent: number, fn: (msg: Message) => void): number;
   bundleModule(specifier: string | URL, runtime: string | null): Promise<string>;
+  /** The file URL `specifier` means, read while the caller of ctx.import is still on the stack (see {@link Context.import}). */
+  moduleURL?(specifier: string | URL): URL;
   /** The exported names of a module bundled here, when the bundle tells (see {@link ContextHost.bundleModule}). */
   moduleExports?(name: string): string[] | undefined;
   requireModule(name: string): Promise<Record<string, unknown>>;
@@ -286,7 +288,9 @@ export class Context implements WireRef, AsyncDisposable {
   /**
    * Ship a TypeScript or JavaScript module (with its relative imports and npm
    * dependencies, bundled by the master) to this context, and return an
-   * object whose functions run there. Only the master can bundle.
+   * object whose functions run there. Only the master can bundle. `specifier` is a
+   * file URL, a path, or `"./x.ts"` beside the file that calls this (read from its
+   * stack frame at the call; `new URL("./x.ts", import.meta.url)` does not depend on it).
    *
    * @example
    * ```ts
@@ -553,10 +557,12 @@ export class CallScope {
   /** As {@link Context.import}; the functions returned carry this scope's options. */
   async import<T>(specifier: string | URL): Promise<Remote<T>> {
     const ctx = this.context;
+    // Before anything waits: a relative specifier is read against the caller's frame.
+    const module = ctx.router.moduleURL?.(specifier) ?? specifier;
     // Bundled for its runtime: a context still starting tells it once connected.
     if (ctx.runtime === null) await ctx.connected();
     const router = ctx.router;
-    const name = await router.bundleModule(specifier, ctx.runtime);
+    const name = await router.bundleModule(module, ctx.runtime);
     router.pushDown(ctx.contextId, [name]);
     const load = callBody.encode(chained([CALL.LOAD, name, [], 0, limits(this.options)], this.chainId));
     const loaded = this.#start(load)

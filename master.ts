@@ -347,6 +347,11 @@ export class Router extends CoreRouter {
     return name;
   }
 
+  /** The file URL `specifier` means: a relative one is beside the file that called the library. */
+  moduleURL(specifier: string | URL): URL {
+    return pathToFileURL(moduleFile(specifier));
+  }
+
   readonly #exports = new Map<string, string[]>();
 
   /** The names module `name` (bundled here) exports, when its bundle tells. */

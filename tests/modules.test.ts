@@ -9,7 +9,7 @@ import { type CallContext, CallError, MitogenError, Receiver, takesRouter } from
 import { inflateRawSync } from "node:zlib";
 import { createHash } from "node:crypto";
 import { createServer } from "node:http";
-import { bundle, bundleTarget } from "../bundler.ts";
+import { bundle, bundleTarget, callerFile } from "../bundler.ts";
 import { isDeno } from "../runtime.ts";
 import { checkLeaks, linkFrames, quietRouter, routerWithLogs, RUNTIMES, waitFor, whenConnected } from "./helpers.ts";
 
@@ -44,6 +44,20 @@ for (const runtime of RUNTIMES) {
       assert.ok(caused instanceof CallError);
       assert.ok(caused.cause instanceof TypeError, "the cause chain survives");
       assert.equal((caused.cause as Error).message, "inner");
+    });
+
+    test('a relative ctx.import("./x.ts") is read at the call: from a module\'s top level that awaits something else while the context connects', async () => {
+      await using router = quietRouter();
+      const ctx = await router.local({ runtime, name: "relative", via: await router.local({ runtime, name: "relative-parent" }) });
+      assert.equal(ctx.runtime, null, "still starting");
+      const global = globalThis as { relativeImportContext?: unknown };
+      global.relativeImportContext = ctx;
+      try {
+        const fixture = new URL(`./fixtures/import-relative.ts?${runtime}`, import.meta.url);
+        assert.equal(((await import(fixture.href)) as { sum: number }).sum, 5);
+      } finally {
+        delete global.relativeImportContext;
+      }
     });
 
     test("shipped code may use import(): a builtin in a call, a builtin and a bundled npm dependency in a module, child and grandchild", async () => {
@@ -297,4 +311,14 @@ test("modules are bundled for the runtime the importing context reported, cached
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test("the caller of a relative ctx.import is the first frame outside the library, async frames too", () => {
+  const lib = new URL("../bundler.ts", import.meta.url).href;
+  const stack = (caller: string) => `Error\n    at relativeToCaller (${lib}:139:17)\n    at CallScope.import (${lib}:559:31)\n${caller}`;
+  assert.equal(callerFile(stack("    at main (file:///a/main.ts:8:20)")), "/a/main.ts");
+  assert.equal(callerFile(stack("    at file:///a/main.ts:8:20")), "/a/main.ts");
+  assert.equal(callerFile(stack("    at async file:///a/main.ts:8:20")), "/a/main.ts", "Deno's top level, after an await");
+  assert.equal(callerFile(stack("    at async <anonymous> (/a/main.ts:8:20)")), "/a/main.ts", "Node's, through tsx");
+  assert.equal(callerFile(stack("    at node:internal/process/task_queues:95:5")), null);
 });
