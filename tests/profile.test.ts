@@ -24,11 +24,11 @@ test("bench/profile.ts profiles the master and a child with a readable payload",
   try {
     const node = runtimeCommand("node").exe;
     // Sampled every 10 us, so the functions every call passes through are caught even on a busy machine.
-    const { stdout } = await run(node, ["--import", "tsx", "bench/profile.ts", "--calls", "2000", "--top", "40", "--interval", "10", "--out", out], {
+    const { stdout } = await run(node, ["--import", "tsx", "bench/profile.ts", "--calls", "5000", "--top", "40", "--interval", "10", "--out", out], {
       cwd: root,
       timeout: 90_000,
     });
-    assert.match(stdout, /^2000 calls: [\d.]+ us per call/m);
+    assert.match(stdout, /^5000 calls: [\d.]+ us per call/m);
     assert.ok(existsSync(join(out, "master.cpuprofile")), "the master's profile is kept");
     // the child's main thread (thread 0; a worker thread of its own may leave another)
     const child = readdirSync(join(out, "child")).filter((f) => /\.0\.\d+\.cpuprofile$/.test(f));
@@ -37,8 +37,11 @@ test("bench/profile.ts profiles the master and a child with a readable payload",
     const profile = JSON.parse(readFileSync(join(out, "child", child[0] as string), "utf8")) as { nodes: { callFrame: { functionName: string } }[] };
     const names = new Set(profile.nodes.map((n) => n.callFrame.functionName));
     // Functions of the core keep their names in the child (minified, they would be one or two letters).
-    // Only functions on every call's path: childMain runs once, briefly, and a loaded CI machine's samples missed it.
-    for (const name of ["route", "unpickle", "writeHeader", "headerAt"]) assert.ok(names.has(name), `the child's profile names ${name}`);
+    // Functions on every call's path; still, a short one gets a few samples in thousands (writeHeader 1-6 in
+    // 4000), and a loaded CI machine's missed one now and then: three of the four are asked for.
+    const onPath = ["route", "unpickle", "writeHeader", "headerAt"];
+    const named = onPath.filter((name) => names.has(name));
+    assert.ok(named.length >= 3, `the child's profile names three of ${onPath.join(", ")}; it names ${named.join(", ") || "none"}`);
     const childPart = stdout.slice(stdout.indexOf("\nchild:"));
     assert.match(childPart, /^child: .*busy [\d.]+ us per call$/m);
     assert.match(childPart, /\(\(payload\):\d+:\d+\)/, "the summary lists payload functions");
