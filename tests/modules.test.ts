@@ -49,7 +49,8 @@ for (const runtime of RUNTIMES) {
     test('a relative ctx.import("./x.ts") is read at the call: from a module\'s top level that awaits something else while the context connects', async () => {
       await using router = quietRouter();
       const ctx = await router.local({ runtime, name: "relative", via: await router.local({ runtime, name: "relative-parent" }) });
-      assert.equal(ctx.runtime, null, "still starting");
+      // Handed out before its READY (ctx.runtime is null): the import waits for it to connect. Not asserted: a
+      // master held up for the child's start (a loaded CI machine) could read READY before this line runs.
       const global = globalThis as { relativeImportContext?: unknown };
       global.relativeImportContext = ctx;
       try {
