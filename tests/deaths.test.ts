@@ -11,8 +11,20 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { runtimeCommand } from "../runtime.ts";
-import { type CallContext, CallError, ChannelError, type Context, type Sender, takesRouter } from "../mod.ts";
-import { alive, checkLeaks, leakedProcesses, linkFrames, quietRouter, routerWithLogs, RUNTIMES, underDeno, waitFor, whenConnected } from "./helpers.ts";
+import { type CallContext, ChannelError, type Context, type Sender, takesRouter } from "../mod.ts";
+import {
+  alive,
+  checkLeaks,
+  failedViaStart,
+  leakedProcesses,
+  linkFrames,
+  quietRouter,
+  routerWithLogs,
+  RUNTIMES,
+  underDeno,
+  waitFor,
+  whenConnected,
+} from "./helpers.ts";
 
 checkLeaks();
 
@@ -220,19 +232,7 @@ for (const runtime of RUNTIMES) {
         "nothing asked of the master for the chain",
       );
       const bad = await router.local({ runtime: join(dir, "no-such-runtime"), name: "bad", via: hop });
-      const queued = bad
-        .call(() => 1)
-        .then(
-          () => null,
-          (e: unknown) => e,
-        );
-      const err = await bad.connected().then(
-        () => null,
-        (e: unknown) => e,
-      );
-      assert.ok(err instanceof CallError && /cannot start .*no-such-runtime/.test(err.message), `${err}`);
-      const first = await queued;
-      assert.ok(first instanceof ChannelError && err.message.endsWith(first.message), `${first} (the start said ${err.message})`);
+      const first = await failedViaStart(bad, /cannot start .*no-such-runtime/);
       await failsWith(
         bad.call(() => 1),
         first.message,

@@ -9,7 +9,7 @@ import { closeSync, openSync, readdirSync, readFileSync, truncateSync, writeFile
 import { afterEach, beforeEach } from "node:test";
 import type { Transport } from "../transport.ts";
 import { FIRST_DYNAMIC_HANDLE, HANDLE_NAME, type Message } from "../frames.ts";
-import { type CallContext, type Context, type LogRecord, Router, type RouterOptions, takesRouter } from "../mod.ts";
+import { type CallContext, CallError, ChannelError, type Context, type LogRecord, Router, type RouterOptions, takesRouter } from "../mod.ts";
 
 /** Every process this test file starts inherits this variable, so leaks are found even when orphaned. */
 export const TOKEN = `MITOGEN_TEST_TOKEN=${process.pid}-${Date.now()}`;
@@ -177,6 +177,24 @@ export async function whenConnected(start: Promise<Context>): Promise<Context> {
   const ctx = await start;
   await ctx.connected();
   return ctx;
+}
+
+/**
+ * A context whose start (through a parent) fails: a call sent while it starts rejects with the start's
+ * error, as `connected()` does (a CallError matching `start`). Returns the call's ChannelError.
+ */
+export async function failedViaStart(ctx: Context, start: RegExp): Promise<ChannelError> {
+  const settled = (p: Promise<unknown>) =>
+    p.then(
+      () => null,
+      (e: unknown) => e,
+    );
+  const queued = settled(ctx.call(() => 1));
+  const err = await settled(ctx.connected());
+  assert.ok(err instanceof CallError && start.test(err.message), `${err}`);
+  const first = await queued;
+  assert.ok(first instanceof ChannelError && err.message.endsWith(first.message), `${first} (the start said ${err.message})`);
+  return first;
 }
 
 /** Wait until `cond()` holds, polling; fails after `ms`. */

@@ -4,8 +4,8 @@
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { CallError, ChannelError, type Router } from "../mod.ts";
-import { checkLeaks, quietRouter, routerWithLogs, waitFor, whenConnected } from "./helpers.ts";
+import type { Router } from "../mod.ts";
+import { checkLeaks, failedViaStart, quietRouter, routerWithLogs, waitFor, whenConnected } from "./helpers.ts";
 import { hostTree, type TestHosts, useTestHosts } from "../lab/hosts.ts";
 
 checkLeaks();
@@ -67,19 +67,7 @@ test("a via start to a host that refuses: the call sent meanwhile rejects with t
   await using router = quietRouter();
   const bastion = await router.ssh({ hostname: "bastion", sshArgs: ["-F", hosts.sshConfigFile], name: "bastion" });
   const bad = await router.ssh({ hostname: hosts.inner.address, port: 1, via: bastion, name: "refused" });
-  const queued = bad
-    .call(() => 1)
-    .then(
-      () => null,
-      (e: unknown) => e,
-    );
-  const err = await bad.connected().then(
-    () => null,
-    (e: unknown) => e,
-  );
-  assert.ok(err instanceof CallError && /Connection refused/.test(err.message), `${err}`);
-  const first = await queued;
-  assert.ok(first instanceof ChannelError && err.message.endsWith(first.message), `${first} (the start said ${err.message})`);
+  await failedViaStart(bad, /Connection refused/);
   const ssh = await bastion.call(() => process.getBuiltinModule("node:child_process").execSync("pgrep -u $(id -u) -x ssh || true").toString().trim());
   assert.equal(ssh, "", "no ssh left on bastion");
   assert.equal(await bastion.call(() => "bastion unharmed"), "bastion unharmed");
