@@ -557,11 +557,11 @@ export class CallScope {
   /** As {@link Context.import}; the functions returned carry this scope's options. */
   async import<T>(specifier: string | URL): Promise<Remote<T>> {
     const ctx = this.context;
+    const router = ctx.router;
     // Before anything waits: a relative specifier is read against the caller's frame.
-    const module = ctx.router.moduleURL?.(specifier) ?? specifier;
+    const module = router.moduleURL?.(specifier) ?? specifier;
     // Bundled for its runtime: a context still starting tells it once connected.
     if (ctx.runtime === null) await ctx.connected();
-    const router = ctx.router;
     const name = await router.bundleModule(module, ctx.runtime);
     router.pushDown(ctx.contextId, [name]);
     const load = callBody.encode(chained([CALL.LOAD, name, [], 0, limits(this.options)], this.chainId));
