@@ -6,6 +6,7 @@
  * @module
  */
 import { closeSync, constants, fstatSync, mkdirSync, openSync, readSync, type Stats, writeFileSync } from "node:fs";
+import { randomBytes } from "node:crypto";
 import { setMaxListeners } from "node:events";
 import { basename, join, resolve } from "node:path";
 import { ReadStream } from "node:tty";
@@ -14,7 +15,7 @@ import { parseArgs } from "node:util";
 import { constants as os } from "node:os";
 import type { createLogUpdate } from "log-update";
 import { levelFromEnv } from "./logs.ts";
-import { type Context, type LogRecord, Receiver, Router, type Sender, TimeoutError } from "./mod.ts";
+import { type CallChain, CallError, type Context, type LogRecord, Receiver, Router, type Sender, TimeoutError } from "./mod.ts";
 import { joinParts } from "./bytes.ts";
 import { callExec } from "./tunnel.ts";
 import type { ContextSpec } from "./contextservice.ts";
@@ -536,7 +537,43 @@ class Interrupted extends Error {
   }
 }
 
-type Action = (router: Router, ctx: Context, target: Target, signal: AbortSignal) => Promise<Outcome>;
+/**
+ * The context's output so far, marked: under `mitogen serve` a context is not shut down after the
+ * command, so its pipes are not read to the end, and what it printed travels on them (to the parent
+ * reading its stdout and stderr) apart from the reply. After the call, in the same chain (so after
+ * it ends, failed or not), the context writes the mark to its stdout and to its stderr; once both
+ * have come (see HostLogs), so has what it printed before them.
+ */
+class Flush {
+  sent = false;
+  readonly mark: string;
+  constructor(mark: string) {
+    this.mark = mark;
+  }
+
+  /** Send the mark behind `chain`'s calls so far. */
+  after(chain: CallChain): void {
+    chain.reset();
+    chain.callNoReply(writeMark, this.mark);
+    this.sent = true;
+  }
+}
+
+/** Runs in the context: `mark` and a newline to stdout and to stderr (under Deno its stdout goes to stderr: two there). */
+function writeMark(mark: string): void {
+  const line = `${mark}\n`;
+  const deno = (globalThis as { Deno?: { stdout: { writeSync(b: Uint8Array): number }; stderr: { writeSync(b: Uint8Array): number } } }).Deno;
+  if (deno) {
+    const bytes = new TextEncoder().encode(line);
+    deno.stdout.writeSync(bytes);
+    deno.stderr.writeSync(bytes);
+  } else {
+    process.stdout.write(line);
+    process.stderr.write(line);
+  }
+}
+
+type Action = (router: Router, ctx: Context, target: Target, signal: AbortSignal, flush: Flush | null) => Promise<Outcome>;
 
 function action(command: string, p: Parsed): Action {
   const [a, b] = p.rest;
@@ -558,21 +595,23 @@ function action(command: string, p: Parsed): Action {
         }
       }
       const url = pathToFileURL(resolve(file));
-      return async (_router, ctx, _t, signal) => {
-        const mod = (await ctx.with({ timeout: p.timeout, signal }).import<Record<string, (...x: unknown[]) => Promise<unknown>>>(url)) as Record<
-          string,
-          unknown
-        >;
+      return async (_router, ctx, _t, signal, flush) => {
+        const chain = ctx.with({ timeout: p.timeout, signal }).chain();
+        const mod = (await chain.import<Record<string, (...x: unknown[]) => Promise<unknown>>>(url)) as Record<string, unknown>;
         const fn = mod[name];
         if (typeof fn !== "function") throw new Error(`${file} has no exported function ${name}`);
-        return { ok: true, result: await (fn as (...x: unknown[]) => Promise<unknown>)(...args) };
+        const result = (fn as (...x: unknown[]) => Promise<unknown>)(...args);
+        flush?.after(chain);
+        return { ok: true, result: await result };
       };
     }
     case "eval":
-      return async (_router, ctx, _t, signal) => ({
-        ok: true,
-        result: await ctx.with({ timeout: p.timeout, signal }).call((code: string) => new Function(`return (${code}\n)`)(), a as string),
-      });
+      return async (_router, ctx, _t, signal, flush) => {
+        const chain = ctx.with({ timeout: p.timeout, signal }).chain();
+        const result = chain.call((code: string) => new Function(`return (${code}\n)`)(), a as string);
+        flush?.after(chain);
+        return { ok: true, result: await result };
+      };
     case "put":
       return async (_router, ctx, _t, signal) => {
         const r = await ctx.putFile(a as string, b as string, { signal });
@@ -737,12 +776,27 @@ class HostLogs {
   #strayCut = 0;
   readonly #debug = levelFromEnv() === "debug";
 
-  constructor(targets: Target[]) {
+  /** Per host, the {@link Flush} marks come so far, and who waits for both. */
+  readonly #marks: { seen: number; wake?: () => void }[];
+
+  /** What the contexts write to say their output so far has come (see {@link Flush}). */
+  readonly mark: string;
+
+  constructor(targets: Target[], mark: string) {
+    this.mark = mark;
     targets.forEach((t, i) => {
       this.#byName.set(t.label, i);
       this.#byName.set(`${t.label}:sudo`, i);
     });
     this.#open = targets.map(() => new Capped());
+    this.#marks = targets.map(() => ({ seen: 0 }));
+  }
+
+  /** Resolves once host `i`'s context has written {@link mark} to its stdout and stderr and both have come. */
+  flushed(i: number): Promise<void> {
+    const m = this.#marks[i];
+    if (!m || m.seen >= 2) return Promise.resolve();
+    return new Promise((resolve) => (m.wake = resolve));
   }
 
   readonly sink = (r: LogRecord): void => {
@@ -750,7 +804,16 @@ class HostLogs {
     const path = Array.isArray(r.path) ? r.path : [];
     let host: number | undefined;
     for (let j = path.length - 1; j >= 0 && host === undefined; j--) host = this.#byName.get(path[j] as string);
-    const line = r.source === "stdout" || r.source === "stderr" ? `${r.message}\n` : `[${r.level}] ${r.message}\n`;
+    const output = r.source === "stdout" || r.source === "stderr";
+    let message = r.message;
+    const m = host === undefined ? undefined : this.#marks[host];
+    if (output && m && message.endsWith(this.mark)) {
+      // The mark (after a line left unfinished, if any): counted, not kept.
+      if (++m.seen >= 2) m.wake?.();
+      message = message.slice(0, -this.mark.length);
+      if (!message) return;
+    }
+    const line = output ? `${message}\n` : `[${r.level}] ${message}\n`;
     const into = host === undefined ? null : this.#open[host];
     if (into) {
       into.add(line);
@@ -832,7 +895,7 @@ export async function runCommand(command: string, argv: string[]): Promise<numbe
 
 /** Run `act` on every target, `forks` at a time, writing each host's record; resolves with how many failed. */
 async function runHosts(command: string, opts: Parsed, act: Action, password: string | undefined, stop: AbortSignal): Promise<number> {
-  const logs = new HostLogs(opts.targets);
+  const logs = new HostLogs(opts.targets, `mitogen:flushed:${randomBytes(12).toString("hex")}`);
   // With a `mitogen serve` running, its contexts (serve.ts): got per target spec and given back, not started and shut down here.
   await using server = opts.serve ? await attach(logs.sink) : null;
   await using own = server ? null : new Router({ log: logs.sink });
@@ -893,6 +956,8 @@ async function runHosts(command: string, opts: Parsed, act: Action, password: st
     let ctx: Context | undefined;
     const held: Context[] = [];
     let acting = false;
+    const flush = server ? new Flush(logs.mark) : null;
+    let answered = false;
     try {
       const job = (async () => {
         if (overSsh !== null && !t.local) {
@@ -922,7 +987,13 @@ async function runHosts(command: string, opts: Parsed, act: Action, password: st
           },
           () => {},
         );
-        return unless(act(router, c, t, mine.signal));
+        const acted = act(router, c, t, mine.signal, flush);
+        // A reply, or the call's own failure, came: so does the mark, if sent (not on a timeout or a lost context).
+        acted.then(
+          () => (answered = true),
+          (err: unknown) => (answered = err instanceof CallError),
+        );
+        return unless(acted);
       })();
       job.catch(() => {});
       // Connecting is left behind at once when stopped (shutting the router down ends it); `run` ends its command first.
@@ -950,7 +1021,8 @@ async function runHosts(command: string, opts: Parsed, act: Action, password: st
       clearTimeout(timer);
       stop.removeEventListener("abort", onStop);
       // Its context goes now, so that everything it printed has arrived (its pipes are read to the end) before its record is written.
-      // The server's stays: what it printed came before the reply, on the way the reply came.
+      // The server's stays: what it printed has come once its marks have (see Flush).
+      if (flush?.sent && answered) await Promise.race([logs.flushed(i), pause(STOP_GRACE)]);
       if (server && ctx) {
         const back = [...held.reverse(), ctx].map((c) => server.release(c).catch(() => {}));
         await Promise.race([Promise.all(back), pause(STOP_GRACE)]);

@@ -4,7 +4,7 @@
  * command prints without the server.
  */
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
+import { execFile, execFileSync } from "node:child_process";
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -26,9 +26,9 @@ after(() => {
   if (scratch) rmSync(scratch, { recursive: true, force: true });
 });
 
-function mitogen(xdg: string, args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+function mitogen(xdg: string, args: string[], env: Record<string, string> = {}): Promise<{ code: number; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
-    execFile(NODE, [DIST, ...args], { timeout: 120_000, env: { ...process.env, NO_COLOR: "1", XDG_RUNTIME_DIR: xdg } }, (err, stdout, stderr) => {
+    execFile(NODE, [DIST, ...args], { timeout: 120_000, env: { ...process.env, NO_COLOR: "1", XDG_RUNTIME_DIR: xdg, ...env } }, (err, stdout, stderr) => {
       const code = err ? ((err as { code?: number }).code ?? 1) : 0;
       resolve({ code: typeof code === "number" ? code : 1, stdout, stderr });
     });
@@ -84,6 +84,47 @@ test("serve over ssh: a second command on bastion, inner --via bastion and --sud
     const stopped = await mitogen(xdg, ["serve", "--stop"]);
     assert.equal(stopped.code, 0, stopped.stderr);
     await waitFor(() => !alive(server) && ssh.every((p) => !alive(p)), 15_000, "the server and its ssh clients to end");
+  } finally {
+    await mitogen(xdg, ["serve", "--stop"]);
+    await waitFor(() => !alive(server), 15_000, "the server to end");
+  }
+});
+
+test("serve over ssh: what a call and an eval printed is in their records, however long after the reply the context's stderr comes", {
+  skip,
+}, async () => {
+  const xdg = mkdtempSync(join(scratch, "xdg-"));
+  const bin = mkdtempSync(join(scratch, "bin-"));
+  const ssh = execFileSync("sh", ["-c", "command -v ssh"], { encoding: "utf8" }).trim();
+  // ssh with its stderr, where the far side's output comes, held back 0.3 s a line: it comes well after the replies. (Not
+  // for --no-serve: there ssh exits, and its pipes are read until 200 ms pass with nothing on them; see launch.ts.)
+  writeFileSync(
+    join(bin, "ssh"),
+    `#!/bin/bash\nexec 3>&2\nexec ${ssh} "$@" 2> >(exec 1>&3 3>&-; while IFS= read -r l || [ -n "$l" ]; do sleep 0.3; printf '%s\\n' "$l"; done) 3>&-\n`,
+    { mode: 0o755 },
+  );
+  writeFileSync(join(scratch, "says.mjs"), `export function hello(n) { console.log("hello", n); process.stderr.write("no newline"); return n + 1; }\n`);
+  const env = { PATH: `${bin}:${process.env.PATH}` };
+  const started = await mitogen(xdg, ["serve", "--idle", "5m"], env);
+  assert.equal(started.code, 0, started.stderr);
+  const status = await mitogen(xdg, ["serve", "--status", "--json"]);
+  const server = (JSON.parse(status.stdout) as { pid: number }).pid;
+  try {
+    const cfg = ["-F", hosts.sshConfigFile];
+    const commands: [string[], Record<string, unknown>][] = [
+      [["eval", "bastion", ...cfg, "--json", "(console.log('said'), console.error('twice'), 1 + 1)"], { result: 2, output: "said\ntwice\n" }],
+      [["call", "bastion", ...cfg, "--json", `${join(scratch, "says.mjs")}#hello`, "[41]"], { result: 42, output: "hello 41\nno newline\n" }],
+    ];
+    for (const [args, want] of commands) {
+      for (let round = 0; round < 2; round++) {
+        const got = await mitogen(xdg, args, env);
+        assert.deepEqual(
+          [got.code, records(got.stdout)],
+          [0, [{ host: "bastion", ok: true, ...want }]],
+          `${args.join(" ")} (${round ? "a context the server had" : "started by the server"})`,
+        );
+      }
+    }
   } finally {
     await mitogen(xdg, ["serve", "--stop"]);
     await waitFor(() => !alive(server), 15_000, "the server to end");
