@@ -782,8 +782,8 @@ class HostLogs {
   /** What the contexts write to say their output so far has come (see {@link Flush}). */
   readonly mark: string;
 
-  constructor(targets: Target[], mark: string) {
-    this.mark = mark;
+  constructor(targets: Target[]) {
+    this.mark = `mitogen:flushed:${randomBytes(12).toString("hex")}`;
     targets.forEach((t, i) => {
       this.#byName.set(t.label, i);
       this.#byName.set(`${t.label}:sudo`, i);
@@ -807,10 +807,12 @@ class HostLogs {
     const output = r.source === "stdout" || r.source === "stderr";
     let message = r.message;
     const m = host === undefined ? undefined : this.#marks[host];
-    if (output && m && message.endsWith(this.mark)) {
-      // The mark (after a line left unfinished, if any): counted, not kept.
-      if (++m.seen >= 2) m.wake?.();
-      message = message.slice(0, -this.mark.length);
+    const marked = output ? /mitogen:flushed:[0-9a-f]{24}$/.exec(message) : null;
+    if (marked) {
+      // A mark (after a line left unfinished, if any): not kept, and counted if ours (another command's
+      // comes here when the two share the server's context).
+      if (m && marked[0] === this.mark && ++m.seen >= 2) m.wake?.();
+      message = message.slice(0, marked.index);
       if (!message) return;
     }
     const line = output ? `${message}\n` : `[${r.level}] ${message}\n`;
@@ -895,7 +897,7 @@ export async function runCommand(command: string, argv: string[]): Promise<numbe
 
 /** Run `act` on every target, `forks` at a time, writing each host's record; resolves with how many failed. */
 async function runHosts(command: string, opts: Parsed, act: Action, password: string | undefined, stop: AbortSignal): Promise<number> {
-  const logs = new HostLogs(opts.targets, `mitogen:flushed:${randomBytes(12).toString("hex")}`);
+  const logs = new HostLogs(opts.targets);
   // With a `mitogen serve` running, its contexts (serve.ts): got per target spec and given back, not started and shut down here.
   await using server = opts.serve ? await attach(logs.sink) : null;
   await using own = server ? null : new Router({ log: logs.sink });

@@ -102,7 +102,8 @@ export interface ServerOptions {
   write?: (line: string) => void;
 }
 
-type Lease = { chains: Map<number, number[][]>; logs: Sender | null };
+/** What an attached command holds: per context it asked for, the via chain of each time it did, and the names each time made it hear. */
+type Lease = { chains: Map<number, number[][]>; names: Map<number, string[][]> };
 
 /** Run the server in this process until it stops. */
 export async function runServer(options: ServerOptions): Promise<Server> {
@@ -113,21 +114,37 @@ export async function runServer(options: ServerOptions): Promise<Server> {
   const debug = levelFromEnv() === "debug";
   /** Per context: commands using it now, and when one last did. */
   const uses = new Map<number, { inUse: number; last: number }>();
-  /** Per attached command: the via chains it leased (by the context it asked for), and where its contexts' log records go. */
+  /** Per attached command: the via chains it leased (by the context it asked for). */
   const leases = new Map<number, Lease>();
-  /** Per context name: the command its log records go to (the last to ask for it, starting it or not). */
-  const logTo = new Map<string, { session: number; to: Sender }>();
+  /**
+   * Per context name: the commands that hear its log records (its output among them), each with how many
+   * times it asked for a context of that name (or one through it) and has not given it back.
+   */
+  const logTo = new Map<string, Map<number, { to: Sender; held: number }>>();
+  /** `session` asked for (1, with where its records go) or gave back (-1) a context heard by `names`. */
+  const hear = (session: number, names: string[], by: 1 | -1, to?: Sender): void => {
+    for (const name of names) {
+      const holders = logTo.get(name) ?? new Map<number, { to: Sender; held: number }>();
+      const h = holders.get(session) ?? (to ? { to, held: 0 } : undefined);
+      if (!h) continue;
+      h.held += by;
+      if (h.held > 0) holders.set(session, h);
+      else holders.delete(session);
+      if (holders.size) logTo.set(name, holders);
+      else logTo.delete(name);
+    }
+  };
   const t0 = Date.now();
   let lastActive = t0;
 
   const sink = (r: LogRecord): void => {
-    // The records of a context (or one below it, or of its start) go to the command that uses it, which
-    // sorts them by host as without a server.
+    // The records of a context (or one below it, or of its start) go to the commands that use it, which
+    // sort them by host as without a server. Two at once both hear them: neither loses its own.
     const path = Array.isArray(r.path) ? r.path : [];
     for (let j = path.length - 1; j >= 0; j--) {
-      const t = logTo.get(path[j] as string);
-      if (t) {
-        t.to.send(r).catch(() => {});
+      const holders = logTo.get(path[j] as string);
+      if (holders) {
+        for (const h of holders.values()) h.to.send(r).catch(() => {});
         return;
       }
     }
@@ -148,13 +165,13 @@ export async function runServer(options: ServerOptions): Promise<Server> {
   const leaseOf = (caller: Context): Lease => {
     let l = leases.get(caller.contextId);
     if (!l) {
-      const made: Lease = { chains: new Map(), logs: null };
+      const made: Lease = { chains: new Map(), names: new Map() };
       leases.set(caller.contextId, (l = made));
       // A command that goes (done, killed, Ctrl-C) gives back what it still held.
       void caller.disconnected().then(() => {
         for (const chains of made.chains.values()) for (const c of chains) unuse(c);
         made.chains.clear();
-        for (const [name, t] of logTo) if (t.session === caller.contextId) logTo.delete(name);
+        for (const [name, holders] of logTo) if (holders.delete(caller.contextId) && !holders.size) logTo.delete(name);
         leases.delete(caller.contextId);
         lastActive = Date.now();
       });
@@ -178,10 +195,14 @@ export async function runServer(options: ServerOptions): Promise<Server> {
         acquire: {
           run: async ({ spec, logs }: { spec: ContextSpec; logs?: Sender }, call: ServiceCall): Promise<Context> => {
             const lease = leaseOf(call.caller);
+            const session = call.caller.contextId;
+            const names: string[] = [];
             for (let s: ContextSpec | undefined = spec, n = 0; s && n < 64; s = s.options?.via as ContextSpec | undefined, n++) {
               const name = s.options?.name;
-              if (logs && typeof name === "string") logTo.set(name, { session: call.caller.contextId, to: logs });
+              if (logs && typeof name === "string") names.push(name);
             }
+            // Heard from now (its start's records too) until given back; on a failed start, until the command goes.
+            hear(session, names, 1, logs);
             const ctx = await contextOf(router, spec);
             if (call.caller.isDisconnected || call.signal?.aborted) return ctx;
             const chain = chainOf(ctx);
@@ -193,6 +214,9 @@ export async function runServer(options: ServerOptions): Promise<Server> {
             const held = lease.chains.get(ctx.contextId) ?? [];
             held.push(chain);
             lease.chains.set(ctx.contextId, held);
+            const heard = lease.names.get(ctx.contextId) ?? [];
+            heard.push(names);
+            lease.names.set(ctx.contextId, heard);
             return ctx;
           },
         },
@@ -200,9 +224,11 @@ export async function runServer(options: ServerOptions): Promise<Server> {
           run: ({ id }: { id: number }, call: ServiceCall): void => {
             const lease = leases.get(call.caller.contextId);
             const chain = lease?.chains.get(id)?.pop();
-            if (!chain) return;
+            if (!lease || !chain) return;
             unuse(chain);
-            if (lease?.chains.get(id)?.length === 0) lease.chains.delete(id);
+            if (lease.chains.get(id)?.length === 0) lease.chains.delete(id);
+            hear(call.caller.contextId, lease.names.get(id)?.pop() ?? [], -1);
+            if (lease.names.get(id)?.length === 0) lease.names.delete(id);
           },
         },
         status: {

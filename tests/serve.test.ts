@@ -124,6 +124,24 @@ test("serve: commands reuse its contexts, and print what they print without it; 
   }
 });
 
+test("serve: two commands at once on one context each get what it printed while they held it; neither loses its own", async () => {
+  const xdg = runtimeDir();
+  const server = await serve(xdg, "--idle", "60s");
+  try {
+    await pidOf(xdg, "local"); // started, so both commands below share it
+    // The slow one prints after the quick one has come and gone.
+    const slow = mitogen(xdg, ["eval", "local", "--json", "new Promise((r) => setTimeout(() => { console.log('slow'); r(1) }, 1500))"]);
+    for (let tries = 0; !(await status(xdg)).contexts.some((c) => c.inUse === 1); tries++) assert.ok(tries < 100, "the slow command holds the context");
+    const quick = await mitogen(xdg, ["eval", "local", "--json", "(console.log('quick'), 2)"]);
+    assert.deepEqual(records(quick.stdout), [{ host: "local", ok: true, result: 2, output: "quick\n" }], quick.stderr);
+    const done = await slow;
+    assert.deepEqual(records(done.stdout), [{ host: "local", ok: true, result: 1, output: "quick\nslow\n" }], done.stderr);
+    assert.equal(done.stderr, "");
+  } finally {
+    await stop(xdg, server);
+  }
+});
+
 test("serve: an unused context ends after --context-idle, the server after --idle", async () => {
   const xdg = runtimeDir();
   const server = await serve(xdg, "--context-idle", "400ms", "--idle", "2s");
