@@ -102,8 +102,8 @@ export interface ServerOptions {
   write?: (line: string) => void;
 }
 
-/** What an attached command holds: per context it asked for, the via chain of each time it did, and the names each time made it hear. */
-type Lease = { chains: Map<number, number[][]>; names: Map<number, string[][]> };
+/** What an attached command holds: per context it asked for, each time it did, the via chain leased and the names it hears by it. */
+type Lease = { held: Map<number, { chain: number[]; names: string[] }[]> };
 
 /** Run the server in this process until it stops. */
 export async function runServer(options: ServerOptions): Promise<Server> {
@@ -165,12 +165,12 @@ export async function runServer(options: ServerOptions): Promise<Server> {
   const leaseOf = (caller: Context): Lease => {
     let l = leases.get(caller.contextId);
     if (!l) {
-      const made: Lease = { chains: new Map(), names: new Map() };
+      const made: Lease = { held: new Map() };
       leases.set(caller.contextId, (l = made));
       // A command that goes (done, killed, Ctrl-C) gives back what it still held.
       void caller.disconnected().then(() => {
-        for (const chains of made.chains.values()) for (const c of chains) unuse(c);
-        made.chains.clear();
+        for (const times of made.held.values()) for (const t of times) unuse(t.chain);
+        made.held.clear();
         for (const [name, holders] of logTo) if (holders.delete(caller.contextId) && !holders.size) logTo.delete(name);
         leases.delete(caller.contextId);
         lastActive = Date.now();
@@ -211,24 +211,21 @@ export async function runServer(options: ServerOptions): Promise<Server> {
               u.inUse++;
               u.last = Date.now();
             }
-            const held = lease.chains.get(ctx.contextId) ?? [];
-            held.push(chain);
-            lease.chains.set(ctx.contextId, held);
-            const heard = lease.names.get(ctx.contextId) ?? [];
-            heard.push(names);
-            lease.names.set(ctx.contextId, heard);
+            const held = lease.held.get(ctx.contextId) ?? [];
+            held.push({ chain, names });
+            lease.held.set(ctx.contextId, held);
             return ctx;
           },
         },
         release: {
           run: ({ id }: { id: number }, call: ServiceCall): void => {
             const lease = leases.get(call.caller.contextId);
-            const chain = lease?.chains.get(id)?.pop();
-            if (!lease || !chain) return;
-            unuse(chain);
-            if (lease.chains.get(id)?.length === 0) lease.chains.delete(id);
-            hear(call.caller.contextId, lease.names.get(id)?.pop() ?? [], -1);
-            if (lease.names.get(id)?.length === 0) lease.names.delete(id);
+            const held = lease?.held.get(id);
+            const last = held?.pop();
+            if (!lease || !last) return;
+            unuse(last.chain);
+            hear(call.caller.contextId, last.names, -1);
+            if (held?.length === 0) lease.held.delete(id);
           },
         },
         status: {
